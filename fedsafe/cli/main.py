@@ -1,0 +1,74 @@
+"""The ``fedsafe`` command: one entry point, one module per group of subcommands.
+
+Each module in :data:`SUBCOMMAND_MODULES` exposes ``register(subparsers)``, which adds its
+parsers and sets ``func`` (taking the parsed namespace, returning an exit code). A
+:class:`~fedsafe.errors.UserError` is printed as one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from fedsafe import __version__
+from fedsafe.errors import UserError
+
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "fedsafe.cli.simulate",
+    "fedsafe.cli.privacy",
+    "fedsafe.cli.report",
+    "fedsafe.cli.pki",
+    "fedsafe.cli.coordinator",
+    "fedsafe.cli.site",
+)
+
+EPILOG = """examples:
+  fedsafe simulate --scenario heart --epsilon 1 --delta 1e-4
+  fedsafe privacy plan --epsilon 1 --delta 1e-4 --rounds 15 --steps 100 --batch-size 4 --n 199
+  fedsafe report runs/<timestamp>
+  fedsafe pki init --out pki/
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="fedsafe",
+        description="Federated learning with per-site differential privacy (Flower + Opacus).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"fedsafe {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fedsafe`` command and return its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"fedsafe: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("fedsafe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
