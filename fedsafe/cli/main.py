@@ -17,6 +17,7 @@ from fedsafe.errors import UserError
 
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "fedsafe.cli.simulate",
+    "fedsafe.cli.data",
     "fedsafe.cli.privacy",
     "fedsafe.cli.report",
     "fedsafe.cli.pki",

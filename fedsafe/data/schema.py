@@ -30,6 +30,16 @@ from fedsafe.errors import UserError
 FEATURE_TYPES = ("numeric", "categorical")
 
 
+class _SchemaLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans only: ``yes``/``no``/``on``/``off`` stay strings (category values)."""
+
+
+_SchemaLoader.yaml_implicit_resolvers = {
+    key: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 @dataclass(frozen=True, slots=True)
 class FeatureSpec:
     """One feature column: its name, type, and categories when categorical."""
@@ -121,7 +131,7 @@ def load_schema(path: str | Path) -> SiteSchema:
     if not p.is_file():
         raise UserError(f"schema file {str(p)!r} not found; check --schema (or 'schema-path')")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(p.read_text(), Loader=_SchemaLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         raise UserError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
     return SiteSchema.from_mapping(data, str(p))

@@ -79,6 +79,34 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def pids_with_env(key: str, value: str) -> list[int]:
+    """PIDs of live processes whose environment has ``key=value`` (Linux ``/proc``).
+
+    Every process a run starts inherits its private ``FLWR_HOME``, even one that detached
+    itself, so this finds what a run left behind without touching anyone else's processes.
+    """
+    needle = f"{key}={value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in env.split(b"\0"):
+            found.append(int(entry.name))
+    return _alive(found)
+
+
+def stop_by_env(key: str, value: str) -> None:
+    """End every process that still carries ``key=value`` in its environment."""
+    if live := pids_with_env(key, value):
+        _kill_all(live, signal.SIGTERM)
+        time.sleep(1.0)
+        _kill_all(pids_with_env(key, value), signal.SIGKILL)
+
+
 def _kill_all(pids: list[int], sig: int) -> None:
     for pid in pids:
         try:

@@ -25,6 +25,7 @@ from fedsafe.simulations.processes import (
     free_port,
     start,
     stop,
+    stop_by_env,
     wait_http_ok,
 )
 
@@ -148,5 +149,7 @@ def run_simulation(
             if runner is not None:
                 stop(runner)
             stop(superlink)
+            stop_by_env("FLWR_HOME", str(home))
+            (logs / "flwr_home.txt").write_text(str(home))
     rounds = _read_rounds(run_dir / "rounds.jsonl", 0)
     return SimulationResult(run_dir, rounds, time.monotonic() - started)
