@@ -150,6 +150,7 @@ def figures(data: ReportData) -> dict[str, str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out: dict[str, str] = {}
     sites = [s.site for s in data.sites]
@@ -166,6 +167,7 @@ def figures(data: ReportData) -> dict[str, str]:
         if s.epsilon_max is not None:
             ax.axhline(s.epsilon_max, ls="--", color=colors[s.site], alpha=0.7)
     ax.set(xlabel=xlabel, ylabel="cumulative ε", title="ε per round per site (dashed: budget)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if sites:
         ax.legend(fontsize=8)

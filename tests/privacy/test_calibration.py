@@ -27,7 +27,7 @@ def test_calibrated_noise_is_within_two_percent_below_target(
     assert achieved >= 0.98 * target
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(
     target=st.floats(0.3, 8.0),
     q=st.floats(0.005, 0.2),
