@@ -120,3 +120,44 @@ def test_plan_uses_more_noise_when_budget_was_spent() -> None:
     assert spent.noise_multiplier > fresh.noise_multiplier
     with pytest.raises(BudgetExhaustedError, match="budget exhausted"):
         plan_noise(PrivacyBudget(0.5, 1e-5), [PoissonGaussianEvent(0.5, 0.5, 100)], 0.02, 5, 2)
+
+
+def test_two_concurrent_writers_cannot_both_spend_the_last_of_the_budget(tmp_path: Path) -> None:
+    import threading
+
+    event = PoissonGaussianEvent(0.05, 1.2, 20)
+    # room for exactly 3 rounds
+    budget = PrivacyBudget(
+        (epsilon([event] * 3, 1e-5, ACC) + epsilon([event] * 4, 1e-5, ACC)) / 2, 1e-5
+    )
+    path = tmp_path / "shared.sqlite"
+    SitePrivacyLedger.open(path).close()
+    outcomes: list[str] = []
+
+    def writer(name: str) -> None:
+        with SitePrivacyLedger.open(path) as ledger:
+            for rnd in range(1, 4):
+                try:
+                    record_round(
+                        ledger,
+                        FP,
+                        budget,
+                        event,
+                        run_id=name,
+                        round=rnd,
+                        clip_norm=1.0,
+                        accountant=ACC,
+                    )
+                    outcomes.append("ok")
+                except BudgetExhaustedError:
+                    outcomes.append("refused")
+
+    threads = [threading.Thread(target=writer, args=(f"run-{i}",)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("ok") == 3 and outcomes.count("refused") == 3
+    with SitePrivacyLedger.open(path) as ledger:
+        assert len(ledger.entries()) == 3
+        assert ledger.spent(FP, 1e-5, ACC) <= budget.epsilon_max
