@@ -1,0 +1,174 @@
+"""``fedsafe privacy``: plan the noise for a budget, and show a site's ledger.
+
+``plan`` runs :func:`~fedsafe.privacy.budget.plan_noise` (conservative calibration, as in
+Google's ``dp_accounting.mechanism_calibration``) without training; ``show`` prints a ledger's
+entries and the epsilon spent per data set, recomposed from the recorded events.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from fedsafe.errors import BudgetExhaustedError, UserError
+from fedsafe.privacy.accounting import ACCOUNTANTS
+from fedsafe.privacy.budget import PrivacyBudget, plan_noise
+from fedsafe.privacy.ledger import SitePrivacyLedger
+
+PLAN_EPILOG = """examples:
+  fedsafe privacy plan --epsilon 1 --delta 1e-4 --rounds 15 --steps 100 --batch-size 4 --n 199
+  fedsafe privacy plan --epsilon 3 --delta 1e-5 --rounds 10 --steps 50 --batch-size 32 \\
+      --n 5000 --ledger ledgers/site-a.sqlite --fingerprint sha256:3f2a... --accountant rdp
+"""
+
+SHOW_EPILOG = """examples:
+  fedsafe privacy show ledgers/site-a.sqlite
+  fedsafe privacy show runs/2025-01-01T12-00-00/ledgers/site-a.sqlite --accountant pld
+"""
+
+PRIVACY_EPILOG = """examples:
+  fedsafe privacy plan --epsilon 1 --delta 1e-4 --rounds 15 --steps 100 --batch-size 4 --n 199
+  fedsafe privacy show ledgers/site-a.sqlite
+"""
+
+
+def register(subparsers: Any) -> None:
+    """Add ``privacy plan`` and ``privacy show`` to the ``fedsafe`` parser."""
+    parser = subparsers.add_parser(
+        "privacy",
+        help="plan noise for a privacy budget; show a site's privacy ledger",
+        description="Plan noise for a site's privacy budget, or show its privacy ledger.",
+        epilog=PRIVACY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="privacy_command", metavar="SUBCOMMAND")
+    parser.set_defaults(func=lambda _args: _print_help(parser))
+
+    plan = sub.add_parser(
+        "plan",
+        help="choose the noise multiplier so the budget lasts the planned rounds",
+        description=(
+            "Choose the noise multiplier so the remaining budget (epsilon, delta) lasts "
+            "exactly the planned rounds, and print the expected cumulative epsilon per round. "
+            "Nothing is trained or recorded."
+        ),
+        epilog=PLAN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plan.add_argument("--epsilon", type=float, required=True, help="lifetime epsilon budget")
+    plan.add_argument("--delta", type=float, required=True, help="delta of the guarantee")
+    plan.add_argument("--rounds", type=int, required=True, help="planned server rounds")
+    plan.add_argument("--steps", type=int, required=True, help="local DP-SGD steps per round")
+    plan.add_argument("--batch-size", type=int, required=True, help="expected batch size")
+    plan.add_argument("--n", type=int, required=True, help="number of training records")
+    plan.add_argument("--ledger", help="site ledger: compose with the events already spent")
+    plan.add_argument("--fingerprint", help="data-set fingerprint in the ledger (with --ledger)")
+    plan.add_argument("--accountant", choices=ACCOUNTANTS, default="prv", help="default: prv")
+    plan.set_defaults(func=run_plan)
+
+    show = sub.add_parser(
+        "show",
+        help="print a ledger's entries and the epsilon spent per data set",
+        description="Verify a site's privacy ledger and print its entries and spending.",
+        epilog=SHOW_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    show.add_argument("ledger", help="the ledger file (*.sqlite)")
+    show.add_argument(
+        "--accountant",
+        choices=ACCOUNTANTS,
+        help="recompose with this accountant (default: the one of the last entry)",
+    )
+    show.add_argument("--delta", type=float, help="delta (default: that of the last entry)")
+    show.set_defaults(func=run_show)
+
+
+def _print_help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise UserError(f"{name} must be > 0, got {value}")
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Print the noise plan; return 0, or raise :class:`UserError`."""
+    for flag in ("epsilon", "rounds", "steps", "batch_size", "n"):
+        _positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    if not 0 < args.delta < 1:
+        raise UserError(f"--delta must be in (0, 1), got {args.delta}")
+    if args.batch_size > args.n:
+        raise UserError(f"--batch-size {args.batch_size} exceeds --n {args.n}")
+    if bool(args.ledger) != bool(args.fingerprint):
+        raise UserError("--ledger and --fingerprint go together; give both or neither")
+    prior = []
+    if args.ledger:
+        with SitePrivacyLedger.open(args.ledger, create=False) as ledger:
+            prior = ledger.events(args.fingerprint)
+    sample_rate = args.batch_size / args.n
+    try:
+        plan = plan_noise(
+            PrivacyBudget(args.epsilon, args.delta),
+            prior,
+            sample_rate,
+            args.steps,
+            args.rounds,
+            args.accountant,
+        )
+    except BudgetExhaustedError:
+        raise
+    except ValueError as exc:
+        raise UserError(f"cannot plan: {exc}") from exc
+    print(
+        f"budget: epsilon {plan.epsilon_max:g} at delta {plan.delta:g}  accountant: "
+        f"{plan.accountant}  already spent: {plan.epsilon_spent:.4f} "
+        f"({len(prior)} recorded releases)"
+    )
+    print(
+        f"plan: {plan.rounds} rounds x {plan.steps_per_round} steps, sample rate "
+        f"{plan.sample_rate:.6g} (batch {args.batch_size} / n {args.n})"
+    )
+    print(f"noise multiplier: {plan.noise_multiplier:.4f}")
+    print(f"{'round':>5}  {'epsilon after':>13}  {'this round':>10}")
+    previous = plan.epsilon_spent
+    for rnd, eps in enumerate(plan.epsilon_after_round, start=1):
+        print(f"{rnd:>5}  {eps:>13.4f}  {eps - previous:>10.4f}")
+        previous = eps
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    """Print a ledger's entries and per-data-set spending; return 0."""
+    with SitePrivacyLedger.open(args.ledger, create=False) as ledger:
+        entries = ledger.entries()
+        _, head_hash = ledger.head()
+        print(
+            f"ledger {ledger.path}: {len(entries)} entries, chain verified, head {head_hash[:16]}"
+        )
+        if not entries:
+            return 0
+        print(
+            f"{'seq':>4}  {'run':<20} {'round':>5}  {'q':>8} {'sigma':>7} {'steps':>6} "
+            f"{'clip':>5} {'delta':>8} {'eps after':>9}  {'data set':<19} created (UTC)"
+        )
+        for e in entries:
+            print(
+                f"{e.seq:>4}  {e.run_id[:20]:<20} {e.round:>5}  {e.event.sample_rate:>8.4g} "
+                f"{e.event.noise_multiplier:>7.4g} {e.event.steps:>6} {e.clip_norm:>5.3g} "
+                f"{e.delta:>8.2g} {e.epsilon_after:>9.4f}  {e.dataset_fingerprint[:19]:<19} "
+                f"{e.created_at[:19]}"
+            )
+        print("spent per data set (all events composed):")
+        for fp in ledger.fingerprints():
+            last = ledger.entries(fp)[-1]
+            accountant = args.accountant or last.accountant
+            delta = args.delta or last.delta
+            spent = ledger.spent(fp, delta, accountant)
+            runs = len({e.run_id for e in ledger.entries(fp)})
+            print(
+                f"  {fp}: epsilon {spent:.4f} at delta {delta:g} ({accountant}), "
+                f"{len(ledger.entries(fp))} releases in {runs} runs"
+            )
+    return 0

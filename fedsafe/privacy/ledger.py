@@ -1,0 +1,465 @@
+"""A site's append-only, hash-chained privacy ledger, kept at the site in SQLite.
+
+Each release of a site (one round of DP-SGD) is one entry holding the mechanism as an immutable
+event value (:class:`~fedsafe.privacy.events.PoissonGaussianEvent`), so any accountant can
+recompute the total spending from the events, as Google's ``dp_accounting`` treats mechanisms,
+instead of trusting a running sum of epsilons (which over-counts: Abadi et al., CCS 2016; and
+can under-count when deltas are mixed).
+
+Durability: the database runs in WAL mode with ``synchronous=FULL``, so :meth:`record` returns
+only after the entry is on disk (SQLite, "Write-Ahead Logging", https://sqlite.org/wal.html).
+The client records an entry *before* its update leaves the site: a crash after the commit
+over-reports spending, which is safe; an update sent without an entry is impossible.
+
+Tamper evidence: entries form a hash chain (Haber and Stornetta, "How to Time-Stamp a Digital
+Document", J. Cryptology 1991): each entry's SHA-256 covers its content and the previous
+entry's hash, and a ``head`` row stores the last sequence number and hash. Editing, deleting or
+reordering an entry breaks the chain and :meth:`SitePrivacyLedger.open` names the entry. The
+chain detects edits by anyone who does not rewrite every later hash; a site that needs more
+anchors the head hash elsewhere (the coordinator's run record).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sqlite3
+import time
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from fedsafe.errors import BudgetExhaustedError, UserError
+from fedsafe.privacy.accounting import check_accountant, epsilon
+from fedsafe.privacy.events import PoissonGaussianEvent
+
+SCHEMA_VERSION = 1
+GENESIS_HASH = "0" * 64
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (
+    seq INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    event TEXT NOT NULL,
+    clip_norm REAL NOT NULL,
+    delta REAL NOT NULL,
+    epsilon_after REAL NOT NULL,
+    accountant TEXT NOT NULL,
+    dataset_fingerprint TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    entry_hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_by_dataset ON entries (dataset_fingerprint, seq);
+CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries
+BEGIN SELECT RAISE(ABORT, 'privacy ledger entries are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS entries_no_delete BEFORE DELETE ON entries
+BEGIN SELECT RAISE(ABORT, 'privacy ledger entries are append-only'); END;
+"""
+
+_COLUMNS = (
+    "seq, run_id, round, event, clip_norm, delta, epsilon_after, accountant, "
+    "dataset_fingerprint, created_at, prev_hash, entry_hash"
+)
+
+
+class LedgerTamperedError(UserError):
+    """A ledger entry was edited, deleted or reordered: the hash chain does not verify."""
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One release of a site, as written in its privacy ledger.
+
+    Parameters
+    ----------
+    seq
+        Position in the ledger, 1, 2, ... without gaps.
+    run_id
+        The federated run that made the release.
+    round
+        The server round of the release (>= 0).
+    event
+        The mechanism: ``steps`` compositions of the Poisson-subsampled Gaussian.
+    clip_norm
+        Per-example gradient clipping norm (the sensitivity), > 0.
+    delta
+        Delta at which ``epsilon_after`` is stated, in (0, 1).
+    epsilon_after
+        Epsilon of every event on this data set up to and including this one, composed by
+        ``accountant`` at ``delta``.
+    accountant
+        ``"prv"``, ``"rdp"`` or ``"pld"``.
+    dataset_fingerprint
+        :func:`~fedsafe.privacy.fingerprint.dataset_fingerprint` of the data spent on.
+    created_at
+        ISO 8601 UTC time of the record.
+    prev_hash
+        ``entry_hash`` of the previous entry (64 zeros for the first).
+    entry_hash
+        SHA-256 of this entry's content and ``prev_hash``.
+    """
+
+    seq: int
+    run_id: str
+    round: int
+    event: PoissonGaussianEvent
+    clip_norm: float
+    delta: float
+    epsilon_after: float
+    accountant: str
+    dataset_fingerprint: str
+    created_at: str
+    prev_hash: str
+    entry_hash: str
+
+    def __post_init__(self) -> None:
+        if self.seq < 1:
+            raise ValueError(f"seq must be >= 1, got {self.seq}")
+        if self.round < 0:
+            raise ValueError(f"round must be >= 0, got {self.round}")
+        if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
+            raise ValueError(f"clip_norm must be finite and > 0, got {self.clip_norm}")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        if not (self.epsilon_after >= 0 and math.isfinite(self.epsilon_after)):
+            raise ValueError(f"epsilon_after must be finite and >= 0, got {self.epsilon_after}")
+        check_accountant(self.accountant)
+        if not self.run_id or not self.dataset_fingerprint:
+            raise ValueError("run_id and dataset_fingerprint must be non-empty")
+
+    def content(self) -> dict[str, Any]:
+        """Return the hashed content: every field but ``entry_hash``."""
+        return {
+            "seq": self.seq,
+            "run_id": self.run_id,
+            "round": self.round,
+            "event": self.event.to_dict(),
+            "clip_norm": self.clip_norm,
+            "delta": self.delta,
+            "epsilon_after": self.epsilon_after,
+            "accountant": self.accountant,
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "created_at": self.created_at,
+            "prev_hash": self.prev_hash,
+        }
+
+    def expected_hash(self) -> str:
+        """SHA-256 of the canonical JSON of :meth:`content`."""
+        return _hash_content(self.content())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the entry as a plain dictionary (for JSON reports)."""
+        return {**self.content(), "entry_hash": self.entry_hash}
+
+
+def _hash_content(content: dict[str, Any]) -> str:
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _row_to_entry(path: Path, row: tuple[Any, ...]) -> LedgerEntry:
+    try:
+        return LedgerEntry(
+            seq=int(row[0]),
+            run_id=str(row[1]),
+            round=int(row[2]),
+            event=PoissonGaussianEvent.from_dict(json.loads(row[3])),
+            clip_norm=float(row[4]),
+            delta=float(row[5]),
+            epsilon_after=float(row[6]),
+            accountant=str(row[7]),
+            dataset_fingerprint=str(row[8]),
+            created_at=str(row[9]),
+            prev_hash=str(row[10]),
+            entry_hash=str(row[11]),
+        )
+    except (ValueError, TypeError, KeyError) as exc:
+        raise LedgerTamperedError(
+            f"privacy ledger {path}: entry seq {row[0]} is malformed ({exc}); it was edited "
+            "outside fedsafe. Restore the ledger from a backup before training on this data"
+        ) from exc
+
+
+class SitePrivacyLedger:
+    """The privacy ledger of one site: an append-only, hash-chained list of releases.
+
+    Open it with :meth:`open` (a fresh process per round is fine: every call reads the
+    database). Use it as a context manager or call :meth:`close`.
+
+    Examples
+    --------
+    >>> with SitePrivacyLedger.open("site.sqlite") as ledger:  # doctest: +SKIP
+    ...     ledger.record("run-1", 1, event, clip_norm=1.0, delta=1e-5,
+    ...                   dataset_fingerprint=fp, epsilon_max=3.0)
+    """
+
+    def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
+        self._path = path
+        self._conn = connection
+
+    @property
+    def path(self) -> Path:
+        """The ledger's database file."""
+        return self._path
+
+    @classmethod
+    def open(
+        cls, path: str | Path, *, create: bool = True, busy_timeout_s: float = 60.0
+    ) -> SitePrivacyLedger:
+        """Open (or create) the ledger at ``path`` and verify its whole hash chain.
+
+        Parameters
+        ----------
+        path
+            The SQLite file, e.g. ``ledgers/site-a.sqlite``.
+        create
+            Create an empty ledger if the file is missing; if ``False`` a missing file is a
+            :class:`~fedsafe.errors.UserError`.
+        busy_timeout_s
+            How long to wait for another process that holds the write lock.
+
+        Raises
+        ------
+        LedgerTamperedError
+            If an entry was edited, deleted or reordered; the message names the entry.
+        UserError
+            If the file is missing (``create=False``) or is not a fedsafe ledger.
+        """
+        path = Path(path)
+        if not path.exists() and not create:
+            raise UserError(f"privacy ledger {path} does not exist; check the path")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(
+                path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(_SCHEMA)
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+        except sqlite3.DatabaseError as exc:
+            raise UserError(
+                f"privacy ledger {path} cannot be opened as a SQLite ledger ({exc}); "
+                "give the path of a fedsafe ledger file"
+            ) from exc
+        ledger = cls(path, conn)
+        try:
+            ledger.verify()
+        except BaseException:
+            conn.close()
+            raise
+        return ledger
+
+    def close(self) -> None:
+        """Close the database connection."""
+        self._conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- reading ---------------------------------------------------------------------------
+    def _read_all(self) -> list[LedgerEntry]:
+        rows = self._conn.execute(f"SELECT {_COLUMNS} FROM entries ORDER BY seq").fetchall()
+        return [_row_to_entry(self._path, row) for row in rows]
+
+    def _head(self) -> tuple[int, str]:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'head'").fetchone()
+        if row is None:
+            return 0, GENESIS_HASH
+        seq, _, entry_hash = str(row[0]).partition(":")
+        return int(seq), entry_hash
+
+    def _verified(self) -> list[LedgerEntry]:
+        entries = self._read_all()
+        fix = "restore the ledger from a backup before training on this data again"
+        prev = GENESIS_HASH
+        for expected_seq, entry in enumerate(entries, start=1):
+            if entry.seq != expected_seq:
+                raise LedgerTamperedError(
+                    f"privacy ledger {self._path}: entry seq {expected_seq} was deleted "
+                    f"(the next entry is seq {entry.seq}); {fix}"
+                )
+            if entry.prev_hash != prev:
+                raise LedgerTamperedError(
+                    f"privacy ledger {self._path}: entry seq {entry.seq} does not chain to "
+                    f"entry seq {entry.seq - 1} (an entry was replaced or reordered); {fix}"
+                )
+            if entry.expected_hash() != entry.entry_hash:
+                raise LedgerTamperedError(
+                    f"privacy ledger {self._path}: entry seq {entry.seq} was edited (its "
+                    f"hash does not match its content); {fix}"
+                )
+            prev = entry.entry_hash
+        head_seq, head_hash = self._head()
+        last_seq = entries[-1].seq if entries else 0
+        if head_seq > last_seq:
+            raise LedgerTamperedError(
+                f"privacy ledger {self._path}: entry seq {head_seq} was deleted (the ledger "
+                f"ends at seq {last_seq} but its head records seq {head_seq}); {fix}"
+            )
+        if head_seq != last_seq or head_hash != prev:
+            raise LedgerTamperedError(
+                f"privacy ledger {self._path}: entry seq {last_seq} does not match the "
+                f"ledger head (seq {head_seq}); the last entry was edited or the head was "
+                f"rewritten; {fix}"
+            )
+        return entries
+
+    def verify(self) -> int:
+        """Check the whole hash chain; return the number of entries.
+
+        Raises
+        ------
+        LedgerTamperedError
+            Naming the first entry that was edited, deleted or reordered.
+        """
+        return len(self._verified())
+
+    def head(self) -> tuple[int, str]:
+        """Return the last sequence number and its hash (64 zeros when empty), to anchor."""
+        return self._head()
+
+    def entries(self, dataset_fingerprint: str | None = None) -> list[LedgerEntry]:
+        """Entries in order, all of them or only those on one data set."""
+        entries = self._verified()
+        if dataset_fingerprint is None:
+            return entries
+        return [e for e in entries if e.dataset_fingerprint == dataset_fingerprint]
+
+    def fingerprints(self) -> list[str]:
+        """Every data set the ledger holds entries for, in order of first use."""
+        return list(dict.fromkeys(e.dataset_fingerprint for e in self.entries()))
+
+    def events(self, dataset_fingerprint: str) -> list[PoissonGaussianEvent]:
+        """Every event spent on one data set, in order."""
+        return [e.event for e in self.entries(dataset_fingerprint)]
+
+    def spent(self, dataset_fingerprint: str, delta: float, accountant: str = "prv") -> float:
+        """Epsilon of all events on one data set at ``delta``, composed by ``accountant``.
+
+        Events are composed, never summed: across runs, the accountant sees every event.
+        """
+        return epsilon(self.events(dataset_fingerprint), delta, accountant)
+
+    # -- writing ---------------------------------------------------------------------------
+    def record(
+        self,
+        run_id: str,
+        round: int,
+        event: PoissonGaussianEvent,
+        clip_norm: float,
+        delta: float,
+        dataset_fingerprint: str,
+        accountant: str = "prv",
+        *,
+        epsilon_max: float | None = None,
+    ) -> LedgerEntry:
+        """Append one release and return only once it is committed to disk.
+
+        The write lock is held from reading the prior events to the commit, so two processes
+        recording on the same ledger compose each other's events.
+
+        Parameters
+        ----------
+        run_id, round
+            The run and server round of the release.
+        event
+            The mechanism of the release.
+        clip_norm
+            Per-example clipping norm.
+        delta
+            Delta at which ``epsilon_after`` is computed.
+        dataset_fingerprint
+            The data set spent on.
+        accountant
+            Accountant composing all events on this data set plus ``event``.
+        epsilon_max
+            If given, refuse (and write nothing) when ``epsilon_after`` would exceed it: the
+            last line of defence when two runs share a data set.
+
+        Returns
+        -------
+        LedgerEntry
+            The committed entry.
+
+        Raises
+        ------
+        BudgetExhaustedError
+            If ``epsilon_max`` is given and would be exceeded; nothing is written.
+        LedgerTamperedError
+            If the chain no longer verifies.
+        """
+        check_accountant(accountant)
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            prior = self._verified()
+            events = [e.event for e in prior if e.dataset_fingerprint == dataset_fingerprint]
+            eps_after = epsilon([*events, event], delta, accountant)
+            if epsilon_max is not None and eps_after > epsilon_max:
+                raise BudgetExhaustedError(
+                    f"privacy ledger {self._path}: round {round} of run {run_id} would reach "
+                    f"epsilon {eps_after:.4g} > budget {epsilon_max:.4g} on data set "
+                    f"{dataset_fingerprint[:19]}; nothing was recorded or released"
+                )
+            prev_hash = prior[-1].entry_hash if prior else GENESIS_HASH
+            created_at = datetime.fromtimestamp(time.time(), UTC).isoformat(timespec="microseconds")
+            unsigned = LedgerEntry(
+                seq=len(prior) + 1,
+                run_id=run_id,
+                round=int(round),
+                event=event,
+                clip_norm=float(clip_norm),
+                delta=float(delta),
+                epsilon_after=float(eps_after),
+                accountant=accountant,
+                dataset_fingerprint=dataset_fingerprint,
+                created_at=created_at,
+                prev_hash=prev_hash,
+                entry_hash="",
+            )
+            entry = replace(unsigned, entry_hash=unsigned.expected_hash())
+            conn.execute(
+                f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    entry.seq,
+                    entry.run_id,
+                    entry.round,
+                    json.dumps(event.to_dict(), sort_keys=True),
+                    entry.clip_norm,
+                    entry.delta,
+                    entry.epsilon_after,
+                    entry.accountant,
+                    entry.dataset_fingerprint,
+                    entry.created_at,
+                    entry.prev_hash,
+                    entry.entry_hash,
+                ),
+            )
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('head', ?)",
+                (f"{entry.seq}:{entry.entry_hash}",),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return entry

@@ -1,0 +1,197 @@
+"""Everything that leaves a site, declared in one list, with what the DP guarantee covers.
+
+DP-SGD (Abadi et al., CCS 2016) protects only what is computed through the clipped, noised
+gradient steps, and anything computed from those outputs alone (post-processing: Dwork and
+Roth, "The Algorithmic Foundations of Differential Privacy", 2014, Prop. 2.1). Exact counts,
+values derived from the training-set size, and metrics on the test split are released without
+noise and are *not* covered. The client imports :data:`RELEASES` and calls
+:func:`check_reply_keys` on every reply, so a new metric cannot leave a site undeclared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from fedsafe.errors import UserError
+
+ReleaseForm = Literal["array", "metric"]
+
+_SIZE = (
+    "Not covered: exact training-set size N, or a value computed from it (sample rate = "
+    "batch size / N), released without noise; it reveals N but nothing else about records."
+)
+_TEST = (
+    "Not covered: computed exactly on the site's test split, which DP-SGD never touches; "
+    "the test records are not protected by the guarantee (only aggregate metrics leave)."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseKind:
+    """One kind of value a site sends to the coordinator.
+
+    Parameters
+    ----------
+    name
+        The key in the reply (``ArrayRecord`` or ``MetricRecord``).
+    form
+        ``"array"`` or ``"metric"``.
+    description
+        What it is, in plain words.
+    covered_by_dp
+        Whether the site's (epsilon, delta) guarantee covers it.
+    why
+        Why it is or is not covered.
+    """
+
+    name: str
+    form: ReleaseForm
+    description: str
+    covered_by_dp: bool
+    why: str
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.description or not self.why:
+            raise ValueError("a release kind needs a name, a description and a reason")
+        if self.form not in ("array", "metric"):
+            raise ValueError(f"form must be 'array' or 'metric', got {self.form!r}")
+
+
+RELEASES: tuple[ReleaseKind, ...] = (
+    ReleaseKind(
+        "update",
+        "array",
+        "The site's model weights after local DP-SGD training (the privatized update).",
+        True,
+        "Covered: every step clips each record's gradient and adds Gaussian noise; the "
+        "weights are post-processing of those noisy steps.",
+    ),
+    ReleaseKind(
+        "bytes-up",
+        "metric",
+        "Size in bytes of the encoded update sent to the coordinator.",
+        True,
+        "Covered: fixed by the model shape and the codec, applied to the privatized update "
+        "(post-processing).",
+    ),
+    ReleaseKind(
+        "num-examples",
+        "metric",
+        "Number of training records at the site (weights the average).",
+        False,
+        _SIZE,
+    ),
+    ReleaseKind(
+        "sample-rate",
+        "metric",
+        "Poisson sampling rate of the local steps.",
+        False,
+        _SIZE,
+    ),
+    ReleaseKind(
+        "noise-multiplier",
+        "metric",
+        "Noise standard deviation divided by the clipping norm.",
+        False,
+        _SIZE + " (The noise is calibrated from the sample rate.)",
+    ),
+    ReleaseKind(
+        "epsilon",
+        "metric",
+        "Cumulative epsilon spent on the site's data set after this round.",
+        False,
+        _SIZE + " (Epsilon is a function of the sample rate, noise, steps and earlier runs.)",
+    ),
+    ReleaseKind(
+        "delta",
+        "metric",
+        "Delta of the site's guarantee.",
+        True,
+        "Covered: a parameter the site chose; it does not depend on any record.",
+    ),
+    ReleaseKind(
+        "steps",
+        "metric",
+        "Number of noisy optimizer steps this round.",
+        True,
+        "Covered: fixed by the run configuration; it does not depend on any record.",
+    ),
+    ReleaseKind(
+        "budget-exhausted",
+        "metric",
+        "1 if the site refused to train because its lifetime budget would be exceeded.",
+        False,
+        _SIZE + " (It reveals whether earlier runs on the same data spent the budget.)",
+    ),
+    ReleaseKind(
+        "eval-loss", "metric", "Loss of the global model on the site's test split.", False, _TEST
+    ),
+    ReleaseKind(
+        "eval-accuracy",
+        "metric",
+        "Accuracy of the global model on the site's test split.",
+        False,
+        _TEST,
+    ),
+    ReleaseKind(
+        "eval-roc-auc",
+        "metric",
+        "ROC AUC of the global model on the site's test split.",
+        False,
+        _TEST,
+    ),
+    ReleaseKind(
+        "eval-pr-auc",
+        "metric",
+        "Precision-recall AUC of the global model on the site's test split.",
+        False,
+        _TEST,
+    ),
+    ReleaseKind(
+        "num-test-examples",
+        "metric",
+        "Number of records in the site's test split.",
+        False,
+        "Not covered: exact size of the test split, released without noise.",
+    ),
+)
+
+RELEASES_BY_NAME: dict[str, ReleaseKind] = {r.name: r for r in RELEASES}
+DECLARED_METRIC_KEYS: frozenset[str] = frozenset(r.name for r in RELEASES if r.form == "metric")
+DECLARED_ARRAY_KEYS: frozenset[str] = frozenset(r.name for r in RELEASES if r.form == "array")
+
+
+class UndeclaredReleaseError(UserError):
+    """A reply would carry a value that is not in :data:`RELEASES`."""
+
+
+def check_reply_keys(metric_names: Iterable[str], array_names: Iterable[str] = ()) -> None:
+    """Refuse a reply that would carry an undeclared metric or array.
+
+    Parameters
+    ----------
+    metric_names
+        Keys of the reply's ``MetricRecord`` (s).
+    array_names
+        Keys of the reply's ``ArrayRecord`` (s).
+
+    Raises
+    ------
+    UndeclaredReleaseError
+        Naming every undeclared key; declare it in ``fedsafe/privacy/releases.py`` (with
+        whether DP covers it) before sending it.
+    """
+    bad_metrics = sorted(set(metric_names) - DECLARED_METRIC_KEYS)
+    bad_arrays = sorted(set(array_names) - DECLARED_ARRAY_KEYS)
+    if bad_metrics or bad_arrays:
+        parts = []
+        if bad_metrics:
+            parts.append(f"metrics {', '.join(bad_metrics)}")
+        if bad_arrays:
+            parts.append(f"arrays {', '.join(bad_arrays)}")
+        raise UndeclaredReleaseError(
+            f"reply would release undeclared {' and '.join(parts)}; declare each in "
+            "RELEASES (fedsafe/privacy/releases.py) with whether DP covers it, or drop it"
+        )

@@ -1,0 +1,371 @@
+"""A self-contained privacy report: HTML with embedded plots, JSON and CSV of the same figures.
+
+The page states the guarantee in plain words (what is protected, from whom, under which
+assumptions), following the (epsilon, delta) definition of Dwork and Roth, "The Algorithmic
+Foundations of Differential Privacy", 2014, and the reporting advice of Ponomareva et al.,
+"How to DP-fy ML", JAIR 2023 (state the unit of privacy, the accountant, delta and every
+parameter). Plots are drawn with matplotlib's Agg backend and embedded as base64 PNG, so the
+page needs no network and no other file.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fedsafe.errors import UserError
+from fedsafe.privacy.releases import RELEASES
+from fedsafe.privacy.report_data import ReportData, SiteSummary, load_report_data
+
+ACCOUNTANT_NAMES = {
+    "prv": "PRV accountant (Gopi, Lee and Wutschitz, NeurIPS 2021), upper error bound",
+    "rdp": "Rényi DP accountant (Mironov, Talwar and Zhang 2019)",
+    "pld": "privacy-loss-distribution accountant (Google dp_accounting)",
+}
+CSV_COLUMNS = (
+    "round",
+    "site",
+    "run_id",
+    "epsilon",
+    "delta",
+    "accuracy",
+    "num_examples",
+    "epsilon_max",
+    "remaining",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ReportFiles:
+    """Where :func:`write_report` wrote the report, and the printed summary."""
+
+    html: Path
+    json: Path
+    csv: Path
+    summary: str
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def mechanism_parameters(data: ReportData) -> list[dict[str, Any]]:
+    """Every distinct mechanism per site: sample rate, noise, steps, clip norm, delta."""
+    params: list[dict[str, Any]] = []
+    for site, entries in data.ledgers.items():
+        seen = set()
+        for e in entries:
+            key = (e.event.sample_rate, e.event.noise_multiplier, e.event.steps, e.clip_norm)
+            if key in seen:
+                continue
+            seen.add(key)
+            params.append(
+                {
+                    "site": site,
+                    "sample_rate": e.event.sample_rate,
+                    "noise_multiplier": e.event.noise_multiplier,
+                    "steps_per_round": e.event.steps,
+                    "clip_norm": e.clip_norm,
+                    "delta": e.delta,
+                    "accountant": e.accountant,
+                    "rounds": sum(
+                        1
+                        for x in entries
+                        if (x.event.sample_rate, x.event.noise_multiplier, x.event.steps) == key[:3]
+                    ),
+                }
+            )
+    return params
+
+
+def _spent(site: SiteSummary) -> float | None:
+    return site.epsilon_lifetime if site.epsilon_lifetime is not None else site.epsilon_run
+
+
+def guarantee_paragraphs(data: ReportData) -> list[str]:
+    """Return the guarantee in plain words, for a reader who does not code."""
+    if not data.dp:
+        return [
+            "This run trained WITHOUT differential privacy. Nothing in this report protects "
+            "individual records: the model updates, the final model and the metrics may "
+            "reveal whether a person's record was used, and details of that record."
+        ]
+    cfg = data.config
+    accountant = str(cfg.get("accountant", "prv"))
+    acc_text = ACCOUNTANT_NAMES.get(accountant, accountant)
+    eps_parts = [
+        f"{s.site}: ε = {_fmt(_spent(s), 3)} at δ = {_fmt(s.delta, 2)}"
+        + (f" (budget {_fmt(s.epsilon_max, 3)})" if s.epsilon_max is not None else "")
+        for s in data.sites
+    ]
+    clip = cfg.get("max-grad-norm", "see the parameter table")
+    return [
+        "What is protected: each single record (one row of a site's training data, e.g. one "
+        "patient). Whether any one record was in a site's training data or not changes the "
+        "probability of anything that site released through training by at most a factor "
+        "e^ε, except with a small probability δ. Smaller ε means stronger protection; "
+        "ε ≤ 1 is strong, ε around 10 is weak.",
+        "From whom: the coordinator, the other sites, and anyone who sees the final model or "
+        "any intermediate model, even if they combine everything they saw and know every "
+        "other record.",
+        "Privacy spent per site (all of its runs on the same data composed, not added): "
+        + "; ".join(eps_parts)
+        + ".",
+        "Under which assumptions: (1) every training step picks records independently at "
+        "random (Poisson sampling) with the sample rate below; (2) each record's influence "
+        f"on a step is clipped to norm {clip} before Gaussian noise is added; (3) the site "
+        "runs the unmodified fedsafe training code and keeps its privacy ledger intact "
+        "(honest site code); (4) δ is the probability that the guarantee fails and should "
+        "be much smaller than one over the number of records; (5) one person is one record: "
+        "a person with several rows, or with records at several sites, is protected less.",
+        f"How it was computed: the {acc_text}, at the δ above, from every recorded mechanism "
+        "(sample rate, noise multiplier, steps, clipping norm, listed below).",
+        "Not covered: exact counts (number of training and test records), values computed "
+        "from them, and evaluation metrics on each site's test split are released without "
+        "noise; the table of releases lists each kind.",
+    ]
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def figures(data: ReportData) -> dict[str, str]:
+    """Draw the three plots as base64 PNG: epsilon per round, accuracy vs epsilon, budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    out: dict[str, str] = {}
+    sites = [s.site for s in data.sites]
+    colors = {site: f"C{i % 10}" for i, site in enumerate(sites)}
+    xlabel = "release (ledger entry)" if data.kind == "ledger" else "round"
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for s in data.sites:
+        pts = [
+            (r.round, r.epsilon) for r in data.rows if r.site == s.site and r.epsilon is not None
+        ]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", color=colors[s.site], label=s.site)
+        if s.epsilon_max is not None:
+            ax.axhline(s.epsilon_max, ls="--", color=colors[s.site], alpha=0.7)
+    ax.set(xlabel=xlabel, ylabel="cumulative ε", title="ε per round per site (dashed: budget)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if sites:
+        ax.legend(fontsize=8)
+    out["epsilon_per_round"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    plotted = False
+    for s in data.sites:
+        acc_pts = [
+            (r.epsilon, r.accuracy)
+            for r in data.rows
+            if r.site == s.site and r.epsilon is not None and r.accuracy is not None
+        ]
+        if acc_pts:
+            ax.plot(*zip(*acc_pts, strict=True), marker="o", color=colors[s.site], label=s.site)
+            plotted = True
+    if plotted:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no accuracy recorded", ha="center", va="center", transform=ax.transAxes)
+    ax.set(xlabel="cumulative ε", ylabel="accuracy (site test split)", title="Accuracy against ε")
+    ax.grid(alpha=0.3)
+    out["accuracy_vs_epsilon"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 0.6 * max(len(sites), 2) + 1.2))
+    for i, s in enumerate(data.sites):
+        spent = _spent(s) or 0.0
+        ax.barh(i, spent, color=colors[s.site], label="spent" if i == 0 else None)
+        if s.remaining is not None:
+            ax.barh(
+                i,
+                max(s.remaining, 0.0),
+                left=spent,
+                color="0.85",
+                hatch="//",
+                label="remaining" if i == 0 else None,
+            )
+    ax.set_yticks(range(len(sites)), sites)
+    ax.set(xlabel="ε", title="Budget per site: spent and remaining")
+    if sites:
+        ax.legend(fontsize=8)
+    out["remaining_budget"] = _png(fig)
+    return out
+
+
+def summary_table(data: ReportData) -> str:
+    """Return a plain-text table of each site's spending, as printed by ``fedsafe report``."""
+    header = (
+        f"{'site':<24} {'rounds':>6} {'eps run':>8} {'eps life':>8} {'budget':>8} "
+        f"{'remain':>8} {'delta':>8} {'accuracy':>8}"
+    )
+    lines = [header, "-" * len(header)]
+    for s in data.sites:
+        lines.append(
+            f"{s.site[:24]:<24} {s.rounds:>6} {_fmt(s.epsilon_run):>8} "
+            f"{_fmt(s.epsilon_lifetime):>8} {_fmt(s.epsilon_max):>8} {_fmt(s.remaining):>8} "
+            f"{_fmt(s.delta, 2):>8} {_fmt(s.last_accuracy, 3):>8}"
+        )
+    return "\n".join(lines)
+
+
+def report_dict(data: ReportData) -> dict[str, Any]:
+    """Return the report's content as JSON-ready data (the same figures as the HTML)."""
+    return {
+        "source": str(data.source),
+        "kind": data.kind,
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "dp": data.dp,
+        "guarantee": guarantee_paragraphs(data),
+        "config": dict(data.config),
+        "mechanisms": mechanism_parameters(data),
+        "releases": [asdict(r) for r in RELEASES],
+        "sites": [asdict(s) for s in data.sites],
+        "rounds": [asdict(r) for r in data.rows],
+        "mean_accuracy": [{"round": r, "accuracy": a} for r, a in data.mean_accuracy],
+        "audit": [dict(a) for a in data.audit],
+        "ledgers": {site: [e.to_dict() for e in es] for site, es in data.ledgers.items()},
+    }
+
+
+def _finite(value: Any) -> Any:
+    """Replace non-finite floats by ``None`` so the JSON is strict."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _table(rows: Sequence[Mapping[str, Any]], columns: list[str] | None = None) -> str:
+    if not rows:
+        return "<p><em>none</em></p>"
+    cols = columns or list(rows[0])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_cell(row.get(c)))}</td>" for c in cols) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render_html(data: ReportData, content: Mapping[str, Any], pngs: Mapping[str, str]) -> str:
+    """One self-contained HTML page (inline CSS, base64 images)."""
+    esc = html.escape
+    title = f"fedsafe privacy report: {data.source.name}"
+    guarantee = "".join(f"<p>{esc(p)}</p>" for p in content["guarantee"])
+    images = "".join(
+        f'<figure><img alt="{esc(name)}" src="data:image/png;base64,{b64}"></figure>'
+        for name, b64 in pngs.items()
+    )
+    releases = _table(
+        [
+            {
+                "release": r["name"],
+                "form": r["form"],
+                "what": r["description"],
+                "covered by DP": r["covered_by_dp"],
+                "why": r["why"],
+            }
+            for r in content["releases"]
+        ]
+    )
+    config_rows = [{"setting": k, "value": v} for k, v in sorted(data.config.items())]
+    audit = ""
+    if data.audit:
+        audit = (
+            "<h2>Empirical check: membership inference</h2><p>A loss-threshold attack "
+            "(Yeom et al. 2018) tries to tell a site's training records from its held-out "
+            "records. AUC 0.5 means it cannot; 1.0 means it always can.</p>"
+            + _table([dict(a) for a in data.audit])
+        )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>
+body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222;line-height:1.45}}
+table{{border-collapse:collapse;margin:1em 0;font-size:0.9em}}
+td,th{{border:1px solid #bbb;padding:4px 8px;text-align:left;vertical-align:top}}
+th{{background:#eee}} figure{{margin:1em 0}} img{{max-width:100%}}
+.box{{background:#f5f8ff;border-left:4px solid #36c;padding:0.5em 1em}}
+</style></head><body>
+<h1>{esc(title)}</h1>
+<p>Source: <code>{esc(str(data.source))}</code> ({esc(data.kind)}),
+generated {esc(content["generated_at"])}.</p>
+<h2>The privacy guarantee in plain words</h2><div class="box">{guarantee}</div>
+<h2>Spending per site</h2>{_table(content["sites"])}
+<h2>Plots</h2>{images}
+<h2>What leaves each site</h2>{releases}
+<h2>Mechanism parameters (from the ledgers)</h2>{_table(content["mechanisms"])}
+<h2>Run settings</h2>{_table(config_rows)}
+{audit}
+<h2>Per-round figures</h2>{_table(content["rounds"])}
+</body></html>
+"""
+
+
+def write_report(path: str | Path, out_dir: str | Path | None = None) -> ReportFiles:
+    """Write ``report.html``, ``report.json`` and ``report.csv`` for a run folder or ledger.
+
+    Parameters
+    ----------
+    path
+        A run folder or a ledger file.
+    out_dir
+        Where to write; default the run folder, or the ledger's folder.
+
+    Returns
+    -------
+    ReportFiles
+        The three paths and the summary table.
+    """
+    data = load_report_data(path)
+    out = Path(out_dir) if out_dir else (data.source if data.kind == "run" else data.source.parent)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output folder {out} ({exc.strerror}); check --out") from exc
+    content = report_dict(data)
+    pngs = figures(data)
+    files = ReportFiles(
+        out / "report.html", out / "report.json", out / "report.csv", summary_table(data)
+    )
+    files.html.write_text(render_html(data, content, pngs), encoding="utf-8")
+    files.json.write_text(json.dumps(_finite(content), indent=2, allow_nan=False), encoding="utf-8")
+    with files.csv.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS))
+        writer.writeheader()
+        for row in content["rounds"]:
+            writer.writerow({c: row.get(c) for c in CSV_COLUMNS})
+    return files

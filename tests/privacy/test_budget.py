@@ -1,0 +1,163 @@
+"""Lifetime budget: per-round check across runs, and the noise plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedsafe.errors import BudgetExhaustedError
+from fedsafe.privacy.accounting import epsilon
+from fedsafe.privacy.budget import (
+    BUDGET_EXHAUSTED,
+    PrivacyBudget,
+    check_round,
+    plan_noise,
+    record_round,
+)
+from fedsafe.privacy.events import PoissonGaussianEvent
+from fedsafe.privacy.fingerprint import fingerprint_bytes
+from fedsafe.privacy.ledger import SitePrivacyLedger
+
+FP = fingerprint_bytes(b"site records")
+ACC = "rdp"  # fast; the accountant-independent logic is what is tested here
+
+
+def _client_round(
+    ledger: SitePrivacyLedger,
+    budget: PrivacyBudget,
+    event: PoissonGaussianEvent,
+    run: str,
+    rnd: int,
+) -> bool:
+    """What the ClientApp does: check, 'train', commit, then release."""
+    decision = check_round(ledger, FP, budget, event, ACC)
+    if not decision.allowed:
+        assert decision.reason.startswith(BUDGET_EXHAUSTED)
+        return False
+    record_round(ledger, FP, budget, event, run_id=run, round=rnd, clip_norm=1.0, accountant=ACC)
+    return True
+
+
+def test_three_runs_never_exceed_budget_and_third_is_refused_at_right_round(
+    tmp_path: Path,
+) -> None:
+    budget = PrivacyBudget(epsilon_max=4.5, delta=1e-5)
+    event = PoissonGaussianEvent(sample_rate=0.05, noise_multiplier=1.2, steps=20)
+    rounds_per_run = 6
+    # The first round k (counted over all runs) whose composed epsilon exceeds the budget.
+    total_allowed = (
+        next(
+            k for k in range(1, 100) if epsilon([event] * k, budget.delta, ACC) > budget.epsilon_max
+        )
+        - 1
+    )
+    assert 2 * rounds_per_run < total_allowed < 3 * rounds_per_run, "scenario must end in run 3"
+    # Adding per-round epsilons would stop far earlier: the ledger must compose instead.
+    naive_allowed = int(budget.epsilon_max // epsilon([event], budget.delta, ACC))
+    assert naive_allowed < total_allowed
+
+    trained: dict[str, list[int]] = {}
+    with SitePrivacyLedger.open(tmp_path / "site.sqlite") as ledger:
+        for run in ("run-1", "run-2", "run-3"):
+            trained[run] = []
+            for rnd in range(1, rounds_per_run + 1):
+                if _client_round(ledger, budget, event, run, rnd):
+                    trained[run].append(rnd)
+                assert ledger.spent(FP, budget.delta, ACC) <= budget.epsilon_max
+        entries = ledger.entries(FP)
+    assert trained["run-1"] == trained["run-2"] == list(range(1, rounds_per_run + 1))
+    expected_third = total_allowed - 2 * rounds_per_run
+    assert trained["run-3"] == list(range(1, expected_third + 1))
+    assert len(entries) == total_allowed
+    assert max(e.epsilon_after for e in entries) <= budget.epsilon_max
+
+
+def test_check_round_reports_now_and_after(tmp_path: Path) -> None:
+    budget = PrivacyBudget(2.0, 1e-5)
+    event = PoissonGaussianEvent(0.02, 1.0, 50)
+    with SitePrivacyLedger.open(tmp_path / "l.sqlite") as ledger:
+        first = check_round(ledger, FP, budget, event, ACC)
+        assert first.allowed and first.epsilon_now == 0.0
+        assert first.epsilon_after == pytest.approx(epsilon([event], 1e-5, ACC))
+        ledger.record("r", 1, event, 1.0, 1e-5, FP, ACC)
+        second = check_round(
+            ledger, FP, PrivacyBudget(first.epsilon_after * 1.01, 1e-5), event, ACC
+        )
+        assert not second.allowed
+        assert second.epsilon_now == pytest.approx(first.epsilon_after)
+        assert "budget exhausted" in second.reason
+
+
+def test_budget_validation() -> None:
+    with pytest.raises(ValueError, match="epsilon_max"):
+        PrivacyBudget(0.0, 1e-5)
+    with pytest.raises(ValueError, match="delta"):
+        PrivacyBudget(1.0, 1.0)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_plan_lasts_exactly_the_planned_rounds(accountant: str) -> None:
+    budget = PrivacyBudget(2.0, 1e-5)
+    prior = [PoissonGaussianEvent(0.02, 2.0, 100)] * 2
+    plan = plan_noise(budget, prior, 0.02, 100, 5, accountant)
+    eps = plan.epsilon_after_round
+    assert len(eps) == 5 and list(eps) == sorted(eps)
+    assert plan.epsilon_spent == pytest.approx(epsilon(prior, 1e-5, accountant))
+    assert eps[0] > plan.epsilon_spent
+    assert budget.epsilon_max * 0.98 <= eps[-1] <= budget.epsilon_max
+    # replaying the plan as separate round events gives the same epsilon
+    replay = epsilon([*prior, *([plan.event()] * 5)], 1e-5, accountant)
+    assert replay == pytest.approx(eps[-1], rel=1e-3)
+    # one more round would overspend
+    assert epsilon([*prior, *([plan.event()] * 6)], 1e-5, accountant) > budget.epsilon_max
+
+
+def test_plan_uses_more_noise_when_budget_was_spent() -> None:
+    budget = PrivacyBudget(3.0, 1e-5)
+    fresh = plan_noise(budget, [], 0.02, 50, 4, ACC)
+    spent = plan_noise(budget, [PoissonGaussianEvent(0.02, 1.5, 200)], 0.02, 50, 4, ACC)
+    assert spent.noise_multiplier > fresh.noise_multiplier
+    with pytest.raises(BudgetExhaustedError, match="budget exhausted"):
+        plan_noise(PrivacyBudget(0.5, 1e-5), [PoissonGaussianEvent(0.5, 0.5, 100)], 0.02, 5, 2)
+
+
+def test_two_concurrent_writers_cannot_both_spend_the_last_of_the_budget(tmp_path: Path) -> None:
+    import threading
+
+    event = PoissonGaussianEvent(0.05, 1.2, 20)
+    # room for exactly 3 rounds
+    budget = PrivacyBudget(
+        (epsilon([event] * 3, 1e-5, ACC) + epsilon([event] * 4, 1e-5, ACC)) / 2, 1e-5
+    )
+    path = tmp_path / "shared.sqlite"
+    SitePrivacyLedger.open(path).close()
+    outcomes: list[str] = []
+
+    def writer(name: str) -> None:
+        with SitePrivacyLedger.open(path) as ledger:
+            for rnd in range(1, 4):
+                try:
+                    record_round(
+                        ledger,
+                        FP,
+                        budget,
+                        event,
+                        run_id=name,
+                        round=rnd,
+                        clip_norm=1.0,
+                        accountant=ACC,
+                    )
+                    outcomes.append("ok")
+                except BudgetExhaustedError:
+                    outcomes.append("refused")
+
+    threads = [threading.Thread(target=writer, args=(f"run-{i}",)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("ok") == 3 and outcomes.count("refused") == 3
+    with SitePrivacyLedger.open(path) as ledger:
+        assert len(ledger.entries()) == 3
+        assert ledger.spent(FP, 1e-5, ACC) <= budget.epsilon_max

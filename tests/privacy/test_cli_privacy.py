@@ -1,0 +1,75 @@
+"""``fedsafe privacy plan`` and ``fedsafe privacy show``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from fedsafe.cli.main import main
+from fedsafe.privacy.events import PoissonGaussianEvent
+from fedsafe.privacy.ledger import SitePrivacyLedger
+
+PLAN = ["privacy", "plan", "--epsilon", "1", "--delta", "1e-4", "--rounds", "4"]
+PLAN += ["--steps", "100", "--batch-size", "4", "--n", "199", "--accountant", "rdp"]
+
+
+def test_plan_prints_noise_and_epsilon_per_round(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(PLAN) == 0
+    out = capsys.readouterr().out
+    sigma = float(re.search(r"noise multiplier: ([0-9.]+)", out).group(1))  # type: ignore[union-attr]
+    assert sigma > 0.5
+    rows = re.findall(r"^\s+(\d)\s+([0-9.]+)\s+([0-9.]+)$", out, flags=re.M)
+    assert [int(r[0]) for r in rows] == [1, 2, 3, 4]
+    eps = [float(r[1]) for r in rows]
+    assert eps == sorted(eps) and 0.98 <= eps[-1] <= 1.0
+
+
+def test_plan_with_ledger_accounts_for_spent_events(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "l.sqlite"
+    with SitePrivacyLedger.open(path) as ledger:
+        ledger.record("old", 1, PoissonGaussianEvent(0.02, 3.0, 100), 1.0, 1e-4, "sha256:d", "rdp")
+    assert main([*PLAN, "--ledger", str(path), "--fingerprint", "sha256:d"]) == 0
+    out = capsys.readouterr().out
+    assert "(1 recorded releases)" in out
+    spent = float(re.search(r"already spent: ([0-9.]+)", out).group(1))  # type: ignore[union-attr]
+    assert spent > 0
+
+
+def test_plan_and_show_errors_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing.sqlite"
+    assert main(["privacy", "show", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and err.count("\n") == 1
+    assert main([*PLAN, "--ledger", str(missing)]) == 2
+    assert "--fingerprint" in capsys.readouterr().err
+    assert not missing.exists()
+
+
+def test_show_lists_entries_and_spending(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "l.sqlite"
+    with SitePrivacyLedger.open(path) as ledger:
+        for r in (1, 2):
+            last = ledger.record(
+                "run-x", r, PoissonGaussianEvent(0.02, 1.0, 10), 1.0, 1e-5, "sha256:d", "rdp"
+            )
+    assert main(["privacy", "show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 entries, chain verified" in out
+    assert out.count("run-x") == 2
+    assert f"epsilon {last.epsilon_after:.4f} at delta 1e-05 (rdp), 2 releases in 1 runs" in out
+
+
+@pytest.mark.parametrize("cmd", [["privacy", "plan"], ["privacy", "show"], ["privacy"]])
+def test_help_has_examples(cmd: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([*cmd, "--help"])
+    assert info.value.code == 0
+    assert "examples:\n  fedsafe privacy" in capsys.readouterr().out

@@ -1,0 +1,219 @@
+"""Ledger: durability under SIGKILL, tamper evidence, composition of recorded events."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from fedsafe.errors import BudgetExhaustedError, UserError
+from fedsafe.privacy.accounting import epsilon
+from fedsafe.privacy.events import PoissonGaussianEvent
+from fedsafe.privacy.fingerprint import dataset_fingerprint, fingerprint_bytes
+from fedsafe.privacy.ledger import LedgerEntry, LedgerTamperedError, SitePrivacyLedger
+
+FP = fingerprint_bytes(b"records", b"schema")
+OTHER = fingerprint_bytes(b"other records")
+EVENT = PoissonGaussianEvent(sample_rate=0.02, noise_multiplier=1.1, steps=50)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _fill(path: Path, n: int = 3) -> list[LedgerEntry]:
+    with SitePrivacyLedger.open(path) as ledger:
+        return [
+            ledger.record("run-1", r, EVENT, 1.0, 1e-5, FP, accountant="rdp")
+            for r in range(1, n + 1)
+        ]
+
+
+def _raw(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TRIGGER entries_no_update")
+    conn.execute("DROP TRIGGER entries_no_delete")
+    return conn
+
+
+def test_record_persists_and_composes(tmp_path: Path) -> None:
+    path = tmp_path / "site.sqlite"
+    written = _fill(path)
+    with SitePrivacyLedger.open(path) as ledger:
+        read = ledger.entries()
+        assert read == written
+        assert [e.seq for e in read] == [1, 2, 3]
+        assert read[1].prev_hash == read[0].entry_hash
+        for k, entry in enumerate(read, start=1):
+            assert entry.epsilon_after == pytest.approx(epsilon([EVENT] * k, 1e-5, "rdp"))
+        # composition is tighter than adding per-round epsilons
+        assert read[-1].epsilon_after < 3 * read[0].epsilon_after
+        assert ledger.spent(FP, 1e-5, "rdp") == pytest.approx(read[-1].epsilon_after)
+        assert ledger.spent(OTHER, 1e-5, "rdp") == 0.0
+        assert ledger.head() == (3, read[-1].entry_hash)
+
+
+def test_data_sets_are_accounted_separately(tmp_path: Path) -> None:
+    with SitePrivacyLedger.open(tmp_path / "l.sqlite") as ledger:
+        ledger.record("r", 1, EVENT, 1.0, 1e-5, FP, accountant="rdp")
+        other = ledger.record("r", 1, EVENT, 1.0, 1e-5, OTHER, accountant="rdp")
+        assert other.epsilon_after == pytest.approx(epsilon([EVENT], 1e-5, "rdp"))
+        assert ledger.fingerprints() == [FP, OTHER]
+        assert ledger.events(OTHER) == [EVENT]
+        assert len(ledger.entries(FP)) == 1
+
+
+def test_fresh_handle_sees_other_handles_entries(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    with SitePrivacyLedger.open(path) as a, SitePrivacyLedger.open(path) as b:
+        a.record("r", 1, EVENT, 1.0, 1e-5, FP, accountant="rdp")
+        second = b.record("r", 2, EVENT, 1.0, 1e-5, FP, accountant="rdp")
+        assert second.seq == 2
+        assert second.epsilon_after == pytest.approx(epsilon([EVENT] * 2, 1e-5, "rdp"))
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_budget_cap_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    with SitePrivacyLedger.open(path) as ledger:
+        first = ledger.record("r", 1, EVENT, 1.0, 1e-5, FP, accountant="rdp", epsilon_max=10.0)
+        with pytest.raises(BudgetExhaustedError, match="round 2"):
+            ledger.record(
+                "r", 2, EVENT, 1.0, 1e-5, FP, accountant="rdp", epsilon_max=first.epsilon_after
+            )
+        assert len(ledger.entries()) == 1
+
+
+def test_entries_are_append_only_in_sqlite(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    _fill(path, 1)
+    conn = sqlite3.connect(path)
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("UPDATE entries SET delta = 0.5")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("DELETE FROM entries")
+
+
+def test_edited_entry_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    _fill(path)
+    conn = _raw(path)
+    conn.execute("UPDATE entries SET event = replace(event, '1.1', '9.9') WHERE seq = 2")
+    conn.commit()
+    conn.close()
+    with pytest.raises(LedgerTamperedError, match=r"entry seq 2 was edited") as info:
+        SitePrivacyLedger.open(path)
+    assert str(path) in str(info.value)
+
+
+def test_edited_entry_with_recomputed_hash_breaks_the_chain(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    entries = _fill(path)
+    from dataclasses import replace
+
+    forged = replace(entries[1], epsilon_after=0.01)
+    conn = _raw(path)
+    conn.execute(
+        "UPDATE entries SET epsilon_after = ?, entry_hash = ? WHERE seq = 2",
+        (0.01, forged.expected_hash()),
+    )
+    conn.commit()
+    conn.close()
+    with pytest.raises(LedgerTamperedError, match=r"entry seq 3 does not chain to entry seq 2"):
+        SitePrivacyLedger.open(path)
+
+
+@pytest.mark.parametrize(("deleted", "named"), [(1, 1), (2, 2), (3, 3)])
+def test_deleted_entry_is_named(tmp_path: Path, deleted: int, named: int) -> None:
+    path = tmp_path / "l.sqlite"
+    _fill(path)
+    conn = _raw(path)
+    conn.execute("DELETE FROM entries WHERE seq = ?", (deleted,))
+    conn.commit()
+    conn.close()
+    with pytest.raises(LedgerTamperedError, match=rf"entry seq {named} was deleted"):
+        SitePrivacyLedger.open(path)
+
+
+def test_missing_or_foreign_file(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        SitePrivacyLedger.open(tmp_path / "nope.sqlite", create=False)
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(UserError, match=str(junk)):
+        SitePrivacyLedger.open(junk)
+
+
+def test_entry_validation() -> None:
+    with pytest.raises(ValueError, match="delta"):
+        LedgerEntry(1, "r", 1, EVENT, 1.0, 1.5, 0.1, "prv", FP, "t", "0" * 64, "")
+    with pytest.raises(ValueError, match="accountant"):
+        LedgerEntry(1, "r", 1, EVENT, 1.0, 1e-5, 0.1, "moments", FP, "t", "0" * 64, "")
+
+
+def test_fingerprints(tmp_path: Path) -> None:
+    data, schema = tmp_path / "d.csv", tmp_path / "s.yaml"
+    data.write_bytes(b"a,b\n1,2\n")
+    schema.write_bytes(b"a: int\n")
+    assert dataset_fingerprint(data, schema) == fingerprint_bytes(b"a,b\n1,2\n", b"a: int\n")
+    assert dataset_fingerprint(data) != dataset_fingerprint(data, schema)
+    assert fingerprint_bytes(b"ab", b"c") != fingerprint_bytes(b"a", b"bc")
+    with pytest.raises(UserError, match="missing.csv"):
+        dataset_fingerprint(tmp_path / "missing.csv")
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    from fedsafe.privacy.events import PoissonGaussianEvent
+    from fedsafe.privacy.ledger import SitePrivacyLedger
+    path = sys.argv[1]
+    for r in range(1, 100000):
+        with SitePrivacyLedger.open(path) as ledger:
+            # pld imports no torch, so the child starts fast
+            e = ledger.record("run", r, PoissonGaussianEvent(0.01, 1.0, 10),
+                              1.0, 1e-5, "sha256:data", accountant="pld")
+        print(e.seq, flush=True)
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX SIGKILL")
+def test_sigkill_mid_write_loses_no_committed_entry(tmp_path: Path) -> None:
+    path = tmp_path / "site.sqlite"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for attempt, wait_for in enumerate((3, 7)):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(path)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert proc.stdout is not None
+        acknowledged: list[int] = []
+        deadline = time.monotonic() + 60
+        while len(acknowledged) < wait_for and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            acknowledged.append(int(line))
+        # Kill at an uneven moment, most likely inside a transaction.
+        time.sleep(0.003 * (attempt + 1))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        acknowledged += [int(x) for x in proc.stdout.read().split()]
+        assert proc.returncode == -signal.SIGKILL
+        assert len(acknowledged) >= wait_for
+        with SitePrivacyLedger.open(path) as ledger:
+            seqs = [e.seq for e in ledger.entries()]
+        # every acknowledged (committed) entry survived; at most one committed, unacknowledged
+        assert set(acknowledged) <= set(seqs)
+        assert len(seqs) - max(acknowledged) <= 1
+    # the ledger still accepts new entries after the crashes
+    with SitePrivacyLedger.open(path) as ledger:
+        entry = ledger.record("after", 1, EVENT, 1.0, 1e-5, "sha256:data", accountant="rdp")
+        assert entry.seq == len(seqs) + 1
