@@ -256,7 +256,9 @@ def encode_update(
             sent_count += target.size
         parts.append(value_bytes)
         if feedback is not None:
-            new_residuals[name] = (target - sent).reshape(array.shape)
+            # The residual is taken against what the decoder will return, in the update's dtype.
+            decoded = sent.astype(array.dtype).astype(np.float64)
+            new_residuals[name] = (target - decoded).reshape(array.shape)
     blob = b"".join(parts)
     # Residuals are committed only once every tensor encoded, so a failure leaves none half-set.
     if feedback is not None:
