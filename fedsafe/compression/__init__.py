@@ -1,1 +1,46 @@
-"""fedsafe.compression."""
+"""Compression of privatized updates: top-k with error feedback, float16, int8/int4 QSGD.
+
+Public API (see each module for the papers and the wire format):
+
+- :func:`parse_compression` turns ``--compression`` into a :class:`CompressionPipeline`.
+- :func:`assert_post_privatization` refuses compressing before the DP noise.
+- Client: :func:`encode_update` (with an :class:`ErrorFeedback` per site).
+- Server: :func:`decode_update`, raising :class:`MalformedPayloadError`.
+- :func:`serialized_size`: bytes Flower really sends for a record or message.
+"""
+
+from fedsafe.compression.error_feedback import ErrorFeedback
+from fedsafe.compression.pipeline import (
+    CompressionPipeline,
+    CompressionStage,
+    ValueCodec,
+    assert_post_privatization,
+    check_downlink,
+    parse_compression,
+)
+from fedsafe.compression.wire import (
+    EncodeStats,
+    MalformedPayloadError,
+    decode_payload,
+    decode_update,
+    encode_update,
+    plain_record,
+    serialized_size,
+)
+
+__all__ = [
+    "CompressionPipeline",
+    "CompressionStage",
+    "EncodeStats",
+    "ErrorFeedback",
+    "MalformedPayloadError",
+    "ValueCodec",
+    "assert_post_privatization",
+    "check_downlink",
+    "decode_payload",
+    "decode_update",
+    "encode_update",
+    "parse_compression",
+    "plain_record",
+    "serialized_size",
+]

@@ -1,0 +1,220 @@
+"""Compression pipelines chosen per run with ``--compression``, and where they may run.
+
+A pipeline is at most one sparsifier (top-k) followed by at most one value codec (float16,
+int8 or int4 stochastic quantization). Spec strings::
+
+    none | float16 | int8 | int4 | int8:chunk=1024 | int4:chunk=256
+    topk:0.01 | topk:0.01+int8 | topk:0.001+int4:chunk=64 | topk:0.01+float16
+
+Why compression must come after the DP noise
+--------------------------------------------
+A site's update is released through the Gaussian mechanism of DP-SGD (clip, then noise). Any
+function of that release that does not look at the private data again is post-processing, and
+by the post-processing theorem (Dwork & Roth, "The Algorithmic Foundations of Differential
+Privacy", 2014, Proposition 2.1) it is (epsilon, delta)-DP with the same epsilon and delta.
+Compression (top-k, quantization, the random rounding and the error-feedback residual) reads
+only the privatized update and its own past outputs, so the guarantee is unchanged and no
+privacy is accounted for it.
+
+Compressing *before* privatization is a different mechanism: top-k picks coordinates from the
+raw data-dependent update, and the error-feedback residual would carry un-noised data into
+later rounds. The accountant's analysis does not cover that, so :func:`assert_post_privatization`
+refuses it.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+from fedsafe.errors import UserError
+
+VALID_FORMS = (
+    "none, float16, int8, int4, int8:chunk=N, int4:chunk=N, topk:F, topk:F+int8, "
+    "topk:F+int4:chunk=N, topk:F+float16 (F a fraction in (0, 1], N an integer >= 1)"
+)
+
+
+class ValueCodec(enum.IntEnum):
+    """How the sent values are coded; the integer is the codec id on the wire."""
+
+    FLOAT32 = 0
+    FLOAT16 = 1
+    INT8 = 2
+    INT4 = 3
+
+
+class CompressionStage(enum.Enum):
+    """Where in the client's pipeline compression is applied."""
+
+    #: On the update produced by the DP optimizer (clipped and noised): post-processing.
+    POST_PRIVATIZATION = "post_privatization"
+    #: On the raw update before DP noise: refused, the DP analysis would not cover it.
+    PRE_PRIVATIZATION = "pre_privatization"
+
+
+@dataclass(frozen=True, slots=True)
+class CompressionPipeline:
+    """A validated compression pipeline: optional top-k, then one value codec.
+
+    Parameters
+    ----------
+    topk_fraction
+        Fraction of each tensor's entries kept by top-k, in (0, 1]; None for dense.
+    value_codec
+        Coding of the sent values.
+    chunk
+        Values per quantization scale for int8/int4; None for one scale per tensor.
+    """
+
+    topk_fraction: float | None = None
+    value_codec: ValueCodec = ValueCodec.FLOAT32
+    chunk: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.topk_fraction is not None and not (
+            math.isfinite(self.topk_fraction) and 0.0 < self.topk_fraction <= 1.0
+        ):
+            raise UserError(
+                f"--compression: top-k fraction must be in (0, 1], got {self.topk_fraction}; "
+                "e.g. topk:0.01"
+            )
+        if not isinstance(self.value_codec, ValueCodec):
+            raise UserError(f"--compression: unknown value codec {self.value_codec!r}")
+        if self.chunk is not None:
+            if self.value_codec not in (ValueCodec.INT8, ValueCodec.INT4):
+                raise UserError("--compression: chunk= applies to int8 and int4 only")
+            if int(self.chunk) != self.chunk or self.chunk < 1 or self.chunk >= 2**32:
+                raise UserError(
+                    f"--compression: chunk must be an integer in [1, 2^32), got {self.chunk}"
+                )
+
+    @property
+    def is_identity(self) -> bool:
+        """True for ``none``: updates go in Flower's plain ``ArrayRecord`` format."""
+        return self.topk_fraction is None and self.value_codec is ValueCodec.FLOAT32
+
+    @property
+    def needs_error_feedback(self) -> bool:
+        """True when entries are dropped (top-k), so the site should keep a residual."""
+        return self.topk_fraction is not None
+
+    @property
+    def spec(self) -> str:
+        """The canonical spec string (``parse_compression(p.spec) == p``)."""
+        parts: list[str] = []
+        if self.topk_fraction is not None:
+            parts.append(f"topk:{self.topk_fraction!r}")
+        if self.value_codec is not ValueCodec.FLOAT32:
+            codec = self.value_codec.name.lower()
+            parts.append(codec if self.chunk is None else f"{codec}:chunk={self.chunk}")
+        return "+".join(parts) if parts else "none"
+
+
+def _bad(spec: str, why: str) -> UserError:
+    return UserError(f"--compression {spec!r}: {why}. Valid forms: {VALID_FORMS}")
+
+
+def parse_compression(spec: str) -> CompressionPipeline:
+    """Parse a ``--compression`` spec string.
+
+    Parameters
+    ----------
+    spec
+        E.g. ``"none"``, ``"int8"``, ``"int8:chunk=1024"``, ``"topk:0.01+int8"``.
+
+    Returns
+    -------
+    CompressionPipeline
+        The validated pipeline.
+
+    Raises
+    ------
+    UserError
+        Naming ``--compression``, what is wrong and the valid forms.
+    """
+    text = spec.strip().lower()
+    if text in ("", "none"):
+        return CompressionPipeline()
+    topk: float | None = None
+    codec = ValueCodec.FLOAT32
+    chunk: int | None = None
+    seen_codec = False
+    for position, stage in enumerate(text.split("+")):
+        name, _, arg = stage.partition(":")
+        name = name.strip()
+        if name == "topk":
+            if position != 0:
+                raise _bad(spec, "topk must be the first stage")
+            try:
+                topk = float(arg)
+            except ValueError:
+                raise _bad(spec, f"topk needs a fraction, e.g. topk:0.01, got {arg!r}") from None
+            if not (math.isfinite(topk) and 0.0 < topk <= 1.0):
+                raise _bad(spec, f"topk fraction must be in (0, 1], got {arg}")
+        elif name in ("float16", "int8", "int4"):
+            if seen_codec:
+                raise _bad(spec, "at most one value codec (float16, int8 or int4)")
+            seen_codec = True
+            codec = ValueCodec[name.upper()]
+            if arg:
+                key, _, value = arg.partition("=")
+                if name == "float16" or key.strip() != "chunk":
+                    raise _bad(spec, f"unknown option {arg!r} for {name}")
+                try:
+                    chunk = int(value)
+                except ValueError:
+                    raise _bad(spec, f"chunk must be an integer, got {value!r}") from None
+                if not 1 <= chunk < 2**32:
+                    raise _bad(spec, f"chunk must be in [1, 2^32), got {chunk}")
+        elif name == "none":
+            raise _bad(spec, "'none' cannot be combined with other stages")
+        else:
+            raise _bad(spec, f"unknown stage {name!r}")
+    return CompressionPipeline(topk_fraction=topk, value_codec=codec, chunk=chunk)
+
+
+def assert_post_privatization(
+    dp_enabled: bool,
+    pipeline: CompressionPipeline,
+    stage: CompressionStage = CompressionStage.POST_PRIVATIZATION,
+) -> None:
+    """Refuse a configuration that would compress before the DP noise is added.
+
+    Parameters
+    ----------
+    dp_enabled
+        Whether the run privatizes updates with DP.
+    pipeline
+        The run's compression pipeline.
+    stage
+        Where the client applies compression.
+
+    Raises
+    ------
+    UserError
+        If DP is on, the pipeline compresses, and ``stage`` is ``PRE_PRIVATIZATION``.
+    """
+    if dp_enabled and not pipeline.is_identity and stage is not CompressionStage.POST_PRIVATIZATION:
+        raise UserError(
+            f"--compression {pipeline.spec}: compressing before the DP noise is refused; the "
+            "privacy analysis covers compression only as post-processing of the privatized "
+            "update (Dwork & Roth 2014, Prop. 2.1). Compress after privatization "
+            "(CompressionStage.POST_PRIVATIZATION) or use --compression none."
+        )
+
+
+def check_downlink(pipeline: CompressionPipeline) -> None:
+    """Refuse top-k for the global model sent to the sites (it would drop most weights).
+
+    Raises
+    ------
+    UserError
+        If the pipeline sparsifies.
+    """
+    if pipeline.topk_fraction is not None:
+        raise UserError(
+            f"--downlink-compression {pipeline.spec}: top-k would drop most of the global "
+            "model's weights; use none, float16, int8 or int4"
+        )

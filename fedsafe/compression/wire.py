@@ -1,0 +1,461 @@
+"""Wire format of compressed updates inside a Flower ``ArrayRecord``, and its decoder.
+
+Format (version 1)
+------------------
+A compressed update is an ``ArrayRecord`` with exactly one ``Array`` under the key
+:data:`WIRE_KEY` (``"fedsafe.compressed"``), with ``dtype="uint8"``, ``shape=(len(data),)``,
+``stype="fedsafe.wire.v1"`` and ``data`` the payload below. One blob rather than one ``Array``
+per tensor, because every ``Array`` costs Flower a JSON header and a chunk object (about 200
+bytes), which at 100x compression of a 26k-parameter model would be most of the message.
+
+All integers are little-endian. ``m`` is the number of values sent for a tensor: ``numel`` when
+dense, ``k`` after top-k.
+
+=========================  ==============================================================
+field                      layout
+=========================  ==============================================================
+magic                      4 bytes ``b"FSCZ"``
+version                    u8, 1
+flags                      u8, 0 (reserved)
+tensor count               u16
+-- per tensor --
+name                       u16 length, then UTF-8 bytes (names unique)
+dtype                      u8: 1 float32, 2 float64 (the decoded dtype)
+shape                      u8 ndim (<= 8), then ndim x u32; ``numel < 2^32``
+sparsity                   u8: 0 dense, 1 top-k
+ (top-k) k                 u32, ``1 <= k <= numel``
+ (top-k) index coding      u8: 1 varint, 2 bitpack; bitpack adds u8 width in 1..32
+ (top-k) indices           u32 byte length, then the coded gaps (see :mod:`.topk`)
+value codec                u8: 0 float32, 1 float16, 2 int8, 3 int4
+ (int8/int4) chunk         u32 >= 1, values per scale
+ (int8/int4) scales        ``ceil(m / chunk)`` x float32, finite and >= 0
+values                     float32: 4m bytes; float16: 2m; int8: m (``-127..127``);
+                           int4: ``ceil(m/2)``, two per byte, low nibble first, level + 8
+=========================  ==============================================================
+
+The payload must end exactly after the last tensor. The decoder checks every field and raises
+:class:`MalformedPayloadError` naming the field, the tensor and the offset; the coordinator
+drops that reply, logs why, and goes on with the round.
+
+``none`` sends Flower's own format (``ArrayRecord`` of numpy ``Array``), so an uncompressed
+run is byte-for-byte what Flower would send, and :func:`decode_update` accepts both.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from numpy.typing import NDArray
+
+from fedsafe.compression.error_feedback import ErrorFeedback
+from fedsafe.compression.pipeline import CompressionPipeline, ValueCodec
+from fedsafe.compression.quantize import (
+    INT4_LEVELS,
+    INT8_LEVELS,
+    chunk_lengths,
+    dequantize,
+    pack_int4,
+    stochastic_quantize,
+    unpack_int4,
+)
+from fedsafe.compression.topk import (
+    IndexCoding,
+    bitpack_decode,
+    encode_indices,
+    gaps_to_indices,
+    top_k_count,
+    top_k_indices,
+    varint_decode,
+)
+
+WIRE_KEY = "fedsafe.compressed"
+WIRE_STYPE = "fedsafe.wire.v1"
+MAGIC = b"FSCZ"
+VERSION = 1
+MAX_NDIM = 8
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+_DTYPES: dict[int, type[np.floating[Any]]] = {1: np.float32, 2: np.float64}
+_DTYPE_CODES = {np.dtype(np.float32): 1, np.dtype(np.float64): 2}
+
+
+class MalformedPayloadError(ValueError):
+    """A compressed reply that does not follow the wire format; the reply must be dropped."""
+
+
+@dataclass(frozen=True, slots=True)
+class EncodeStats:
+    """Sizes of one encoded update, as Flower serializes it (see :func:`serialized_size`).
+
+    Parameters
+    ----------
+    raw_bytes
+        Size of the same update in Flower's plain float format (``--compression none``).
+    encoded_bytes
+        Size of the encoded record.
+    values_sent
+        Number of values sent (after top-k).
+    values_total
+        Number of values in the update.
+    """
+
+    raw_bytes: int
+    encoded_bytes: int
+    values_sent: int
+    values_total: int
+
+    def __post_init__(self) -> None:
+        for field in ("raw_bytes", "encoded_bytes", "values_sent", "values_total"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"EncodeStats.{field} must be >= 0")
+
+    @property
+    def ratio(self) -> float:
+        """``raw_bytes / encoded_bytes`` (how many times fewer bytes)."""
+        return self.raw_bytes / self.encoded_bytes if self.encoded_bytes else math.inf
+
+
+def serialized_size(obj: Any) -> int:
+    """Bytes Flower 1.41 sends for ``obj`` (an ``ArrayRecord``, ``RecordDict`` or ``Message``).
+
+    Flower 1.41 does not send one protobuf per message: it splits the message into
+    "inflatable" objects (message, record dict, records, arrays, array chunks of up to
+    ``FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE``), and pushes each object's ``deflate()`` bytes once
+    per distinct object id (``flwr.supercore.inflatable.get_all_nested_objects``, as used by
+    ``supernode/start_client_internal.py``). This returns the sum of those deflated contents,
+    identical chunks counted once as Flower does. It leaves out the per-object RPC envelope
+    (the 64-character object id and the request framing), which is the same for any codec.
+    """
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(o.deflate()) for o in get_all_nested_objects(obj).values())
+
+
+def plain_record(arrays: dict[str, NDArray[Any]]) -> ArrayRecord:
+    """Flower's own format for ``arrays`` (what ``--compression none`` sends)."""
+    return ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in arrays.items()})
+
+
+def _u8(v: int) -> bytes:
+    return struct.pack("<B", v)
+
+
+def _u16(v: int) -> bytes:
+    return struct.pack("<H", v)
+
+
+def _u32(v: int) -> bytes:
+    return struct.pack("<I", v)
+
+
+def _encode_values(
+    values: NDArray[np.float64], pipeline: CompressionPipeline, rng: np.random.Generator, name: str
+) -> tuple[bytes, NDArray[np.float64]]:
+    """Code the sent values; return the bytes and what the decoder will reconstruct."""
+    codec = pipeline.value_codec
+    out = [_u8(int(codec))]
+    if codec is ValueCodec.FLOAT32:
+        coded32 = values.astype(np.float32)
+        out.append(coded32.tobytes())
+        return b"".join(out), coded32.astype(np.float64)
+    if codec is ValueCodec.FLOAT16:
+        if values.size and float(np.max(np.abs(values))) > FLOAT16_MAX:
+            raise ValueError(
+                f"tensor {name!r} has values beyond float16's range (+-{FLOAT16_MAX:g}); "
+                "use --compression int8, which scales each tensor"
+            )
+        coded16 = values.astype(np.float16)
+        out.append(coded16.tobytes())
+        return b"".join(out), coded16.astype(np.float64)
+    levels = INT8_LEVELS if codec is ValueCodec.INT8 else INT4_LEVELS
+    chunk = pipeline.chunk if pipeline.chunk is not None else max(1, values.size)
+    q, scales = stochastic_quantize(values, levels, chunk, rng)
+    out += [_u32(chunk), scales.astype("<f4").tobytes()]
+    out.append(q.tobytes() if codec is ValueCodec.INT8 else pack_int4(q))
+    return b"".join(out), dequantize(q, scales, chunk)
+
+
+def encode_update(
+    update: dict[str, NDArray[np.floating[Any]]],
+    pipeline: CompressionPipeline,
+    rng: np.random.Generator,
+    feedback: ErrorFeedback | None = None,
+) -> tuple[ArrayRecord, EncodeStats]:
+    """Encode a privatized model update (or the global model) for the wire.
+
+    Parameters
+    ----------
+    update
+        Tensors by name, float32 or float64, finite. For the uplink this is
+        ``new_weights - global_weights`` *after* DP (see
+        :func:`fedsafe.compression.pipeline.assert_post_privatization`).
+    pipeline
+        The run's pipeline, from :func:`fedsafe.compression.parse_compression`.
+    rng
+        Generator for stochastic rounding.
+    feedback
+        The site's error-feedback state, updated in place (``residual = update + residual -
+        sent``); None to send without memory.
+
+    Returns
+    -------
+    tuple
+        ``(record, stats)``.
+
+    Raises
+    ------
+    ValueError
+        If a tensor is not float32/float64, has non-finite values, or is too large for the
+        format.
+    """
+    raw = plain_record(update)
+    raw_bytes = serialized_size(raw)
+    total = sum(int(np.asarray(v).size) for v in update.values())
+    if pipeline.is_identity and feedback is None:
+        _check_finite(update)
+        return raw, EncodeStats(raw_bytes, raw_bytes, total, total)
+    if len(update) >= 2**16:
+        raise ValueError(f"an update may hold at most 65535 tensors, got {len(update)}")
+    parts = [MAGIC, _u8(VERSION), _u8(0), _u16(len(update))]
+    sent_count = 0
+    new_residuals: dict[str, NDArray[np.float64]] = {}
+    for name, tensor in update.items():
+        array = np.asarray(tensor)
+        if array.dtype not in _DTYPE_CODES:
+            raise ValueError(f"tensor {name!r} has dtype {array.dtype}; expected float32/float64")
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"tensor {name!r} has non-finite values; refusing to encode it")
+        if array.ndim > MAX_NDIM or array.size >= 2**32 or any(d >= 2**32 for d in array.shape):
+            raise ValueError(f"tensor {name!r} shape {array.shape} is too large for the format")
+        encoded_name = name.encode("utf-8")
+        if len(encoded_name) >= 2**16:
+            raise ValueError(f"tensor name {name[:40]!r}... is longer than 65535 bytes")
+        target = (feedback.corrected(name, array) if feedback else array.astype(np.float64)).ravel()
+        parts += [_u16(len(encoded_name)), encoded_name, _u8(_DTYPE_CODES[array.dtype])]
+        parts += [_u8(array.ndim), *(_u32(int(d)) for d in array.shape)]
+        if pipeline.topk_fraction is not None:
+            k = top_k_count(target.size, pipeline.topk_fraction)
+            indices = top_k_indices(target, k)
+            coding, width, index_bytes = encode_indices(indices)
+            parts += [_u8(1), _u32(k), _u8(int(coding))]
+            if coding is IndexCoding.BITPACK:
+                parts.append(_u8(width))
+            parts += [_u32(len(index_bytes)), index_bytes]
+            value_bytes, sent_values = _encode_values(target[indices], pipeline, rng, name)
+            sent = np.zeros(target.size, dtype=np.float64)
+            sent[indices] = sent_values
+            sent_count += k
+        else:
+            parts.append(_u8(0))
+            value_bytes, sent = _encode_values(target, pipeline, rng, name)
+            sent_count += target.size
+        parts.append(value_bytes)
+        if feedback is not None:
+            # The residual is taken against what the decoder will return, in the update's dtype.
+            decoded = sent.astype(array.dtype).astype(np.float64)
+            new_residuals[name] = (target - decoded).reshape(array.shape)
+    blob = b"".join(parts)
+    # Residuals are committed only once every tensor encoded, so a failure leaves none half-set.
+    if feedback is not None:
+        for name, residual in new_residuals.items():
+            feedback.store(name, residual)
+    record = ArrayRecord(
+        {WIRE_KEY: Array(dtype="uint8", shape=(len(blob),), stype=WIRE_STYPE, data=blob)}
+    )
+    return record, EncodeStats(raw_bytes, serialized_size(record), sent_count, total)
+
+
+def _check_finite(update: dict[str, NDArray[Any]]) -> None:
+    for name, tensor in update.items():
+        if not np.all(np.isfinite(np.asarray(tensor))):
+            raise ValueError(f"tensor {name!r} has non-finite values; refusing to encode it")
+
+
+class _Reader:
+    """Bounds-checked reader over the payload; every failure names the field and offset."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+        self.where = "header"
+
+    def fail(self, why: str) -> MalformedPayloadError:
+        return MalformedPayloadError(
+            f"malformed compressed update ({self.where}, byte {self.pos} of {len(self.data)}): "
+            f"{why}"
+        )
+
+    def take(self, n: int, field: str) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise self.fail(f"truncated: {field} needs {n} bytes, {len(self.data) - self.pos} left")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def u8(self, field: str) -> int:
+        return int(self.take(1, field)[0])
+
+    def u16(self, field: str) -> int:
+        return int(struct.unpack("<H", self.take(2, field))[0])
+
+    def u32(self, field: str) -> int:
+        return int(struct.unpack("<I", self.take(4, field))[0])
+
+
+def _decode_values(reader: _Reader, m: int) -> NDArray[np.float64]:
+    code = reader.u8("value codec")
+    if code not in ValueCodec._value2member_map_:
+        raise reader.fail(f"unknown value codec id {code} (known: 0 float32 .. 3 int4)")
+    codec = ValueCodec(code)
+    if codec is ValueCodec.FLOAT32:
+        values = np.frombuffer(reader.take(4 * m, "float32 values"), dtype="<f4")
+    elif codec is ValueCodec.FLOAT16:
+        values = np.frombuffer(reader.take(2 * m, "float16 values"), dtype="<f2")
+    else:
+        chunk = reader.u32("chunk size")
+        if chunk < 1:
+            raise reader.fail("chunk size must be >= 1, got 0")
+        n_scales = len(chunk_lengths(m, chunk))
+        scales = np.frombuffer(reader.take(4 * n_scales, "scales"), dtype="<f4")
+        if not np.all(np.isfinite(scales)):
+            raise reader.fail("non-finite scale (NaN or inf)")
+        if np.any(scales < 0):
+            raise reader.fail("negative scale")
+        if codec is ValueCodec.INT8:
+            q = np.frombuffer(reader.take(m, "int8 values"), dtype=np.int8)
+            if np.any(q == -128):
+                raise reader.fail("int8 level -128 is outside the symmetric range -127..127")
+        else:
+            q, ok = unpack_int4(reader.take((m + 1) // 2, "int4 values"), m)
+            if not ok:
+                raise reader.fail("int4 nibble 0 (level -8) or non-zero padding nibble")
+        return dequantize(q, scales, chunk)
+    out = values.astype(np.float64)
+    if not np.all(np.isfinite(out)):
+        raise reader.fail("non-finite value (NaN or inf)")
+    return out
+
+
+def decode_payload(data: bytes) -> dict[str, NDArray[np.floating[Any]]]:
+    """Decode a version-1 payload (the bytes of the ``Array`` under :data:`WIRE_KEY`).
+
+    Raises
+    ------
+    MalformedPayloadError
+        If any field is invalid, the payload is truncated or has trailing bytes.
+    """
+    reader = _Reader(data)
+    if reader.take(4, "magic") != MAGIC:
+        raise reader.fail(f"bad magic, expected {MAGIC!r}: not a fedsafe compressed update")
+    version = reader.u8("version")
+    if version != VERSION:
+        raise reader.fail(f"unsupported version {version}, this decoder reads {VERSION}")
+    if reader.u8("flags") != 0:
+        raise reader.fail("reserved flags byte must be 0")
+    count = reader.u16("tensor count")
+    out: dict[str, NDArray[np.floating[Any]]] = {}
+    for position in range(count):
+        reader.where = f"tensor #{position}"
+        try:
+            name = reader.take(reader.u16("name length"), "name").decode("utf-8")
+        except UnicodeDecodeError:
+            raise reader.fail("tensor name is not UTF-8") from None
+        reader.where = f"tensor {name!r}"
+        if name in out:
+            raise reader.fail("duplicate tensor name")
+        dtype_code = reader.u8("dtype")
+        if dtype_code not in _DTYPES:
+            raise reader.fail(f"unknown dtype code {dtype_code} (1 float32, 2 float64)")
+        ndim = reader.u8("ndim")
+        if ndim > MAX_NDIM:
+            raise reader.fail(f"ndim {ndim} > {MAX_NDIM}")
+        shape = tuple(reader.u32("shape") for _ in range(ndim))
+        numel = math.prod(shape)
+        if numel >= 2**32:
+            raise reader.fail(f"shape {shape} has {numel} >= 2^32 elements")
+        sparsity = reader.u8("sparsity")
+        if sparsity == 0:
+            dense = _decode_values(reader, numel)
+        elif sparsity == 1:
+            k = reader.u32("k")
+            if not 1 <= k <= numel:
+                raise reader.fail(f"k = {k} outside [1, {numel}]")
+            coding = reader.u8("index coding")
+            if coding == IndexCoding.BITPACK:
+                width = reader.u8("bit width")
+                if not 1 <= width <= 32:
+                    raise reader.fail(f"index bit width {width} outside [1, 32]")
+                index_bytes = reader.take(reader.u32("index length"), "indices")
+                gaps = bitpack_decode(index_bytes, k, width)
+            elif coding == IndexCoding.VARINT:
+                index_bytes = reader.take(reader.u32("index length"), "indices")
+                gaps = varint_decode(index_bytes, k)
+            else:
+                raise reader.fail(f"unknown index coding {coding} (1 varint, 2 bitpack)")
+            if gaps is None:
+                raise reader.fail(f"index bytes do not hold exactly {k} coded gaps")
+            indices = gaps_to_indices(gaps)
+            if indices[-1] >= numel:
+                raise reader.fail(f"index {int(indices[-1])} out of range for {numel} elements")
+            dense = np.zeros(numel, dtype=np.float64)
+            dense[indices] = _decode_values(reader, k)
+        else:
+            raise reader.fail(f"unknown sparsity {sparsity} (0 dense, 1 top-k)")
+        out[name] = dense.reshape(shape).astype(_DTYPES[dtype_code])
+    reader.where = "end"
+    if reader.pos != len(data):
+        raise reader.fail(f"{len(data) - reader.pos} trailing bytes after the last tensor")
+    return out
+
+
+def decode_update(record: ArrayRecord) -> dict[str, NDArray[np.floating[Any]]]:
+    """Decode a reply: a fedsafe compressed record, or Flower's plain numpy record.
+
+    Parameters
+    ----------
+    record
+        The ``ArrayRecord`` of a site's reply.
+
+    Returns
+    -------
+    dict
+        Tensors by name, in the order they were sent.
+
+    Raises
+    ------
+    MalformedPayloadError
+        If the record is neither a valid compressed payload nor plain finite float arrays.
+        The coordinator drops that reply and logs the message.
+    """
+    if WIRE_KEY in record:
+        if len(record) != 1:
+            raise MalformedPayloadError(
+                f"a compressed update must hold only {WIRE_KEY!r}, got keys {sorted(record)}"
+            )
+        array = record[WIRE_KEY]
+        if array.stype != WIRE_STYPE or array.dtype != "uint8":
+            raise MalformedPayloadError(
+                f"{WIRE_KEY!r} has stype {array.stype!r} dtype {array.dtype!r}; expected "
+                f"{WIRE_STYPE!r} uint8 (a newer fedsafe at the site?)"
+            )
+        if tuple(array.shape) != (len(array.data),):
+            raise MalformedPayloadError(
+                f"{WIRE_KEY!r} declares shape {tuple(array.shape)} but holds "
+                f"{len(array.data)} bytes (wrong length)"
+            )
+        return decode_payload(bytes(array.data))
+    out: dict[str, NDArray[np.floating[Any]]] = {}
+    for name, array in record.items():
+        try:
+            value = array.numpy()
+        except Exception as error:  # noqa: BLE001 - any failure means the reply is unreadable
+            raise MalformedPayloadError(f"array {name!r} is not readable: {error}") from error
+        if value.dtype.kind != "f" or not np.all(np.isfinite(value)):
+            raise MalformedPayloadError(f"array {name!r} is not a finite float array")
+        out[name] = value
+    return out

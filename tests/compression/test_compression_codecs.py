@@ -1,0 +1,246 @@
+"""Property tests of the codecs: round trip within bound, unbiasedness, error feedback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from fedsafe.compression import (
+    ErrorFeedback,
+    decode_update,
+    encode_update,
+    parse_compression,
+    serialized_size,
+)
+from fedsafe.compression.quantize import INT4_LEVELS, INT8_LEVELS, max_norm_scales
+from fedsafe.compression.topk import (
+    bitpack_decode,
+    bitpack_encode,
+    encode_indices,
+    gaps_to_indices,
+    indices_to_gaps,
+    top_k_count,
+    varint_decode,
+    varint_encode,
+)
+
+SETTINGS = settings(max_examples=40, deadline=None)
+
+finite32 = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
+shapes = st.lists(st.integers(1, 12), min_size=1, max_size=3).map(tuple)
+tensors = shapes.flatmap(lambda s: arrays(np.float32, s, elements=finite32))
+updates = st.dictionaries(
+    st.text("abcdefgh.", min_size=1, max_size=8), tensors, min_size=1, max_size=3
+)
+seeds = st.integers(0, 2**32 - 1)
+
+
+def _roundtrip(update, spec, seed, feedback=None):
+    record, stats = encode_update(
+        update, parse_compression(spec), np.random.default_rng(seed), feedback
+    )
+    assert stats.encoded_bytes == serialized_size(record)
+    return decode_update(record), stats
+
+
+@SETTINGS
+@given(updates, seeds)
+def test_none_is_exact_and_flower_plain(update, seed):
+    decoded, stats = _roundtrip(update, "none", seed)
+    assert stats.ratio == 1.0
+    for name, value in update.items():
+        np.testing.assert_array_equal(decoded[name], value)
+
+
+@SETTINGS
+@given(updates, seeds)
+def test_float16_relative_error(update, seed):
+    decoded, _ = _roundtrip(update, "float16", seed)
+    for name, value in update.items():
+        assert decoded[name].dtype == np.float32 and decoded[name].shape == value.shape
+        x = value.astype(np.float64)
+        # Half precision: 11-bit significand (relative 2^-11), subnormal spacing 2^-24.
+        assert np.all(np.abs(decoded[name] - x) <= np.abs(x) * 2.0**-11 + 2.0**-25)
+
+
+@SETTINGS
+@pytest.mark.parametrize("spec,levels", [("int8", INT8_LEVELS), ("int4", INT4_LEVELS)])
+@given(update=updates, seed=seeds)
+def test_quantized_error_within_one_scale(spec, levels, update, seed):
+    decoded, _ = _roundtrip(update, spec, seed)
+    for name, value in update.items():
+        x = value.astype(np.float64).ravel()
+        scale = float(max_norm_scales(x, levels, x.size)[0])
+        err = np.abs(decoded[name].astype(np.float64).ravel() - x)
+        assert np.all(err <= scale * (1 + 1e-6) + np.abs(x) * 2.0**-23)
+
+
+@SETTINGS
+@given(
+    arrays(np.float32, st.integers(1, 300), elements=finite32),
+    st.integers(1, 64),
+    st.sampled_from(["int8", "int4"]),
+    seeds,
+)
+def test_chunked_quantization_error_per_chunk(x, chunk, codec, seed):
+    levels = INT8_LEVELS if codec == "int8" else INT4_LEVELS
+    decoded, _ = _roundtrip({"w": x}, f"{codec}:chunk={chunk}", seed)
+    x64 = x.astype(np.float64)
+    scales = np.repeat(max_norm_scales(x64, levels, chunk).astype(np.float64), chunk)[: x.size]
+    err = np.abs(decoded["w"].astype(np.float64) - x64)
+    assert np.all(err <= scales * (1 + 1e-6) + np.abs(x64) * 2.0**-23)
+
+
+@SETTINGS
+@given(updates, st.sampled_from([0.01, 0.1, 0.5, 1.0]), seeds)
+def test_topk_exact_on_kept_and_zero_elsewhere(update, fraction, seed):
+    decoded, stats = _roundtrip(update, f"topk:{fraction}", seed)
+    sent = 0
+    for name, value in update.items():
+        out = decoded[name].ravel()
+        kept = np.flatnonzero(out)
+        k = top_k_count(value.size, fraction)
+        sent += k
+        np.testing.assert_array_equal(out[kept], value.ravel()[kept])
+        # Every dropped entry is no larger than every kept one.
+        dropped = np.setdiff1d(np.arange(value.size), kept)
+        if kept.size and dropped.size:
+            assert np.abs(value.ravel()[dropped]).max() <= np.abs(value.ravel()[kept]).min()
+        assert kept.size <= k
+    assert stats.values_sent == sent
+
+
+@pytest.mark.parametrize("spec,levels", [("int8", INT8_LEVELS), ("int4", INT4_LEVELS)])
+def test_stochastic_quantization_is_unbiased(spec, levels):
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=64).astype(np.float32)
+    x[:4] = [0.0, 1e-6, -1e-6, float(np.abs(x).max())]
+    pipeline = parse_compression(spec)
+    draws = 2000
+    total = np.zeros(x.size)
+    for _ in range(draws):
+        record, _ = encode_update({"w": x}, pipeline, rng)
+        total += decode_update(record)["w"]
+    mean = total / draws
+    scale = float(np.abs(x).max()) / levels
+    # Each draw's error lies in (-s, s), so its std is <= s/2: the mean is within 5 sigma.
+    bound = 5 * (scale / 2) / np.sqrt(draws)
+    assert np.all(np.abs(mean - x) <= bound)
+    # And it is biased without randomness: rounding to nearest would miss by up to s/2.
+    assert bound < scale / 4
+
+
+@SETTINGS
+@given(
+    st.lists(arrays(np.float32, (5, 7), elements=finite32), min_size=1, max_size=4),
+    st.sampled_from(["topk:0.1", "topk:0.3+int8", "topk:0.05+int4:chunk=4", "int8", "float16"]),
+    seeds,
+)
+def test_error_feedback_carries_exactly_what_was_dropped(rounds, spec, seed):
+    pipeline = parse_compression(spec)
+    feedback = ErrorFeedback()
+    rng = np.random.default_rng(seed)
+    total_in = np.zeros((5, 7))
+    total_sent = np.zeros((5, 7))
+    for update in rounds:
+        before = feedback.residual("w", (5, 7)).copy()
+        record, _ = encode_update({"w": update}, pipeline, rng, feedback)
+        sent = decode_update(record)["w"].astype(np.float64)
+        after = feedback.residual("w", (5, 7))
+        corrected = update.astype(np.float64) + before
+        if spec.startswith("topk") and "+" not in spec:
+            # Float32 values are sent as they are: the split is exact.
+            np.testing.assert_array_equal(after + sent, corrected)
+        else:
+            np.testing.assert_allclose(after + sent, corrected, rtol=1e-12, atol=1e-12)
+        total_in += update
+        total_sent += sent
+    # Nothing is lost, only delayed: all sent plus the residual is all input.
+    np.testing.assert_allclose(total_sent + feedback.residual("w", (5, 7)), total_in, atol=1e-6)
+
+
+def test_error_feedback_serializes():
+    feedback = ErrorFeedback()
+    rng = np.random.default_rng(0)
+    encode_update(
+        {"w": rng.normal(size=(3, 4)).astype(np.float32)},
+        parse_compression("topk:0.2"),
+        rng,
+        feedback,
+    )
+    for restored in (
+        ErrorFeedback.from_bytes(feedback.to_bytes()),
+        ErrorFeedback.from_array_record(feedback.to_array_record()),
+    ):
+        np.testing.assert_array_equal(
+            restored.residual("w", (3, 4)), feedback.residual("w", (3, 4))
+        )
+    with pytest.raises(ValueError, match="reset the residual"):
+        feedback.residual("w", (4, 3))
+
+
+def test_encode_refuses_non_finite_and_float16_overflow():
+    with pytest.raises(ValueError, match="non-finite"):
+        encode_update(
+            {"w": np.array([np.nan], np.float32)},
+            parse_compression("int8"),
+            np.random.default_rng(0),
+            None,
+        )
+    with pytest.raises(ValueError, match="float16"):
+        encode_update(
+            {"w": np.array([1e6], np.float32)},
+            parse_compression("float16"),
+            np.random.default_rng(0),
+            None,
+        )
+
+
+def test_encode_failure_leaves_feedback_untouched():
+    feedback = ErrorFeedback({"a": np.ones(3)})
+    update = {"a": np.ones(3, np.float32), "b": np.array([np.inf], np.float32)}
+    with pytest.raises(ValueError):
+        encode_update(update, parse_compression("topk:0.5"), np.random.default_rng(0), feedback)
+    np.testing.assert_array_equal(feedback.residual("a", (3,)), np.ones(3))
+
+
+@SETTINGS
+@given(st.lists(st.integers(0, 2**32 - 1), max_size=50))
+def test_varint_roundtrip(values):
+    v = np.array(values, dtype=np.uint64)
+    decoded = varint_decode(varint_encode(v), v.size)
+    assert decoded is not None
+    np.testing.assert_array_equal(decoded, v)
+
+
+@SETTINGS
+@given(st.sets(st.integers(0, 100_000), min_size=1, max_size=200))
+def test_index_coding_roundtrip_and_choice(index_set):
+    indices = np.array(sorted(index_set), dtype=np.int64)
+    gaps = indices_to_gaps(indices)
+    np.testing.assert_array_equal(gaps_to_indices(gaps), indices)
+    coding, width, payload = encode_indices(indices)
+    varint = varint_encode(gaps)
+    packed = bitpack_encode(gaps, max(1, int(gaps.max()).bit_length()))
+    assert len(payload) == min(len(varint), len(packed))
+    if width:
+        decoded = bitpack_decode(payload, indices.size, width)
+    else:
+        decoded = varint_decode(payload, indices.size)
+    assert decoded is not None
+    np.testing.assert_array_equal(gaps_to_indices(decoded), indices)
+
+
+def test_compression_ratio_on_a_cnn_sized_update():
+    rng = np.random.default_rng(0)
+    update = {
+        "conv": rng.normal(size=(32, 16, 3, 3)).astype(np.float32),
+        "fc": rng.normal(size=(40, 512)).astype(np.float32),
+    }
+    _, int8 = encode_update(update, parse_compression("int8"), rng)
+    _, topk = encode_update(update, parse_compression("topk:0.01+int8"), rng, ErrorFeedback())
+    assert int8.ratio > 3.9
+    assert topk.ratio > 32

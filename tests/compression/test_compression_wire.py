@@ -1,0 +1,199 @@
+"""Malformed payloads are rejected with a clear error; spec parsing; the DP-order guard."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedsafe.compression import (
+    CompressionPipeline,
+    CompressionStage,
+    MalformedPayloadError,
+    ValueCodec,
+    assert_post_privatization,
+    check_downlink,
+    decode_payload,
+    decode_update,
+    encode_update,
+    parse_compression,
+)
+from fedsafe.compression.wire import WIRE_KEY, WIRE_STYPE
+from fedsafe.errors import UserError
+
+
+def _payload(spec: str, update=None) -> bytes:
+    update = update or {"w": np.linspace(-1, 1, 40, dtype=np.float32).reshape(5, 8)}
+    record, _ = encode_update(update, parse_compression(spec), np.random.default_rng(0))
+    return bytes(record[WIRE_KEY].data)
+
+
+def _record(data: bytes) -> ArrayRecord:
+    return ArrayRecord(
+        {WIRE_KEY: Array(dtype="uint8", shape=(len(data),), stype=WIRE_STYPE, data=data)}
+    )
+
+
+# Offsets in a payload of one tensor named "w" of shape (5, 8).
+HEADER = 4 + 1 + 1 + 2
+AFTER_SHAPE = HEADER + 2 + 1 + 1 + 1 + 2 * 4  # name len, "w", dtype, ndim, two dims
+
+
+@pytest.mark.parametrize("spec", ["float16", "int8", "int4", "topk:0.1+int8", "topk:0.2"])
+def test_every_truncation_is_rejected(spec):
+    data = _payload(spec)
+    decode_payload(data)
+    for cut in range(len(data)):
+        with pytest.raises(MalformedPayloadError, match="malformed compressed update"):
+            decode_payload(data[:cut])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_random_corruption_never_crashes(data):
+    payload = bytearray(
+        _payload(data.draw(st.sampled_from(["int8", "int4", "topk:0.1+int8", "topk:0.1"])))
+    )
+    position = data.draw(st.integers(0, len(payload) - 1))
+    payload[position] = data.draw(st.integers(0, 255))
+    try:
+        decoded = decode_payload(bytes(payload))
+    except MalformedPayloadError:
+        return
+    for value in decoded.values():
+        assert np.all(np.isfinite(value))
+
+
+def test_trailing_bytes_rejected():
+    with pytest.raises(MalformedPayloadError, match="trailing"):
+        decode_payload(_payload("int8") + b"\x00")
+
+
+def test_bad_magic_and_version():
+    data = _payload("int8")
+    with pytest.raises(MalformedPayloadError, match="bad magic"):
+        decode_payload(b"XXXX" + data[4:])
+    with pytest.raises(MalformedPayloadError, match="unsupported version 9"):
+        decode_payload(data[:4] + b"\x09" + data[5:])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_bad_scale_rejected(bad):
+    data = bytearray(_payload("int8"))
+    scale_at = AFTER_SHAPE + 1 + 1 + 4  # sparsity, codec, chunk
+    data[scale_at : scale_at + 4] = struct.pack("<f", bad)
+    with pytest.raises(MalformedPayloadError, match="scale"):
+        decode_payload(bytes(data))
+
+
+def test_index_out_of_range_rejected():
+    update = {"w": np.zeros((5, 8), np.float32)}
+    update["w"][4, 7] = 1.0  # top-1 is the last index, 39
+    data = bytearray(_payload("topk:0.01", update))
+    assert decode_update(_record(bytes(data)))["w"][4, 7] == 1.0
+    # Shrink the declared shape to (5, 7): index 39 is now out of range, and 4*1 bytes follow.
+    data[HEADER + 2 + 1 + 1 + 1 + 4 : HEADER + 2 + 1 + 1 + 1 + 8] = struct.pack("<I", 7)
+    with pytest.raises(MalformedPayloadError, match="out of range"):
+        decode_payload(bytes(data))
+
+
+def test_k_larger_than_numel_rejected():
+    data = bytearray(_payload("topk:0.1"))
+    data[AFTER_SHAPE + 1 : AFTER_SHAPE + 5] = struct.pack("<I", 41)
+    with pytest.raises(MalformedPayloadError, match="k = 41"):
+        decode_payload(bytes(data))
+
+
+def test_invalid_levels_rejected():
+    data = bytearray(_payload("int8"))
+    data[-1] = 0x80  # int8 -128
+    with pytest.raises(MalformedPayloadError, match="-128"):
+        decode_payload(bytes(data))
+    data = bytearray(_payload("int4"))
+    data[-1] = 0x00
+    with pytest.raises(MalformedPayloadError, match="nibble"):
+        decode_payload(bytes(data))
+
+
+def test_record_level_checks():
+    data = _payload("int8")
+    with pytest.raises(MalformedPayloadError, match="wrong length"):
+        decode_update(
+            ArrayRecord({WIRE_KEY: Array(dtype="uint8", shape=(3,), stype=WIRE_STYPE, data=data)})
+        )
+    with pytest.raises(MalformedPayloadError, match="stype"):
+        decode_update(
+            ArrayRecord({WIRE_KEY: Array(dtype="uint8", shape=(len(data),), stype="x", data=data)})
+        )
+    extra = _record(data)
+    extra["other"] = Array(np.zeros(2, np.float32))
+    with pytest.raises(MalformedPayloadError, match="only"):
+        decode_update(extra)
+    with pytest.raises(MalformedPayloadError, match="finite"):
+        decode_update(ArrayRecord({"w": Array(np.array([np.nan], np.float32))}))
+
+
+def test_malformed_is_a_value_error():
+    assert issubclass(MalformedPayloadError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("none", CompressionPipeline()),
+        ("", CompressionPipeline()),
+        ("float16", CompressionPipeline(value_codec=ValueCodec.FLOAT16)),
+        ("int8", CompressionPipeline(value_codec=ValueCodec.INT8)),
+        ("int4", CompressionPipeline(value_codec=ValueCodec.INT4)),
+        ("int8:chunk=1024", CompressionPipeline(value_codec=ValueCodec.INT8, chunk=1024)),
+        ("topk:0.01", CompressionPipeline(topk_fraction=0.01)),
+        ("topk:0.01+int8", CompressionPipeline(topk_fraction=0.01, value_codec=ValueCodec.INT8)),
+        ("TopK:0.001+int4:chunk=64", CompressionPipeline(0.001, ValueCodec.INT4, 64)),
+    ],
+)
+def test_parse_valid(spec, expected):
+    pipeline = parse_compression(spec)
+    assert pipeline == expected
+    assert parse_compression(pipeline.spec) == pipeline
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "gzip",
+        "topk",
+        "topk:0",
+        "topk:1.5",
+        "topk:nan",
+        "int8+topk:0.1",
+        "int8+int4",
+        "none+int8",
+        "int8:chunk=0",
+        "int8:chunk=x",
+        "float16:chunk=4",
+        "int8:size=4",
+    ],
+)
+def test_parse_errors_name_the_flag(spec):
+    with pytest.raises(UserError, match="--compression") as info:
+        parse_compression(spec)
+    assert "Valid forms" in str(info.value)
+
+
+def test_compression_before_privatization_is_refused():
+    int8 = parse_compression("int8")
+    assert_post_privatization(True, int8)
+    assert_post_privatization(True, parse_compression("none"), CompressionStage.PRE_PRIVATIZATION)
+    assert_post_privatization(False, int8, CompressionStage.PRE_PRIVATIZATION)
+    with pytest.raises(UserError, match="before the DP noise"):
+        assert_post_privatization(True, int8, CompressionStage.PRE_PRIVATIZATION)
+
+
+def test_downlink_refuses_topk():
+    check_downlink(parse_compression("int8"))
+    with pytest.raises(UserError, match="top-k"):
+        check_downlink(parse_compression("topk:0.01+int8"))
