@@ -1,4 +1,4 @@
-"""Keys and certificates for a fedsafe federation: a CA, the coordinator's TLS certificate, site keys.
+"""Keys and certificates for a federation: the CA, the coordinator TLS certificate, site keys.
 
 Transport security follows Flower 1.41's deployment model. The coordinator (SuperLink)
 serves HTTPS with an X.509 server certificate (RFC 5280) signed by a federation CA that
