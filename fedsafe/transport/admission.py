@@ -161,10 +161,10 @@ def admit_site(flwr_home: Path, public_key_path: Path, name: str | None = None) 
     fingerprint = public_key_fingerprint(public_key_path)
     name = name or public_key_path.stem
     registry = _read_registry(flwr_home)
-    for node_id, entry in registry.items():
+    for known_id, entry in registry.items():
         if entry["name"] == name and entry.get("status") != "removed":
             raise UserError(
-                f"a site named {name!r} is already admitted (node {node_id}); "
+                f"a site named {name!r} is already admitted (node {known_id}); "
                 "remove it first or pass another --name"
             )
     answer = _flwr(

@@ -369,3 +369,15 @@ def verify_issued_by(cert_path: Path, ca_path: Path, *, at: dt.datetime | None =
             f"{cert_path} is valid only from {cert.not_valid_before_utc:%Y-%m-%d} to "
             f"{cert.not_valid_after_utc:%Y-%m-%d}; issue a new one with `fedsafe pki server`"
         )
+
+
+def certificate_names(cert_path: Path) -> set[str]:
+    """Return the DNS names and IP addresses in a certificate's SubjectAlternativeName."""
+    cert = load_certificate(cert_path)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    names = set(san.get_values_for_type(x509.DNSName))
+    names |= {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    return names
