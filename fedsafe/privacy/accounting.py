@@ -38,9 +38,7 @@ def _merge(events: Sequence[PoissonGaussianEvent]) -> list[PoissonGaussianEvent]
     return [PoissonGaussianEvent(q, s, n) for (q, s), n in merged.items()]
 
 
-def epsilon(
-    events: Sequence[PoissonGaussianEvent], delta: float, accountant: str = "prv"
-) -> float:
+def epsilon(events: Sequence[PoissonGaussianEvent], delta: float, accountant: str = "prv") -> float:
     """Epsilon of the composition of ``events`` at ``delta``.
 
     Parameters

@@ -70,7 +70,9 @@ def calibrate_noise_multiplier(
     while eps_high > target_epsilon:
         low, high = high, high * 2
         if high > max_noise:
-            raise ValueError(f"no noise multiplier below {max_noise} reaches epsilon {target_epsilon}")
+            raise ValueError(
+                f"no noise multiplier below {max_noise} reaches epsilon {target_epsilon}"
+            )
         eps_high = eps_at(high)
     # Invariant: eps_at(high) <= target; eps_at(low) > target (or low == 0).
     for _ in range(60):

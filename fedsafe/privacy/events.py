@@ -35,7 +35,9 @@ class PoissonGaussianEvent:
         if not (0.0 < self.sample_rate <= 1.0) or not math.isfinite(self.sample_rate):
             raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
         if not (self.noise_multiplier > 0.0) or not math.isfinite(self.noise_multiplier):
-            raise ValueError(f"noise_multiplier must be finite and > 0, got {self.noise_multiplier}")
+            raise ValueError(
+                f"noise_multiplier must be finite and > 0, got {self.noise_multiplier}"
+            )
         if int(self.steps) != self.steps or self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps}")
 

@@ -1,0 +1,133 @@
+"""The run configuration: one source of truth for defaults, checked once, then immutable.
+
+The same keys are the Flower app's ``[tool.flwr.app.config]`` in ``pyproject.toml`` (so
+``flwr run . --run-config "k=v"`` works) and the options of ``fedsafe simulate``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from fedsafe.errors import UserError
+
+DEFAULT_RUN_CONFIG: dict[str, Any] = {
+    "scenario": "heart",
+    "num-server-rounds": 15,
+    "strategy": "fedavg",
+    "local-steps": 100,
+    "batch-size": 4,
+    "client-lr": 0.001,
+    "server-lr": 1.0,
+    "proximal-mu": 0.01,
+    "dp": True,
+    "target-epsilon": 1.0,
+    "target-delta": 0.0001,
+    "noise-multiplier": 0.0,
+    "max-grad-norm": 1.0,
+    "accountant": "prv",
+    "device": "auto",
+    "seed": 42,
+    "out-dir": "runs",
+    "run-dir": "",
+    "ledger-dir": "",
+    "compression": "none",
+    "lending-sites": 4,
+    "min-sites": 0,
+    "reproducible-noise": False,
+}
+
+SCENARIOS = ("heart", "lending", "custom")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedadagrad", "fedyogi")
+
+
+@dataclass(frozen=True, slots=True)
+class RunConfig:
+    """A validated run configuration (see :data:`DEFAULT_RUN_CONFIG` for the keys)."""
+
+    scenario: str
+    num_server_rounds: int
+    strategy: str
+    local_steps: int
+    batch_size: int
+    client_lr: float
+    server_lr: float
+    proximal_mu: float
+    dp: bool
+    target_epsilon: float
+    target_delta: float
+    noise_multiplier: float
+    max_grad_norm: float
+    accountant: str
+    device: str
+    seed: int
+    out_dir: str
+    run_dir: str
+    ledger_dir: str
+    compression: str
+    lending_sites: int
+    min_sites: int
+    reproducible_noise: bool
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> UserError:
+            return UserError(f"run config '{key}': {why}")
+
+        if self.scenario not in SCENARIOS:
+            raise bad("scenario", f"{self.scenario!r} is not one of {', '.join(SCENARIOS)}")
+        if self.strategy not in STRATEGIES:
+            raise bad("strategy", f"{self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if self.num_server_rounds < 1:
+            raise bad("num-server-rounds", "must be >= 1")
+        if self.local_steps < 1 or self.batch_size < 1:
+            raise bad("local-steps/batch-size", "must be >= 1")
+        if not (self.client_lr > 0 and self.server_lr > 0):
+            raise bad("client-lr/server-lr", "must be > 0")
+        if self.accountant not in ("prv", "rdp"):
+            raise bad("accountant", "must be prv or rdp")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise bad("device", "must be auto, cpu or cuda")
+        if self.dp:
+            if not (0 < self.target_delta < 1):
+                raise bad("target-delta", f"must be in (0, 1), got {self.target_delta}")
+            if self.noise_multiplier < 0 or not math.isfinite(self.noise_multiplier):
+                raise bad("noise-multiplier", "must be >= 0 (0 = calibrate from target-epsilon)")
+            if self.noise_multiplier == 0 and not self.target_epsilon > 0:
+                raise bad("target-epsilon", "must be > 0 when noise-multiplier is 0 (calibrated)")
+            if not self.max_grad_norm > 0:
+                raise bad("max-grad-norm", "must be > 0")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's run config (kebab-case keys), filling defaults."""
+        merged = {**DEFAULT_RUN_CONFIG, **dict(values)}
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            default = DEFAULT_RUN_CONFIG[key]
+            value = merged[key]
+            try:
+                kwargs[f.name] = (
+                    type(default)(value) if not isinstance(default, bool) else _bool(value)
+                )
+            except (TypeError, ValueError):
+                raise UserError(
+                    f"run config '{key}': expected {type(default).__name__}, got {value!r}"
+                ) from None
+        return cls(**kwargs)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Kebab-case dictionary, as in the run config."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    raise ValueError(value)

@@ -1,0 +1,111 @@
+"""fedsafe's ServerApp: the coordinator of a federated DP run (Flower Message API).
+
+It asks every site for its input width (all must agree), builds the initial model from the
+run's seed, runs the rounds with the chosen Flower strategy (see
+:mod:`fedsafe.server.run_loop`), evaluates on every site's test split each round, and saves the
+final model with its metadata in the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedsafe import __version__
+from fedsafe.config import RunConfig
+from fedsafe.models import build_model
+from fedsafe.server.reply_checks import metrics_of, reply_error, site_name
+from fedsafe.server.run_folder import RunFolder, new_run_dir
+from fedsafe.server.run_loop import LoopState, log, query_sites, run_rounds
+from fedsafe.simulations.scenarios import MODEL_OF, default_num_sites
+from fedsafe.strategies.factory import build_strategy
+
+app = ServerApp()
+
+
+def _input_width(grid: Grid, num_sites: int, folder: RunFolder) -> tuple[int, list[str]]:
+    widths: dict[str, int] = {}
+    features: dict[str, str] = {}
+    for msg in query_sites(grid, num_sites, timeout=600):
+        error = reply_error(msg)
+        if error is not None:
+            folder.log_event("query-error", node=msg.metadata.src_node_id, reason=error)
+            log.error(
+                "site on node %d failed to load its data: %s", msg.metadata.src_node_id, error
+            )
+            continue
+        name = site_name(msg.content, msg.metadata.src_node_id)
+        widths[name] = int(metrics_of(msg.content)["num-features"])
+        features[name] = str(msg.content.config_records["site"]["features"])
+    if not widths:
+        raise RuntimeError("no site could load its data; see events.jsonl in the run folder")
+    if len(set(features.values())) != 1:
+        detail = ", ".join(f"{s}: {w} features" for s, w in widths.items())
+        folder.log_event("schema-mismatch", sites=widths)
+        raise RuntimeError(f"sites disagree on their features ({detail}); align their schemas")
+    return next(iter(widths.values())), json.loads(next(iter(features.values())))
+
+
+def _save_model(
+    folder: RunFolder, model: torch.nn.Module, arrays: ArrayRecord, meta: dict[str, Any]
+) -> None:
+    model.load_state_dict(arrays.to_torch_state_dict())
+    torch.save(model.state_dict(), folder.path / "model.pt")
+    folder.write_json("model.json", meta)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation described by the run config."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    folder = RunFolder(cfg.run_dir or new_run_dir(cfg.out_dir))
+    folder.write_json("config.json", cfg.to_mapping())
+    num_sites = cfg.min_sites or default_num_sites(cfg.scenario, cfg.lending_sites)
+    width, feature_names = _input_width(grid, num_sites, folder)
+    model_name = MODEL_OF[cfg.scenario]
+    model = build_model(model_name, width, cfg.seed)
+    strategy = build_strategy(cfg, num_sites)
+    started = time.time()
+    final, state = run_rounds(
+        grid, strategy, ArrayRecord(model.state_dict()), cfg.num_server_rounds, folder
+    )
+    meta = _model_metadata(cfg, model_name, feature_names, state, time.time() - started)
+    _save_model(folder, model, final, meta)
+    folder.write_json("summary.json", _summary(folder, state))
+    log.info("fedsafe: run folder %s", Path(folder.path).resolve())
+
+
+def _model_metadata(
+    cfg: RunConfig, model_name: str, features: list[str], state: LoopState, seconds: float
+) -> dict[str, Any]:
+    return {
+        "fedsafe-version": __version__,
+        "model": model_name,
+        "num-features": len(features),
+        "feature-names": features,
+        "scenario": cfg.scenario,
+        "strategy": cfg.strategy,
+        "rounds-completed": state.rounds_done,
+        "rounds-planned": cfg.num_server_rounds,
+        "dp": cfg.dp,
+        "accountant": cfg.accountant,
+        "site-privacy": state.last_privacy,
+        "exhausted-sites": sorted(state.exhausted.values()),
+        "training-seconds": round(seconds, 2),
+    }
+
+
+def _summary(folder: RunFolder, state: LoopState) -> dict[str, Any]:
+    rounds = folder.rounds()
+    last = rounds[-1] if rounds else {}
+    return {
+        "rounds-completed": state.rounds_done,
+        "final": last,
+        "exhausted-sites": sorted(state.exhausted.values()),
+    }

@@ -1,0 +1,68 @@
+"""Checks on what a site sends back, before anything is aggregated.
+
+A reply is dropped (and the reason logged) if it is an error, carries no model, or carries a
+model whose tensors do not match the global model's names and shapes or hold non-finite values.
+One bad site never stops the round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+
+@dataclass(frozen=True, slots=True)
+class SiteReply:
+    """A reply that passed the checks, reduced to what aggregation needs."""
+
+    node_id: int
+    site: str
+    metrics: dict[str, float]
+    arrays: ArrayRecord | None
+
+
+class ReplyRejected(ValueError):
+    """A reply that must be dropped, with the reason."""
+
+
+def site_name(content: RecordDict, node_id: int) -> str:
+    """The site's name from its reply, or ``node-<id>``."""
+    record = content.config_records.get("site")
+    return str(record["name"]) if record is not None and "name" in record else f"node-{node_id}"
+
+
+def metrics_of(content: RecordDict) -> dict[str, float]:
+    """The reply's metrics as plain floats (lists are ignored)."""
+    record = content.metric_records.get("metrics")
+    if record is None:
+        raise ReplyRejected("reply has no 'metrics' record")
+    return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
+
+
+def check_arrays(arrays: ArrayRecord, reference: ArrayRecord) -> None:
+    """Raise :class:`ReplyRejected` unless ``arrays`` matches ``reference`` and is finite."""
+    if list(arrays.keys()) != list(reference.keys()):
+        raise ReplyRejected(
+            f"model tensors {sorted(arrays.keys())} differ from the global model's "
+            f"{sorted(reference.keys())}"
+        )
+    for key, ref in reference.items():
+        got = arrays[key]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise ReplyRejected(f"tensor {key!r} has shape {got.shape}, expected {ref.shape}")
+        if not np.all(np.isfinite(got.numpy())):
+            raise ReplyRejected(f"tensor {key!r} holds non-finite values")
+
+
+def sanitized(arrays: ArrayRecord, num_examples: float) -> RecordDict:
+    """The only content a strategy sees: the model and its weight."""
+    return RecordDict(
+        {"arrays": arrays, "metrics": MetricRecord({"num-examples": int(num_examples)})}
+    )
+
+
+def reply_error(msg: Message) -> str | None:
+    """The error reason of a reply that carries one, else None."""
+    return str(msg.error.reason) if msg.has_error() else None

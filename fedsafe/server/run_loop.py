@@ -1,0 +1,194 @@
+"""The coordinator's round loop around a Flower strategy.
+
+Flower's ``Strategy.start`` runs configure/aggregate with no room to look at replies in
+between. fedsafe keeps the strategy's own ``configure_train``/``aggregate_train`` and
+``configure_evaluate`` but runs the loop itself, so that each round it can: decode compressed
+replies, drop malformed ones, stop selecting sites whose privacy budget is spent, record every
+site's cumulative epsilon (never averaged), and append the round to the run folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedsafe.server.reply_checks import (
+    ReplyRejected,
+    check_arrays,
+    metrics_of,
+    reply_error,
+    sanitized,
+    site_name,
+)
+from fedsafe.server.run_folder import RunFolder
+
+# A child of Flower's logger, so messages appear in the ServerApp's streamed logs.
+log = logging.getLogger("flwr.fedsafe")
+
+#: Turns a reply's content into dense model arrays (identity without compression).
+Decoder = Callable[[RecordDict, ArrayRecord], ArrayRecord]
+
+PRIVACY_KEYS = ("epsilon", "delta", "steps", "sample-rate", "noise-multiplier", "max-grad-norm")
+
+
+def dense_arrays(content: RecordDict, _global: ArrayRecord) -> ArrayRecord:
+    """The uncompressed case: the reply's ``arrays`` record is the model."""
+    if "arrays" not in content.array_records:
+        raise ReplyRejected("reply carries no model ('arrays')")
+    return content.array_records["arrays"]
+
+
+@dataclass
+class LoopState:
+    """What the loop learns across rounds."""
+
+    exhausted: dict[int, str] = field(default_factory=dict)
+    site_of_node: dict[int, str] = field(default_factory=dict)
+    last_privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+    rounds_done: int = 0
+
+
+def _send(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+    return list(grid.send_and_receive(list(messages), timeout=timeout))
+
+
+def query_sites(grid: Grid, num_sites: int, timeout: float, wait_s: float = 600) -> list[Message]:
+    """Wait for ``num_sites`` sites and ask each for its input width and feature names."""
+    deadline = time.monotonic() + wait_s
+    while len(nodes := list(grid.get_node_ids())) < num_sites:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of {num_sites} sites connected in {wait_s}s")
+        time.sleep(1)
+    msgs = [
+        Message(
+            RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY
+        )
+        for n in nodes
+    ]
+    return _send(grid, msgs, timeout)
+
+
+def run_rounds(
+    grid: Grid,
+    strategy: Strategy,
+    initial: ArrayRecord,
+    num_rounds: int,
+    folder: RunFolder,
+    *,
+    decode: Decoder = dense_arrays,
+    timeout: float = 3600,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[ArrayRecord, LoopState]:
+    """Run ``num_rounds`` rounds of train + federated evaluation; return the final model."""
+    arrays = initial
+    state = LoopState()
+    for rnd in range(1, num_rounds + 1):
+        t0 = time.monotonic()
+        train_msgs = [
+            m
+            for m in strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
+            if m.metadata.dst_node_id not in state.exhausted
+        ]
+        if not train_msgs:
+            log.warning("round %d: every site's privacy budget is spent; the run ends", rnd)
+            folder.log_event(
+                "all-sites-exhausted", round=rnd, sites=sorted(state.exhausted.values())
+            )
+            break
+        replies = _send(grid, train_msgs, timeout)
+        good: list[Message] = []
+        sites: dict[str, dict[str, Any]] = {}
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            error = reply_error(msg)
+            if error is not None:
+                log.warning("round %d: node %d replied with an error: %s", rnd, node, error)
+                folder.log_event("train-error", round=rnd, node=node, reason=error)
+                continue
+            name = site_name(msg.content, node)
+            state.site_of_node[node] = name
+            try:
+                metrics = metrics_of(msg.content)
+                if metrics.get("budget-exhausted", 0.0) >= 1.0:
+                    state.exhausted[node] = name
+                    spent = metrics.get("epsilon", float("nan"))
+                    reason = f"privacy budget exhausted at epsilon {spent:.4g}"
+                    log.warning("round %d: site %s stops: %s", rnd, name, reason)
+                    folder.log_event("budget-exhausted", round=rnd, site=name, metrics=metrics)
+                    sites[name] = {"status": "budget-exhausted", **_privacy(metrics)}
+                    continue
+                dense = decode(msg.content, arrays)
+                check_arrays(dense, arrays)
+            except ReplyRejected as exc:
+                log.warning("round %d: dropped the reply of site %s: %s", rnd, name, exc)
+                folder.log_event("reply-dropped", round=rnd, site=name, reason=str(exc))
+                sites[name] = {"status": "dropped", "reason": str(exc)}
+                continue
+            msg.content = sanitized(dense, metrics["num-examples"])
+            good.append(msg)
+            sites[name] = {
+                "status": "trained",
+                "num-examples": metrics["num-examples"],
+                **_privacy(metrics),
+            }
+            state.last_privacy[name] = _privacy(metrics)
+        if good:
+            new_arrays, _ = strategy.aggregate_train(rnd, good)
+            if new_arrays is not None:
+                arrays = new_arrays
+        eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid))
+        for msg in _send(grid, eval_msgs, timeout):
+            node = msg.metadata.src_node_id
+            error = reply_error(msg)
+            if error is not None:
+                folder.log_event("evaluate-error", round=rnd, node=node, reason=error)
+                continue
+            name = site_name(msg.content, node)
+            metrics = metrics_of(msg.content)
+            entry = sites.setdefault(name, {"status": "evaluated-only"})
+            entry.update(
+                {k.removeprefix("eval-"): v for k, v in metrics.items() if k.startswith("eval-")}
+            )
+            entry["num-test-examples"] = metrics.get("num-examples", 0.0)
+            if name in state.last_privacy and "epsilon" not in entry:
+                entry.update(state.last_privacy[name])
+        record = round_record(rnd, sites, time.monotonic() - t0)
+        folder.append_round(record)
+        state.rounds_done = rnd
+        if on_round is not None:
+            on_round(record)
+    return arrays, state
+
+
+def _privacy(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: metrics[k] for k in PRIVACY_KEYS if k in metrics}
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def round_record(rnd: int, sites: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """One line of ``rounds.jsonl``: per-site metrics and their unweighted mean (FLamby)."""
+
+    def gather(key: str) -> list[float]:
+        return [float(s[key]) for s in sites.values() if key in s]
+
+    eps = gather("epsilon")
+    return {
+        "round": rnd,
+        "seconds": round(seconds, 3),
+        "sites": sites,
+        "mean_accuracy": _mean(gather("accuracy")),
+        "mean_roc_auc": _mean(gather("roc-auc")),
+        "mean_pr_auc": _mean(gather("pr-auc")),
+        "max_epsilon": max(eps) if eps else None,
+    }

@@ -1,0 +1,43 @@
+"""Plain-text tables of a run's results: per-site metric, their mean, each site's epsilon."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def final_table(record: dict[str, Any], metric: str = "accuracy") -> str:
+    """The final round as a table: site, metric, epsilon, delta, status; then the mean."""
+    sites: dict[str, dict[str, Any]] = record.get("sites", {})
+    width = max([len(s) for s in sites] + [len("mean of sites")])
+    header = f"{'site':<{width}}  {metric:>9}  {'epsilon':>8}  {'delta':>8}  status"
+    lines = [header, "-" * len(header)]
+    for name, s in sites.items():
+        lines.append(
+            f"{name:<{width}}  {_fmt(s.get(metric)):>9}  {_fmt(s.get('epsilon')):>8}  "
+            f"{_fmt(s.get('delta'), 6) if s.get('delta') else '-':>8}  {s.get('status', '')}"
+        )
+    mean_key = "mean_" + metric.replace("-", "_")
+    lines.append("-" * len(header))
+    lines.append(
+        f"{'mean of sites':<{width}}  {_fmt(record.get(mean_key)):>9}  "
+        f"{_fmt(record.get('max_epsilon')) + ' max' if record.get('max_epsilon') else '-':>8}"
+    )
+    return "\n".join(lines)
+
+
+def progress_line(record: dict[str, Any], total: int, metric: str = "accuracy") -> str:
+    """One line per finished round for the progress display."""
+    mean = record.get("mean_" + metric.replace("-", "_"))
+    eps = record.get("max_epsilon")
+    return (
+        f"round {record['round']:>3}/{total}  mean {metric} {_fmt(mean)}  "
+        f"max epsilon {_fmt(eps)}  ({record.get('seconds', 0):.1f} s)"
+    )
