@@ -8,11 +8,8 @@ Flower CLI connection and the admitted-site names) and ``logs/``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
 import shlex
-import subprocess
-import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +19,6 @@ from fedsafe.transport.foreground import run_in_foreground
 from fedsafe.transport.processes import (
     FlowerProcessError,
     SuperLinkSettings,
-    flower_bin,
-    flower_env,
     start_superlink,
 )
 
@@ -116,58 +111,52 @@ def _cmd_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-def flwr_run_command(app: Path, run_config: list[str], out_dir: Path) -> list[str]:
-    """Return the ``flwr run`` command that submits ``app`` to the coordinator connection."""
-    cmd = [flower_bin("flwr"), "run", str(Path(app).resolve()), admission.CONNECTION_NAME]
-    cmd += ["--stream"]
-    for item in run_config:
-        cmd += ["--run-config", item]
-    cmd += ["--run-config", f"out-dir={_toml_string(str(Path(out_dir).resolve()))}"]
-    return cmd
-
-
-def _toml_string(value: str) -> str:
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
+def parse_run_config(items: list[str]) -> dict[str, Any]:
+    """Parse ``-c 'k=v k2=v2'`` items (TOML values) into a run-config mapping."""
+    values: dict[str, Any] = {}
+    for item in items:
+        for pair in shlex.split(item):
+            key, sep, raw = pair.partition("=")
+            if not sep or not key:
+                raise UserError(
+                    f"--run-config {pair!r} must be KEY=VALUE, e.g. num-server-rounds=2"
+                )
+            try:
+                values[key] = tomllib.loads(f"v = {raw}")["v"]
+            except tomllib.TOMLDecodeError:
+                values[key] = raw
+    return values
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from fedsafe.transport.deployment_run import DeploymentRunFailed, submit_run
+
     paths = coordinator_paths(Path(args.dir))
-    if not (paths["flwr_home"] / "config.toml").is_file():
-        raise UserError(
-            f"{args.dir} is not a coordinator folder; start one with `fedsafe coordinator start`"
+    overrides = {"scenario": "custom", **parse_run_config(args.run_config or [])}
+    if args.rounds is not None:
+        overrides["num-server-rounds"] = args.rounds
+    if args.min_sites is not None:
+        overrides["min-sites"] = args.min_sites
+
+    def show(record: dict[str, Any]) -> None:
+        sites = record.get("sites", {})
+        eps = [s.get("epsilon") for s in sites.values() if s.get("epsilon") is not None]
+        worst = f", max epsilon {max(eps):.3f}" if eps else ""
+        print(
+            f"round {record.get('round')}: {len(sites)} sites, "
+            f"{record.get('seconds', 0):.1f}s{worst}",
+            flush=True,
         )
-    app = Path(args.app)
-    if not (app / "pyproject.toml").is_file():
-        raise UserError(f"--app {app} has no pyproject.toml (the Flower app to run)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = flwr_run_command(app, args.run_config or [], out)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    log_path = paths["logs"] / f"run-{stamp}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    print("submitting:", shlex.join(cmd), flush=True)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            cmd,
-            env=flower_env(paths["flwr_home"]),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        assert proc.stdout is not None
-        try:
-            for line in proc.stdout:
-                sys.stdout.write(line)
-                log.write(line)
-            rc = proc.wait()
-        except KeyboardInterrupt:
-            os.killpg(proc.pid, 15)
-            proc.wait()
-            raise
-    print(f"run log: {log_path}; run folder under {out.resolve()}")
-    return rc
+
+    try:
+        result = submit_run(
+            paths["flwr_home"], overrides, out_dir=Path(args.out), on_round=show,
+            timeout_s=args.timeout,
+        )  # fmt: skip
+    except DeploymentRunFailed as exc:
+        raise UserError(str(exc).splitlines()[0]) from exc
+    print(f"run folder: {result.run_dir} ({len(result.rounds)} rounds, {result.seconds:.0f}s)")
+    return 0
 
 
 def register(subparsers: Any) -> None:
@@ -206,7 +195,9 @@ def register(subparsers: Any) -> None:
     remove.set_defaults(func=_cmd_remove)
 
     run = with_dir(subparsers.add_parser("run", help="submit a federated run to the coordinator"))
-    run.add_argument("--app", default=".", help="folder of the Flower app (pyproject.toml)")
+    run.add_argument("--rounds", type=int, default=None, help="number of rounds")
+    run.add_argument("--min-sites", type=int, default=None, help="sites every round waits for")
+    run.add_argument("--timeout", type=float, default=3600.0, help="seconds before giving up")
     run.add_argument("--out", default="runs", help="where the ServerApp writes the run folder")
     run.add_argument(
         "--run-config",

@@ -85,11 +85,8 @@ def validate_site_data(data: Path, schema: Path) -> int | None:
         if exc.name not in ("fedsafe.data.schema", "fedsafe.data"):
             raise
         return None
-    table = module.load_site_table(Path(data), Path(schema))
-    try:
-        return len(table)
-    except TypeError:
-        return None
+    _features, labels, _schema = module.load_site_table(Path(data), Path(schema))
+    return len(labels)
 
 
 def site_node_config(args: argparse.Namespace, ledger: Path) -> dict[str, NodeConfigValue]:
