@@ -23,9 +23,26 @@ STRAY = re.compile(
 )
 
 
-def flower_pids() -> set[int]:
+def _flwr_home(pid: int) -> str:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return ""
+    for item in env:
+        if item.startswith(b"FLWR_HOME="):
+            return item[len(b"FLWR_HOME=") :].decode(errors="replace")
+    return ""
+
+
+def flower_pids(root: Path) -> set[int]:
+    """Flower processes started under ``root`` (their FLWR_HOME lies inside it).
+
+    Other engineers run Flower on this machine too; only what this test started counts.
+    """
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return {int(line.split()[0]) for line in out.splitlines()[1:] if STRAY.search(line)}
+    pids = {int(line.split()[0]) for line in out.splitlines()[1:] if STRAY.search(line)}
+    prefix = str(root.resolve())
+    return {pid for pid in pids if _flwr_home(pid).startswith(prefix)}
 
 
 @dataclass
@@ -54,7 +71,6 @@ def make_pki(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     """A TLS SuperLink with site authentication on 127.0.0.1, stopped after the module."""
-    before = flower_pids()
     root = tmp_path_factory.mktemp("federation")
     pki_dir = make_pki(root)
     flwr_home = root / "coordinator" / "flwr-home"
@@ -71,5 +87,5 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         )
         write_connection(flwr_home, Connection(settings.address, pki_dir / "ca.pem"))
         yield Federation(root, pki_dir, root / "sites", flwr_home, link, settings, procs)
-    leftover = flower_pids() - before
+    leftover = flower_pids(root)
     assert not leftover, f"stray Flower processes: {leftover}"

@@ -120,7 +120,6 @@ def test_site_trusting_another_ca_is_refused(federation: Federation, tmp_path: P
 
 
 def test_expired_coordinator_certificate_is_refused(tmp_path: Path) -> None:
-    before = flower_pids()
     pki.init_ca(tmp_path / "pki")
     pki.issue_server_certificate(tmp_path / "pki", ips=["127.0.0.1"], expired=True)
     pki.create_site_key(tmp_path / "sites", "site")
@@ -156,7 +155,7 @@ def test_expired_coordinator_certificate_is_refused(tmp_path: Path) -> None:
         assert "certificate has expired" in log or "CERTIFICATE_VERIFY_FAILED" in log, log
         assert "SuperNode ID:" not in log
         assert "activate-node" not in link.log_text()
-    assert not (flower_pids() - before)
+    assert not flower_pids(tmp_path)
 
 
 @pytest.mark.parametrize("bad", ["no-tls-files"])

@@ -49,7 +49,6 @@ def test_site_start_stops_on_bad_input_before_any_process(
     pki.create_site_key(tmp_path, "h1")
     schema = tmp_path / "schema.yaml"
     schema.write_text("columns: {}\n")
-    before = flower_pids()
     base = [
         "site",
         "start",
@@ -74,11 +73,10 @@ def test_site_start_stops_on_bad_input_before_any_process(
     (tmp_path / "h1.key").chmod(0o600)
     assert main([*base, "--data", str(tmp_path / "d.csv"), "--budget", "1"]) == 2
     assert "--budget" in capsys.readouterr().err
-    assert flower_pids() - before == set()
+    assert flower_pids(tmp_path) == set()
 
 
 def test_coordinator_start_admit_list_remove(tmp_path: Path) -> None:
-    before = flower_pids()
     make_pki(tmp_path)
     pki.create_site_key(tmp_path / "site", "hospital-a")
     port = free_port()
@@ -143,9 +141,9 @@ def test_coordinator_start_admit_list_remove(tmp_path: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     deadline = time.monotonic() + 10
-    while flower_pids() - before and time.monotonic() < deadline:
+    while flower_pids(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not flower_pids() - before
+    assert not flower_pids(tmp_path)
 
 
 def test_coordinator_refuses_certificate_without_the_public_name(tmp_path: Path) -> None:
