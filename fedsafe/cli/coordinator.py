@@ -1,0 +1,208 @@
+"""``fedsafe coordinator start|admit|list|remove`` and ``fedsafe run``: the coordinator side.
+
+The coordinator folder (``--dir``, default ``coordinator/``) holds everything the
+coordinator keeps: ``state.db`` (the SuperLink's persistent state), ``flwr-home/`` (the
+Flower CLI connection and the admitted-site names) and ``logs/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from fedsafe.errors import UserError
+from fedsafe.transport import admission, pki
+from fedsafe.transport.foreground import run_in_foreground
+from fedsafe.transport.processes import (
+    FlowerProcessError,
+    SuperLinkSettings,
+    start_superlink,
+)
+
+DEFAULT_PORT = 9092
+
+
+def coordinator_paths(directory: Path) -> dict[str, Path]:
+    """Return the files and folders inside a coordinator folder."""
+    directory = Path(directory)
+    return {
+        "dir": directory,
+        "database": directory / "state.db",
+        "flwr_home": directory / "flwr-home",
+        "logs": directory / "logs",
+    }
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise UserError(f"address {address!r} must be HOST:PORT, e.g. coordinator.example.org:9092")
+    return host.strip("[]"), int(port)
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    paths = coordinator_paths(Path(args.dir))
+    pki_dir = Path(args.pki)
+    ca, cert, key = (
+        pki_dir / pki.CA_CERT_NAME,
+        pki_dir / pki.SERVER_CERT_NAME,
+        pki_dir / pki.SERVER_KEY_NAME,
+    )
+    public = args.public_address or f"{args.host}:{args.port}"
+    public_host, _ = _split_address(public)
+    pki.verify_issued_by(cert, ca)
+    names = pki.certificate_names(cert)
+    if public_host not in names:
+        raise UserError(
+            f"{cert} names {', '.join(sorted(names))} but sites and the admin CLI will "
+            f"connect to {public_host}; reissue it with `fedsafe pki server --host/--ip` "
+            "or pass --public-address"
+        )
+    settings = SuperLinkSettings(
+        port=args.port,
+        database=paths["database"],
+        ca_cert=ca,
+        server_cert=cert,
+        server_key=key,
+        host=args.host,
+    )
+    admission.write_connection(paths["flwr_home"], admission.Connection(public, ca))
+    log_path = paths["logs"] / "superlink.log"
+    try:
+        proc = start_superlink(settings, flwr_home=paths["flwr_home"], log_path=log_path)
+    except FlowerProcessError as exc:
+        raise UserError(f"the SuperLink did not start: {exc}") from exc
+    print(
+        f"Coordinator running: HTTPS on {args.host}:{args.port} (sites connect to {public}).\n"
+        f"  open port {args.port}/tcp to the sites only; nothing else needs to be reachable\n"
+        f"  state: {paths['database']}   log: {log_path}\n"
+        f"  only admitted sites may join: fedsafe coordinator admit SITE.pub --dir {args.dir}\n"
+        "Stop with Ctrl-C or SIGTERM.",
+        flush=True,
+    )
+    return run_in_foreground(proc, echo_log=args.verbose)
+
+
+def _cmd_admit(args: argparse.Namespace) -> int:
+    site = admission.admit_site(
+        coordinator_paths(Path(args.dir))["flwr_home"], Path(args.public_key), args.name
+    )
+    print(f"admitted site {site.name}: node {site.node_id}, key {site.fingerprint}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    sites = admission.list_sites(coordinator_paths(Path(args.dir))["flwr_home"])
+    print(f"{'NODE':<22} {'SITE':<20} {'STATUS':<14} KEY")
+    for site in sites:
+        print(f"{site.node_id:<22} {site.name:<20} {site.status:<14} {site.fingerprint}")
+    return 0
+
+
+def _cmd_remove(args: argparse.Namespace) -> int:
+    site = admission.remove_site(coordinator_paths(Path(args.dir))["flwr_home"], args.site)
+    print(
+        f"removed site {site.name} (node {site.node_id}): it can no longer join or take part "
+        "in rounds; the key file it holds is now useless here"
+    )
+    return 0
+
+
+def parse_run_config(items: list[str]) -> dict[str, Any]:
+    """Parse ``-c 'k=v k2=v2'`` items (TOML values) into a run-config mapping."""
+    values: dict[str, Any] = {}
+    for item in items:
+        for pair in shlex.split(item):
+            key, sep, raw = pair.partition("=")
+            if not sep or not key:
+                raise UserError(
+                    f"--run-config {pair!r} must be KEY=VALUE, e.g. num-server-rounds=2"
+                )
+            try:
+                values[key] = tomllib.loads(f"v = {raw}")["v"]
+            except tomllib.TOMLDecodeError:
+                values[key] = raw
+    return values
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fedsafe.transport.deployment_run import DeploymentRunFailed, submit_run
+
+    paths = coordinator_paths(Path(args.dir))
+    overrides = {"scenario": "custom", **parse_run_config(args.run_config or [])}
+    if args.rounds is not None:
+        overrides["num-server-rounds"] = args.rounds
+    if args.min_sites is not None:
+        overrides["min-sites"] = args.min_sites
+
+    def show(record: dict[str, Any]) -> None:
+        sites = record.get("sites", {})
+        eps = [s.get("epsilon") for s in sites.values() if s.get("epsilon") is not None]
+        worst = f", max epsilon {max(eps):.3f}" if eps else ""
+        print(
+            f"round {record.get('round')}: {len(sites)} sites, "
+            f"{record.get('seconds', 0):.1f}s{worst}",
+            flush=True,
+        )
+
+    try:
+        result = submit_run(
+            paths["flwr_home"], overrides, out_dir=Path(args.out), on_round=show,
+            timeout_s=args.timeout,
+        )  # fmt: skip
+    except DeploymentRunFailed as exc:
+        raise UserError(str(exc).splitlines()[0]) from exc
+    print(f"run folder: {result.run_dir} ({len(result.rounds)} rounds, {result.seconds:.0f}s)")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``fedsafe coordinator ...`` and ``fedsafe run`` to the top-level subparsers."""
+    parser = subparsers.add_parser(
+        "coordinator", help="run the coordinator (Flower SuperLink) and admit sites"
+    )
+    sub = parser.add_subparsers(dest="coordinator_command", metavar="COMMAND", required=True)
+
+    def with_dir(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--dir", default="coordinator", help="coordinator folder (state, logs)")
+        return p
+
+    start = with_dir(sub.add_parser("start", help="start the SuperLink with TLS and site auth"))
+    start.add_argument("--pki", default="pki", help="folder with ca.pem, server.pem, server.key")
+    start.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    start.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTPS port for sites")
+    start.add_argument(
+        "--public-address",
+        default=None,
+        help="HOST:PORT the sites use (must be in the certificate); default --host:--port",
+    )
+    start.add_argument("--verbose", action="store_true", help="echo the SuperLink log")
+    start.set_defaults(func=_cmd_start)
+
+    admit = with_dir(sub.add_parser("admit", help="admit a site by its public key (SITE.pub)"))
+    admit.add_argument("public_key", help="the site's NAME.pub from `fedsafe pki site NAME`")
+    admit.add_argument("--name", default=None, help="site name (default: key file name)")
+    admit.set_defaults(func=_cmd_admit)
+
+    listing = with_dir(sub.add_parser("list", help="list admitted sites and their status"))
+    listing.set_defaults(func=_cmd_list)
+
+    remove = with_dir(sub.add_parser("remove", help="revoke a site (by name or node id)"))
+    remove.add_argument("site", help="site name or node id")
+    remove.set_defaults(func=_cmd_remove)
+
+    run = with_dir(subparsers.add_parser("run", help="submit a federated run to the coordinator"))
+    run.add_argument("--rounds", type=int, default=None, help="number of rounds")
+    run.add_argument("--min-sites", type=int, default=None, help="sites every round waits for")
+    run.add_argument("--timeout", type=float, default=3600.0, help="seconds before giving up")
+    run.add_argument("--out", default="runs", help="where the ServerApp writes the run folder")
+    run.add_argument(
+        "--run-config",
+        "-c",
+        action="append",
+        help="override run config, e.g. -c 'num-server-rounds=2' (repeatable)",
+    )
+    run.set_defaults(func=_cmd_run)

@@ -1,0 +1,188 @@
+"""``fedsafe site start``: run one site's Flower SuperNode against the coordinator.
+
+The site's data file, schema and privacy ledger are handed to the ClientApp through the
+SuperNode's node config (``data-path``, ``schema-path``, ``ledger-path``, ``site-name``,
+``budget-epsilon``, ``budget-delta``, ``device``); node config stays on the site's machine,
+so the data path and the data never leave it. Only model updates (and the metrics the
+ClientApp reports) travel to the coordinator, over TLS.
+
+The data are validated before the SuperNode starts: a bad file stops the command at once
+with a one-line error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import stat
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedsafe.errors import UserError
+from fedsafe.transport import pki
+from fedsafe.transport.foreground import run_in_foreground
+from fedsafe.transport.processes import (
+    FlowerProcessError,
+    NodeConfigValue,
+    SuperNodeSettings,
+    start_supernode,
+)
+
+DEFAULT_CLIENTAPPIO_PORT = 9094
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def parse_budget(text: str) -> tuple[float, float]:
+    """Parse ``--budget EPS,DELTA`` into two floats (epsilon > 0, 0 < delta < 1)."""
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        epsilon, delta = float(parts[0]), float(parts[1])
+    except ValueError as exc:
+        raise UserError(f"--budget {text!r} must be EPS,DELTA, e.g. --budget 3,1e-5") from exc
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        raise UserError(f"--budget epsilon must be a finite number > 0, got {parts[0]}")
+    if not (0 < delta < 1):
+        raise UserError(f"--budget delta must be in (0, 1), got {parts[1]}")
+    return epsilon, delta
+
+
+def check_site_key(path: Path) -> None:
+    """Check that ``path`` is a private OpenSSH ECDSA key readable only by its owner."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--key {path} does not exist; create it with `fedsafe pki site NAME`")
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        raise UserError(f"--key {path} is readable by others; run `chmod 600 {path}`")
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), None)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise UserError(
+            f"--key {path} is not an OpenSSH private key; use NAME.key from `fedsafe pki site`"
+        ) from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise UserError(f"--key {path} is not an ECDSA key; use NAME.key from `fedsafe pki site`")
+
+
+def validate_site_data(data: Path, schema: Path) -> int | None:
+    """Validate the site table with :func:`fedsafe.data.schema.load_site_table`.
+
+    Returns the number of rows when the validator is installed, else ``None`` after checking
+    only that both files exist.
+    """
+    for flag, path in (("--data", data), ("--schema", schema)):
+        if not Path(path).is_file():
+            raise UserError(f"{flag} {path} does not exist")
+    try:
+        module = importlib.import_module("fedsafe.data.schema")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("fedsafe.data.schema", "fedsafe.data"):
+            raise
+        return None
+    _features, labels, _schema = module.load_site_table(Path(data), Path(schema))
+    return len(labels)
+
+
+def site_node_config(args: argparse.Namespace, ledger: Path) -> dict[str, NodeConfigValue]:
+    """Build the node config the ClientApp reads (absolute paths, all local to the site)."""
+    config: dict[str, NodeConfigValue] = {
+        "site-name": args.name,
+        "data-path": str(Path(args.data).resolve()),
+        "schema-path": str(Path(args.schema).resolve()),
+        "ledger-path": str(ledger.resolve()),
+        "device": args.device,
+    }
+    if args.budget:
+        epsilon, delta = parse_budget(args.budget)
+        config["budget-epsilon"] = epsilon
+        config["budget-delta"] = delta
+    return config
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    key = Path(args.key)
+    args.name = args.name or key.stem
+    if args.device not in DEVICES:
+        raise UserError(f"--device must be one of {', '.join(DEVICES)}")
+    if args.budget:
+        parse_budget(args.budget)
+    check_site_key(key)
+    pki.load_certificate(Path(args.ca))
+    rows = validate_site_data(Path(args.data), Path(args.schema))
+    workdir = Path(args.workdir or f"fedsafe-site-{args.name}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    ledger = Path(args.ledger) if args.ledger else workdir / "ledger.sqlite"
+    settings = SuperNodeSettings(
+        superlink=args.coordinator,
+        clientappio_port=args.clientappio_port,
+        root_certificates=Path(args.ca),
+        private_key=key,
+        node_config=site_node_config(args, ledger),
+        max_retries=args.max_retries,
+        isolation=args.isolation,
+    )
+    log_path = workdir / "logs" / "supernode.log"
+    try:
+        proc = start_supernode(
+            settings,
+            name=args.name,
+            flwr_home=workdir / "flwr-home",
+            log_path=log_path,
+            ready_timeout=args.connect_timeout,
+        )
+    except FlowerProcessError as exc:
+        first = next(
+            (
+                line.strip()
+                for line in str(exc).splitlines()
+                if any(k in line for k in ("activate", "CERTIFICATE", "TLS", "Exit Code"))
+            ),
+            "see the log",
+        )
+        raise UserError(
+            f"site {args.name} could not join {args.coordinator}: {first} (log {log_path}); "
+            "check that the coordinator admitted this key and that --ca is the federation CA"
+        ) from exc
+    print(
+        f"Site {args.name} joined {args.coordinator} over TLS"
+        + (f" with {rows} validated rows" if rows is not None else "")
+        + f".\n  data stays here: {Path(args.data).resolve()}\n  ledger: {ledger.resolve()}\n"
+        f"  outbound only: this site opens no port to the network (ClientApp I/O on "
+        f"127.0.0.1:{args.clientappio_port})\nStop with Ctrl-C or SIGTERM.",
+        flush=True,
+    )
+    return run_in_foreground(proc, echo_log=args.verbose)
+
+
+def register(subparsers: Any) -> None:
+    """Add ``fedsafe site start`` to the top-level subparsers."""
+    parser = subparsers.add_parser("site", help="run a site (Flower SuperNode) on its own data")
+    sub = parser.add_subparsers(dest="site_command", metavar="COMMAND", required=True)
+    start = sub.add_parser("start", help="join the coordinator and train on this site's data")
+    start.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
+    start.add_argument("--ca", required=True, help="the federation CA certificate (ca.pem)")
+    start.add_argument("--key", required=True, help="this site's private key (NAME.key)")
+    start.add_argument("--data", required=True, help="this site's CSV file")
+    start.add_argument("--schema", required=True, help="schema YAML describing the CSV")
+    start.add_argument("--budget", default=None, help="lifetime privacy budget EPS,DELTA")
+    start.add_argument("--device", default="auto", choices=DEVICES)
+    start.add_argument("--name", default=None, help="site name (default: key file name)")
+    start.add_argument("--ledger", default=None, help="privacy ledger file (SQLite)")
+    start.add_argument("--workdir", default=None, help="logs and state (default fedsafe-site-NAME)")
+    start.add_argument(
+        "--clientappio-port",
+        type=int,
+        default=DEFAULT_CLIENTAPPIO_PORT,
+        help="local port for the ClientApp I/O API (unique per site on one host)",
+    )
+    start.add_argument("--isolation", default="subprocess", choices=("subprocess", "process"))
+    start.add_argument("--max-retries", type=int, default=3, help="connection attempts")
+    start.add_argument("--connect-timeout", type=float, default=120.0, help="seconds to join")
+    start.add_argument("--verbose", action="store_true", help="echo the SuperNode log")
+    start.set_defaults(func=_cmd_start)

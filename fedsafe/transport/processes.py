@@ -1,0 +1,491 @@
+"""Start, watch and stop Flower deployment processes (SuperLink, SuperNode) on this host.
+
+Each process runs in its own session (process group) with its output in a log file, so a
+stop always takes the whole tree: the group, plus any descendant that Flower detached into a
+session of its own (the SuperLink starts ``flower-superexec`` with ``start_new_session``).
+:class:`ProcessSet` is a context manager that stops everything it started, on success and on
+failure alike.
+
+Flags follow ``flower-superlink --help`` and ``flower-supernode --help`` of Flower 1.41: one
+HTTPS port per SuperLink for the Fleet, Control and Runtime APIs (``--host``/``--port``),
+TLS with ``--ssl-ca-certfile``/``--ssl-certfile``/``--ssl-keyfile``, signed-key SuperNode
+authentication with ``--enable-supernode-auth``, and a per-SuperNode ClientApp I/O port
+(``--port``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from fedsafe.errors import UserError
+
+LOOPBACK = "127.0.0.1"
+SUPERLINK_READY = "Uvicorn running on"
+SUPERNODE_READY = "SuperNode ID:"
+NodeConfigValue = str | int | float | bool
+
+
+class FlowerProcessError(RuntimeError):
+    """A Flower process exited or did not become ready; the message quotes its log."""
+
+
+def flower_bin(name: str) -> str:
+    """Return the path of a Flower executable installed next to this Python interpreter."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower processes: ``FLWR_HOME`` set, this venv's ``bin`` on ``PATH``.
+
+    The SuperLink and SuperNode start ``flower-superexec`` by name, so the folder of the
+    running interpreter must be on ``PATH`` even when the venv is not activated.
+    """
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(Path(flwr_home).resolve())
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if extra:
+        env.update(extra)
+    return env
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """Return a TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name may contain spaces; fields resume after the last ')'.
+        fields = stat[stat.rfind(")") + 2 :].split()
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    return children
+
+
+def descendants(pid: int) -> list[int]:
+    """Return every live descendant of ``pid`` (Linux ``/proc``; empty elsewhere)."""
+    if not Path("/proc").is_dir():
+        return []
+    tree = _children_map()
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        for child in tree.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _signal_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers signal 0; treat it as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@dataclass
+class FlowerProcess:
+    """A started Flower process, its log file, and how to stop it with all its children.
+
+    Parameters
+    ----------
+    name
+        Short label used in messages, e.g. ``"superlink"`` or ``"supernode hospital-a"``.
+    popen
+        The process, started with ``start_new_session=True`` (its pid is its group id).
+    log_path
+        File receiving its stdout and stderr.
+    """
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        """Process id (also the process group id)."""
+        return self.popen.pid
+
+    def log_text(self) -> str:
+        """Return the log written so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 15) -> str:
+        """Return the last ``lines`` lines of the log."""
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def running(self) -> bool:
+        """Whether the process has not exited yet."""
+        return self.popen.poll() is None
+
+    def wait_for_log(self, marker: str, timeout: float) -> None:
+        """Block until ``marker`` appears in the log.
+
+        Raises
+        ------
+        FlowerProcessError
+            If the process exits first or ``timeout`` seconds pass, quoting the log tail.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if marker in self.log_text():
+                return
+            if not self.running():
+                raise FlowerProcessError(
+                    f"{self.name} exited with code {self.popen.returncode} before it was "
+                    f"ready; log {self.log_path}:\n{self.log_tail()}"
+                )
+            time.sleep(0.1)
+        raise FlowerProcessError(
+            f"{self.name} not ready after {timeout:.0f}s; log {self.log_path}:\n{self.log_tail()}"
+        )
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the process to exit and return its exit code."""
+        return self.popen.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the process group and every descendant: SIGTERM, then SIGKILL after ``timeout``."""
+        tree = [self.pid, *descendants(self.pid)]
+        groups = {self.pid}
+        for pid in tree:
+            try:
+                groups.add(os.getpgid(pid))
+            except ProcessLookupError:
+                pass
+        for pgid in groups:
+            _signal_group(pgid, signal.SIGTERM)
+        for pid in tree:
+            _signal_pid(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.popen.poll()
+            if not any(_alive(pid) for pid in tree):
+                break
+            time.sleep(0.1)
+        tree += [p for p in descendants(self.pid) if p not in tree]
+        for pgid in groups:
+            _signal_group(pgid, signal.SIGKILL)
+        for pid in tree:
+            if _alive(pid):
+                _signal_pid(pid, signal.SIGKILL)
+        try:
+            self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def spawn(
+    name: str,
+    command: Sequence[str],
+    *,
+    log_path: Path,
+    env: Mapping[str, str],
+    cwd: Path | None = None,
+) -> FlowerProcess:
+    """Start ``command`` in a new session with stdout and stderr appended to ``log_path``."""
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        popen = subprocess.Popen(
+            list(command),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env),
+            cwd=str(cwd) if cwd else None,
+            start_new_session=True,
+        )
+    return FlowerProcess(name, popen, log_path)
+
+
+@dataclass(frozen=True, slots=True)
+class SuperLinkSettings:
+    """How to start the coordinator's ``flower-superlink``.
+
+    Parameters
+    ----------
+    port
+        The one HTTPS port for the Fleet, Control and Runtime APIs.
+    database
+        SQLite file for persistent state (admitted sites, runs).
+    ca_cert, server_cert, server_key
+        TLS files from ``fedsafe pki``; all three or none (then ``insecure`` must be set).
+    host
+        Address to bind; ``127.0.0.1`` unless the coordinator must be reachable from sites.
+    supernode_auth
+        Admit only SuperNodes whose public key was registered (needs TLS).
+    insecure
+        Serve plain HTTP (benchmarks and negative tests only).
+    isolation
+        ``subprocess`` (the SuperLink starts the ServerApp) or ``process``.
+    """
+
+    port: int
+    database: Path
+    ca_cert: Path | None = None
+    server_cert: Path | None = None
+    server_key: Path | None = None
+    host: str = LOOPBACK
+    supernode_auth: bool = True
+    insecure: bool = False
+    isolation: str = "subprocess"
+
+    def __post_init__(self) -> None:
+        tls = [self.ca_cert, self.server_cert, self.server_key]
+        if self.insecure:
+            if self.supernode_auth:
+                raise UserError("site authentication needs TLS; drop --insecure")
+        elif any(p is None for p in tls):
+            raise UserError("TLS needs --ca, --cert and --key (from `fedsafe pki`)")
+        for path in tls:
+            if path is not None and not Path(path).is_file():
+                raise UserError(f"TLS file {path} does not exist; create it with `fedsafe pki`")
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the SuperLink."""
+        return f"{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        """Return the ``flower-superlink`` command line."""
+        cmd = [flower_bin("flower-superlink")]
+        if self.insecure:
+            cmd.append("--insecure")
+        else:
+            cmd += [
+                "--ssl-ca-certfile",
+                str(Path(str(self.ca_cert)).resolve()),
+                "--ssl-certfile",
+                str(Path(str(self.server_cert)).resolve()),
+                "--ssl-keyfile",
+                str(Path(str(self.server_key)).resolve()),
+            ]
+        if self.supernode_auth:
+            cmd.append("--enable-supernode-auth")
+        cmd += [
+            "--database",
+            str(Path(self.database).resolve()),
+            "--disable-runtime-dependency-installation",
+            "--isolation",
+            self.isolation,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+        ]
+        return cmd
+
+
+def start_superlink(
+    settings: SuperLinkSettings,
+    *,
+    flwr_home: Path,
+    log_path: Path,
+    ready_timeout: float = 60.0,
+) -> FlowerProcess:
+    """Start a SuperLink and wait until it serves HTTPS (or HTTP when insecure)."""
+    Path(settings.database).parent.mkdir(parents=True, exist_ok=True)
+    proc = spawn("superlink", settings.command(), log_path=log_path, env=flower_env(flwr_home))
+    try:
+        proc.wait_for_log(SUPERLINK_READY, ready_timeout)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
+def format_node_config_toml(values: Mapping[str, NodeConfigValue]) -> str:
+    """Render node config as a flat TOML document (``flower-supernode --node-config F.toml``).
+
+    A TOML file avoids the quoting rules of the inline ``k="v"`` form, so paths with spaces
+    or quotes pass unchanged.
+    """
+    lines = []
+    for key, value in values.items():
+        if not key or not all(c.isalnum() or c in "-_" for c in key):
+            raise ValueError(f"node-config key {key!r} must use only letters, digits, - and _")
+        if isinstance(value, bool):
+            rendered = "true" if value else "false"
+        elif isinstance(value, int | float):
+            rendered = repr(value)
+        else:
+            # JSON string escapes are a subset of TOML basic-string escapes.
+            rendered = json.dumps(str(value))
+        lines.append(f"{key} = {rendered}")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True, slots=True)
+class SuperNodeSettings:
+    """How to start one site's ``flower-supernode``.
+
+    Parameters
+    ----------
+    superlink
+        ``HOST:PORT`` of the coordinator.
+    clientappio_port
+        Port of this SuperNode's local ClientApp I/O API (unique per SuperNode on a host).
+    root_certificates
+        The federation CA (``ca.pem``) the coordinator's certificate must chain to.
+    private_key
+        The site's OpenSSH P-384 authentication key.
+    node_config
+        Settings passed to the ClientApp through ``context.node_config``.
+    insecure
+        Connect over plain HTTP (negative tests and benchmarks only).
+    max_retries, max_wait_time
+        Give up connecting after this many tries or seconds (``None``: retry forever).
+    isolation
+        ``subprocess`` (a fresh ClientApp process per message) or ``process``.
+    """
+
+    superlink: str
+    clientappio_port: int
+    root_certificates: Path | None = None
+    private_key: Path | None = None
+    node_config: Mapping[str, NodeConfigValue] = field(default_factory=dict)
+    insecure: bool = False
+    max_retries: int | None = None
+    max_wait_time: float | None = None
+    isolation: str = "subprocess"
+
+    def command(self, node_config_file: Path | None) -> list[str]:
+        """Return the ``flower-supernode`` command line."""
+        cmd = [flower_bin("flower-supernode"), "--superlink", self.superlink]
+        if self.insecure:
+            cmd.append("--insecure")
+        if self.root_certificates is not None:
+            cmd += ["--root-certificates", str(Path(self.root_certificates).resolve())]
+        if self.private_key is not None:
+            cmd += ["--auth-supernode-private-key", str(Path(self.private_key).resolve())]
+        if node_config_file is not None:
+            cmd += ["--node-config", str(Path(node_config_file).resolve())]
+        if self.max_retries is not None:
+            cmd += ["--max-retries", str(self.max_retries)]
+        if self.max_wait_time is not None:
+            cmd += ["--max-wait-time", str(self.max_wait_time)]
+        cmd += [
+            "--isolation",
+            self.isolation,
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(self.clientappio_port),
+        ]
+        return cmd
+
+
+def start_supernode(
+    settings: SuperNodeSettings,
+    *,
+    name: str,
+    flwr_home: Path,
+    log_path: Path,
+    wait_ready: bool = True,
+    ready_timeout: float = 60.0,
+) -> FlowerProcess:
+    """Start a SuperNode; with ``wait_ready``, wait until the SuperLink activated it.
+
+    The node config is written next to the log as ``<log stem>.node-config.toml``.
+    """
+    config_file: Path | None = None
+    if settings.node_config:
+        config_file = Path(log_path).with_suffix(".node-config.toml")
+        config_file.parent.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(format_node_config_toml(settings.node_config))
+    proc = spawn(
+        f"supernode {name}",
+        settings.command(config_file),
+        log_path=log_path,
+        env=flower_env(flwr_home),
+    )
+    if wait_ready:
+        try:
+            proc.wait_for_log(SUPERNODE_READY, ready_timeout)
+        except BaseException:
+            proc.stop()
+            raise
+    return proc
+
+
+class ProcessSet:
+    """Processes started together and always stopped together (a context manager).
+
+    Examples
+    --------
+    >>> with ProcessSet() as procs:  # doctest: +SKIP
+    ...     link = procs.add(start_superlink(settings, flwr_home=home, log_path=log))
+    """
+
+    def __init__(self) -> None:
+        self._procs: list[FlowerProcess] = []
+
+    def add(self, proc: FlowerProcess) -> FlowerProcess:
+        """Track ``proc`` so that it is stopped when the set closes."""
+        self._procs.append(proc)
+        return proc
+
+    def __iter__(self) -> Iterator[FlowerProcess]:
+        return iter(list(self._procs))
+
+    def stop_all(self) -> None:
+        """Stop SuperNodes first, then the SuperLink (reverse start order)."""
+        while self._procs:
+            self._procs.pop().stop()
+
+    def __enter__(self) -> ProcessSet:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop_all()

@@ -1,0 +1,42 @@
+"""Three partner sites cut from the UCI heart-disease CSV, each with its own file and schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+SOURCE = Path("/work/shared/data/heart_disease_uci.csv")
+FALLBACK = (
+    Path(__file__).resolve().parents[2] / "fedsafe" / "data" / "files" / "heart_disease_uci.csv"
+)
+HOSPITALS = {"cleveland": "Cleveland", "hungary": "Hungary", "va-long-beach": "VA Long Beach"}
+
+SCHEMA = """\
+label: {column: target, positive: 1}
+drop: [id]
+features:
+  age: numeric
+  trestbps: numeric
+  chol: numeric
+  thalch: numeric
+  oldpeak: numeric
+  sex: {type: categorical, categories: [Female, Male]}
+  cp: {type: categorical, categories: [typical angina, atypical angina, non-anginal, asymptomatic]}
+"""
+
+
+def write_sites(root: Path) -> dict[str, tuple[Path, Path]]:
+    """Write ``<site>/data.csv`` and ``<site>/schema.yaml``; return them by site name."""
+    frame = pd.read_csv(SOURCE if SOURCE.exists() else FALLBACK)
+    frame["target"] = (frame["num"] > 0).astype(int)
+    cols = ["id", "age", "trestbps", "chol", "thalch", "oldpeak", "sex", "cp", "target"]
+    out: dict[str, tuple[Path, Path]] = {}
+    for site, dataset in HOSPITALS.items():
+        part = frame.loc[frame["dataset"] == dataset, cols].dropna()
+        folder = root / site
+        folder.mkdir(parents=True, exist_ok=True)
+        part.to_csv(folder / "data.csv", index=False)
+        (folder / "schema.yaml").write_text(SCHEMA)
+        out[site] = (folder / "data.csv", folder / "schema.yaml")
+    return out

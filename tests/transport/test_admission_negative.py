@@ -1,0 +1,166 @@
+"""Real SuperLink/SuperNode processes on 127.0.0.1: who may connect and who is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedsafe.transport import pki
+from fedsafe.transport.admission import admit_site, list_sites, remove_site
+from fedsafe.transport.processes import (
+    ProcessSet,
+    SuperLinkSettings,
+    SuperNodeSettings,
+    free_port,
+    start_superlink,
+    start_supernode,
+)
+
+from .conftest import Federation, flower_pids
+
+
+def _refused(fed: Federation, name: str, **kwargs: object) -> str:
+    """Start a SuperNode that must give up; return its log."""
+    settings = SuperNodeSettings(
+        superlink=fed.settings.address,
+        clientappio_port=free_port(),
+        max_retries=1,
+        max_wait_time=8,
+        node_config={"site-name": name},
+        **kwargs,  # type: ignore[arg-type]
+    )
+    node = fed.procs.add(
+        start_supernode(
+            settings,
+            name=name,
+            flwr_home=fed.root / name / "flwr-home",
+            log_path=fed.root / "logs" / f"{name}.log",
+            wait_ready=False,
+        )
+    )
+    try:
+        rc = node.wait(timeout=60)
+    finally:
+        node.stop()
+    log = node.log_text()
+    assert rc != 0, log
+    assert "SuperNode ID:" not in log
+    return log
+
+
+def _online(fed: Federation) -> list[int]:
+    return [s.node_id for s in list_sites(fed.flwr_home) if s.status == "online"]
+
+
+def test_admitted_site_activates_then_removed_site_is_refused(federation: Federation) -> None:
+    key = federation.site_key("hospital-a")
+    site = admit_site(federation.flwr_home, key.with_suffix(".pub"))
+    assert site.name == "hospital-a"
+    settings = SuperNodeSettings(
+        superlink=federation.settings.address,
+        clientappio_port=free_port(),
+        root_certificates=federation.pki_dir / "ca.pem",
+        private_key=key,
+    )
+    node = start_supernode(
+        settings,
+        name="hospital-a",
+        flwr_home=federation.root / "hospital-a" / "flwr-home",
+        log_path=federation.root / "logs" / "hospital-a.log",
+    )
+    try:
+        assert f"SuperNode ID: {site.node_id}" in node.log_text()
+        assert site.node_id in _online(federation)
+    finally:
+        node.stop()
+    removed = remove_site(federation.flwr_home, "hospital-a")
+    assert removed.node_id == site.node_id
+    statuses = {s.node_id: s.status for s in list_sites(federation.flwr_home)}
+    assert statuses[site.node_id] == "unregistered"
+    log = _refused(
+        federation,
+        "hospital-a-again",
+        root_certificates=federation.pki_dir / "ca.pem",
+        private_key=key,
+    )
+    assert "Failed to activate SuperNode" in log
+    assert site.node_id not in _online(federation)
+
+
+def test_never_admitted_key_is_refused(federation: Federation) -> None:
+    key = federation.site_key("intruder")
+    log = _refused(
+        federation, "intruder", root_certificates=federation.pki_dir / "ca.pem", private_key=key
+    )
+    assert "Failed to activate SuperNode" in log
+    assert "No SuperNode found with the given public key" in federation.superlink.log_text()
+    assert not _online(federation)
+
+
+def test_site_without_tls_is_refused(federation: Federation) -> None:
+    log = _refused(federation, "plaintext", insecure=True)
+    assert "Exit Code: 305" in log
+    # With its key it is refused before connecting: authentication requires TLS.
+    key = federation.site_key("plaintext-auth")
+    admit_site(federation.flwr_home, key.with_suffix(".pub"))
+    log = _refused(federation, "plaintext-auth", insecure=True, private_key=key)
+    assert "Exit Code: 303" in log
+    assert not _online(federation)
+
+
+def test_site_trusting_another_ca_is_refused(federation: Federation, tmp_path: Path) -> None:
+    other = tmp_path / "other-ca"
+    pki.init_ca(other)
+    key = federation.site_key("wrong-ca")
+    admit_site(federation.flwr_home, key.with_suffix(".pub"))
+    log = _refused(federation, "wrong-ca", root_certificates=other / "ca.pem", private_key=key)
+    assert "CERTIFICATE_VERIFY_FAILED" in log
+    assert not _online(federation)
+
+
+def test_expired_coordinator_certificate_is_refused(tmp_path: Path) -> None:
+    pki.init_ca(tmp_path / "pki")
+    pki.issue_server_certificate(tmp_path / "pki", ips=["127.0.0.1"], expired=True)
+    pki.create_site_key(tmp_path / "sites", "site")
+    settings = SuperLinkSettings(
+        port=free_port(),
+        database=tmp_path / "state.db",
+        ca_cert=tmp_path / "pki" / "ca.pem",
+        server_cert=tmp_path / "pki" / "server.pem",
+        server_key=tmp_path / "pki" / "server.key",
+    )
+    with ProcessSet() as procs:
+        link = procs.add(
+            start_superlink(settings, flwr_home=tmp_path / "home", log_path=tmp_path / "sl.log")
+        )
+        node = procs.add(
+            start_supernode(
+                SuperNodeSettings(
+                    superlink=settings.address,
+                    clientappio_port=free_port(),
+                    root_certificates=tmp_path / "pki" / "ca.pem",
+                    private_key=tmp_path / "sites" / "site.key",
+                    max_retries=1,
+                    max_wait_time=8,
+                ),
+                name="site",
+                flwr_home=tmp_path / "site-home",
+                log_path=tmp_path / "sn.log",
+                wait_ready=False,
+            )
+        )
+        assert node.wait(timeout=60) != 0
+        log = node.log_text()
+        assert "certificate has expired" in log or "CERTIFICATE_VERIFY_FAILED" in log, log
+        assert "SuperNode ID:" not in log
+        assert "activate-node" not in link.log_text()
+    assert not flower_pids(tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["no-tls-files"])
+def test_superlink_settings_validate(tmp_path: Path, bad: str) -> None:
+    from fedsafe.errors import UserError
+
+    with pytest.raises(UserError, match="TLS"):
+        SuperLinkSettings(port=1, database=tmp_path / "db")
