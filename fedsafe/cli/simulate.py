@@ -62,7 +62,12 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=DEFAULT_RUN_CONFIG["seed"])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", default="runs", help="folder for runs/<timestamp>/")
-    p.add_argument("--ledger-dir", default="", help="keep site ledgers here across runs")
+    p.add_argument(
+        "--ledger-dir",
+        default=None,
+        help="site privacy ledgers, kept across runs (default: <out>/ledgers); epsilon "
+        "composes every run recorded there on the same data",
+    )
     p.add_argument("--compression", default="none", help="e.g. int8, topk:0.01+int8")
     p.add_argument("--reproducible-noise", action="store_true",
                    help="seed sampling and noise from --seed (research only: voids the guarantee "
@@ -116,7 +121,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "device": args.device,
         "seed": args.seed,
         "out-dir": args.out,
-        "ledger-dir": args.ledger_dir,
+        "ledger-dir": args.ledger_dir if args.ledger_dir is not None else f"{args.out}/ledgers",
         "compression": args.compression,
         "lending-sites": args.sites,
         "reproducible-noise": args.reproducible_noise,

@@ -11,6 +11,7 @@ the coordinator can build the model and check that all sites share one schema.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 
 import torch
@@ -25,12 +26,19 @@ from fedsafe.client.dp_training import (
     resolve_device,
     train_round,
 )
+from fedsafe.client.privacy_state import NoiseChoice, SiteAccount, choose_noise
 from fedsafe.client.site import SiteSetup, resolve_site, stable_site_number
 from fedsafe.config import RunConfig
+from fedsafe.errors import BudgetExhaustedError
 from fedsafe.models import build_model
-from fedsafe.privacy.accounting import epsilon
+from fedsafe.privacy.budget import PrivacyBudget
+from fedsafe.privacy.events import PoissonGaussianEvent
+from fedsafe.privacy.ledger import SitePrivacyLedger
+from fedsafe.privacy.releases import check_reply_keys
 
 app = ClientApp()
+# A child of Flower's logger, so messages appear in the SuperNode's logs.
+log = logging.getLogger("flwr.fedsafe.client")
 
 
 def _model_for(site: SiteSetup, cfg: RunConfig, content: RecordDict) -> torch.nn.Module:
@@ -40,7 +48,7 @@ def _model_for(site: SiteSetup, cfg: RunConfig, content: RecordDict) -> torch.nn
 
 
 def _site_record(site: SiteSetup) -> ConfigRecord:
-    return ConfigRecord({"name": site.name})
+    return ConfigRecord({"site-name": site.name})
 
 
 def _round_seed(cfg: RunConfig, site: SiteSetup, server_round: int) -> int:
@@ -62,16 +70,36 @@ def query(msg: Message, context: Context) -> Message:
                 {"num-features": site.data.num_features, "num-examples": len(site.data.x_train)}
             ),
             "site": ConfigRecord(
-                {"name": site.name, "features": json.dumps(list(site.data.feature_names))}
+                {"site-name": site.name, "feature-names": json.dumps(list(site.data.feature_names))}
             ),
         }
+    )
+    return _reply(msg, content)
+
+
+def _budget(site: SiteSetup) -> PrivacyBudget | None:
+    if site.budget_epsilon <= 0:
+        return None
+    return PrivacyBudget(site.budget_epsilon, site.budget_delta or 1e-5)
+
+
+def _reply(msg: Message, content: RecordDict) -> Message:
+    """Refuse to send anything the privacy report does not declare, then reply."""
+    check_reply_keys(
+        [k for rec in content.metric_records.values() for k in rec],
+        ["update"] if content.array_records else [],
+        [k for rec in content.config_records.values() for k in rec],
     )
     return Message(content, reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train one round with DP-SGD and reply with the privatized model and cumulative epsilon."""
+    """Train one round with DP-SGD and reply with the privatized model and cumulative epsilon.
+
+    Order matters: the budget is checked before training, and the release is committed to the
+    site's ledger before the reply is built, so a crash can only over-report spending.
+    """
     cfg = RunConfig.from_mapping(context.run_config)
     site = resolve_site(context, cfg)
     config = msg.content.config_records["config"]
@@ -79,25 +107,37 @@ def train(msg: Message, context: Context) -> Message:
     model = _model_for(site, cfg, msg.content)
     device = resolve_device(site.device)
     n = len(site.data.x_train)
-    events = privacy_state.run_events(context)
-    sigma = 0.0
+    metrics: dict[str, int | float | list[int] | list[float]] = {"num-examples": n}
+    account = None
+    sigma = 1.0
     if cfg.dp:
-        sigma = privacy_state.stored_noise(context) or privacy_state.choose_noise(
-            given=cfg.noise_multiplier,
-            target_epsilon=cfg.target_epsilon,
-            delta=cfg.target_delta,
-            sample_rate=poisson_sample_rate(n, cfg.batch_size),
-            steps_per_round=cfg.local_steps,
-            rounds=cfg.num_server_rounds,
-            accountant=cfg.accountant,
-        )
+        ledger = SitePrivacyLedger.open(site.ledger_path) if site.ledger_path else None
+        account = SiteAccount(
+            ledger, site.fingerprint, _budget(site), cfg.target_delta, cfg.accountant,
+            privacy_state.run_events(context),
+        )  # fmt: skip
+        q = poisson_sample_rate(n, cfg.batch_size)
+        try:
+            sigma = privacy_state.stored_noise(context) or choose_noise(
+                NoiseChoice(
+                    cfg.noise_multiplier, cfg.target_epsilon, account.delta, q,
+                    cfg.local_steps, cfg.num_server_rounds, cfg.accountant,
+                ),
+                account.budget,
+                account.prior_to_run(),
+            )  # fmt: skip
+            refusal = account.refusal(PoissonGaussianEvent(q, sigma, cfg.local_steps))
+        except BudgetExhaustedError as exc:
+            refusal = str(exc)
+        if refusal is not None:
+            return _exhausted_reply(msg, site, account, refusal)
     mu = float(config.get("proximal-mu", 0.0))  # type: ignore[arg-type]
     plan = TrainPlan(
         local_steps=cfg.local_steps,
         batch_size=cfg.batch_size,
         lr=cfg.client_lr,
         dp=cfg.dp,
-        noise_multiplier=sigma if cfg.dp else 1.0,
+        noise_multiplier=sigma,
         max_grad_norm=cfg.max_grad_norm,
         proximal_mu=mu,
     )
@@ -109,14 +149,17 @@ def train(msg: Message, context: Context) -> Message:
         device,
         _round_seed(cfg, site, server_round),
     )
-    metrics: dict[str, int | float | list[int] | list[float]] = {"num-examples": n}
-    if event is not None:
-        events = [*events, event]
-        privacy_state.store(context, events, sigma)
+    if event is not None and account is not None:
+        try:
+            spent = account.commit(event, str(context.run_id), server_round, cfg.max_grad_norm)
+        except BudgetExhaustedError as exc:  # another run spent the rest meanwhile
+            return _exhausted_reply(msg, site, account, str(exc))
+        privacy_state.store(context, [*account.run_events, event], sigma)
         metrics.update(
             {
-                "epsilon": epsilon(events, cfg.target_delta, cfg.accountant),
-                "delta": cfg.target_delta,
+                "epsilon": spent.lifetime,
+                "run-epsilon": spent.run,
+                "delta": account.delta,
                 "steps": event.steps,
                 "sample-rate": event.sample_rate,
                 "noise-multiplier": event.noise_multiplier,
@@ -131,7 +174,16 @@ def train(msg: Message, context: Context) -> Message:
             "site": _site_record(site),
         }
     )
-    return Message(content, reply_to=msg)
+    return _reply(msg, content)
+
+
+def _exhausted_reply(msg: Message, site: SiteSetup, account: SiteAccount, reason: str) -> Message:
+    """The typed "budget exhausted" reply: no model, only the spending and the reason."""
+    log.warning("site %s does not train: %s", site.name, reason)
+    metrics = MetricRecord(
+        {"budget-exhausted": 1, "epsilon": account.spent_now(), "delta": account.delta}
+    )
+    return _reply(msg, RecordDict({"metrics": metrics, "site": _site_record(site)}))
 
 
 @app.evaluate()
@@ -150,4 +202,4 @@ def evaluate(msg: Message, context: Context) -> Message:
         metrics["eval-roc-auc"] = result.roc_auc
         metrics["eval-pr-auc"] = result.pr_auc
     content = RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(site)})
-    return Message(content, reply_to=msg)
+    return _reply(msg, content)

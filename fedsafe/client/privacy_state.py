@@ -1,20 +1,28 @@
-"""A site's privacy spending during a run, and the noise it trains with.
+"""A site's privacy spending: this run's events, its lifetime ledger, and the noise it uses.
 
 The run's events live in the ClientApp's context state, which Flower keeps across the rounds of
 a run, so epsilon is cumulative over the run and never reset per round (Flower's own Opacus
-example reports one round's epsilon each round). The noise multiplier is fixed once, in the
-first round: given, or calibrated so the whole planned run (rounds x local steps) spends at most
-the target epsilon.
+example reports one round's epsilon each round). With a ledger (``ledger-path`` in the node
+config, or the run's ``ledger-dir``), every release is committed to the site's hash-chained
+ledger before the update leaves, and the reported epsilon composes every run on the same data.
+
+The noise multiplier is fixed once, in the first round of a run: given; or, with a lifetime
+budget, planned so the remaining budget lasts exactly the planned rounds; or calibrated so the
+planned run (rounds x local steps) spends at most the run's target epsilon.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Context
 
+from fedsafe.privacy.accounting import epsilon
+from fedsafe.privacy.budget import PrivacyBudget, check_round, plan_noise, record_round
 from fedsafe.privacy.calibration import calibrate_noise_multiplier
 from fedsafe.privacy.events import PoissonGaussianEvent
+from fedsafe.privacy.ledger import SitePrivacyLedger
 
 STATE_KEY = "fedsafe-privacy"
 
@@ -43,29 +51,131 @@ def store(context: Context, events: list[PoissonGaussianEvent], noise_multiplier
     )
 
 
-def choose_noise(
-    *,
-    given: float,
-    target_epsilon: float,
-    delta: float,
-    sample_rate: float,
-    steps_per_round: int,
-    rounds: int,
-    accountant: str,
-    prior: list[PoissonGaussianEvent] | None = None,
-) -> float:
-    """The given noise multiplier, or one calibrated for the whole planned run.
+@dataclass(frozen=True, slots=True)
+class NoiseChoice:
+    """The inputs of a site's noise decision for one run."""
 
-    With ``prior`` events (spent in earlier runs on the same data), the calibration makes the
-    total, prior included, stay within ``target_epsilon``.
+    given: float
+    target_epsilon: float
+    delta: float
+    sample_rate: float
+    steps_per_round: int
+    rounds: int
+    accountant: str
+
+
+def choose_noise(
+    choice: NoiseChoice, budget: PrivacyBudget | None, prior: list[PoissonGaussianEvent]
+) -> float:
+    """The given noise; else one planned against the lifetime budget; else for the run target.
+
+    Raises
+    ------
+    BudgetExhaustedError
+        If a budget is set and ``prior`` already reaches it.
     """
-    if given > 0:
-        return given
+    if choice.given > 0:
+        return choice.given
+    if budget is not None:
+        plan = plan_noise(
+            budget,
+            prior,
+            choice.sample_rate,
+            choice.steps_per_round,
+            choice.rounds,
+            choice.accountant,
+        )
+        return plan.noise_multiplier
     return calibrate_noise_multiplier(
-        target_epsilon,
-        delta,
-        sample_rate,
-        steps_per_round * rounds,
-        prior=prior or (),
-        accountant=accountant,
+        choice.target_epsilon,
+        choice.delta,
+        choice.sample_rate,
+        choice.steps_per_round * choice.rounds,
+        accountant=choice.accountant,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Spending:
+    """A site's epsilon after a release: over its lifetime (all runs) and over this run."""
+
+    lifetime: float
+    run: float
+
+
+class SiteAccount:
+    """The site's view of its spending for one round: check before, commit after.
+
+    Parameters
+    ----------
+    ledger
+        The site's ledger, or None (then only this run's events are known).
+    fingerprint
+        The data set's fingerprint.
+    budget
+        The lifetime budget, or None.
+    delta, accountant
+        How epsilon is reported.
+    run_events
+        This run's earlier events (from the context state).
+    """
+
+    def __init__(
+        self,
+        ledger: SitePrivacyLedger | None,
+        fingerprint: str,
+        budget: PrivacyBudget | None,
+        delta: float,
+        accountant: str,
+        run_events: list[PoissonGaussianEvent],
+    ) -> None:
+        self.ledger = ledger
+        self.fingerprint = fingerprint
+        self.budget = budget
+        self.delta = budget.delta if budget is not None else delta
+        self.accountant = accountant
+        self.run_events = run_events
+
+    def lifetime_events(self) -> list[PoissonGaussianEvent]:
+        """Every event spent on this data set (ledger), or this run's without a ledger."""
+        if self.ledger is None:
+            return list(self.run_events)
+        return self.ledger.events(self.fingerprint)
+
+    def prior_to_run(self) -> list[PoissonGaussianEvent]:
+        """Events spent before this run began (earlier runs on the same data)."""
+        events = self.lifetime_events()
+        return events[: max(0, len(events) - len(self.run_events))]
+
+    def refusal(self, planned: PoissonGaussianEvent) -> str | None:
+        """None if the planned round fits the budget, else the reason it does not."""
+        if self.budget is None or self.ledger is None:
+            return None
+        decision = check_round(self.ledger, self.fingerprint, self.budget, planned, self.accountant)
+        return None if decision.allowed else decision.reason
+
+    def spent_now(self) -> float:
+        """Epsilon spent so far on this data set."""
+        return epsilon(self.lifetime_events(), self.delta, self.accountant)
+
+    def commit(
+        self, event: PoissonGaussianEvent, run_id: str, server_round: int, clip_norm: float
+    ) -> Spending:
+        """Commit the release (ledger first, durably), then return the epsilon to report."""
+        run = [*self.run_events, event]
+        if self.ledger is not None:
+            if self.budget is not None:
+                entry = record_round(
+                    self.ledger, self.fingerprint, self.budget, event,
+                    run_id=run_id, round=server_round, clip_norm=clip_norm,
+                    accountant=self.accountant,
+                )  # fmt: skip
+            else:
+                entry = self.ledger.record(
+                    run_id, server_round, event, clip_norm, self.delta, self.fingerprint,
+                    self.accountant,
+                )  # fmt: skip
+            lifetime = entry.epsilon_after
+        else:
+            lifetime = epsilon(run, self.delta, self.accountant)
+        return Spending(lifetime, epsilon(run, self.delta, self.accountant))

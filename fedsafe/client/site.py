@@ -16,6 +16,7 @@ from flwr.app import Context
 
 from fedsafe.config import RunConfig
 from fedsafe.data.site_data import SiteData
+from fedsafe.privacy.ledger import ledger_path_for
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +79,7 @@ def resolve_site(context: Context, cfg: RunConfig) -> SiteSetup:
         fingerprint = _scenario_fingerprint(cfg.scenario, data.name)
     ledger = str(nc.get("ledger-path", ""))
     if not ledger and cfg.ledger_dir:
-        safe = "".join(c if c.isalnum() else "_" for c in data.name)
-        ledger = str(Path(cfg.ledger_dir) / f"{safe}.sqlite")
+        ledger = str(ledger_path_for(cfg.ledger_dir, data.name))
     return SiteSetup(
         data=data,
         model=model,

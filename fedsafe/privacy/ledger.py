@@ -463,3 +463,9 @@ class SitePrivacyLedger:
                 conn.execute("ROLLBACK")
             raise
         return entry
+
+
+def ledger_path_for(ledger_dir: str | Path, site_name: str) -> Path:
+    """The ledger file of a site inside a folder of ledgers (one file per site)."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in site_name)
+    return Path(ledger_dir) / f"{safe}.sqlite"

@@ -16,7 +16,7 @@ from typing import Literal
 
 from fedsafe.errors import UserError
 
-ReleaseForm = Literal["array", "metric"]
+ReleaseForm = Literal["array", "metric", "config"]
 
 _SIZE = (
     "Not covered: exact training-set size N, or a value computed from it (sample rate = "
@@ -55,8 +55,8 @@ class ReleaseKind:
     def __post_init__(self) -> None:
         if not self.name or not self.description or not self.why:
             raise ValueError("a release kind needs a name, a description and a reason")
-        if self.form not in ("array", "metric"):
-            raise ValueError(f"form must be 'array' or 'metric', got {self.form!r}")
+        if self.form not in ("array", "metric", "config"):
+            raise ValueError(f"form must be 'array', 'metric' or 'config', got {self.form!r}")
 
 
 RELEASES: tuple[ReleaseKind, ...] = (
@@ -119,6 +119,41 @@ RELEASES: tuple[ReleaseKind, ...] = (
         "Covered: fixed by the run configuration; it does not depend on any record.",
     ),
     ReleaseKind(
+        "run-epsilon",
+        "metric",
+        "Epsilon spent on the site's data set by this run alone (its rounds so far).",
+        False,
+        _SIZE + " (Like epsilon, a function of the sample rate, noise and steps.)",
+    ),
+    ReleaseKind(
+        "max-grad-norm",
+        "metric",
+        "Per-record gradient clipping norm.",
+        True,
+        "Covered: a parameter of the run; it does not depend on any record.",
+    ),
+    ReleaseKind(
+        "num-features",
+        "metric",
+        "Number of encoded input features (from the site's schema), asked once per run.",
+        True,
+        "Covered: fixed by the schema the sites agreed on; it does not depend on any record.",
+    ),
+    ReleaseKind(
+        "site-name",
+        "config",
+        "The name the site chose for itself (node config or scenario).",
+        True,
+        "Covered: chosen by the site's operator; it does not depend on any record.",
+    ),
+    ReleaseKind(
+        "feature-names",
+        "config",
+        "Names of the encoded input features (from the schema), asked once per run.",
+        True,
+        "Covered: fixed by the schema the sites agreed on; it does not depend on any record.",
+    ),
+    ReleaseKind(
         "budget-exhausted",
         "metric",
         "1 if the site refused to train because its lifetime budget would be exceeded.",
@@ -161,13 +196,18 @@ RELEASES: tuple[ReleaseKind, ...] = (
 RELEASES_BY_NAME: dict[str, ReleaseKind] = {r.name: r for r in RELEASES}
 DECLARED_METRIC_KEYS: frozenset[str] = frozenset(r.name for r in RELEASES if r.form == "metric")
 DECLARED_ARRAY_KEYS: frozenset[str] = frozenset(r.name for r in RELEASES if r.form == "array")
+DECLARED_CONFIG_KEYS: frozenset[str] = frozenset(r.name for r in RELEASES if r.form == "config")
 
 
 class UndeclaredReleaseError(UserError):
     """A reply would carry a value that is not in :data:`RELEASES`."""
 
 
-def check_reply_keys(metric_names: Iterable[str], array_names: Iterable[str] = ()) -> None:
+def check_reply_keys(
+    metric_names: Iterable[str],
+    array_names: Iterable[str] = (),
+    config_names: Iterable[str] = (),
+) -> None:
     """Refuse a reply that would carry an undeclared metric or array.
 
     Parameters
@@ -185,12 +225,15 @@ def check_reply_keys(metric_names: Iterable[str], array_names: Iterable[str] = (
     """
     bad_metrics = sorted(set(metric_names) - DECLARED_METRIC_KEYS)
     bad_arrays = sorted(set(array_names) - DECLARED_ARRAY_KEYS)
-    if bad_metrics or bad_arrays:
+    bad_configs = sorted(set(config_names) - DECLARED_CONFIG_KEYS)
+    if bad_metrics or bad_arrays or bad_configs:
         parts = []
         if bad_metrics:
             parts.append(f"metrics {', '.join(bad_metrics)}")
         if bad_arrays:
             parts.append(f"arrays {', '.join(bad_arrays)}")
+        if bad_configs:
+            parts.append(f"values {', '.join(bad_configs)}")
         raise UndeclaredReleaseError(
             f"reply would release undeclared {' and '.join(parts)}; declare each in "
             "RELEASES (fedsafe/privacy/releases.py) with whether DP covers it, or drop it"

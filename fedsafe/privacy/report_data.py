@@ -35,6 +35,7 @@ class RoundRow:
     epsilon_max: float | None
     remaining: float | None
     run_id: str = ""
+    epsilon_run: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +160,25 @@ def _lifetime(entries: tuple[LedgerEntry, ...], delta: float | None, run_id: str
     return worst
 
 
+def _run_ledgers(
+    config: Mapping[str, Any], rounds: list[dict[str, Any]]
+) -> dict[str, tuple[LedgerEntry, ...]]:
+    """The sites' ledgers in the run's ``ledger-dir`` (simulations keep them across runs)."""
+    from fedsafe.privacy.ledger import ledger_path_for
+
+    ledger_dir = config.get("ledger-dir")
+    if not ledger_dir:
+        return {}
+    names = {site for record in rounds for site in (record.get("sites") or {})}
+    found: dict[str, tuple[LedgerEntry, ...]] = {}
+    for name in sorted(names):
+        path = ledger_path_for(ledger_dir, name)
+        if path.exists():
+            with SitePrivacyLedger.open(path, create=False) as ledger:
+                found[name] = tuple(ledger.entries())
+    return found
+
+
 def load_run_folder(folder: Path) -> ReportData:
     """Read a run folder (see the module docstring)."""
     config_path = folder / "config.json"
@@ -179,6 +199,7 @@ def load_run_folder(folder: Path) -> ReportData:
     for path in ledger_files:
         with SitePrivacyLedger.open(path, create=False) as ledger:
             ledgers[path.stem] = tuple(ledger.entries())
+    ledgers.update(_run_ledgers(config, rounds))
     budgets = _budgets(folder, config)
     default = _default_budget(config)
     run_id = config.get("run-id")
@@ -195,6 +216,7 @@ def load_run_folder(folder: Path) -> ReportData:
             if not isinstance(metrics, dict):
                 continue
             eps = _float(metrics.get("epsilon"))
+            eps_this_run = _float(metrics.get("run-epsilon", metrics.get("epsilon")))
             budget = budgets.get(site, default)
             eps_max = budget[0] if budget else None
             per_site.setdefault(site, []).append(
@@ -207,16 +229,18 @@ def load_run_folder(folder: Path) -> ReportData:
                     num_examples=_int(metrics.get("num-examples")),
                     epsilon_max=eps_max,
                     remaining=None if eps is None or eps_max is None else eps_max - eps,
+                    epsilon_run=eps_this_run,
                 )
             )
     summaries = []
     for site in sorted(set(per_site) | set(ledgers)):
         rows = per_site.get(site, [])
         budget = budgets.get(site, default)
-        eps_run = max((r.epsilon for r in rows if r.epsilon is not None), default=None)
+        eps_run = max((r.epsilon_run for r in rows if r.epsilon_run is not None), default=None)
         delta = budget[1] if budget else next((r.delta for r in rows if r.delta), None)
         lifetime = _lifetime(ledgers[site], delta, run_id) if ledgers.get(site) else None
-        spent = lifetime if lifetime is not None else eps_run
+        # A run target bounds this run's spending; a site budget bounds the lifetime.
+        spent = eps_run if budget and budget[2] == "run target" else (lifetime or eps_run)
         accuracies = [r.accuracy for r in rows if r.accuracy is not None]
         summaries.append(
             SiteSummary(

@@ -42,7 +42,7 @@ def _input_width(grid: Grid, num_sites: int, folder: RunFolder) -> tuple[int, li
             continue
         name = site_name(msg.content, msg.metadata.src_node_id)
         widths[name] = int(metrics_of(msg.content)["num-features"])
-        features[name] = str(msg.content.config_records["site"]["features"])
+        features[name] = str(msg.content.config_records["site"]["feature-names"])
     if not widths:
         raise RuntimeError("no site could load its data; see events.jsonl in the run folder")
     if len(set(features.values())) != 1:
@@ -65,7 +65,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config."""
     cfg = RunConfig.from_mapping(context.run_config)
     folder = RunFolder(cfg.run_dir or new_run_dir(cfg.out_dir))
-    folder.write_json("config.json", cfg.to_mapping())
+    folder.write_json("config.json", {**cfg.to_mapping(), "run-id": str(context.run_id)})
     num_sites = cfg.min_sites or default_num_sites(cfg.scenario, cfg.lending_sites)
     width, feature_names = _input_width(grid, num_sites, folder)
     model_name = MODEL_OF[cfg.scenario]

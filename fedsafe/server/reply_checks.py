@@ -30,7 +30,9 @@ class ReplyRejected(ValueError):
 def site_name(content: RecordDict, node_id: int) -> str:
     """The site's name from its reply, or ``node-<id>``."""
     record = content.config_records.get("site")
-    return str(record["name"]) if record is not None and "name" in record else f"node-{node_id}"
+    if record is None or "site-name" not in record:
+        return f"node-{node_id}"
+    return str(record["site-name"])
 
 
 def metrics_of(content: RecordDict) -> dict[str, float]:

@@ -36,7 +36,15 @@ log = logging.getLogger("flwr.fedsafe")
 #: Turns a reply's content into dense model arrays (identity without compression).
 Decoder = Callable[[RecordDict, ArrayRecord], ArrayRecord]
 
-PRIVACY_KEYS = ("epsilon", "delta", "steps", "sample-rate", "noise-multiplier", "max-grad-norm")
+PRIVACY_KEYS = (
+    "epsilon",
+    "run-epsilon",
+    "delta",
+    "steps",
+    "sample-rate",
+    "noise-multiplier",
+    "max-grad-norm",
+)
 
 
 def dense_arrays(content: RecordDict, _global: ArrayRecord) -> ArrayRecord:

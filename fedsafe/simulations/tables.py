@@ -17,11 +17,14 @@ def final_table(record: dict[str, Any], metric: str = "accuracy") -> str:
     """The final round as a table: site, metric, epsilon, delta, status; then the mean."""
     sites: dict[str, dict[str, Any]] = record.get("sites", {})
     width = max([len(s) for s in sites] + [len("mean of sites")])
-    header = f"{'site':<{width}}  {metric:>9}  {'epsilon':>8}  {'delta':>8}  status"
+    header = (
+        f"{'site':<{width}}  {metric:>9}  {'epsilon':>8}  {'this run':>8}  {'delta':>8}  status"
+    )
     lines = [header, "-" * len(header)]
     for name, s in sites.items():
         lines.append(
             f"{name:<{width}}  {_fmt(s.get(metric)):>9}  {_fmt(s.get('epsilon')):>8}  "
+            f"{_fmt(s.get('run-epsilon')):>8}  "
             f"{_fmt(s.get('delta'), 6) if s.get('delta') else '-':>8}  {s.get('status', '')}"
         )
     mean_key = "mean_" + metric.replace("-", "_")
@@ -29,6 +32,10 @@ def final_table(record: dict[str, Any], metric: str = "accuracy") -> str:
     lines.append(
         f"{'mean of sites':<{width}}  {_fmt(record.get(mean_key)):>9}  "
         f"{_fmt(record.get('max_epsilon')) + ' max' if record.get('max_epsilon') else '-':>8}"
+    )
+    lines.append(
+        "epsilon: each site's cumulative epsilon on its data over every run in its ledger "
+        "(composed by the accountant); this run: this run's share"
     )
     return "\n".join(lines)
 

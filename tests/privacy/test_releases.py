@@ -7,6 +7,7 @@ import pytest
 from fedsafe.errors import UserError
 from fedsafe.privacy.releases import (
     DECLARED_ARRAY_KEYS,
+    DECLARED_CONFIG_KEYS,
     DECLARED_METRIC_KEYS,
     RELEASES,
     RELEASES_BY_NAME,
@@ -29,12 +30,16 @@ CLIENT_METRICS = {
     "eval-pr-auc",
     "num-test-examples",
     "bytes-up",
+    "run-epsilon",
+    "max-grad-norm",
+    "num-features",
 }
 
 
 def test_every_client_key_is_declared_once() -> None:
     assert DECLARED_METRIC_KEYS == CLIENT_METRICS
     assert DECLARED_ARRAY_KEYS == {"update"}
+    assert DECLARED_CONFIG_KEYS == {"site-name", "feature-names"}
     assert len(RELEASES_BY_NAME) == len(RELEASES)
 
 
