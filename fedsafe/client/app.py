@@ -15,7 +15,7 @@ import logging
 import secrets
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsafe.client import privacy_state
@@ -28,6 +28,7 @@ from fedsafe.client.dp_training import (
 )
 from fedsafe.client.privacy_state import NoiseChoice, SiteAccount, choose_noise
 from fedsafe.client.site import SiteSetup, resolve_site, stable_site_number
+from fedsafe.client.update_encoding import encode_model_update
 from fedsafe.config import RunConfig
 from fedsafe.errors import BudgetExhaustedError
 from fedsafe.models import build_model
@@ -167,12 +168,16 @@ def train(msg: Message, context: Context) -> Message:
             }
         )
     model.cpu()
+    arrays, metrics["bytes-up"] = encode_model_update(
+        model,
+        msg.content.array_records["arrays"],
+        cfg.compression,
+        cfg.dp,
+        context,
+        _round_seed(cfg, site, server_round) + 7,
+    )
     content = RecordDict(
-        {
-            "arrays": ArrayRecord(model.state_dict()),
-            "metrics": MetricRecord(metrics),
-            "site": _site_record(site),
-        }
+        {"arrays": arrays, "metrics": MetricRecord(metrics), "site": _site_record(site)}
     )
     return _reply(msg, content)
 

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedsafe.compression import MalformedPayloadError, decode_update, plain_record, serialized_size
+from fedsafe.compression.wire import WIRE_KEY
 from fedsafe.server.reply_checks import (
     ReplyRejected,
     check_arrays,
@@ -47,11 +49,35 @@ PRIVACY_KEYS = (
 )
 
 
-def dense_arrays(content: RecordDict, _global: ArrayRecord) -> ArrayRecord:
-    """The uncompressed case: the reply's ``arrays`` record is the model."""
+def dense_arrays(content: RecordDict, global_arrays: ArrayRecord) -> ArrayRecord:
+    """The site's model from its reply: plain weights, or a compressed update to decode.
+
+    Raises
+    ------
+    ReplyRejected
+        If there is no model, or the compressed payload is malformed (the reply is dropped).
+    """
     if "arrays" not in content.array_records:
         raise ReplyRejected("reply carries no model ('arrays')")
-    return content.array_records["arrays"]
+    record = content.array_records["arrays"]
+    if WIRE_KEY not in record:
+        return record
+    try:
+        update = decode_update(record)
+    except MalformedPayloadError as exc:
+        raise ReplyRejected(f"malformed compressed update: {exc}") from None
+    reference = global_arrays.to_numpy_ndarrays()
+    names = list(global_arrays.keys())
+    if list(update) != names:
+        raise ReplyRejected(f"compressed update has tensors {list(update)}, expected {names}")
+    dense = {}
+    for name, ref in zip(names, reference, strict=True):
+        if update[name].shape != ref.shape:
+            raise ReplyRejected(
+                f"compressed tensor {name!r} has shape {update[name].shape}, expected {ref.shape}"
+            )
+        dense[name] = (ref + update[name]).astype(ref.dtype)
+    return ArrayRecord({k: Array(v) for k, v in dense.items()})
 
 
 @dataclass
@@ -111,6 +137,10 @@ def run_rounds(
                 "all-sites-exhausted", round=rnd, sites=sorted(state.exhausted.values())
             )
             break
+        bytes_down = {m.metadata.dst_node_id: serialized_size(m.content) for m in train_msgs}
+        raw_up = serialized_size(
+            plain_record(dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)))
+        )
         replies = _send(grid, train_msgs, timeout)
         good: list[Message] = []
         sites: dict[str, dict[str, Any]] = {}
@@ -123,6 +153,15 @@ def run_rounds(
                 continue
             name = site_name(msg.content, node)
             state.site_of_node[node] = name
+            up = serialized_size(msg.content)
+            sent_arrays = msg.content.array_records.get("arrays")
+            arrays_size = serialized_size(sent_arrays) if sent_arrays is not None else 0
+            wire = {
+                "bytes-up": up,
+                "bytes-down": bytes_down.get(node, 0),
+                # The same reply with the model in Flower's plain format.
+                "bytes-up-uncompressed": up - arrays_size + raw_up,
+            }
             try:
                 metrics = metrics_of(msg.content)
                 if metrics.get("budget-exhausted", 0.0) >= 1.0:
@@ -146,6 +185,7 @@ def run_rounds(
                 "status": "trained",
                 "num-examples": metrics["num-examples"],
                 **_privacy(metrics),
+                **wire,
             }
             state.last_privacy[name] = _privacy(metrics)
         if good:
@@ -191,7 +231,11 @@ def round_record(rnd: int, sites: dict[str, dict[str, Any]], seconds: float) -> 
         return [float(s[key]) for s in sites.values() if key in s]
 
     eps = gather("epsilon")
+    up, raw = sum(gather("bytes-up")), sum(gather("bytes-up-uncompressed"))
     return {
+        "bytes_up": int(up),
+        "bytes_down": int(sum(gather("bytes-down"))),
+        "uplink_ratio": (raw / up) if up else None,
         "round": rnd,
         "seconds": round(seconds, 3),
         "sites": sites,

@@ -1,0 +1,57 @@
+"""What the site puts on the wire for its update: the model, or its compressed difference.
+
+Compression runs here, on the weights the DP optimizer produced: after privatization, so it
+is post-processing and the guarantee is unchanged (see :mod:`fedsafe.compression.pipeline`).
+The error-feedback residual (Stich et al. 2018; Lin et al. 2018) stays at the site, in the
+ClientApp's context state, across the rounds of a run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context
+
+from fedsafe.compression import (
+    CompressionStage,
+    ErrorFeedback,
+    assert_post_privatization,
+    encode_update,
+    parse_compression,
+    serialized_size,
+)
+
+FEEDBACK_KEY = "fedsafe-error-feedback"
+
+
+def encode_model_update(
+    model: torch.nn.Module,
+    global_arrays: ArrayRecord,
+    spec: str,
+    dp: bool,
+    context: Context,
+    seed: int,
+) -> tuple[ArrayRecord, int]:
+    """The reply's arrays and their serialized size in bytes.
+
+    With ``spec == "none"`` the privatized model itself is sent (Flower's plain format).
+    Otherwise ``new - global`` is encoded by the pipeline.
+    """
+    pipeline = parse_compression(spec)
+    assert_post_privatization(dp, pipeline, CompressionStage.POST_PRIVATIZATION)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if pipeline.is_identity:
+        record = ArrayRecord(state)
+        return record, serialized_size(record)
+    reference = global_arrays.to_torch_state_dict()
+    update = {k: (state[k] - reference[k]).numpy().astype(np.float32) for k in state}
+    feedback = None
+    if pipeline.needs_error_feedback:
+        stored = context.state.array_records.get(FEEDBACK_KEY)
+        feedback = (
+            ErrorFeedback.from_array_record(stored) if stored is not None else ErrorFeedback()
+        )
+    record, stats = encode_update(update, pipeline, np.random.default_rng(seed), feedback)
+    if feedback is not None:
+        context.state.array_records[FEEDBACK_KEY] = feedback.to_array_record()
+    return record, stats.encoded_bytes
