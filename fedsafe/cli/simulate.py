@@ -28,11 +28,11 @@ TUNED_LR: dict[tuple[str, bool], tuple[float, float]] = {
     ("fedadagrad", False): (0.003162, 0.316228),
     ("fedadam", False): (0.01, 0.01),
     ("fedyogi", False): (0.003162, 0.01),
-    ("fedavg", True): (0.05, 1.0),
-    ("fedprox", True): (0.05, 1.0),
-    ("fedadagrad", True): (0.01, 0.1),
-    ("fedadam", True): (0.05, 0.01),
-    ("fedyogi", True): (0.05, 0.01),
+    ("fedavg", True): (0.1, 1.0),
+    ("fedprox", True): (0.1, 1.0),
+    ("fedadagrad", True): (0.1, 0.1),
+    ("fedadam", True): (0.1, 0.01),
+    ("fedyogi", True): (0.1, 0.01),
 }
 
 
