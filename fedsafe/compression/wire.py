@@ -43,6 +43,7 @@ run is byte-for-byte what Flower would send, and :func:`decode_update` accepts b
 
 from __future__ import annotations
 
+import logging
 import math
 import struct
 from dataclasses import dataclass
@@ -459,3 +460,30 @@ def decode_update(record: ArrayRecord) -> dict[str, NDArray[np.floating[Any]]]:
             raise MalformedPayloadError(f"array {name!r} is not a finite float array")
         out[name] = value
     return out
+
+
+def decode_or_drop(
+    record: ArrayRecord, sender: str, logger: logging.Logger | None = None
+) -> dict[str, NDArray[np.floating[Any]]] | None:
+    """Decode a site's reply for aggregation, or log why it is dropped and return None.
+
+    The coordinator calls this for every reply before handing the decoded arrays to the
+    strategy, so one malformed reply costs that site's contribution to the round, not the
+    round.
+
+    Parameters
+    ----------
+    record
+        The reply's ``ArrayRecord``.
+    sender
+        Who sent it (node id), for the log line.
+    logger
+        Where to log; ``fedsafe.compression`` if None.
+    """
+    try:
+        return decode_update(record)
+    except MalformedPayloadError as error:
+        (logger or logging.getLogger("fedsafe.compression")).warning(
+            "dropping the reply of site %s: %s", sender, error
+        )
+        return None

@@ -197,3 +197,12 @@ def test_downlink_refuses_topk():
     check_downlink(parse_compression("int8"))
     with pytest.raises(UserError, match="top-k"):
         check_downlink(parse_compression("topk:0.01+int8"))
+
+
+def test_decode_or_drop_logs_and_returns_none(caplog):
+    from fedsafe.compression import decode_or_drop
+
+    assert decode_or_drop(_record(_payload("int8")), "7") is not None
+    with caplog.at_level("WARNING", logger="fedsafe.compression"):
+        assert decode_or_drop(_record(b"FSCZ\x01"), "7") is None
+    assert "dropping the reply of site 7" in caplog.text and "truncated" in caplog.text
