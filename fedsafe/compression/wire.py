@@ -400,6 +400,9 @@ def decode_payload(data: bytes) -> dict[str, NDArray[np.floating[Any]]]:
                 raise reader.fail(f"unknown index coding {coding} (1 varint, 2 bitpack)")
             if gaps is None:
                 raise reader.fail(f"index bytes do not hold exactly {k} coded gaps")
+            # Checked before the cumulative sum so that huge gaps cannot wrap around int64.
+            if float(gaps.astype(np.float64).sum()) + k > numel + 0.5:
+                raise reader.fail(f"index out of range: the gaps run past {numel} elements")
             indices = gaps_to_indices(gaps)
             if indices[-1] >= numel:
                 raise reader.fail(f"index {int(indices[-1])} out of range for {numel} elements")
