@@ -217,7 +217,8 @@ def encode_update(
     raw = plain_record(update)
     raw_bytes = serialized_size(raw)
     total = sum(int(np.asarray(v).size) for v in update.values())
-    if pipeline.is_identity and feedback is None:
+    if pipeline.is_identity:
+        # Nothing is dropped, so an error-feedback residual would stay zero: send Flower's format.
         _check_finite(update)
         return raw, EncodeStats(raw_bytes, raw_bytes, total, total)
     if len(update) >= 2**16:
