@@ -5,7 +5,8 @@ Public API (see each module for the papers and the wire format):
 - :func:`parse_compression` turns ``--compression`` into a :class:`CompressionPipeline`.
 - :func:`assert_post_privatization` refuses compressing before the DP noise.
 - Client: :func:`encode_update` (with an :class:`ErrorFeedback` per site).
-- Server: :func:`decode_update`, raising :class:`MalformedPayloadError`.
+- Server: :func:`decode_update`, raising :class:`MalformedPayloadError`, or
+  :func:`decode_or_drop`, which logs why a reply is dropped and returns None.
 - :func:`serialized_size`: bytes Flower really sends for a record or message.
 """
 
@@ -21,6 +22,7 @@ from fedsafe.compression.pipeline import (
 from fedsafe.compression.wire import (
     EncodeStats,
     MalformedPayloadError,
+    decode_or_drop,
     decode_payload,
     decode_update,
     encode_update,
@@ -37,6 +39,7 @@ __all__ = [
     "ValueCodec",
     "assert_post_privatization",
     "check_downlink",
+    "decode_or_drop",
     "decode_payload",
     "decode_update",
     "encode_update",

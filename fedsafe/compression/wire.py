@@ -43,6 +43,7 @@ run is byte-for-byte what Flower would send, and :func:`decode_update` accepts b
 
 from __future__ import annotations
 
+import logging
 import math
 import struct
 from dataclasses import dataclass
@@ -216,7 +217,8 @@ def encode_update(
     raw = plain_record(update)
     raw_bytes = serialized_size(raw)
     total = sum(int(np.asarray(v).size) for v in update.values())
-    if pipeline.is_identity and feedback is None:
+    if pipeline.is_identity:
+        # Nothing is dropped, so an error-feedback residual would stay zero: send Flower's format.
         _check_finite(update)
         return raw, EncodeStats(raw_bytes, raw_bytes, total, total)
     if len(update) >= 2**16:
@@ -399,6 +401,9 @@ def decode_payload(data: bytes) -> dict[str, NDArray[np.floating[Any]]]:
                 raise reader.fail(f"unknown index coding {coding} (1 varint, 2 bitpack)")
             if gaps is None:
                 raise reader.fail(f"index bytes do not hold exactly {k} coded gaps")
+            # Checked before the cumulative sum so that huge gaps cannot wrap around int64.
+            if float(gaps.astype(np.float64).sum()) + k > numel + 0.5:
+                raise reader.fail(f"index out of range: the gaps run past {numel} elements")
             indices = gaps_to_indices(gaps)
             if indices[-1] >= numel:
                 raise reader.fail(f"index {int(indices[-1])} out of range for {numel} elements")
@@ -459,3 +464,30 @@ def decode_update(record: ArrayRecord) -> dict[str, NDArray[np.floating[Any]]]:
             raise MalformedPayloadError(f"array {name!r} is not a finite float array")
         out[name] = value
     return out
+
+
+def decode_or_drop(
+    record: ArrayRecord, sender: str, logger: logging.Logger | None = None
+) -> dict[str, NDArray[np.floating[Any]]] | None:
+    """Decode a site's reply for aggregation, or log why it is dropped and return None.
+
+    The coordinator calls this for every reply before handing the decoded arrays to the
+    strategy, so one malformed reply costs that site's contribution to the round, not the
+    round.
+
+    Parameters
+    ----------
+    record
+        The reply's ``ArrayRecord``.
+    sender
+        Who sent it (node id), for the log line.
+    logger
+        Where to log; ``fedsafe.compression`` if None.
+    """
+    try:
+        return decode_update(record)
+    except MalformedPayloadError as error:
+        (logger or logging.getLogger("fedsafe.compression")).warning(
+            "dropping the reply of site %s: %s", sender, error
+        )
+        return None

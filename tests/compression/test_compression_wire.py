@@ -197,3 +197,23 @@ def test_downlink_refuses_topk():
     check_downlink(parse_compression("int8"))
     with pytest.raises(UserError, match="top-k"):
         check_downlink(parse_compression("topk:0.01+int8"))
+
+
+def test_decode_or_drop_logs_and_returns_none(caplog):
+    from fedsafe.compression import decode_or_drop
+
+    assert decode_or_drop(_record(_payload("int8")), "7") is not None
+    with caplog.at_level("WARNING", logger="fedsafe.compression"):
+        assert decode_or_drop(_record(b"FSCZ\x01"), "7") is None
+    assert "dropping the reply of site 7" in caplog.text and "truncated" in caplog.text
+
+
+def test_huge_gaps_cannot_wrap_around():
+    from fedsafe.compression.topk import varint_encode
+
+    gaps = varint_encode(np.array([2**34, 2**34, 2**34], dtype=np.uint64))
+    header = b"FSCZ\x01\x00" + struct.pack("<H", 1) + struct.pack("<H", 1) + b"w" + b"\x01"
+    shape = b"\x01" + struct.pack("<I", 10)
+    sparse = b"\x01" + struct.pack("<I", 3) + b"\x01" + struct.pack("<I", len(gaps)) + gaps
+    with pytest.raises(MalformedPayloadError, match="out of range"):
+        decode_payload(header + shape + sparse + b"\x00" + b"\x00" * 12)
