@@ -139,10 +139,8 @@ def main() -> int:
     lines = [header, "|" + "---|" * (len(names) + 4)]
     for label, per_site, means, eps in rows:
         cells = " | ".join(f"{statistics.fmean(per_site[n]):.4f}" for n in names)
-        ref = FLAMBY.get(label)
-        lines.append(
-            f"| {label} | {cells} | {summarize(means)} | {ref if ref is not None else '-'} | {eps} |"
-        )
+        ref = FLAMBY.get(label, "-")
+        lines.append(f"| {label} | {cells} | {summarize(means)} | {ref} | {eps} |")
     table = "\n".join(lines)
     command = "`.venv/bin/python bench/heart_table.py" + (" --quick`" if args.quick else "`")
     text = (
