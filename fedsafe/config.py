@@ -39,11 +39,13 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "ledger-dir": "",
     "compression": "none",
     "lending-sites": 4,
+    "mnist-sites": 10,
+    "mnist-alpha": 0.5,
     "min-sites": 0,
     "reproducible-noise": False,
 }
 
-SCENARIOS = ("heart", "lending", "custom")
+SCENARIOS = ("heart", "lending", "mnist", "custom")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedadagrad", "fedyogi")
 
 
@@ -72,6 +74,8 @@ class RunConfig:
     ledger_dir: str
     compression: str
     lending_sites: int
+    mnist_sites: int
+    mnist_alpha: float
     min_sites: int
     reproducible_noise: bool
 

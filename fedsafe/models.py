@@ -2,6 +2,7 @@
 
 - ``logreg``: logistic regression, ``Linear(d, 1)`` on logits, FLamby's Fed-Heart-Disease model.
 - ``mlp``: one hidden layer of 32 units with ReLU, for the lending scenario.
+- ``mnist_cnn``: a small GroupNorm CNN (:class:`fedsafe.simulations.mnist_model.MnistCNN`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MODEL_NAMES = ("logreg", "mlp")
+MODEL_NAMES = ("logreg", "mlp", "mnist_cnn")
 
 
 def build_model(name: str, num_features: int, seed: int) -> nn.Module:
@@ -30,4 +31,8 @@ def build_model(name: str, num_features: int, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         if name == "logreg":
             return nn.Sequential(nn.Linear(num_features, 1))
+        if name == "mnist_cnn":
+            from fedsafe.simulations.mnist_model import MnistCNN
+
+            return MnistCNN()
         return nn.Sequential(nn.Linear(num_features, 32), nn.ReLU(), nn.Linear(32, 1))

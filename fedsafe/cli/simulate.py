@@ -14,6 +14,8 @@ SIM_EPILOG = """examples:
   fedsafe simulate --scenario heart --no-dp --strategy fedadagrad
   fedsafe simulate --scenario lending --sites 6 --noise-multiplier 1.1 --rounds 10
   fedsafe simulate --scenario heart --epsilon 5 --ledger-dir runs/ledgers --out runs/
+  fedsafe simulate --scenario mnist --sites 10 --alpha 0.5 --epsilon 3 --delta 1e-5 \
+      --compression topk:0.01+int8
 """
 
 BASELINE_EPILOG = """examples:
@@ -36,6 +38,13 @@ TUNED_LR: dict[tuple[str, bool], tuple[float, float]] = {
 }
 
 
+#: Per-scenario settings where the heart defaults do not fit (batch size of an image task).
+SCENARIO_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lending": {"batch-size": 16, "local-steps": 20},
+    "mnist": {"batch-size": 64, "local-steps": 20, "client-lr": 0.5, "max-grad-norm": 1.0},
+}
+
+
 def register(sub: Any) -> None:
     """Add ``simulate`` and ``baseline``."""
     p = sub.add_parser(
@@ -45,20 +54,25 @@ def register(sub: Any) -> None:
         epilog=SIM_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--scenario", choices=("heart", "lending"), default="heart")
+    p.add_argument("--scenario", choices=("heart", "lending", "mnist"), default="heart")
     p.add_argument("--rounds", type=int, default=DEFAULT_RUN_CONFIG["num-server-rounds"])
     p.add_argument("--strategy", choices=STRATEGIES, default="fedavg")
     p.add_argument("--epsilon", type=float, default=None, help="target epsilon for the run")
     p.add_argument("--delta", type=float, default=DEFAULT_RUN_CONFIG["target-delta"])
     p.add_argument("--noise-multiplier", type=float, default=None, help="fixed noise instead")
     p.add_argument("--no-dp", action="store_true", help="non-private baseline")
-    p.add_argument("--max-grad-norm", type=float, default=DEFAULT_RUN_CONFIG["max-grad-norm"])
-    p.add_argument("--local-steps", type=int, default=DEFAULT_RUN_CONFIG["local-steps"])
-    p.add_argument("--batch-size", type=int, default=DEFAULT_RUN_CONFIG["batch-size"])
+    p.add_argument("--max-grad-norm", type=float, default=None)
+    p.add_argument("--local-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--client-lr", type=float, default=None)
     p.add_argument("--server-lr", type=float, default=None)
     p.add_argument("--accountant", choices=("prv", "rdp"), default="prv")
-    p.add_argument("--sites", type=int, default=4, help="lending: number of states")
+    p.add_argument(
+        "--sites", type=int, default=None, help="lending: states (default 4); mnist: sites (10)"
+    )
+    p.add_argument(
+        "--alpha", type=float, default=0.5, help="mnist: Dirichlet label skew; 0 for IID"
+    )
     p.add_argument("--seed", type=int, default=DEFAULT_RUN_CONFIG["seed"])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", default="runs", help="folder for runs/<timestamp>/")
@@ -104,26 +118,37 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         raise UserError(f"--rounds must be >= 1, got {args.rounds}")
     dp = not args.no_dp
     client_lr, server_lr = TUNED_LR[(args.strategy, dp)]
+    scenario_defaults = SCENARIO_DEFAULTS.get(args.scenario, {})
+    if "client-lr" in scenario_defaults:
+        client_lr = scenario_defaults["client-lr"]
+
+    def pick(flag: Any, key: str) -> Any:
+        if flag is not None:
+            return flag
+        return scenario_defaults.get(key, DEFAULT_RUN_CONFIG[key])
+
     values = {
         "scenario": args.scenario,
         "num-server-rounds": args.rounds,
         "strategy": args.strategy,
-        "local-steps": args.local_steps,
-        "batch-size": args.batch_size,
+        "local-steps": pick(args.local_steps, "local-steps"),
+        "batch-size": pick(args.batch_size, "batch-size"),
         "client-lr": args.client_lr if args.client_lr is not None else client_lr,
         "server-lr": args.server_lr if args.server_lr is not None else server_lr,
         "dp": dp,
         "target-epsilon": args.epsilon if args.epsilon is not None else 1.0,
         "target-delta": args.delta,
         "noise-multiplier": args.noise_multiplier or 0.0,
-        "max-grad-norm": args.max_grad_norm,
+        "max-grad-norm": pick(args.max_grad_norm, "max-grad-norm"),
         "accountant": args.accountant,
         "device": args.device,
         "seed": args.seed,
         "out-dir": args.out,
         "ledger-dir": args.ledger_dir if args.ledger_dir is not None else f"{args.out}/ledgers",
         "compression": args.compression,
-        "lending-sites": args.sites,
+        "lending-sites": args.sites or 4,
+        "mnist-sites": args.sites or 10,
+        "mnist-alpha": args.alpha,
         "reproducible-noise": args.reproducible_noise,
     }
     return RunConfig.from_mapping(values)
@@ -137,7 +162,7 @@ def run_simulate(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     metric = HEADLINE_OF[cfg.scenario]
-    num_sites = default_num_sites(cfg.scenario, cfg.lending_sites)
+    num_sites = default_num_sites(cfg.scenario, cfg.lending_sites, cfg.mnist_sites)
     privacy = (
         "no DP"
         if not cfg.dp

@@ -84,8 +84,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = model(x).reshape(-1)
-    return nn.functional.binary_cross_entropy_with_logits(logits, y)
+    """Binary cross-entropy on one logit, or cross-entropy over classes."""
+    logits = model(x)
+    if logits.shape[-1] == 1:
+        return nn.functional.binary_cross_entropy_with_logits(logits.reshape(-1), y.float())
+    return nn.functional.cross_entropy(logits, y.long())
 
 
 def train_round(
@@ -185,14 +188,24 @@ class EvalResult:
 def evaluate_model(
     model: nn.Module, x: NDArray[np.float32], y: NDArray[np.float32], device: torch.device
 ) -> EvalResult:
-    """Loss, accuracy at threshold 0.5, ROC AUC and PR AUC (None with a single class)."""
+    """Loss and accuracy; for binary tasks also ROC AUC and PR AUC (None with one class).
+
+    Binary accuracy uses threshold 0.5 (FLamby); multi-class accuracy the arg-max class.
+    """
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     model.to(device).eval()
     with torch.no_grad():
-        xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-        logits = model(xt).reshape(-1)
-        loss = float(nn.functional.binary_cross_entropy_with_logits(logits, yt))
+        logits = torch.cat(
+            [model(torch.from_numpy(x[i : i + 2048]).to(device)) for i in range(0, len(x), 2048)]
+        )
+        yt = torch.from_numpy(y).to(device)
+        if logits.shape[-1] != 1:
+            loss = float(nn.functional.cross_entropy(logits, yt.long()))
+            acc = float((logits.argmax(dim=1) == yt.long()).float().mean())
+            return EvalResult(loss, acc, None, None, len(y))
+        logits = logits.reshape(-1)
+        loss = float(nn.functional.binary_cross_entropy_with_logits(logits, yt.float()))
         prob = torch.sigmoid(logits).cpu().numpy()
     acc = float(((prob >= 0.5).astype(np.float32) == y).mean())
     both = len(np.unique(y)) == 2

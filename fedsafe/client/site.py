@@ -51,14 +51,16 @@ def _custom_site(name: str, data_path: str, schema_path: str) -> tuple[SiteData,
     return data, digest.hexdigest()
 
 
-def _scenario_fingerprint(scenario: str, site: str) -> str:
+@lru_cache(maxsize=16)
+def _scenario_fingerprint(scenario: str, site: str, partition: str = "") -> str:
+    """Hash of the shipped file, the scenario, the site and how the file was partitioned."""
     from fedsafe.data.heart import HEART_FILE
     from fedsafe.data.lending import LENDING_FILE
     from fedsafe.data.locate import data_file
 
-    file = {"heart": HEART_FILE, "lending": LENDING_FILE}[scenario]
+    file = {"heart": HEART_FILE, "lending": LENDING_FILE, "mnist": "mnist.npz"}[scenario]
     digest = hashlib.sha256(data_file(file).read_bytes())
-    digest.update(f"|{scenario}|{site}".encode())
+    digest.update(f"|{scenario}|{site}|{partition}".encode())
     return digest.hexdigest()
 
 
@@ -73,10 +75,11 @@ def resolve_site(context: Context, cfg: RunConfig) -> SiteSetup:
     else:
         from fedsafe.simulations.scenarios import load_scenario
 
-        scenario = load_scenario(cfg.scenario, cfg.lending_sites)
+        scenario = load_scenario(cfg.scenario, cfg.lending_sites, cfg.mnist_sites, cfg.mnist_alpha)
         data = scenario.site(int(nc["partition-id"]))
         model = scenario.model
-        fingerprint = _scenario_fingerprint(cfg.scenario, data.name)
+        partition = f"{cfg.mnist_sites}|{cfg.mnist_alpha}" if cfg.scenario == "mnist" else ""
+        fingerprint = _scenario_fingerprint(cfg.scenario, data.name, partition)
     ledger = str(nc.get("ledger-path", ""))
     if not ledger and cfg.ledger_dir:
         ledger = str(ledger_path_for(cfg.ledger_dir, data.name))

@@ -8,7 +8,6 @@ run time.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +50,9 @@ class MnistData:
 
 def mnist_path() -> Path:
     """Return the path of the embedded ``mnist.npz``."""
-    return Path(str(resources.files("fedsafe.data").joinpath("files/mnist.npz")))
+    from fedsafe.data.locate import data_file
+
+    return data_file("mnist.npz")
 
 
 def load_mnist(path: Path | None = None) -> MnistData:

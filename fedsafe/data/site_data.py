@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -17,7 +18,8 @@ class SiteData:
     name
         Site name (a hospital, a state, or the name a partner gave its site).
     x_train, y_train
-        Training features (float32, 2-D) and binary labels (float32, 0/1).
+        Training features (float32, one row per record: 2-D for tables, 4-D for images) and
+        labels (float32 0/1 for binary tasks, int64 classes for multi-class ones).
     x_test, y_test
         Held-out test split used for federated evaluation.
     feature_names
@@ -26,15 +28,15 @@ class SiteData:
 
     name: str
     x_train: NDArray[np.float32]
-    y_train: NDArray[np.float32]
+    y_train: NDArray[Any]
     x_test: NDArray[np.float32]
-    y_test: NDArray[np.float32]
+    y_test: NDArray[Any]
     feature_names: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if self.x_train.ndim != 2 or self.x_test.ndim != 2:
-            raise ValueError(f"site {self.name!r}: features must be 2-D")
-        if self.x_train.shape[1] != self.x_test.shape[1]:
+        if self.x_train.ndim < 2 or self.x_test.ndim < 2:
+            raise ValueError(f"site {self.name!r}: features must have one row per record")
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
             raise ValueError(f"site {self.name!r}: train and test have different feature counts")
         if len(self.x_train) != len(self.y_train) or len(self.x_test) != len(self.y_test):
             raise ValueError(f"site {self.name!r}: features and labels differ in length")
@@ -43,8 +45,8 @@ class SiteData:
 
     @property
     def num_features(self) -> int:
-        """Number of input features."""
-        return int(self.x_train.shape[1])
+        """Number of input values per record."""
+        return int(np.prod(self.x_train.shape[1:]))
 
 
 def normalize_with_train_stats(

@@ -66,7 +66,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_mapping(context.run_config)
     folder = RunFolder(cfg.run_dir or new_run_dir(cfg.out_dir))
     folder.write_json("config.json", {**cfg.to_mapping(), "run-id": str(context.run_id)})
-    num_sites = cfg.min_sites or default_num_sites(cfg.scenario, cfg.lending_sites)
+    num_sites = cfg.min_sites or default_num_sites(cfg.scenario, cfg.lending_sites, cfg.mnist_sites)
     width, feature_names = _input_width(grid, num_sites, folder)
     model_name = MODEL_OF[cfg.scenario]
     model = build_model(model_name, width, cfg.seed)

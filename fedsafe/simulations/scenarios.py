@@ -8,14 +8,26 @@ from functools import lru_cache
 from fedsafe.data.site_data import SiteData
 
 #: The model each scenario trains; known to the coordinator without reading any site's data.
-MODEL_OF: dict[str, str] = {"heart": "logreg", "lending": "mlp", "custom": "logreg"}
+MODEL_OF: dict[str, str] = {
+    "heart": "logreg",
+    "lending": "mlp",
+    "mnist": "mnist_cnn",
+    "custom": "logreg",
+}
 #: The headline metric of each scenario (FLamby's accuracy for heart; ROC AUC when imbalanced).
-HEADLINE_OF: dict[str, str] = {"heart": "accuracy", "lending": "roc-auc", "custom": "accuracy"}
+HEADLINE_OF: dict[str, str] = {
+    "heart": "accuracy",
+    "lending": "roc-auc",
+    "mnist": "accuracy",
+    "custom": "accuracy",
+}
+#: Seed of the fixed data partitions and splits (FLamby's split seed).
+PARTITION_SEED = 43
 
 
-def default_num_sites(scenario: str, lending_sites: int) -> int:
+def default_num_sites(scenario: str, lending_sites: int = 4, mnist_sites: int = 10) -> int:
     """How many sites a shipped scenario has (custom federations default to 2)."""
-    return {"heart": 4, "lending": lending_sites}.get(scenario, 2)
+    return {"heart": 4, "lending": lending_sites, "mnist": mnist_sites}.get(scenario, 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,9 +54,46 @@ class Scenario:
         return self.sites[index]
 
 
+def mnist_sites(num_sites: int, alpha: float) -> tuple[SiteData, ...]:
+    """MNIST's training set split over sites: Dirichlet label skew (alpha > 0) or IID (0).
+
+    Each site keeps 85% of its share for training and 15% as its own test split, so a site's
+    test split follows its own label distribution.
+    """
+    import numpy as np
+
+    from fedsafe.data.mnist import load_mnist
+    from fedsafe.data.partition import dirichlet_label_partition, iid_partition
+
+    data = load_mnist()
+    rng = np.random.default_rng(PARTITION_SEED)
+    if alpha > 0:
+        parts = dirichlet_label_partition(data.y_train, num_sites, alpha, rng, min_size=20)
+    else:
+        parts = iid_partition(data.y_train, num_sites, rng)
+    sites = []
+    for i, idx in enumerate(parts):
+        idx = rng.permutation(idx)
+        cut = int(round(0.85 * len(idx)))
+        train, test = idx[:cut], idx[cut:]
+        sites.append(
+            SiteData(
+                f"site-{i:03d}",
+                data.x_train[train],
+                data.y_train[train],
+                data.x_train[test],
+                data.y_train[test],
+                ("pixels",),
+            )
+        )
+    return tuple(sites)
+
+
 @lru_cache(maxsize=8)
-def load_scenario(name: str, lending_sites: int = 4) -> Scenario:
-    """Load a shipped scenario by name (``heart`` or ``lending``)."""
+def load_scenario(
+    name: str, lending_sites: int = 4, mnist_count: int = 10, mnist_alpha: float = 0.5
+) -> Scenario:
+    """Load a shipped scenario by name (``heart``, ``lending`` or ``mnist``)."""
     if name == "heart":
         from fedsafe.data.heart import load_heart_sites
 
@@ -54,4 +103,7 @@ def load_scenario(name: str, lending_sites: int = 4) -> Scenario:
 
         sites = load_lending_sites(lending_sites)
         return Scenario("lending", sites, MODEL_OF["lending"], HEADLINE_OF["lending"])
-    raise ValueError(f"unknown scenario {name!r}; choose heart or lending")
+    if name == "mnist":
+        sites = mnist_sites(mnist_count, mnist_alpha)
+        return Scenario("mnist", sites, MODEL_OF["mnist"], HEADLINE_OF["mnist"])
+    raise ValueError(f"unknown scenario {name!r}; choose heart, lending or mnist")
