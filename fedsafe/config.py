@@ -42,6 +42,8 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "mnist-sites": 10,
     "mnist-alpha": 0.5,
     "min-sites": 0,
+    "budget-epsilon": 0.0,
+    "budget-delta": 0.0,
     "reproducible-noise": False,
 }
 
@@ -77,6 +79,8 @@ class RunConfig:
     mnist_sites: int
     mnist_alpha: float
     min_sites: int
+    budget_epsilon: float
+    budget_delta: float
     reproducible_noise: bool
 
     def __post_init__(self) -> None:

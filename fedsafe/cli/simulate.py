@@ -61,6 +61,13 @@ def register(sub: Any) -> None:
     p.add_argument("--delta", type=float, default=DEFAULT_RUN_CONFIG["target-delta"])
     p.add_argument("--noise-multiplier", type=float, default=None, help="fixed noise instead")
     p.add_argument("--no-dp", action="store_true", help="non-private baseline")
+    p.add_argument(
+        "--site-budget",
+        default=None,
+        metavar="EPS,DELTA",
+        help="lifetime budget of every site's data (ledger): a round that would exceed it is "
+        "refused; without --noise-multiplier the noise is planned so it lasts the run",
+    )
     p.add_argument("--max-grad-norm", type=float, default=None)
     p.add_argument("--local-steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
@@ -102,6 +109,18 @@ def register(sub: Any) -> None:
     b.set_defaults(func=run_baseline)
 
 
+def parse_budget(text: str, flag: str = "--site-budget") -> tuple[float, float]:
+    """Parse ``EPS,DELTA`` (e.g. ``3,1e-5``), naming ``flag`` on error."""
+    try:
+        eps_text, delta_text = text.split(",")
+        eps, delta = float(eps_text), float(delta_text)
+    except ValueError:
+        raise UserError(f"{flag} must be EPS,DELTA such as 3,1e-5; got {text!r}") from None
+    if not eps > 0 or not 0 < delta < 1:
+        raise UserError(f"{flag}: epsilon must be > 0 and delta in (0, 1); got {text!r}")
+    return eps, delta
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run config an invocation of ``fedsafe simulate`` asks for."""
     if args.no_dp and (args.epsilon is not None or args.noise_multiplier is not None):
@@ -116,6 +135,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         raise UserError(f"--delta must be in (0, 1), got {args.delta}")
     if args.rounds < 1:
         raise UserError(f"--rounds must be >= 1, got {args.rounds}")
+    budget_eps, budget_delta = parse_budget(args.site_budget) if args.site_budget else (0.0, 0.0)
     dp = not args.no_dp
     client_lr, server_lr = TUNED_LR[(args.strategy, dp)]
     scenario_defaults = SCENARIO_DEFAULTS.get(args.scenario, {})
@@ -150,6 +170,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "mnist-sites": args.sites or 10,
         "mnist-alpha": args.alpha,
         "reproducible-noise": args.reproducible_noise,
+        "budget-epsilon": budget_eps,
+        "budget-delta": budget_delta,
     }
     return RunConfig.from_mapping(values)
 

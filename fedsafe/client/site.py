@@ -89,6 +89,7 @@ def resolve_site(context: Context, cfg: RunConfig) -> SiteSetup:
         device=str(nc.get("device", cfg.device)),
         ledger_path=ledger,
         fingerprint=fingerprint,
-        budget_epsilon=float(nc.get("budget-epsilon", 0.0)),
-        budget_delta=float(nc.get("budget-delta", 0.0)),
+        # The site's own policy (node config) wins over a simulation-wide budget.
+        budget_epsilon=float(nc.get("budget-epsilon", cfg.budget_epsilon)),
+        budget_delta=float(nc.get("budget-delta", cfg.budget_delta)),
     )

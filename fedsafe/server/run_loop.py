@@ -171,6 +171,7 @@ def run_rounds(
                     log.warning("round %d: site %s stops: %s", rnd, name, reason)
                     folder.log_event("budget-exhausted", round=rnd, site=name, metrics=metrics)
                     sites[name] = {"status": "budget-exhausted", **_privacy(metrics)}
+                    state.last_privacy[name] = _privacy(metrics)
                     continue
                 dense = decode(msg.content, arrays)
                 check_arrays(dense, arrays)
@@ -201,7 +202,10 @@ def run_rounds(
                 continue
             name = site_name(msg.content, node)
             metrics = metrics_of(msg.content)
-            entry = sites.setdefault(name, {"status": "evaluated-only"})
+            exhausted = name in state.exhausted.values()
+            entry = sites.setdefault(
+                name, {"status": "budget-exhausted" if exhausted else "evaluated-only"}
+            )
             entry.update(
                 {k.removeprefix("eval-"): v for k, v in metrics.items() if k.startswith("eval-")}
             )
