@@ -23,6 +23,8 @@ from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.ledger import LedgerEntry, SitePrivacyLedger
 
 BUDGET_EXHAUSTED = "budget exhausted"
+#: A plan is refused when less than this fraction of the budget remains.
+MIN_REMAINING_FRACTION = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,9 +232,10 @@ def plan_noise(
         raise ValueError(f"steps_per_round must be an integer >= 1, got {steps_per_round}")
     prior = list(spent_events)
     eps_spent = epsilon(prior, budget.delta, accountant)
-    if eps_spent >= budget.epsilon_max:
+    # A sliver of budget would be "spent" on noise so large the rounds teach nothing.
+    if eps_spent >= budget.epsilon_max * (1.0 - MIN_REMAINING_FRACTION):
         raise BudgetExhaustedError(
-            f"{BUDGET_EXHAUSTED}: epsilon {eps_spent:.4g} already spent reaches the budget "
+            f"{BUDGET_EXHAUSTED}: epsilon {eps_spent:.4g} already spent leaves under 1% of the budget "
             f"{budget.epsilon_max:.4g} at delta {budget.delta:g}; raise epsilon-max or use "
             "a new data set"
         )
