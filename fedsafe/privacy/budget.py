@@ -236,8 +236,8 @@ def plan_noise(
     if eps_spent >= budget.epsilon_max * (1.0 - MIN_REMAINING_FRACTION):
         raise BudgetExhaustedError(
             f"{BUDGET_EXHAUSTED}: epsilon {eps_spent:.4g} already spent leaves under 1% of "
-            f"the budget {budget.epsilon_max:.4g} at delta {budget.delta:g}; raise epsilon-max or use "
-            "a new data set"
+            f"the budget {budget.epsilon_max:.4g} at delta {budget.delta:g}; raise epsilon-max "
+            "or use a new data set"
         )
     sigma = calibrate_noise_multiplier(
         budget.epsilon_max,
