@@ -1,10 +1,10 @@
 # fedsafe: `make demo` and `make test` start from a clean clone.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 >/dev/null 2>&1 && echo python3.11 || echo python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit slow install clean
+.PHONY: demo test lint typecheck install browser bench-heart bench-compression bench-transport clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "fedsafe needs $(PYTHON) (set PYTHON=...)"; exit 2; }
@@ -29,6 +29,21 @@ typecheck: $(STAMP)
 
 test: $(STAMP) lint typecheck
 	$(PY) -m pytest -q -rs
+
+# Headless Chromium for the report screenshot test (skipped with a reason when absent).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	  || echo "chromium could not be installed: the report screenshot test will be skipped"; }
+
+bench-heart: $(STAMP)
+	$(PY) bench/heart_table.py
+
+bench-compression: $(STAMP)
+	$(PY) bench/compression.py
+
+bench-transport: $(STAMP)
+	$(PY) bench/transport.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
