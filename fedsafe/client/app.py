@@ -186,7 +186,12 @@ def _exhausted_reply(msg: Message, site: SiteSetup, account: SiteAccount, reason
     """The typed "budget exhausted" reply: no model, only the spending and the reason."""
     log.warning("site %s does not train: %s", site.name, reason)
     metrics = MetricRecord(
-        {"budget-exhausted": 1, "epsilon": account.spent_now(), "delta": account.delta}
+        {
+            "budget-exhausted": 1,
+            "epsilon": account.spent_now(),
+            "run-epsilon": account.spent_in_run(),
+            "delta": account.delta,
+        }
     )
     return _reply(msg, RecordDict({"metrics": metrics, "site": _site_record(site)}))
 

@@ -158,6 +158,10 @@ class SiteAccount:
         """Epsilon spent so far on this data set."""
         return epsilon(self.lifetime_events(), self.delta, self.accountant)
 
+    def spent_in_run(self) -> float:
+        """Epsilon spent by this run's earlier rounds alone."""
+        return epsilon(self.run_events, self.delta, self.accountant)
+
     def commit(
         self, event: PoissonGaussianEvent, run_id: str, server_round: int, clip_norm: float
     ) -> Spending:

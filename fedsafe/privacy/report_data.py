@@ -130,8 +130,16 @@ def _budgets(folder: Path, config: Mapping[str, Any]) -> dict[str, tuple[float, 
 
 
 def _default_budget(config: Mapping[str, Any]) -> tuple[float, float, str] | None:
+    """The bound every site shares: a simulation-wide site budget, else the run's target."""
+    if not config.get("dp", True):
+        return None
+    site_eps, site_delta = _float(config.get("budget-epsilon")), _float(config.get("budget-delta"))
+    if site_eps and site_delta:
+        return site_eps, site_delta, "site budget"
+    if _float(config.get("noise-multiplier")):
+        return None  # fixed noise: the run had no epsilon target
     eps, delta = _float(config.get("target-epsilon")), _float(config.get("target-delta"))
-    if eps is None or delta is None or not config.get("dp", True):
+    if eps is None or delta is None:
         return None
     return eps, delta, "run target"
 
