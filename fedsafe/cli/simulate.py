@@ -156,7 +156,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "client-lr": args.client_lr if args.client_lr is not None else client_lr,
         "server-lr": args.server_lr if args.server_lr is not None else server_lr,
         "dp": dp,
-        "target-epsilon": args.epsilon if args.epsilon is not None else 1.0,
+        # With a site budget and no run target, the plan spends the budget over this run.
+        "target-epsilon": args.epsilon if args.epsilon is not None else (budget_eps or 1.0),
         "target-delta": args.delta,
         "noise-multiplier": args.noise_multiplier or 0.0,
         "max-grad-norm": pick(args.max_grad_norm, "max-grad-norm"),

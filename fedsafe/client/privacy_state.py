@@ -6,9 +6,9 @@ example reports one round's epsilon each round). With a ledger (``ledger-path`` 
 config, or the run's ``ledger-dir``), every release is committed to the site's hash-chained
 ledger before the update leaves, and the reported epsilon composes every run on the same data.
 
-The noise multiplier is fixed once, in the first round of a run: given; or, with a lifetime
-budget, planned so the remaining budget lasts exactly the planned rounds; or calibrated so the
-planned run (rounds x local steps) spends at most the run's target epsilon.
+The noise multiplier is fixed once, in the first round of a run: given; or calibrated so the
+planned run (rounds x local steps) spends at most the run's target epsilon and, with a lifetime
+budget, so the remaining budget lasts the planned rounds (the larger noise of the two).
 """
 
 from __future__ import annotations
@@ -67,7 +67,10 @@ class NoiseChoice:
 def choose_noise(
     choice: NoiseChoice, budget: PrivacyBudget | None, prior: list[PoissonGaussianEvent]
 ) -> float:
-    """The given noise; else one planned against the lifetime budget; else for the run target.
+    """The given noise; else the larger of the run target's and the lifetime budget's noise.
+
+    Both bounds then hold: the run spends at most its target epsilon, and the site's lifetime
+    spending stays within its budget over the planned rounds.
 
     Raises
     ------
@@ -76,23 +79,19 @@ def choose_noise(
     """
     if choice.given > 0:
         return choice.given
-    if budget is not None:
-        plan = plan_noise(
-            budget,
-            prior,
-            choice.sample_rate,
-            choice.steps_per_round,
-            choice.rounds,
-            choice.accountant,
-        )
-        return plan.noise_multiplier
-    return calibrate_noise_multiplier(
+    for_run = calibrate_noise_multiplier(
         choice.target_epsilon,
         choice.delta,
         choice.sample_rate,
         choice.steps_per_round * choice.rounds,
         accountant=choice.accountant,
     )
+    if budget is None:
+        return for_run
+    plan = plan_noise(
+        budget, prior, choice.sample_rate, choice.steps_per_round, choice.rounds, choice.accountant
+    )
+    return max(for_run, plan.noise_multiplier)
 
 
 @dataclass(frozen=True, slots=True)

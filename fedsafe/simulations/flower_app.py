@@ -1,4 +1,7 @@
-"""Build the folder Flower packs into a FAB: fedsafe's Python sources and an app pyproject.
+"""Submit fedsafe to a SuperLink with ``flwr run`` and follow the run folder it writes.
+
+Used by both engines: the simulation runner (a local ``--simulation`` SuperLink) and the
+deployment's ``fedsafe run`` (the coordinator's TLS SuperLink).
 
 ``flwr run`` packs only text sources (``*.py``, ``*.toml``, ``*.md``, ...) of an app folder. An
 installed fedsafe has no project folder, so the runner writes one: a copy of the package's
@@ -9,7 +12,12 @@ app finds them in the installed package (:mod:`fedsafe.data.locate`).
 
 from __future__ import annotations
 
+import json
 import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +69,96 @@ def write_app_folder(dest: Path) -> Path:
     )
     (dest / "pyproject.toml").write_text(app_pyproject())
     return dest
+
+
+class RunFailed(RuntimeError):
+    """A submitted run ended without writing its summary; the message names the log."""
+
+
+@dataclass(frozen=True, slots=True)
+class FollowedRun:
+    """What a followed run left: its rounds, its duration and the seconds between rounds."""
+
+    run_dir: Path
+    rounds: list[dict[str, Any]]
+    seconds: float
+    round_gaps: list[float]
+
+
+def read_rounds(path: Path) -> list[dict[str, Any]]:
+    """The records of ``rounds.jsonl`` written so far (none if it does not exist yet)."""
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def submit_and_follow(
+    connection: str,
+    flwr_home: Path,
+    values: dict[str, Any],
+    run_dir: Path,
+    *,
+    federation_config: str | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    timeout_s: float = 3600.0,
+) -> FollowedRun:
+    """Submit fedsafe with ``flwr run`` over ``connection`` and follow its run folder.
+
+    The app folder and the run-config overrides are written to a temporary folder; the
+    ``flwr run --stream`` process is stopped (with its children) however this ends.
+
+    Raises
+    ------
+    RunFailed
+        If ``flwr run`` exits without the run's ``summary.json``, or ``timeout_s`` passes.
+    """
+    from fedsafe.transport.processes import FlowerProcess, flower_bin, flower_env, spawn
+
+    started = time.monotonic()
+    marks: list[float] = []
+    runner: FlowerProcess | None = None
+    with tempfile.TemporaryDirectory(prefix="fedsafe-app-") as tmp_name:
+        tmp = Path(tmp_name)
+        app_dir = write_app_folder(tmp / "app")
+        config_file = tmp / "run-config.toml"
+        config_file.write_text(run_config_toml(values))
+        command = [
+            flower_bin("flwr"), "run", str(app_dir), connection,
+            "--run-config", str(config_file), "--stream",
+        ]  # fmt: skip
+        if federation_config:
+            command += ["--federation-config", federation_config]
+        env = flower_env(flwr_home, {"FLWR_DISABLE_UPDATE_CHECK": "1"})
+        try:
+            runner = spawn("flwr run", command, log_path=run_dir / "logs" / "flwr-run.log", env=env)
+            deadline = time.monotonic() + timeout_s
+            seen = 0
+            while True:
+                rounds = read_rounds(run_dir / "rounds.jsonl")
+                for record in rounds[seen:]:
+                    marks.append(time.monotonic())
+                    if on_round is not None:
+                        on_round(record)
+                seen = len(rounds)
+                if (run_dir / "summary.json").exists():
+                    break
+                if not runner.running():
+                    time.sleep(1.0)
+                    if (run_dir / "summary.json").exists():
+                        continue
+                    raise RunFailed(
+                        f"the run ended without results; see {runner.log_path}:\n"
+                        f"{runner.log_tail()}"
+                    )
+                if time.monotonic() > deadline:
+                    raise RunFailed(
+                        f"the run took longer than {timeout_s:.0f}s; see {runner.log_path}"
+                    )
+                time.sleep(0.2)
+        finally:
+            if runner is not None:
+                runner.stop()
+    gaps = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+    return FollowedRun(
+        run_dir, read_rounds(run_dir / "rounds.jsonl"), time.monotonic() - started, gaps
+    )

@@ -8,9 +8,7 @@ interrupted. ``FLWR_HOME`` points into a temporary folder, so nothing is written
 
 from __future__ import annotations
 
-import json
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +16,14 @@ from typing import Any
 
 from fedsafe.config import RunConfig
 from fedsafe.server.run_folder import new_run_dir
-from fedsafe.simulations.flower_app import run_config_toml, write_app_folder
-from fedsafe.simulations.processes import (
+from fedsafe.simulations.flower_app import RunFailed, submit_and_follow
+from fedsafe.transport.processes import (
     LOOPBACK,
-    flower_executable,
+    FlowerProcess,
+    flower_bin,
+    flower_env,
     free_port,
-    start,
-    stop,
+    spawn,
     stop_by_env,
     wait_http_ok,
 )
@@ -32,7 +31,7 @@ from fedsafe.simulations.processes import (
 CONNECTION = "fedsafe-sim"
 
 
-class SimulationFailed(RuntimeError):
+class SimulationFailed(RunFailed):
     """The simulation ended without writing its results."""
 
 
@@ -52,13 +51,6 @@ def _connection_toml(port: int) -> str:
     )
 
 
-def _read_rounds(path: Path, seen: int) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    return [json.loads(ln) for ln in lines[seen:]]
-
-
 def run_simulation(
     config: RunConfig,
     num_sites: int,
@@ -66,7 +58,6 @@ def run_simulation(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     num_gpus_per_site: float = 0.0,
     timeout_s: float = 3600,
-    keep_logs: bool = True,
 ) -> SimulationResult:
     """Run ``config`` with ``num_sites`` virtual SuperNodes and return its run folder.
 
@@ -83,73 +74,52 @@ def run_simulation(
     if values["ledger-dir"]:
         values["ledger-dir"] = str(Path(values["ledger-dir"]).resolve())
     logs = run_dir / "logs"
-    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fedsafe-sim-") as tmp_name:
         tmp = Path(tmp_name)
         home = tmp / "flwr-home"
         home.mkdir()
         port = free_port()
         (home / "config.toml").write_text(_connection_toml(port))
-        app_dir = write_app_folder(tmp / "app")
-        overrides = tmp / "run-config.toml"
-        overrides.write_text(run_config_toml(values))
-        env = {"FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0"}
-        superlink = start(
-            [
-                flower_executable("flower-superlink"),
-                "--insecure",
-                "--simulation",
-                "--isolation", "subprocess",
-                "--host", LOOPBACK,
-                "--port", str(port),
-                "--database", str(tmp / "state.db"),
-                "--disable-runtime-dependency-installation",
-            ],
-            logs / "superlink.log",
-            env,
-        )  # fmt: skip
-        runner = None
+        env = flower_env(home, {"FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0"})
+        superlink: FlowerProcess | None = None
         try:
+            superlink = spawn(
+                "simulation superlink",
+                [
+                    flower_bin("flower-superlink"),
+                    "--insecure",
+                    "--simulation",
+                    "--isolation", "subprocess",
+                    "--host", LOOPBACK,
+                    "--port", str(port),
+                    "--database", str(tmp / "state.db"),
+                    "--disable-runtime-dependency-installation",
+                ],
+                log_path=logs / "superlink.log",
+                env=env,
+            )  # fmt: skip
             if not wait_http_ok(f"http://{LOOPBACK}:{port}/health", 60, superlink):
                 raise SimulationFailed(f"the simulation SuperLink did not start; see {logs}")
             federation = (
                 f"num-supernodes={num_sites} client-resources-num-cpus=1 "
                 f"client-resources-num-gpus={float(num_gpus_per_site)}"
             )
-            runner = start(
-                [
-                    flower_executable("flwr"), "run", str(app_dir), CONNECTION,
-                    "--run-config", str(overrides),
-                    "--federation-config", federation,
-                    "--stream",
-                ],
-                logs / "flwr-run.log",
-                env,
-            )  # fmt: skip
-            seen = 0
-            deadline = time.monotonic() + timeout_s
-            while True:
-                for record in _read_rounds(run_dir / "rounds.jsonl", seen):
-                    seen += 1
-                    if on_round is not None:
-                        on_round(record)
-                if (run_dir / "summary.json").exists():
-                    break
-                if runner.poll() is not None:
-                    time.sleep(1.0)
-                    if (run_dir / "summary.json").exists():
-                        continue
-                    raise SimulationFailed(
-                        f"the run ended without results; see {logs / 'flwr-run.log'}"
-                    )
-                if time.monotonic() > deadline:
-                    raise SimulationFailed(f"the run took longer than {timeout_s:.0f}s")
-                time.sleep(0.5)
+            try:
+                followed = submit_and_follow(
+                    CONNECTION,
+                    home,
+                    values,
+                    run_dir,
+                    federation_config=federation,
+                    on_round=on_round,
+                    timeout_s=timeout_s,
+                )
+            except RunFailed as exc:
+                raise SimulationFailed(str(exc)) from None
         finally:
-            if runner is not None:
-                stop(runner)
-            stop(superlink)
-            stop_by_env("FLWR_HOME", str(home))
-            (logs / "flwr_home.txt").write_text(str(home))
-    rounds = _read_rounds(run_dir / "rounds.jsonl", 0)
-    return SimulationResult(run_dir, rounds, time.monotonic() - started)
+            if superlink is not None:
+                superlink.stop()
+            # Anything that detached itself still carries this run's private FLWR_HOME.
+            stop_by_env("FLWR_HOME", str(home.resolve()))
+            (logs / "flwr_home.txt").write_text(str(home.resolve()))
+    return SimulationResult(run_dir, followed.rounds, followed.seconds)

@@ -125,6 +125,55 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def pids_with_env(key: str, value: str) -> list[int]:
+    """PIDs of live processes whose environment has ``key=value`` (Linux ``/proc``).
+
+    Every process a run starts inherits its private ``FLWR_HOME``, even one that detached
+    itself into a session of its own, so this finds what a run left behind without touching
+    anyone else's processes.
+    """
+    needle = f"{key}={value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in env.split(b"\0"):
+            found.append(int(entry.name))
+    return [pid for pid in found if _alive(pid)]
+
+
+def stop_by_env(key: str, value: str, grace_s: float = 1.0) -> None:
+    """End every process that still carries ``key=value`` in its environment."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        live = pids_with_env(key, value)
+        if not live:
+            return
+        for pid in live:
+            _signal_pid(pid, sig)
+        time.sleep(grace_s)
+
+
+def wait_http_ok(url: str, timeout_s: float, proc: FlowerProcess | None = None) -> bool:
+    """Poll ``url`` until it answers 2xx; False on timeout or if ``proc`` exits first."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and not proc.running():
+            return False
+        try:
+            if httpx.get(url, timeout=0.5).is_success:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
 @dataclass
 class FlowerProcess:
     """A started Flower process, its log file, and how to stop it with all its children.

@@ -17,7 +17,7 @@ from opacus.accountants import PRVAccountant
 
 from fedsafe.cli.main import main
 from fedsafe.data.heart import load_heart_sites
-from fedsafe.simulations.processes import pids_with_env
+from fedsafe.transport.processes import pids_with_env
 
 pytestmark = pytest.mark.slow
 ROUNDS = 3
