@@ -111,9 +111,8 @@ def main() -> int:
                     f"{r['metric']:.4f} | {change:+.2f} | {r['epsilon']:.3f} |"
                 )
             if base:
-                lines.append(
-                    f"\nDownlink (global model, plain float32): {base['bytes_down']:,.0f} bytes per round."
-                )
+                down = f"{base['bytes_down']:,.0f}"
+                lines.append(f"\nDownlink (global model, plain float32): {down} bytes per round.")
             sections.append("\n".join(lines))
     command = "`.venv/bin/python bench/compression.py " + " ".join(sys.argv[1:]) + "`"
     text = (
