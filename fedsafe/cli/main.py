@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
 
 from fedsafe import __version__
@@ -54,8 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Library notices that say nothing to a fedsafe user (the report states the RNG assumption).
+QUIET_WARNINGS = (
+    "Secure RNG turned off",
+    "Full backward hook is firing",
+    "Optimal order is the largest alpha",
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fedsafe`` command and return its exit code."""
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

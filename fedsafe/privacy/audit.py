@@ -201,7 +201,7 @@ def train_model(
                 poisson_sampling=True,
                 noise_generator=torch.Generator().manual_seed(setup.seed + 1),
             )
-        sample_rate = min(1.0, setup.batch_size / len(x))
+        sample_rate = float(loader.sample_rate)  # what Opacus samples with
         event = PoissonGaussianEvent(
             sample_rate, setup.noise_multiplier, setup.epochs * len(loader)
         )
