@@ -121,15 +121,16 @@ def guarantee_paragraphs(data: ReportData) -> list[str]:
         + "; ".join(eps_parts)
         + ".",
         "Under which assumptions: (1) every training step picks records independently at "
-        "random (Poisson sampling) with the sample rate below; (2) each record's influence "
-        f"on a step is clipped to norm {clip} before Gaussian noise is added; (3) the site "
-        "runs the unmodified fedsafe training code and keeps its privacy ledger intact "
-        "(honest site code), and the batch sampling and the noise stay secret at the site "
-        "(drawn from generators seeded by the operating system's random source, unless the "
-        "run was started with reproducible-noise for research, which voids the guarantee "
-        "against anyone who knows the seed); (4) δ is the probability that the guarantee fails and should "
-        "be much smaller than one over the number of records; (5) one person is one record: "
-        "a person with several rows, or with records at several sites, is protected less.",
+        "random (Poisson sampling) with the sample rate below; (2) each record's influence on"
+        f" a step is clipped to norm {clip} before Gaussian noise is added; (3) the site runs "
+        "the unmodified fedsafe training code and keeps its privacy ledger intact (honest "
+        "site code), and the batch sampling and the noise stay secret at the site (drawn from"
+        " generators seeded by the operating system's random source, unless the run was "
+        "started with reproducible-noise for research, which voids the guarantee against "
+        "anyone who knows the seed); (4) δ is the probability that the guarantee fails and "
+        "should be much smaller than one over the number of records; (5) one person is one "
+        "record: a person with several rows, or with records at several sites, is protected "
+        "less.",
         f"How it was computed: the {acc_text}, at the δ above, from every recorded mechanism "
         "(sample rate, noise multiplier, steps, clipping norm, listed below).",
         "Not covered: exact counts (number of training and test records), values computed "
