@@ -41,6 +41,9 @@ CSV_COLUMNS = (
     "num_examples",
     "epsilon_max",
     "remaining",
+    "bytes_up",
+    "bytes_down",
+    "bytes_up_uncompressed",
 )
 
 
@@ -247,9 +250,35 @@ def report_dict(data: ReportData) -> dict[str, Any]:
         "sites": [asdict(s) for s in data.sites],
         "rounds": [asdict(r) for r in data.rows],
         "mean_accuracy": [{"round": r, "accuracy": a} for r, a in data.mean_accuracy],
+        "bytes": bytes_per_round(data),
         "audit": [dict(a) for a in data.audit],
         "ledgers": {site: [e.to_dict() for e in es] for site, es in data.ledgers.items()},
     }
+
+
+def bytes_per_round(data: ReportData) -> list[dict[str, Any]]:
+    """Serialized bytes up and down per round (all sites), with the uplink ratio.
+
+    ``ratio`` is the uplink against the same replies with the model in Flower's plain format.
+    """
+    rounds: dict[int, dict[str, int]] = {}
+    for r in data.rows:
+        if r.bytes_up is None:
+            continue
+        acc = rounds.setdefault(r.round, {"up": 0, "down": 0, "raw": 0})
+        acc["up"] += r.bytes_up
+        acc["down"] += r.bytes_down or 0
+        acc["raw"] += r.bytes_up_uncompressed or r.bytes_up
+    return [
+        {
+            "round": rnd,
+            "bytes up": v["up"],
+            "bytes down": v["down"],
+            "bytes up uncompressed": v["raw"],
+            "uplink ratio": round(v["raw"] / v["up"], 2) if v["up"] else None,
+        }
+        for rnd, v in sorted(rounds.items())
+    ]
 
 
 def _finite(value: Any) -> Any:
@@ -333,6 +362,9 @@ generated {esc(content["generated_at"])}.</p>
 <h2>What leaves each site</h2>{releases}
 <h2>Mechanism parameters (from the ledgers)</h2>{_table(content["mechanisms"])}
 <h2>Run settings</h2>{_table(config_rows)}
+<h2>Bytes on the wire</h2><p>Serialized size of every message, all sites together, per
+round; the ratio compares the uplink with the same replies uncompressed.</p>
+{_table(content["bytes"])}
 {audit}
 <h2>Per-round figures</h2>{_table(content["rounds"])}
 </body></html>

@@ -36,6 +36,9 @@ class RoundRow:
     remaining: float | None
     run_id: str = ""
     epsilon_run: float | None = None
+    bytes_up: int | None = None
+    bytes_down: int | None = None
+    bytes_up_uncompressed: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +241,9 @@ def load_run_folder(folder: Path) -> ReportData:
                     epsilon_max=eps_max,
                     remaining=None if eps is None or eps_max is None else eps_max - eps,
                     epsilon_run=eps_this_run,
+                    bytes_up=_int(metrics.get("bytes-up")),
+                    bytes_down=_int(metrics.get("bytes-down")),
+                    bytes_up_uncompressed=_int(metrics.get("bytes-up-uncompressed")),
                 )
             )
     summaries = []
