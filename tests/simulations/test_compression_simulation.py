@@ -20,9 +20,9 @@ def test_mnist_with_topk_int8_records_real_bytes_and_reports_them(tmp_path):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         code = main(
-            ["simulate", "--scenario", "mnist", "--sites", "2", "--rounds", "2", "--local-steps", "2",
-             "--epsilon", "3", "--delta", "1e-5", "--compression", "topk:0.1+int8",
-             "--out", str(tmp_path)]
+            ["simulate", "--scenario", "mnist", "--sites", "2", "--rounds", "2",
+             "--local-steps", "2", "--epsilon", "3", "--delta", "1e-5",
+             "--compression", "topk:0.1+int8", "--out", str(tmp_path)]
         )  # fmt: skip
     assert code == 0, buf.getvalue()
     run_dir = Path(re.search(r"run folder: (\S+)", buf.getvalue()).group(1))
