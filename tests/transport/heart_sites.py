@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
-SOURCE = Path("/work/shared/data/heart_disease_uci.csv")
+# shared/ sits beside the project's root, for developers and CI alike.
+SOURCE = Path(__file__).resolve().parents[3] / "shared" / "data" / "heart_disease_uci.csv"
 FALLBACK = (
     Path(__file__).resolve().parents[2] / "fedsafe" / "data" / "files" / "heart_disease_uci.csv"
 )
