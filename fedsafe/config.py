@@ -38,6 +38,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "run-dir": "",
     "ledger-dir": "",
     "compression": "none",
+    "downlink-compression": "none",
     "lending-sites": 4,
     "mnist-sites": 10,
     "mnist-alpha": 0.5,
@@ -75,6 +76,7 @@ class RunConfig:
     run_dir: str
     ledger_dir: str
     compression: str
+    downlink_compression: str
     lending_sites: int
     mnist_sites: int
     mnist_alpha: float
@@ -101,6 +103,10 @@ class RunConfig:
             raise bad("accountant", "must be prv or rdp")
         if self.device not in ("auto", "cpu", "cuda"):
             raise bad("device", "must be auto, cpu or cuda")
+        from fedsafe.compression import check_downlink, parse_compression
+
+        parse_compression(self.compression)
+        check_downlink(parse_compression(self.downlink_compression))
         if self.dp:
             if not (0 < self.target_delta < 1):
                 raise bad("target-delta", f"must be in (0, 1), got {self.target_delta}")

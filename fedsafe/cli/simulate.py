@@ -89,7 +89,12 @@ def register(sub: Any) -> None:
         help="site privacy ledgers, kept across runs (default: <out>/ledgers); epsilon "
         "composes every run recorded there on the same data",
     )
-    p.add_argument("--compression", default="none", help="e.g. int8, topk:0.01+int8")
+    p.add_argument("--compression", default="none", help="uplink, e.g. int8, topk:0.01+int8")
+    p.add_argument(
+        "--downlink-compression",
+        default="none",
+        help="global model sent to the sites: none, float16, int8 or int4",
+    )
     p.add_argument("--reproducible-noise", action="store_true",
                    help="seed sampling and noise from --seed (research only: voids the guarantee "
                         "against anyone who knows the seed)")  # fmt: skip
@@ -167,6 +172,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "out-dir": args.out,
         "ledger-dir": args.ledger_dir if args.ledger_dir is not None else f"{args.out}/ledgers",
         "compression": args.compression,
+        "downlink-compression": args.downlink_compression,
         "lending-sites": args.sites or 4,
         "mnist-sites": args.sites or 10,
         "mnist-alpha": args.alpha,

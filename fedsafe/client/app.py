@@ -28,7 +28,7 @@ from fedsafe.client.dp_training import (
 )
 from fedsafe.client.privacy_state import NoiseChoice, SiteAccount, choose_noise
 from fedsafe.client.site import SiteSetup, resolve_site, stable_site_number
-from fedsafe.client.update_encoding import encode_model_update
+from fedsafe.client.update_encoding import encode_model_update, received_state
 from fedsafe.config import RunConfig
 from fedsafe.errors import BudgetExhaustedError
 from fedsafe.models import build_model
@@ -44,7 +44,7 @@ log = logging.getLogger("flwr.fedsafe.client")
 
 def _model_for(site: SiteSetup, cfg: RunConfig, content: RecordDict) -> torch.nn.Module:
     model = build_model(site.model, site.data.num_features, cfg.seed)
-    model.load_state_dict(content.array_records["arrays"].to_torch_state_dict())
+    model.load_state_dict(received_state(content.array_records["arrays"]))
     return model
 
 
@@ -170,7 +170,7 @@ def train(msg: Message, context: Context) -> Message:
     model.cpu()
     arrays, metrics["bytes-up"] = encode_model_update(
         model,
-        msg.content.array_records["arrays"],
+        received_state(msg.content.array_records["arrays"]),
         cfg.compression,
         cfg.dp,
         context,

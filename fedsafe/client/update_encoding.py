@@ -16,17 +16,29 @@ from fedsafe.compression import (
     CompressionStage,
     ErrorFeedback,
     assert_post_privatization,
+    decode_update,
     encode_update,
     parse_compression,
     serialized_size,
 )
+from fedsafe.compression.wire import WIRE_KEY
 
 FEEDBACK_KEY = "fedsafe-error-feedback"
 
 
+def received_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The global model as the site received it: plain, or decoded from downlink compression."""
+    if WIRE_KEY not in record:
+        return record.to_torch_state_dict()
+    return {
+        k: torch.from_numpy(np.asarray(v, dtype=np.float32))
+        for k, v in decode_update(record).items()
+    }
+
+
 def encode_model_update(
     model: torch.nn.Module,
-    global_arrays: ArrayRecord,
+    reference: dict[str, torch.Tensor],
     spec: str,
     dp: bool,
     context: Context,
@@ -35,7 +47,9 @@ def encode_model_update(
     """The reply's arrays and their serialized size in bytes.
 
     With ``spec == "none"`` the privatized model itself is sent (Flower's plain format).
-    Otherwise ``new - global`` is encoded by the pipeline.
+    Otherwise ``new - reference`` is encoded by the pipeline, where ``reference`` is the global
+    model exactly as received (after any downlink decoding), so the coordinator, which knows
+    what it sent, rebuilds the site's model exactly.
     """
     pipeline = parse_compression(spec)
     assert_post_privatization(dp, pipeline, CompressionStage.POST_PRIVATIZATION)
@@ -43,7 +57,6 @@ def encode_model_update(
     if pipeline.is_identity:
         record = ArrayRecord(state)
         return record, serialized_size(record)
-    reference = global_arrays.to_torch_state_dict()
     update = {k: (state[k] - reference[k]).numpy().astype(np.float32) for k in state}
     feedback = None
     if pipeline.needs_error_feedback:

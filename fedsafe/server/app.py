@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedsafe import __version__
+from fedsafe.compression import check_downlink, parse_compression
 from fedsafe.config import RunConfig
 from fedsafe.models import build_model
 from fedsafe.server.reply_checks import metrics_of, reply_error, site_name
@@ -72,8 +73,15 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(model_name, width, cfg.seed)
     strategy = build_strategy(cfg, num_sites)
     started = time.time()
+    downlink = parse_compression(cfg.downlink_compression)
+    check_downlink(downlink)
     final, state = run_rounds(
-        grid, strategy, ArrayRecord(model.state_dict()), cfg.num_server_rounds, folder
+        grid,
+        strategy,
+        ArrayRecord(model.state_dict()),
+        cfg.num_server_rounds,
+        folder,
+        downlink=downlink,
     )
     meta = _model_metadata(cfg, model_name, feature_names, state, time.time() - started)
     _save_model(folder, model, final, meta)

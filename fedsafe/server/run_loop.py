@@ -20,7 +20,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsafe.compression import MalformedPayloadError, decode_update, plain_record, serialized_size
+from fedsafe.compression import (
+    CompressionPipeline,
+    MalformedPayloadError,
+    decode_update,
+    encode_update,
+    plain_record,
+    serialized_size,
+)
 from fedsafe.compression.wire import WIRE_KEY
 from fedsafe.server.reply_checks import (
     ReplyRejected,
@@ -34,9 +41,6 @@ from fedsafe.server.run_folder import RunFolder
 
 # A child of Flower's logger, so messages appear in the ServerApp's streamed logs.
 log = logging.getLogger("flwr.fedsafe")
-
-#: Turns a reply's content into dense model arrays (identity without compression).
-Decoder = Callable[[RecordDict, ArrayRecord], ArrayRecord]
 
 PRIVACY_KEYS = (
     "epsilon",
@@ -117,13 +121,19 @@ def run_rounds(
     num_rounds: int,
     folder: RunFolder,
     *,
-    decode: Decoder = dense_arrays,
+    downlink: CompressionPipeline | None = None,
+    rng: np.random.Generator | None = None,
     timeout: float = 3600,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[ArrayRecord, LoopState]:
-    """Run ``num_rounds`` rounds of train + federated evaluation; return the final model."""
+    """Run ``num_rounds`` rounds of train + federated evaluation; return the final model.
+
+    With ``downlink``, the global model sent to the sites is compressed (float16, int8 or
+    int4; never top-k) and compressed replies are rebuilt on the model as the sites decoded it.
+    """
     arrays = initial
     state = LoopState()
+    rng = rng or np.random.default_rng()
     for rnd in range(1, num_rounds + 1):
         t0 = time.monotonic()
         train_msgs = [
@@ -137,6 +147,7 @@ def run_rounds(
                 "all-sites-exhausted", round=rnd, sites=sorted(state.exhausted.values())
             )
             break
+        sent = _compress_downlink(train_msgs, arrays, downlink, rng)
         bytes_down = {m.metadata.dst_node_id: serialized_size(m.content) for m in train_msgs}
         raw_up = serialized_size(
             plain_record(dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)))
@@ -173,7 +184,7 @@ def run_rounds(
                     sites[name] = {"status": "budget-exhausted", **_privacy(metrics)}
                     state.last_privacy[name] = _privacy(metrics)
                     continue
-                dense = decode(msg.content, arrays)
+                dense = dense_arrays(msg.content, sent)
                 check_arrays(dense, arrays)
             except ReplyRejected as exc:
                 log.warning("round %d: dropped the reply of site %s: %s", rnd, name, exc)
@@ -194,6 +205,7 @@ def run_rounds(
             if new_arrays is not None:
                 arrays = new_arrays
         eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid))
+        _compress_downlink(eval_msgs, arrays, downlink, rng)
         for msg in _send(grid, eval_msgs, timeout):
             node = msg.metadata.src_node_id
             error = reply_error(msg)
@@ -218,6 +230,25 @@ def run_rounds(
         if on_round is not None:
             on_round(record)
     return arrays, state
+
+
+def _compress_downlink(
+    msgs: list[Message],
+    arrays: ArrayRecord,
+    pipeline: CompressionPipeline | None,
+    rng: np.random.Generator,
+) -> ArrayRecord:
+    """Put one encoding of the global model in ``msgs``; return the model the sites decode."""
+    if pipeline is None or pipeline.is_identity or not msgs:
+        return arrays
+    named = dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True))
+    record, _ = encode_update(named, pipeline, rng)
+    for msg in msgs:
+        msg.content["arrays"] = record
+    decoded = decode_update(record)
+    return ArrayRecord(
+        {k: Array(np.asarray(decoded[k], dtype=named[k].dtype)) for k in arrays.keys()}
+    )
 
 
 def _privacy(metrics: dict[str, float]) -> dict[str, float]:
