@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from fedsafe.cli.examples import with_examples
 from fedsafe.errors import UserError
 from fedsafe.transport import admission, pki
 from fedsafe.transport.foreground import run_in_foreground
@@ -170,7 +171,17 @@ def register(subparsers: Any) -> None:
         p.add_argument("--dir", default="coordinator", help="coordinator folder (state, logs)")
         return p
 
-    start = with_dir(sub.add_parser("start", help="start the SuperLink with TLS and site auth"))
+    start = with_dir(
+        sub.add_parser(
+            "start",
+            help="start the SuperLink with TLS and site auth",
+            **with_examples(
+                "fedsafe coordinator start --dir coordinator/ --pki pki/",
+                "fedsafe coordinator start --dir coordinator/ --pki pki/ --host 0.0.0.0 "
+                "--port 9092 --public-address coordinator.example.org:9092",
+            ),
+        )
+    )
     start.add_argument("--pki", default="pki", help="folder with ca.pem, server.pem, server.key")
     start.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     start.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTPS port for sites")
@@ -182,19 +193,47 @@ def register(subparsers: Any) -> None:
     start.add_argument("--verbose", action="store_true", help="echo the SuperLink log")
     start.set_defaults(func=_cmd_start)
 
-    admit = with_dir(sub.add_parser("admit", help="admit a site by its public key (SITE.pub)"))
+    admit = with_dir(
+        sub.add_parser(
+            "admit",
+            help="admit a site by its public key (SITE.pub)",
+            **with_examples("fedsafe coordinator admit hospital-a.pub --dir coordinator/"),
+        )
+    )
     admit.add_argument("public_key", help="the site's NAME.pub from `fedsafe pki site NAME`")
     admit.add_argument("--name", default=None, help="site name (default: key file name)")
     admit.set_defaults(func=_cmd_admit)
 
-    listing = with_dir(sub.add_parser("list", help="list admitted sites and their status"))
+    listing = with_dir(
+        sub.add_parser(
+            "list",
+            help="list admitted sites and their status",
+            **with_examples("fedsafe coordinator list --dir coordinator/"),
+        )
+    )
     listing.set_defaults(func=_cmd_list)
 
-    remove = with_dir(sub.add_parser("remove", help="revoke a site (by name or node id)"))
+    remove = with_dir(
+        sub.add_parser(
+            "remove",
+            help="revoke a site (by name or node id)",
+            **with_examples("fedsafe coordinator remove hospital-a --dir coordinator/"),
+        )
+    )
     remove.add_argument("site", help="site name or node id")
     remove.set_defaults(func=_cmd_remove)
 
-    run = with_dir(subparsers.add_parser("run", help="submit a federated run to the coordinator"))
+    run = with_dir(
+        subparsers.add_parser(
+            "run",
+            help="submit a federated run to the coordinator",
+            **with_examples(
+                "fedsafe run --dir coordinator/ --out runs/ --rounds 15 --min-sites 3",
+                "fedsafe run --dir coordinator/ -c 'target-epsilon=1.0 target-delta=1e-5' "
+                "-c 'compression=\"int8\"'",
+            ),
+        )
+    )
     run.add_argument("--rounds", type=int, default=None, help="number of rounds")
     run.add_argument("--min-sites", type=int, default=None, help="sites every round waits for")
     run.add_argument("--timeout", type=float, default=3600.0, help="seconds before giving up")

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from fedsafe.cli.examples import with_examples
 from fedsafe.transport import pki
 
 
@@ -57,14 +58,25 @@ def register(subparsers: Any) -> None:
     )
     sub = parser.add_subparsers(dest="pki_command", metavar="PKI_COMMAND", required=True)
 
-    init = sub.add_parser("init", help="create the federation CA (ca.pem, ca.key)")
+    init = sub.add_parser(
+        "init",
+        help="create the federation CA (ca.pem, ca.key)",
+        **with_examples(
+            "fedsafe pki init --out pki/", "fedsafe pki init --out pki/ --valid-days 1825"
+        ),
+    )
     init.add_argument("--out", default="pki", help="folder for ca.pem and ca.key (default: pki)")
     init.add_argument("--valid-days", type=int, default=pki.DEFAULT_CA_DAYS)
     init.add_argument("--force", action="store_true", help="overwrite existing files")
     init.set_defaults(func=_cmd_init)
 
     server = sub.add_parser(
-        "server", help="issue the coordinator's TLS certificate (server.pem, server.key)"
+        "server",
+        help="issue the coordinator's TLS certificate (server.pem, server.key)",
+        **with_examples(
+            "fedsafe pki server --pki pki/ --host coordinator.example.org --ip 203.0.113.10",
+            "fedsafe pki server --pki pki/ --ip 127.0.0.1 --force   # reissue",
+        ),
     )
     server.add_argument("--pki", default="pki", help="folder holding ca.pem and ca.key")
     server.add_argument(
@@ -81,7 +93,11 @@ def register(subparsers: Any) -> None:
     server.set_defaults(func=_cmd_server)
 
     site = sub.add_parser(
-        "site", help="create a site's authentication key pair (NAME.key, NAME.pub)"
+        "site",
+        help="create a site's authentication key pair (NAME.key, NAME.pub)",
+        **with_examples(
+            "fedsafe pki site hospital-a --out keys/   # keep hospital-a.key, send hospital-a.pub"
+        ),
     )
     site.add_argument("name", help="site name, e.g. hospital-a")
     site.add_argument("--out", default=".", help="folder for NAME.key and NAME.pub (default: .)")

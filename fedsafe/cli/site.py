@@ -23,6 +23,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedsafe.cli.examples import with_examples
 from fedsafe.errors import UserError
 from fedsafe.transport import pki
 from fedsafe.transport.foreground import run_in_foreground
@@ -164,7 +165,15 @@ def register(subparsers: Any) -> None:
     """Add ``fedsafe site start`` to the top-level subparsers."""
     parser = subparsers.add_parser("site", help="run a site (Flower SuperNode) on its own data")
     sub = parser.add_subparsers(dest="site_command", metavar="COMMAND", required=True)
-    start = sub.add_parser("start", help="join the coordinator and train on this site's data")
+    start = sub.add_parser(
+        "start",
+        help="join the coordinator and train on this site's data",
+        **with_examples(
+            "fedsafe site start --coordinator coordinator.example.org:9092 --ca ca.pem "
+            "--key keys/hospital-a.key --data /secure/site.csv --schema schema.yaml "
+            "--budget 3,1e-5 --device auto",
+        ),
+    )
     start.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
     start.add_argument("--ca", required=True, help="the federation CA certificate (ca.pem)")
     start.add_argument("--key", required=True, help="this site's private key (NAME.key)")
