@@ -91,6 +91,36 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits, y.long())
 
 
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    noise_generator: torch.Generator,
+) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, float]:
+    """Opacus's DP-SGD parts: per-sample gradients, clip-and-noise optimizer, Poisson loader.
+
+    Also returns the rate the loader really samples with (``1 / len(loader)``): account with
+    it, not with ``batch_size / n``.
+    """
+    from opacus import PrivacyEngine
+
+    engine = PrivacyEngine(accountant="prv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus's notice that its RNG is not the secure one
+        dp_model, dp_optimizer, dp_loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=noise_generator,
+        )
+    return dp_model, dp_optimizer, dp_loader, float(dp_loader.sample_rate)
+
+
 def train_round(
     model: nn.Module,
     x: NDArray[np.float32],
@@ -110,24 +140,16 @@ def train_round(
     global_params = [p.detach().clone() for p in model.parameters()]
     dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
     gen = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr)
+    optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr)
     if plan.dp:
-        from opacus import PrivacyEngine
-
-        loader = DataLoader(dataset, batch_size=plan.batch_size, generator=gen)
-        engine = PrivacyEngine(accountant="prv")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dp_model, optimizer, loader = engine.make_private(
-                module=model,
-                optimizer=optimizer,
-                data_loader=loader,
-                noise_multiplier=plan.noise_multiplier,
-                max_grad_norm=plan.max_grad_norm,
-                poisson_sampling=True,
-                noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
-            )
-        sample_rate = float(loader.sample_rate)
+        dp_model, optimizer, loader, sample_rate = make_private(
+            model,
+            optimizer,
+            DataLoader(dataset, batch_size=plan.batch_size, generator=gen),
+            plan.noise_multiplier,
+            plan.max_grad_norm,
+            torch.Generator(device=device).manual_seed(seed + 1),
+        )
         train_model: nn.Module = dp_model
     else:
         loader = DataLoader(dataset, batch_size=plan.batch_size, shuffle=True, generator=gen)

@@ -16,7 +16,6 @@ a proof; the guarantee comes from the accountant.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -182,26 +181,20 @@ def train_model(
     loader = DataLoader(
         TensorDataset(x, y), batch_size=setup.batch_size, shuffle=True, generator=generator
     )
-    optimizer = torch.optim.SGD(model.parameters(), lr=setup.lr)
+    optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=setup.lr)
     trained: nn.Module = model
     event = None
     if dp:
-        from opacus import PrivacyEngine
+        from fedsafe.client.dp_training import make_private
 
-        engine = PrivacyEngine(accountant="prv")
-        with warnings.catch_warnings():
-            # Opacus warns about the non-secure RNG; the audit is not a release.
-            warnings.simplefilter("ignore")
-            trained, optimizer, loader = engine.make_private(
-                module=model,
-                optimizer=optimizer,
-                data_loader=loader,
-                noise_multiplier=setup.noise_multiplier,
-                max_grad_norm=setup.max_grad_norm,
-                poisson_sampling=True,
-                noise_generator=torch.Generator().manual_seed(setup.seed + 1),
-            )
-        sample_rate = float(loader.sample_rate)  # what Opacus samples with
+        trained, optimizer, loader, sample_rate = make_private(
+            model,
+            optimizer,
+            loader,
+            setup.noise_multiplier,
+            setup.max_grad_norm,
+            torch.Generator().manual_seed(setup.seed + 1),
+        )
         event = PoissonGaussianEvent(
             sample_rate, setup.noise_multiplier, setup.epochs * len(loader)
         )

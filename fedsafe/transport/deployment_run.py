@@ -10,29 +10,18 @@ coordinator's TLS connection instead of a local simulation SuperLink.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedsafe.config import DEFAULT_RUN_CONFIG
 from fedsafe.errors import UserError
 from fedsafe.server.run_folder import new_run_dir
-from fedsafe.simulations.flower_app import RunFailed, submit_and_follow
+from fedsafe.simulations.flower_app import FollowedRun, RunFailed, submit_and_follow
 from fedsafe.transport.admission import CONNECTION_NAME
 
 
 class DeploymentRunFailed(RunFailed):
     """The run ended without a summary; the message names the log to read."""
-
-
-@dataclass(frozen=True, slots=True)
-class DeploymentRunResult:
-    """Where a finished deployment run left its results."""
-
-    run_dir: Path
-    rounds: list[dict[str, Any]]
-    seconds: float
-    round_seconds: list[float]
 
 
 def submit_run(
@@ -42,7 +31,7 @@ def submit_run(
     out_dir: Path,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     timeout_s: float = 3600.0,
-) -> DeploymentRunResult:
+) -> FollowedRun:
     """Run the fedsafe app on the coordinator that ``flwr_home`` connects to.
 
     Parameters
@@ -60,7 +49,7 @@ def submit_run(
 
     Returns
     -------
-    DeploymentRunResult
+    FollowedRun
         The run folder, its rounds, the total seconds, and the seconds between rounds.
     """
     unknown = sorted(set(overrides) - set(DEFAULT_RUN_CONFIG))
@@ -76,9 +65,8 @@ def submit_run(
     values["run-dir"] = str(run_dir)
     values["out-dir"] = str(Path(out_dir).resolve())
     try:
-        followed = submit_and_follow(
+        return submit_and_follow(
             CONNECTION_NAME, flwr_home, values, run_dir, on_round=on_round, timeout_s=timeout_s
         )
     except RunFailed as exc:
         raise DeploymentRunFailed(str(exc)) from None
-    return DeploymentRunResult(run_dir, followed.rounds, followed.seconds, followed.round_gaps)
