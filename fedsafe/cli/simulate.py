@@ -82,6 +82,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--seed", type=int, default=DEFAULT_RUN_CONFIG["seed"])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--gpus-per-site",
+        type=float,
+        default=None,
+        help="GPU fraction Ray gives each simulated site (default: 0.25 with CUDA, else 0)",
+    )
     p.add_argument("--out", default="runs", help="folder for runs/<timestamp>/")
     p.add_argument(
         "--ledger-dir",
@@ -183,6 +189,26 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_mapping(values)
 
 
+def gpu_share(device: str, requested: float | None) -> float:
+    """GPU fraction per simulated site: Ray hides the GPU from a ClientApp given none.
+
+    ``auto`` shares one GPU among up to 4 concurrent sites when CUDA is present.
+    """
+    if requested is not None:
+        if requested < 0:
+            raise UserError(f"--gpus-per-site must be >= 0, got {requested}")
+        return requested
+    if device == "cpu":
+        return 0.0
+    import torch
+
+    if torch.cuda.is_available():
+        return 0.25
+    if device == "cuda":
+        raise UserError("--device cuda: no CUDA device is visible here; use --device auto or cpu")
+    return 0.0
+
+
 def run_simulate(args: argparse.Namespace) -> int:
     """Run the simulation, show progress, print the final table."""
     from fedsafe.simulations.runner import SimulationFailed, run_simulation
@@ -211,6 +237,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             cfg,
             num_sites,
             on_round=lambda r: print(progress_line(r, cfg.num_server_rounds, metric), flush=True),
+            num_gpus_per_site=gpu_share(cfg.device, args.gpus_per_site),
         )
     except SimulationFailed as exc:
         print(f"fedsafe: error: {exc}")
