@@ -10,6 +10,7 @@ the coordinator can build the model and check that all sites share one schema.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
@@ -103,6 +104,20 @@ def train(msg: Message, context: Context) -> Message:
     """
     cfg = RunConfig.from_mapping(context.run_config)
     site = resolve_site(context, cfg)
+    with contextlib.ExitStack() as stack:
+        ledger = None
+        if cfg.dp and site.ledger_path:
+            ledger = stack.enter_context(SitePrivacyLedger.open(site.ledger_path))
+        return _train(msg, context, cfg, site, ledger)
+
+
+def _train(
+    msg: Message,
+    context: Context,
+    cfg: RunConfig,
+    site: SiteSetup,
+    ledger: SitePrivacyLedger | None,
+) -> Message:
     config = msg.content.config_records["config"]
     server_round = int(config["server-round"])  # type: ignore[arg-type]
     model = _model_for(site, cfg, msg.content)
@@ -112,7 +127,6 @@ def train(msg: Message, context: Context) -> Message:
     account = None
     sigma = 1.0
     if cfg.dp:
-        ledger = SitePrivacyLedger.open(site.ledger_path) if site.ledger_path else None
         account = SiteAccount(
             ledger, site.fingerprint, _budget(site), cfg.target_delta, cfg.accountant,
             privacy_state.run_events(context),
