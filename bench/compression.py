@@ -119,7 +119,8 @@ def main() -> int:
         f"Reproduce: {command} (Flower simulation engine; seed {args.seed}; wall time "
         f"{time.time() - t0:.0f}s).\n\n" + "\n\n".join(sections) + "\n"
     )
-    out = ROOT / "bench" / "results" / ("compression_quick.md" if args.quick else "compression.md")
+    name = "compression_" + "_".join(args.scenarios.split(",")) + ("_quick" if args.quick else "")
+    out = ROOT / "bench" / "results" / f"{name}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)
