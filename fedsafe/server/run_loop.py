@@ -184,6 +184,8 @@ def run_rounds(
                     sites[name] = {"status": "budget-exhausted", **_privacy(metrics)}
                     state.last_privacy[name] = _privacy(metrics)
                     continue
+                if not metrics.get("num-examples", 0) > 0:
+                    raise ReplyRejected("reply carries no positive 'num-examples' weight")
                 dense = dense_arrays(msg.content, sent)
                 check_arrays(dense, arrays)
             except ReplyRejected as exc:
