@@ -49,6 +49,8 @@ def run(scenario: str, codec: str, args: argparse.Namespace, out: Path) -> dict[
         "seed": args.seed,
         **SETTINGS[scenario],
     }
+    if args.local_steps:
+        values["local-steps"] = args.local_steps
     cfg = RunConfig.from_mapping(values)
     result = run_simulation(cfg, default_num_sites(scenario, 4, args.sites))
     metric = HEADLINE_OF[scenario]
@@ -75,6 +77,7 @@ def main() -> int:
     p.add_argument("--codecs", default=None, help="comma-separated --compression specs")
     p.add_argument("--scenarios", default="mnist,lending")
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--local-steps", type=int, default=None, help="override the scenario's")
     p.add_argument("--sites", type=int, default=10)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--epsilon", type=float, default=3.0)
