@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import ssl
 import statistics
@@ -179,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-simulation", action="store_true")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
+    # SIGTERM must unwind through ProcessSet so no SuperLink or SuperNode outlives the bench.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     secure: list[float] = []
     plain: list[float] = []
