@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from fedsafe.cli.options import parse_budget
 from fedsafe.config import DEFAULT_RUN_CONFIG, STRATEGIES, RunConfig
 from fedsafe.errors import UserError
 
@@ -120,18 +121,6 @@ def register(sub: Any) -> None:
     b.set_defaults(func=run_baseline)
 
 
-def parse_budget(text: str, flag: str = "--site-budget") -> tuple[float, float]:
-    """Parse ``EPS,DELTA`` (e.g. ``3,1e-5``), naming ``flag`` on error."""
-    try:
-        eps_text, delta_text = text.split(",")
-        eps, delta = float(eps_text), float(delta_text)
-    except ValueError:
-        raise UserError(f"{flag} must be EPS,DELTA such as 3,1e-5; got {text!r}") from None
-    if not eps > 0 or not 0 < delta < 1:
-        raise UserError(f"{flag}: epsilon must be > 0 and delta in (0, 1); got {text!r}")
-    return eps, delta
-
-
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run config an invocation of ``fedsafe simulate`` asks for."""
     if args.no_dp and (args.epsilon is not None or args.noise_multiplier is not None):
@@ -146,7 +135,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         raise UserError(f"--delta must be in (0, 1), got {args.delta}")
     if args.rounds < 1:
         raise UserError(f"--rounds must be >= 1, got {args.rounds}")
-    budget_eps, budget_delta = parse_budget(args.site_budget) if args.site_budget else (0.0, 0.0)
+    budget_eps, budget_delta = (
+        parse_budget(args.site_budget, "--site-budget") if args.site_budget else (0.0, 0.0)
+    )
     dp = not args.no_dp
     client_lr, server_lr = TUNED_LR[(args.strategy, dp)]
     scenario_defaults = SCENARIO_DEFAULTS.get(args.scenario, {})

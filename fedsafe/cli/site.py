@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import stat
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedsafe.cli.examples import with_examples
+from fedsafe.cli.options import parse_budget
 from fedsafe.errors import UserError
 from fedsafe.transport import pki
 from fedsafe.transport.foreground import run_in_foreground
@@ -36,22 +36,6 @@ from fedsafe.transport.processes import (
 
 DEFAULT_CLIENTAPPIO_PORT = 9094
 DEVICES = ("auto", "cpu", "cuda")
-
-
-def parse_budget(text: str) -> tuple[float, float]:
-    """Parse ``--budget EPS,DELTA`` into two floats (epsilon > 0, 0 < delta < 1)."""
-    parts = text.split(",")
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        epsilon, delta = float(parts[0]), float(parts[1])
-    except ValueError as exc:
-        raise UserError(f"--budget {text!r} must be EPS,DELTA, e.g. --budget 3,1e-5") from exc
-    if not (math.isfinite(epsilon) and epsilon > 0):
-        raise UserError(f"--budget epsilon must be a finite number > 0, got {parts[0]}")
-    if not (0 < delta < 1):
-        raise UserError(f"--budget delta must be in (0, 1), got {parts[1]}")
-    return epsilon, delta
 
 
 def check_site_key(path: Path) -> None:
