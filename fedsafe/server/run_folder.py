@@ -23,6 +23,13 @@ from pathlib import Path
 from typing import Any
 
 
+def read_rounds(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``rounds.jsonl`` written so far (none if it does not exist yet)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def new_run_dir(out_dir: str | Path) -> Path:
     """Create ``<out_dir>/<UTC timestamp>`` (suffixed if it exists) and return it."""
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
@@ -66,7 +73,4 @@ class RunFolder:
 
     def rounds(self) -> list[dict[str, Any]]:
         """Every round written so far."""
-        path = self.path / "rounds.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_rounds(self.path / "rounds.jsonl")

@@ -134,6 +134,11 @@ def run_rounds(
     arrays = initial
     state = LoopState()
     rng = rng or np.random.default_rng()
+    # Every accepted model has the global model's names and shapes (check_arrays), so the
+    # plain-format size of a model is the same in every round.
+    raw_up = serialized_size(
+        plain_record(dict(zip(initial.keys(), initial.to_numpy_ndarrays(), strict=True)))
+    )
     for rnd in range(1, num_rounds + 1):
         t0 = time.monotonic()
         train_msgs = [
@@ -149,9 +154,6 @@ def run_rounds(
             break
         sent = _compress_downlink(train_msgs, arrays, downlink, rng)
         bytes_down = {m.metadata.dst_node_id: serialized_size(m.content) for m in train_msgs}
-        raw_up = serialized_size(
-            plain_record(dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)))
-        )
         replies = _send(grid, train_msgs, timeout)
         good: list[Message] = []
         sites: dict[str, dict[str, Any]] = {}

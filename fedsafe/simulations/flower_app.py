@@ -12,7 +12,6 @@ app finds them in the installed package (:mod:`fedsafe.data.locate`).
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -23,6 +22,7 @@ from typing import Any
 
 import fedsafe
 from fedsafe.config import DEFAULT_RUN_CONFIG
+from fedsafe.server.run_folder import read_rounds
 
 PUBLISHER = "fedsafe"
 APP_NAME = "fedsafe"
@@ -83,13 +83,6 @@ class FollowedRun:
     rounds: list[dict[str, Any]]
     seconds: float
     round_gaps: list[float]
-
-
-def read_rounds(path: Path) -> list[dict[str, Any]]:
-    """The records of ``rounds.jsonl`` written so far (none if it does not exist yet)."""
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
 def submit_and_follow(
