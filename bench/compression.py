@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedsafe.cli.simulate import SCENARIO_DEFAULTS
 from fedsafe.config import RunConfig
 from fedsafe.simulations.runner import run_simulation
 from fedsafe.simulations.scenarios import HEADLINE_OF, default_num_sites
@@ -29,10 +30,8 @@ from fedsafe.simulations.scenarios import HEADLINE_OF, default_num_sites
 ROOT = Path(__file__).resolve().parents[1]
 CODECS = ["none", "float16", "int8", "int4", "topk:0.1+int4", "topk:0.05+int4", "topk:0.01+int8"]
 QUICK = ["none", "int8", "topk:0.05+int4"]
-SETTINGS: dict[str, dict[str, Any]] = {
-    "mnist": {"batch-size": 64, "local-steps": 10, "client-lr": 0.5, "max-grad-norm": 1.0},
-    "lending": {"batch-size": 16, "local-steps": 20, "client-lr": 0.1, "max-grad-norm": 0.5},
-}
+#: What the bench changes from `fedsafe simulate`'s settings (shorter rounds on MNIST).
+BENCH_OVERRIDES: dict[str, dict[str, Any]] = {"mnist": {"local-steps": 10}}
 
 
 def run(scenario: str, codec: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -47,7 +46,8 @@ def run(scenario: str, codec: str, args: argparse.Namespace, out: Path) -> dict[
         "mnist-sites": args.sites,
         "mnist-alpha": args.alpha,
         "seed": args.seed,
-        **SETTINGS[scenario],
+        **SCENARIO_DEFAULTS[scenario],
+        **BENCH_OVERRIDES.get(scenario, {}),
     }
     if args.local_steps:
         values["local-steps"] = args.local_steps
