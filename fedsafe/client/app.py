@@ -18,6 +18,7 @@ import secrets
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 
 from fedsafe.client import privacy_state
 from fedsafe.client.dp_training import (
@@ -38,9 +39,25 @@ from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.ledger import SitePrivacyLedger
 from fedsafe.privacy.releases import check_reply_keys
 
-app = ClientApp()
 # A child of Flower's logger, so messages appear in the SuperNode's logs.
 log = logging.getLogger("flwr.fedsafe.client")
+
+
+def _handler_timing(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Debug lines around every handler (shown with ``FLWR_LOG_LEVEL=DEBUG``, site-local).
+
+    :mod:`fedsafe.transport.timeline` reads them to split a round's time between loading the
+    ClientApp process and the work itself. They stay in the site's own log.
+    """
+    kind = msg.metadata.message_type
+    log.debug("fedsafe: %s handler start", kind)
+    try:
+        return call_next(msg, context)
+    finally:
+        log.debug("fedsafe: %s handler end", kind)
+
+
+app = ClientApp(mods=[_handler_timing])
 
 
 def _model_for(site: SiteSetup, cfg: RunConfig, content: RecordDict) -> torch.nn.Module:

@@ -1,4 +1,4 @@
-"""Compression of privatized updates: top-k with error feedback, float16, int8/int4 QSGD.
+"""Compression of privatized updates: top-k or random-k and sign with error feedback, QSGD.
 
 Public API (see each module for the papers and the wire format):
 

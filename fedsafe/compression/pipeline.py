@@ -1,10 +1,15 @@
 """Compression pipelines chosen per run with ``--compression``, and where they may run.
 
-A pipeline is at most one sparsifier (top-k) followed by at most one value codec (float16,
-int8 or int4 stochastic quantization). Spec strings::
+A pipeline is at most one sparsifier (top-k, or random-k with a shared seed) followed by at
+most one value codec (float16, int8 or int4 stochastic quantization, or 1-bit sign). Spec
+strings::
 
-    none | float16 | int8 | int4 | int8:chunk=1024 | int4:chunk=256
+    none | float16 | int8 | int4 | int8:chunk=1024 | int4:chunk=256 | sign | sign:chunk=256
     topk:0.01 | topk:0.01+int8 | topk:0.001+int4:chunk=64 | topk:0.01+float16
+    randk:0.25+sign:chunk=256 | randk:0.1+int8
+
+``sign`` and both sparsifiers are biased, so the site keeps an error-feedback residual for them
+(:mod:`fedsafe.compression.error_feedback`).
 
 Why compression must come after the DP noise
 --------------------------------------------
@@ -31,9 +36,11 @@ from dataclasses import dataclass
 from fedsafe.errors import UserError
 
 VALID_FORMS = (
-    "none, float16, int8, int4, int8:chunk=N, int4:chunk=N, topk:F, topk:F+int8, "
-    "topk:F+int4:chunk=N, topk:F+float16 (F a fraction in (0, 1], N an integer >= 1)"
+    "none, float16, int8, int4, sign, int8:chunk=N, int4:chunk=N, sign:chunk=N, topk:F, "
+    "topk:F+int8, topk:F+int4:chunk=N, topk:F+float16, randk:F+sign:chunk=N, randk:F+int8 "
+    "(F a fraction in (0, 1], N an integer >= 1)"
 )
+CHUNKED_CODECS = ("int8", "int4", "sign")
 
 
 class ValueCodec(enum.IntEnum):
@@ -43,6 +50,8 @@ class ValueCodec(enum.IntEnum):
     FLOAT16 = 1
     INT8 = 2
     INT4 = 3
+    #: One bit per value (its sign) and one scale per chunk (mean magnitude); biased.
+    SIGN = 4
 
 
 class CompressionStage(enum.Enum):
@@ -56,7 +65,7 @@ class CompressionStage(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class CompressionPipeline:
-    """A validated compression pipeline: optional top-k, then one value codec.
+    """A validated compression pipeline: optional top-k or random-k, then one value codec.
 
     Parameters
     ----------
@@ -65,26 +74,32 @@ class CompressionPipeline:
     value_codec
         Coding of the sent values.
     chunk
-        Values per quantization scale for int8/int4; None for one scale per tensor.
+        Values per scale for int8/int4/sign; None for one scale per tensor.
+    randk_fraction
+        Expected fraction of each tensor's entries kept by random-k, in (0, 1]; None for
+        dense. The kept positions follow from a seed sent with the update, so no index is
+        sent (:mod:`fedsafe.compression.randk`).
     """
 
     topk_fraction: float | None = None
     value_codec: ValueCodec = ValueCodec.FLOAT32
     chunk: int | None = None
+    randk_fraction: float | None = None
 
     def __post_init__(self) -> None:
-        if self.topk_fraction is not None and not (
-            math.isfinite(self.topk_fraction) and 0.0 < self.topk_fraction <= 1.0
-        ):
-            raise UserError(
-                f"--compression: top-k fraction must be in (0, 1], got {self.topk_fraction}; "
-                "e.g. topk:0.01"
-            )
+        for name, fraction in (("top-k", self.topk_fraction), ("random-k", self.randk_fraction)):
+            if fraction is not None and not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
+                raise UserError(
+                    f"--compression: {name} fraction must be in (0, 1], got {fraction}; "
+                    "e.g. topk:0.01 or randk:0.25"
+                )
+        if self.topk_fraction is not None and self.randk_fraction is not None:
+            raise UserError("--compression: use one sparsifier, topk or randk, not both")
         if not isinstance(self.value_codec, ValueCodec):
             raise UserError(f"--compression: unknown value codec {self.value_codec!r}")
         if self.chunk is not None:
-            if self.value_codec not in (ValueCodec.INT8, ValueCodec.INT4):
-                raise UserError("--compression: chunk= applies to int8 and int4 only")
+            if self.value_codec not in (ValueCodec.INT8, ValueCodec.INT4, ValueCodec.SIGN):
+                raise UserError("--compression: chunk= applies to int8, int4 and sign only")
             if int(self.chunk) != self.chunk or self.chunk < 1 or self.chunk >= 2**32:
                 raise UserError(
                     f"--compression: chunk must be an integer in [1, 2^32), got {self.chunk}"
@@ -93,12 +108,19 @@ class CompressionPipeline:
     @property
     def is_identity(self) -> bool:
         """True for ``none``: updates go in Flower's plain ``ArrayRecord`` format."""
-        return self.topk_fraction is None and self.value_codec is ValueCodec.FLOAT32
+        return self.sparsifier is None and self.value_codec is ValueCodec.FLOAT32
+
+    @property
+    def sparsifier(self) -> str | None:
+        """``"topk"``, ``"randk"`` or None (dense)."""
+        if self.topk_fraction is not None:
+            return "topk"
+        return "randk" if self.randk_fraction is not None else None
 
     @property
     def needs_error_feedback(self) -> bool:
-        """True when entries are dropped (top-k), so the site should keep a residual."""
-        return self.topk_fraction is not None
+        """True when entries are dropped or the codec is biased (sign): keep a residual."""
+        return self.sparsifier is not None or self.value_codec is ValueCodec.SIGN
 
     @property
     def spec(self) -> str:
@@ -106,6 +128,8 @@ class CompressionPipeline:
         parts: list[str] = []
         if self.topk_fraction is not None:
             parts.append(f"topk:{self.topk_fraction!r}")
+        if self.randk_fraction is not None:
+            parts.append(f"randk:{self.randk_fraction!r}")
         if self.value_codec is not ValueCodec.FLOAT32:
             codec = self.value_codec.name.lower()
             parts.append(codec if self.chunk is None else f"{codec}:chunk={self.chunk}")
@@ -137,25 +161,28 @@ def parse_compression(spec: str) -> CompressionPipeline:
     text = spec.strip().lower()
     if text in ("", "none"):
         return CompressionPipeline()
-    topk: float | None = None
+    fractions: dict[str, float] = {}
     codec = ValueCodec.FLOAT32
     chunk: int | None = None
     seen_codec = False
     for position, stage in enumerate(text.split("+")):
         name, _, arg = stage.partition(":")
         name = name.strip()
-        if name == "topk":
+        if name in ("topk", "randk"):
             if position != 0:
-                raise _bad(spec, "topk must be the first stage")
+                raise _bad(spec, f"{name} must be the first stage (one sparsifier at most)")
             try:
-                topk = float(arg)
+                fraction = float(arg)
             except ValueError:
-                raise _bad(spec, f"topk needs a fraction, e.g. topk:0.01, got {arg!r}") from None
-            if not (math.isfinite(topk) and 0.0 < topk <= 1.0):
-                raise _bad(spec, f"topk fraction must be in (0, 1], got {arg}")
-        elif name in ("float16", "int8", "int4"):
+                raise _bad(
+                    spec, f"{name} needs a fraction, e.g. {name}:0.01, got {arg!r}"
+                ) from None
+            if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
+                raise _bad(spec, f"{name} fraction must be in (0, 1], got {arg}")
+            fractions[name] = fraction
+        elif name in ("float16", *CHUNKED_CODECS):
             if seen_codec:
-                raise _bad(spec, "at most one value codec (float16, int8 or int4)")
+                raise _bad(spec, "at most one value codec (float16, int8, int4 or sign)")
             seen_codec = True
             codec = ValueCodec[name.upper()]
             if arg:
@@ -172,7 +199,12 @@ def parse_compression(spec: str) -> CompressionPipeline:
             raise _bad(spec, "'none' cannot be combined with other stages")
         else:
             raise _bad(spec, f"unknown stage {name!r}")
-    return CompressionPipeline(topk_fraction=topk, value_codec=codec, chunk=chunk)
+    return CompressionPipeline(
+        topk_fraction=fractions.get("topk"),
+        value_codec=codec,
+        chunk=chunk,
+        randk_fraction=fractions.get("randk"),
+    )
 
 
 def assert_post_privatization(
@@ -206,15 +238,19 @@ def assert_post_privatization(
 
 
 def check_downlink(pipeline: CompressionPipeline) -> None:
-    """Refuse top-k for the global model sent to the sites (it would drop most weights).
+    """Refuse sparsifiers and sign for the global model sent to the sites.
+
+    The coordinator keeps no error-feedback residual for the downlink, so a codec that drops
+    weights (top-k, random-k) or is biased (sign) would corrupt the global model.
 
     Raises
     ------
     UserError
-        If the pipeline sparsifies.
+        If the pipeline sparsifies or uses sign.
     """
-    if pipeline.topk_fraction is not None:
+    if pipeline.needs_error_feedback:
         raise UserError(
-            f"--downlink-compression {pipeline.spec}: top-k would drop most of the global "
-            "model's weights; use none, float16, int8 or int4"
+            f"--downlink-compression {pipeline.spec}: sparsifiers and sign would drop or bias "
+            "the global model's weights (no residual is kept for the downlink); use none, "
+            "float16, int8 or int4"
         )

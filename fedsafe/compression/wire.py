@@ -22,16 +22,24 @@ tensor count               u16
 name                       u16 length, then UTF-8 bytes (names unique)
 dtype                      u8: 1 float32, 2 float64 (the decoded dtype)
 shape                      u8 ndim (<= 8), then ndim x u32; ``numel < 2^32``
-sparsity                   u8: 0 dense, 1 top-k
+sparsity                   u8: 0 dense, 1 top-k, 2 random-k
  (top-k) k                 u32, ``1 <= k <= numel``
  (top-k) index coding      u8: 1 varint, 2 bitpack; bitpack adds u8 width in 1..32
  (top-k) indices           u32 byte length, then the coded gaps (see :mod:`.topk`)
-value codec                u8: 0 float32, 1 float16, 2 int8, 3 int4
- (int8/int4) chunk         u32 >= 1, values per scale
- (int8/int4) scales        ``ceil(m / chunk)`` x float32, finite and >= 0
+ (random-k) seed           u64, the mask's seed (see :mod:`.randk`)
+ (random-k) threshold      u64 >= 1, keeps entry i iff splitmix64(seed + i) < threshold
+ (random-k) k              u32, the number of entries the mask keeps (checked)
+value codec                u8: 0 float32, 1 float16, 2 int8, 3 int4, 4 sign
+ (int8/int4/sign) chunk    u32 >= 1, values per scale
+ (int8/int4/sign) scales   ``ceil(m / chunk)`` x float32, finite and >= 0
 values                     float32: 4m bytes; float16: 2m; int8: m (``-127..127``);
-                           int4: ``ceil(m/2)``, two per byte, low nibble first, level + 8
+                           int4: ``ceil(m/2)``, two per byte, low nibble first, level + 8;
+                           sign: ``ceil(m/8)``, one bit per value, 1 for +scale, most
+                           significant bit first, zero padding (see :mod:`.sign`)
 =========================  ==============================================================
+
+Version 1 decoders written before random-k and sign existed reject sparsity 2 and codec 4 as
+unknown, so an old coordinator drops such a reply with that reason instead of misreading it.
 
 The payload must end exactly after the last tensor. The decoder checks every field and raises
 :class:`MalformedPayloadError` naming the field, the tensor and the offset; the coordinator
@@ -64,6 +72,8 @@ from fedsafe.compression.quantize import (
     stochastic_quantize,
     unpack_int4,
 )
+from fedsafe.compression.randk import random_mask_indices, threshold_for
+from fedsafe.compression.sign import sign_decode, sign_encode
 from fedsafe.compression.topk import (
     IndexCoding,
     bitpack_decode,
@@ -154,6 +164,10 @@ def _u32(v: int) -> bytes:
     return struct.pack("<I", v)
 
 
+def _u64(v: int) -> bytes:
+    return struct.pack("<Q", v)
+
+
 def _encode_values(
     values: NDArray[np.float64], pipeline: CompressionPipeline, rng: np.random.Generator, name: str
 ) -> tuple[bytes, NDArray[np.float64]]:
@@ -173,8 +187,14 @@ def _encode_values(
         coded16 = values.astype(np.float16)
         out.append(coded16.tobytes())
         return b"".join(out), coded16.astype(np.float64)
-    levels = INT8_LEVELS if codec is ValueCodec.INT8 else INT4_LEVELS
     chunk = pipeline.chunk if pipeline.chunk is not None else max(1, values.size)
+    if codec is ValueCodec.SIGN:
+        bits, scales = sign_encode(values, chunk)
+        out += [_u32(chunk), scales.astype("<f4").tobytes(), bits]
+        decoded = sign_decode(bits, scales, values.size, chunk)
+        assert decoded is not None
+        return b"".join(out), decoded
+    levels = INT8_LEVELS if codec is ValueCodec.INT8 else INT4_LEVELS
     q, scales = stochastic_quantize(values, levels, chunk, rng)
     out += [_u32(chunk), scales.astype("<f4").tobytes()]
     out.append(q.tobytes() if codec is ValueCodec.INT8 else pack_int4(q))
@@ -252,6 +272,15 @@ def encode_update(
             sent = np.zeros(target.size, dtype=np.float64)
             sent[indices] = sent_values
             sent_count += k
+        elif pipeline.randk_fraction is not None:
+            seed = int(rng.integers(0, 2**64, dtype=np.uint64))
+            threshold = threshold_for(pipeline.randk_fraction)
+            indices = random_mask_indices(seed, threshold, target.size)
+            parts += [_u8(2), _u64(seed), _u64(threshold), _u32(indices.size)]
+            value_bytes, sent_values = _encode_values(target[indices], pipeline, rng, name)
+            sent = np.zeros(target.size, dtype=np.float64)
+            sent[indices] = sent_values
+            sent_count += indices.size
         else:
             parts.append(_u8(0))
             value_bytes, sent = _encode_values(target, pipeline, rng, name)
@@ -312,7 +341,7 @@ class _Reader:
 def _decode_values(reader: _Reader, m: int) -> NDArray[np.float64]:
     code = reader.u8("value codec")
     if code not in ValueCodec._value2member_map_:
-        raise reader.fail(f"unknown value codec id {code} (known: 0 float32 .. 3 int4)")
+        raise reader.fail(f"unknown value codec id {code} (known: 0 float32 .. 4 sign)")
     codec = ValueCodec(code)
     if codec is ValueCodec.FLOAT32:
         values = np.frombuffer(reader.take(4 * m, "float32 values"), dtype="<f4")
@@ -328,6 +357,11 @@ def _decode_values(reader: _Reader, m: int) -> NDArray[np.float64]:
             raise reader.fail("non-finite scale (NaN or inf)")
         if np.any(scales < 0):
             raise reader.fail("negative scale")
+        if codec is ValueCodec.SIGN:
+            signs = sign_decode(reader.take((m + 7) // 8, "sign bits"), scales, m, chunk)
+            if signs is None:
+                raise reader.fail("non-zero padding bits after the last sign")
+            return signs
         if codec is ValueCodec.INT8:
             q = np.frombuffer(reader.take(m, "int8 values"), dtype=np.int8)
             if np.any(q == -128):
@@ -409,8 +443,19 @@ def decode_payload(data: bytes) -> dict[str, NDArray[np.floating[Any]]]:
                 raise reader.fail(f"index {int(indices[-1])} out of range for {numel} elements")
             dense = np.zeros(numel, dtype=np.float64)
             dense[indices] = _decode_values(reader, k)
+        elif sparsity == 2:
+            seed = int(struct.unpack("<Q", reader.take(8, "random-k seed"))[0])
+            threshold = int(struct.unpack("<Q", reader.take(8, "random-k threshold"))[0])
+            if threshold < 1:
+                raise reader.fail("random-k threshold must be >= 1")
+            k = reader.u32("k")
+            indices = random_mask_indices(seed, threshold, numel)
+            if indices.size != k:
+                raise reader.fail(f"k = {k} but the seed's mask keeps {indices.size} entries")
+            dense = np.zeros(numel, dtype=np.float64)
+            dense[indices] = _decode_values(reader, k)
         else:
-            raise reader.fail(f"unknown sparsity {sparsity} (0 dense, 1 top-k)")
+            raise reader.fail(f"unknown sparsity {sparsity} (0 dense, 1 top-k, 2 random-k)")
         out[name] = dense.reshape(shape).astype(_DTYPES[dtype_code])
     reader.where = "end"
     if reader.pos != len(data):

@@ -377,10 +377,16 @@ def start_superlink(
     flwr_home: Path,
     log_path: Path,
     ready_timeout: float = 60.0,
+    extra_env: Mapping[str, str] | None = None,
 ) -> FlowerProcess:
-    """Start a SuperLink and wait until it serves HTTPS (or HTTP when insecure)."""
+    """Start a SuperLink and wait until it serves HTTPS (or HTTP when insecure).
+
+    ``extra_env`` is added to its environment (e.g. ``FLWR_LOG_LEVEL=DEBUG`` for timelines).
+    """
     Path(settings.database).parent.mkdir(parents=True, exist_ok=True)
-    proc = spawn("superlink", settings.command(), log_path=log_path, env=flower_env(flwr_home))
+    proc = spawn(
+        "superlink", settings.command(), log_path=log_path, env=flower_env(flwr_home, extra_env)
+    )
     try:
         proc.wait_for_log(SUPERLINK_READY, ready_timeout)
     except BaseException:
@@ -478,10 +484,12 @@ def start_supernode(
     log_path: Path,
     wait_ready: bool = True,
     ready_timeout: float = 60.0,
+    extra_env: Mapping[str, str] | None = None,
 ) -> FlowerProcess:
     """Start a SuperNode; with ``wait_ready``, wait until the SuperLink activated it.
 
-    The node config is written next to the log as ``<log stem>.node-config.toml``.
+    The node config is written next to the log as ``<log stem>.node-config.toml``;
+    ``extra_env`` is added to the environment of the SuperNode and its ClientApps.
     """
     config_file: Path | None = None
     if settings.node_config:
@@ -492,7 +500,7 @@ def start_supernode(
         f"supernode {name}",
         settings.command(config_file),
         log_path=log_path,
-        env=flower_env(flwr_home),
+        env=flower_env(flwr_home, extra_env),
     )
     if wait_ready:
         try:

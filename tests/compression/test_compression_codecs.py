@@ -136,7 +136,20 @@ def test_stochastic_quantization_is_unbiased(spec, levels):
 @SETTINGS
 @given(
     st.lists(arrays(np.float32, (5, 7), elements=finite32), min_size=1, max_size=4),
-    st.sampled_from(["topk:0.1", "topk:0.3+int8", "topk:0.05+int4:chunk=4", "int8", "float16"]),
+    st.sampled_from(
+        [
+            "topk:0.1",
+            "topk:0.3+int8",
+            "topk:0.05+int4:chunk=4",
+            "int8",
+            "float16",
+            "sign",
+            "sign:chunk=4",
+            "randk:0.3",
+            "randk:0.5+sign:chunk=8",
+            "randk:0.2+int4",
+        ]
+    ),
     seeds,
 )
 def test_error_feedback_carries_exactly_what_was_dropped(rounds, spec, seed):
@@ -151,7 +164,7 @@ def test_error_feedback_carries_exactly_what_was_dropped(rounds, spec, seed):
         sent = decode_update(record)["w"].astype(np.float64)
         after = feedback.residual("w", (5, 7))
         corrected = update.astype(np.float64) + before
-        if spec.startswith("topk") and "+" not in spec:
+        if spec in ("topk:0.1", "randk:0.3"):
             # Float32 values are sent as they are: the split is exact.
             np.testing.assert_array_equal(after + sent, corrected)
         else:
@@ -244,3 +257,65 @@ def test_compression_ratio_on_a_cnn_sized_update():
     _, topk = encode_update(update, parse_compression("topk:0.01+int8"), rng, ErrorFeedback())
     assert int8.ratio > 3.9
     assert topk.ratio > 32
+
+
+@SETTINGS
+@given(updates, st.sampled_from(["sign", "sign:chunk=3"]), seeds)
+def test_sign_keeps_signs_and_mean_magnitude(update, spec, seed):
+    decoded, stats = _roundtrip(update, spec, seed)
+    chunk = 3 if spec.endswith("3") else None
+    for name, value in update.items():
+        x = value.astype(np.float64).ravel()
+        got = decoded[name].astype(np.float64).ravel()
+        # The sign is kept (zero goes to +scale) and |sent| is the chunk's mean |x|.
+        assert np.all((got >= 0) == (x >= 0)) or np.all(got == 0)
+        size = chunk or x.size
+        for start in range(0, x.size, size):
+            part = np.abs(x[start : start + size])
+            np.testing.assert_allclose(
+                np.abs(got[start : start + size]), np.float32(part.mean()), rtol=1e-6
+            )
+    assert stats.values_sent == stats.values_total
+
+
+@SETTINGS
+@given(updates, st.floats(0.05, 1.0), seeds)
+def test_random_k_sends_exact_values_on_the_seeded_mask(update, fraction, seed):
+    decoded, stats = _roundtrip(update, f"randk:{fraction}", seed)
+    kept = 0
+    for name, value in update.items():
+        got = decoded[name]
+        on_mask = got != 0
+        np.testing.assert_array_equal(got[on_mask], value[on_mask])
+        kept += int(np.count_nonzero(on_mask | (value == 0)))
+    assert stats.values_sent <= kept
+
+
+def test_random_k_mask_is_fixed_by_the_seed_and_keeps_the_fraction():
+    from fedsafe.compression.randk import random_mask_indices, splitmix64, threshold_for
+
+    # SplitMix64's published first outputs from state 0 (Steele, Lea, Flood 2014; the same
+    # sequence as Java's SplittableRandom and Vigna's reference C code).
+    first = splitmix64(np.array([0], dtype=np.uint64))[0]
+    assert int(first) == 0xE220A8397B1DCDAF
+    a = random_mask_indices(12345, threshold_for(0.25), 100_000)
+    b = random_mask_indices(12345, threshold_for(0.25), 100_000)
+    c = random_mask_indices(12346, threshold_for(0.25), 100_000)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    # Binomial(100000, 0.25): standard deviation 137, so 5 sigma is about 700.
+    assert abs(a.size - 25_000) < 700
+    assert random_mask_indices(7, threshold_for(1.0), 1000).size == 1000
+
+
+def test_sign_and_random_k_reach_32x_on_a_cnn_sized_update():
+    rng = np.random.default_rng(0)
+    update = {
+        "conv.weight": rng.normal(size=(32, 16, 3, 3)).astype(np.float32),
+        "fc.weight": rng.normal(size=(10, 2048)).astype(np.float32),
+        "fc.bias": rng.normal(size=10).astype(np.float32),
+    }
+    _, sign_stats = _roundtrip(update, "sign", 0)
+    _, randk_stats = _roundtrip(update, "randk:0.5+sign", 0)
+    assert 28 < sign_stats.ratio < 32  # one bit per value plus the record's framing
+    assert randk_stats.ratio > 45

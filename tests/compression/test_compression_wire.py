@@ -43,7 +43,10 @@ HEADER = 4 + 1 + 1 + 2
 AFTER_SHAPE = HEADER + 2 + 1 + 1 + 1 + 2 * 4  # name len, "w", dtype, ndim, two dims
 
 
-@pytest.mark.parametrize("spec", ["float16", "int8", "int4", "topk:0.1+int8", "topk:0.2"])
+@pytest.mark.parametrize(
+    "spec",
+    ["float16", "int8", "int4", "topk:0.1+int8", "topk:0.2", "sign", "randk:0.5+sign:chunk=8"],
+)
 def test_every_truncation_is_rejected(spec):
     data = _payload(spec)
     decode_payload(data)
@@ -56,7 +59,11 @@ def test_every_truncation_is_rejected(spec):
 @given(st.data())
 def test_random_corruption_never_crashes(data):
     payload = bytearray(
-        _payload(data.draw(st.sampled_from(["int8", "int4", "topk:0.1+int8", "topk:0.1"])))
+        _payload(
+            data.draw(
+                st.sampled_from(["int8", "int4", "topk:0.1+int8", "topk:0.1", "randk:0.5+sign"])
+            )
+        )
     )
     position = data.draw(st.integers(0, len(payload) - 1))
     payload[position] = data.draw(st.integers(0, 255))
@@ -153,6 +160,13 @@ def test_malformed_is_a_value_error():
         ("topk:0.01", CompressionPipeline(topk_fraction=0.01)),
         ("topk:0.01+int8", CompressionPipeline(topk_fraction=0.01, value_codec=ValueCodec.INT8)),
         ("TopK:0.001+int4:chunk=64", CompressionPipeline(0.001, ValueCodec.INT4, 64)),
+        ("sign", CompressionPipeline(value_codec=ValueCodec.SIGN)),
+        ("sign:chunk=256", CompressionPipeline(value_codec=ValueCodec.SIGN, chunk=256)),
+        (
+            "randk:0.25+sign:chunk=64",
+            CompressionPipeline(value_codec=ValueCodec.SIGN, chunk=64, randk_fraction=0.25),
+        ),
+        ("randk:0.1+int8", CompressionPipeline(value_codec=ValueCodec.INT8, randk_fraction=0.1)),
     ],
 )
 def test_parse_valid(spec, expected):
@@ -176,6 +190,12 @@ def test_parse_valid(spec, expected):
         "int8:chunk=x",
         "float16:chunk=4",
         "int8:size=4",
+        "randk:0",
+        "randk:2",
+        "topk:0.1+randk:0.1",
+        "randk:0.1+topk:0.1",
+        "sign+int8",
+        "sign:chunk=-1",
     ],
 )
 def test_parse_errors_name_the_flag(spec):
@@ -193,10 +213,41 @@ def test_compression_before_privatization_is_refused():
         assert_post_privatization(True, int8, CompressionStage.PRE_PRIVATIZATION)
 
 
-def test_downlink_refuses_topk():
+@pytest.mark.parametrize("spec", ["topk:0.01+int8", "randk:0.5+int8", "sign"])
+def test_downlink_refuses_sparsifiers_and_sign(spec):
     check_downlink(parse_compression("int8"))
-    with pytest.raises(UserError, match="top-k"):
-        check_downlink(parse_compression("topk:0.01+int8"))
+    with pytest.raises(UserError, match="--downlink-compression"):
+        check_downlink(parse_compression(spec))
+
+
+def _one_tensor_layout(spec: str) -> tuple[bytes, int]:
+    """A payload of ``w`` (5, 8) and the offset just after its sparsity byte."""
+    return _payload(spec), AFTER_SHAPE + 1
+
+
+def test_random_k_count_must_match_the_seed():
+    data, at = _one_tensor_layout("randk:0.5+int8")
+    k = struct.unpack_from("<I", data, at + 16)[0]
+    bad = bytearray(data)
+    struct.pack_into("<I", bad, at + 16, k + 1)
+    with pytest.raises(MalformedPayloadError, match="mask keeps"):
+        decode_payload(bytes(bad))
+
+
+def test_random_k_zero_threshold_rejected():
+    data, at = _one_tensor_layout("randk:0.5+int8")
+    bad = bytearray(data)
+    struct.pack_into("<Q", bad, at + 8, 0)
+    with pytest.raises(MalformedPayloadError, match="threshold"):
+        decode_payload(bytes(bad))
+
+
+def test_sign_padding_bits_rejected():
+    update = {"w": np.linspace(-1, 1, 37, dtype=np.float32)}
+    data = bytearray(_payload("sign", update))
+    data[-1] |= 0x01  # 37 signs leave 3 padding bits in the last byte
+    with pytest.raises(MalformedPayloadError, match="padding"):
+        decode_payload(bytes(data))
 
 
 def test_decode_or_drop_logs_and_returns_none(caplog):
