@@ -7,9 +7,12 @@ strings::
     none | float16 | int8 | int4 | int8:chunk=1024 | int4:chunk=256 | sign | sign:chunk=256
     topk:0.01 | topk:0.01+int8 | topk:0.001+int4:chunk=64 | topk:0.01+float16
     randk:0.25+sign:chunk=256 | randk:0.1+int8
+    rsign | rsign:keep=0.6 | rsign:chunk=512,keep=0.6
 
-``sign`` and both sparsifiers are biased, so the site keeps an error-feedback residual for them
-(:mod:`fedsafe.compression.error_feedback`).
+``rsign`` is the unbiased one-bit code after a random rotation (DRIVE/EDEN, see
+:mod:`fedsafe.compression.rotation`); ``keep`` sends that fraction of the rotated signs. It
+takes no sparsifier. ``sign`` and both sparsifiers are biased, so the site keeps an
+error-feedback residual for them (:mod:`fedsafe.compression.error_feedback`).
 
 Why compression must come after the DP noise
 --------------------------------------------
@@ -37,10 +40,13 @@ from fedsafe.errors import UserError
 
 VALID_FORMS = (
     "none, float16, int8, int4, sign, int8:chunk=N, int4:chunk=N, sign:chunk=N, topk:F, "
-    "topk:F+int8, topk:F+int4:chunk=N, topk:F+float16, randk:F+sign:chunk=N, randk:F+int8 "
-    "(F a fraction in (0, 1], N an integer >= 1)"
+    "topk:F+int8, topk:F+int4:chunk=N, topk:F+float16, randk:F+sign:chunk=N, randk:F+int8, "
+    "rsign, rsign:keep=F, rsign:chunk=P,keep=F (F a fraction in (0, 1], N an integer >= 1, "
+    "P a power of two)"
 )
-CHUNKED_CODECS = ("int8", "int4", "sign")
+CHUNKED_CODECS = ("int8", "int4", "sign", "rsign")
+#: Rotation chunk of ``rsign`` when none is given.
+DEFAULT_RSIGN_CHUNK = 1024
 
 
 class ValueCodec(enum.IntEnum):
@@ -52,6 +58,8 @@ class ValueCodec(enum.IntEnum):
     INT4 = 3
     #: One bit per value (its sign) and one scale per chunk (mean magnitude); biased.
     SIGN = 4
+    #: One bit per kept rotated value, unbiased (DRIVE / EDEN).
+    RSIGN = 5
 
 
 class CompressionStage(enum.Enum):
@@ -79,12 +87,15 @@ class CompressionPipeline:
         Expected fraction of each tensor's entries kept by random-k, in (0, 1]; None for
         dense. The kept positions follow from a seed sent with the update, so no index is
         sent (:mod:`fedsafe.compression.randk`).
+    keep
+        For ``rsign``: the fraction of rotated coordinates whose sign is sent; None for all.
     """
 
     topk_fraction: float | None = None
     value_codec: ValueCodec = ValueCodec.FLOAT32
     chunk: int | None = None
     randk_fraction: float | None = None
+    keep: float | None = None
 
     def __post_init__(self) -> None:
         for name, fraction in (("top-k", self.topk_fraction), ("random-k", self.randk_fraction)):
@@ -97,9 +108,32 @@ class CompressionPipeline:
             raise UserError("--compression: use one sparsifier, topk or randk, not both")
         if not isinstance(self.value_codec, ValueCodec):
             raise UserError(f"--compression: unknown value codec {self.value_codec!r}")
+        if self.value_codec is ValueCodec.RSIGN:
+            if self.sparsifier is not None:
+                raise UserError(
+                    "--compression: rsign takes no sparsifier; use rsign:keep=F to send a "
+                    "fraction F of the rotated signs"
+                )
+            if self.chunk is not None and not (
+                self.chunk >= 1 and self.chunk & (self.chunk - 1) == 0 and self.chunk <= 2**24
+            ):
+                raise UserError(
+                    f"--compression: rsign chunk must be a power of two up to 2^24, got "
+                    f"{self.chunk}"
+                )
+        if self.keep is not None:
+            if self.value_codec is not ValueCodec.RSIGN:
+                raise UserError("--compression: keep= applies to rsign only")
+            if not (math.isfinite(self.keep) and 0.0 < self.keep <= 1.0):
+                raise UserError(f"--compression: keep must be in (0, 1], got {self.keep}")
         if self.chunk is not None:
-            if self.value_codec not in (ValueCodec.INT8, ValueCodec.INT4, ValueCodec.SIGN):
-                raise UserError("--compression: chunk= applies to int8, int4 and sign only")
+            if self.value_codec not in (
+                ValueCodec.INT8,
+                ValueCodec.INT4,
+                ValueCodec.SIGN,
+                ValueCodec.RSIGN,
+            ):
+                raise UserError("--compression: chunk= applies to int8, int4, sign and rsign")
             if int(self.chunk) != self.chunk or self.chunk < 1 or self.chunk >= 2**32:
                 raise UserError(
                     f"--compression: chunk must be an integer in [1, 2^32), got {self.chunk}"
@@ -132,7 +166,9 @@ class CompressionPipeline:
             parts.append(f"randk:{self.randk_fraction!r}")
         if self.value_codec is not ValueCodec.FLOAT32:
             codec = self.value_codec.name.lower()
-            parts.append(codec if self.chunk is None else f"{codec}:chunk={self.chunk}")
+            options = [f"chunk={self.chunk}"] if self.chunk is not None else []
+            options += [f"keep={self.keep!r}"] if self.keep is not None else []
+            parts.append(codec + (":" + ",".join(options) if options else ""))
         return "+".join(parts) if parts else "none"
 
 
@@ -164,6 +200,7 @@ def parse_compression(spec: str) -> CompressionPipeline:
     fractions: dict[str, float] = {}
     codec = ValueCodec.FLOAT32
     chunk: int | None = None
+    keep: float | None = None
     seen_codec = False
     for position, stage in enumerate(text.split("+")):
         name, _, arg = stage.partition(":")
@@ -182,28 +219,44 @@ def parse_compression(spec: str) -> CompressionPipeline:
             fractions[name] = fraction
         elif name in ("float16", *CHUNKED_CODECS):
             if seen_codec:
-                raise _bad(spec, "at most one value codec (float16, int8, int4 or sign)")
+                raise _bad(spec, "at most one value codec (float16, int8, int4, sign or rsign)")
             seen_codec = True
             codec = ValueCodec[name.upper()]
-            if arg:
-                key, _, value = arg.partition("=")
-                if name == "float16" or key.strip() != "chunk":
-                    raise _bad(spec, f"unknown option {arg!r} for {name}")
+            for option in arg.split(",") if arg else []:
+                key, _, value = option.partition("=")
+                key = key.strip()
+                if name == "float16" or key not in ("chunk", "keep"):
+                    raise _bad(spec, f"unknown option {option!r} for {name}")
+                if key == "keep":
+                    if name != "rsign":
+                        raise _bad(spec, "keep= applies to rsign only")
+                    try:
+                        keep = float(value)
+                    except ValueError:
+                        raise _bad(spec, f"keep must be a fraction, got {value!r}") from None
+                    if not (math.isfinite(keep) and 0.0 < keep <= 1.0):
+                        raise _bad(spec, f"keep must be in (0, 1], got {value}")
+                    continue
                 try:
                     chunk = int(value)
                 except ValueError:
                     raise _bad(spec, f"chunk must be an integer, got {value!r}") from None
                 if not 1 <= chunk < 2**32:
                     raise _bad(spec, f"chunk must be in [1, 2^32), got {chunk}")
+                if name == "rsign" and chunk & (chunk - 1):
+                    raise _bad(spec, f"rsign chunk must be a power of two, got {chunk}")
         elif name == "none":
             raise _bad(spec, "'none' cannot be combined with other stages")
         else:
             raise _bad(spec, f"unknown stage {name!r}")
+    if codec is ValueCodec.RSIGN and fractions:
+        raise _bad(spec, "rsign takes no sparsifier; use rsign:keep=F")
     return CompressionPipeline(
         topk_fraction=fractions.get("topk"),
         value_codec=codec,
         chunk=chunk,
         randk_fraction=fractions.get("randk"),
+        keep=keep,
     )
 
 

@@ -29,13 +29,17 @@ sparsity                   u8: 0 dense, 1 top-k, 2 random-k
  (random-k) seed           u64, the mask's seed (see :mod:`.randk`)
  (random-k) threshold      u64 >= 1, keeps entry i iff splitmix64(seed + i) < threshold
  (random-k) k              u32, the number of entries the mask keeps (checked)
-value codec                u8: 0 float32, 1 float16, 2 int8, 3 int4, 4 sign
- (int8/int4/sign) chunk    u32 >= 1, values per scale
+value codec                u8: 0 float32, 1 float16, 2 int8, 3 int4, 4 sign, 5 rsign
+ (rsign) seed              u64, the random signs' and the mask's seed (:mod:`.rotation`)
+ (rsign) threshold         u64 >= 1: rotated coordinate j is sent iff splitmix64((seed XOR
+                           salt) + j) < threshold; 2^64 - 1 sends all
+ (int8/int4/sign) chunk    u32 >= 1, values per scale; rsign: a power of two <= 2^24
  (int8/int4/sign) scales   ``ceil(m / chunk)`` x float32, finite and >= 0
 values                     float32: 4m bytes; float16: 2m; int8: m (``-127..127``);
                            int4: ``ceil(m/2)``, two per byte, low nibble first, level + 8;
                            sign: ``ceil(m/8)``, one bit per value, 1 for +scale, most
-                           significant bit first, zero padding (see :mod:`.sign`)
+                           significant bit first, zero padding (see :mod:`.sign`);
+                           rsign: ``ceil(kept/8)``, one bit per sent rotated coordinate
 =========================  ==============================================================
 
 Version 1 decoders written before random-k and sign existed reject sparsity 2 and codec 4 as
@@ -62,7 +66,7 @@ from flwr.app import Array, ArrayRecord
 from numpy.typing import NDArray
 
 from fedsafe.compression.error_feedback import ErrorFeedback
-from fedsafe.compression.pipeline import CompressionPipeline, ValueCodec
+from fedsafe.compression.pipeline import DEFAULT_RSIGN_CHUNK, CompressionPipeline, ValueCodec
 from fedsafe.compression.quantize import (
     INT4_LEVELS,
     INT8_LEVELS,
@@ -73,6 +77,13 @@ from fedsafe.compression.quantize import (
     unpack_int4,
 )
 from fedsafe.compression.randk import random_mask_indices, threshold_for
+from fedsafe.compression.rotation import (
+    keep_mask,
+    padded_chunks,
+    rotated_length,
+    rsign_decode,
+    rsign_encode,
+)
 from fedsafe.compression.sign import sign_decode, sign_encode
 from fedsafe.compression.topk import (
     IndexCoding,
@@ -187,13 +198,20 @@ def _encode_values(
         coded16 = values.astype(np.float16)
         out.append(coded16.tobytes())
         return b"".join(out), coded16.astype(np.float64)
+    if codec is ValueCodec.RSIGN:
+        seed = int(rng.integers(0, 2**64, dtype=np.uint64))
+        threshold = threshold_for(pipeline.keep) if pipeline.keep is not None else 2**64 - 1
+        rchunk = pipeline.chunk if pipeline.chunk is not None else DEFAULT_RSIGN_CHUNK
+        scales, bits, decoded = rsign_encode(values, rchunk, seed, threshold)
+        out += [_u64(seed), _u64(threshold), _u32(rchunk), scales.astype("<f4").tobytes(), bits]
+        return b"".join(out), decoded
     chunk = pipeline.chunk if pipeline.chunk is not None else max(1, values.size)
     if codec is ValueCodec.SIGN:
         bits, scales = sign_encode(values, chunk)
         out += [_u32(chunk), scales.astype("<f4").tobytes(), bits]
-        decoded = sign_decode(bits, scales, values.size, chunk)
-        assert decoded is not None
-        return b"".join(out), decoded
+        signs = sign_decode(bits, scales, values.size, chunk)
+        assert signs is not None
+        return b"".join(out), signs
     levels = INT8_LEVELS if codec is ValueCodec.INT8 else INT4_LEVELS
     q, scales = stochastic_quantize(values, levels, chunk, rng)
     out += [_u32(chunk), scales.astype("<f4").tobytes()]
@@ -341,8 +359,28 @@ class _Reader:
 def _decode_values(reader: _Reader, m: int) -> NDArray[np.float64]:
     code = reader.u8("value codec")
     if code not in ValueCodec._value2member_map_:
-        raise reader.fail(f"unknown value codec id {code} (known: 0 float32 .. 4 sign)")
+        raise reader.fail(f"unknown value codec id {code} (known: 0 float32 .. 5 rsign)")
     codec = ValueCodec(code)
+    if codec is ValueCodec.RSIGN:
+        seed = int(struct.unpack("<Q", reader.take(8, "rsign seed"))[0])
+        threshold = int(struct.unpack("<Q", reader.take(8, "rsign threshold"))[0])
+        if threshold < 1:
+            raise reader.fail("rsign threshold must be >= 1")
+        rchunk = reader.u32("chunk size")
+        if rchunk < 1 or rchunk & (rchunk - 1) or rchunk > 2**24:
+            raise reader.fail(f"rsign chunk must be a power of two up to 2^24, got {rchunk}")
+        n_chunks = len(padded_chunks(m, rchunk))
+        scales = np.frombuffer(reader.take(4 * n_chunks, "scales"), dtype="<f4")
+        if not np.all(np.isfinite(scales)) or np.any(scales < 0):
+            raise reader.fail("rsign scale is negative or not finite")
+        kept = int(keep_mask(seed, threshold, rotated_length(m, rchunk)).sum())
+        bits = reader.take((kept + 7) // 8, "rsign bits")
+        decoded = rsign_decode(bits, scales, m, rchunk, seed, threshold)
+        if decoded is None:
+            raise reader.fail("non-zero padding bits after the last rsign bit")
+        if not np.all(np.isfinite(decoded)):
+            raise reader.fail("rsign values are not finite (scale too large)")
+        return decoded
     if codec is ValueCodec.FLOAT32:
         values = np.frombuffer(reader.take(4 * m, "float32 values"), dtype="<f4")
     elif codec is ValueCodec.FLOAT16:

@@ -319,3 +319,46 @@ def test_sign_and_random_k_reach_32x_on_a_cnn_sized_update():
     _, randk_stats = _roundtrip(update, "randk:0.5+sign", 0)
     assert 28 < sign_stats.ratio < 32  # one bit per value plus the record's framing
     assert randk_stats.ratio > 45
+
+
+def test_rotated_sign_is_unbiased_with_the_drive_error():
+    rng = np.random.default_rng(1)
+    x = {"w": (rng.normal(size=(40, 50)) + 0.2).astype(np.float32)}
+    norm = float((x["w"].astype(np.float64) ** 2).sum())
+    for spec, nmse in (("rsign", np.pi / 2 - 1), ("rsign:keep=0.6", (np.pi / 2) / 0.6 - 1)):
+        draws = 300
+        total = np.zeros((40, 50))
+        errors = []
+        for seed in range(draws):
+            decoded, stats = _roundtrip(x, spec, seed)
+            got = decoded["w"].astype(np.float64)
+            total += got
+            errors.append(float(((got - x["w"]) ** 2).sum()) / norm)
+        # The error of one draw is DRIVE's (EDEN's with subsampling), within 10%.
+        assert np.mean(errors) == pytest.approx(nmse, rel=0.1)
+        # Unbiased: the mean of the draws errs only by the variance over the draws.
+        bias = float(((total / draws - x["w"]) ** 2).sum()) / norm
+        assert bias < 3 * np.mean(errors) / draws
+
+
+@SETTINGS
+@given(updates, st.sampled_from(["rsign", "rsign:chunk=4", "rsign:chunk=2,keep=0.5"]), seeds)
+def test_rotated_sign_round_trip_is_finite_and_sized(update, spec, seed):
+    decoded, stats = _roundtrip(update, spec, seed)
+    for name, value in update.items():
+        assert decoded[name].shape == value.shape
+        assert np.all(np.isfinite(decoded[name]))
+    assert stats.values_sent == stats.values_total
+
+
+def test_rotation_is_orthonormal_and_padded_to_powers_of_two():
+    from fedsafe.compression.rotation import padded_chunks, rotate, unrotate
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=1000)
+    assert padded_chunks(1000, 256) == [(0, 256, 256), (256, 256, 256), (512, 256, 256),
+                                        (768, 232, 256)]  # fmt: skip
+    y = rotate(x, 256, seed=9)
+    assert y.size == 1024
+    assert float(y @ y) == pytest.approx(float(x @ x))
+    np.testing.assert_allclose(unrotate(y, 1000, 256, seed=9), x, atol=1e-12)

@@ -45,7 +45,16 @@ AFTER_SHAPE = HEADER + 2 + 1 + 1 + 1 + 2 * 4  # name len, "w", dtype, ndim, two 
 
 @pytest.mark.parametrize(
     "spec",
-    ["float16", "int8", "int4", "topk:0.1+int8", "topk:0.2", "sign", "randk:0.5+sign:chunk=8"],
+    [
+        "float16",
+        "int8",
+        "int4",
+        "topk:0.1+int8",
+        "topk:0.2",
+        "sign",
+        "randk:0.5+sign:chunk=8",
+        "rsign:chunk=8,keep=0.7",
+    ],
 )
 def test_every_truncation_is_rejected(spec):
     data = _payload(spec)
@@ -167,6 +176,11 @@ def test_malformed_is_a_value_error():
             CompressionPipeline(value_codec=ValueCodec.SIGN, chunk=64, randk_fraction=0.25),
         ),
         ("randk:0.1+int8", CompressionPipeline(value_codec=ValueCodec.INT8, randk_fraction=0.1)),
+        ("rsign", CompressionPipeline(value_codec=ValueCodec.RSIGN)),
+        (
+            "rsign:chunk=512,keep=0.6",
+            CompressionPipeline(value_codec=ValueCodec.RSIGN, chunk=512, keep=0.6),
+        ),
     ],
 )
 def test_parse_valid(spec, expected):
@@ -196,6 +210,10 @@ def test_parse_valid(spec, expected):
         "randk:0.1+topk:0.1",
         "sign+int8",
         "sign:chunk=-1",
+        "rsign:chunk=100",
+        "rsign:keep=0",
+        "int8:keep=0.5",
+        "randk:0.5+rsign",
     ],
 )
 def test_parse_errors_name_the_flag(spec):
@@ -268,3 +286,18 @@ def test_huge_gaps_cannot_wrap_around():
     sparse = b"\x01" + struct.pack("<I", 3) + b"\x01" + struct.pack("<I", len(gaps)) + gaps
     with pytest.raises(MalformedPayloadError, match="out of range"):
         decode_payload(header + shape + sparse + b"\x00" + b"\x00" * 12)
+
+
+def test_rsign_bad_chunk_and_scale_rejected():
+    data = bytearray(_payload("rsign:chunk=8"))
+    at = AFTER_SHAPE + 1 + 1  # sparsity, codec
+    chunk_at = at + 16
+    assert struct.unpack_from("<I", data, chunk_at)[0] == 8
+    bad = bytearray(data)
+    struct.pack_into("<I", bad, chunk_at, 6)
+    with pytest.raises(MalformedPayloadError, match="power of two"):
+        decode_payload(bytes(bad))
+    bad = bytearray(data)
+    struct.pack_into("<f", bad, chunk_at + 4, float("nan"))
+    with pytest.raises(MalformedPayloadError, match="scale"):
+        decode_payload(bytes(bad))

@@ -1,0 +1,189 @@
+"""Unbiased one-bit coding after a random rotation (DRIVE), optionally subsampled (EDEN).
+
+A chunk ``x`` (length a power of two ``m``; a tensor's last chunk is zero-padded to the next
+power of two) is rotated, ``y = H D x / sqrt(m)``, with ``D`` a diagonal of random signs and
+``H`` the Walsh-Hadamard matrix, so ``H D / sqrt(m)`` is orthonormal. The site sends the signs
+of ``y`` and one scale per chunk, ``S = ||x||^2 / ||y||_1``; the decoder returns
+``D H (S sign(y)) / sqrt(m)``. Over the random signs ``D`` this estimate is unbiased, and its
+normalised mean squared error is close to ``pi/2 - 1 = 0.571`` for large chunks (Vargaftik,
+Ben-Basat, Portnoy, Mendelson, Ben-Itzhak, Mitzenmacher, "DRIVE: One-bit Distributed Mean
+Estimation", NeurIPS 2021). With ``keep=F`` only a pseudo-random fraction ``F`` of the rotated
+coordinates is sent (their signs, each counted ``1/F`` times by the decoder): still unbiased,
+about ``F`` bits per value, NMSE about ``(1 + 0.571) / F - 1`` (the subsampling of Vargaftik et
+al., "EDEN: Communication-Efficient and Robust Distributed Mean Estimation for Federated
+Learning", ICML 2022).
+
+Why a rotation helps under DP: the coordinator averages the sites' updates, so unbiased
+coding errors that are independent across sites (every site draws its own seed) shrink with
+the number of sites like the DP noise does, instead of adding a bias that error feedback has
+to carry across rounds. One bit per value costs an NMSE of 0.57, against about 0.06 for int4
+and 7 for one value in eight sent whole (random-k at the same bits).
+
+The random signs and the subsampling mask are SplitMix64 functions of one 64-bit seed per
+tensor (see :mod:`fedsafe.compression.randk`), so the decoder rebuilds them exactly; the seed
+is drawn independently of the data, so the coding stays post-processing of the DP release.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedsafe.compression.randk import splitmix64
+
+#: XORed into the seed for the subsampling mask, so it is independent of the random signs.
+MASK_SALT = 0x5DEECE66D2545F49
+
+
+def is_power_of_two(n: int) -> bool:
+    """True for 1, 2, 4, 8, ..."""
+    return n >= 1 and n & (n - 1) == 0
+
+
+def padded_chunks(size: int, chunk: int) -> list[tuple[int, int, int]]:
+    """``(start, length, padded_length)`` of each chunk of a tensor of ``size`` values.
+
+    Full chunks have ``chunk`` values; the last one is padded to the next power of two.
+    """
+    if not is_power_of_two(chunk):
+        raise ValueError(f"rotation chunk must be a power of two, got {chunk}")
+    out = []
+    for start in range(0, size, chunk):
+        length = min(chunk, size - start)
+        out.append((start, length, 1 << max(0, (length - 1).bit_length())))
+    return out
+
+
+def rotated_length(size: int, chunk: int) -> int:
+    """Number of rotated coordinates of a tensor of ``size`` values (padding included)."""
+    return sum(padded for _, _, padded in padded_chunks(size, chunk))
+
+
+def walsh_hadamard(rows: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Orthonormal Walsh-Hadamard transform of each row (row length a power of two).
+
+    The transform is its own inverse.
+    """
+    out = np.array(rows, dtype=np.float64)
+    count, m = out.shape
+    h = 1
+    while h < m:
+        view = out.reshape(count, m // (2 * h), 2, h)
+        a, b = view[:, :, 0, :].copy(), view[:, :, 1, :].copy()
+        view[:, :, 0, :] = a + b
+        view[:, :, 1, :] = a - b
+        h *= 2
+    return out / np.sqrt(m)
+
+
+def _signs(seed: int, count: int) -> NDArray[np.float64]:
+    bits = splitmix64(np.arange(count, dtype=np.uint64) + np.uint64(seed)) >> np.uint64(63)
+    return 1.0 - 2.0 * bits.astype(np.float64)
+
+
+def keep_mask(seed: int, threshold: int, count: int) -> NDArray[np.bool_]:
+    """Which of ``count`` rotated coordinates are sent (all when ``threshold = 2^64 - 1``)."""
+    if threshold >= 2**64 - 1:
+        return np.ones(count, dtype=bool)
+    salted = np.uint64(seed ^ MASK_SALT)
+    with np.errstate(over="ignore"):
+        hashed = splitmix64(np.arange(count, dtype=np.uint64) + salted)
+    return hashed < np.uint64(threshold)
+
+
+def rotate(x: NDArray[np.float64], chunk: int, seed: int) -> NDArray[np.float64]:
+    """Rotated coordinates of ``x`` (zero-padded chunks), ``rotated_length`` long."""
+    layout = padded_chunks(x.size, chunk)
+    signs = _signs(seed, rotated_length(x.size, chunk))
+    out = np.zeros(signs.size, dtype=np.float64)
+    offset = 0
+    for start, length, padded in layout:
+        block = np.zeros(padded, dtype=np.float64)
+        block[:length] = x[start : start + length]
+        out[offset : offset + padded] = block * signs[offset : offset + padded]
+        offset += padded
+    return _hadamard_by_chunk(out, layout)
+
+
+def unrotate(y: NDArray[np.float64], size: int, chunk: int, seed: int) -> NDArray[np.float64]:
+    """Inverse of :func:`rotate`: the ``size`` values whose rotation is ``y``."""
+    layout = padded_chunks(size, chunk)
+    signs = _signs(seed, y.size)
+    z = _hadamard_by_chunk(y, layout) * signs
+    out = np.zeros(size, dtype=np.float64)
+    offset = 0
+    for start, length, padded in layout:
+        out[start : start + length] = z[offset : offset + length]
+        offset += padded
+    return out
+
+
+def _hadamard_by_chunk(
+    values: NDArray[np.float64], layout: list[tuple[int, int, int]]
+) -> NDArray[np.float64]:
+    out = np.empty_like(values)
+    offset = 0
+    # Chunks of equal padded length are transformed together.
+    by_length: dict[int, list[int]] = {}
+    for _, _, padded in layout:
+        by_length.setdefault(padded, []).append(offset)
+        offset += padded
+    for padded, offsets in by_length.items():
+        rows = np.stack([values[o : o + padded] for o in offsets])
+        done = walsh_hadamard(rows)
+        for row, o in zip(done, offsets, strict=True):
+            out[o : o + padded] = row
+    return out
+
+
+def rsign_encode(
+    x: NDArray[np.float64], chunk: int, seed: int, threshold: int
+) -> tuple[NDArray[np.float32], bytes, NDArray[np.float64]]:
+    """Scales per chunk, packed sign bits of the kept rotated coordinates, and the decoding.
+
+    Returns
+    -------
+    tuple
+        ``(scales, bits, decoded)``; ``decoded`` is what :func:`rsign_decode` will return.
+    """
+    values = np.asarray(x, dtype=np.float64).ravel()
+    layout = padded_chunks(values.size, chunk)
+    y = rotate(values, chunk, seed)
+    mask = keep_mask(seed, threshold, y.size)
+    scales = np.zeros(len(layout), dtype=np.float32)
+    offset = 0
+    for i, (start, length, padded) in enumerate(layout):
+        part = values[start : start + length]
+        l1 = float(np.abs(y[offset : offset + padded]).sum())
+        scales[i] = np.float32(float(part @ part) / l1) if l1 > 0 else np.float32(0.0)
+        offset += padded
+    bits = np.packbits(y[mask] >= 0.0).tobytes()
+    decoded = rsign_decode(bits, scales, values.size, chunk, seed, threshold)
+    assert decoded is not None
+    return scales, bits, decoded
+
+
+def rsign_decode(
+    bits: bytes,
+    scales: NDArray[np.float32],
+    size: int,
+    chunk: int,
+    seed: int,
+    threshold: int,
+) -> NDArray[np.float64] | None:
+    """The unbiased estimate of the ``size`` values; None if the bits do not fit the mask."""
+    layout = padded_chunks(size, chunk)
+    total = rotated_length(size, chunk)
+    mask = keep_mask(seed, threshold, total)
+    kept = int(mask.sum())
+    raw = np.frombuffer(bits, dtype=np.uint8)
+    if raw.size != (kept + 7) // 8 or len(layout) != scales.size:
+        return None
+    unpacked = np.unpackbits(raw)
+    if np.any(unpacked[kept:]):
+        return None
+    fraction = threshold / 2.0**64 if threshold < 2**64 - 1 else 1.0
+    per_value = np.repeat(scales.astype(np.float64), [p for _, _, p in layout])
+    y = np.zeros(total, dtype=np.float64)
+    y[mask] = (unpacked[:kept].astype(np.float64) * 2.0 - 1.0) * per_value[mask] / fraction
+    return unrotate(y, size, chunk, seed)
