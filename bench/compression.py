@@ -83,6 +83,7 @@ def main() -> int:
     p.add_argument("--epsilon", type=float, default=3.0)
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--tag", default="", help="suffix of the results file name")
     args = p.parse_args()
     args.rounds = args.rounds or (5 if args.quick else 20)
     codecs = args.codecs.split(",") if args.codecs else (QUICK if args.quick else CODECS)
@@ -123,6 +124,7 @@ def main() -> int:
         f"{time.time() - t0:.0f}s).\n\n" + "\n\n".join(sections) + "\n"
     )
     name = "compression_" + "_".join(args.scenarios.split(",")) + ("_quick" if args.quick else "")
+    name += f"_{args.tag}" if args.tag else ""
     out = ROOT / "bench" / "results" / f"{name}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
