@@ -26,6 +26,7 @@ from fedsafe.compression.wire import (
     decode_payload,
     decode_update,
     encode_update,
+    layout_of,
     plain_record,
     serialized_size,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "decode_payload",
     "decode_update",
     "encode_update",
+    "layout_of",
     "parse_compression",
     "plain_record",
     "serialized_size",

@@ -145,6 +145,11 @@ class CompressionPipeline:
         return self.sparsifier is None and self.value_codec is ValueCodec.FLOAT32
 
     @property
+    def flat(self) -> bool:
+        """True when the whole update is coded as one flat vector (``rsign``)."""
+        return self.value_codec is ValueCodec.RSIGN
+
+    @property
     def sparsifier(self) -> str | None:
         """``"topk"``, ``"randk"`` or None (dense)."""
         if self.topk_fraction is not None:
@@ -291,19 +296,20 @@ def assert_post_privatization(
 
 
 def check_downlink(pipeline: CompressionPipeline) -> None:
-    """Refuse sparsifiers and sign for the global model sent to the sites.
+    """Refuse sparsifiers, sign and rsign for the global model sent to the sites.
 
     The coordinator keeps no error-feedback residual for the downlink, so a codec that drops
-    weights (top-k, random-k) or is biased (sign) would corrupt the global model.
+    weights (top-k, random-k) or is biased (sign) would corrupt the global model, and rsign's
+    error (of the order of the weights themselves) is only tolerable on updates averaged over
+    sites.
 
     Raises
     ------
     UserError
         If the pipeline sparsifies or uses sign.
     """
-    if pipeline.needs_error_feedback:
+    if pipeline.needs_error_feedback or pipeline.value_codec is ValueCodec.RSIGN:
         raise UserError(
-            f"--downlink-compression {pipeline.spec}: sparsifiers and sign would drop or bias "
-            "the global model's weights (no residual is kept for the downlink); use none, "
-            "float16, int8 or int4"
+            f"--downlink-compression {pipeline.spec}: sparsifiers, sign and rsign would drop, "
+            "bias or blur the global model's weights; use none, float16, int8 or int4"
         )

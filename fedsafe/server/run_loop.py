@@ -66,12 +66,13 @@ def dense_arrays(content: RecordDict, global_arrays: ArrayRecord) -> ArrayRecord
     record = content.array_records["arrays"]
     if WIRE_KEY not in record:
         return record
-    try:
-        update = decode_update(record)
-    except MalformedPayloadError as exc:
-        raise ReplyRejected(f"malformed compressed update: {exc}") from None
     reference = global_arrays.to_numpy_ndarrays()
     names = list(global_arrays.keys())
+    layout = [(name, tuple(ref.shape)) for name, ref in zip(names, reference, strict=True)]
+    try:
+        update = decode_update(record, layout)
+    except MalformedPayloadError as exc:
+        raise ReplyRejected(f"malformed compressed update: {exc}") from None
     if list(update) != names:
         raise ReplyRejected(f"compressed update has tensors {list(update)}, expected {names}")
     dense = {}

@@ -12,6 +12,7 @@ from fedsafe.compression import (
     ErrorFeedback,
     decode_update,
     encode_update,
+    layout_of,
     parse_compression,
     serialized_size,
 )
@@ -43,7 +44,7 @@ def _roundtrip(update, spec, seed, feedback=None):
         update, parse_compression(spec), np.random.default_rng(seed), feedback
     )
     assert stats.encoded_bytes == serialized_size(record)
-    return decode_update(record), stats
+    return decode_update(record, layout_of(update)), stats
 
 
 @SETTINGS

@@ -38,6 +38,8 @@ def _record(data: bytes) -> ArrayRecord:
     )
 
 
+LAYOUT = [("w", (5, 8))]
+
 # Offsets in a payload of one tensor named "w" of shape (5, 8).
 HEADER = 4 + 1 + 1 + 2
 AFTER_SHAPE = HEADER + 2 + 1 + 1 + 1 + 2 * 4  # name len, "w", dtype, ndim, two dims
@@ -58,10 +60,10 @@ AFTER_SHAPE = HEADER + 2 + 1 + 1 + 1 + 2 * 4  # name len, "w", dtype, ndim, two 
 )
 def test_every_truncation_is_rejected(spec):
     data = _payload(spec)
-    decode_payload(data)
+    decode_payload(data, LAYOUT)
     for cut in range(len(data)):
         with pytest.raises(MalformedPayloadError, match="malformed compressed update"):
-            decode_payload(data[:cut])
+            decode_payload(data[:cut], LAYOUT)
 
 
 @settings(max_examples=60, deadline=None)
@@ -70,14 +72,16 @@ def test_random_corruption_never_crashes(data):
     payload = bytearray(
         _payload(
             data.draw(
-                st.sampled_from(["int8", "int4", "topk:0.1+int8", "topk:0.1", "randk:0.5+sign"])
+                st.sampled_from(
+                    ["int8", "int4", "topk:0.1+int8", "topk:0.1", "randk:0.5+sign", "rsign"]
+                )
             )
         )
     )
     position = data.draw(st.integers(0, len(payload) - 1))
     payload[position] = data.draw(st.integers(0, 255))
     try:
-        decoded = decode_payload(bytes(payload))
+        decoded = decode_payload(bytes(payload), LAYOUT)
     except MalformedPayloadError:
         return
     for value in decoded.values():
@@ -231,7 +235,7 @@ def test_compression_before_privatization_is_refused():
         assert_post_privatization(True, int8, CompressionStage.PRE_PRIVATIZATION)
 
 
-@pytest.mark.parametrize("spec", ["topk:0.01+int8", "randk:0.5+int8", "sign"])
+@pytest.mark.parametrize("spec", ["topk:0.01+int8", "randk:0.5+int8", "sign", "rsign"])
 def test_downlink_refuses_sparsifiers_and_sign(spec):
     check_downlink(parse_compression("int8"))
     with pytest.raises(UserError, match="--downlink-compression"):
@@ -290,14 +294,27 @@ def test_huge_gaps_cannot_wrap_around():
 
 def test_rsign_bad_chunk_and_scale_rejected():
     data = bytearray(_payload("rsign:chunk=8"))
-    at = AFTER_SHAPE + 1 + 1  # sparsity, codec
+    # Flat: header, layout checksum, then one tensor "" of shape (40,).
+    at = HEADER + 4 + 2 + 0 + 1 + 1 + 4 + 1 + 1  # ..., name "", dtype, ndim, dim, sparsity, codec
     chunk_at = at + 16
     assert struct.unpack_from("<I", data, chunk_at)[0] == 8
+    decode_payload(bytes(data), LAYOUT)
     bad = bytearray(data)
     struct.pack_into("<I", bad, chunk_at, 6)
     with pytest.raises(MalformedPayloadError, match="power of two"):
-        decode_payload(bytes(bad))
+        decode_payload(bytes(bad), LAYOUT)
     bad = bytearray(data)
     struct.pack_into("<f", bad, chunk_at + 4, float("nan"))
     with pytest.raises(MalformedPayloadError, match="scale"):
-        decode_payload(bytes(bad))
+        decode_payload(bytes(bad), LAYOUT)
+
+
+def test_flat_payload_needs_the_matching_layout():
+    data = _payload("rsign")
+    assert len(decode_payload(data, LAYOUT)["w"].ravel()) == 40
+    with pytest.raises(MalformedPayloadError, match="needs the model's layout"):
+        decode_payload(data)
+    with pytest.raises(MalformedPayloadError, match="checksum"):
+        decode_payload(data, [("w", (8, 5))])
+    with pytest.raises(MalformedPayloadError, match="checksum"):
+        decode_payload(data, [("v", (5, 8))])
