@@ -276,9 +276,11 @@ def encode_update(
             raise ValueError("flat payloads (rsign) keep no error-feedback residual")
         _check_finite(update)
         wide = any(np.asarray(v).dtype == np.float64 for v in update.values())
-        flat = np.concatenate(
+        flat: NDArray[np.floating[Any]] = np.concatenate(
             [np.asarray(v, dtype=np.float64).ravel() for v in update.values()] or [np.zeros(0)]
-        ).astype(np.float64 if wide else np.float32)
+        )
+        if not wide:
+            flat = flat.astype(np.float32)
         header = [MAGIC, _u8(VERSION), _u8(FLAG_FLAT), _u16(1)]
         header.append(_u32(layout_checksum(layout_of(update))))
         flat_update: dict[str, NDArray[np.floating[Any]]] = {"": flat}
