@@ -15,6 +15,7 @@ every codec runs at the same epsilon.
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
 import sys
 import tempfile
@@ -85,6 +86,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--tag", default="", help="suffix of the results file name")
     args = p.parse_args()
+    # SIGTERM must unwind through the runner so its SuperLink and Ray workers are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.rounds = args.rounds or (5 if args.quick else 20)
     codecs = args.codecs.split(",") if args.codecs else (QUICK if args.quick else CODECS)
     t0 = time.time()
