@@ -418,6 +418,17 @@ class _Reader:
     def u32(self, field: str) -> int:
         return int(struct.unpack("<I", self.take(4, field))[0])
 
+    def u64(self, field: str) -> int:
+        return int(struct.unpack("<Q", self.take(8, field))[0])
+
+    def seed_and_threshold(self, what: str) -> tuple[int, int]:
+        """A mask's u64 seed and u64 threshold (>= 1), as random-k and rsign send them."""
+        seed = self.u64(f"{what} seed")
+        threshold = self.u64(f"{what} threshold")
+        if threshold < 1:
+            raise self.fail(f"{what} threshold must be >= 1")
+        return seed, threshold
+
 
 def _decode_values(reader: _Reader, m: int) -> NDArray[np.float64]:
     code = reader.u8("value codec")
@@ -425,10 +436,7 @@ def _decode_values(reader: _Reader, m: int) -> NDArray[np.float64]:
         raise reader.fail(f"unknown value codec id {code} (known: 0 float32 .. 5 rsign)")
     codec = ValueCodec(code)
     if codec is ValueCodec.RSIGN:
-        seed = int(struct.unpack("<Q", reader.take(8, "rsign seed"))[0])
-        threshold = int(struct.unpack("<Q", reader.take(8, "rsign threshold"))[0])
-        if threshold < 1:
-            raise reader.fail("rsign threshold must be >= 1")
+        seed, threshold = reader.seed_and_threshold("rsign")
         rchunk = reader.u32("chunk size")
         if rchunk < 1 or rchunk & (rchunk - 1) or rchunk > 2**24:
             raise reader.fail(f"rsign chunk must be a power of two up to 2^24, got {rchunk}")
@@ -565,10 +573,7 @@ def decode_payload(
             dense = np.zeros(numel, dtype=np.float64)
             dense[indices] = _decode_values(reader, k)
         elif sparsity == 2:
-            seed = int(struct.unpack("<Q", reader.take(8, "random-k seed"))[0])
-            threshold = int(struct.unpack("<Q", reader.take(8, "random-k threshold"))[0])
-            if threshold < 1:
-                raise reader.fail("random-k threshold must be >= 1")
+            seed, threshold = reader.seed_and_threshold("random-k")
             k = reader.u32("k")
             indices = random_mask_indices(seed, threshold, numel)
             if indices.size != k:
