@@ -8,10 +8,13 @@ strings::
     topk:0.01 | topk:0.01+int8 | topk:0.001+int4:chunk=64 | topk:0.01+float16
     randk:0.25+sign:chunk=256 | randk:0.1+int8
     rsign | rsign:keep=0.6 | rsign:chunk=512,keep=0.6
+    rvq | rvq:bits=10 | rvq:chunk=4096,bits=12
 
 ``rsign`` is the unbiased one-bit code after a random rotation (DRIVE/EDEN, see
-:mod:`fedsafe.compression.rotation`); ``keep`` sends that fraction of the rotated signs. It
-takes no sparsifier. ``sign`` and both sparsifiers are biased, so the site keeps an
+:mod:`fedsafe.compression.rotation`); ``keep`` sends that fraction of the rotated signs.
+``rvq`` is the unbiased vector code after the same rotation: ``bits`` bits per 16 rotated
+values (default 11, about 0.69 bits per value; see :mod:`fedsafe.compression.vq`). Neither
+takes a sparsifier. ``sign`` and both sparsifiers are biased, so the site keeps an
 error-feedback residual for them (:mod:`fedsafe.compression.error_feedback`).
 
 Why compression must come after the DP noise
@@ -41,12 +44,16 @@ from fedsafe.errors import UserError
 VALID_FORMS = (
     "none, float16, int8, int4, sign, int8:chunk=N, int4:chunk=N, sign:chunk=N, topk:F, "
     "topk:F+int8, topk:F+int4:chunk=N, topk:F+float16, randk:F+sign:chunk=N, randk:F+int8, "
-    "rsign, rsign:keep=F, rsign:chunk=P,keep=F (F a fraction in (0, 1], N an integer >= 1, "
-    "P a power of two)"
+    "rsign, rsign:keep=F, rsign:chunk=P,keep=F, rvq, rvq:bits=B, rvq:chunk=P,bits=B "
+    "(F a fraction in (0, 1], N an integer >= 1, P a power of two, B an integer in 1..16)"
 )
-CHUNKED_CODECS = ("int8", "int4", "sign", "rsign")
-#: Rotation chunk of ``rsign`` when none is given.
+CHUNKED_CODECS = ("int8", "int4", "sign", "rsign", "rvq")
+#: Rotation chunk of ``rsign`` and ``rvq`` when none is given.
 DEFAULT_RSIGN_CHUNK = 1024
+#: Index bits per 16 rotated values of ``rvq`` when none are given.
+DEFAULT_RVQ_BITS = 11
+#: Codecs that rotate the whole update as one flat vector.
+ROTATED_CODECS = ("rsign", "rvq")
 
 
 class ValueCodec(enum.IntEnum):
@@ -60,6 +67,8 @@ class ValueCodec(enum.IntEnum):
     SIGN = 4
     #: One bit per kept rotated value, unbiased (DRIVE / EDEN).
     RSIGN = 5
+    #: One codeword index per 16 rotated values, unbiased (see :mod:`.vq`).
+    RVQ = 6
 
 
 class CompressionStage(enum.Enum):
@@ -89,6 +98,8 @@ class CompressionPipeline:
         sent (:mod:`fedsafe.compression.randk`).
     keep
         For ``rsign``: the fraction of rotated coordinates whose sign is sent; None for all.
+    bits
+        For ``rvq``: index bits per 16 rotated values (1..16); None for the default.
     """
 
     topk_fraction: float | None = None
@@ -96,6 +107,7 @@ class CompressionPipeline:
     chunk: int | None = None
     randk_fraction: float | None = None
     keep: float | None = None
+    bits: int | None = None
 
     def __post_init__(self) -> None:
         for name, fraction in (("top-k", self.topk_fraction), ("random-k", self.randk_fraction)):
@@ -108,19 +120,28 @@ class CompressionPipeline:
             raise UserError("--compression: use one sparsifier, topk or randk, not both")
         if not isinstance(self.value_codec, ValueCodec):
             raise UserError(f"--compression: unknown value codec {self.value_codec!r}")
-        if self.value_codec is ValueCodec.RSIGN:
+        if self.flat:
+            name = self.value_codec.name.lower()
             if self.sparsifier is not None:
                 raise UserError(
-                    "--compression: rsign takes no sparsifier; use rsign:keep=F to send a "
-                    "fraction F of the rotated signs"
+                    f"--compression: {name} takes no sparsifier; use rsign:keep=F or "
+                    "rvq:bits=B to send fewer bits"
                 )
+            smallest = 16 if self.value_codec is ValueCodec.RVQ else 1
             if self.chunk is not None and not (
-                self.chunk >= 1 and self.chunk & (self.chunk - 1) == 0 and self.chunk <= 2**24
+                self.chunk >= smallest
+                and self.chunk & (self.chunk - 1) == 0
+                and self.chunk <= 2**24
             ):
                 raise UserError(
-                    f"--compression: rsign chunk must be a power of two up to 2^24, got "
-                    f"{self.chunk}"
+                    f"--compression: {name} chunk must be a power of two in "
+                    f"[{smallest}, 2^24], got {self.chunk}"
                 )
+        if self.bits is not None:
+            if self.value_codec is not ValueCodec.RVQ:
+                raise UserError("--compression: bits= applies to rvq only")
+            if int(self.bits) != self.bits or not 1 <= self.bits <= 16:
+                raise UserError(f"--compression: rvq bits must be in 1..16, got {self.bits}")
         if self.keep is not None:
             if self.value_codec is not ValueCodec.RSIGN:
                 raise UserError("--compression: keep= applies to rsign only")
@@ -132,8 +153,9 @@ class CompressionPipeline:
                 ValueCodec.INT4,
                 ValueCodec.SIGN,
                 ValueCodec.RSIGN,
+                ValueCodec.RVQ,
             ):
-                raise UserError("--compression: chunk= applies to int8, int4, sign and rsign")
+                raise UserError("--compression: chunk= applies to int8, int4, sign, rsign and rvq")
             if int(self.chunk) != self.chunk or self.chunk < 1 or self.chunk >= 2**32:
                 raise UserError(
                     f"--compression: chunk must be an integer in [1, 2^32), got {self.chunk}"
@@ -146,8 +168,8 @@ class CompressionPipeline:
 
     @property
     def flat(self) -> bool:
-        """True when the whole update is coded as one flat vector (``rsign``)."""
-        return self.value_codec is ValueCodec.RSIGN
+        """True when the whole update is coded as one flat vector (``rsign``, ``rvq``)."""
+        return self.value_codec in (ValueCodec.RSIGN, ValueCodec.RVQ)
 
     @property
     def sparsifier(self) -> str | None:
@@ -173,6 +195,7 @@ class CompressionPipeline:
             codec = self.value_codec.name.lower()
             options = [f"chunk={self.chunk}"] if self.chunk is not None else []
             options += [f"keep={self.keep!r}"] if self.keep is not None else []
+            options += [f"bits={self.bits}"] if self.bits is not None else []
             parts.append(codec + (":" + ",".join(options) if options else ""))
         return "+".join(parts) if parts else "none"
 
@@ -206,6 +229,7 @@ def parse_compression(spec: str) -> CompressionPipeline:
     codec = ValueCodec.FLOAT32
     chunk: int | None = None
     keep: float | None = None
+    bits: int | None = None
     seen_codec = False
     for position, stage in enumerate(text.split("+")):
         name, _, arg = stage.partition(":")
@@ -224,14 +248,26 @@ def parse_compression(spec: str) -> CompressionPipeline:
             fractions[name] = fraction
         elif name in ("float16", *CHUNKED_CODECS):
             if seen_codec:
-                raise _bad(spec, "at most one value codec (float16, int8, int4, sign or rsign)")
+                raise _bad(
+                    spec, "at most one value codec (float16, int8, int4, sign, rsign or rvq)"
+                )
             seen_codec = True
             codec = ValueCodec[name.upper()]
             for option in arg.split(",") if arg else []:
                 key, _, value = option.partition("=")
                 key = key.strip()
-                if name == "float16" or key not in ("chunk", "keep"):
+                if name == "float16" or key not in ("chunk", "keep", "bits"):
                     raise _bad(spec, f"unknown option {option!r} for {name}")
+                if key == "bits":
+                    if name != "rvq":
+                        raise _bad(spec, "bits= applies to rvq only")
+                    try:
+                        bits = int(value)
+                    except ValueError:
+                        raise _bad(spec, f"bits must be an integer, got {value!r}") from None
+                    if not 1 <= bits <= 16:
+                        raise _bad(spec, f"rvq bits must be in 1..16, got {bits}")
+                    continue
                 if key == "keep":
                     if name != "rsign":
                         raise _bad(spec, "keep= applies to rsign only")
@@ -248,20 +284,25 @@ def parse_compression(spec: str) -> CompressionPipeline:
                     raise _bad(spec, f"chunk must be an integer, got {value!r}") from None
                 if not 1 <= chunk < 2**32:
                     raise _bad(spec, f"chunk must be in [1, 2^32), got {chunk}")
-                if name == "rsign" and chunk & (chunk - 1):
-                    raise _bad(spec, f"rsign chunk must be a power of two, got {chunk}")
+                if name in ROTATED_CODECS and chunk & (chunk - 1):
+                    raise _bad(spec, f"{name} chunk must be a power of two, got {chunk}")
+                if name == "rvq" and chunk < 16:
+                    raise _bad(spec, f"rvq chunk must be at least 16, got {chunk}")
         elif name == "none":
             raise _bad(spec, "'none' cannot be combined with other stages")
         else:
             raise _bad(spec, f"unknown stage {name!r}")
-    if codec is ValueCodec.RSIGN and fractions:
-        raise _bad(spec, "rsign takes no sparsifier; use rsign:keep=F")
+    if codec in (ValueCodec.RSIGN, ValueCodec.RVQ) and fractions:
+        raise _bad(
+            spec, f"{codec.name.lower()} takes no sparsifier; use rsign:keep=F or rvq:bits=B"
+        )
     return CompressionPipeline(
         topk_fraction=fractions.get("topk"),
         value_codec=codec,
         chunk=chunk,
         randk_fraction=fractions.get("randk"),
         keep=keep,
+        bits=bits,
     )
 
 
@@ -296,20 +337,20 @@ def assert_post_privatization(
 
 
 def check_downlink(pipeline: CompressionPipeline) -> None:
-    """Refuse sparsifiers, sign and rsign for the global model sent to the sites.
+    """Refuse sparsifiers, sign, rsign and rvq for the global model sent to the sites.
 
     The coordinator keeps no error-feedback residual for the downlink, so a codec that drops
-    weights (top-k, random-k) or is biased (sign) would corrupt the global model, and rsign's
-    error (of the order of the weights themselves) is only tolerable on updates averaged over
-    sites.
+    weights (top-k, random-k) or is biased (sign) would corrupt the global model, and the
+    rotated codes' error (of the order of the weights themselves) is only tolerable on
+    updates averaged over sites.
 
     Raises
     ------
     UserError
         If the pipeline sparsifies or uses sign.
     """
-    if pipeline.needs_error_feedback or pipeline.value_codec is ValueCodec.RSIGN:
+    if pipeline.needs_error_feedback or pipeline.flat:
         raise UserError(
-            f"--downlink-compression {pipeline.spec}: sparsifiers, sign and rsign would drop, "
+            f"--downlink-compression {pipeline.spec}: sparsifiers, sign, rsign and rvq would drop, "
             "bias or blur the global model's weights; use none, float16, int8 or int4"
         )

@@ -40,23 +40,24 @@ def is_power_of_two(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
-def padded_chunks(size: int, chunk: int) -> list[tuple[int, int, int]]:
+def padded_chunks(size: int, chunk: int, minimum: int = 1) -> list[tuple[int, int, int]]:
     """``(start, length, padded_length)`` of each chunk of a tensor of ``size`` values.
 
-    Full chunks have ``chunk`` values; the last one is padded to the next power of two.
+    Full chunks have ``chunk`` values; the last one is padded to the next power of two, and
+    every chunk to at least ``minimum`` (a power of two, at most ``chunk``).
     """
     if not is_power_of_two(chunk):
         raise ValueError(f"rotation chunk must be a power of two, got {chunk}")
     out = []
     for start in range(0, size, chunk):
         length = min(chunk, size - start)
-        out.append((start, length, 1 << max(0, (length - 1).bit_length())))
+        out.append((start, length, max(minimum, 1 << max(0, (length - 1).bit_length()))))
     return out
 
 
-def rotated_length(size: int, chunk: int) -> int:
+def rotated_length(size: int, chunk: int, minimum: int = 1) -> int:
     """Number of rotated coordinates of a tensor of ``size`` values (padding included)."""
-    return sum(padded for _, _, padded in padded_chunks(size, chunk))
+    return sum(padded for _, _, padded in padded_chunks(size, chunk, minimum))
 
 
 def walsh_hadamard(rows: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -91,10 +92,10 @@ def keep_mask(seed: int, threshold: int, count: int) -> NDArray[np.bool_]:
     return hashed < np.uint64(threshold)
 
 
-def rotate(x: NDArray[np.float64], chunk: int, seed: int) -> NDArray[np.float64]:
+def rotate(x: NDArray[np.float64], chunk: int, seed: int, minimum: int = 1) -> NDArray[np.float64]:
     """Rotated coordinates of ``x`` (zero-padded chunks), ``rotated_length`` long."""
-    layout = padded_chunks(x.size, chunk)
-    signs = _signs(seed, rotated_length(x.size, chunk))
+    layout = padded_chunks(x.size, chunk, minimum)
+    signs = _signs(seed, rotated_length(x.size, chunk, minimum))
     out = np.zeros(signs.size, dtype=np.float64)
     offset = 0
     for start, length, padded in layout:
@@ -105,9 +106,11 @@ def rotate(x: NDArray[np.float64], chunk: int, seed: int) -> NDArray[np.float64]
     return _hadamard_by_chunk(out, layout)
 
 
-def unrotate(y: NDArray[np.float64], size: int, chunk: int, seed: int) -> NDArray[np.float64]:
+def unrotate(
+    y: NDArray[np.float64], size: int, chunk: int, seed: int, minimum: int = 1
+) -> NDArray[np.float64]:
     """Inverse of :func:`rotate`: the ``size`` values whose rotation is ``y``."""
-    layout = padded_chunks(size, chunk)
+    layout = padded_chunks(size, chunk, minimum)
     signs = _signs(seed, y.size)
     z = _hadamard_by_chunk(y, layout) * signs
     out = np.zeros(size, dtype=np.float64)

@@ -30,24 +30,33 @@ sparsity                   u8: 0 dense, 1 top-k, 2 random-k
  (random-k) seed           u64, the mask's seed (see :mod:`.randk`)
  (random-k) threshold      u64 >= 1, keeps entry i iff splitmix64(seed + i) < threshold
  (random-k) k              u32, the number of entries the mask keeps (checked)
-value codec                u8: 0 float32, 1 float16, 2 int8, 3 int4, 4 sign, 5 rsign
+value codec                u8: 0 float32, 1 float16, 2 int8, 3 int4, 4 sign, 5 rsign, 6 rvq
  (rsign) seed              u64, the random signs' and the mask's seed (:mod:`.rotation`)
  (rsign) threshold         u64 >= 1: rotated coordinate j is sent iff splitmix64((seed XOR
                            salt) + j) < threshold; 2^64 - 1 sends all
- (int8/int4/sign) chunk    u32 >= 1, values per scale; rsign: a power of two <= 2^24
- (int8/int4/sign) scales   ``ceil(m / chunk)`` x float32, finite and >= 0
+ (rvq) seed                u64, the random signs' seed (:mod:`.rotation`)
+ (rvq) bits                u8 in 1..16, index bits per 16 rotated values (:mod:`.vq`)
+ (int8/int4/sign) chunk    u32 >= 1, values per scale; rsign: a power of two <= 2^24;
+                           rvq: a power of two in [16, 2^24]
+ (int8/int4/sign) scales   ``ceil(m / chunk)`` x float32, finite and >= 0 (rsign, rvq: one
+                           per rotation chunk)
 values                     float32: 4m bytes; float16: 2m; int8: m (``-127..127``);
                            int4: ``ceil(m/2)``, two per byte, low nibble first, level + 8;
                            sign: ``ceil(m/8)``, one bit per value, 1 for +scale, most
                            significant bit first, zero padding (see :mod:`.sign`);
-                           rsign: ``ceil(kept/8)``, one bit per sent rotated coordinate
+                           rsign: ``ceil(kept/8)``, one bit per sent rotated coordinate;
+                           rvq: ``ceil(blocks * bits / 8)``, one ``bits``-bit codeword
+                           index per 16 rotated values, most significant bit first, zero
+                           padding (``blocks`` = rotated length / 16, chunks padded to a
+                           power of two of at least 16)
 =========================  ==============================================================
 
-Flat payloads (``rsign``): the update's tensors are concatenated, in the model's order, into
-one tensor named ``""`` of shape ``(total,)``, so per-tensor headers (names, shapes, seeds,
-scales) are paid once instead of for every bias and norm weight (12 tensors of the MNIST CNN
-cost about 600 bytes that way, a fifth of an ``rsign`` reply). The receiver splits it with the
-layout of the model it sent (:func:`decode_update`'s ``layout``), after checking the checksum.
+Flat payloads (``rsign``, ``rvq``): the update's tensors are concatenated, in the model's
+order, into one tensor named ``""`` of shape ``(total,)``, so per-tensor headers (names,
+shapes, seeds, scales) are paid once instead of for every bias and norm weight (12 tensors of
+the MNIST CNN cost about 600 bytes that way, a fifth of an ``rsign`` reply). The receiver
+splits it with the layout of the model it sent (:func:`decode_update`'s ``layout``), after
+checking the checksum.
 
 Version 1 decoders written before random-k and sign existed reject sparsity 2 and codec 4 as
 unknown, so an old coordinator drops such a reply with that reason instead of misreading it.
@@ -74,7 +83,12 @@ from flwr.app import Array, ArrayRecord
 from numpy.typing import NDArray
 
 from fedsafe.compression.error_feedback import ErrorFeedback
-from fedsafe.compression.pipeline import DEFAULT_RSIGN_CHUNK, CompressionPipeline, ValueCodec
+from fedsafe.compression.pipeline import (
+    DEFAULT_RSIGN_CHUNK,
+    DEFAULT_RVQ_BITS,
+    CompressionPipeline,
+    ValueCodec,
+)
 from fedsafe.compression.quantize import (
     INT4_LEVELS,
     INT8_LEVELS,
@@ -102,6 +116,7 @@ from fedsafe.compression.topk import (
     top_k_indices,
     varint_decode,
 )
+from fedsafe.compression.vq import MAX_BITS, MIN_BITS, rvq_decode, rvq_encode, rvq_layout
 
 WIRE_KEY = "fedsafe.compressed"
 #: ``flags`` bit: the payload is the whole update as one flat tensor.
@@ -217,6 +232,13 @@ def _encode_values(
         scales, bits, decoded = rsign_encode(values, rchunk, seed, threshold)
         out += [_u64(seed), _u64(threshold), _u32(rchunk), scales.astype("<f4").tobytes(), bits]
         return b"".join(out), decoded
+    if codec is ValueCodec.RVQ:
+        seed = int(rng.integers(0, 2**64, dtype=np.uint64))
+        nbits = pipeline.bits if pipeline.bits is not None else DEFAULT_RVQ_BITS
+        rchunk = pipeline.chunk if pipeline.chunk is not None else DEFAULT_RSIGN_CHUNK
+        scales, indices, decoded = rvq_encode(values, rchunk, seed, nbits)
+        out += [_u64(seed), _u8(nbits), _u32(rchunk), scales.astype("<f4").tobytes(), indices]
+        return b"".join(out), decoded
     chunk = pipeline.chunk if pipeline.chunk is not None else max(1, values.size)
     if codec is ValueCodec.SIGN:
         bits, scales = sign_encode(values, chunk)
@@ -273,7 +295,7 @@ def encode_update(
         return raw, EncodeStats(raw_bytes, raw_bytes, total, total)
     if pipeline.flat:
         if feedback is not None:
-            raise ValueError("flat payloads (rsign) keep no error-feedback residual")
+            raise ValueError("flat payloads (rsign, rvq) keep no error-feedback residual")
         _check_finite(update)
         wide = any(np.asarray(v).dtype == np.float64 for v in update.values())
         flat: NDArray[np.floating[Any]] = np.concatenate(
@@ -433,8 +455,10 @@ class _Reader:
 def _decode_values(reader: _Reader, m: int) -> NDArray[np.float64]:
     code = reader.u8("value codec")
     if code not in ValueCodec._value2member_map_:
-        raise reader.fail(f"unknown value codec id {code} (known: 0 float32 .. 5 rsign)")
+        raise reader.fail(f"unknown value codec id {code} (known: 0 float32 .. 6 rvq)")
     codec = ValueCodec(code)
+    if codec is ValueCodec.RVQ:
+        return _decode_rvq(reader, m)
     if codec is ValueCodec.RSIGN:
         seed, threshold = reader.seed_and_threshold("rsign")
         rchunk = reader.u32("chunk size")
@@ -484,6 +508,28 @@ def _decode_values(reader: _Reader, m: int) -> NDArray[np.float64]:
     if not np.all(np.isfinite(out)):
         raise reader.fail("non-finite value (NaN or inf)")
     return out
+
+
+def _decode_rvq(reader: _Reader, m: int) -> NDArray[np.float64]:
+    seed = reader.u64("rvq seed")
+    nbits = reader.u8("rvq bits")
+    if not MIN_BITS <= nbits <= MAX_BITS:
+        raise reader.fail(f"rvq bits must be in {MIN_BITS}..{MAX_BITS}, got {nbits}")
+    rchunk = reader.u32("chunk size")
+    if rchunk < 16 or rchunk & (rchunk - 1) or rchunk > 2**24:
+        raise reader.fail(f"rvq chunk must be a power of two in [16, 2^24], got {rchunk}")
+    layout = rvq_layout(m, rchunk)
+    scales = np.frombuffer(reader.take(4 * len(layout), "scales"), dtype="<f4")
+    if not np.all(np.isfinite(scales)) or np.any(scales < 0):
+        raise reader.fail("rvq scale is negative or not finite")
+    blocks = sum(padded for _, _, padded in layout) // 16
+    index_bytes = reader.take((blocks * nbits + 7) // 8, "rvq indices")
+    decoded = rvq_decode(index_bytes, scales, m, rchunk, seed, nbits)
+    if decoded is None:
+        raise reader.fail("non-zero padding bits after the last rvq index")
+    if not np.all(np.isfinite(decoded)):
+        raise reader.fail("rvq values are not finite (scale too large)")
+    return decoded
 
 
 def decode_payload(
@@ -606,7 +652,7 @@ def decode_update(
         The ``ArrayRecord`` of a site's reply.
     layout
         Names and shapes of the model the update applies to (:func:`layout_of` of the global
-        model); needed for flat payloads (``rsign``).
+        model); needed for flat payloads (``rsign``, ``rvq``).
 
     Returns
     -------

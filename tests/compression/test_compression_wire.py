@@ -56,6 +56,7 @@ AFTER_SHAPE = HEADER + 2 + 1 + 1 + 1 + 2 * 4  # name len, "w", dtype, ndim, two 
         "sign",
         "randk:0.5+sign:chunk=8",
         "rsign:chunk=8,keep=0.7",
+        "rvq:chunk=16,bits=5",
     ],
 )
 def test_every_truncation_is_rejected(spec):
@@ -73,7 +74,7 @@ def test_random_corruption_never_crashes(data):
         _payload(
             data.draw(
                 st.sampled_from(
-                    ["int8", "int4", "topk:0.1+int8", "topk:0.1", "randk:0.5+sign", "rsign"]
+                    ["int8", "int4", "topk:0.1+int8", "topk:0.1", "randk:0.5+sign", "rsign", "rvq"]
                 )
             )
         )
@@ -185,6 +186,11 @@ def test_malformed_is_a_value_error():
             "rsign:chunk=512,keep=0.6",
             CompressionPipeline(value_codec=ValueCodec.RSIGN, chunk=512, keep=0.6),
         ),
+        ("rvq", CompressionPipeline(value_codec=ValueCodec.RVQ)),
+        (
+            "rvq:chunk=4096,bits=12",
+            CompressionPipeline(value_codec=ValueCodec.RVQ, chunk=4096, bits=12),
+        ),
     ],
 )
 def test_parse_valid(spec, expected):
@@ -218,6 +224,14 @@ def test_parse_valid(spec, expected):
         "rsign:keep=0",
         "int8:keep=0.5",
         "randk:0.5+rsign",
+        "rvq:bits=0",
+        "rvq:bits=17",
+        "rvq:bits=x",
+        "rvq:chunk=8",
+        "rvq:chunk=48",
+        "rvq:keep=0.5",
+        "rsign:bits=4",
+        "topk:0.1+rvq",
     ],
 )
 def test_parse_errors_name_the_flag(spec):
@@ -235,7 +249,7 @@ def test_compression_before_privatization_is_refused():
         assert_post_privatization(True, int8, CompressionStage.PRE_PRIVATIZATION)
 
 
-@pytest.mark.parametrize("spec", ["topk:0.01+int8", "randk:0.5+int8", "sign", "rsign"])
+@pytest.mark.parametrize("spec", ["topk:0.01+int8", "randk:0.5+int8", "sign", "rsign", "rvq"])
 def test_downlink_refuses_sparsifiers_and_sign(spec):
     check_downlink(parse_compression("int8"))
     with pytest.raises(UserError, match="--downlink-compression"):
@@ -306,6 +320,39 @@ def test_rsign_bad_chunk_and_scale_rejected():
     bad = bytearray(data)
     struct.pack_into("<f", bad, chunk_at + 4, float("nan"))
     with pytest.raises(MalformedPayloadError, match="scale"):
+        decode_payload(bytes(bad), LAYOUT)
+
+
+def test_rvq_bad_bits_chunk_scale_and_padding_rejected():
+    data = bytearray(_payload("rvq:chunk=16,bits=5"))
+    # Flat: header, checksum, tensor "" of shape (40,), sparsity, codec, seed, bits, chunk.
+    bits_at = HEADER + 4 + 2 + 0 + 1 + 1 + 4 + 1 + 1 + 8
+    chunk_at = bits_at + 1
+    assert data[bits_at] == 5 and struct.unpack_from("<I", data, chunk_at)[0] == 16
+    # 40 values in chunks of 16: three chunks (the last padded to 16), 3 blocks, 15 bits.
+    assert len(data) == chunk_at + 4 + 3 * 4 + 2
+    decode_payload(bytes(data), LAYOUT)
+    for at, value, why in (
+        (bits_at, 0, "bits"),
+        (bits_at, 17, "bits"),
+    ):
+        bad = bytearray(data)
+        bad[at] = value
+        with pytest.raises(MalformedPayloadError, match=why):
+            decode_payload(bytes(bad), LAYOUT)
+    for chunk in (8, 24):
+        bad = bytearray(data)
+        struct.pack_into("<I", bad, chunk_at, chunk)
+        with pytest.raises(MalformedPayloadError, match="power of two"):
+            decode_payload(bytes(bad), LAYOUT)
+    for scale in (float("nan"), -1.0, float("inf")):
+        bad = bytearray(data)
+        struct.pack_into("<f", bad, chunk_at + 4, scale)
+        with pytest.raises(MalformedPayloadError, match="scale"):
+            decode_payload(bytes(bad), LAYOUT)
+    bad = bytearray(data)
+    bad[-1] |= 1  # the 16th bit is padding after 3 x 5 index bits
+    with pytest.raises(MalformedPayloadError, match="padding"):
         decode_payload(bytes(bad), LAYOUT)
 
 
