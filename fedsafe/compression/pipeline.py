@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedsafe.errors import UserError
@@ -204,6 +205,28 @@ def _bad(spec: str, why: str) -> UserError:
     return UserError(f"--compression {spec!r}: {why}. Valid forms: {VALID_FORMS}")
 
 
+def _option(
+    spec: str,
+    codec: str,
+    owner: str,
+    key: str,
+    value: str,
+    convert: Callable[[str], float],
+    valid: Callable[[float], bool],
+    bounds: str,
+) -> float:
+    """The value of option ``key=value`` of ``codec`` (only ``owner`` takes it), checked."""
+    if codec != owner:
+        raise _bad(spec, f"{key}= applies to {owner} only")
+    try:
+        number = convert(value)
+    except ValueError:
+        raise _bad(spec, f"{owner} {key} must be in {bounds}, got {value!r}") from None
+    if not (math.isfinite(number) and valid(number)):
+        raise _bad(spec, f"{owner} {key} must be in {bounds}, got {value}")
+    return number
+
+
 def parse_compression(spec: str) -> CompressionPipeline:
     """Parse a ``--compression`` spec string.
 
@@ -259,24 +282,14 @@ def parse_compression(spec: str) -> CompressionPipeline:
                 if name == "float16" or key not in ("chunk", "keep", "bits"):
                     raise _bad(spec, f"unknown option {option!r} for {name}")
                 if key == "bits":
-                    if name != "rvq":
-                        raise _bad(spec, "bits= applies to rvq only")
-                    try:
-                        bits = int(value)
-                    except ValueError:
-                        raise _bad(spec, f"bits must be an integer, got {value!r}") from None
-                    if not 1 <= bits <= 16:
-                        raise _bad(spec, f"rvq bits must be in 1..16, got {bits}")
+                    bits = int(
+                        _option(spec, name, "rvq", key, value, int, lambda b: 1 <= b <= 16, "1..16")
+                    )
                     continue
                 if key == "keep":
-                    if name != "rsign":
-                        raise _bad(spec, "keep= applies to rsign only")
-                    try:
-                        keep = float(value)
-                    except ValueError:
-                        raise _bad(spec, f"keep must be a fraction, got {value!r}") from None
-                    if not (math.isfinite(keep) and 0.0 < keep <= 1.0):
-                        raise _bad(spec, f"keep must be in (0, 1], got {value}")
+                    keep = _option(
+                        spec, name, "rsign", key, value, float, lambda f: 0 < f <= 1, "(0, 1]"
+                    )
                     continue
                 try:
                     chunk = int(value)

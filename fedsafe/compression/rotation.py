@@ -139,6 +139,28 @@ def _hadamard_by_chunk(
     return out
 
 
+def drive_scales(
+    values: NDArray[np.float64],
+    rotated: NDArray[np.float64],
+    codes: NDArray[np.float64],
+    layout: list[tuple[int, int, int]],
+) -> NDArray[np.float32]:
+    """DRIVE's unbiased scale of each chunk, ``S = ||x||^2 / <y, code>`` (0 if not positive).
+
+    ``values`` are the chunk values before rotation, ``rotated`` their rotation ``y`` and
+    ``codes`` the quantized rotation the decoder will see (signs for rsign, codewords for rvq);
+    the decoder returns the inverse rotation of ``S * code``.
+    """
+    scales = np.zeros(len(layout), dtype=np.float32)
+    offset = 0
+    for i, (start, length, padded) in enumerate(layout):
+        part = values[start : start + length]
+        inner = float(rotated[offset : offset + padded] @ codes[offset : offset + padded])
+        scales[i] = np.float32(float(part @ part) / inner) if inner > 0 else np.float32(0.0)
+        offset += padded
+    return scales
+
+
 def rsign_encode(
     x: NDArray[np.float64], chunk: int, seed: int, threshold: int
 ) -> tuple[NDArray[np.float32], bytes, NDArray[np.float64]]:
@@ -153,13 +175,8 @@ def rsign_encode(
     layout = padded_chunks(values.size, chunk)
     y = rotate(values, chunk, seed)
     mask = keep_mask(seed, threshold, y.size)
-    scales = np.zeros(len(layout), dtype=np.float32)
-    offset = 0
-    for i, (start, length, padded) in enumerate(layout):
-        part = values[start : start + length]
-        l1 = float(np.abs(y[offset : offset + padded]).sum())
-        scales[i] = np.float32(float(part @ part) / l1) if l1 > 0 else np.float32(0.0)
-        offset += padded
+    # <y, sign(y)> is the L1 norm of the rotated chunk.
+    scales = drive_scales(values, y, np.sign(y), layout)
     bits = np.packbits(y[mask] >= 0.0).tobytes()
     decoded = rsign_decode(bits, scales, values.size, chunk, seed, threshold)
     assert decoded is not None

@@ -34,7 +34,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedsafe.compression.randk import splitmix64
-from fedsafe.compression.rotation import padded_chunks, rotate, rotated_length, unrotate
+from fedsafe.compression.rotation import (
+    drive_scales,
+    padded_chunks,
+    rotate,
+    rotated_length,
+    unrotate,
+)
 
 #: Rotated values per codeword.
 BLOCK = 16
@@ -114,14 +120,7 @@ def rvq_encode(
     for start in range(0, blocks.shape[0], _SEARCH_ROWS):
         part = blocks[start : start + _SEARCH_ROWS]
         indices[start : start + part.shape[0]] = np.argmax(part @ book.T, axis=1)
-    chosen = book[indices].ravel()
-    scales = np.zeros(len(layout), dtype=np.float32)
-    offset = 0
-    for i, (start, length, padded) in enumerate(layout):
-        part = values[start : start + length]
-        inner = float(y[offset : offset + padded] @ chosen[offset : offset + padded])
-        scales[i] = np.float32(float(part @ part) / inner) if inner > 0 else np.float32(0.0)
-        offset += padded
+    scales = drive_scales(values, y, book[indices].ravel(), layout)
     index_bytes = pack_indices(indices, bits)
     decoded = rvq_decode(index_bytes, scales, values.size, chunk, seed, bits)
     assert decoded is not None

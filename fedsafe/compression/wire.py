@@ -451,6 +451,23 @@ class _Reader:
             raise self.fail(f"{what} threshold must be >= 1")
         return seed, threshold
 
+    def rotation_scales(self, count: int, what: str) -> NDArray[np.float32]:
+        """``count`` float32 chunk scales of a rotated code, each finite and >= 0."""
+        scales = np.frombuffer(self.take(4 * count, "scales"), dtype="<f4")
+        if not np.all(np.isfinite(scales)) or np.any(scales < 0):
+            raise self.fail(f"{what} scale is negative or not finite")
+        return scales
+
+    def rotated_values(
+        self, decoded: NDArray[np.float64] | None, what: str, unit: str
+    ) -> NDArray[np.float64]:
+        """A rotated code's decoding: None (bad padding after the last ``unit``) or finite."""
+        if decoded is None:
+            raise self.fail(f"non-zero padding bits after the last {what} {unit}")
+        if not np.all(np.isfinite(decoded)):
+            raise self.fail(f"{what} values are not finite (scale too large)")
+        return decoded
+
 
 def _decode_values(reader: _Reader, m: int) -> NDArray[np.float64]:
     code = reader.u8("value codec")
@@ -464,18 +481,12 @@ def _decode_values(reader: _Reader, m: int) -> NDArray[np.float64]:
         rchunk = reader.u32("chunk size")
         if rchunk < 1 or rchunk & (rchunk - 1) or rchunk > 2**24:
             raise reader.fail(f"rsign chunk must be a power of two up to 2^24, got {rchunk}")
-        n_chunks = len(padded_chunks(m, rchunk))
-        scales = np.frombuffer(reader.take(4 * n_chunks, "scales"), dtype="<f4")
-        if not np.all(np.isfinite(scales)) or np.any(scales < 0):
-            raise reader.fail("rsign scale is negative or not finite")
+        scales = reader.rotation_scales(len(padded_chunks(m, rchunk)), "rsign")
         kept = int(keep_mask(seed, threshold, rotated_length(m, rchunk)).sum())
         bits = reader.take((kept + 7) // 8, "rsign bits")
-        decoded = rsign_decode(bits, scales, m, rchunk, seed, threshold)
-        if decoded is None:
-            raise reader.fail("non-zero padding bits after the last rsign bit")
-        if not np.all(np.isfinite(decoded)):
-            raise reader.fail("rsign values are not finite (scale too large)")
-        return decoded
+        return reader.rotated_values(
+            rsign_decode(bits, scales, m, rchunk, seed, threshold), "rsign", "bit"
+        )
     if codec is ValueCodec.FLOAT32:
         values = np.frombuffer(reader.take(4 * m, "float32 values"), dtype="<f4")
     elif codec is ValueCodec.FLOAT16:
@@ -519,17 +530,11 @@ def _decode_rvq(reader: _Reader, m: int) -> NDArray[np.float64]:
     if rchunk < 16 or rchunk & (rchunk - 1) or rchunk > 2**24:
         raise reader.fail(f"rvq chunk must be a power of two in [16, 2^24], got {rchunk}")
     layout = rvq_layout(m, rchunk)
-    scales = np.frombuffer(reader.take(4 * len(layout), "scales"), dtype="<f4")
-    if not np.all(np.isfinite(scales)) or np.any(scales < 0):
-        raise reader.fail("rvq scale is negative or not finite")
+    scales = reader.rotation_scales(len(layout), "rvq")
     blocks = sum(padded for _, _, padded in layout) // 16
     index_bytes = reader.take((blocks * nbits + 7) // 8, "rvq indices")
     decoded = rvq_decode(index_bytes, scales, m, rchunk, seed, nbits)
-    if decoded is None:
-        raise reader.fail("non-zero padding bits after the last rvq index")
-    if not np.all(np.isfinite(decoded)):
-        raise reader.fail("rvq values are not finite (scale too large)")
-    return decoded
+    return reader.rotated_values(decoded, "rvq", "index")
 
 
 def decode_payload(
