@@ -29,7 +29,10 @@ from fedsafe.simulations.runner import run_simulation
 from fedsafe.simulations.scenarios import HEADLINE_OF, default_num_sites
 
 ROOT = Path(__file__).resolve().parents[1]
-CODECS = ["none", "float16", "int8", "int4", "topk:0.1+int4", "topk:0.05+int4", "topk:0.01+int8"]
+CODECS = [
+    "none", "float16", "int8", "int4", "topk:0.1+int4", "topk:0.05+int4", "topk:0.01+int8",
+    "rsign", "rvq", "rvq:bits=10",
+]  # fmt: skip
 QUICK = ["none", "int8", "topk:0.05+int4"]
 #: What the bench changes from `fedsafe simulate`'s settings (shorter rounds on MNIST).
 BENCH_OVERRIDES: dict[str, dict[str, Any]] = {"mnist": {"local-steps": 10}}
