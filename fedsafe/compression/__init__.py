@@ -1,4 +1,7 @@
-"""Compression of privatized updates: top-k or random-k and sign with error feedback, QSGD.
+"""Compression of privatized updates: quantization, sparsification and rotated codes.
+
+Stochastic int8/int4 quantization (QSGD), top-k or random-k and sign with error feedback, and
+unbiased codes after a random rotation (``rsign``, ``rvq``).
 
 Public API (see each module for the papers and the wire format):
 

@@ -1,7 +1,8 @@
 """Compression pipelines chosen per run with ``--compression``, and where they may run.
 
 A pipeline is at most one sparsifier (top-k, or random-k with a shared seed) followed by at
-most one value codec (float16, int8 or int4 stochastic quantization, or 1-bit sign). Spec
+most one value codec (float16, int8 or int4 stochastic quantization, 1-bit sign, or a rotated
+code: ``rsign`` or ``rvq``). Spec
 strings::
 
     none | float16 | int8 | int4 | int8:chunk=1024 | int4:chunk=256 | sign | sign:chunk=256
