@@ -47,7 +47,7 @@ def main() -> int:
             if path.exists():
                 table.setdefault(codec, {})[seed] = read_row(path, codec)
     base = table.get("none", {})
-    print("| codec | uplink bytes / round | x fewer | accuracy per seed "
+    print("| codec | uplink bytes / round | x fewer than none | accuracy per seed "
           f"({', '.join(map(str, seeds))}) | mean | change vs none, paired (points) |")  # fmt: skip
     print("|---|---:|---:|---|---:|---|")
     for codec, rows in table.items():
@@ -59,8 +59,9 @@ def main() -> int:
             else ""
         )
         first = next(iter(rows.values()))
+        plain = next(iter(base.values()))[0] if base else float("nan")
         print(
-            f"| {codec} | {first[0]:,.0f} | {first[1]:.1f} | "
+            f"| {codec} | {first[0]:,.0f} | {plain / first[0]:.2f} | "
             f"{', '.join(f'{a:.4f}' for a in accs)} | {statistics.fmean(accs):.4f} | {change} |"
         )
     return 0
