@@ -58,8 +58,10 @@ the MNIST CNN cost about 600 bytes that way, a fifth of an ``rsign`` reply). The
 splits it with the layout of the model it sent (:func:`decode_update`'s ``layout``), after
 checking the checksum.
 
-Version 1 decoders written before random-k and sign existed reject sparsity 2 and codec 4 as
-unknown, so an old coordinator drops such a reply with that reason instead of misreading it.
+Version 1 decoders written before random-k, sign, rsign and rvq existed reject sparsity 2 and
+codecs 4-6 as unknown, so an old coordinator drops such a reply with that reason instead of
+misreading it. The ``rvq`` codebook is fixed by :data:`fedsafe.compression.vq.CODEBOOK_SEED`;
+a different codebook would need a new codec id.
 
 The payload must end exactly after the last tensor. The decoder checks every field and raises
 :class:`MalformedPayloadError` naming the field, the tensor and the offset; the coordinator
