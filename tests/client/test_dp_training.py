@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from fedsafe.client.dp_training import (
     TrainPlan,
@@ -90,3 +91,63 @@ def test_device_choice():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_dp_round_trains_with_fresh_secret_keys(data):
+    x, y = data
+    model = build_model("logreg", 5, 0)
+    before = evaluate_model(model, x, y, CPU).loss
+    event = train_round(model, x, y, TrainPlan(150, 16, 0.5, True, 0.8, 1.0), CPU)
+    assert event is not None and event.sample_rate == poisson_sample_rate(120, 16)
+    assert evaluate_model(model, x, y, CPU).loss < before
+
+
+def test_fresh_keys_give_different_rounds(data):
+    x, y = data
+    runs = []
+    for _ in range(2):
+        m = build_model("logreg", 5, 0)
+        train_round(m, x, y, TrainPlan(3, 8, 0.1, True, 5.0, 1.0), CPU)
+        runs.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    assert not torch.allclose(runs[0], runs[1])
+
+
+def test_keys_equal_in_low_32_bits_give_unrelated_updates():
+    # Noise dominates (sigma * C = 1000): the updates of two keys that agree in their low 32
+    # bits are uncorrelated; with torch's Mersenne Twister they would be identical.
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(64, 50)).astype(np.float32)
+    y = rng.integers(0, 20, size=64).astype(np.float32)
+    plan = TrainPlan(1, 16, 1.0, True, 1000.0, 1.0)
+    key_b = KEY_A[:4] + bytes(b ^ 0xFF for b in KEY_A[4:28]) + KEY_A[28:]
+    updates = []
+    for key in (KEY_A, key_b):
+        m = nn.Linear(50, 20)
+        with torch.no_grad():
+            m.weight.zero_()
+            m.bias.zero_()
+        train_round(m, x, y, plan, CPU, key=key)
+        updates.append(torch.cat([p.detach().flatten() for p in m.parameters()]).numpy())
+    n = updates[0].size
+    assert abs(np.corrcoef(updates[0], updates[1])[0, 1]) < 5 / np.sqrt(n)
+    # The update is -lr * noise / expected batch: its std is sigma * C / 16.
+    assert abs(updates[0].std() / (1000.0 / 16) - 1) < 5 / np.sqrt(2 * n)
+
+
+def test_rounds_with_empty_poisson_batches_still_train(data):
+    x, y = data
+    # q = 1/120: about a third of the batches are empty.
+    event = train_round(build_model("logreg", 5, 0), x, y, TrainPlan(30, 1, 0.1), CPU)
+    assert event is not None and event.steps == 30
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_round_matches_the_cpu_round_with_the_same_key(data):
+    x, y = data
+    plan = TrainPlan(10, 8, 0.1, True, 1.0, 1.0)
+    out = []
+    for device in (CPU, torch.device("cuda")):
+        m = build_model("logreg", 5, 0)
+        train_round(m, x, y, plan, device, key=KEY_A)
+        out.append(torch.cat([p.detach().cpu().flatten() for p in m.parameters()]))
+    assert torch.allclose(out[0], out[1], atol=1e-3)
