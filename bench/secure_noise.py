@@ -5,8 +5,8 @@ generator (torch's CPU Mersenne Twister, as Opacus used it before this change):
 
 1. 577,000 Gaussian values (the size the issue measured): ``torch.normal`` with a seeded
    ``torch.Generator`` (the old noise); ChaCha20 + Box-Muller (``standard_normal``); the same
-   plus the grid snapping fedsafe ships (``snapped_gaussian``); Opacus's four-draw
-   ``secure_mode`` noise (``_generate_noise``, here drawn from the Mersenne Twister since
+   plus the grid snapping and float32 cast fedsafe ships (``snapped_noised_sum``); Opacus's
+   four-draw ``secure_mode`` noise (``_generate_noise``, here drawn from the Mersenne Twister since
    torchcsprng does not support torch 2.13: its cost is the draw count).
 2. Poisson sampling of 60,000 records for one step: ``torch.rand(n) < q`` against the exact
    64-bit Bernoulli test on ChaCha20.
@@ -35,9 +35,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedsafe.client.dp_training import TrainPlan, _run_steps, poisson_sample_rate, train_round
+from fedsafe.client.secure_dp_sgd import snapped_noised_sum
 from fedsafe.models import build_model
 from fedsafe.privacy.calibration import calibrate_noise_multiplier
-from fedsafe.privacy.secure_random import ChaCha20Random
+from fedsafe.privacy.secure_random import ChaCha20Random, noise_grid
 from fedsafe.simulations.scenarios import MODEL_OF, load_scenario
 
 VALUES = 577_000
@@ -75,13 +76,20 @@ def noise_arms(std: float = 1.0) -> dict[str, Callable[[], object]]:
     mt = torch.Generator().manual_seed(12345)
     ref = torch.zeros(VALUES, dtype=torch.float32)
     rng = ChaCha20Random()
-    base = np.zeros(VALUES)
+    grid = noise_grid(std)
+
+    def shipped() -> torch.Tensor:
+        # What SecureNoiseDPOptimizer.add_noise does for one step's clipped sums.
+        draws = rng.standard_normal(VALUES)
+        draws *= std
+        return snapped_noised_sum(ref, draws, grid)
+
     return {
         "torch.normal, Mersenne Twister (old)": lambda: torch.normal(
             0.0, std, (VALUES,), generator=mt
         ),
         "ChaCha20 + Box-Muller": lambda: rng.standard_normal(VALUES) * std,
-        "ChaCha20 + Box-Muller + grid snap (shipped)": lambda: rng.snapped_gaussian(base, std),
+        "ChaCha20 + Box-Muller + grid snap, float32 out (shipped)": shipped,
         "Opacus secure_mode, four draws": lambda: _generate_noise(
             std, ref, generator=mt, secure_mode=True
         ),

@@ -146,8 +146,6 @@ def make_private(
     from fedsafe.client.secure_dp_sgd import SecureNoiseDPOptimizer, SecurePoissonSampler
 
     ModuleValidator.validate(model, strict=True)
-    dp_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    dp_model.forbid_grad_accumulation()
     round_key = fresh_key() if key is None else key
     steps = len(loader)
     sample_rate = 1.0 / steps
@@ -173,9 +171,14 @@ def make_private(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
-        expected_batch_size=int(n * sample_rate),
+        # Opacus's int(n * sample_rate), in integers: the float product can fall just below
+        # an integer (n = 49, batch 1 gives 0.999...) and make the mean divide by zero.
+        expected_batch_size=max(1, n // steps),
         noise_rng=ChaCha20Random(round_key, NOISE_STREAM),
     )
+    # Hooks last: a refused argument above leaves the caller's model untouched.
+    dp_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    dp_model.forbid_grad_accumulation()
     return dp_model, dp_optimizer, dp_loader, sample_rate
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch.utils.data import Sampler
@@ -117,15 +118,38 @@ class SecureNoiseDPOptimizer(DPOptimizer):
         self.noise_rng = noise_rng
 
     def add_noise(self) -> None:
-        """Set each ``p.grad`` to its clipped sum plus secret noise, snapped to the grid."""
+        """Set each ``p.grad`` to its clipped sum plus secret noise, snapped to the grid.
+
+        One call draws the noise of every parameter (a single keystream read per step).
+        """
         std = self.noise_multiplier * self.max_grad_norm
         grid = noise_grid(std)
         for p in self.params:
             # Opacus's guard against noising the same clipped sum twice (private helpers).
             _check_processed_flag(p.summed_grad)
-            summed = p.summed_grad
-            draws = self.noise_rng.standard_normal(summed.numel()) * std
-            noise = torch.from_numpy(draws).to(summed.device).view(summed.shape)
-            noised = torch.round((summed.to(torch.float64) + noise) / grid) * grid
-            p.grad = noised.to(p.dtype).view_as(p)
+        sizes = [p.summed_grad.numel() for p in self.params]
+        draws = self.noise_rng.standard_normal(sum(sizes))
+        draws *= std
+        offset = 0
+        for p, size in zip(self.params, sizes, strict=True):
+            noise = draws[offset : offset + size]
+            p.grad = snapped_noised_sum(p.summed_grad, noise, grid).view_as(p)
+            offset += size
             _mark_as_processed(p.summed_grad)
+
+
+def snapped_noised_sum(
+    summed: torch.Tensor, noise: NDArray[np.float64], grid: float
+) -> torch.Tensor:
+    """``summed`` plus ``noise``, rounded to the power-of-two ``grid``, in ``summed``'s dtype.
+
+    ``noise`` (float64, drawn on the CPU, ``summed.numel()`` values) is moved to
+    ``summed.device``; the sum and the rounding to the grid
+    (:func:`~fedsafe.privacy.secure_random.noise_grid`) are computed there in float64 (IEEE
+    addition, division by a power of two and round-half-even give the same bits on CPU and
+    CUDA), and the result is cast to ``summed.dtype``, shape unchanged.
+    """
+    on_device = torch.from_numpy(noise).to(summed.device).view(summed.shape)
+    noised = summed.to(torch.float64) + on_device
+    noised.div_(grid).round_().mul_(grid)
+    return noised.to(summed.dtype)

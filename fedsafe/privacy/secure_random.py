@@ -263,5 +263,10 @@ class ChaCha20Random:
         """
         grid = noise_grid(std)
         base = np.asarray(values, dtype=np.float64)
-        noise = self.standard_normal(base.size).reshape(base.shape) * std
-        return snap_to_grid(base + noise, grid)
+        out = self.standard_normal(base.size).reshape(base.shape)
+        out *= std
+        out += base
+        out /= grid
+        np.rint(out, out=out)
+        out *= grid
+        return out

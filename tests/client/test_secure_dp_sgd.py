@@ -129,8 +129,8 @@ def test_noise_comes_from_the_noise_stream_with_std_sigma_c() -> None:
     sigma = 500.0
     grads, g = _noised_grads(KEY, sigma)
     flat = torch.cat([x.flatten() for x in grads]).double().numpy()
-    rng = ChaCha20Random(KEY, NOISE_STREAM)  # one draw per parameter tensor, in order
-    expected = np.concatenate([rng.standard_normal(x.numel()) * sigma for x in grads])
+    # One draw for all parameters per step, in the optimizer's order.
+    expected = ChaCha20Random(KEY, NOISE_STREAM).standard_normal(flat.size) * sigma
     assert np.abs(flat - expected).max() < 40  # clipped sum of <= ~30 records, C = 1
 
 
@@ -161,4 +161,19 @@ def test_noise_reaches_cuda_parameters_on_the_grid() -> None:
         assert p.grad.device.type == "cuda"
         k = p.grad.double() / g
         assert torch.equal(k, torch.round(k))
+    dp_model._close()
+
+
+def test_a_refused_key_leaves_the_model_without_hooks() -> None:
+    model = nn.Linear(6, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="32 bytes"):
+        make_private(model, opt, _loader(), 1.0, 1.0, bytes(8))
+    assert not model._forward_hooks and not model._backward_hooks
+
+
+def test_expected_batch_size_survives_float_rounding() -> None:
+    # 49 * (1 / 49) is 0.999... in floats; Opacus's int() of it would be 0.
+    _, dp_model, opt, _, rate = _private(KEY, n=49, batch_size=1)
+    assert rate == 1 / 49 and opt.expected_batch_size == 1
     dp_model._close()
