@@ -262,7 +262,8 @@ def _run_steps(
             optimizer.zero_grad(set_to_none=True)
             loss = _loss(train_model, xb.to(device), yb.to(device))
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # Opacus's full backward hook notice
+                # Opacus's per-sample hooks on inputs that need no gradient: expected here.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
             optimizer.step()
             if plan.proximal_mu > 0:
