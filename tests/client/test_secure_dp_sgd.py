@@ -2,6 +2,7 @@
 
 import math
 import warnings
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from fedsafe.privacy.secure_random import (
     SAMPLING_STREAM,
     ChaCha20Random,
     noise_grid,
+    realised_rate,
 )
 
 # Opacus per-sample hooks on inputs that need no gradient: harmless here.
@@ -44,6 +46,7 @@ def test_sampler_inclusion_rate_matches_the_accounted_rate() -> None:
     sampler = loader.batch_sampler
     assert isinstance(sampler, SecurePoissonSampler)
     assert rate == sampler.sample_rate == pytest.approx(1 / 15)
+    assert realised_rate(rate) <= Fraction(rate)  # the ledger's rate is never below the truth
     included, trials = 0, 0
     for _ in range(40):  # 40 passes of 15 batches continue one stream
         for batch in sampler:
