@@ -17,12 +17,12 @@ Bernoulli sampling. ``bernoulli(q, n)`` compares uniform 64-bit integers with th
 threshold ``T = floor(q * 2**64)``: the realised inclusion rate is exactly ``T / 2**64 <= q``
 (:func:`realised_rate`), so accounting with ``q`` is never below the truth.
 
-Gaussian noise. Box-Muller (Box and Muller 1958), vectorised with numpy in float64. The
-radius uses a 106-bit uniform ``u1`` in ``(0, 1]`` (smallest value ``2**-107``), the angle a
-53-bit uniform, so the sampler reaches 12.18 standard deviations (the ideal Gaussian puts less
-than ``1e-32`` beyond that) and the values it can produce lie far closer together than the
-grid below (the radius's spacing is at most about ``2**-26`` standard deviations, near zero,
-and the angle's ``2**-50`` of a turn).
+Gaussian noise. Box-Muller (Box and Muller 1958), vectorised in float64 (numpy; sine and
+cosine by torch's vectorised kernels, within 1 ulp). The radius uses a 106-bit uniform ``u1``
+in ``(0, 1]`` (smallest value ``2**-107``), the angle a 53-bit uniform, so the sampler reaches
+12.18 standard deviations (the ideal Gaussian puts less than ``1e-32`` beyond that) and the
+values it can produce lie far closer together than the grid below (the radius's spacing is at
+most about ``2**-26`` standard deviations, near zero, and the angle's ``2**-53`` of a turn).
 
 Floating-point attacks (Mironov, "On significance of the least significant bits for
 differential privacy", CCS 2012; Holohan and Braghin, "Secure random sampling in differential
@@ -34,7 +34,8 @@ deviation. The defence here is Mironov's snapping idea applied to the Gaussian, 
 one draw per value (Opacus's ``secure_mode`` draws four and sums them): the released value is
 ``round((s + z) / g) * g``, computed in float64, on the power-of-two grid
 ``g = 2**(floor(log2(std)) - GRID_BITS)``, so ``std * 2**-11 < g <= std * 2**-10``
-(:func:`noise_grid`, :func:`snap_to_grid`).
+(:func:`noise_grid`, :func:`snap_to_grid`); everything after it (the cast to the parameter's
+dtype, the division by the batch size, the optimizer step) is post-processing.
 
 What it defends: the attack above. Every released value is an exact multiple of ``g`` whatever
 the records are, so the low-order bits of the float sum, where a sampler's gaps show, are never
