@@ -33,6 +33,7 @@ from fedsafe.client.dp_training import (
 )
 from fedsafe.models import build_model
 from fedsafe.privacy.calibration import calibrate_noise_multiplier
+from fedsafe.privacy.secure_random import reproducible_key  # bench: not private
 from fedsafe.simulations.scenarios import mnist_sites
 
 
@@ -70,9 +71,8 @@ def run(nmse: float, seed: int, rounds: int, steps: int, device: torch.device) -
             model = build_model("mnist_cnn", site.num_features, seed)
             load_flat(model, weights)
             plan = TrainPlan(steps, 64, 0.5, True, sigma, 1.0)
-            train_round(
-                model, site.x_train, site.y_train, plan, device, seed * 100_003 + rnd * 101 + i
-            )
+            key = reproducible_key(seed, rnd, i)
+            train_round(model, site.x_train, site.y_train, plan, device, key)
             u = flat(model) - weights
             if nmse > 0:
                 u = u + rng.normal(0.0, np.sqrt(nmse * float(u @ u) / u.size), u.size)

@@ -80,7 +80,7 @@ def time_rounds(
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        event = train_round(model, site.x_train, site.y_train, plan, device, 1000 + r)
+        event = train_round(model, site.x_train, site.y_train, plan, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if r:  # round 0 warms up (CUDA context, kernels, Opacus hooks)

@@ -21,6 +21,7 @@ import torch
 from fedsafe.client.dp_training import TrainPlan, poisson_sample_rate, train_round
 from fedsafe.models import build_model
 from fedsafe.privacy.calibration import calibrate_noise_multiplier
+from fedsafe.privacy.secure_random import reproducible_key  # bench: not private
 from fedsafe.simulations.scenarios import mnist_sites
 
 
@@ -30,10 +31,11 @@ def flat(model: torch.nn.Module) -> np.ndarray:
 
 def noise_share(model: torch.nn.Module, site, plan: TrainPlan, seed: int) -> float:
     start = flat(model)
+    key = reproducible_key(seed)  # same batches for both runs
     noisy, clean = copy.deepcopy(model), copy.deepcopy(model)
-    train_round(noisy, site.x_train, site.y_train, plan, torch.device("cpu"), seed)
+    train_round(noisy, site.x_train, site.y_train, plan, torch.device("cpu"), key)
     quiet = TrainPlan(plan.local_steps, plan.batch_size, plan.lr, True, 1e-9, plan.max_grad_norm)
-    train_round(clean, site.x_train, site.y_train, quiet, torch.device("cpu"), seed)
+    train_round(clean, site.x_train, site.y_train, quiet, torch.device("cpu"), key)
     u_noisy, u_clean = flat(noisy) - start, flat(clean) - start
     return float(np.sum((u_noisy - u_clean) ** 2) / np.sum(u_noisy**2))
 
@@ -62,7 +64,12 @@ def main() -> int:
                 if warm:
                     warm_plan = TrainPlan(warm, 64, 0.1, False)
                     train_round(
-                        model, site.x_train, site.y_train, warm_plan, torch.device("cpu"), 7
+                        model,
+                        site.x_train,
+                        site.y_train,
+                        warm_plan,
+                        torch.device("cpu"),
+                        reproducible_key(7),
                     )
                 shares.append(noise_share(model, site, plan, 1000 + i))
             cells = ", ".join(f"{s:.2f}" for s in shares)

@@ -38,6 +38,7 @@ from fedsafe.privacy.budget import PrivacyBudget
 from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.ledger import SitePrivacyLedger
 from fedsafe.privacy.releases import check_reply_keys
+from fedsafe.privacy.secure_random import reproducible_key
 
 # A child of Flower's logger, so messages appear in the SuperNode's logs.
 log = logging.getLogger("flwr.fedsafe.client")
@@ -179,7 +180,11 @@ def _train(
         site.data.y_train,
         plan,
         device,
-        _round_seed(cfg, site, server_round),
+        key=(
+            reproducible_key(_round_seed(cfg, site, server_round))
+            if cfg.reproducible_noise
+            else None  # a fresh secret key from os.urandom for this round
+        ),
     )
     if event is not None and account is not None:
         try:

@@ -6,12 +6,19 @@ independently with probability ``q``), clips each record's gradient to ``max_gra
 adds Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm``. The step count
 and the sampling rate actually used are returned as a :class:`PoissonGaussianEvent`, so the
 accounting always matches the sampling actually used.
+
+Batch sampling and noise are secret: both come from ChaCha20 streams keyed with 256 bits from
+``os.urandom`` (:mod:`fedsafe.privacy.secure_random`), not from Opacus's ``torch.Generator``,
+and the noised sums are snapped to a grid finer than the noise (the floating-point defence
+stated there). Opacus still clips; the non-private baseline alone shuffles with torch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +27,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedsafe.privacy.events import PoissonGaussianEvent
+from fedsafe.privacy.secure_random import NOISE_STREAM, SAMPLING_STREAM, ChaCha20Random, fresh_key
+
+if TYPE_CHECKING:
+    from fedsafe.client.secure_dp_sgd import SecureNoiseDPOptimizer
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,28 +108,78 @@ def make_private(
     loader: DataLoader,
     noise_multiplier: float,
     max_grad_norm: float,
-    noise_generator: torch.Generator,
-) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, float]:
-    """Opacus's DP-SGD parts: per-sample gradients, clip-and-noise optimizer, Poisson loader.
+    key: bytes | None = None,
+) -> tuple[nn.Module, SecureNoiseDPOptimizer, DataLoader, float]:
+    """DP-SGD parts: per-sample gradients, clip-and-noise optimizer, Poisson loader.
 
-    Also returns the rate the loader really samples with (``1 / len(loader)``): account with
-    it, not with ``batch_size / n``.
+    Built from Opacus's parts (``GradSampleModule``, ``DPOptimizer``) without its
+    ``PrivacyEngine``, whose sampler and noise draw from a ``torch.Generator``: batches come
+    from :class:`~fedsafe.client.secure_dp_sgd.SecurePoissonSampler` and noise from
+    :class:`~fedsafe.client.secure_dp_sgd.SecureNoiseDPOptimizer`, both
+    keyed with ``key`` (separate ChaCha20 streams). The engine's warning that its RNG is not
+    secure therefore does not apply and is not raised.
+
+    Parameters
+    ----------
+    model, optimizer
+        The module to train and its optimizer over the module's parameters.
+    loader
+        A loader with the batch size to aim for; its dataset and collate function are kept,
+        its sampling replaced. ``len(loader)`` batches make one pass.
+    noise_multiplier, max_grad_norm
+        Noise over clipping norm, > 0; clipping norm, > 0.
+    key
+        32 bytes. ``None`` (normal use): a fresh secret key from ``os.urandom``. An explicit key
+        only for runs the site declares "not private".
+
+    Returns
+    -------
+    tuple
+        The wrapped module, the optimizer, the Poisson loader and the rate it samples with
+        (``1 / len(loader)``): account with it, not with ``batch_size / n``.
     """
-    from opacus import PrivacyEngine
+    # Opacus loads in seconds; only training needs it, not every ClientApp process.
+    from opacus import GradSampleModule
+    from opacus.data_loader import wrap_collate_with_empty
+    from opacus.validators import ModuleValidator
 
-    engine = PrivacyEngine(accountant="prv")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Opacus's notice that its RNG is not the secure one
-        dp_model, dp_optimizer, dp_loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            poisson_sampling=True,
-            noise_generator=noise_generator,
-        )
-    return dp_model, dp_optimizer, dp_loader, float(dp_loader.sample_rate)
+    from fedsafe.client.secure_dp_sgd import SecureNoiseDPOptimizer, SecurePoissonSampler
+
+    ModuleValidator.validate(model, strict=True)
+    round_key = fresh_key() if key is None else key
+    steps = len(loader)
+    sample_rate = 1.0 / steps
+    dataset = loader.dataset
+    n = len(dataset)  # type: ignore[arg-type]
+    first = dataset[0]
+    collate = wrap_collate_with_empty(
+        collate_fn=loader.collate_fn,
+        sample_empty_shapes=[(0, *getattr(t, "shape", ())) for t in first],
+        dtypes=[getattr(t, "dtype", type(t)) for t in first],
+    )
+    sampler = SecurePoissonSampler(
+        n, sample_rate, steps, ChaCha20Random(round_key, SAMPLING_STREAM)
+    )
+    dp_loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+    )
+    dp_optimizer = SecureNoiseDPOptimizer(
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        # Opacus's int(n * sample_rate), in integers: the float product can fall just below
+        # an integer (n = 49, batch 1 gives 0.999...) and make the mean divide by zero.
+        expected_batch_size=max(1, n // steps),
+        noise_rng=ChaCha20Random(round_key, NOISE_STREAM),
+    )
+    # Hooks last: a refused argument above leaves the caller's model untouched.
+    dp_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    dp_model.forbid_grad_accumulation()
+    return dp_model, dp_optimizer, dp_loader, sample_rate
 
 
 def train_round(
@@ -127,31 +188,51 @@ def train_round(
     y: NDArray[np.float32],
     plan: TrainPlan,
     device: torch.device,
-    seed: int,
+    key: bytes | None = None,
 ) -> PoissonGaussianEvent | None:
     """Train ``model`` in place for ``plan.local_steps`` steps.
+
+    Parameters
+    ----------
+    model
+        Trained in place, on ``device``.
+    x, y
+        The site's training records, shapes ``(n, ...)`` and ``(n,)``.
+    plan
+        Steps, batch size, learning rate and DP parameters.
+    device
+        Where to train (CPU or CUDA); the noise is drawn on the CPU and moved there.
+    key
+        32 bytes keying the batch sampling and the noise. ``None`` (normal use): a fresh
+        secret key from ``os.urandom`` for this round. An explicit key makes the round
+        reproducible by whoever knows it: only for runs the site declares "not private".
 
     Returns
     -------
     PoissonGaussianEvent or None
-        The privacy event of this round (DP), or None for the non-private baseline.
+        The privacy event of this round (DP), with the sample rate used, or None for the
+        non-private baseline.
     """
     model.to(device).train()
     global_params = [p.detach().clone() for p in model.parameters()]
     dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
-    gen = torch.Generator().manual_seed(seed)
     optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr)
     if plan.dp:
         dp_model, optimizer, loader, sample_rate = make_private(
             model,
             optimizer,
-            DataLoader(dataset, batch_size=plan.batch_size, generator=gen),
+            DataLoader(dataset, batch_size=plan.batch_size),
             plan.noise_multiplier,
             plan.max_grad_norm,
-            torch.Generator(device=device).manual_seed(seed + 1),
+            key,
         )
         train_model: nn.Module = dp_model
     else:
+        gen = torch.Generator()  # not for privacy: the non-private baseline's shuffling
+        if key is None:
+            gen.seed()
+        else:
+            gen.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
         loader = DataLoader(dataset, batch_size=plan.batch_size, shuffle=True, generator=gen)
         train_model = model
         sample_rate = 0.0
@@ -181,7 +262,8 @@ def _run_steps(
             optimizer.zero_grad(set_to_none=True)
             loss = _loss(train_model, xb.to(device), yb.to(device))
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # Opacus's full backward hook notice
+                # Opacus's per-sample hooks on inputs that need no gradient: expected here.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
             optimizer.step()
             if plan.proximal_mu > 0:

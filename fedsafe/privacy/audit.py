@@ -193,7 +193,6 @@ def train_model(
             loader,
             setup.noise_multiplier,
             setup.max_grad_norm,
-            torch.Generator().manual_seed(setup.seed + 1),
         )
         event = PoissonGaussianEvent(
             sample_rate, setup.noise_multiplier, setup.epochs * len(loader)

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from fedsafe.client.dp_training import (
     TrainPlan,
@@ -12,6 +13,8 @@ from fedsafe.client.dp_training import (
 from fedsafe.models import build_model
 
 CPU = torch.device("cpu")
+KEY_A = bytes(range(32))
+KEY_B = bytes(range(1, 33))
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,7 @@ def data():
 def test_dp_round_reports_the_sampling_and_steps_actually_used(data):
     x, y = data
     model = build_model("logreg", 5, 0)
-    event = train_round(model, x, y, TrainPlan(37, 8, 0.1, True, 1.3, 1.0), CPU, seed=1)
+    event = train_round(model, x, y, TrainPlan(37, 8, 0.1, True, 1.3, 1.0), CPU)
     assert event is not None
     assert event.steps == 37
     assert event.sample_rate == pytest.approx(1 / 15) == poisson_sample_rate(120, 8)
@@ -37,8 +40,8 @@ def test_model_can_be_trained_again_after_a_dp_round(data):
     x, y = data
     model = build_model("logreg", 5, 0)
     plan = TrainPlan(5, 8, 0.1, True, 1.0, 1.0)
-    train_round(model, x, y, plan, CPU, seed=1)
-    train_round(model, x, y, plan, CPU, seed=2)
+    train_round(model, x, y, plan, CPU)
+    train_round(model, x, y, plan, CPU)
     assert not any(
         hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters()
     )
@@ -48,17 +51,17 @@ def test_no_dp_round_returns_no_event_and_learns(data):
     x, y = data
     model = build_model("logreg", 5, 0)
     before = evaluate_model(model, x, y, CPU).loss
-    assert train_round(model, x, y, TrainPlan(200, 8, 0.1, dp=False), CPU, seed=1) is None
+    assert train_round(model, x, y, TrainPlan(200, 8, 0.1, dp=False), CPU) is None
     assert evaluate_model(model, x, y, CPU).loss < before
 
 
-def test_noise_changes_the_update_and_is_seeded(data):
+def test_an_explicit_key_replays_the_round_and_another_key_does_not(data):
     x, y = data
     plan = TrainPlan(3, 8, 0.1, True, 5.0, 1.0)
     runs = []
-    for seed in (1, 1, 2):
+    for key in (KEY_A, KEY_A, KEY_B):
         m = build_model("logreg", 5, 0)
-        train_round(m, x, y, plan, CPU, seed=seed)
+        train_round(m, x, y, plan, CPU, key=key)
         runs.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
     assert torch.allclose(runs[0], runs[1])
     assert not torch.allclose(runs[0], runs[2])
@@ -69,7 +72,7 @@ def test_clipping_bounds_each_step_without_noise_effect(data):
     x, y = data
     m = build_model("logreg", 5, 0)
     before = torch.cat([p.detach().flatten().clone() for p in m.parameters()])
-    train_round(m, x * 100, y, TrainPlan(1, 120, 1.0, True, 1e-6, 0.5), CPU, seed=3)
+    train_round(m, x * 100, y, TrainPlan(1, 120, 1.0, True, 1e-6, 0.5), CPU)
     after = torch.cat([p.detach().flatten() for p in m.parameters()])
     # Poisson batches vary around the expected size, so allow the ratio of the realized batch.
     assert torch.linalg.vector_norm(after - before) <= 0.5 * 2.0
@@ -88,3 +91,63 @@ def test_device_choice():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_dp_round_trains_with_fresh_secret_keys(data):
+    x, y = data
+    model = build_model("logreg", 5, 0)
+    before = evaluate_model(model, x, y, CPU).loss
+    event = train_round(model, x, y, TrainPlan(150, 16, 0.5, True, 0.8, 1.0), CPU)
+    assert event is not None and event.sample_rate == poisson_sample_rate(120, 16)
+    assert evaluate_model(model, x, y, CPU).loss < before
+
+
+def test_fresh_keys_give_different_rounds(data):
+    x, y = data
+    runs = []
+    for _ in range(2):
+        m = build_model("logreg", 5, 0)
+        train_round(m, x, y, TrainPlan(3, 8, 0.1, True, 5.0, 1.0), CPU)
+        runs.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    assert not torch.allclose(runs[0], runs[1])
+
+
+def test_keys_equal_in_low_32_bits_give_unrelated_updates():
+    # Noise dominates (sigma * C = 1000): the updates of two keys that agree in their low 32
+    # bits are uncorrelated; with torch's Mersenne Twister they would be identical.
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(64, 50)).astype(np.float32)
+    y = rng.integers(0, 20, size=64).astype(np.float32)
+    plan = TrainPlan(1, 16, 1.0, True, 1000.0, 1.0)
+    key_b = KEY_A[:4] + bytes(b ^ 0xFF for b in KEY_A[4:28]) + KEY_A[28:]
+    updates = []
+    for key in (KEY_A, key_b):
+        m = nn.Linear(50, 20)
+        with torch.no_grad():
+            m.weight.zero_()
+            m.bias.zero_()
+        train_round(m, x, y, plan, CPU, key=key)
+        updates.append(torch.cat([p.detach().flatten() for p in m.parameters()]).numpy())
+    n = updates[0].size
+    assert abs(np.corrcoef(updates[0], updates[1])[0, 1]) < 5 / np.sqrt(n)
+    # The update is -lr * noise / expected batch: its std is sigma * C / 16.
+    assert abs(updates[0].std() / (1000.0 / 16) - 1) < 5 / np.sqrt(2 * n)
+
+
+def test_rounds_with_empty_poisson_batches_still_train(data):
+    x, y = data
+    # q = 1/120: about a third of the batches are empty.
+    event = train_round(build_model("logreg", 5, 0), x, y, TrainPlan(30, 1, 0.1), CPU)
+    assert event is not None and event.steps == 30
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_round_matches_the_cpu_round_with_the_same_key(data):
+    x, y = data
+    plan = TrainPlan(10, 8, 0.1, True, 1.0, 1.0)
+    out = []
+    for device in (CPU, torch.device("cuda")):
+        m = build_model("logreg", 5, 0)
+        train_round(m, x, y, plan, device, key=KEY_A)
+        out.append(torch.cat([p.detach().cpu().flatten() for p in m.parameters()]))
+    assert torch.allclose(out[0], out[1], atol=1e-3)

@@ -1,0 +1,155 @@
+"""Opacus's DP-SGD with secret randomness: a ChaCha20 Poisson sampler and noise override.
+
+Opacus 1.6 (Yousefpour et al., 2021) draws Poisson batches and Gaussian noise from a
+``torch.Generator`` (Mersenne Twister or Philox, 64-bit seed at most; torch's CPU Mersenne
+Twister keeps the low 32 bits), and its ``secure_mode`` needs ``torchcsprng``, which does not
+support torch 2.13. These two parts replace exactly those draws with
+:class:`~fedsafe.privacy.secure_random.ChaCha20Random` streams and keep the rest of Opacus's
+DP-SGD step (per-record clipping, accumulation, scaling). :func:`fedsafe.client.dp_training.
+make_private` assembles them; this module is imported only when a site trains, since Opacus
+takes seconds to load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from torch.utils.data import Sampler
+
+from fedsafe.privacy.secure_random import ChaCha20Random, noise_grid
+
+
+class SecurePoissonSampler(Sampler[list[int]]):
+    """Poisson batch sampling from a secret ChaCha20 stream (replaces Opacus's sampler).
+
+    Every step, each of the ``num_records`` records enters the batch independently with
+    probability exactly ``floor(sample_rate * 2**64) / 2**64 <= sample_rate`` (a 64-bit integer
+    comparison, :meth:`~fedsafe.privacy.secure_random.ChaCha20Random.bernoulli`), so
+    accounting with ``sample_rate`` is never below the rate really used. Opacus's
+    ``UniformWithReplacementSampler`` draws the same batches from a ``torch.Generator``.
+
+    Parameters
+    ----------
+    num_records
+        Records in the dataset, >= 1.
+    sample_rate
+        Poisson rate ``q`` in (0, 1].
+    steps
+        Batches per pass over the sampler (``len``), >= 1. A new pass continues the stream.
+    rng
+        The secret generator; its stream must serve nothing else.
+    """
+
+    def __init__(
+        self, num_records: int, sample_rate: float, steps: int, rng: ChaCha20Random
+    ) -> None:
+        if num_records < 1:
+            raise ValueError(f"num_records must be >= 1, got {num_records}")
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.num_records = num_records
+        self.sample_rate = sample_rate
+        self.steps = steps
+        self._rng = rng
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            mask = self._rng.bernoulli(self.sample_rate, self.num_records)
+            yield np.flatnonzero(mask).tolist()
+
+
+class SecureNoiseDPOptimizer(DPOptimizer):
+    """Opacus's DP-SGD optimizer with secret, grid-snapped Gaussian noise.
+
+    Clipping, accumulation and scaling are Opacus's (``DPOptimizer``, flat clipping, one
+    process, per-sample gradients from hooks: the only optimizer class fedsafe builds). Only
+    :meth:`add_noise` changes: the noise of standard deviation
+    ``noise_multiplier * max_grad_norm`` is drawn on the CPU from ``noise_rng`` (ChaCha20,
+    Box-Muller, float64), moved to the parameter's device, added to the clipped sum in float64
+    and the sum rounded to :func:`~fedsafe.privacy.secure_random.noise_grid` (the
+    floating-point defence of :mod:`fedsafe.privacy.secure_random`), then cast to the
+    parameter's dtype. Opacus's ``generator`` and ``secure_mode`` are unused.
+
+    Parameters
+    ----------
+    optimizer
+        The wrapped optimizer (SGD in fedsafe).
+    noise_multiplier, max_grad_norm
+        Noise standard deviation over the clipping norm, > 0; clipping norm, > 0.
+    expected_batch_size
+        ``int(n * sample_rate)``, Opacus's denominator of the mean over a Poisson batch.
+    noise_rng
+        The secret generator; its stream must serve nothing else.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: int,
+        noise_rng: ChaCha20Random,
+    ) -> None:
+        if not (noise_multiplier > 0 and max_grad_norm > 0):
+            raise ValueError(
+                "noise_multiplier and max_grad_norm must be > 0 for DP-SGD, got "
+                f"{noise_multiplier} and {max_grad_norm}"
+            )
+        super().__init__(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction="mean",
+            generator=None,
+            secure_mode=False,
+        )
+        self.noise_rng = noise_rng
+
+    def add_noise(self) -> None:
+        """Set each ``p.grad`` to its clipped sum plus secret noise, snapped to the grid.
+
+        One call draws the noise of every parameter (a single keystream read per step).
+        """
+        std = self.noise_multiplier * self.max_grad_norm
+        grid = noise_grid(std)
+        for p in self.params:
+            # Opacus's guard against noising the same clipped sum twice (private helpers).
+            _check_processed_flag(p.summed_grad)
+        sizes = [p.summed_grad.numel() for p in self.params]
+        draws = self.noise_rng.standard_normal(sum(sizes))
+        draws *= std
+        offset = 0
+        for p, size in zip(self.params, sizes, strict=True):
+            noise = draws[offset : offset + size]
+            p.grad = snapped_noised_sum(p.summed_grad, noise, grid).view_as(p)
+            offset += size
+            _mark_as_processed(p.summed_grad)
+
+
+def snapped_noised_sum(
+    summed: torch.Tensor, noise: NDArray[np.float64], grid: float
+) -> torch.Tensor:
+    """``summed`` plus ``noise``, rounded to the power-of-two ``grid``, in ``summed``'s dtype.
+
+    ``noise`` (float64, drawn on the CPU, ``summed.numel()`` values) is moved to
+    ``summed.device``; the sum and the rounding to the grid
+    (:func:`~fedsafe.privacy.secure_random.noise_grid`) are computed there in float64 (IEEE
+    addition, division by a power of two and round-half-even give the same bits on CPU and
+    CUDA), and the result is cast to ``summed.dtype``, shape unchanged.
+    """
+    on_device = torch.from_numpy(noise).to(summed.device).view(summed.shape)
+    noised = summed.to(torch.float64) + on_device
+    noised.div_(grid).round_().mul_(grid)
+    return noised.to(summed.dtype)

@@ -1,0 +1,182 @@
+"""Opacus with secret randomness: the ChaCha20 Poisson sampler and the noise override."""
+
+import math
+import warnings
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedsafe.client.dp_training import make_private
+from fedsafe.client.secure_dp_sgd import SecureNoiseDPOptimizer, SecurePoissonSampler
+from fedsafe.privacy.secure_random import (
+    NOISE_STREAM,
+    SAMPLING_STREAM,
+    ChaCha20Random,
+    noise_grid,
+    realised_rate,
+)
+
+# Opacus per-sample hooks on inputs that need no gradient: harmless here.
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
+KEY = bytes.fromhex("5e" * 32)
+KEY_LOW32 = KEY[:4] + bytes(b ^ 0xA7 for b in KEY[4:28]) + KEY[28:]
+
+
+def _loader(n: int = 200, d: int = 6, batch_size: int = 10) -> DataLoader:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen)
+    y = torch.randint(0, 2, (n,), generator=gen)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def _private(key: bytes | None, noise_multiplier: float = 1.0, **kw: int):
+    model = nn.Linear(6, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, *make_private(model, opt, _loader(**kw), noise_multiplier, 1.0, key)
+
+
+def test_sampler_inclusion_rate_matches_the_accounted_rate() -> None:
+    _, dp_model, _, loader, rate = _private(KEY, n=300, batch_size=20)
+    sampler = loader.batch_sampler
+    assert isinstance(sampler, SecurePoissonSampler)
+    assert rate == sampler.sample_rate == pytest.approx(1 / 15)
+    assert realised_rate(rate) <= Fraction(rate)  # the ledger's rate is never below the truth
+    included, trials = 0, 0
+    for _ in range(40):  # 40 passes of 15 batches continue one stream
+        for batch in sampler:
+            assert batch == sorted(set(batch)) and all(0 <= i < 300 for i in batch)
+            included += len(batch)
+            trials += 300
+    assert stats.binomtest(included, trials, rate).pvalue > 1e-3
+    dp_model._close()
+
+
+def test_sampler_batches_vary_in_size_like_poisson_sampling() -> None:
+    # Poisson sampling: batch sizes are Binomial(n, q), not fixed.
+    sampler = SecurePoissonSampler(1000, 0.05, 2000, ChaCha20Random(KEY, SAMPLING_STREAM))
+    sizes = np.array([len(b) for b in sampler])
+    assert abs(sizes.mean() - 50) < 5 * math.sqrt(1000 * 0.05 * 0.95 / 2000)
+    assert abs(sizes.var() / (1000 * 0.05 * 0.95) - 1) < 0.1
+
+
+def test_sampler_validates() -> None:
+    rng = ChaCha20Random(KEY)
+    with pytest.raises(ValueError, match="sample_rate"):
+        SecurePoissonSampler(10, 0.0, 1, rng)
+    with pytest.raises(ValueError, match="steps"):
+        SecurePoissonSampler(10, 0.5, 0, rng)
+    with pytest.raises(ValueError, match="num_records"):
+        SecurePoissonSampler(0, 0.5, 1, rng)
+
+
+def test_keys_equal_in_low_32_bits_sample_unrelated_batches() -> None:
+    n, q, steps = 500, 0.2, 400
+    masks = []
+    for key in (KEY, KEY_LOW32):
+        sampler = SecurePoissonSampler(n, q, steps, ChaCha20Random(key, SAMPLING_STREAM))
+        m = np.zeros((steps, n), dtype=bool)
+        for t, batch in enumerate(sampler):
+            m[t, batch] = True
+        masks.append(m)
+    agree = int(np.sum(masks[0] == masks[1]))
+    assert stats.binomtest(agree, n * steps, q * q + (1 - q) ** 2).pvalue > 1e-3
+
+
+def test_make_private_builds_the_secure_optimizer_without_opacus_rng_warning() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, dp_model, opt, loader, _ = _private(None)
+    assert type(opt) is SecureNoiseDPOptimizer
+    assert type(opt).add_noise is SecureNoiseDPOptimizer.add_noise
+    assert opt.generator is None and not opt.secure_mode
+    assert not [w for w in caught if "Secure RNG" in str(w.message)]
+    dp_model._close()
+
+
+def test_fresh_keys_give_different_batches() -> None:
+    firsts = []
+    for _ in range(2):
+        _, dp_model, _, loader, _ = _private(None)
+        firsts.append([tuple(b) for b in loader.batch_sampler])
+        dp_model._close()
+    assert firsts[0] != firsts[1]
+
+
+def _noised_grads(key: bytes, noise_multiplier: float) -> tuple[list[torch.Tensor], float]:
+    """One clip-and-noise step by hand: the gradient sums after ``add_noise``."""
+    _, dp_model, opt, loader, _ = _private(key, noise_multiplier)
+    xb, yb = next(b for b in loader if len(b[0]) > 0)
+    nn.functional.cross_entropy(dp_model(xb), yb).backward()
+    opt.clip_and_accumulate()
+    opt.add_noise()
+    grads = [p.grad.detach().clone() for p in opt.params]
+    dp_model._close()
+    return grads, noise_grid(noise_multiplier * 1.0)
+
+
+def test_noised_sums_lie_on_the_noise_grid() -> None:
+    grads, g = _noised_grads(KEY, 1.3)
+    for grad in grads:
+        k = grad.double() / g
+        assert torch.equal(k, torch.round(k))
+
+
+def test_noise_comes_from_the_noise_stream_with_std_sigma_c() -> None:
+    # With sigma * C = 500 the clipped sum (norm <= batch * C) is small next to the noise.
+    sigma = 500.0
+    grads, g = _noised_grads(KEY, sigma)
+    flat = torch.cat([x.flatten() for x in grads]).double().numpy()
+    # One draw for all parameters per step, in the optimizer's order.
+    expected = ChaCha20Random(KEY, NOISE_STREAM).standard_normal(flat.size) * sigma
+    assert np.abs(flat - expected).max() < 40  # clipped sum of <= ~30 records, C = 1
+
+
+def test_secure_optimizer_rejects_zero_noise() -> None:
+    model = nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        SecureNoiseDPOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            noise_multiplier=0.0,
+            max_grad_norm=1.0,
+            expected_batch_size=4,
+            noise_rng=ChaCha20Random(KEY),
+        )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_noise_reaches_cuda_parameters_on_the_grid() -> None:
+    cuda = torch.device("cuda")
+    model = nn.Linear(6, 2).to(cuda)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dp_model, dp_opt, loader, _ = make_private(model, opt, _loader(), 2.0, 1.0, KEY)
+    xb, yb = next(b for b in loader if len(b[0]) > 0)
+    nn.functional.cross_entropy(dp_model(xb.to(cuda)), yb.to(cuda)).backward()
+    dp_opt.clip_and_accumulate()
+    dp_opt.add_noise()
+    g = noise_grid(2.0)
+    for p in dp_opt.params:
+        assert p.grad.device.type == "cuda"
+        k = p.grad.double() / g
+        assert torch.equal(k, torch.round(k))
+    dp_model._close()
+
+
+def test_a_refused_key_leaves_the_model_without_hooks() -> None:
+    model = nn.Linear(6, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="32 bytes"):
+        make_private(model, opt, _loader(), 1.0, 1.0, bytes(8))
+    assert not model._forward_hooks and not model._backward_hooks
+
+
+def test_expected_batch_size_survives_float_rounding() -> None:
+    # 49 * (1 / 49) is 0.999... in floats; Opacus's int() of it would be 0.
+    _, dp_model, opt, _, rate = _private(KEY, n=49, batch_size=1)
+    assert rate == 1 / 49 and opt.expected_batch_size == 1
+    dp_model._close()
