@@ -10,6 +10,8 @@ accounting always matches the sampling actually used.
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import warnings
 from dataclasses import dataclass
 
@@ -42,6 +44,9 @@ class TrainPlan:
         Per-record gradient clipping norm.
     proximal_mu
         FedProx proximal weight (Li et al., MLSys 2020); 0 disables it.
+    sample_rate
+        Poisson rate per record, in (0, 1]; None = ``1 / ceil(n / batch_size)``. The ClientApp
+        passes the rate of the site's *public* size, so the exact size never shapes the update.
     """
 
     local_steps: int
@@ -51,6 +56,7 @@ class TrainPlan:
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
     proximal_mu: float = 0.0
+    sample_rate: float | None = None
 
     def __post_init__(self) -> None:
         if self.local_steps < 1:
@@ -65,6 +71,8 @@ class TrainPlan:
             raise ValueError(f"max-grad-norm must be > 0, got {self.max_grad_norm}")
         if self.proximal_mu < 0:
             raise ValueError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
+        if self.sample_rate is not None and not 0 < self.sample_rate <= 1:
+            raise ValueError(f"sample rate must be in (0, 1], got {self.sample_rate}")
 
 
 def poisson_sample_rate(num_records: int, batch_size: int) -> float:
@@ -98,13 +106,18 @@ def make_private(
     noise_multiplier: float,
     max_grad_norm: float,
     noise_generator: torch.Generator,
+    sample_rate: float | None = None,
 ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, float]:
     """Opacus's DP-SGD parts: per-sample gradients, clip-and-noise optimizer, Poisson loader.
 
-    Also returns the rate the loader really samples with (``1 / len(loader)``): account with
-    it, not with ``batch_size / n``.
+    Also returns the rate the loader really samples with (``1 / len(loader)``, or
+    ``sample_rate`` when given): account with it, not with ``batch_size / n``. With
+    ``sample_rate``, the noisy sum is divided by the expected batch size of the public size
+    (``loader.batch_size``), not by ``n * sample_rate``, so the exact ``n`` does not scale
+    the update.
     """
     from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
 
     engine = PrivacyEngine(accountant="prv")
     with warnings.catch_warnings():
@@ -115,10 +128,22 @@ def make_private(
             data_loader=loader,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
-            poisson_sampling=True,
+            poisson_sampling=sample_rate is None,
             noise_generator=noise_generator,
         )
-    return dp_model, dp_optimizer, dp_loader, float(dp_loader.sample_rate)
+    if sample_rate is None:
+        return dp_model, dp_optimizer, dp_loader, float(dp_loader.sample_rate)
+    dp_loader = DPDataLoader(loader.dataset, sample_rate=sample_rate, generator=loader.generator)
+    dp_optimizer.expected_batch_size = int(loader.batch_size or 1)  # type: ignore[attr-defined]
+    return dp_model, dp_optimizer, dp_loader, float(sample_rate)
+
+
+def _torch_seed(key: bytes | None) -> int:
+    # Placeholder until the secure generator (engineer rng) replaces this body: a fresh
+    # OS-random seed, or one derived from the reproducible-simulation key.
+    if key is None:
+        return secrets.randbits(62)
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % 2**62
 
 
 def train_round(
@@ -127,9 +152,16 @@ def train_round(
     y: NDArray[np.float32],
     plan: TrainPlan,
     device: torch.device,
-    seed: int,
+    key: bytes | None = None,
 ) -> PoissonGaussianEvent | None:
     """Train ``model`` in place for ``plan.local_steps`` steps.
+
+    Parameters
+    ----------
+    key
+        None (every deployed site): sampling and noise from a fresh OS-random key. A 32-byte
+        key only for a reproducible, *not private* simulation: anyone who knows it can replay
+        the sampling and the noise.
 
     Returns
     -------
@@ -139,6 +171,9 @@ def train_round(
     model.to(device).train()
     global_params = [p.detach().clone() for p in model.parameters()]
     dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    if key is not None and len(key) != 32:
+        raise ValueError(f"a reproducible key has 32 bytes, got {len(key)}")
+    seed = _torch_seed(key)
     gen = torch.Generator().manual_seed(seed)
     optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr)
     if plan.dp:
@@ -148,7 +183,10 @@ def train_round(
             DataLoader(dataset, batch_size=plan.batch_size, generator=gen),
             plan.noise_multiplier,
             plan.max_grad_norm,
-            torch.Generator(device=device).manual_seed(seed + 1),
+            torch.Generator(device=device).manual_seed(
+                _torch_seed(None) if key is None else seed ^ 1
+            ),
+            plan.sample_rate,
         )
         train_model: nn.Module = dp_model
     else:
