@@ -1,4 +1,4 @@
-"""The real ClientApp, called as Flower calls it: the site's policy binds, nothing undeclared leaves.
+"""The real ClientApp, called as Flower calls it: the site policy binds, nothing undeclared leaves.
 
 Each test builds the Message and Context a SuperNode hands the ClientApp (flwr's
 ``ClientApp.__call__``), with a real site CSV, schema, policy file and SQLite ledger, and checks

@@ -24,3 +24,23 @@ def test_bad_compression_and_budget_flags_are_one_line_errors(capsys):
     assert "--downlink-compression" in capsys.readouterr().err
     assert main(["simulate", "--site-budget", "3"]) == 2
     assert "--site-budget" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--epsilon", "0.001"], "--epsilon"),
+        (["--delta", "1e-15"], "--delta"),
+        (["--delta", "0.05"], "--delta"),
+        (["--epsilon", "1", "--delta", "0.2"], "--delta"),
+    ],
+)
+def test_simulate_refuses_unevaluable_settings_before_starting(tmp_path, capsys, argv, flag):
+    out = tmp_path / "runs"
+    assert main(["simulate", "--scenario", "heart", "--out", str(out), *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and flag in captured.err
+    assert "Traceback" not in captured.err
+    # Nothing started: no run folder, no line announcing Flower's engine.
+    assert not out.exists()
+    assert "starting Flower" not in captured.out
