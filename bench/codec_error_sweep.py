@@ -71,7 +71,12 @@ def run(nmse: float, seed: int, rounds: int, steps: int, device: torch.device) -
             load_flat(model, weights)
             plan = TrainPlan(steps, 64, 0.5, True, sigma, 1.0)
             train_round(
-                model, site.x_train, site.y_train, plan, device, seed * 100_003 + rnd * 101 + i
+                model,
+                site.x_train,
+                site.y_train,
+                plan,
+                device,
+                (seed * 100_003 + rnd * 101 + i).to_bytes(32, "big"),
             )
             u = flat(model) - weights
             if nmse > 0:

@@ -134,7 +134,7 @@ def guarantee_paragraphs(data: ReportData) -> list[str]:
         "Under which assumptions: (1) every training step picks records independently at "
         "random (Poisson sampling) with the sample rate below; (2) each record's influence on"
         f" a step is clipped to norm {clip} before Gaussian noise is added; (3) the site runs "
-        "fedsafe training code its admin approved and keeps its privacy ledger intact, and "
+        "fedsafe training code its admin approved (honest site code) and keeps its privacy ledger intact, and "
         "the batch sampling and the noise stay secret at the site: both are drawn from a "
         "ChaCha20 keystream keyed with a fresh key from the operating system's random source "
         "at each round, which nobody outside the site learns; (4) δ is the probability "

@@ -25,7 +25,9 @@ def data():
 def test_dp_round_reports_the_sampling_and_steps_actually_used(data):
     x, y = data
     model = build_model("logreg", 5, 0)
-    event = train_round(model, x, y, TrainPlan(37, 8, 0.1, True, 1.3, 1.0), CPU, seed=1)
+    event = train_round(
+        model, x, y, TrainPlan(37, 8, 0.1, True, 1.3, 1.0), CPU, key=bytes([1]) * 32
+    )
     assert event is not None
     assert event.steps == 37
     assert event.sample_rate == pytest.approx(1 / 15) == poisson_sample_rate(120, 8)
@@ -37,8 +39,8 @@ def test_model_can_be_trained_again_after_a_dp_round(data):
     x, y = data
     model = build_model("logreg", 5, 0)
     plan = TrainPlan(5, 8, 0.1, True, 1.0, 1.0)
-    train_round(model, x, y, plan, CPU, seed=1)
-    train_round(model, x, y, plan, CPU, seed=2)
+    train_round(model, x, y, plan, CPU, key=bytes([1]) * 32)
+    train_round(model, x, y, plan, CPU, key=bytes([2]) * 32)
     assert not any(
         hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters()
     )
@@ -48,7 +50,9 @@ def test_no_dp_round_returns_no_event_and_learns(data):
     x, y = data
     model = build_model("logreg", 5, 0)
     before = evaluate_model(model, x, y, CPU).loss
-    assert train_round(model, x, y, TrainPlan(200, 8, 0.1, dp=False), CPU, seed=1) is None
+    assert (
+        train_round(model, x, y, TrainPlan(200, 8, 0.1, dp=False), CPU, key=bytes([1]) * 32) is None
+    )
     assert evaluate_model(model, x, y, CPU).loss < before
 
 
@@ -58,7 +62,7 @@ def test_noise_changes_the_update_and_is_seeded(data):
     runs = []
     for seed in (1, 1, 2):
         m = build_model("logreg", 5, 0)
-        train_round(m, x, y, plan, CPU, seed=seed)
+        train_round(m, x, y, plan, CPU, key=bytes([seed]) * 32)
         runs.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
     assert torch.allclose(runs[0], runs[1])
     assert not torch.allclose(runs[0], runs[2])
@@ -69,7 +73,7 @@ def test_clipping_bounds_each_step_without_noise_effect(data):
     x, y = data
     m = build_model("logreg", 5, 0)
     before = torch.cat([p.detach().flatten().clone() for p in m.parameters()])
-    train_round(m, x * 100, y, TrainPlan(1, 120, 1.0, True, 1e-6, 0.5), CPU, seed=3)
+    train_round(m, x * 100, y, TrainPlan(1, 120, 1.0, True, 1e-6, 0.5), CPU, key=bytes([3]) * 32)
     after = torch.cat([p.detach().flatten() for p in m.parameters()])
     # Poisson batches vary around the expected size, so allow the ratio of the realized batch.
     assert torch.linalg.vector_norm(after - before) <= 0.5 * 2.0
