@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 #: The line every output of a run without DP, or with reproducible noise, carries.
 NOT_PRIVATE = (
     "NOT PRIVATE: a simulated site trained without DP or with reproducible noise; nothing "
