@@ -44,3 +44,27 @@ def test_simulate_refuses_unevaluable_settings_before_starting(tmp_path, capsys,
     # Nothing started: no run folder, no line announcing Flower's engine.
     assert not out.exists()
     assert "starting Flower" not in captured.out
+
+
+@pytest.mark.slow
+def test_a_non_private_simulation_says_so_in_every_output(tmp_path, capsys):
+    import json
+    import re
+    from pathlib import Path
+
+    out = tmp_path / "runs"
+    code = main(
+        ["simulate", "--scenario", "heart", "--no-dp", "--rounds", "1", "--local-steps", "2",
+         "--out", str(out)]
+    )  # fmt: skip
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "NOT PRIVATE" in text
+    run_dir = Path(re.search(r"run folder: (\S+)", text).group(1))
+    rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert rounds and all(r["private"] is False for r in rounds)
+    assert all(s.get("not-private") == 1 for s in rounds[0]["sites"].values())
+    assert json.loads((run_dir / "model.json").read_text())["private"] is False
+    assert main(["report", str(run_dir)]) == 0
+    html = next(run_dir.rglob("*.html")).read_text()
+    assert "NOT PRIVATE" in html
