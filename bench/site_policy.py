@@ -60,7 +60,7 @@ def _site(root: Path) -> dict[str, str]:
         "patient_id,age,smoker,outcome\n"
         + "".join(
             f"{i},{30 + i % 40},{'yes' if i % 3 else 'no'},{'yes' if i % 2 else 'no'}\n"
-            for i in range(300)
+            for i in range(310)
         )
     )
     schema.write_text(SCHEMA)
@@ -96,7 +96,7 @@ def check_cost(rounds: int) -> tuple[float, float]:
         handler, checks = [], []
         for rnd in range(1, rounds + 1):
             t0 = time.perf_counter()
-            reply = app(_message(3, rnd), context)
+            reply = app(_message(2, rnd), context)
             handler.append(time.perf_counter() - t0)
             assert not reply.has_error(), reply.error
             t0 = time.perf_counter()

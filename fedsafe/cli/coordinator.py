@@ -155,8 +155,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
         )  # fmt: skip
     except DeploymentRunFailed as exc:
-        raise UserError(str(exc).splitlines()[0]) from exc
+        from fedsafe.cli.simulate import refusal_before_round_one
+
+        runs = sorted(Path(args.out).glob("*/events.jsonl"), key=lambda p: p.stat().st_mtime)
+        refused = refusal_before_round_one(runs[-1].parent) if runs else None
+        raise UserError(
+            f"the run was refused before round 1: {refused}"
+            if refused
+            else str(exc).splitlines()[0]
+        ) from exc
     print(f"run folder: {result.run_dir} ({len(result.rounds)} rounds, {result.seconds:.0f}s)")
+    from fedsafe.cli.simulate import failed_sites
+
+    failed = failed_sites(result.run_dir, result.rounds)
+    if failed:
+        print(f"fedsafe: error: sites failed or refused: {'; '.join(failed)}; see events.jsonl")
+        return 1
     return 0
 
 

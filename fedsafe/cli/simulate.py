@@ -244,6 +244,23 @@ def failed_sites(run_dir: Any, rounds: list[dict[str, Any]]) -> list[str]:
     return [f"{name} ({why})" for name, why in failed.items()]
 
 
+def refusal_before_round_one(run_dir: Any) -> str | None:
+    """The coordinator's reason for refusing the run before round 1, if it did."""
+    from pathlib import Path
+
+    events = Path(run_dir) / "events.jsonl"
+    if not events.exists():
+        return None
+    for line in events.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("kind") == "run-refused":
+            return str(event.get("reason", ""))
+    return None
+
+
 def gpu_share(device: str, requested: float | None) -> float:
     """GPU fraction per simulated site: Ray hides the GPU from a ClientApp given none.
 
@@ -300,7 +317,13 @@ def run_simulate(args: argparse.Namespace) -> int:
             num_gpus_per_site=gpu_share(cfg.device, args.gpus_per_site),
         )
     except SimulationFailed as exc:
-        print(f"fedsafe: error: {exc}")
+        from pathlib import Path
+
+        runs = sorted(Path(cfg.out_dir).glob("*/events.jsonl"), key=lambda p: p.stat().st_mtime)
+        refused = refusal_before_round_one(runs[-1].parent) if runs else None
+        print(
+            f"fedsafe: error: {'the run was refused before round 1: ' + refused if refused else exc}"
+        )
         return 1
     if not result.rounds:
         print(f"fedsafe: no round finished; see {result.run_dir}")
