@@ -321,9 +321,8 @@ def run_simulate(args: argparse.Namespace) -> int:
 
         runs = sorted(Path(cfg.out_dir).glob("*/events.jsonl"), key=lambda p: p.stat().st_mtime)
         refused = refusal_before_round_one(runs[-1].parent) if runs else None
-        print(
-            f"fedsafe: error: {'the run was refused before round 1: ' + refused if refused else exc}"
-        )
+        why = f"the run was refused before round 1: {refused}" if refused else str(exc)
+        print(f"fedsafe: error: {why}")
         return 1
     if not result.rounds:
         print(f"fedsafe: no round finished; see {result.run_dir}")
