@@ -68,3 +68,26 @@ def test_a_non_private_simulation_says_so_in_every_output(tmp_path, capsys):
     assert main(["report", str(run_dir)]) == 0
     html = next(run_dir.rglob("*.html")).read_text()
     assert "NOT PRIVATE" in html
+
+
+def test_failed_and_refused_sites_are_found_in_the_run_folder(tmp_path):
+    import json
+
+    from fedsafe.cli.simulate import failed_sites, refusal_before_round_one
+
+    events = [
+        {"kind": "train-error", "round": 1, "node": 5, "reason": "fedsafe site error 4102"},
+        {"kind": "budget-exhausted", "round": 1, "site": "b"},
+        {"kind": "policy-refused", "round": 1, "site": "c", "setting": "dp"},
+    ]
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    rounds = [{"sites": {"d": {"status": "dropped", "reason": "non-finite"}}}]
+    assert failed_sites(tmp_path, rounds) == [
+        "5 (fedsafe site error 4102)",
+        "c (dp)",
+        "d (non-finite)",
+    ]
+    assert refusal_before_round_one(tmp_path) is None
+    with (tmp_path / "events.jsonl").open("a") as f:
+        f.write(json.dumps({"kind": "run-refused", "reason": "every site refuses"}) + "\n")
+    assert refusal_before_round_one(tmp_path) == "every site refuses"
