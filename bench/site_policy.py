@@ -28,13 +28,14 @@ sys.path.insert(0, str(ROOT))
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from fedsafe.client.app import app, run_request  # noqa: E402
+from fedsafe.client.app import app  # noqa: E402
 from fedsafe.client.dp_training import poisson_sample_rate  # noqa: E402
 from fedsafe.client.policy import (  # noqa: E402
     SitePolicy,
     load_policy,
     policy_refusal,
     public_size_of,
+    run_request,
     size_refusal,
 )
 from fedsafe.compression.wire import WIRE_KEY  # noqa: E402

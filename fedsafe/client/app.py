@@ -36,7 +36,7 @@ from fedsafe.client.dp_training import (
     resolve_device,
     train_round,
 )
-from fedsafe.client.policy import PolicyRefusal, RunRequest, policy_refusal, size_refusal
+from fedsafe.client.policy import PolicyRefusal, policy_refusal, run_request, size_refusal
 from fedsafe.client.privacy_state import NoiseChoice, SiteAccount, choose_noise
 from fedsafe.client.site import SiteSetup, resolve_site
 from fedsafe.client.site_errors import RunConfigRejected, errors_as_codes
@@ -77,19 +77,6 @@ def _run_config(context: Context) -> RunConfig:
         return RunConfig.from_mapping(context.run_config)
     except UserError as exc:
         raise RunConfigRejected(str(exc)) from exc
-
-
-def run_request(cfg: RunConfig) -> RunRequest:
-    """The privacy-relevant settings ``cfg`` asks of a site."""
-    return RunRequest(
-        dp=cfg.dp,
-        reproducible_noise=cfg.reproducible_noise,
-        noise_multiplier=cfg.noise_multiplier,
-        target_epsilon=cfg.target_epsilon,
-        target_delta=cfg.target_delta,
-        num_server_rounds=cfg.num_server_rounds,
-        local_steps=cfg.local_steps,
-    )
 
 
 def site_policy_json(site: SiteSetup) -> str:

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from fedsafe.config import RunConfig
 from fedsafe.errors import UserError
 from fedsafe.privacy.run_checks import MIN_DELTA, MIN_EPSILON
 
@@ -234,6 +235,19 @@ class RunRequest:
     target_delta: float
     num_server_rounds: int
     local_steps: int
+
+
+def run_request(cfg: RunConfig) -> RunRequest:
+    """The privacy-relevant settings a run config asks of a site."""
+    return RunRequest(
+        dp=cfg.dp,
+        reproducible_noise=cfg.reproducible_noise,
+        noise_multiplier=cfg.noise_multiplier,
+        target_epsilon=cfg.target_epsilon,
+        target_delta=cfg.target_delta,
+        num_server_rounds=cfg.num_server_rounds,
+        local_steps=cfg.local_steps,
+    )
 
 
 @dataclass(frozen=True, slots=True)

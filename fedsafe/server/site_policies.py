@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from fedsafe.client.policy import (
     PolicyError,
     PolicyRefusal,
-    RunRequest,
     SitePolicy,
     policy_refusal,
+    run_request,
 )
 from fedsafe.config import RunConfig
 from fedsafe.privacy.run_checks import PlannedRun, unevaluable_setting
@@ -57,19 +57,6 @@ class DeclaredSite:
             raise RunRefused(f"site {name} declared an unreadable policy ({exc})") from None
 
 
-def request_of(cfg: RunConfig) -> RunRequest:
-    """The privacy-relevant settings of a run config."""
-    return RunRequest(
-        dp=cfg.dp,
-        reproducible_noise=cfg.reproducible_noise,
-        noise_multiplier=cfg.noise_multiplier,
-        target_epsilon=cfg.target_epsilon,
-        target_delta=cfg.target_delta,
-        num_server_rounds=cfg.num_server_rounds,
-        local_steps=cfg.local_steps,
-    )
-
-
 def check_declared_sites(
     cfg: RunConfig, sites: Mapping[str, DeclaredSite]
 ) -> dict[str, PolicyRefusal]:
@@ -88,7 +75,7 @@ def check_declared_sites(
     refusals: dict[str, PolicyRefusal] = {}
     for name, site in sites.items():
         if site.policy is not None:
-            refusal = policy_refusal(site.policy, request_of(cfg))
+            refusal = policy_refusal(site.policy, run_request(cfg))
             if refusal is not None:
                 refusals[name] = refusal
     if sites and len(refusals) == len(sites):
