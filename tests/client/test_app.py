@@ -228,6 +228,23 @@ def test_a_simulated_site_is_told_by_its_node_config_and_marked_not_private() ->
     assert "epsilon" not in metrics
 
 
+def test_reproducible_noise_replays_only_at_a_simulated_site_and_is_marked() -> None:
+    from fedsafe.simulations.scenarios import load_scenario
+
+    width = load_scenario("heart").site(0).num_features
+    run = {"scenario": "heart", "reproducible-noise": True, "local-steps": 2, "ledger-dir": ""}
+    replies = [
+        app(
+            _message(MessageType.TRAIN, width),
+            _context({"partition-id": 0, "num-partitions": 4}, run),
+        )
+        for _ in range(2)
+    ]
+    arrays = [r.content.array_records["arrays"].to_numpy_ndarrays() for r in replies]
+    assert all((a == b).all() for a, b in zip(*arrays, strict=True))
+    assert all(r.content.metric_records["metrics"]["not-private"] == 1 for r in replies)
+
+
 def test_a_site_error_holding_a_cell_value_reaches_the_coordinator_as_a_code(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
