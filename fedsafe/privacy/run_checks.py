@@ -117,3 +117,17 @@ def unevaluable_setting(run: PlannedRun) -> tuple[str, str] | None:
             f"the accountant returns epsilon {eps} for this run; use more noise or fewer steps"
         )
     return None
+
+
+def unevaluable_anywhere(
+    target_epsilon: float, delta: float, noise_multiplier: float
+) -> tuple[str, str] | None:
+    """The checks that need no site's size (``fedsafe run``, before anything is submitted)."""
+    if not delta >= MIN_DELTA:
+        return "delta", f"{delta:g} is below {MIN_DELTA:g}, which the accountant cannot evaluate"
+    if noise_multiplier == 0 and not target_epsilon >= MIN_EPSILON:
+        return "epsilon", (
+            f"{target_epsilon:g} is below {MIN_EPSILON:g}: no useful noise multiplier reaches "
+            "it; raise the target epsilon"
+        )
+    return None
