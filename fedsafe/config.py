@@ -6,6 +6,12 @@ protocol (100 steps at 1e-3), which ``bench/heart_table.py`` also runs.
 
 The same keys are the Flower app's ``[tool.flwr.app.config]`` in ``pyproject.toml`` (so
 ``flwr run . --run-config "k=v"`` works) and the options of ``fedsafe simulate``.
+
+The run config is the coordinator's *proposal*. At a deployed site its privacy keys are checked
+against the site's own policy (:mod:`fedsafe.client.policy`): ``dp`` and
+``reproducible-noise`` take effect only at simulated sites (told so by their own node config,
+:mod:`fedsafe.client.site`); a deployed site refuses ``dp=false`` and reproducible noise, and
+ignores ``ledger-dir``, ``budget-epsilon``, ``budget-delta`` and ``device``.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ LEAF_COMMANDS = [
     ["simulate"], ["baseline"], ["data", "check"], ["privacy", "plan"], ["privacy", "show"],
     ["privacy", "audit"], ["report"], ["pki", "init"], ["pki", "server"], ["pki", "site"],
     ["coordinator", "start"], ["coordinator", "admit"], ["coordinator", "list"],
-    ["coordinator", "remove"], ["site", "start"], ["run"],
+    ["coordinator", "remove"], ["site", "init"], ["site", "start"], ["run"],
 ]  # fmt: skip
 
 

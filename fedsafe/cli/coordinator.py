@@ -129,6 +129,18 @@ def parse_run_config(items: list[str]) -> dict[str, Any]:
     return values
 
 
+def _refuse_unevaluable(overrides: dict[str, Any]) -> None:
+    """Refuse before submitting a setting no accountant evaluates (sizes: at the ServerApp)."""
+    from fedsafe.config import RunConfig
+    from fedsafe.privacy.run_checks import unevaluable_anywhere
+
+    cfg = RunConfig.from_mapping({k: v for k, v in overrides.items() if k != "run-dir"})
+    bad = unevaluable_anywhere(cfg.target_epsilon, cfg.target_delta, cfg.noise_multiplier)
+    if cfg.dp and bad is not None:
+        key = {"delta": "target-delta", "epsilon": "target-epsilon"}[bad[0]]
+        raise UserError(f"-c {key}={getattr(cfg, key.replace('-', '_'))}: {bad[1]}")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedsafe.transport.deployment_run import DeploymentRunFailed, submit_run
 
@@ -138,6 +150,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides["num-server-rounds"] = args.rounds
     if args.min_sites is not None:
         overrides["min-sites"] = args.min_sites
+
+    _refuse_unevaluable(overrides)
 
     def show(record: dict[str, Any]) -> None:
         sites = record.get("sites", {})
@@ -155,8 +169,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
         )  # fmt: skip
     except DeploymentRunFailed as exc:
-        raise UserError(str(exc).splitlines()[0]) from exc
+        from fedsafe.cli.simulate import refusal_before_round_one
+
+        runs = sorted(Path(args.out).glob("*/events.jsonl"), key=lambda p: p.stat().st_mtime)
+        refused = refusal_before_round_one(runs[-1].parent) if runs else None
+        raise UserError(
+            f"the run was refused before round 1: {refused}"
+            if refused
+            else str(exc).splitlines()[0]
+        ) from exc
     print(f"run folder: {result.run_dir} ({len(result.rounds)} rounds, {result.seconds:.0f}s)")
+    from fedsafe.cli.simulate import failed_sites
+
+    failed = failed_sites(result.run_dir, result.rounds)
+    if failed:
+        print(f"fedsafe: error: sites failed or refused: {'; '.join(failed)}; see events.jsonl")
+        return 1
     return 0
 
 

@@ -185,6 +185,12 @@ def run_plan(args: argparse.Namespace) -> int:
         raise UserError(f"--delta must be in (0, 1), got {args.delta}")
     if args.batch_size > args.n:
         raise UserError(f"--batch-size {args.batch_size} exceeds --n {args.n}")
+    if args.delta >= 1 / args.n:
+        # The PRV accountant returns negative epsilons there: no guarantee to print.
+        raise UserError(
+            f"--delta {args.delta:g} is at least 1/n for --n {args.n}, which gives no guarantee; "
+            f"use at most 1/(10 n) = {1 / (10 * args.n):.2g}"
+        )
     if bool(args.ledger) != bool(args.fingerprint):
         raise UserError("--ledger and --fingerprint go together; give both or neither")
     prior = []

@@ -180,6 +180,87 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_mapping(values)
 
 
+#: The ``fedsafe simulate`` flag for each setting :func:`unevaluable_setting` names.
+PREFLIGHT_FLAGS = {
+    "delta": "--delta",
+    "epsilon": "--epsilon",
+    "noise-multiplier": "--noise-multiplier",
+}
+
+
+def preflight(cfg: RunConfig, public_sizes: list[int], site_budget: str | None) -> None:
+    """Refuse, before any process starts, a setting the accountant cannot evaluate.
+
+    Checks every site's public size (delta below ``1/n``, epsilon reachable, a delta the
+    accountant evaluates), with the run's delta and the site budget's.
+
+    Raises
+    ------
+    UserError
+        Naming the flag, the reason and the fix (exit code 2).
+    """
+    from fedsafe.privacy.run_checks import PlannedRun, unevaluable_setting
+
+    if not cfg.dp:
+        return
+    deltas = [("--delta", cfg.target_delta)]
+    if cfg.budget_epsilon > 0:
+        deltas.append(("--site-budget", cfg.budget_delta))
+    for n in sorted(set(public_sizes)):
+        for flag, delta in deltas:
+            planned = PlannedRun(
+                cfg.target_epsilon, delta, cfg.noise_multiplier, n, cfg.batch_size,
+                cfg.num_server_rounds * cfg.local_steps, cfg.accountant,
+            )  # fmt: skip
+            bad = unevaluable_setting(planned)
+            if bad is not None:
+                key, reason = bad
+                name = flag if key == "delta" else PREFLIGHT_FLAGS[key]
+                if key == "epsilon" and site_budget and cfg.budget_epsilon == cfg.target_epsilon:
+                    name = "--site-budget"
+                raise UserError(f"{name} {reason}")
+
+
+def failed_sites(run_dir: Any, rounds: list[dict[str, Any]]) -> list[str]:
+    """Sites that failed or refused in the run (events.jsonl and the round records)."""
+    from pathlib import Path
+
+    failed: dict[str, str] = {}
+    events = Path(run_dir) / "events.jsonl"
+    if events.exists():
+        for line in events.read_text().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            kind = str(event.get("event", event.get("kind", "")))
+            if kind in ("train-error", "evaluate-error", "query-error", "policy-refused"):
+                who = str(event.get("site", event.get("node", "?")))
+                failed[who] = str(event.get("setting") or event.get("reason", kind))
+    for record in rounds:
+        for name, site in record.get("sites", {}).items():
+            if site.get("status") in ("refused", "dropped"):
+                failed[name] = str(site.get("refused-setting") or site.get("reason", ""))
+    return [f"{name} ({why})" for name, why in failed.items()]
+
+
+def refusal_before_round_one(run_dir: Any) -> str | None:
+    """The coordinator's reason for refusing the run before round 1, if it did."""
+    from pathlib import Path
+
+    events = Path(run_dir) / "events.jsonl"
+    if not events.exists():
+        return None
+    for line in events.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("kind") == "run-refused":
+            return str(event.get("reason", ""))
+    return None
+
+
 def gpu_share(device: str, requested: float | None) -> float:
     """GPU fraction per simulated site: Ray hides the GPU from a ClientApp given none.
 
@@ -202,15 +283,18 @@ def gpu_share(device: str, requested: float | None) -> float:
 
 def run_simulate(args: argparse.Namespace) -> int:
     """Run the simulation, show progress, print the final table."""
+    from fedsafe.client.policy import public_size_of
     from fedsafe.simulations.runner import SimulationFailed, run_simulation
-    from fedsafe.simulations.scenarios import HEADLINE_OF, default_num_sites
+    from fedsafe.simulations.scenarios import HEADLINE_OF, default_num_sites, load_scenario
     from fedsafe.simulations.tables import final_table, progress_line
 
     cfg = config_from_args(args)
     metric = HEADLINE_OF[cfg.scenario]
     num_sites = default_num_sites(cfg.scenario, cfg.lending_sites, cfg.mnist_sites)
+    scenario = load_scenario(cfg.scenario, cfg.lending_sites, cfg.mnist_sites, cfg.mnist_alpha)
+    preflight(cfg, [public_size_of(len(s.x_train)) for s in scenario.sites], args.site_budget)
     privacy = (
-        "no DP"
+        "no DP (NOT PRIVATE)"
         if not cfg.dp
         else (
             f"DP noise {cfg.noise_multiplier}"
@@ -218,6 +302,8 @@ def run_simulate(args: argparse.Namespace) -> int:
             else f"DP target epsilon {cfg.target_epsilon} delta {cfg.target_delta}"
         )
     )
+    if cfg.dp and cfg.reproducible_noise:
+        privacy += ", reproducible noise (NOT PRIVATE)"
     print(
         f"fedsafe: {cfg.scenario}, {num_sites} sites, {cfg.strategy}, {cfg.num_server_rounds} "
         f"rounds, {privacy} (starting Flower's simulation engine)",
@@ -231,18 +317,36 @@ def run_simulate(args: argparse.Namespace) -> int:
             num_gpus_per_site=gpu_share(cfg.device, args.gpus_per_site),
         )
     except SimulationFailed as exc:
-        print(f"fedsafe: error: {exc}")
+        from pathlib import Path
+
+        runs = sorted(Path(cfg.out_dir).glob("*/events.jsonl"), key=lambda p: p.stat().st_mtime)
+        refused = refusal_before_round_one(runs[-1].parent) if runs else None
+        why = f"the run was refused before round 1: {refused}" if refused else str(exc)
+        print(f"fedsafe: error: {why}")
         return 1
     if not result.rounds:
         print(f"fedsafe: no round finished; see {result.run_dir}")
         return 1
     final = result.rounds[-1]
+    trained = any(
+        s.get("status") == "trained" for r in result.rounds for s in r.get("sites", {}).values()
+    )
+    failed = failed_sites(result.run_dir, result.rounds)
+    # Sites whose budget is spent did not fail: their run ends cleanly (the issue on the
+    # ledger revisits runs in which no site trained).
+    if not trained and failed:
+        print(f"fedsafe: error: no site trained ({'; '.join(failed) or 'see events.jsonl'}); "
+              f"see {result.run_dir}")  # fmt: skip
+        return 1
     if args.json:
         print(json.dumps(final, indent=2))
     else:
         print()
         print(final_table(final, metric))
     print(f"\nrun folder: {result.run_dir}  ({result.seconds:.0f} s)")
+    if failed:
+        print(f"fedsafe: error: sites failed or refused: {'; '.join(failed)}; see events.jsonl")
+        return 1
     return 0
 
 

@@ -1,8 +1,9 @@
 """``fedsafe site start``: run one site's Flower SuperNode against the coordinator.
 
-The site's data file, schema and privacy ledger are handed to the ClientApp through the
-SuperNode's node config (``data-path``, ``schema-path``, ``ledger-path``, ``site-name``,
-``budget-epsilon``, ``budget-delta``, ``device``); node config stays on the site's machine,
+The site's data file, schema, privacy ledger and privacy policy (written by ``fedsafe site
+init``, :mod:`fedsafe.cli.site_policy`) are handed to the ClientApp through the SuperNode's
+node config (``data-path``, ``schema-path``, ``ledger-path``, ``policy-path``, ``site-name``,
+``device``); the lifetime budget lives in the policy file. Node config stays on the site's machine,
 so the data path and the data never leave it. Only model updates (and the metrics the
 ClientApp reports) travel to the coordinator, over TLS.
 
@@ -24,6 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedsafe.cli.examples import with_examples
 from fedsafe.cli.options import parse_budget
+from fedsafe.cli.site_policy import DEFAULT_POLICY_FILE, add_init_parser
+from fedsafe.client.policy import load_policy
 from fedsafe.errors import UserError
 from fedsafe.transport import pki
 from fedsafe.transport.foreground import run_in_foreground
@@ -74,20 +77,18 @@ def validate_site_data(data: Path, schema: Path) -> int | None:
     return len(labels)
 
 
-def site_node_config(args: argparse.Namespace, ledger: Path) -> dict[str, NodeConfigValue]:
+def site_node_config(
+    args: argparse.Namespace, ledger: Path, policy: Path
+) -> dict[str, NodeConfigValue]:
     """Build the node config the ClientApp reads (absolute paths, all local to the site)."""
-    config: dict[str, NodeConfigValue] = {
+    return {
         "site-name": args.name,
         "data-path": str(Path(args.data).resolve()),
         "schema-path": str(Path(args.schema).resolve()),
         "ledger-path": str(ledger.resolve()),
+        "policy-path": str(policy.resolve()),
         "device": args.device,
     }
-    if args.budget:
-        epsilon, delta = parse_budget(args.budget)
-        config["budget-epsilon"] = epsilon
-        config["budget-delta"] = delta
-    return config
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
@@ -97,10 +98,21 @@ def _cmd_start(args: argparse.Namespace) -> int:
         raise UserError(f"--device must be one of {', '.join(DEVICES)}")
     if args.budget:
         parse_budget(args.budget)
+        raise UserError(
+            "--budget now lives in the site's policy file: write it with `fedsafe site init "
+            "--budget-epsilon EPS --delta DELTA` and pass --policy"
+        )
     check_site_key(key)
     pki.load_certificate(Path(args.ca))
     rows = validate_site_data(Path(args.data), Path(args.schema))
     workdir = Path(args.workdir or f"fedsafe-site-{args.name}")
+    policy = Path(args.policy) if args.policy else workdir / DEFAULT_POLICY_FILE
+    if not policy.is_file():
+        raise UserError(
+            f"--policy {policy} does not exist; write it with `fedsafe site init --data "
+            f"{args.data} --schema {args.schema} --out {policy}`"
+        )
+    load_policy(policy)
     workdir.mkdir(parents=True, exist_ok=True)
     ledger = Path(args.ledger) if args.ledger else workdir / "ledger.sqlite"
     settings = SuperNodeSettings(
@@ -108,7 +120,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
         clientappio_port=args.clientappio_port,
         root_certificates=Path(args.ca),
         private_key=key,
-        node_config=site_node_config(args, ledger),
+        node_config=site_node_config(args, ledger, policy),
         max_retries=args.max_retries,
         isolation=args.isolation,
     )
@@ -138,6 +150,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
         f"Site {args.name} joined {args.coordinator} over TLS"
         + (f" with {rows} validated rows" if rows is not None else "")
         + f".\n  data stays here: {Path(args.data).resolve()}\n  ledger: {ledger.resolve()}\n"
+        f"  policy: {policy.resolve()}\n"
         f"  outbound only: this site opens no port to the network (ClientApp I/O on "
         f"127.0.0.1:{args.clientappio_port})\nStop with Ctrl-C or SIGTERM.",
         flush=True,
@@ -146,16 +159,17 @@ def _cmd_start(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``fedsafe site start`` to the top-level subparsers."""
+    """Add ``fedsafe site init`` and ``fedsafe site start`` to the top-level subparsers."""
     parser = subparsers.add_parser("site", help="run a site (Flower SuperNode) on its own data")
     sub = parser.add_subparsers(dest="site_command", metavar="COMMAND", required=True)
+    add_init_parser(sub)
     start = sub.add_parser(
         "start",
         help="join the coordinator and train on this site's data",
         **with_examples(
             "fedsafe site start --coordinator coordinator.example.org:9092 --ca ca.pem "
             "--key keys/hospital-a.key --data /secure/site.csv --schema schema.yaml "
-            "--budget 3,1e-5 --device auto",
+            "--policy policy.toml --device auto",
         ),
     )
     start.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
@@ -163,7 +177,12 @@ def register(subparsers: Any) -> None:
     start.add_argument("--key", required=True, help="this site's private key (NAME.key)")
     start.add_argument("--data", required=True, help="this site's CSV file")
     start.add_argument("--schema", required=True, help="schema YAML describing the CSV")
-    start.add_argument("--budget", default=None, help="lifetime privacy budget EPS,DELTA")
+    start.add_argument("--budget", default=None, help=argparse.SUPPRESS)
+    start.add_argument(
+        "--policy",
+        default=None,
+        help="the site's policy file from `fedsafe site init` (default WORKDIR/policy.toml)",
+    )
     start.add_argument("--device", default="auto", choices=DEVICES)
     start.add_argument("--name", default=None, help="site name (default: key file name)")
     start.add_argument("--ledger", default=None, help="privacy ledger file (SQLite)")

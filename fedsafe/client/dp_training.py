@@ -53,6 +53,9 @@ class TrainPlan:
         Per-record gradient clipping norm.
     proximal_mu
         FedProx proximal weight (Li et al., MLSys 2020); 0 disables it.
+    sample_rate
+        Poisson rate per record, in (0, 1]; None = ``1 / ceil(n / batch_size)``. The ClientApp
+        passes the rate of the site's *public* size, so the exact size never shapes the update.
     """
 
     local_steps: int
@@ -62,6 +65,7 @@ class TrainPlan:
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
     proximal_mu: float = 0.0
+    sample_rate: float | None = None
 
     def __post_init__(self) -> None:
         if self.local_steps < 1:
@@ -76,6 +80,8 @@ class TrainPlan:
             raise ValueError(f"max-grad-norm must be > 0, got {self.max_grad_norm}")
         if self.proximal_mu < 0:
             raise ValueError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
+        if self.sample_rate is not None and not 0 < self.sample_rate <= 1:
+            raise ValueError(f"sample rate must be in (0, 1], got {self.sample_rate}")
 
 
 def poisson_sample_rate(num_records: int, batch_size: int) -> float:
@@ -109,6 +115,7 @@ def make_private(
     noise_multiplier: float,
     max_grad_norm: float,
     key: bytes | None = None,
+    sample_rate: float | None = None,
 ) -> tuple[nn.Module, SecureNoiseDPOptimizer, DataLoader, float]:
     """DP-SGD parts: per-sample gradients, clip-and-noise optimizer, Poisson loader.
 
@@ -131,6 +138,11 @@ def make_private(
     key
         32 bytes. ``None`` (normal use): a fresh secret key from ``os.urandom``. An explicit key
         only for runs the site declares "not private".
+    sample_rate
+        The Poisson rate to sample with, from the site's *public* size; ``None`` samples at
+        ``1 / len(loader)`` of the exact size (tests, benches). With it, the noisy sum is
+        divided by the public expected batch size (``loader.batch_size``), not by
+        ``n * sample_rate``, so the exact ``n`` shapes nothing that leaves.
 
     Returns
     -------
@@ -147,10 +159,19 @@ def make_private(
 
     ModuleValidator.validate(model, strict=True)
     round_key = fresh_key() if key is None else key
-    steps = len(loader)
-    sample_rate = 1.0 / steps
     dataset = loader.dataset
     n = len(dataset)  # type: ignore[arg-type]
+    if sample_rate is None:
+        steps = len(loader)
+        sample_rate = 1.0 / steps
+        # Opacus's int(n * sample_rate), in integers: the float product can fall just below
+        # an integer (n = 49, batch 1 gives 0.999...) and make the mean divide by zero.
+        expected_batch_size = max(1, n // steps)
+    else:
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
+        steps = max(1, round(1.0 / sample_rate))
+        expected_batch_size = int(loader.batch_size or 1)
     first = dataset[0]
     collate = wrap_collate_with_empty(
         collate_fn=loader.collate_fn,
@@ -171,9 +192,7 @@ def make_private(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
-        # Opacus's int(n * sample_rate), in integers: the float product can fall just below
-        # an integer (n = 49, batch 1 gives 0.999...) and make the mean divide by zero.
-        expected_batch_size=max(1, n // steps),
+        expected_batch_size=expected_batch_size,
         noise_rng=ChaCha20Random(round_key, NOISE_STREAM),
     )
     # Hooks last: a refused argument above leaves the caller's model untouched.
@@ -216,6 +235,8 @@ def train_round(
     model.to(device).train()
     global_params = [p.detach().clone() for p in model.parameters()]
     dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    if key is not None and len(key) != 32:
+        raise ValueError(f"a reproducible key has 32 bytes, got {len(key)}")
     optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr)
     if plan.dp:
         dp_model, optimizer, loader, sample_rate = make_private(
@@ -225,6 +246,7 @@ def train_round(
             plan.noise_multiplier,
             plan.max_grad_norm,
             key,
+            plan.sample_rate,
         )
         train_model: nn.Module = dp_model
     else:

@@ -1,8 +1,17 @@
-"""Which data a ClientApp trains on: a shipped scenario's partition, or a partner site's CSV.
+"""Which data a ClientApp trains on, under which policy: deployed site or simulated one.
 
-In simulation, Flower gives each SuperNode a ``partition-id``; the site is that partition of
-the run's scenario. In deployment, the site's own ``data-path`` and ``schema-path`` arrive
-through the SuperNode's node config and never leave the site.
+Whether a site is simulated is decided by its own node config, never by the run config:
+
+* **Deployed**: the node config holds ``policy-path`` (``fedsafe site start`` always passes
+  it), and ``data-path``, ``schema-path``, ``ledger-path``. The site's policy
+  (:mod:`fedsafe.client.policy`) binds; DP is always on; the run config cannot turn it off,
+  seed the noise, or choose the ledger or the budget.
+* **Simulated**: the node config holds Flower's simulation keys (``partition-id``,
+  ``num-partitions``; Flower 1.42's simulation engine gives its virtual SuperNodes these and
+  nothing else) and no ``data-path`` or ``policy-path``. The person running ``fedsafe
+  simulate`` is both coordinator and sites, so the run config may ask for ``--no-dp`` or
+  reproducible noise; such runs are marked "not private" in every output.
+* Anything else (``data-path`` without ``policy-path``) is refused with a site-local error.
 """
 
 from __future__ import annotations
@@ -14,27 +23,64 @@ from pathlib import Path
 
 from flwr.app import Context
 
+from fedsafe.client.policy import PolicyError, SitePolicy, load_policy, public_size_of
 from fedsafe.config import RunConfig
 from fedsafe.data.site_data import SiteData
+from fedsafe.privacy.budget import PrivacyBudget
 from fedsafe.privacy.ledger import ledger_path_for
+
+#: Node-config keys Flower's simulation engine gives every virtual SuperNode.
+SIMULATION_KEYS = ("partition-id", "num-partitions")
 
 
 @dataclass(frozen=True, slots=True)
 class SiteSetup:
-    """A site's data and local policy (node config overrides the run config)."""
+    """A site's data and the policy it trains under.
+
+    Parameters
+    ----------
+    data
+        The site's records (train and test splits).
+    model
+        The model name for its data.
+    device
+        ``auto``, ``cpu`` or ``cuda`` (node config, else run config).
+    ledger_path
+        The site's privacy ledger ("" = none; a deployed site always has one).
+    fingerprint
+        The data set's fingerprint (ledger account).
+    public_size
+        The public, rounded training-set size used for the sample rate and released counts.
+    budget
+        The lifetime budget, or None (simulation without ``--site-budget``).
+    policy
+        The deployed site's own policy; None for a simulated site.
+    """
 
     data: SiteData
     model: str
     device: str
     ledger_path: str
     fingerprint: str
-    budget_epsilon: float
-    budget_delta: float
+    public_size: int
+    budget: PrivacyBudget | None
+    policy: SitePolicy | None
+
+    def __post_init__(self) -> None:
+        if self.public_size < 1:
+            raise ValueError(f"public size must be >= 1, got {self.public_size}")
+        if self.policy is not None and not self.ledger_path:
+            raise PolicyError("a deployed site needs a ledger (node config 'ledger-path')")
 
     @property
     def name(self) -> str:
         """The site's name."""
         return self.data.name
+
+    @property
+    def simulated(self) -> bool:
+        """Whether the site is a simulated one (no policy file: Flower's simulation engine)."""
+        return self.policy is None
 
 
 def stable_site_number(name: str) -> int:
@@ -64,32 +110,62 @@ def _scenario_fingerprint(scenario: str, site: str, partition: str = "") -> str:
     return digest.hexdigest()
 
 
+def is_simulated(node_config: object) -> bool:
+    """Whether a node config is that of a simulated site (see the module docstring)."""
+    nc = dict(node_config)  # type: ignore[call-overload]
+    return (
+        all(k in nc for k in SIMULATION_KEYS) and "data-path" not in nc and "policy-path" not in nc
+    )
+
+
 def resolve_site(context: Context, cfg: RunConfig) -> SiteSetup:
-    """Resolve this node's site from its node config and the run config."""
+    """Resolve this node's site and policy from its node config (and, simulated, the run config).
+
+    Raises
+    ------
+    PolicyError
+        If the node config names data but no policy, or the policy file is invalid.
+    """
     nc = context.node_config
-    if "data-path" in nc:
+    if "policy-path" in nc:
+        policy = load_policy(str(nc["policy-path"]))
+        if "data-path" not in nc:
+            raise PolicyError("a deployed site needs its data (node config 'data-path')")
         data_path, schema_path = str(nc["data-path"]), str(nc.get("schema-path", ""))
         name = str(nc.get("site-name", Path(data_path).stem))
         data, fingerprint = _custom_site(name, data_path, schema_path)
-        model = "logreg"
-    else:
-        from fedsafe.simulations.scenarios import load_scenario
+        return SiteSetup(
+            data=data,
+            model="logreg",
+            device=str(nc.get("device", "auto")),
+            # Only the site's node config names the ledger: never the run config's ledger-dir.
+            ledger_path=str(nc.get("ledger-path", "")),
+            fingerprint=fingerprint,
+            public_size=policy.public_size,
+            budget=PrivacyBudget(policy.budget_epsilon, policy.delta),
+            policy=policy,
+        )
+    if not is_simulated(nc):
+        raise PolicyError(
+            "this site has no policy (node config 'policy-path'); write one with "
+            "`fedsafe site init` and start the site with `fedsafe site start`"
+        )
+    from fedsafe.simulations.scenarios import load_scenario
 
-        scenario = load_scenario(cfg.scenario, cfg.lending_sites, cfg.mnist_sites, cfg.mnist_alpha)
-        data = scenario.site(int(nc["partition-id"]))
-        model = scenario.model
-        partition = f"{cfg.mnist_sites}|{cfg.mnist_alpha}" if cfg.scenario == "mnist" else ""
-        fingerprint = _scenario_fingerprint(cfg.scenario, data.name, partition)
-    ledger = str(nc.get("ledger-path", ""))
-    if not ledger and cfg.ledger_dir:
-        ledger = str(ledger_path_for(cfg.ledger_dir, data.name))
+    scenario = load_scenario(cfg.scenario, cfg.lending_sites, cfg.mnist_sites, cfg.mnist_alpha)
+    data = scenario.site(int(nc["partition-id"]))  # type: ignore[arg-type]
+    partition = f"{cfg.mnist_sites}|{cfg.mnist_alpha}" if cfg.scenario == "mnist" else ""
+    ledger = str(ledger_path_for(cfg.ledger_dir, data.name)) if cfg.ledger_dir else ""
+    budget = None
+    if cfg.budget_epsilon > 0:
+        budget = PrivacyBudget(cfg.budget_epsilon, cfg.budget_delta or cfg.target_delta)
     return SiteSetup(
         data=data,
-        model=model,
+        model=scenario.model,
         device=str(nc.get("device", cfg.device)),
         ledger_path=ledger,
-        fingerprint=fingerprint,
-        # The site's own policy (node config) wins over a simulation-wide budget.
-        budget_epsilon=float(nc.get("budget-epsilon", cfg.budget_epsilon)),
-        budget_delta=float(nc.get("budget-delta", cfg.budget_delta)),
+        fingerprint=_scenario_fingerprint(cfg.scenario, data.name, partition),
+        public_size=public_size_of(len(data.x_train)),
+        budget=budget,
+        policy=None,
     )

@@ -11,6 +11,12 @@ model trained without DP scores well above it.
 The driver is generic: the caller supplies the model factory and tensors (members = training
 records, non-members = held-out records from the same distribution). An audit is evidence, not
 a proof; the guarantee comes from the accountant.
+
+What it releases: its figures (attack AUCs, record counts) are exact functions of the records it
+trains on, outside any ledger. ``fedsafe privacy audit`` therefore runs only on the shipped,
+public scenarios, prints its result where it runs, and writes it into a run folder (where the
+run report picks it up) only when its user exports it with ``--run``; no site handler calls it,
+and nothing of it is in a site's replies (:mod:`fedsafe.privacy.releases`).
 """
 
 from __future__ import annotations

@@ -5,22 +5,37 @@ gradient steps, and anything computed from those outputs alone (post-processing:
 Roth, "The Algorithmic Foundations of Differential Privacy", 2014, Prop. 2.1). Exact counts,
 values derived from the training-set size, and metrics on the test split are released without
 noise and are *not* covered. The client imports :data:`RELEASES` and calls
-:func:`check_reply_keys` on every reply, so a new metric cannot leave a site undeclared.
+:func:`check_reply` on every reply: every record's name, every key of every metric and config
+record, and every array name is checked, so nothing can leave a site undeclared.
+
+Counts a site releases are its *public size* (the site policy's rounded training-set size,
+:mod:`fedsafe.client.policy`), never the exact number of records; values computed from a size
+(the sampling rate, and so epsilon) use the public size too. Errors leave as a code and a fixed
+sentence (:mod:`fedsafe.client.site_errors`); their details stay in the site's log.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from fedsafe.errors import UserError
+
+if TYPE_CHECKING:
+    from flwr.app import RecordDict
 
 ReleaseForm = Literal["array", "metric", "config"]
 
 _SIZE = (
-    "Not covered: exact training-set size N, or a value computed from it (sample rate = "
-    "batch size / N), released without noise; it reveals N but nothing else about records."
+    "Not covered, but reveals no record: the site's public size P (its training-set size "
+    "rounded down to 2 significant digits, or declared by its admin, fixed in its policy "
+    "file), or a value computed from it (sample rate = 1 / ceil(P / batch size)); the exact "
+    "size never enters it."
+)
+_POLICY = (
+    "Not covered, but reveals no record: a setting of the site's own policy file, or a "
+    "function of the run config and that policy only."
 )
 _TEST = (
     "Not covered: computed exactly on the site's test split, which DP-SGD never touches; "
@@ -79,7 +94,8 @@ RELEASES: tuple[ReleaseKind, ...] = (
     ReleaseKind(
         "num-examples",
         "metric",
-        "Number of training records at the site (weights the average).",
+        "The site's public size (rounded training-set size from its policy; weights the "
+        "average). Evaluate replies send the same public size, never the test split's size.",
         False,
         _SIZE,
     ),
@@ -161,6 +177,43 @@ RELEASES: tuple[ReleaseKind, ...] = (
         _SIZE + " (It reveals whether earlier runs on the same data spent the budget.)",
     ),
     ReleaseKind(
+        "refused",
+        "metric",
+        "1 if the site refused the run's settings (its policy allows less).",
+        False,
+        _POLICY + " A refusal for too few records or a one-class split reveals that one "
+        "bit about the exact training split (and nothing else).",
+    ),
+    ReleaseKind(
+        "not-private",
+        "metric",
+        "1 if a simulated site trained without DP or with reproducible noise.",
+        True,
+        "Covered: set by the simulation's own node config; a deployed site never sends 1.",
+    ),
+    ReleaseKind(
+        "refused-setting",
+        "config",
+        "The run-config key (or site condition) the site refused.",
+        False,
+        _POLICY,
+    ),
+    ReleaseKind(
+        "refusal-reason",
+        "config",
+        "A fixed sentence saying why the site refused (run config and policy values only).",
+        False,
+        _POLICY,
+    ),
+    ReleaseKind(
+        "site-policy",
+        "config",
+        "The site's policy (public size, delta, least noise, budget, per-run caps) and whether "
+        "it is deployed or simulated, as JSON, sent in the query reply.",
+        False,
+        _POLICY,
+    ),
+    ReleaseKind(
         "eval-loss", "metric", "Loss of the global model on the site's test split.", False, _TEST
     ),
     ReleaseKind(
@@ -184,19 +237,17 @@ RELEASES: tuple[ReleaseKind, ...] = (
         False,
         _TEST,
     ),
-    ReleaseKind(
-        "num-test-examples",
-        "metric",
-        "Number of records in the site's test split.",
-        False,
-        "Not covered: exact size of the test split, released without noise.",
-    ),
 )
 
 RELEASES_BY_NAME: dict[str, ReleaseKind] = {r.name: r for r in RELEASES}
 DECLARED_METRIC_KEYS: frozenset[str] = frozenset(r.name for r in RELEASES if r.form == "metric")
 DECLARED_ARRAY_KEYS: frozenset[str] = frozenset(r.name for r in RELEASES if r.form == "array")
 DECLARED_CONFIG_KEYS: frozenset[str] = frozenset(r.name for r in RELEASES if r.form == "config")
+
+#: Record names a reply may carry, per kind of record.
+ARRAY_RECORDS: frozenset[str] = frozenset({"arrays"})
+METRIC_RECORDS: frozenset[str] = frozenset({"metrics"})
+CONFIG_RECORDS: frozenset[str] = frozenset({"site"})
 
 
 class UndeclaredReleaseError(UserError):
@@ -237,4 +288,39 @@ def check_reply_keys(
         raise UndeclaredReleaseError(
             f"reply would release undeclared {' and '.join(parts)}; declare each in "
             "RELEASES (fedsafe/privacy/releases.py) with whether DP covers it, or drop it"
+        )
+
+
+def check_reply(content: RecordDict, array_names: Iterable[str]) -> None:
+    """Refuse a reply unless every record, key and array name in it is declared.
+
+    Parameters
+    ----------
+    content
+        The reply's content, exactly as it will be sent.
+    array_names
+        The names the ``update`` may carry: the model's parameter names, or the compressed
+        wire format's single key.
+
+    Raises
+    ------
+    UndeclaredReleaseError
+        Naming every undeclared record, key or array.
+    """
+    allowed_arrays = frozenset(array_names)
+    bad: list[str] = []
+    for name, record in content.items():
+        if name in ARRAY_RECORDS and name in content.array_records:
+            extra = sorted(set(content.array_records[name]) - allowed_arrays)
+            bad += [f"array {name}/{k}" for k in extra]
+        elif name in METRIC_RECORDS and name in content.metric_records:
+            bad += [f"metric {k}" for k in sorted(set(record) - DECLARED_METRIC_KEYS)]
+        elif name in CONFIG_RECORDS and name in content.config_records:
+            bad += [f"value {k}" for k in sorted(set(record) - DECLARED_CONFIG_KEYS)]
+        else:
+            bad.append(f"record {name}")
+    if bad:
+        raise UndeclaredReleaseError(
+            f"reply would release undeclared {', '.join(bad)}; declare each in RELEASES "
+            "(fedsafe/privacy/releases.py) with whether DP covers it, or drop it"
         )

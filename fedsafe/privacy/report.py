@@ -98,9 +98,17 @@ def guarantee_paragraphs(data: ReportData) -> list[str]:
     """Return the guarantee in plain words, for a reader who does not code."""
     if not data.dp:
         return [
-            "This run trained WITHOUT differential privacy. Nothing in this report protects "
+            "NOT PRIVATE. This run trained WITHOUT differential privacy (a simulation; a "
+            "deployed site always trains with DP). Nothing in this report protects "
             "individual records: the model updates, the final model and the metrics may "
             "reveal whether a person's record was used, and details of that record."
+        ]
+    if data.config.get("reproducible-noise"):
+        return [
+            "NOT PRIVATE. This simulation drew its batch sampling and noise from a seed "
+            "written in its run config (reproducible-noise, allowed only at simulated sites): "
+            "anyone who knows the seed can replay the noise and subtract it, so the figures "
+            "below protect no record against them."
         ]
     cfg = data.config
     accountant = str(cfg.get("accountant", "prv"))
@@ -126,19 +134,27 @@ def guarantee_paragraphs(data: ReportData) -> list[str]:
         "Under which assumptions: (1) every training step picks records independently at "
         "random (Poisson sampling) with the sample rate below; (2) each record's influence on"
         f" a step is clipped to norm {clip} before Gaussian noise is added; (3) the site runs "
-        "the unmodified fedsafe training code and keeps its privacy ledger intact (honest "
-        "site code), and the batch sampling and the noise stay secret at the site (drawn from"
-        " generators seeded by the operating system's random source, unless the run was "
-        "started with reproducible-noise for research, which voids the guarantee against "
-        "anyone who knows the seed); (4) δ is the probability that the guarantee fails and "
-        "should be much smaller than one over the number of records; (5) one person is one "
-        "record: a person with several rows, or with records at several sites, is protected "
-        "less.",
+        "fedsafe training code its admin approved (honest site code) and keeps its privacy "
+        "ledger intact, and the batch sampling and the noise stay secret at the site: both "
+        "are drawn from a ChaCha20 keystream keyed with a fresh key from the operating "
+        "system's random source at each round, which nobody outside the site learns; (4) δ is"
+        " the probability that the guarantee fails and should be much smaller than one over "
+        "the number of records; (5) one person is one record: a person with several rows, or "
+        "with records at several sites, is protected less.",
+        "Who chooses each parameter: each site's own policy file, written by its admin "
+        "(fedsafe site init), fixes its δ, its least noise multiplier, its lifetime budget "
+        "(the binding limit) and its per-run caps on rounds, local steps and epsilon; DP is "
+        "always on at a deployed site. The coordinator's run config proposes the rounds, "
+        "local steps, batch size, clipping norm and a target epsilon; a site refuses any "
+        "run that asks for less than its policy allows, and may add noise beyond the target, "
+        "never less. The sample rate comes from each site's public, rounded size, never its "
+        "exact count. The noise itself is chosen by nobody: it is drawn at the site.",
         f"How it was computed: the {acc_text}, at the δ above, from every recorded mechanism "
         "(sample rate, noise multiplier, steps, clipping norm, listed below).",
-        "Not covered: exact counts (number of training and test records), values computed "
-        "from them, and evaluation metrics on each site's test split are released without "
-        "noise; the table of releases lists each kind.",
+        "Not covered: each site's public size (its rounded training-set size, fixed in its "
+        "policy), values computed from it, and evaluation metrics on each site's test split "
+        "are released without noise; the table of releases lists each kind. A site's errors "
+        "leave as a code only.",
     ]
 
 

@@ -24,15 +24,19 @@ from fedsafe.models import build_model
 from fedsafe.server.reply_checks import metrics_of, reply_error, site_name
 from fedsafe.server.run_folder import RunFolder, new_run_dir
 from fedsafe.server.run_loop import LoopState, log, query_sites, run_rounds
+from fedsafe.server.site_policies import DeclaredSite, RunRefused, check_declared_sites
 from fedsafe.simulations.scenarios import MODEL_OF, default_num_sites
 from fedsafe.strategies.factory import build_strategy
 
 app = ServerApp()
 
 
-def _input_width(grid: Grid, num_sites: int, folder: RunFolder) -> tuple[int, list[str]]:
+def _input_width(
+    grid: Grid, num_sites: int, folder: RunFolder, cfg: RunConfig
+) -> tuple[int, list[str]]:
     widths: dict[str, int] = {}
     features: dict[str, str] = {}
+    declared: dict[str, DeclaredSite] = {}
     for msg in query_sites(grid, num_sites, timeout=600):
         error = reply_error(msg)
         if error is not None:
@@ -44,12 +48,23 @@ def _input_width(grid: Grid, num_sites: int, folder: RunFolder) -> tuple[int, li
         name = site_name(msg.content, msg.metadata.src_node_id)
         widths[name] = int(metrics_of(msg.content)["num-features"])
         features[name] = str(msg.content.config_records["site"]["feature-names"])
+        declared[name] = DeclaredSite.parse(
+            name, str(msg.content.config_records["site"].get("site-policy", ""))
+        )
     if not widths:
         raise RuntimeError("no site could load its data; see events.jsonl in the run folder")
     if len(set(features.values())) != 1:
         detail = ", ".join(f"{s}: {w} features" for s, w in widths.items())
         folder.log_event("schema-mismatch", sites=widths)
         raise RuntimeError(f"sites disagree on their features ({detail}); align their schemas")
+    try:
+        for name, refusal in check_declared_sites(cfg, declared).items():
+            folder.log_event("site-will-refuse", site=name, setting=refusal.setting)
+            log.warning("site %s will refuse %s: %s", name, refusal.setting, refusal.reason)
+    except RunRefused as exc:
+        folder.log_event("run-refused", reason=str(exc))
+        log.error("fedsafe: the run is refused before round 1: %s", exc)
+        raise
     return next(iter(widths.values())), json.loads(next(iter(features.values())))
 
 
@@ -68,7 +83,7 @@ def main(grid: Grid, context: Context) -> None:
     folder = RunFolder(cfg.run_dir or new_run_dir(cfg.out_dir))
     folder.write_json("config.json", {**cfg.to_mapping(), "run-id": str(context.run_id)})
     num_sites = cfg.min_sites or default_num_sites(cfg.scenario, cfg.lending_sites, cfg.mnist_sites)
-    width, feature_names = _input_width(grid, num_sites, folder)
+    width, feature_names = _input_width(grid, num_sites, folder, cfg)
     model_name = MODEL_OF[cfg.scenario]
     model = build_model(model_name, width, cfg.seed)
     strategy = build_strategy(cfg, num_sites)
@@ -102,6 +117,8 @@ def _model_metadata(
         "rounds-completed": state.rounds_done,
         "rounds-planned": cfg.num_server_rounds,
         "dp": cfg.dp,
+        # False when any simulated site trained without DP or with reproducible noise.
+        "private": not any(p.get("not-private") for p in state.last_privacy.values()),
         "accountant": cfg.accountant,
         "site-privacy": state.last_privacy,
         "exhausted-sites": sorted(state.exhausted.values()),

@@ -50,6 +50,7 @@ PRIVACY_KEYS = (
     "sample-rate",
     "noise-multiplier",
     "max-grad-norm",
+    "not-private",
 )
 
 
@@ -210,6 +211,18 @@ def run_rounds(
             }
             try:
                 metrics = metrics_of(msg.content)
+                if metrics.get("refused", 0.0) >= 1.0:
+                    # The site's own policy refuses this run: stop asking it (policy in site.py).
+                    refusal = msg.content.config_records.get("site")
+                    setting = str(refusal.get("refused-setting", "")) if refusal else ""
+                    reason = str(refusal.get("refusal-reason", "")) if refusal else ""
+                    state.exhausted[node] = name
+                    log.warning("round %d: site %s refuses %s: %s", rnd, name, setting, reason)
+                    folder.log_event(
+                        "policy-refused", round=rnd, site=name, setting=setting, reason=reason
+                    )
+                    sites[name] = {"status": "refused", "refused-setting": setting}
+                    continue
                 if metrics.get("budget-exhausted", 0.0) >= 1.0:
                     state.exhausted[node] = name
                     spent = metrics.get("epsilon", float("nan"))
@@ -251,6 +264,8 @@ def run_rounds(
                 continue
             name = site_name(msg.content, node)
             metrics = metrics_of(msg.content)
+            if metrics.get("refused", 0.0) >= 1.0:
+                continue
             exhausted = name in state.exhausted.values()
             entry = sites.setdefault(
                 name, {"status": "budget-exhausted" if exhausted else "evaluated-only"}
@@ -258,7 +273,6 @@ def run_rounds(
             entry.update(
                 {k.removeprefix("eval-"): v for k, v in metrics.items() if k.startswith("eval-")}
             )
-            entry["num-test-examples"] = metrics.get("num-examples", 0.0)
             if name in state.last_privacy and "epsilon" not in entry:
                 entry.update(state.last_privacy[name])
         record = round_record(rnd, sites, time.monotonic() - t0, phases)
@@ -324,5 +338,7 @@ def round_record(
         "mean_roc_auc": _mean(gather("roc-auc")),
         "mean_pr_auc": _mean(gather("pr-auc")),
         "max_epsilon": max(eps) if eps else None,
+        # A simulated site without DP, or with reproducible noise, says so in every reply.
+        "private": not any(s.get("not-private") for s in sites.values()),
         "phases": phases or {},
     }

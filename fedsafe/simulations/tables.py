@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+#: The line every output of a run without DP, or with reproducible noise, carries.
+NOT_PRIVATE = (
+    "NOT PRIVATE: a simulated site trained without DP or with reproducible noise; nothing "
+    "here protects individual records"
+)
+
 
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
@@ -21,6 +27,8 @@ def final_table(record: dict[str, Any], metric: str = "accuracy") -> str:
         f"{'site':<{width}}  {metric:>9}  {'epsilon':>8}  {'this run':>8}  {'delta':>8}  status"
     )
     lines = [header, "-" * len(header)]
+    if record.get("private") is False:
+        lines.insert(0, NOT_PRIVATE)
     for name, s in sites.items():
         lines.append(
             f"{name:<{width}}  {_fmt(s.get(metric)):>9}  {_fmt(s.get('epsilon')):>8}  "
@@ -47,4 +55,5 @@ def progress_line(record: dict[str, Any], total: int, metric: str = "accuracy") 
     return (
         f"round {record['round']:>3}/{total}  mean {metric} {_fmt(mean)}  "
         f"max epsilon {_fmt(eps)}  ({record.get('seconds', 0):.1f} s)"
+        + ("  NOT PRIVATE" if record.get("private") is False else "")
     )

@@ -151,3 +151,25 @@ def test_cuda_round_matches_the_cpu_round_with_the_same_key(data):
         train_round(m, x, y, plan, device, key=KEY_A)
         out.append(torch.cat([p.detach().cpu().flatten() for p in m.parameters()]))
     assert torch.allclose(out[0], out[1], atol=1e-3)
+
+
+def test_the_public_rate_and_expected_batch_size_shape_the_step_not_the_exact_size(data):
+    """With the public rate, the noisy sum is divided by the public expected batch size."""
+    x, y = data
+    model = build_model("logreg", 5, 0)
+    plan = TrainPlan(3, 8, 0.1, True, 1.0, 1.0, sample_rate=8 / 100)
+    event = train_round(model, x, y, plan, CPU, key=KEY_A)
+    assert event is not None and event.sample_rate == pytest.approx(0.08)
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fedsafe.client.dp_training import make_private
+
+    m = build_model("logreg", 5, 0)
+    loader = DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=8)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    dp_model, dp_opt, _, rate = make_private(m, opt, loader, 1.0, 1.0, KEY_A, 8 / 100)
+    try:
+        assert rate == pytest.approx(0.08)
+        assert dp_opt.expected_batch_size == 8  # not int(120 * 0.08) = 9
+    finally:
+        dp_model._close()

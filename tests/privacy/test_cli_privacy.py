@@ -73,3 +73,12 @@ def test_help_has_examples(cmd: list[str], capsys: pytest.CaptureFixture[str]) -
         main([*cmd, "--help"])
     assert info.value.code == 0
     assert "examples:\n  fedsafe privacy" in capsys.readouterr().out
+
+
+def test_plan_refuses_a_delta_at_or_above_one_over_n(capsys) -> None:
+    from fedsafe.cli.main import main as fedsafe_main
+
+    argv = ["privacy", "plan", "--epsilon", "1", "--rounds", "15", "--steps", "10"]
+    assert fedsafe_main([*argv, "--batch-size", "4", "--n", "50", "--delta", "0.05"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--delta" in err and "1/(10 n)" in err

@@ -24,3 +24,70 @@ def test_bad_compression_and_budget_flags_are_one_line_errors(capsys):
     assert "--downlink-compression" in capsys.readouterr().err
     assert main(["simulate", "--site-budget", "3"]) == 2
     assert "--site-budget" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--epsilon", "0.001"], "--epsilon"),
+        (["--delta", "1e-15"], "--delta"),
+        (["--delta", "0.05"], "--delta"),
+        (["--epsilon", "1", "--delta", "0.2"], "--delta"),
+    ],
+)
+def test_simulate_refuses_unevaluable_settings_before_starting(tmp_path, capsys, argv, flag):
+    out = tmp_path / "runs"
+    assert main(["simulate", "--scenario", "heart", "--out", str(out), *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and flag in captured.err
+    assert "Traceback" not in captured.err
+    # Nothing started: no run folder, no line announcing Flower's engine.
+    assert not out.exists()
+    assert "starting Flower" not in captured.out
+
+
+@pytest.mark.slow
+def test_a_non_private_simulation_says_so_in_every_output(tmp_path, capsys):
+    import json
+    import re
+    from pathlib import Path
+
+    out = tmp_path / "runs"
+    code = main(
+        ["simulate", "--scenario", "heart", "--no-dp", "--rounds", "1", "--local-steps", "2",
+         "--out", str(out)]
+    )  # fmt: skip
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "NOT PRIVATE" in text
+    run_dir = Path(re.search(r"run folder: (\S+)", text).group(1))
+    rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert rounds and all(r["private"] is False for r in rounds)
+    assert all(s.get("not-private") == 1 for s in rounds[0]["sites"].values())
+    assert json.loads((run_dir / "model.json").read_text())["private"] is False
+    assert main(["report", str(run_dir)]) == 0
+    html = next(run_dir.rglob("*.html")).read_text()
+    assert "NOT PRIVATE" in html
+
+
+def test_failed_and_refused_sites_are_found_in_the_run_folder(tmp_path):
+    import json
+
+    from fedsafe.cli.simulate import failed_sites, refusal_before_round_one
+
+    events = [
+        {"kind": "train-error", "round": 1, "node": 5, "reason": "fedsafe site error 4102"},
+        {"kind": "budget-exhausted", "round": 1, "site": "b"},
+        {"kind": "policy-refused", "round": 1, "site": "c", "setting": "dp"},
+    ]
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    rounds = [{"sites": {"d": {"status": "dropped", "reason": "non-finite"}}}]
+    assert failed_sites(tmp_path, rounds) == [
+        "5 (fedsafe site error 4102)",
+        "c (dp)",
+        "d (non-finite)",
+    ]
+    assert refusal_before_round_one(tmp_path) is None
+    with (tmp_path / "events.jsonl").open("a") as f:
+        f.write(json.dumps({"kind": "run-refused", "reason": "every site refuses"}) + "\n")
+    assert refusal_before_round_one(tmp_path) == "every site refuses"

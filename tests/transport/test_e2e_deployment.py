@@ -32,13 +32,19 @@ pytestmark = pytest.mark.slow
 def start_site_cli(
     root: Path, name: str, coordinator: str, pki_dir: Path, data: Path, schema: Path
 ) -> FlowerProcess:
-    """`fedsafe site start` for one site, followed until it has joined."""
+    """`fedsafe site init` then `fedsafe site start` for one site, followed until it has joined."""
     work = root / "sites" / name
+    policy = work / "policy.toml"
+    assert main([
+        "site", "init", "--data", str(data), "--schema", str(schema), "--out", str(policy),
+        "--budget-epsilon", "8", "--max-run-epsilon", "8", "--delta", "1e-4",
+        "--min-records", "20",
+    ]) == 0  # fmt: skip
     command = [
         sys.executable, "-m", "fedsafe", "site", "start",
         "--coordinator", coordinator, "--ca", str(pki_dir / "ca.pem"),
         "--key", str(work / f"{name}.key"), "--data", str(data), "--schema", str(schema),
-        "--budget", "8,1e-4", "--device", "cpu", "--name", name,
+        "--policy", str(policy), "--device", "cpu", "--name", name,
         "--workdir", str(work), "--clientappio-port", str(free_port()),
     ]  # fmt: skip
     env = flower_env(work / "flwr-home", {"PYTHONPATH": str(REPO)})
