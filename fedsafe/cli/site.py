@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import stat
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,11 @@ from fedsafe.errors import UserError
 from fedsafe.transport import pki
 from fedsafe.transport.foreground import run_in_foreground
 from fedsafe.transport.processes import (
+    FlowerProcess,
     FlowerProcessError,
     NodeConfigValue,
     SuperNodeSettings,
+    first_reason,
     start_supernode,
 )
 
@@ -120,19 +123,13 @@ def _cmd_start(args: argparse.Namespace) -> int:
             flwr_home=workdir / "flwr-home",
             log_path=log_path,
             ready_timeout=args.connect_timeout,
+            die_with_parent=True,
         )
     except FlowerProcessError as exc:
-        first = next(
-            (
-                line.strip()
-                for line in str(exc).splitlines()
-                if any(k in line for k in ("activate", "CERTIFICATE", "TLS", "Exit Code"))
-            ),
-            "see the log",
-        )
+        log_text = log_path.read_text(errors="replace") if log_path.is_file() else str(exc)
         raise UserError(
-            f"site {args.name} could not join {args.coordinator}: {first} (log {log_path}); "
-            "check that the coordinator admitted this key and that --ca is the federation CA"
+            f"site {args.name} could not join {args.coordinator}: {first_reason(log_text)} "
+            f"(log {log_path})"
         ) from exc
     print(
         f"Site {args.name} joined {args.coordinator} over TLS"
@@ -142,7 +139,16 @@ def _cmd_start(args: argparse.Namespace) -> int:
         f"127.0.0.1:{args.clientappio_port})\nStop with Ctrl-C or SIGTERM.",
         flush=True,
     )
-    return run_in_foreground(proc, echo_log=args.verbose)
+    return run_in_foreground(proc, echo_log=args.verbose, on_exit=_report_exit)
+
+
+def _report_exit(proc: FlowerProcess) -> None:
+    """Say why the SuperNode stopped (one line on stderr, naming its log)."""
+    print(
+        f"fedsafe: error: {proc.name} stopped (exit code {proc.popen.returncode}): "
+        f"{first_reason(proc.log_text())} (log {proc.log_path})",
+        file=sys.stderr,
+    )
 
 
 def register(subparsers: Any) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 from fedsafe.transport.processes import FlowerProcess
@@ -23,13 +24,24 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise _Terminated
 
 
-def run_in_foreground(proc: FlowerProcess, *, echo_log: bool = True) -> int:
+def run_in_foreground(
+    proc: FlowerProcess,
+    *,
+    echo_log: bool = True,
+    companions: Sequence[FlowerProcess] = (),
+    on_exit: Callable[[FlowerProcess], None] | None = None,
+) -> int:
     """Follow ``proc``'s log on stdout until it exits or this command is stopped.
+
+    ``companions`` (e.g. the Fleet proxy next to the SuperLink) are watched too: if one
+    exits, everything stops; all are stopped on the way out. ``on_exit`` is called with the
+    process that exited on its own (to print why), not when the command was stopped.
 
     Returns
     -------
     int
-        The process's exit code, or 0 when stopped by SIGTERM or Ctrl-C.
+        The exit code of the process that exited (1 if it exited with 0 while a service
+        was expected to keep running), or 0 when stopped by SIGTERM or Ctrl-C.
     """
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     offset = 0
@@ -41,12 +53,17 @@ def run_in_foreground(proc: FlowerProcess, *, echo_log: bool = True) -> int:
                     sys.stdout.write(text[offset:])
                     sys.stdout.flush()
                     offset = len(text)
-            if not proc.running():
-                return int(proc.popen.returncode or 0)
+            for watched in (proc, *companions):
+                if not watched.running():
+                    if on_exit is not None:
+                        on_exit(watched)
+                    return int(watched.popen.returncode or 0) or 1
             time.sleep(0.5)
     except (KeyboardInterrupt, _Terminated):
         print(f"\nstopping {proc.name} (pid {proc.pid})", file=sys.stderr)
         return 0
     finally:
+        for other in companions:
+            other.stop()
         proc.stop()
         signal.signal(signal.SIGTERM, previous)

@@ -106,14 +106,15 @@ def test_coordinator_start_admit_list_remove(tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
-        assert f"HTTPS on 127.0.0.1:{port}" in line, line
+        assert f"Fleet API on 127.0.0.1:{port}" in line, line
+        # From inside fedsafe's repository (a Flower project): flwr must not touch it.
         admitted = _fedsafe(
             "coordinator",
             "admit",
             str(tmp_path / "site" / "hospital-a.pub"),
             "--dir",
             str(coord),
-            cwd=tmp_path,
+            cwd=REPO,
         )
         assert admitted.returncode == 0, admitted.stderr
         assert "admitted site hospital-a" in admitted.stdout
