@@ -21,7 +21,8 @@ install: $(STAMP) nginx
 # Without it the proxy tests skip with a reason and `coordinator start` says how to install it.
 nginx:
 	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null) \
+	  (apt-get update -qq && { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light \
+	    || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; } >/dev/null) \
 	  || echo "nginx could not be installed: the Fleet proxy tests will be skipped"; }
 
 demo: $(STAMP)
