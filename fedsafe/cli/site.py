@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import secrets
 import stat
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +30,27 @@ from fedsafe.cli.examples import with_examples
 from fedsafe.cli.options import parse_budget
 from fedsafe.errors import UserError
 from fedsafe.transport import pki
+from fedsafe.transport.app_approval import (
+    Approval,
+    approvals_path,
+    approve,
+    digest_of,
+    launches,
+    launches_path,
+)
+from fedsafe.transport.approved_clientapp import approved_digests
 from fedsafe.transport.foreground import run_in_foreground
 from fedsafe.transport.processes import (
+    LOOPBACK,
     FlowerProcess,
     FlowerProcessError,
     NodeConfigValue,
+    ProcessSet,
     SuperNodeSettings,
     first_reason,
+    flower_env,
+    port_is_free,
+    spawn,
     start_supernode,
 )
 
@@ -106,6 +123,13 @@ def _cmd_start(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or f"fedsafe-site-{args.name}")
     workdir.mkdir(parents=True, exist_ok=True)
     ledger = Path(args.ledger) if args.ledger else workdir / "ledger.sqlite"
+    if not port_is_free(LOOPBACK, args.clientappio_port):
+        raise UserError(
+            f"--clientappio-port {args.clientappio_port} is already in use on {LOOPBACK} "
+            "(another site on this host?); give each site its own --clientappio-port"
+        )
+    approved = approved_digests(approvals_path(workdir))
+    secret_file = write_launcher_secret(workdir)
     settings = SuperNodeSettings(
         superlink=args.coordinator,
         clientappio_port=args.clientappio_port,
@@ -113,33 +137,119 @@ def _cmd_start(args: argparse.Namespace) -> int:
         private_key=key,
         node_config=site_node_config(args, ledger),
         max_retries=args.max_retries,
-        isolation=args.isolation,
+        isolation="process",
+        superexec_secret_file=secret_file,
     )
     log_path = workdir / "logs" / "supernode.log"
-    try:
-        proc = start_supernode(
-            settings,
-            name=args.name,
-            flwr_home=workdir / "flwr-home",
-            log_path=log_path,
-            ready_timeout=args.connect_timeout,
-            die_with_parent=True,
+    flwr_home = workdir / "flwr-home"
+    with ProcessSet() as procs:
+        try:
+            proc = procs.add(
+                start_supernode(
+                    settings,
+                    name=args.name,
+                    flwr_home=flwr_home,
+                    log_path=log_path,
+                    ready_timeout=args.connect_timeout,
+                    die_with_parent=True,
+                )
+            )
+        except FlowerProcessError as exc:
+            log_text = log_path.read_text(errors="replace") if log_path.is_file() else str(exc)
+            raise UserError(
+                f"site {args.name} could not join {args.coordinator}: {first_reason(log_text)} "
+                f"(log {log_path})"
+            ) from exc
+        launcher = procs.add(
+            spawn(
+                "launcher",
+                launcher_command(workdir, args.clientappio_port, secret_file),
+                log_path=workdir / "logs" / "launcher.log",
+                env=flower_env(flwr_home, {"FLWR_TELEMETRY_ENABLED": "0"}),
+                die_with_parent=True,
+                fresh_log=True,
+            )
         )
-    except FlowerProcessError as exc:
-        log_text = log_path.read_text(errors="replace") if log_path.is_file() else str(exc)
-        raise UserError(
-            f"site {args.name} could not join {args.coordinator}: {first_reason(log_text)} "
-            f"(log {log_path})"
-        ) from exc
+        _announce(args, rows, ledger, workdir, len(approved))
+        return run_in_foreground(
+            proc, echo_log=args.verbose, companions=[launcher], on_exit=_report_exit
+        )
+
+
+def write_launcher_secret(workdir: Path) -> Path:
+    """A fresh 32-byte secret (mode 0600) shared by the SuperNode and fedsafe's launcher."""
+    path = Path(workdir) / "launcher.secret"
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(secrets.token_bytes(32))
+    return path
+
+
+def launcher_command(workdir: Path, port: int, secret_file: Path) -> list[str]:
+    """``python -m fedsafe.transport.site_launcher ...`` for this site (no secret inline)."""
+    return [
+        sys.executable,
+        "-m",
+        "fedsafe.transport.site_launcher",
+        "--runtime-api-address",
+        f"{LOOPBACK}:{port}",
+        "--secret-file",
+        str(secret_file.resolve()),
+        "--approved",
+        str(approvals_path(workdir).resolve()),
+        "--launches",
+        str(launches_path(workdir).resolve()),
+    ]
+
+
+def _announce(
+    args: argparse.Namespace, rows: int | None, ledger: Path, workdir: Path, approved: int
+) -> None:
     print(
         f"Site {args.name} joined {args.coordinator} over TLS"
         + (f" with {rows} validated rows" if rows is not None else "")
         + f".\n  data stays here: {Path(args.data).resolve()}\n  ledger: {ledger.resolve()}\n"
         f"  outbound only: this site opens no port to the network (ClientApp I/O on "
-        f"127.0.0.1:{args.clientappio_port})\nStop with Ctrl-C or SIGTERM.",
+        f"127.0.0.1:{args.clientappio_port})\n"
+        f"  apps: only the {approved} approved in {approvals_path(workdir)} run here "
+        f"(fedsafe site approve APP); every launch and refusal: {launches_path(workdir)}\n"
+        "Stop with Ctrl-C or SIGTERM.",
         flush=True,
     )
-    return run_in_foreground(proc, echo_log=args.verbose, on_exit=_report_exit)
+
+
+def _cmd_approve(args: argparse.Namespace) -> int:
+    workdir = Path(args.workdir)
+    if args.app == "fedsafe":
+        from fedsafe import __version__
+        from fedsafe.simulations.flower_app import write_app_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            digest = digest_of(write_app_folder(Path(tmp) / "app"))
+        label = f"fedsafe {__version__} (this installation's app, as `fedsafe run` submits it)"
+    else:
+        digest = digest_of(Path(args.app))
+        label = str(Path(args.app).resolve())
+    added = approve(workdir, Approval(digest, label))
+    state = "approved" if added else "already approved"
+    print(f"{state}: sha256:{digest} ({label}) in {approvals_path(workdir)}")
+    return 0
+
+
+def _cmd_apps(args: argparse.Namespace) -> int:
+    workdir = Path(args.workdir)
+    approved = approved_digests(approvals_path(workdir))
+    print(f"approved ({approvals_path(workdir)}):")
+    for digest in sorted(approved):
+        print(f"  sha256:{digest}")
+    print(f"launches ({launches_path(workdir)}):")
+    for record in launches(workdir):
+        print(
+            f"  {record.get('time')} run {record.get('run_id')} {record.get('decision')} "
+            f"sha256:{str(record.get('sha256'))[:16]}... {record.get('reason', '')}".rstrip()
+        )
+    return 0
 
 
 def _report_exit(proc: FlowerProcess) -> None:
@@ -180,8 +290,30 @@ def register(subparsers: Any) -> None:
         default=DEFAULT_CLIENTAPPIO_PORT,
         help="local port for the ClientApp I/O API (unique per site on one host)",
     )
-    start.add_argument("--isolation", default="subprocess", choices=("subprocess", "process"))
     start.add_argument("--max-retries", type=int, default=3, help="connection attempts")
     start.add_argument("--connect-timeout", type=float, default=120.0, help="seconds to join")
     start.add_argument("--verbose", action="store_true", help="echo the SuperNode log")
     start.set_defaults(func=_cmd_start)
+
+    approve_cmd = sub.add_parser(
+        "approve",
+        help="approve an app (by the SHA-256 of its bytes) to run at this site",
+        **with_examples(
+            "fedsafe site approve fedsafe --workdir fedsafe-site-hospital-a",
+            "fedsafe site approve received/app.fab --workdir fedsafe-site-hospital-a",
+            "fedsafe site approve path/to/app-folder --workdir fedsafe-site-hospital-a",
+        ),
+    )
+    approve_cmd.add_argument(
+        "app", help="a .fab file, a Flower app folder, or `fedsafe` (this installation's app)"
+    )
+    approve_cmd.add_argument("--workdir", required=True, help="the site's folder (site start)")
+    approve_cmd.set_defaults(func=_cmd_approve)
+
+    apps_cmd = sub.add_parser(
+        "apps",
+        help="list approved apps and every app that ran or was refused here",
+        **with_examples("fedsafe site apps --workdir fedsafe-site-hospital-a"),
+    )
+    apps_cmd.add_argument("--workdir", required=True, help="the site's folder (site start)")
+    apps_cmd.set_defaults(func=_cmd_apps)

@@ -540,6 +540,9 @@ class SuperNodeSettings:
         Give up connecting after this many tries or seconds (``None``: retry forever).
     isolation
         ``subprocess`` (a fresh ClientApp process per message) or ``process``.
+    superexec_secret_file
+        With ``process`` isolation: file of the secret that ``AcquireTask`` calls on the
+        SuperNode's Runtime API must be signed with (fedsafe's launcher holds it too).
     """
 
     superlink: str
@@ -551,6 +554,7 @@ class SuperNodeSettings:
     max_retries: int | None = None
     max_wait_time: float | None = None
     isolation: str = "subprocess"
+    superexec_secret_file: Path | None = None
 
     def command(self, node_config_file: Path | None) -> list[str]:
         """Return the ``flower-supernode`` command line."""
@@ -567,6 +571,8 @@ class SuperNodeSettings:
             cmd += ["--max-retries", str(self.max_retries)]
         if self.max_wait_time is not None:
             cmd += ["--max-wait-time", str(self.max_wait_time)]
+        if self.superexec_secret_file is not None:
+            cmd += ["--superexec-auth-secret-file", str(Path(self.superexec_secret_file).resolve())]
         cmd += [
             "--isolation",
             self.isolation,
