@@ -120,12 +120,21 @@ def first_reason(log: str) -> str:
     for needle, sentence in _CAUSES:
         if needle in lowered:
             return sentence
+    return last_error_line(log) or NO_REASON
+
+
+NO_REASON = "it logged no reason"
+
+
+def last_error_line(log: str) -> str | None:
+    """The last line of ``log`` that reads like an error, whitespace-folded, or ``None``.
+
+    A Python traceback ends with ``SomeError: message``; Flower logs ``ERROR``.
+    """
     lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
     markers = ("ERROR", "Error:", "Exception:", "error:")
     errors = [ln for ln in lines if any(m in ln for m in markers)]
-    if errors:
-        return " ".join(errors[-1].split())[:300]
-    return "it logged no reason"
+    return " ".join(errors[-1].split())[:300] if errors else None
 
 
 def _children_map() -> dict[int, list[int]]:
