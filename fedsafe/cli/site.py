@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import secrets
 import stat
 import sys
 import tempfile
@@ -48,11 +46,10 @@ from fedsafe.transport.processes import (
     ProcessSet,
     SuperNodeSettings,
     first_reason,
-    flower_env,
     port_is_free,
-    spawn,
     start_supernode,
 )
+from fedsafe.transport.site_launcher import start_launcher, write_launcher_secret
 
 DEFAULT_CLIENTAPPIO_PORT = 9094
 DEVICES = ("auto", "cpu", "cuda")
@@ -161,46 +158,12 @@ def _cmd_start(args: argparse.Namespace) -> int:
                 f"(log {log_path})"
             ) from exc
         launcher = procs.add(
-            spawn(
-                "launcher",
-                launcher_command(workdir, args.clientappio_port, secret_file),
-                log_path=workdir / "logs" / "launcher.log",
-                env=flower_env(flwr_home, {"FLWR_TELEMETRY_ENABLED": "0"}),
-                die_with_parent=True,
-                fresh_log=True,
-            )
+            start_launcher(workdir, args.clientappio_port, secret_file, flwr_home=flwr_home)
         )
         _announce(args, rows, ledger, workdir, len(approved))
         return run_in_foreground(
             proc, echo_log=args.verbose, companions=[launcher], on_exit=_report_exit
         )
-
-
-def write_launcher_secret(workdir: Path) -> Path:
-    """A fresh 32-byte secret (mode 0600) shared by the SuperNode and fedsafe's launcher."""
-    path = Path(workdir) / "launcher.secret"
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(secrets.token_bytes(32))
-    return path
-
-
-def launcher_command(workdir: Path, port: int, secret_file: Path) -> list[str]:
-    """``python -m fedsafe.transport.site_launcher ...`` for this site (no secret inline)."""
-    return [
-        sys.executable,
-        "-m",
-        "fedsafe.transport.site_launcher",
-        "--runtime-api-address",
-        f"{LOOPBACK}:{port}",
-        "--secret-file",
-        str(secret_file.resolve()),
-        "--approved",
-        str(approvals_path(workdir).resolve()),
-        "--launches",
-        str(launches_path(workdir).resolve()),
-    ]
 
 
 def _announce(

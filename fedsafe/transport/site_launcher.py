@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from fedsafe.transport import approved_clientapp
+from fedsafe.transport.app_approval import approvals_path, launches_path
+from fedsafe.transport.processes import LOOPBACK, FlowerProcess, flower_env, spawn
 
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
 POLL_SECONDS = 1.0
@@ -94,6 +97,51 @@ def serve(address: str, secret: bytes, approved: Path, launches: Path) -> None:
             running.append(launch_task(answer.token, command))
         running = [p for p in running if p.poll() is None]
         time.sleep(POLL_SECONDS)
+
+
+def write_launcher_secret(workdir: Path) -> Path:
+    """A fresh 32-byte secret (mode 0600) shared by the SuperNode and the launcher."""
+    path = Path(workdir) / "launcher.secret"
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(secrets.token_bytes(32))
+    return path
+
+
+def launcher_command(workdir: Path, port: int, secret_file: Path) -> list[str]:
+    """``python -m fedsafe.transport.site_launcher ...`` for a site (the secret by file)."""
+    return [
+        sys.executable,
+        "-m",
+        "fedsafe.transport.site_launcher",
+        "--runtime-api-address",
+        f"{LOOPBACK}:{port}",
+        "--secret-file",
+        str(Path(secret_file).resolve()),
+        "--approved",
+        str(approvals_path(workdir).resolve()),
+        "--launches",
+        str(launches_path(workdir).resolve()),
+    ]
+
+
+def start_launcher(
+    workdir: Path, port: int, secret_file: Path, *, flwr_home: Path
+) -> FlowerProcess:
+    """Start the launcher for the SuperNode whose Runtime API is on ``127.0.0.1:port``.
+
+    Its log is ``<workdir>/logs/launcher.log`` (fresh each start); it dies with this process
+    and installs approved apps into ``flwr_home``.
+    """
+    return spawn(
+        "launcher",
+        launcher_command(workdir, port, secret_file),
+        log_path=Path(workdir) / "logs" / "launcher.log",
+        env=flower_env(flwr_home, {"FLWR_TELEMETRY_ENABLED": "0"}),
+        die_with_parent=True,
+        fresh_log=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ def _reply(name: str) -> RecordDict:
 
 
 @pytest.fixture
-def events(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+def events(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
     monkeypatch.setenv(site_identity.ADMITTED_ENV, str(_registry(tmp_path)))
     seen: list[dict[str, Any]] = []
     site_identity.set_event_sink(lambda kind, **fields: seen.append({"kind": kind, **fields}))
