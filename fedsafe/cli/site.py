@@ -35,6 +35,7 @@ from fedsafe.transport.app_approval import (
     digest_of,
     launches,
     launches_path,
+    revoke,
 )
 from fedsafe.transport.approved_clientapp import approved_digests
 from fedsafe.transport.foreground import run_in_foreground
@@ -194,6 +195,11 @@ def _cmd_approve(args: argparse.Namespace) -> int:
     else:
         digest = digest_of(Path(args.app))
         label = str(Path(args.app).resolve())
+    if args.revoke:
+        removed = revoke(workdir, digest)
+        state = "revoked" if removed else "was not approved"
+        print(f"{state}: sha256:{digest} ({label}) in {approvals_path(workdir)}")
+        return 0
     added = approve(workdir, Approval(digest, label))
     state = "approved" if added else "already approved"
     print(f"{state}: sha256:{digest} ({label}) in {approvals_path(workdir)}")
@@ -271,6 +277,9 @@ def register(subparsers: Any) -> None:
         "app", help="a .fab file, a Flower app folder, or `fedsafe` (this installation's app)"
     )
     approve_cmd.add_argument("--workdir", required=True, help="the site's folder (site start)")
+    approve_cmd.add_argument(
+        "--revoke", action="store_true", help="take the app off the list instead"
+    )
     approve_cmd.set_defaults(func=_cmd_approve)
 
     apps_cmd = sub.add_parser(

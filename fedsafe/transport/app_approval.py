@@ -86,6 +86,15 @@ def approve(workdir: Path, approval: Approval) -> bool:
     return True
 
 
+def revoke(workdir: Path, sha256: str) -> bool:
+    """Take ``sha256`` off the site's list (an appended ``revoked`` record); False if absent."""
+    path = approvals_path(workdir)
+    if sha256 not in approved_digests(path):
+        return False
+    append_jsonl(path, {"time": now(), "sha256": sha256, "revoked": True})
+    return True
+
+
 def is_approved(workdir: Path, sha256: str) -> bool:
     """Whether ``sha256`` is on the site's approved list."""
     return sha256 in approved_digests(approvals_path(workdir))
