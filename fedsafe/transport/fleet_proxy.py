@@ -110,7 +110,9 @@ class FleetProxySettings:
         for port in (self.public_port, self.internal_port):
             if not 0 < port < 65536:
                 raise UserError(f"--port {port} must be between 1 and 65535")
-        if self.public_port == self.internal_port and self.public_host in (LOOPBACK, "0.0.0.0"):
+        if not self.public_host or not all(c.isalnum() or c in ".-:" for c in self.public_host):
+            raise UserError(f"--host {self.public_host!r} must be an IP address or host name")
+        if self.public_port == self.internal_port:
             raise UserError(
                 f"--internal-port {self.internal_port} must differ from --port {self.public_port}"
             )
@@ -128,8 +130,18 @@ class FleetProxySettings:
         return f"{self.public_host}:{self.public_port}"
 
 
+def _quoted(path: Path) -> str:
+    """``path`` as a quoted nginx string; refuses characters nginx would interpret."""
+    text = str(path)
+    if any(c in text for c in '"\\$') or any(ord(c) < 32 for c in text):
+        raise UserError(
+            f'folder {text!r} contains ", \\, $ or a control character; pick another --dir'
+        )
+    return f'"{text}"'
+
+
 def render_config(settings: FleetProxySettings, folder: Path) -> str:
-    """Return the nginx configuration (all paths absolute, inside ``folder``)."""
+    """Return the nginx configuration (all paths absolute, inside ``folder``, quoted)."""
     folder = Path(folder).resolve()
     allowed = "\n".join(f'        "{path}" 1;' for path in FLEET_PATHS)
     locations = "\n".join(
@@ -139,7 +151,9 @@ def render_config(settings: FleetProxySettings, folder: Path) -> str:
         f"        }}"
         for path in FLEET_PATHS
     )
-    temps = "\n".join(f"    {name}_temp_path {folder / 'tmp' / name};" for name in TEMP_DIRS)
+    temps = "\n".join(
+        f"    {name}_temp_path {_quoted(folder / 'tmp' / name)};" for name in TEMP_DIRS
+    )
     host = settings.public_host
     listen = f"[{host}]" if ":" in host else host
     user = worker_user()
@@ -148,15 +162,15 @@ def render_config(settings: FleetProxySettings, folder: Path) -> str:
 {user_line}daemon off;
 master_process on;
 worker_processes 1;
-pid {folder / "nginx.pid"};
-error_log {folder / "error.log"} notice;
+pid {_quoted(folder / "nginx.pid")};
+error_log {_quoted(folder / "error.log")} notice;
 
 events {{
     worker_connections 512;
 }}
 
 http {{
-    access_log {folder / "access.log"};
+    access_log {_quoted(folder / "access.log")};
 {temps}
     server_tokens off;
     merge_slashes on;
@@ -172,7 +186,7 @@ http {{
     proxy_send_timeout 300s;
     proxy_ssl_verify on;
     proxy_ssl_verify_depth 2;
-    proxy_ssl_trusted_certificate {folder / "ca.pem"};
+    proxy_ssl_trusted_certificate {_quoted(folder / "ca.pem")};
     proxy_ssl_name {settings.upstream_name};
     proxy_ssl_server_name on;
     proxy_ssl_session_reuse on;
@@ -191,8 +205,8 @@ http {{
 
     server {{
         listen {listen}:{settings.public_port} ssl;
-        ssl_certificate {folder / "server.pem"};
-        ssl_certificate_key {folder / "server.key"};
+        ssl_certificate {_quoted(folder / "server.pem")};
+        ssl_certificate_key {_quoted(folder / "server.key")};
         ssl_protocols TLSv1.2 TLSv1.3;
 
         if ($fedsafe_fleet_path = 0) {{

@@ -170,7 +170,7 @@ def test_config_forwards_exactly_the_fleet_post_paths(tmp_path: Path) -> None:
     assert "register-node" not in text and "unregister-node" not in text
     assert f"listen 127.0.0.1:{settings.public_port} ssl" in text
     assert "proxy_ssl_verify on" in text
-    assert str(tmp_path / "proxy" / "nginx.pid") in text
+    assert f'pid "{tmp_path / "proxy" / "nginx.pid"}";' in text
 
 
 @pytest.mark.parametrize("attack", sorted(ATTACKS))
@@ -282,3 +282,25 @@ def test_proxy_refuses_a_taken_port_with_one_line(tmp_path: Path) -> None:
 
         with pytest.raises(UserError, match=f"--port {port} .* already in use"):
             start_fleet_proxy(settings)
+
+
+def test_config_quotes_paths_and_refuses_injection(tmp_path: Path) -> None:
+    from fedsafe.errors import UserError
+
+    pki_dir = make_pki(tmp_path)
+    base = {
+        "public_port": free_port(),
+        "internal_port": free_port(),
+        "ca_cert": pki_dir / "ca.pem",
+        "server_cert": pki_dir / "server.pem",
+        "server_key": pki_dir / "server.key",
+        "upstream_name": "localhost",
+    }
+    settings = FleetProxySettings(folder=tmp_path / "a b", public_host="127.0.0.1", **base)
+    assert f'error_log "{tmp_path / "a b" / "error.log"}"' in render_config(
+        settings, tmp_path / "a b"
+    )
+    with pytest.raises(UserError, match="pick another --dir"):
+        render_config(settings, tmp_path / "x$y")
+    with pytest.raises(UserError, match="--host"):
+        FleetProxySettings(folder=tmp_path, public_host="127.0.0.1; user root", **base)
