@@ -163,7 +163,11 @@ def _cmd_start(args: argparse.Namespace) -> int:
         )
         _announce(args, rows, ledger, workdir, len(approved))
         return run_in_foreground(
-            proc, echo_log=args.verbose, companions=[launcher], on_exit=_report_exit
+            proc,
+            echo_log=args.verbose,
+            companions=[launcher],
+            on_exit=_report_exit,
+            alerts=[(launcher, "REFUSED")],
         )
 
 

@@ -30,12 +30,15 @@ def run_in_foreground(
     echo_log: bool = True,
     companions: Sequence[FlowerProcess] = (),
     on_exit: Callable[[FlowerProcess], None] | None = None,
+    alerts: Sequence[tuple[FlowerProcess, str]] = (),
 ) -> int:
     """Follow ``proc``'s log on stdout until it exits or this command is stopped.
 
     ``companions`` (e.g. the Fleet proxy next to the SuperLink) are watched too: if one
     exits, everything stops; all are stopped on the way out. ``on_exit`` is called with the
     process that exited on its own (to print why), not when the command was stopped.
+    ``alerts``: (process, marker) pairs; every new line of that process's log holding the
+    marker is printed even without ``echo_log`` (e.g. the launcher's refusals).
 
     Returns
     -------
@@ -45,8 +48,16 @@ def run_in_foreground(
     """
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     offset = 0
+    alert_offsets = [len(p.log_text()) for p, _ in alerts]
     try:
         while True:
+            for i, (source, marker) in enumerate(alerts):
+                text = source.log_text()
+                for line in text[alert_offsets[i] :].splitlines(keepends=True):
+                    if line.endswith("\n"):
+                        alert_offsets[i] += len(line)
+                        if marker in line:
+                            print(line.rstrip(), flush=True)
             if echo_log:
                 text = proc.log_text()
                 if len(text) > offset:

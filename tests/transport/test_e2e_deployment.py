@@ -184,7 +184,7 @@ def test_app_with_one_changed_byte_is_refused_at_the_site(
         coord, public = proxied_coordinator(tmp_path, procs, pki_dir)
         pki.create_site_key(tmp_path / "sites" / name, name)
         admit_site(coord / "flwr-home", tmp_path / "sites" / name / f"{name}.pub")
-        procs.add(start_site_cli(tmp_path, name, public, pki_dir, csv, schema))
+        site = procs.add(start_site_cli(tmp_path, name, public, pki_dir, csv, schema))
         rc = main([
             "run", "--dir", str(coord), "--out", str(tmp_path / "runs"), "--rounds", "1",
             "--min-sites", "1", "--timeout", "300", "-c", "device=\"cpu\"",
@@ -197,6 +197,7 @@ def test_app_with_one_changed_byte_is_refused_at_the_site(
         assert records[0]["sha256"] == digest_of(genuine)
         assert "not approved" in str(records[0]["reason"])
         assert "REFUSED" in (work / "logs" / "launcher.log").read_text()
+        site.wait_for_log("REFUSED run", 30)  # shown to the admin by `fedsafe site start`
         # Nothing of it ran: no app was installed into the site's Flower home.
         apps = work / "flwr-home" / "apps"
         assert not apps.exists() or not any(apps.iterdir())
