@@ -48,7 +48,7 @@ def run_in_foreground(
     """
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     offset = 0
-    alert_offsets = [len(p.log_text()) for p, _ in alerts]
+    alert_offsets = [0 for _ in alerts]  # logs are fresh per start (spawn fresh_log)
     try:
         while True:
             for i, (source, marker) in enumerate(alerts):

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from fedsafe.transport.deployment_run import explain_failure
 from fedsafe.transport.processes import (
     _alive,
@@ -98,3 +100,29 @@ def test_supervised_child_dies_when_its_supervisor_is_killed(tmp_path: Path) -> 
         if supervisor.poll() is None:
             supervisor.kill()
             supervisor.wait()
+
+
+def test_foreground_prints_alerts_and_says_which_process_stopped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedsafe.transport.foreground import run_in_foreground
+
+    main = spawn("node", ["/bin/sleep", "300"], log_path=tmp_path / "n.log", env=dict(os.environ))
+    launcher = spawn(
+        "launcher",
+        ["/bin/sh", "-c", "echo 'ok line'; echo 'REFUSED run 7: not approved'; sleep 1; exit 3"],
+        log_path=tmp_path / "l.log",
+        env=dict(os.environ),
+    )
+    stopped: list[str] = []
+    rc = run_in_foreground(
+        main,
+        echo_log=False,
+        companions=[launcher],
+        on_exit=lambda p: stopped.append(p.name),
+        alerts=[(launcher, "REFUSED")],
+    )
+    out = capsys.readouterr().out
+    assert rc == 3 and stopped == ["launcher"]
+    assert "REFUSED run 7: not approved" in out and "ok line" not in out
+    assert not main.running()
