@@ -241,8 +241,39 @@ def proxy_arms(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         report[f"{arm}_ratio"] = statistics.fmean(rounds[arm]) / statistics.fmean(base)
         report[f"{arm}_ratio_ci95"] = list(bootstrap_ratio(rounds[arm], base))
         report[f"{arm}_ratio_of_medians"] = statistics.median(rounds[arm]) / statistics.median(base)
+    report["steps_s"] = step_sums(runs)
+    base_steps = report["steps_s"].get("tls_auth", {})
+    for arm, steps in report["steps_s"].items():
+        if arm != "tls_auth" and base_steps:
+            report[f"{arm}_step_ratios"] = {
+                k: steps[k] / base_steps[k] for k in steps if base_steps.get(k)
+            }
     report["runs"] = runs
     return report
+
+
+#: Timeline steps that wait on the network (the proxy sits on their path) and that burn CPU
+#: at the site (the proxy is not on their path: their ratio shows the machine's load drift).
+NETWORK_STEPS = ("node_poll", "reply_handoff", "upload", "server_poll")
+CPU_STEPS = ("process_start", "app_load", "compute")
+
+
+def step_sums(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Per arm: mean seconds per round (train + evaluate, slowest site) of the network steps
+    and of the CPU steps, from the DEBUG-log timelines."""
+    out: dict[str, dict[str, float]] = {}
+    for arm, results in runs.items():
+        sums = {"network": [], "cpu": []}  # type: dict[str, list[float]]
+        for result in results:
+            for group, names in (("network", NETWORK_STEPS), ("cpu", CPU_STEPS)):
+                total = 0.0
+                for kind in ("train", "evaluate"):
+                    steps = result.get(f"{kind}_steps_s") or {}
+                    total += sum(float(steps.get(name, 0.0)) for name in names)
+                if total > 0:
+                    sums[group].append(total)
+        out[arm] = {k: statistics.fmean(v) for k, v in sums.items() if v}
+    return out
 
 
 def timeline(root: Path, rounds: list[dict[str, Any]], sites: int) -> dict[str, Any]:
