@@ -252,6 +252,49 @@ def proxy_arms(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     return report
 
 
+def proxy_request_costs(root: Path, n: int = 300) -> dict[str, float]:
+    """What the proxy adds per Fleet request and per new connection, measured side by side.
+
+    One TLS SuperLink and one proxy in front of it; the same ``get-run`` request (Flower
+    answers it at once) is sent ``n`` times on a kept-alive connection to each, alternating,
+    and ``connect_timings`` gives the handshake to each. Medians, in milliseconds.
+    """
+    import httpx
+
+    pki.init_ca(root / "pki")
+    pki.issue_server_certificate(root / "pki", hosts=["localhost"], ips=[LOOPBACK])
+    link = SuperLinkSettings(
+        port=free_port(), database=root / "state.db", ca_cert=root / "pki" / "ca.pem",
+        server_cert=root / "pki" / "server.pem", server_key=root / "pki" / "server.key",
+    )  # fmt: skip
+    with ProcessSet() as procs:
+        procs.add(start_superlink(link, flwr_home=root / "home", log_path=root / "link.log"))
+        proxy_proc, public_port = start_bench_proxy(root, link.port)
+        procs.add(proxy_proc)
+        ca = str(root / "pki" / "ca.pem")
+        headers = {"content-type": "application/protobuf"}
+        times: dict[str, list[float]] = {"direct": [], "proxy": []}
+        with httpx.Client(verify=ca) as direct, httpx.Client(verify=ca) as proxied:
+            clients = {
+                "direct": (direct, f"https://localhost:{link.port}/v1/fleet/get-run"),
+                "proxy": (proxied, f"https://localhost:{public_port}/v1/fleet/get-run"),
+            }
+            for i in range(n):
+                for arm in ("direct", "proxy") if i % 2 == 0 else ("proxy", "direct"):
+                    client, url = clients[arm]
+                    t0 = time.perf_counter()
+                    client.post(url, content=b"", headers=headers)
+                    times[arm].append((time.perf_counter() - t0) * 1000)
+        hs_direct = connect_timings(link.port, root / "pki" / "ca.pem", n=50)
+        hs_proxy = connect_timings(public_port, root / "pki" / "ca.pem", n=50)
+    return {
+        "request_ms_direct": statistics.median(times["direct"]),
+        "request_ms_proxy": statistics.median(times["proxy"]),
+        "tls_connect_ms_direct": hs_direct["tls_connect_ms"],
+        "tls_connect_ms_proxy": hs_proxy["tls_connect_ms"],
+    }
+
+
 #: Timeline steps that wait on the network (the proxy sits on their path) and that burn CPU
 #: at the site (the proxy is not on their path: their ratio shows the machine's load drift).
 NETWORK_STEPS = ("node_poll", "reply_handoff", "upload", "server_poll")
@@ -382,6 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="alternating TLS/plain runs")
     parser.add_argument("--skip-simulation", action="store_true")
     parser.add_argument(
+        "--proxy-requests-only",
+        action="store_true",
+        help="only the per-request and per-connection cost of the proxy (seconds)",
+    )
+    parser.add_argument(
         "--proxy-arms",
         action="store_true",
         help="measure direct TLS vs Fleet proxy vs proxy + approving launcher (issue 11)",
@@ -390,9 +438,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # SIGTERM must unwind through ProcessSet so no SuperLink or SuperNode outlives the bench.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.proxy_requests_only:
+        with tempfile.TemporaryDirectory(prefix="fedsafe-bench-proxy-req-") as tmp:
+            costs = proxy_request_costs(Path(tmp))
+        costs["request_ratio"] = costs["request_ms_proxy"] / costs["request_ms_direct"]
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "transport_proxy_requests.json").write_text(json.dumps(costs, indent=2) + "\n")
+        print(json.dumps(costs, indent=2))
+        return 0
     if args.proxy_arms:
         with tempfile.TemporaryDirectory(prefix="fedsafe-bench-proxy-") as tmp:
             report = proxy_arms(args, Path(tmp))
+            report["proxy_request_costs"] = proxy_request_costs(Path(tmp) / "requests")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "transport_proxy.json").write_text(json.dumps(report, indent=2) + "\n")
