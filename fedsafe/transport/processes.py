@@ -6,8 +6,9 @@ session of its own (the SuperLink starts ``flower-superexec`` with ``start_new_s
 :class:`ProcessSet` is a context manager that stops everything it started, on success and on
 failure alike.
 
-Flags follow ``flower-superlink --help`` and ``flower-supernode --help`` of Flower 1.41: one
-HTTPS port per SuperLink for the Fleet, Control and Runtime APIs (``--host``/``--port``),
+Flags follow ``flower-superlink --help`` and ``flower-supernode --help`` of Flower 1.42: one
+HTTPS port per SuperLink for the Fleet, Control and Runtime APIs (``--host``/``--port``; the
+coordinator binds it to ``127.0.0.1`` behind :mod:`fedsafe.transport.fleet_proxy`),
 TLS with ``--ssl-ca-certfile``/``--ssl-certfile``/``--ssl-keyfile``, signed-key SuperNode
 authentication with ``--enable-supernode-auth``, and a per-SuperNode ClientApp I/O port
 (``--port``).
