@@ -16,7 +16,7 @@ from typing import Any
 
 from fedsafe.cli.examples import with_examples
 from fedsafe.errors import UserError
-from fedsafe.server.site_identity import ADMITTED_ENV
+from fedsafe.server.site_identity import ADMITTED_ENV, STATE_DB_ENV
 from fedsafe.transport import admission, pki
 from fedsafe.transport.fleet_proxy import FleetProxySettings, find_nginx, start_fleet_proxy
 from fedsafe.transport.foreground import run_in_foreground
@@ -145,7 +145,10 @@ def _cmd_start(args: argparse.Namespace) -> int:
                     flwr_home=paths["flwr_home"],
                     log_path=log_path,
                     die_with_parent=True,
-                    extra_env={ADMITTED_ENV: str((paths["flwr_home"] / "admitted.json").resolve())},
+                    extra_env={
+                        ADMITTED_ENV: str((paths["flwr_home"] / "admitted.json").resolve()),
+                        STATE_DB_ENV: str(paths["database"].resolve()),
+                    },
                 )
             )
         except FlowerProcessError as exc:

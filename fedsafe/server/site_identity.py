@@ -2,10 +2,13 @@
 
 With SuperNode authentication the SuperLink accepts a SuperNode only if it signs with a key
 the operator registered, and it stamps every reply with that key's node id
-(``msg.metadata.src_node_id``). ``fedsafe coordinator admit`` records which name each
-registered node id was admitted under (``admitted.json`` in the coordinator's Flower home),
-so node id -> admitted name is the site's identity. The name a site puts in its reply is
-only a claim: when it differs, the admitted name is used and the mismatch is an event.
+(``msg.metadata.src_node_id``). ``fedsafe coordinator admit`` records the name and the key
+fingerprint each site was admitted with (``admitted.json`` in the coordinator's Flower
+home). The site's identity is its key: when the SuperLink's state database is known
+(``FEDSAFE_STATE_DB``), node id -> public key is read from it and the key's fingerprint
+looked up in the admission record; otherwise the record's node id is used. The name a site
+puts in its reply is only a claim: when it differs, the admitted name is used and the
+mismatch is an event.
 
 The record is found through ``FEDSAFE_ADMITTED`` (set by ``fedsafe coordinator start`` on the
 SuperLink, inherited by the ServerApp) or ``$FLWR_HOME/admitted.json``; without one (a
@@ -14,13 +17,17 @@ simulation has no admission) sites keep the names they report.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ADMITTED_ENV = "FEDSAFE_ADMITTED"
+STATE_DB_ENV = "FEDSAFE_STATE_DB"
 REGISTRY_NAME = "admitted.json"
 
 EventSink = Callable[..., None]
@@ -39,17 +46,65 @@ def registry_path() -> Path | None:
     return None
 
 
-def admitted_names(path: Path | None = None) -> dict[int, str]:
-    """Node id -> admitted name of every site not removed (empty without a record)."""
+def key_fingerprint(key: bytes) -> str | None:
+    """OpenSSH-style ``SHA256:...`` fingerprint of a PEM or DER public key.
+
+    Flower stores keys as PEM; ``fedsafe coordinator admit`` records this fingerprint form.
+    Returns ``None`` if ``key`` is not a public key.
+    """
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        public = (
+            serialization.load_pem_public_key(key)
+            if key.lstrip().startswith(b"-----")
+            else serialization.load_der_public_key(key)
+        )
+        blob = public.public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+    except (ValueError, TypeError):
+        return None
+    raw = base64.b64decode(blob.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(raw).digest()).decode().rstrip("=")
+
+
+def node_key_fingerprints(state_db: Path) -> dict[int, str]:
+    """Node id -> key fingerprint from the SuperLink's SQLite state (read-only)."""
+    uri = f"file:{Path(state_db).resolve()}?mode=ro"
+    with sqlite3.connect(uri, uri=True) as con:
+        rows = con.execute(
+            "SELECT node_id, public_key FROM node WHERE public_key IS NOT NULL"
+        ).fetchall()
+    out: dict[int, str] = {}
+    for node_id, key in rows:
+        fingerprint = key_fingerprint(bytes(key))
+        if node_id is not None and fingerprint is not None:
+            out[int(node_id) % (1 << 64)] = fingerprint  # Flower stores uint64 as int64
+    return out
+
+
+def admitted_names(path: Path | None = None, state_db: Path | None = None) -> dict[int, str]:
+    """Node id -> admitted name of every site not removed (empty without a record).
+
+    With ``state_db`` (default ``FEDSAFE_STATE_DB``) a node is named by its key's fingerprint
+    in the record; without it, by the node id the record holds.
+    """
     path = path if path is not None else registry_path()
     if path is None or not Path(path).is_file():
         return {}
     data: dict[str, dict[str, Any]] = json.loads(Path(path).read_text())
-    return {
-        int(node_id): str(entry["name"])
-        for node_id, entry in data.items()
-        if entry.get("status") != "removed" and "name" in entry
-    }
+    live = {k: v for k, v in data.items() if v.get("status") != "removed" and "name" in v}
+    if state_db is None and os.environ.get(STATE_DB_ENV):
+        state_db = Path(os.environ[STATE_DB_ENV])
+    if state_db is not None and Path(state_db).is_file():
+        by_key = {str(v.get("fingerprint")): str(v["name"]) for v in live.values()}
+        return {
+            node: by_key[fp]
+            for node, fp in node_key_fingerprints(Path(state_db)).items()
+            if fp in by_key
+        }
+    return {int(node_id): str(entry["name"]) for node_id, entry in live.items()}
 
 
 def set_event_sink(sink: EventSink | None) -> None:

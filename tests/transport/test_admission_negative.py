@@ -207,3 +207,23 @@ def test_site_start_refused_after_an_earlier_join_says_why(federation: Federatio
     assert "joined" not in again.stdout
     assert again.stderr.count("\n") == 1, again.stderr
     assert "not admitted" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_identity_is_read_from_the_superlinks_key_for_each_node(federation: Federation) -> None:
+    """node id -> key (SuperLink state) -> fingerprint -> admitted name, on a real SuperLink."""
+    from fedsafe.server.site_identity import admitted_names
+
+    key = federation.site_key("keyed-site")
+    site = admit_site(federation.flwr_home, key.with_suffix(".pub"))
+    registry = federation.flwr_home / "admitted.json"
+    names = admitted_names(registry, federation.settings.database)
+    assert names[site.node_id] == "keyed-site"
+    # A record whose node id was tampered with still names the node by its key.
+    import json
+
+    data = json.loads(registry.read_text())
+    data["12345"] = data.pop(str(site.node_id))
+    tampered = federation.root / "tampered.json"
+    tampered.write_text(json.dumps(data))
+    assert admitted_names(tampered, federation.settings.database)[site.node_id] == "keyed-site"
+    assert 12345 not in admitted_names(tampered, federation.settings.database)

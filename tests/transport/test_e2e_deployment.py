@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from fedsafe.cli.main import main
+from fedsafe.server.site_identity import ADMITTED_ENV, STATE_DB_ENV
 from fedsafe.transport import pki
 from fedsafe.transport.admission import Connection, admit_site, list_sites, write_connection
 from fedsafe.transport.app_approval import digest_of, launches
@@ -75,9 +76,16 @@ def proxied_coordinator(root: Path, procs: ProcessSet, pki_dir: Path) -> tuple[P
         port=free_port(), database=coord / "state.db", ca_cert=pki_dir / "ca.pem",
         server_cert=pki_dir / "server.pem", server_key=pki_dir / "server.key",
     )  # fmt: skip
+    identity_env = {
+        ADMITTED_ENV: str((coord / "flwr-home" / "admitted.json").resolve()),
+        STATE_DB_ENV: str((coord / "state.db").resolve()),
+    }
     procs.add(
         start_superlink(
-            settings, flwr_home=coord / "flwr-home", log_path=coord / "logs" / "superlink.log"
+            settings,
+            flwr_home=coord / "flwr-home",
+            log_path=coord / "logs" / "superlink.log",
+            extra_env=identity_env,
         )
     )
     proxy, public_port = start_proxy(coord, pki_dir, settings.port)
