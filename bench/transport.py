@@ -22,9 +22,16 @@ DEBUG (both arms alike), so that:
 Reported: ``tls_ratio`` = mean round time with TLS+auth / without (target <= 1.01) with a
 bootstrap 95% interval over rounds; the TLS bound; ``deployment_overhead_s`` and its breakdown.
 
+With ``--proxy-arms`` (issue 11) it instead runs, side by side and alternating, TLS+auth
+direct (``tls_auth``, before issue 11), through the Fleet-only nginx proxy (``proxy``), and
+through the proxy with every site on fedsafe's approving launcher (``proxy_launcher``: the
+SuperNode in process isolation, the app's SHA-256 checked before each task), and reports
+``proxy_ratio`` and ``proxy_launcher_ratio`` against ``tls_auth``.
+
 Usage::
 
     PYTHONPATH=. python bench/transport.py --rounds 4 --local-steps 20 --out bench/results
+    PYTHONPATH=. python bench/transport.py --proxy-arms --rounds 4 --out bench/results
 """
 
 from __future__ import annotations
@@ -46,7 +53,9 @@ from typing import Any, TypeVar
 
 from fedsafe.transport import pki
 from fedsafe.transport.admission import Connection, admit_site, write_connection
+from fedsafe.transport.app_approval import Approval, approve, digest_of
 from fedsafe.transport.deployment_run import submit_run
+from fedsafe.transport.fleet_proxy import FleetProxySettings, start_fleet_proxy
 from fedsafe.transport.processes import (
     ProcessSet,
     SuperLinkSettings,
@@ -55,6 +64,7 @@ from fedsafe.transport.processes import (
     start_superlink,
     start_supernode,
 )
+from fedsafe.transport.site_launcher import start_launcher, write_launcher_secret
 from fedsafe.transport.timeline import (
     fleet_traffic,
     median_steps,
@@ -82,8 +92,19 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def deployment_run(root: Path, args: argparse.Namespace, *, secure: bool) -> dict[str, Any]:
-    """One deployment run; returns its per-round seconds and TLS/plain connect timings."""
+def deployment_run(
+    root: Path,
+    args: argparse.Namespace,
+    *,
+    secure: bool,
+    proxy: bool = False,
+    launcher: bool = False,
+) -> dict[str, Any]:
+    """One deployment run; returns its per-round seconds and TLS/plain connect timings.
+
+    ``proxy``: sites reach the SuperLink through the Fleet-only nginx proxy; ``launcher``:
+    each site runs fedsafe's approving launcher (process isolation) with fedsafe approved.
+    """
     root.mkdir(parents=True, exist_ok=True)
     home = root / "coordinator" / "flwr-home"
     if secure:
@@ -112,20 +133,32 @@ def deployment_run(root: Path, args: argparse.Namespace, *, secure: bool) -> dic
             else Connection(link_settings.address, insecure=True),
         )
         connect = connect_timings(link_settings.port, root / "pki" / "ca.pem" if secure else None)
+        site_address = link_settings.address
+        if proxy:
+            proxy_proc, public_port = start_bench_proxy(root, link_settings.port)
+            procs.add(proxy_proc)
+            site_address = f"{LOOPBACK}:{public_port}"
+        digest = fedsafe_app_digest(root) if launcher else None
         for i in range(args.sites):
             key = None
             if secure:
                 pki.create_site_key(root / "sites", f"site-{i}")
                 key = root / "sites" / f"site-{i}.key"
                 admit_site(home, key.with_suffix(".pub"))
+            workdir = root / f"site-{i}-work"
+            secret = None
+            if digest is not None:
+                approve(workdir, Approval(digest, "fedsafe (bench)"))
+                secret = write_launcher_secret(workdir)
             settings = SuperNodeSettings(
-                superlink=link_settings.address,
+                superlink=site_address,
                 clientappio_port=free_port(),
                 root_certificates=root / "pki" / "ca.pem" if secure else None,
                 private_key=key,
                 insecure=not secure,
                 node_config={"partition-id": i, "num-partitions": args.sites},
-                isolation="subprocess",
+                isolation="process" if launcher else "subprocess",
+                superexec_secret_file=secret,
             )
             procs.add(
                 start_supernode(
@@ -136,6 +169,11 @@ def deployment_run(root: Path, args: argparse.Namespace, *, secure: bool) -> dic
                     extra_env=DEBUG_ENV,
                 )  # fmt: skip
             )
+            if secret is not None:
+                procs.add(
+                    start_launcher(workdir, settings.clientappio_port, secret,
+                                   flwr_home=root / f"site-{i}")
+                )  # fmt: skip
         result = submit_run(home, run_config(args), out_dir=root / "runs", timeout_s=1800)
     return {
         "round_seconds": [float(r["seconds"]) for r in result.rounds],
@@ -144,8 +182,141 @@ def deployment_run(root: Path, args: argparse.Namespace, *, secure: bool) -> dic
         "wire_bytes_per_round": statistics.fmean(
             r["bytes_up"] + r["bytes_down"] for r in steady(result.rounds)
         ),
-        **timeline(root, result.rounds, args.sites),
+        **safe_timeline(root, result.rounds, args.sites),
     }
+
+
+def safe_timeline(root: Path, rounds: list[dict[str, Any]], sites: int) -> dict[str, Any]:
+    """:func:`timeline`, or nothing when the logs cannot be split (e.g. launcher arm, whose
+    ClientApp lines are in the launcher's log, not the SuperNode's)."""
+    try:
+        return timeline(root, rounds, sites)
+    except Exception as exc:  # a bench figure, never a reason to lose the run
+        return {"timeline_error": f"{type(exc).__name__}: {exc}"}
+
+
+def start_bench_proxy(root: Path, internal_port: int) -> tuple[Any, int]:
+    """The Fleet-only nginx proxy on a free port of 127.0.0.1 in front of the SuperLink."""
+    public_port = free_port()
+    settings = FleetProxySettings(
+        folder=root / "proxy", public_host=LOOPBACK, public_port=public_port,
+        internal_port=internal_port, ca_cert=root / "pki" / "ca.pem",
+        server_cert=root / "pki" / "server.pem", server_key=root / "pki" / "server.key",
+        upstream_name="localhost",
+    )  # fmt: skip
+    return start_fleet_proxy(settings), public_port
+
+
+def fedsafe_app_digest(root: Path) -> str:
+    """SHA-256 of fedsafe's app as ``submit_run`` sends it (what each site approves)."""
+    from fedsafe.simulations.flower_app import write_app_folder
+
+    return digest_of(write_app_folder(root / "app-to-approve"))
+
+
+def proxy_arms(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Direct TLS vs the Fleet proxy vs proxy + approving launcher, alternating, side by side."""
+    arms = {
+        "tls_auth": {"proxy": False, "launcher": False},
+        "proxy": {"proxy": True, "launcher": False},
+        "proxy_launcher": {"proxy": True, "launcher": True},
+    }
+    rounds: dict[str, list[float]] = {arm: [] for arm in arms}
+    runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
+    for rep in range(args.repeats):
+        order = list(arms) if rep % 2 == 0 else list(reversed(arms))
+        for arm in order:
+            result = deployment_run(root / f"{arm}-{rep}", args, secure=True, **arms[arm])
+            runs[arm].append(result)
+            rounds[arm].extend(steady(result["round_seconds"]))
+            print(f"{arm} run {rep}: rounds {result['round_seconds']}", flush=True)
+    base = rounds["tls_auth"]
+    report: dict[str, Any] = {
+        "config": vars(args),
+        "mean_round_s": {arm: statistics.fmean(v) for arm, v in rounds.items()},
+        "median_round_s": {arm: statistics.median(v) for arm, v in rounds.items()},
+        "rounds_measured": {arm: len(v) for arm, v in rounds.items()},
+    }
+    for arm in ("proxy", "proxy_launcher"):
+        report[f"{arm}_ratio"] = statistics.fmean(rounds[arm]) / statistics.fmean(base)
+        report[f"{arm}_ratio_ci95"] = list(bootstrap_ratio(rounds[arm], base))
+        report[f"{arm}_ratio_of_medians"] = statistics.median(rounds[arm]) / statistics.median(base)
+    report["steps_s"] = step_sums(runs)
+    base_steps = report["steps_s"].get("tls_auth", {})
+    for arm, steps in report["steps_s"].items():
+        if arm != "tls_auth" and base_steps:
+            report[f"{arm}_step_ratios"] = {
+                k: steps[k] / base_steps[k] for k in steps if base_steps.get(k)
+            }
+    report["runs"] = runs
+    return report
+
+
+def proxy_request_costs(root: Path, n: int = 300) -> dict[str, float]:
+    """What the proxy adds per Fleet request and per new connection, measured side by side.
+
+    One TLS SuperLink and one proxy in front of it; the same ``get-run`` request (Flower
+    answers it at once) is sent ``n`` times on a kept-alive connection to each, alternating,
+    and ``connect_timings`` gives the handshake to each. Medians, in milliseconds.
+    """
+    import httpx
+
+    pki.init_ca(root / "pki")
+    pki.issue_server_certificate(root / "pki", hosts=["localhost"], ips=[LOOPBACK])
+    link = SuperLinkSettings(
+        port=free_port(), database=root / "state.db", ca_cert=root / "pki" / "ca.pem",
+        server_cert=root / "pki" / "server.pem", server_key=root / "pki" / "server.key",
+    )  # fmt: skip
+    with ProcessSet() as procs:
+        procs.add(start_superlink(link, flwr_home=root / "home", log_path=root / "link.log"))
+        proxy_proc, public_port = start_bench_proxy(root, link.port)
+        procs.add(proxy_proc)
+        ca = str(root / "pki" / "ca.pem")
+        headers = {"content-type": "application/protobuf"}
+        times: dict[str, list[float]] = {"direct": [], "proxy": []}
+        with httpx.Client(verify=ca) as direct, httpx.Client(verify=ca) as proxied:
+            clients = {
+                "direct": (direct, f"https://localhost:{link.port}/v1/fleet/get-run"),
+                "proxy": (proxied, f"https://localhost:{public_port}/v1/fleet/get-run"),
+            }
+            for i in range(n):
+                for arm in ("direct", "proxy") if i % 2 == 0 else ("proxy", "direct"):
+                    client, url = clients[arm]
+                    t0 = time.perf_counter()
+                    client.post(url, content=b"", headers=headers)
+                    times[arm].append((time.perf_counter() - t0) * 1000)
+        hs_direct = connect_timings(link.port, root / "pki" / "ca.pem", n=50)
+        hs_proxy = connect_timings(public_port, root / "pki" / "ca.pem", n=50)
+    return {
+        "request_ms_direct": statistics.median(times["direct"]),
+        "request_ms_proxy": statistics.median(times["proxy"]),
+        "tls_connect_ms_direct": hs_direct["tls_connect_ms"],
+        "tls_connect_ms_proxy": hs_proxy["tls_connect_ms"],
+    }
+
+
+#: Timeline steps that wait on the network (the proxy sits on their path) and that burn CPU
+#: at the site (the proxy is not on their path: their ratio shows the machine's load drift).
+NETWORK_STEPS = ("node_poll", "reply_handoff", "upload", "server_poll")
+CPU_STEPS = ("process_start", "app_load", "compute")
+
+
+def step_sums(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Per arm: mean seconds per round (train + evaluate, slowest site) of the network steps
+    and of the CPU steps, from the DEBUG-log timelines."""
+    out: dict[str, dict[str, float]] = {}
+    for arm, results in runs.items():
+        sums = {"network": [], "cpu": []}  # type: dict[str, list[float]]
+        for result in results:
+            for group, names in (("network", NETWORK_STEPS), ("cpu", CPU_STEPS)):
+                total = 0.0
+                for kind in ("train", "evaluate"):
+                    steps = result.get(f"{kind}_steps_s") or {}
+                    total += sum(float(steps.get(name, 0.0)) for name in names)
+                if total > 0:
+                    sums[group].append(total)
+        out[arm] = {k: statistics.fmean(v) for k, v in sums.items() if v}
+    return out
 
 
 def timeline(root: Path, rounds: list[dict[str, Any]], sites: int) -> dict[str, Any]:
@@ -253,10 +424,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", type=int, default=4, help="heart has 4 hospitals")
     parser.add_argument("--repeats", type=int, default=1, help="alternating TLS/plain runs")
     parser.add_argument("--skip-simulation", action="store_true")
+    parser.add_argument(
+        "--proxy-requests-only",
+        action="store_true",
+        help="only the per-request and per-connection cost of the proxy (seconds)",
+    )
+    parser.add_argument(
+        "--proxy-arms",
+        action="store_true",
+        help="measure direct TLS vs Fleet proxy vs proxy + approving launcher (issue 11)",
+    )
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     # SIGTERM must unwind through ProcessSet so no SuperLink or SuperNode outlives the bench.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.proxy_requests_only:
+        with tempfile.TemporaryDirectory(prefix="fedsafe-bench-proxy-req-") as tmp:
+            costs = proxy_request_costs(Path(tmp))
+        costs["request_ratio"] = costs["request_ms_proxy"] / costs["request_ms_direct"]
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "transport_proxy_requests.json").write_text(json.dumps(costs, indent=2) + "\n")
+        print(json.dumps(costs, indent=2))
+        return 0
+    if args.proxy_arms:
+        with tempfile.TemporaryDirectory(prefix="fedsafe-bench-proxy-") as tmp:
+            report = proxy_arms(args, Path(tmp))
+            report["proxy_request_costs"] = proxy_request_costs(Path(tmp) / "requests")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "transport_proxy.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2))
+        return 0
 
     secure: list[float] = []
     plain: list[float] = []

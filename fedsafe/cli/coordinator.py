@@ -9,17 +9,24 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from fedsafe.cli.examples import with_examples
 from fedsafe.errors import UserError
+from fedsafe.server.site_identity import ADMITTED_ENV, STATE_DB_ENV
 from fedsafe.transport import admission, pki
+from fedsafe.transport.fleet_proxy import FleetProxySettings, find_nginx, start_fleet_proxy
 from fedsafe.transport.foreground import run_in_foreground
 from fedsafe.transport.processes import (
+    LOOPBACK,
     FlowerProcessError,
+    ProcessSet,
     SuperLinkSettings,
+    first_reason,
+    port_is_free,
     start_superlink,
 )
 
@@ -34,6 +41,7 @@ def coordinator_paths(directory: Path) -> dict[str, Path]:
         "database": directory / "state.db",
         "flwr_home": directory / "flwr-home",
         "logs": directory / "logs",
+        "proxy": directory / "proxy",
     }
 
 
@@ -42,6 +50,40 @@ def _split_address(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not host:
         raise UserError(f"address {address!r} must be HOST:PORT, e.g. coordinator.example.org:9092")
     return host.strip("[]"), int(port)
+
+
+def loopback_name(names: set[str]) -> str:
+    """The name under which the loopback SuperLink is verified: ``127.0.0.1`` or ``localhost``.
+
+    Raises
+    ------
+    UserError
+        If the certificate names neither (reissue it with ``fedsafe pki server``).
+    """
+    for name in (LOOPBACK, "localhost"):
+        if name in names:
+            return name
+    raise UserError(
+        "the server certificate names neither 127.0.0.1 nor localhost, which the Fleet proxy "
+        "and the operator's tools use to reach the SuperLink on loopback; reissue it with "
+        "`fedsafe pki server --force ...` (it adds both)"
+    )
+
+
+def _upstream_name(names: set[str], public_host: str) -> str:
+    """A DNS name in the certificate for nginx's check of the SuperLink.
+
+    nginx verifies an upstream by DNS name only, never by IP address.
+    """
+    if public_host in names and not public_host.replace(".", "").isdigit():
+        return public_host
+    dns = sorted(n for n in names if not n.replace(".", "").isdigit() and ":" not in n)
+    if not dns:
+        raise UserError(
+            "the server certificate has no DNS name; reissue it with "
+            "`fedsafe pki server --force --host localhost ...`"
+        )
+    return "localhost" if "localhost" in dns else dns[0]
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
@@ -58,33 +100,83 @@ def _cmd_start(args: argparse.Namespace) -> int:
     names = pki.certificate_names(cert)
     if public_host not in names:
         raise UserError(
-            f"{cert} names {', '.join(sorted(names))} but sites and the admin CLI will "
-            f"connect to {public_host}; reissue it with `fedsafe pki server --host/--ip` "
+            f"{cert} names {', '.join(sorted(names))} but sites will connect to "
+            f"{public_host}; reissue it with `fedsafe pki server --host/--ip` "
             "or pass --public-address"
         )
+    internal_port = args.internal_port or args.port + 1
+    control_host = loopback_name(names)
+    proxy_settings = FleetProxySettings(
+        folder=paths["proxy"],
+        public_host=args.host,
+        public_port=args.port,
+        internal_port=internal_port,
+        ca_cert=ca,
+        server_cert=cert,
+        server_key=key,
+        upstream_name=_upstream_name(names, public_host),
+        max_body_bytes=args.max_body_mib * 1024 * 1024,
+    )
     settings = SuperLinkSettings(
-        port=args.port,
+        port=internal_port,
         database=paths["database"],
         ca_cert=ca,
         server_cert=cert,
         server_key=key,
-        host=args.host,
+        host=LOOPBACK,
     )
-    admission.write_connection(paths["flwr_home"], admission.Connection(public, ca))
+    find_nginx()
+    for port, flag in ((args.port, "--port"), (internal_port, "--internal-port")):
+        host = args.host if flag == "--port" else LOOPBACK
+        if not port_is_free(host, port):
+            raise UserError(
+                f"{flag} {port} on {host} is already in use (another coordinator?); "
+                f"stop it or pick another {flag}"
+            )
+    admission.write_connection(
+        paths["flwr_home"], admission.Connection(f"{control_host}:{internal_port}", ca)
+    )
     log_path = paths["logs"] / "superlink.log"
-    try:
-        proc = start_superlink(settings, flwr_home=paths["flwr_home"], log_path=log_path)
-    except FlowerProcessError as exc:
-        raise UserError(f"the SuperLink did not start: {exc}") from exc
-    print(
-        f"Coordinator running: HTTPS on {args.host}:{args.port} (sites connect to {public}).\n"
-        f"  open port {args.port}/tcp to the sites only; nothing else needs to be reachable\n"
-        f"  state: {paths['database']}   log: {log_path}\n"
-        f"  only admitted sites may join: fedsafe coordinator admit SITE.pub --dir {args.dir}\n"
-        "Stop with Ctrl-C or SIGTERM.",
-        flush=True,
-    )
-    return run_in_foreground(proc, echo_log=args.verbose)
+    with ProcessSet() as procs:
+        try:
+            link = procs.add(
+                start_superlink(
+                    settings,
+                    flwr_home=paths["flwr_home"],
+                    log_path=log_path,
+                    die_with_parent=True,
+                    extra_env={
+                        ADMITTED_ENV: str((paths["flwr_home"] / "admitted.json").resolve()),
+                        STATE_DB_ENV: str(paths["database"].resolve()),
+                    },
+                )
+            )
+        except FlowerProcessError as exc:
+            raise UserError(
+                f"the SuperLink did not start: {first_reason(str(exc))} (log {log_path})"
+            ) from exc
+        proxy = procs.add(start_fleet_proxy(proxy_settings))
+        print(
+            f"Coordinator running: Fleet API on {args.host}:{args.port} over TLS "
+            f"(sites connect to {public}).\n"
+            f"  open port {args.port}/tcp to the sites only: the proxy there forwards the "
+            "Fleet API and refuses everything else\n"
+            f"  Control and Runtime APIs: {LOOPBACK}:{internal_port} only (this host's users "
+            "can reach it; keep the host to the operator)\n"
+            f"  state: {paths['database']}   logs: {log_path}, {paths['proxy']}/error.log\n"
+            f"  only admitted sites may join: fedsafe coordinator admit SITE.pub --dir {args.dir}\n"
+            "Stop with Ctrl-C or SIGTERM.",
+            flush=True,
+        )
+        return run_in_foreground(
+            link,
+            echo_log=args.verbose,
+            companions=[proxy],
+            on_exit=lambda p: print(
+                f"fedsafe: error: {p.name} exited with code {p.popen.returncode}; see {p.log_path}",
+                file=sys.stderr,
+            ),
+        )
 
 
 def _cmd_admit(args: argparse.Namespace) -> int:
@@ -202,7 +294,7 @@ def register(subparsers: Any) -> None:
     start = with_dir(
         sub.add_parser(
             "start",
-            help="start the SuperLink with TLS and site auth",
+            help="start the SuperLink (loopback) behind the Fleet-only TLS proxy",
             **with_examples(
                 "fedsafe coordinator start --dir coordinator/ --pki pki/",
                 "fedsafe coordinator start --dir coordinator/ --pki pki/ --host 0.0.0.0 "
@@ -212,7 +304,21 @@ def register(subparsers: Any) -> None:
     )
     start.add_argument("--pki", default="pki", help="folder with ca.pem, server.pem, server.key")
     start.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    start.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTPS port for sites")
+    start.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help="public HTTPS port (Fleet API only)"
+    )
+    start.add_argument(
+        "--internal-port",
+        type=int,
+        default=None,
+        help="the SuperLink's port on 127.0.0.1 (Control, Runtime, Fleet); default --port + 1",
+    )
+    start.add_argument(
+        "--max-body-mib",
+        type=int,
+        default=16,
+        help="largest request body the proxy accepts, MiB (default 16; Flower sends <=5 MiB)",
+    )
     start.add_argument(
         "--public-address",
         default=None,

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import stat
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +31,29 @@ from fedsafe.cli.site_policy import DEFAULT_POLICY_FILE, add_init_parser
 from fedsafe.client.policy import load_policy
 from fedsafe.errors import UserError
 from fedsafe.transport import pki
+from fedsafe.transport.app_approval import (
+    Approval,
+    approvals_path,
+    approve,
+    digest_of,
+    launches,
+    launches_path,
+    revoke,
+)
+from fedsafe.transport.approved_clientapp import approved_digests
 from fedsafe.transport.foreground import run_in_foreground
 from fedsafe.transport.processes import (
+    LOOPBACK,
+    FlowerProcess,
     FlowerProcessError,
     NodeConfigValue,
+    ProcessSet,
     SuperNodeSettings,
+    first_reason,
+    port_is_free,
     start_supernode,
 )
+from fedsafe.transport.site_launcher import start_launcher, write_launcher_secret
 
 DEFAULT_CLIENTAPPIO_PORT = 9094
 DEVICES = ("auto", "cpu", "cuda")
@@ -115,6 +133,13 @@ def _cmd_start(args: argparse.Namespace) -> int:
     load_policy(policy)
     workdir.mkdir(parents=True, exist_ok=True)
     ledger = Path(args.ledger) if args.ledger else workdir / "ledger.sqlite"
+    if not port_is_free(LOOPBACK, args.clientappio_port):
+        raise UserError(
+            f"--clientappio-port {args.clientappio_port} is already in use on {LOOPBACK} "
+            "(another site on this host?); give each site its own --clientappio-port"
+        )
+    approved = approved_digests(approvals_path(workdir))
+    secret_file = write_launcher_secret(workdir)
     settings = SuperNodeSettings(
         superlink=args.coordinator,
         clientappio_port=args.clientappio_port,
@@ -122,40 +147,109 @@ def _cmd_start(args: argparse.Namespace) -> int:
         private_key=key,
         node_config=site_node_config(args, ledger, policy),
         max_retries=args.max_retries,
-        isolation=args.isolation,
+        isolation="process",
+        superexec_secret_file=secret_file,
     )
     log_path = workdir / "logs" / "supernode.log"
-    try:
-        proc = start_supernode(
-            settings,
-            name=args.name,
-            flwr_home=workdir / "flwr-home",
-            log_path=log_path,
-            ready_timeout=args.connect_timeout,
+    flwr_home = workdir / "flwr-home"
+    with ProcessSet() as procs:
+        try:
+            proc = procs.add(
+                start_supernode(
+                    settings,
+                    name=args.name,
+                    flwr_home=flwr_home,
+                    log_path=log_path,
+                    ready_timeout=args.connect_timeout,
+                    die_with_parent=True,
+                )
+            )
+        except FlowerProcessError as exc:
+            log_text = log_path.read_text(errors="replace") if log_path.is_file() else str(exc)
+            raise UserError(
+                f"site {args.name} could not join {args.coordinator}: {first_reason(log_text)} "
+                f"(log {log_path})"
+            ) from exc
+        launcher = procs.add(
+            start_launcher(workdir, args.clientappio_port, secret_file, flwr_home=flwr_home)
         )
-    except FlowerProcessError as exc:
-        first = next(
-            (
-                line.strip()
-                for line in str(exc).splitlines()
-                if any(k in line for k in ("activate", "CERTIFICATE", "TLS", "Exit Code"))
-            ),
-            "see the log",
+        _announce(args, rows, ledger, policy, workdir, len(approved))
+        return run_in_foreground(
+            proc,
+            echo_log=args.verbose,
+            companions=[launcher],
+            on_exit=_report_exit,
+            alerts=[(launcher, "REFUSED")],
         )
-        raise UserError(
-            f"site {args.name} could not join {args.coordinator}: {first} (log {log_path}); "
-            "check that the coordinator admitted this key and that --ca is the federation CA"
-        ) from exc
+
+
+def _announce(
+    args: argparse.Namespace,
+    rows: int | None,
+    ledger: Path,
+    policy: Path,
+    workdir: Path,
+    approved: int,
+) -> None:
     print(
         f"Site {args.name} joined {args.coordinator} over TLS"
         + (f" with {rows} validated rows" if rows is not None else "")
         + f".\n  data stays here: {Path(args.data).resolve()}\n  ledger: {ledger.resolve()}\n"
         f"  policy: {policy.resolve()}\n"
         f"  outbound only: this site opens no port to the network (ClientApp I/O on "
-        f"127.0.0.1:{args.clientappio_port})\nStop with Ctrl-C or SIGTERM.",
+        f"127.0.0.1:{args.clientappio_port})\n"
+        f"  apps: only the {approved} approved in {approvals_path(workdir)} run here "
+        f"(fedsafe site approve APP); every launch and refusal: {launches_path(workdir)}\n"
+        "Stop with Ctrl-C or SIGTERM.",
         flush=True,
     )
-    return run_in_foreground(proc, echo_log=args.verbose)
+
+
+def _cmd_approve(args: argparse.Namespace) -> int:
+    workdir = Path(args.workdir)
+    if args.app == "fedsafe":
+        from fedsafe import __version__
+        from fedsafe.simulations.flower_app import write_app_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            digest = digest_of(write_app_folder(Path(tmp) / "app"))
+        label = f"fedsafe {__version__} (this installation's app, as `fedsafe run` submits it)"
+    else:
+        digest = digest_of(Path(args.app))
+        label = str(Path(args.app).resolve())
+    if args.revoke:
+        removed = revoke(workdir, digest)
+        state = "revoked" if removed else "was not approved"
+        print(f"{state}: sha256:{digest} ({label}) in {approvals_path(workdir)}")
+        return 0
+    added = approve(workdir, Approval(digest, label))
+    state = "approved" if added else "already approved"
+    print(f"{state}: sha256:{digest} ({label}) in {approvals_path(workdir)}")
+    return 0
+
+
+def _cmd_apps(args: argparse.Namespace) -> int:
+    workdir = Path(args.workdir)
+    approved = approved_digests(approvals_path(workdir))
+    print(f"approved ({approvals_path(workdir)}):")
+    for digest in sorted(approved):
+        print(f"  sha256:{digest}")
+    print(f"launches ({launches_path(workdir)}):")
+    for record in launches(workdir):
+        print(
+            f"  {record.get('time')} run {record.get('run_id')} {record.get('decision')} "
+            f"sha256:{str(record.get('sha256'))[:16]}... {record.get('reason', '')}".rstrip()
+        )
+    return 0
+
+
+def _report_exit(proc: FlowerProcess) -> None:
+    """Say why the SuperNode stopped (one line on stderr, naming its log)."""
+    print(
+        f"fedsafe: error: {proc.name} stopped (exit code {proc.popen.returncode}): "
+        f"{first_reason(proc.log_text())} (log {proc.log_path})",
+        file=sys.stderr,
+    )
 
 
 def register(subparsers: Any) -> None:
@@ -193,8 +287,33 @@ def register(subparsers: Any) -> None:
         default=DEFAULT_CLIENTAPPIO_PORT,
         help="local port for the ClientApp I/O API (unique per site on one host)",
     )
-    start.add_argument("--isolation", default="subprocess", choices=("subprocess", "process"))
     start.add_argument("--max-retries", type=int, default=3, help="connection attempts")
     start.add_argument("--connect-timeout", type=float, default=120.0, help="seconds to join")
     start.add_argument("--verbose", action="store_true", help="echo the SuperNode log")
     start.set_defaults(func=_cmd_start)
+
+    approve_cmd = sub.add_parser(
+        "approve",
+        help="approve an app (by the SHA-256 of its bytes) to run at this site",
+        **with_examples(
+            "fedsafe site approve fedsafe --workdir fedsafe-site-hospital-a",
+            "fedsafe site approve received/app.fab --workdir fedsafe-site-hospital-a",
+            "fedsafe site approve path/to/app-folder --workdir fedsafe-site-hospital-a",
+        ),
+    )
+    approve_cmd.add_argument(
+        "app", help="a .fab file, a Flower app folder, or `fedsafe` (this installation's app)"
+    )
+    approve_cmd.add_argument("--workdir", required=True, help="the site's folder (site start)")
+    approve_cmd.add_argument(
+        "--revoke", action="store_true", help="take the app off the list instead"
+    )
+    approve_cmd.set_defaults(func=_cmd_approve)
+
+    apps_cmd = sub.add_parser(
+        "apps",
+        help="list approved apps and every app that ran or was refused here",
+        **with_examples("fedsafe site apps --workdir fedsafe-site-hospital-a"),
+    )
+    apps_cmd.add_argument("--workdir", required=True, help="the site's folder (site start)")
+    apps_cmd.set_defaults(func=_cmd_apps)

@@ -24,6 +24,7 @@ from fedsafe.models import build_model
 from fedsafe.server.reply_checks import metrics_of, reply_error, site_name
 from fedsafe.server.run_folder import RunFolder, new_run_dir
 from fedsafe.server.run_loop import LoopState, log, query_sites, run_rounds
+from fedsafe.server.site_identity import set_event_sink
 from fedsafe.server.site_policies import DeclaredSite, RunRefused, check_declared_sites
 from fedsafe.simulations.scenarios import MODEL_OF, default_num_sites
 from fedsafe.strategies.factory import build_strategy
@@ -82,6 +83,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_mapping(context.run_config)
     folder = RunFolder(cfg.run_dir or new_run_dir(cfg.out_dir))
     folder.write_json("config.json", {**cfg.to_mapping(), "run-id": str(context.run_id)})
+    set_event_sink(folder.log_event)  # site-name mismatches (issue 11)
     num_sites = cfg.min_sites or default_num_sites(cfg.scenario, cfg.lending_sites, cfg.mnist_sites)
     width, feature_names = _input_width(grid, num_sites, folder, cfg)
     model_name = MODEL_OF[cfg.scenario]

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
+from fedsafe.server.site_identity import site_identity
+
 
 @dataclass(frozen=True, slots=True)
 class SiteReply:
@@ -28,11 +30,10 @@ class ReplyRejected(ValueError):
 
 
 def site_name(content: RecordDict, node_id: int) -> str:
-    """The site's name from its reply, or ``node-<id>``."""
+    """The site's admitted name (:mod:`fedsafe.server.site_identity`); else its reported name."""
     record = content.config_records.get("site")
-    if record is None or "site-name" not in record:
-        return f"node-{node_id}"
-    return str(record["site-name"])
+    reported = None if record is None or "site-name" not in record else str(record["site-name"])
+    return site_identity(node_id, reported)
 
 
 def metrics_of(content: RecordDict) -> dict[str, float]:

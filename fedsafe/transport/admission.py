@@ -84,6 +84,9 @@ def _flwr(flwr_home: Path, args: list[str], timeout: float = 60.0) -> dict[str, 
         text=True,
         timeout=timeout,
         check=False,
+        # Never the caller's folder: inside a Flower project (fedsafe's own repository) the
+        # flwr CLI tries to migrate its pyproject.toml and fails.
+        cwd=Path(flwr_home),
     )
     try:
         start = proc.stdout.index("{")

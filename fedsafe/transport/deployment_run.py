@@ -9,6 +9,7 @@ coordinator's TLS connection instead of a local simulation SuperLink.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from fedsafe.errors import UserError
 from fedsafe.server.run_folder import new_run_dir
 from fedsafe.simulations.flower_app import FollowedRun, RunFailed, submit_and_follow
 from fedsafe.transport.admission import CONNECTION_NAME
+from fedsafe.transport.processes import NO_REASON, last_error_line
 
 
 class DeploymentRunFailed(RunFailed):
@@ -69,4 +71,38 @@ def submit_run(
             CONNECTION_NAME, flwr_home, values, run_dir, on_round=on_round, timeout_s=timeout_s
         )
     except RunFailed as exc:
-        raise DeploymentRunFailed(str(exc)) from None
+        raise DeploymentRunFailed(explain_failure(run_dir, str(exc))) from None
+
+
+def explain_failure(run_dir: Path, message: str) -> str:
+    """One line: what happened, why (from the run's log or events), and where to read more.
+
+    Parameters
+    ----------
+    run_dir
+        The run folder (``logs/flwr-run.log``, ``events.jsonl``).
+    message
+        The follower's message, e.g. ``the run ended without results; see ...``.
+    """
+    what = message.splitlines()[0].split(";")[0].rstrip(":").strip()
+    log = Path(run_dir) / "logs" / "flwr-run.log"
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    reason = last_error_line(text)
+    if reason is None:
+        events = [ln for ln in _event_reasons(Path(run_dir) / "events.jsonl")]
+        reason = events[-1] if events else NO_REASON
+    return f"{what}: {reason} (log {log})"
+
+
+def _event_reasons(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    reasons = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("reason"):
+            reasons.append(f"{record.get('kind', 'event')}: {record['reason']}")
+    return reasons

@@ -222,8 +222,13 @@ def issue_server_certificate(
     expired: bool = False,
     out_dir: Path | None = None,
     force: bool = False,
+    loopback: bool = True,
 ) -> IssuedFiles:
     """Issue the coordinator's TLS server certificate, signed by the federation CA.
+
+    The SuperLink listens on ``127.0.0.1`` behind the Fleet proxy, which (like the operator's
+    ``flwr`` tools) verifies it by a name in this certificate, so ``localhost`` and
+    ``127.0.0.1`` are added unless ``loopback`` is false.
 
     Parameters
     ----------
@@ -241,6 +246,8 @@ def issue_server_certificate(
         Folder for ``server.pem`` and ``server.key``; defaults to ``pki_dir``.
     force
         Overwrite existing files.
+    loopback
+        Add ``localhost`` and ``127.0.0.1`` to the names (needed by ``coordinator start``).
 
     Returns
     -------
@@ -251,6 +258,10 @@ def issue_server_certificate(
     out_dir = Path(out_dir) if out_dir is not None else pki_dir
     if not hosts and not ips:
         raise UserError("give at least one --host or --ip that the sites will connect to")
+    subject_cn = hosts[0] if hosts else ips[0]
+    if loopback:
+        hosts = [*hosts, *(["localhost"] if "localhost" not in hosts else [])]
+        ips = [*ips, *(["127.0.0.1"] if "127.0.0.1" not in ips else [])]
     sans: list[x509.GeneralName] = [x509.DNSName(h) for h in hosts]
     for ip in ips:
         try:
@@ -263,7 +274,6 @@ def issue_server_certificate(
     _refuse_overwrite([key_path, cert_path], force)
     not_before, not_after = _validity(valid_days, expired=expired)
     key = ec.generate_private_key(_CURVE())
-    subject_cn = hosts[0] if hosts else ips[0]
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]))

@@ -6,8 +6,9 @@ session of its own (the SuperLink starts ``flower-superexec`` with ``start_new_s
 :class:`ProcessSet` is a context manager that stops everything it started, on success and on
 failure alike.
 
-Flags follow ``flower-superlink --help`` and ``flower-supernode --help`` of Flower 1.41: one
-HTTPS port per SuperLink for the Fleet, Control and Runtime APIs (``--host``/``--port``),
+Flags follow ``flower-superlink --help`` and ``flower-supernode --help`` of Flower 1.42: one
+HTTPS port per SuperLink for the Fleet, Control and Runtime APIs (``--host``/``--port``; the
+coordinator binds it to ``127.0.0.1`` behind :mod:`fedsafe.transport.fleet_proxy`),
 TLS with ``--ssl-ca-certfile``/``--ssl-certfile``/``--ssl-keyfile``, signed-key SuperNode
 authentication with ``--enable-supernode-auth``, and a per-SuperNode ClientApp I/O port
 (``--port``).
@@ -66,6 +67,75 @@ def free_port(host: str = LOOPBACK) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether ``host:port`` can be bound right now (TCP)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+#: Log lines that name a cause, with the sentence an operator needs (checked in order).
+_CAUSES: tuple[tuple[str, str], ...] = (
+    (
+        "address already in use",
+        "a local port is already in use (another site or SuperLink "
+        "on this host?); pick another --clientappio-port / --port",
+    ),
+    (
+        "failed to activate supernode",
+        "the coordinator refused this site's key: it is not "
+        "admitted (run `fedsafe coordinator admit SITE.pub` there) or was removed",
+    ),
+    (
+        "exit code: 305",
+        "the coordinator refused this site's key: it is not admitted (run "
+        "`fedsafe coordinator admit SITE.pub` there) or was removed",
+    ),
+    (
+        "certificate verify failed",
+        "TLS verification failed: --ca is not the federation CA or "
+        "the coordinator's certificate does not name the address used",
+    ),
+    (
+        "connection refused",
+        "nothing listens at that address (is the coordinator running, and is the port right?)",
+    ),
+    ("name or service not known", "the coordinator's host name does not resolve"),
+)
+
+
+def first_reason(log: str) -> str:
+    """One sentence naming why a Flower process stopped, from its log.
+
+    Known causes (a port in use, an unadmitted key, TLS) map to a sentence with the fix;
+    otherwise the last line that reads like an error (``ERROR``, ``Error:``, an exception
+    name) is quoted, trimmed to one line; never an empty or dangling text.
+    """
+    lowered = log.lower()
+    for needle, sentence in _CAUSES:
+        if needle in lowered:
+            return sentence
+    return last_error_line(log) or NO_REASON
+
+
+NO_REASON = "it logged no reason"
+
+
+def last_error_line(log: str) -> str | None:
+    """The last line of ``log`` that reads like an error, whitespace-folded, or ``None``.
+
+    A Python traceback ends with ``SomeError: message``; Flower logs ``ERROR``.
+    """
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    markers = ("ERROR", "Error:", "Exception:", "error:")
+    errors = [ln for ln in lines if any(m in ln for m in markers)]
+    return " ".join(errors[-1].split())[:300] if errors else None
 
 
 def _children_map() -> dict[int, list[int]]:
@@ -269,6 +339,24 @@ class FlowerProcess:
             pass
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """``preexec_fn``: ask Linux to send SIGTERM to the child when its parent dies.
+
+    Runs between fork and exec; the check of the parent's pid closes the race in which the
+    parent died before the request was made.
+    """
+    import ctypes
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def spawn(
     name: str,
     command: Sequence[str],
@@ -276,10 +364,25 @@ def spawn(
     log_path: Path,
     env: Mapping[str, str],
     cwd: Path | None = None,
+    die_with_parent: bool = False,
+    fresh_log: bool = False,
 ) -> FlowerProcess:
-    """Start ``command`` in a new session with stdout and stderr appended to ``log_path``."""
+    """Start ``command`` in a new session with stdout and stderr appended to ``log_path``.
+
+    Parameters
+    ----------
+    die_with_parent
+        The child gets SIGTERM when this process dies, even by SIGKILL (Linux
+        ``PR_SET_PDEATHSIG``), so a service never outlives the command that supervises it.
+    fresh_log
+        Start a new log: an earlier log is renamed ``<name>.1`` first, so readiness markers
+        of an earlier start can never be mistaken for this one's.
+    """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    if fresh_log and log_path.exists():
+        log_path.replace(log_path.with_name(log_path.name + ".1"))
+    preexec = _die_with_parent if die_with_parent and sys.platform == "linux" else None
     with open(log_path, "ab") as log:
         popen = subprocess.Popen(
             list(command),
@@ -289,6 +392,7 @@ def spawn(
             env=dict(env),
             cwd=str(cwd) if cwd else None,
             start_new_session=True,
+            preexec_fn=preexec,
         )
     return FlowerProcess(name, popen, log_path)
 
@@ -378,14 +482,22 @@ def start_superlink(
     log_path: Path,
     ready_timeout: float = 60.0,
     extra_env: Mapping[str, str] | None = None,
+    die_with_parent: bool = False,
 ) -> FlowerProcess:
     """Start a SuperLink and wait until it serves HTTPS (or HTTP when insecure).
 
-    ``extra_env`` is added to its environment (e.g. ``FLWR_LOG_LEVEL=DEBUG`` for timelines).
+    ``extra_env`` is added to its environment (e.g. ``FLWR_LOG_LEVEL=DEBUG`` for timelines);
+    with ``die_with_parent`` it gets SIGTERM if this process dies (see :func:`spawn`).
+    Each start writes a fresh log, so readiness is never read from an earlier start.
     """
     Path(settings.database).parent.mkdir(parents=True, exist_ok=True)
     proc = spawn(
-        "superlink", settings.command(), log_path=log_path, env=flower_env(flwr_home, extra_env)
+        "superlink",
+        settings.command(),
+        log_path=log_path,
+        env=flower_env(flwr_home, extra_env),
+        die_with_parent=die_with_parent,
+        fresh_log=True,
     )
     try:
         proc.wait_for_log(SUPERLINK_READY, ready_timeout)
@@ -438,6 +550,9 @@ class SuperNodeSettings:
         Give up connecting after this many tries or seconds (``None``: retry forever).
     isolation
         ``subprocess`` (a fresh ClientApp process per message) or ``process``.
+    superexec_secret_file
+        With ``process`` isolation: file of the secret that ``AcquireTask`` calls on the
+        SuperNode's Runtime API must be signed with (fedsafe's launcher holds it too).
     """
 
     superlink: str
@@ -449,6 +564,7 @@ class SuperNodeSettings:
     max_retries: int | None = None
     max_wait_time: float | None = None
     isolation: str = "subprocess"
+    superexec_secret_file: Path | None = None
 
     def command(self, node_config_file: Path | None) -> list[str]:
         """Return the ``flower-supernode`` command line."""
@@ -465,6 +581,8 @@ class SuperNodeSettings:
             cmd += ["--max-retries", str(self.max_retries)]
         if self.max_wait_time is not None:
             cmd += ["--max-wait-time", str(self.max_wait_time)]
+        if self.superexec_secret_file is not None:
+            cmd += ["--superexec-auth-secret-file", str(Path(self.superexec_secret_file).resolve())]
         cmd += [
             "--isolation",
             self.isolation,
@@ -485,11 +603,14 @@ def start_supernode(
     wait_ready: bool = True,
     ready_timeout: float = 60.0,
     extra_env: Mapping[str, str] | None = None,
+    die_with_parent: bool = False,
 ) -> FlowerProcess:
     """Start a SuperNode; with ``wait_ready``, wait until the SuperLink activated it.
 
     The node config is written next to the log as ``<log stem>.node-config.toml``;
-    ``extra_env`` is added to the environment of the SuperNode and its ClientApps.
+    ``extra_env`` is added to the environment of the SuperNode and its ClientApps. Each
+    start writes a fresh log (the previous one becomes ``<log>.1``), so a ready marker of an
+    earlier start is never taken for this one's; ``die_with_parent`` as in :func:`spawn`.
     """
     config_file: Path | None = None
     if settings.node_config:
@@ -501,6 +622,8 @@ def start_supernode(
         settings.command(config_file),
         log_path=log_path,
         env=flower_env(flwr_home, extra_env),
+        die_with_parent=die_with_parent,
+        fresh_log=True,
     )
     if wait_ready:
         try:

@@ -89,3 +89,30 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         yield Federation(root, pki_dir, root / "sites", flwr_home, link, settings, procs)
     leftover = flower_pids(root)
     assert not leftover, f"stray Flower processes: {leftover}"
+
+
+def start_proxy(root: Path, pki_dir: Path, internal_port: int) -> tuple[FlowerProcess, int]:
+    """The Fleet-only nginx proxy on a free public port of 127.0.0.1 in front of the SuperLink."""
+    from fedsafe.transport.fleet_proxy import FleetProxySettings, start_fleet_proxy
+
+    public_port = free_port()
+    settings = FleetProxySettings(
+        folder=root / "proxy",
+        public_host="127.0.0.1",
+        public_port=public_port,
+        internal_port=internal_port,
+        ca_cert=pki_dir / "ca.pem",
+        server_cert=pki_dir / "server.pem",
+        server_key=pki_dir / "server.key",
+        upstream_name="localhost",
+    )
+    return start_fleet_proxy(settings), public_port
+
+
+def nginx_missing() -> str | None:
+    """Why the proxy tests cannot run here, or None."""
+    import shutil
+
+    if shutil.which("nginx") or Path("/usr/sbin/nginx").is_file():
+        return None
+    return "nginx is not installed and could not be installed (`make nginx` installs it)"

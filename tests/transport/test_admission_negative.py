@@ -164,3 +164,72 @@ def test_superlink_settings_validate(tmp_path: Path, bad: str) -> None:
 
     with pytest.raises(UserError, match="TLS"):
         SuperLinkSettings(port=1, database=tmp_path / "db")
+
+
+def test_site_start_refused_after_an_earlier_join_says_why(federation: Federation) -> None:
+    """A removed site's `fedsafe site start` fails in one line, never a stale 'joined'."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from fedsafe.transport.processes import flower_env, spawn
+
+    from .heart_sites import write_sites
+
+    name = "returning"
+    key = federation.site_key(name)
+    admit_site(federation.flwr_home, key.with_suffix(".pub"))
+    csv, schema = next(iter(write_sites(federation.root / "returning-data").values()))
+    work = federation.root / "returning-site"
+    repo = Path(__file__).resolve().parents[2]
+    from fedsafe.cli.main import main
+
+    assert main([
+        "site", "init", "--data", str(csv), "--schema", str(schema),
+        "--out", str(work / "policy.toml"), "--min-records", "20",
+    ]) == 0  # fmt: skip
+    command = [
+        sys.executable, "-m", "fedsafe", "site", "start",
+        "--coordinator", federation.settings.address,
+        "--ca", str(federation.pki_dir / "ca.pem"), "--key", str(key),
+        "--data", str(csv), "--schema", str(schema), "--workdir", str(work),
+        "--clientappio-port", str(free_port()), "--max-retries", "1",
+        "--connect-timeout", "60",
+    ]  # fmt: skip
+    env = flower_env(work / "flwr-home", {"PYTHONPATH": str(repo)})
+    first = spawn("site", command, log_path=federation.root / "returning-cli.log", env=env)
+    try:
+        first.wait_for_log("joined", 120)
+    finally:
+        os.killpg(first.pid, signal.SIGTERM)
+        first.wait(timeout=30)
+    assert "SuperNode ID:" in (work / "logs" / "supernode.log").read_text()
+    remove_site(federation.flwr_home, name)
+    again = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=180, check=False
+    )
+    assert again.returncode == 2, again.stdout + again.stderr
+    assert "joined" not in again.stdout
+    assert again.stderr.count("\n") == 1, again.stderr
+    assert "not admitted" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_identity_is_read_from_the_superlinks_key_for_each_node(federation: Federation) -> None:
+    """node id -> key (SuperLink state) -> fingerprint -> admitted name, on a real SuperLink."""
+    from fedsafe.server.site_identity import admitted_names
+
+    key = federation.site_key("keyed-site")
+    site = admit_site(federation.flwr_home, key.with_suffix(".pub"))
+    registry = federation.flwr_home / "admitted.json"
+    names = admitted_names(registry, federation.settings.database)
+    assert names[site.node_id] == "keyed-site"
+    # A record whose node id was tampered with still names the node by its key.
+    import json
+
+    data = json.loads(registry.read_text())
+    data["12345"] = data.pop(str(site.node_id))
+    tampered = federation.root / "tampered.json"
+    tampered.write_text(json.dumps(data))
+    assert admitted_names(tampered, federation.settings.database)[site.node_id] == "keyed-site"
+    assert 12345 not in admitted_names(tampered, federation.settings.database)

@@ -106,14 +106,15 @@ def test_coordinator_start_admit_list_remove(tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
-        assert f"HTTPS on 127.0.0.1:{port}" in line, line
+        assert f"Fleet API on 127.0.0.1:{port}" in line, line
+        # From inside fedsafe's repository (a Flower project): flwr must not touch it.
         admitted = _fedsafe(
             "coordinator",
             "admit",
             str(tmp_path / "site" / "hospital-a.pub"),
             "--dir",
             str(coord),
-            cwd=tmp_path,
+            cwd=REPO,
         )
         assert admitted.returncode == 0, admitted.stderr
         assert "admitted site hospital-a" in admitted.stdout
@@ -161,3 +162,25 @@ def test_coordinator_refuses_certificate_without_the_public_name(tmp_path: Path)
     )
     assert result.returncode == 2
     assert "other.example" in result.stderr and "fedsafe pki server" in result.stderr
+
+
+def test_coordinator_start_on_a_taken_port_says_so_in_one_line(tmp_path: Path) -> None:
+    import socket
+
+    make_pki(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flags in (
+            ["--port", str(port)],
+            ["--port", str(free_port()), "--internal-port", str(port)],
+        ):
+            result = _fedsafe(
+                "coordinator", "start", "--dir", str(tmp_path / "c"),
+                "--pki", str(tmp_path / "pki"), *flags, cwd=tmp_path,
+            )  # fmt: skip
+            assert result.returncode == 2, result.stderr
+            assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+            assert f"{port} on 127.0.0.1 is already in use" in result.stderr
+    assert not flower_pids(tmp_path)

@@ -1,0 +1,164 @@
+"""fedsafe's ClientApp launcher at a site, in place of Flower's ``flower-superexec``.
+
+``fedsafe site start`` runs the SuperNode with ``--isolation process`` (so the SuperNode
+starts no executor of its own) and this launcher next to it. The launcher polls the
+SuperNode's Runtime API on ``127.0.0.1`` for ClientApp tasks, signing its ``AcquireTask``
+calls with a per-start random secret the SuperNode also holds (``--superexec-auth-secret-file``,
+32 bytes from :func:`secrets.token_bytes`), and starts one
+:mod:`fedsafe.transport.approved_clientapp` process per task, handing it the task token on
+standard input. That process runs the app only if the site approved its bytes.
+
+Flower hooks measured (flwr 1.42): ``--trusted-entities`` refuses every app lacking the Flower
+Hub's ``valid_license`` (so every offline app); the SuperExec executors (subprocess,
+Kubernetes, warm pool) take a token and start ``flwr-clientapp`` with the token on its
+command line and no check of the app. A launcher of fedsafe's own behind process isolation
+is the one hook that lets the site check the bytes it received before anything runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fedsafe.transport import approved_clientapp
+from fedsafe.transport.app_approval import approvals_path, launches_path
+from fedsafe.transport.processes import LOOPBACK, FlowerProcess, flower_env, spawn
+
+ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
+POLL_SECONDS = 1.0
+
+
+def child_command(address: str, approved: Path, launches: Path) -> list[str]:
+    """Command line of one task process (no token: that goes to its standard input).
+
+    ``-I`` keeps the environment's ``PYTHONPATH`` and the script's folder off ``sys.path``,
+    so the app loads from the approved bytes only.
+    """
+    return [
+        sys.executable,
+        "-I",
+        str(Path(approved_clientapp.__file__).resolve()),
+        "--runtime-api-address",
+        address,
+        "--approved",
+        str(Path(approved).resolve()),
+        "--launches",
+        str(Path(launches).resolve()),
+        "--parent-pid",
+        str(os.getpid()),
+    ]
+
+
+def launch_task(token: str, command: list[str]) -> subprocess.Popen[bytes]:
+    """Start one task process and write ``token`` to its standard input."""
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write(token.encode() + b"\n")
+    proc.stdin.close()
+    return proc
+
+
+def serve(address: str, secret: bytes, approved: Path, launches: Path) -> None:
+    """Poll for ClientApp tasks forever and launch each one."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import (
+        RuntimeVersionHttpInterceptor,
+        SuperExecAuthHttpInterceptor,
+    )
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    client = RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=True,
+        root_certificates=None,
+        interceptors=[
+            RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+            SuperExecAuthHttpInterceptor(
+                master_secret=secret, protected_methods=frozenset({ACQUIRE_METHOD})
+            ),
+        ],
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
+    command = child_command(address, approved, launches)
+    running: list[subprocess.Popen[bytes]] = []
+    print(f"fedsafe-launcher: polling {address} for ClientApp tasks", flush=True)
+    while True:
+        answer = client.AcquireTask(
+            AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
+        )
+        if answer.HasField("task") and answer.token:
+            running.append(launch_task(answer.token, command))
+        running = [p for p in running if p.poll() is None]
+        time.sleep(POLL_SECONDS)
+
+
+def write_launcher_secret(workdir: Path) -> Path:
+    """A fresh 32-byte secret (mode 0600) shared by the SuperNode and the launcher."""
+    path = Path(workdir) / "launcher.secret"
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(secrets.token_bytes(32))
+    return path
+
+
+def launcher_command(workdir: Path, port: int, secret_file: Path) -> list[str]:
+    """``python -m fedsafe.transport.site_launcher ...`` for a site (the secret by file)."""
+    return [
+        sys.executable,
+        "-m",
+        "fedsafe.transport.site_launcher",
+        "--runtime-api-address",
+        f"{LOOPBACK}:{port}",
+        "--secret-file",
+        str(Path(secret_file).resolve()),
+        "--approved",
+        str(approvals_path(workdir).resolve()),
+        "--launches",
+        str(launches_path(workdir).resolve()),
+    ]
+
+
+def start_launcher(
+    workdir: Path, port: int, secret_file: Path, *, flwr_home: Path
+) -> FlowerProcess:
+    """Start the launcher for the SuperNode whose Runtime API is on ``127.0.0.1:port``.
+
+    Its log is ``<workdir>/logs/launcher.log`` (fresh each start); it dies with this process
+    and installs approved apps into ``flwr_home``.
+    """
+    return spawn(
+        "launcher",
+        launcher_command(workdir, port, secret_file),
+        log_path=Path(workdir) / "logs" / "launcher.log",
+        env=flower_env(flwr_home, {"FLWR_TELEMETRY_ENABLED": "0"}),
+        die_with_parent=True,
+        fresh_log=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point (``python -m fedsafe.transport.site_launcher``)."""
+    parser = argparse.ArgumentParser(description="fedsafe's ClientApp launcher at a site")
+    parser.add_argument("--runtime-api-address", required=True)
+    parser.add_argument("--secret-file", required=True, type=Path)
+    parser.add_argument("--approved", required=True, type=Path)
+    parser.add_argument("--launches", required=True, type=Path)
+    args = parser.parse_args(argv)
+    secret = args.secret_file.read_bytes()
+    try:
+        serve(args.runtime_api_address, secret, args.approved, args.launches)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

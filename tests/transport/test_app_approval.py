@@ -1,0 +1,88 @@
+"""What a site approves is what its launcher checks: the SHA-256 of the FAB bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from flwr.cli.build import build_fab_from_disk
+
+from fedsafe.cli.main import main
+from fedsafe.simulations.flower_app import write_app_folder
+from fedsafe.transport.app_approval import (
+    approvals_path,
+    digest_of,
+    is_approved,
+    launches,
+    revoke,
+)
+from fedsafe.transport.approved_clientapp import append_jsonl
+from fedsafe.transport.site_launcher import child_command, launch_task
+
+
+def test_folder_digest_is_the_fab_flwr_run_sends(tmp_path: Path) -> None:
+    one = write_app_folder(tmp_path / "one")
+    two = write_app_folder(tmp_path / "two")
+    sent = hashlib.sha256(build_fab_from_disk(two)).hexdigest()
+    assert digest_of(one) == sent
+    fab = tmp_path / "app.fab"
+    fab.write_bytes(build_fab_from_disk(two))
+    assert digest_of(fab) == sent
+    target = one / "fedsafe" / "client" / "app.py"
+    target.write_bytes(target.read_bytes() + b"#")
+    assert digest_of(one) != sent
+
+
+def test_site_approve_cli_approve_revoke_and_list(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = write_app_folder(tmp_path / "app")
+    work = tmp_path / "site"
+    assert main(["site", "approve", str(app), "--workdir", str(work)]) == 0
+    digest = digest_of(app)
+    assert is_approved(work, digest)
+    assert f"approved: sha256:{digest}" in capsys.readouterr().out
+    assert main(["site", "approve", str(app), "--workdir", str(work)]) == 0
+    assert "already approved" in capsys.readouterr().out
+    assert oct(approvals_path(work).stat().st_mode & 0o777) == "0o600"
+    append_jsonl(work / "app-launches.jsonl", {"sha256": digest, "decision": "refused"})
+    assert main(["site", "apps", "--workdir", str(work)]) == 0
+    assert "refused" in capsys.readouterr().out
+    assert launches(work)[0]["decision"] == "refused"
+    assert revoke(work, digest) and not is_approved(work, digest)
+    assert not revoke(work, digest)
+
+
+def test_site_approve_refuses_what_is_not_an_app(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["site", "approve", str(tmp_path / "nope"), "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "APP" in err and "nope" in err
+    (tmp_path / "folder").mkdir()
+    assert main(["site", "approve", str(tmp_path / "folder"), "--workdir", str(tmp_path)]) == 2
+    assert "pyproject.toml" in capsys.readouterr().err
+
+
+def test_task_token_goes_by_stdin_never_on_the_command_line(tmp_path: Path) -> None:
+    token = "tok-" + os.urandom(8).hex()
+    command = child_command("127.0.0.1:1", tmp_path / "a.jsonl", tmp_path / "l.jsonl")
+    assert token not in " ".join(command) and "--token" not in command
+    out = tmp_path / "got"
+    script = (
+        "import sys, time, pathlib\n"
+        f"pathlib.Path({str(out)!r}).write_text(sys.stdin.readline().strip())\n"
+        "time.sleep(2)\n"
+    )
+    proc = launch_task(token, [sys.executable, "-c", script])
+    try:
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        assert token.encode() not in cmdline
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert out.read_text() == token
