@@ -27,8 +27,10 @@ column, so the CLI prints one line and exits with code 2.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -388,7 +390,7 @@ class PreparedSite:
 
     data: SiteData
     schema: SiteSchema
-    outside_range: dict[str, int] = field(default_factory=dict)
+    outside_range: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     split_key_file: Path | None = None
     split_key_created: bool = False
 
