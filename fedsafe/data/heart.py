@@ -12,8 +12,8 @@ are functions of all of a site's training records (see :mod:`fedsafe.data.scalin
 - split: a record is in the test split when the keyed hash of its public row ``id`` says so
   (:func:`fedsafe.data.split.assign_to_test`, public key, test share 0.34 in expectation);
   FLamby (and fedsafe before) drew a 66/34 ``train_test_split`` with seed 43, stratified
-  where both classes allowed it. The split sizes differ
-  from FLamby's (see ``test_split_sizes_are_pinned`` and BENCHMARKS.md).
+  where both classes allowed it. The split sizes differ from FLamby's (see
+  ``test_split_sizes_are_pinned`` and BENCHMARKS.md).
 """
 
 from __future__ import annotations
