@@ -3,11 +3,17 @@
 Rows: pooled and local baselines (FLamby's protocol: Adam 1e-3, 50 epochs), then federated
 runs (FedAvg, FedAdagrad) without DP and with DP at target epsilon 10, 5, 1, 0.1 (delta 1e-4),
 each over 5 seeds (42-46). DP rows carry the true cumulative epsilon of the steps taken with
-Poisson sampling, as each site's ledger records it. Writes bench/results/heart_table.md and
-updates the heart section of BENCHMARKS.md.
+Poisson sampling, as each site's ledger records it. Writes bench/results/heart_table<tag>.md
+and .json (the BENCHMARKS.md heart section is edited by hand from them).
+
+Preprocessing is fedsafe's leak-free one (public clinical ranges, per-record keyed split; see
+fedsafe/data/heart.py), no longer FLamby's per-center standardization and seeded split.
+``--compare`` prints each row's mean of 4 beside the same seeds' figures of an earlier run's
+JSON (by default bench/results/heart_table.json, made with FLamby's preprocessing).
 
     .venv/bin/python bench/heart_table.py            # full table (about 40 min on 2 cores)
     .venv/bin/python bench/heart_table.py --quick    # 2 seeds, fewer rows
+    .venv/bin/python bench/heart_table.py --seeds 42 43 --tag _leakfree   # every row, 2 seeds
 """
 
 from __future__ import annotations
@@ -79,7 +85,15 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, nargs="*", default=None)
+    parser.add_argument("--tag", default="", help="suffix of the result files' names")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        default=ROOT / "bench" / "results" / "heart_table.json",
+        help="an earlier run's JSON to print side by side (same seeds only)",
+    )
     args = parser.parse_args()
+    earlier = json.loads(args.compare.read_text()) if args.compare.is_file() else None
     seeds = args.seeds or ([42, 43] if args.quick else [42, 43, 44, 45, 46])
     eps_grid = [1.0] if args.quick else [10.0, 5.0, 1.0, 0.1]
     scenario = load_scenario("heart")
@@ -142,19 +156,57 @@ def main() -> int:
         ref = FLAMBY.get(label, "-")
         lines.append(f"| {label} | {cells} | {summarize(means)} | {ref} | {eps} |")
     table = "\n".join(lines)
-    command = "`.venv/bin/python bench/heart_table.py" + (" --quick`" if args.quick else "`")
+    command = "`.venv/bin/python " + " ".join(["bench/heart_table.py", *sys.argv[1:]]) + "`"
     text = (
         f"Seeds {seeds}; {len(seeds)} runs per row; Flower simulation engine, 4 SuperNodes, "
         f"15 rounds. Reproduce: {command}. Wall time {time.time() - t0:.0f}s.\n\n{table}\n"
     )
+    if earlier is not None:
+        text += "\n" + side_by_side(earlier, seeds, rows, args.compare) + "\n"
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / ("heart_table_quick.md" if args.quick else "heart_table.md")).write_text(text)
-    (out / ("heart_table_quick.json" if args.quick else "heart_table.json")).write_text(
-        json.dumps({"seeds": seeds, "rows": [[r[0], r[2], r[3]] for r in rows]}, indent=2)
+    stem = ("heart_table_quick" if args.quick else "heart_table") + args.tag
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(
+        json.dumps(
+            {
+                "seeds": seeds,
+                "rows": [[r[0], r[2], r[3]] for r in rows],
+                "sites": {r[0]: r[1] for r in rows},
+            },
+            indent=2,
+        )
     )
     print(text)
     return 0
+
+
+def side_by_side(
+    earlier: dict,
+    seeds: list[int],
+    rows: list[tuple[str, dict[str, list[float]], list[float], str]],
+    source: Path,
+) -> str:
+    """Each row's mean of 4, earlier run against this one, over the seeds both ran."""
+    at = {seed: i for i, seed in enumerate(earlier["seeds"])}
+    shared = [s for s in seeds if s in at]
+    if not shared:
+        return f"(no seed in common with {source.name}: nothing to compare)"
+    old = {label: means for label, means, _eps in earlier["rows"]}
+    lines = [
+        f"Side by side over seeds {shared} (earlier: {source.name}):",
+        "",
+        "| method | earlier mean of 4 | this run mean of 4 | change |",
+        "|---|---|---|---|",
+    ]
+    for label, _sites, means, _eps in rows:
+        if label not in old:
+            continue
+        before = [old[label][at[s]] for s in shared]
+        now = [means[seeds.index(s)] for s in shared]
+        change = statistics.fmean(now) - statistics.fmean(before)
+        lines.append(f"| {label} | {summarize(before)} | {summarize(now)} | {change:+.4f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from fedsafe.privacy.releases import check_reply  # noqa: E402
 SCHEMA = """label: {column: outcome, positive: yes}
 drop: [patient_id]
 features:
-  age: numeric
+  age: {type: numeric, range: [18, 100], source: "years, adult patients"}
   smoker: {type: categorical, categories: [no, yes]}
 """
 RUN = {"scenario": "custom", "local-steps": 10, "batch-size": 4, "num-server-rounds": 100}

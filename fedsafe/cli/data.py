@@ -22,19 +22,28 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.add_argument("--data", required=True, help="the site's CSV file")
-    c.add_argument("--schema", required=True, help="the schema YAML (features, label, drop)")
+    c.add_argument(
+        "--schema",
+        required=True,
+        help="the schema YAML (features with ranges or categories, label, id, drop)",
+    )
     c.add_argument("--name", default=None, help="site name shown in the summary")
     c.set_defaults(func=run_check)
 
 
 def run_check(args: argparse.Namespace) -> int:
-    """Validate and print a one-paragraph summary of what would be trained on."""
+    """Validate and print what would be trained on: rows, split, and each feature's scaling.
+
+    Everything printed stays on this machine (the clipped counts are exact statistics of the
+    site's records, for the site admin only).
+    """
     from pathlib import Path
 
-    from fedsafe.data.schema import load_site_data
+    from fedsafe.data.schema import prepare_site
 
     name = args.name or Path(args.data).stem
-    site = load_site_data(name, args.data, args.schema)
+    prepared = prepare_site(name, args.data, args.schema)
+    site = prepared.data
     n_train, n_test = len(site.x_train), len(site.x_test)
     positives = float(site.y_train.mean())
     print(
@@ -42,4 +51,15 @@ def run_check(args: argparse.Namespace) -> int:
         f"({n_train} train / {n_test} test), {site.num_features} encoded features, "
         f"{positives:.1%} positive in train"
     )
+    print("numeric features: clipped to their public range, then mapped onto [-1, 1]:")
+    for feat in prepared.schema.features:
+        if feat.range is not None:
+            clipped = prepared.outside_range.get(feat.name, 0)
+            print(f"  {feat.name}: range {feat.range.describe()}; {clipped} value(s) clipped")
+    if prepared.split_key_file is not None:
+        state = "created" if prepared.split_key_created else "read"
+        print(
+            f"train/test split: per record, keyed hash with the site's secret key "
+            f"({state} {prepared.split_key_file}; keep it with the data)"
+        )
     return 0

@@ -15,7 +15,9 @@ from numpy.typing import NDArray
 
 from fedsafe.errors import UserError
 
-#: Mean and standard deviation of the MNIST training pixels scaled to [0, 1].
+#: Mean and standard deviation of the MNIST training pixels scaled to [0, 1], as published
+#: (PyTorch's MNIST example): public constants, the same at every site, never recomputed from
+#: a site's images, so one image's scaled values depend on that image alone.
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 

@@ -1,4 +1,8 @@
-"""A site's data, split and normalized, as an immutable value."""
+"""A site's data, split and scaled, as an immutable value.
+
+How the values got here is the business of :mod:`fedsafe.data.scaling` (public ranges) and
+:mod:`fedsafe.data.split` (per-record keyed split); no statistic of the site's records is used.
+"""
 
 from __future__ import annotations
 
@@ -47,35 +51,3 @@ class SiteData:
     def num_features(self) -> int:
         """Number of input values per record."""
         return int(np.prod(self.x_train.shape[1:]))
-
-
-def normalize_with_train_stats(
-    x_train: NDArray[np.float64], x_test: NDArray[np.float64], eps: float = 1e-9
-) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-    """Normalize both splits with the training split's mean and unbiased std (FLamby's rule)."""
-    mean = x_train.mean(axis=0)
-    std = x_train.std(axis=0, ddof=1) if len(x_train) > 1 else np.zeros(x_train.shape[1])
-    std = np.nan_to_num(std)
-    return (
-        ((x_train - mean) / (std + eps)).astype(np.float32),
-        ((x_test - mean) / (std + eps)).astype(np.float32),
-    )
-
-
-def split_indices(
-    labels: NDArray[np.float32], seed: int
-) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    """Split 66/34 with sklearn, stratified when both classes have more than 2 rows (FLamby)."""
-    from sklearn.model_selection import train_test_split
-
-    counts = np.bincount(labels.astype(np.int64), minlength=2)
-    stratify = labels if counts.min() > 2 else None
-    train, test = train_test_split(
-        np.arange(len(labels)),
-        train_size=0.66,
-        test_size=0.34,
-        random_state=seed,
-        shuffle=True,
-        stratify=stratify,
-    )
-    return np.asarray(train, dtype=np.int64), np.asarray(test, dtype=np.int64)

@@ -16,7 +16,7 @@ from tests.transport.conftest import flower_pids, make_pki
 SCHEMA = """label: {column: outcome, positive: yes}
 drop: [patient_id]
 features:
-  age: numeric
+  age: {type: numeric, range: [18, 100], source: "years, adult patients"}
   smoker: {type: categorical, categories: [no, yes]}
 """
 

@@ -29,7 +29,7 @@ from fedsafe.privacy.releases import (
 SCHEMA = """label: {column: outcome, positive: yes}
 drop: [patient_id]
 features:
-  age: numeric
+  age: {type: numeric, range: [18, 100], source: "years, adult patients"}
   smoker: {type: categorical, categories: [no, yes]}
 """
 

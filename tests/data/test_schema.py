@@ -4,14 +4,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from fedsafe.cli.main import main
+from fedsafe.client.dp_training import evaluate_model
+from fedsafe.data.schema import load_site_data
+from fedsafe.data.split import assign_to_test, split_key_path
+from fedsafe.models import build_model
 
 SCHEMA = """label: {column: outcome, positive: yes}
+id: patient_id
 drop: [patient_id]
 features:
-  age: numeric
+  age: {type: numeric, range: [18, 100], source: "adult patients, years"}
   smoker: {type: categorical, categories: [no, yes]}
 """
 
@@ -107,3 +114,131 @@ def test_cli_prints_no_traceback(site, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_numeric_feature_without_range_is_refused_with_the_fix(capsys, site):
+    data, schema = site
+    schema.write_text(
+        SCHEMA.replace(
+            '{type: numeric, range: [18, 100], source: "adult patients, years"}', "numeric"
+        )
+    )
+    code, err = check(capsys, data, schema)
+    assert code == 2 and "\n" not in err
+    assert str(schema) in err and "'age'" in err and "declares no range" in err
+    assert "range: [LOW, HIGH]" in err and "source:" in err
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("{type: numeric, range: [18, 100]}", "needs a source"),
+        ("{type: numeric, range: [100, 18], source: s}", "low < high"),
+        ("{type: numeric, range: [18], source: s}", "two numbers"),
+        ("{type: numeric, range: [a, b], source: s}", "two numbers"),
+    ],
+)
+def test_bad_ranges_are_refused_naming_the_field(capsys, site, spec, expected):
+    data, schema = site
+    schema.write_text(
+        SCHEMA.replace('{type: numeric, range: [18, 100], source: "adult patients, years"}', spec)
+    )
+    code, err = check(capsys, data, schema)
+    assert code == 2 and "\n" not in err
+    assert "features.age" in err and expected in err and "range: [LOW, HIGH]" in err
+
+
+def test_values_outside_the_range_are_clipped(capsys, site):
+    data, schema = site
+    lines = GOOD.splitlines()
+    lines[1] = "0,1e300,no,yes"  # far above 100
+    lines[2] = "1,3,yes,no"  # below 18
+    data.write_text("\n".join(lines) + "\n")
+    site_data = load_site_data("s", data, schema, split_key=b"k" * 32)
+    for x in (site_data.x_train, site_data.x_test):
+        assert x[:, 0].min() >= -1 and x[:, 0].max() <= 1
+    assert 1.0 in np.concatenate([site_data.x_train[:, 0], site_data.x_test[:, 0]])
+    assert main(["data", "check", "--data", str(data), "--schema", str(schema)]) == 0
+    out = capsys.readouterr().out
+    assert "age: range [18, 100] (adult patients, years); 2 value(s) clipped" in out
+
+
+def test_data_check_reports_ranges_and_the_split_key(capsys, site):
+    data, schema = site
+    assert main(["data", "check", "--data", str(data), "--schema", str(schema)]) == 0
+    out = capsys.readouterr().out
+    assert "mapped onto [-1, 1]" in out and "age: range [18, 100]" in out
+    assert f"created {split_key_path(data)}" in out
+    assert main(["data", "check", "--data", str(data), "--schema", str(schema)]) == 0
+    assert f"read {split_key_path(data)}" in capsys.readouterr().out
+
+
+def _test_ids(key: bytes, count: int = 60) -> list[int]:
+    mask = assign_to_test([b"id\x00" + str(i).encode() for i in range(count)], key)
+    return np.flatnonzero(mask).tolist()
+
+
+def test_constant_training_feature_stays_in_range_in_test_rows(site):
+    data, schema = site
+    key = b"c" * 32
+    test_ids = set(_test_ids(key))
+    # Age is 40 in every training row; test rows hold other values, some absurd.
+    rows = [
+        f"{i},{(90 + i if i % 2 else 1e9) if i in test_ids else 40},no,{'yes' if i % 2 else 'no'}"
+        for i in range(60)
+    ]
+    data.write_text("patient_id,age,smoker,outcome\n" + "\n".join(rows) + "\n")
+    site_data = load_site_data("s", data, schema, split_key=key)
+    train_age, test_age = site_data.x_train[:, 0], site_data.x_test[:, 0]
+    assert np.unique(train_age).size == 1 and len(test_age) == len(test_ids)
+    assert test_age.min() >= -1 and test_age.max() <= 1
+
+
+def _without_row(data: Path, row_id: int) -> Path:
+    lines = data.read_text().splitlines()
+    reduced = data.with_name(f"without-{row_id}.csv")
+    reduced.write_text("\n".join(ln for ln in lines if not ln.startswith(f"{row_id},")) + "\n")
+    split_key_path(reduced).write_bytes(split_key_path(data).read_bytes())  # the same site
+    return reduced
+
+
+def test_removing_one_row_changes_no_test_value_and_no_other_assignment(site):
+    data, schema = site
+    before = load_site_data("s", data, schema)  # creates the site's secret split key
+    test_ids = _test_ids(split_key_path(data).read_bytes())
+    train_ids = [i for i in range(60) if i not in test_ids]
+    cpu = torch.device("cpu")
+    model = build_model("logreg", before.num_features, seed=3)
+
+    gone = train_ids[len(train_ids) // 2]
+    after = load_site_data("s", _without_row(data, gone), schema)
+    assert np.array_equal(after.x_test, before.x_test)
+    assert np.array_equal(after.x_train, np.delete(before.x_train, train_ids.index(gone), 0))
+    assert evaluate_model(model, before.x_test, before.y_test, cpu) == evaluate_model(
+        model, after.x_test, after.y_test, cpu
+    )
+
+    gone = test_ids[0]
+    after = load_site_data("s", _without_row(data, gone), schema)
+    assert np.array_equal(after.x_train, before.x_train)
+    assert np.array_equal(after.x_test, np.delete(before.x_test, 0, 0))
+
+
+def test_without_an_id_rows_are_keyed_by_their_cells(site):
+    data, schema = site
+    schema.write_text(SCHEMA.replace("id: patient_id\n", ""))
+    key = b"r" * 32
+    before = load_site_data("s", data, schema, split_key=key)
+    lines = GOOD.splitlines()
+    shuffled = [lines[0]] + lines[:0:-1]  # same rows, reverse order, ids ignored
+    data.write_text("\n".join(shuffled) + "\n")
+    after = load_site_data("s", data, schema, split_key=key)
+    assert sorted(map(tuple, before.x_test.tolist())) == sorted(map(tuple, after.x_test.tolist()))
+    assert len(before.x_train) == len(after.x_train)
+
+
+def test_blank_id_is_refused(capsys, site):
+    data, schema = site
+    data.write_text(GOOD.replace("\n5,", "\n,", 1))
+    code, err = check(capsys, data, schema)
+    assert code == 2 and "'patient_id'" in err and "blank" in err and "row 7" in err

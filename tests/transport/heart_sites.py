@@ -15,13 +15,14 @@ HOSPITALS = {"cleveland": "Cleveland", "hungary": "Hungary", "va-long-beach": "V
 
 SCHEMA = """\
 label: {column: target, positive: 1}
+id: id
 drop: [id]
 features:
-  age: numeric
-  trestbps: numeric
-  chol: numeric
-  thalch: numeric
-  oldpeak: numeric
+  age: {type: numeric, range: [18, 100], source: "years, adults"}
+  trestbps: {type: numeric, range: [80, 200], source: "systolic mm Hg, ACC/AHA 2017"}
+  chol: {type: numeric, range: [0, 600], source: "mg/dl, NCEP ATP III; 0 = not measured"}
+  thalch: {type: numeric, range: [60, 220], source: "beats/min, 220 - age (Fox 1971)"}
+  oldpeak: {type: numeric, range: [-3, 7], source: "ST depression mm (Gibbons 2002)"}
   sex: {type: categorical, categories: [Female, Male]}
   cp: {type: categorical, categories: [typical angina, atypical angina, non-anginal, asymptomatic]}
 """
