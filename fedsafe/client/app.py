@@ -28,6 +28,7 @@ from fedsafe.client.dp_training import (
     resolve_device,
     train_round,
 )
+from fedsafe.client.evaluate_first import evaluate_first
 from fedsafe.client.privacy_state import NoiseChoice, SiteAccount, choose_noise
 from fedsafe.client.site import SiteSetup, resolve_site, stable_site_number
 from fedsafe.client.update_encoding import encode_model_update, received_state
@@ -57,7 +58,7 @@ def _handler_timing(msg: Message, context: Context, call_next: ClientAppCallable
         log.debug("fedsafe: %s handler end", kind)
 
 
-app = ClientApp(mods=[_handler_timing])
+app = ClientApp(mods=[_handler_timing, evaluate_first])
 
 
 def _model_for(site: SiteSetup, cfg: RunConfig, content: RecordDict) -> torch.nn.Module:
