@@ -144,7 +144,7 @@ def main() -> None:
         "local_steps": args.local_steps,
         "runs": results,
     }
-    for key in ("round_s", "wall_s"):
+    for key in ("round_s", "wall_s") if args.repeats > 0 else ():
         before = statistics.median(r[key] for r in results["before"])
         after = statistics.median(r[key] for r in results["after"])
         summary[f"before_{key}"] = round(before, 3)
@@ -162,7 +162,8 @@ def main() -> None:
         }
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "round_time.json").write_text(json.dumps(summary, indent=2) + "\n")
+    name = "round_time.json" if args.repeats > 0 else "round_time_deployment.json"
+    (args.out / name).write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

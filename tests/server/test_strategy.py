@@ -421,3 +421,48 @@ def test_the_real_client_app_answers_the_protocol(tmp_path):
         keys = {k for record in content.metric_records.values() for k in record}
         assert not keys & set(PRIVACY_KEYS)
     assert sorted(n for kind, n in grid.asked) == sorted(NODES * 3)
+
+
+# -- compression ----------------------------------------------------------------------------------
+def test_compressed_downlink_and_uplink_are_decoded_before_aggregation(tmp_path):
+    from fedsafe.compression import decode_update, encode_update, parse_compression
+    from fedsafe.compression.wire import WIRE_KEY
+
+    received: dict[int, dict[str, np.ndarray]] = {}
+
+    def answer(node: int, msg: Message) -> RecordDict:
+        record = msg.content["arrays"]
+        assert WIRE_KEY in record  # the global model travels compressed
+        decoded = {k: np.asarray(v, np.float32) for k, v in decode_update(record).items()}
+        if msg.metadata.message_type == "evaluate":
+            return RecordDict(
+                {
+                    "metrics": MetricRecord({"num-examples": 1, "eval-loss": 0.0}),
+                    "site": _site(node),
+                }
+            )
+        received[node] = decoded
+        update = {k: _delta(node, 1, v.shape) for k, v in decoded.items()}
+        sent, _ = encode_update(update, parse_compression("float16"), np.random.default_rng(node))
+        metrics = MetricRecord({"num-examples": 10, "epsilon": 0.5})
+        return RecordDict({"arrays": sent, "metrics": metrics, "site": _site(node)})
+
+    start = ArrayRecord(
+        {"w": Array(np.full((2, 3), 0.3, np.float32)), "b": Array(np.full(2, -0.7, np.float32))}
+    )
+    grid = FakeGrid(NODES, answer)
+    folder = RunFolder(tmp_path)
+    strategy = FedsafeStrategy(
+        FedAvg(min_available_nodes=4), folder, downlink=parse_compression("int8")
+    )
+    strategy.start(PromptGrid(grid), start, 1)  # type: ignore[arg-type]
+    # Each site's model is its decoded global model plus its (float16-decoded) update.
+    for key in ("w", "b"):
+        expected = np.mean(
+            [received[n][key] + _delta(n, 1, received[n][key].shape).astype(np.float16)
+             for n in NODES], axis=0,
+        )  # fmt: skip
+        np.testing.assert_allclose(strategy.arrays[key].numpy(), expected, rtol=1e-6, atol=1e-6)
+    site = folder.rounds()[0]["sites"]["site-1"]
+    assert site["bytes-down"] < site["bytes-up-uncompressed"]  # int8 is smaller than plain
+    assert site["bytes-up"] < site["bytes-up-uncompressed"]
