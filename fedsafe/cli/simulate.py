@@ -57,7 +57,11 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--scenario", choices=("heart", "lending", "mnist"), default="heart")
     p.add_argument("--rounds", type=int, default=DEFAULT_RUN_CONFIG["num-server-rounds"])
-    p.add_argument("--strategy", choices=STRATEGIES, default="fedavg")
+    p.add_argument(
+        "--strategy",
+        default="fedavg",
+        help=f"one of {', '.join(STRATEGIES)}, or a class path package.module:Class",
+    )
     p.add_argument("--epsilon", type=float, default=None, help="target epsilon for the run")
     p.add_argument("--delta", type=float, default=DEFAULT_RUN_CONFIG["target-delta"])
     p.add_argument("--noise-multiplier", type=float, default=None, help="fixed noise instead")
@@ -139,7 +143,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         parse_budget(args.site_budget, "--site-budget") if args.site_budget else (0.0, 0.0)
     )
     dp = not args.no_dp
-    client_lr, server_lr = TUNED_LR[(args.strategy, dp)]
+    # Strategies without a tuned pair use FedAvg's (their server step is an average too).
+    client_lr, server_lr = TUNED_LR.get((args.strategy, dp), TUNED_LR[("fedavg", dp)])
     scenario_defaults = SCENARIO_DEFAULTS.get(args.scenario, {})
     if "client-lr" in scenario_defaults:
         client_lr = scenario_defaults["client-lr"]

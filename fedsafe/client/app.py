@@ -36,6 +36,7 @@ from fedsafe.client.dp_training import (
     resolve_device,
     train_round,
 )
+from fedsafe.client.evaluate_first import evaluate_first
 from fedsafe.client.policy import PolicyRefusal, policy_refusal, run_request, size_refusal
 from fedsafe.client.privacy_state import NoiseChoice, SiteAccount, choose_noise
 from fedsafe.client.site import SiteSetup, resolve_site
@@ -69,7 +70,7 @@ def _handler_timing(msg: Message, context: Context, call_next: ClientAppCallable
 
 
 # errors_as_codes is outermost: nothing, not even a timing mod's failure, escapes as text.
-app = ClientApp(mods=[errors_as_codes, _handler_timing])
+app = ClientApp(mods=[errors_as_codes, _handler_timing, evaluate_first])
 
 
 def _run_config(context: Context) -> RunConfig:

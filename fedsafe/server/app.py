@@ -1,9 +1,15 @@
 """fedsafe's ServerApp: the coordinator of a federated DP run (Flower Message API).
 
 It asks every site for its input width (all must agree), builds the initial model from the
-run's seed, runs the rounds with the chosen Flower strategy (see
-:mod:`fedsafe.server.run_loop`), evaluates on every site's test split each round, and saves the
-final model with its metadata in the run folder.
+run's seed, and runs the rounds with Flower's ``Strategy.start`` on the chosen strategy wrapped
+in :class:`fedsafe.server.strategy.FedsafeStrategy`, over a
+:class:`fedsafe.server.grid.PromptGrid` (replies collected as they arrive, a deadline per
+phase). Each site evaluates the global model it receives before training on it (see
+:mod:`fedsafe.protocol`); the final model is evaluated once more after the last round and
+saved with its metadata in the run folder.
+
+The query for the input width happens here, before any strategy round, because the model
+(and so the strategy's initial arrays) cannot exist before the sites have answered it.
 """
 
 from __future__ import annotations
@@ -14,22 +20,39 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedsafe import __version__
 from fedsafe.compression import check_downlink, parse_compression
 from fedsafe.config import RunConfig
 from fedsafe.models import build_model
+from fedsafe.server.grid import PhaseDeadlines, PromptGrid
 from fedsafe.server.reply_checks import metrics_of, reply_error, site_name
 from fedsafe.server.run_folder import RunFolder, new_run_dir
-from fedsafe.server.run_loop import LoopState, log, query_sites, run_rounds
 from fedsafe.server.site_identity import set_event_sink
 from fedsafe.server.site_policies import DeclaredSite, RunRefused, check_declared_sites
+from fedsafe.server.strategy import FedsafeStrategy, RunProgress, log
 from fedsafe.simulations.scenarios import MODEL_OF, default_num_sites
 from fedsafe.strategies.factory import build_strategy
 
 app = ServerApp()
+
+
+def query_sites(grid: Grid, num_sites: int, wait_s: float = 600) -> list[Message]:
+    """Wait for ``num_sites`` live sites and ask each for its input width and feature names."""
+    deadline = time.monotonic() + wait_s
+    while len(nodes := list(grid.get_node_ids())) < num_sites:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of {num_sites} sites connected in {wait_s}s")
+        time.sleep(0.2)
+    msgs = [
+        Message(
+            RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY
+        )
+        for n in nodes
+    ]
+    return list(grid.send_and_receive(msgs))
 
 
 def _input_width(
@@ -38,7 +61,7 @@ def _input_width(
     widths: dict[str, int] = {}
     features: dict[str, str] = {}
     declared: dict[str, DeclaredSite] = {}
-    for msg in query_sites(grid, num_sites, timeout=600):
+    for msg in query_sites(grid, num_sites):
         error = reply_error(msg)
         if error is not None:
             folder.log_event("query-error", node=msg.metadata.src_node_id, reason=error)
@@ -85,29 +108,32 @@ def main(grid: Grid, context: Context) -> None:
     folder.write_json("config.json", {**cfg.to_mapping(), "run-id": str(context.run_id)})
     set_event_sink(folder.log_event)  # site-name mismatches (issue 11)
     num_sites = cfg.min_sites or default_num_sites(cfg.scenario, cfg.lending_sites, cfg.mnist_sites)
-    width, feature_names = _input_width(grid, num_sites, folder, cfg)
+    deadlines = PhaseDeadlines(train_s=cfg.train_deadline_s, evaluate_s=cfg.evaluate_deadline_s)
+    prompt = PromptGrid(grid, deadlines)
+    width, feature_names = _input_width(prompt, num_sites, folder, cfg)
     model_name = MODEL_OF[cfg.scenario]
     model = build_model(model_name, width, cfg.seed)
-    strategy = build_strategy(cfg, num_sites)
-    started = time.time()
     downlink = parse_compression(cfg.downlink_compression)
     check_downlink(downlink)
-    final, state = run_rounds(
-        grid,
-        strategy,
-        ArrayRecord(model.state_dict()),
+    strategy = FedsafeStrategy(build_strategy(cfg, num_sites), folder, downlink=downlink)
+    prompt.observers.append(strategy.note_exchange)
+    started = time.time()
+    initial = ArrayRecord(model.state_dict())
+    strategy.start(
+        prompt,
+        initial,
         cfg.num_server_rounds,
-        folder,
-        downlink=downlink,
+        timeout=max(deadlines.train_s, deadlines.evaluate_s),
     )
+    state = strategy.progress
     meta = _model_metadata(cfg, model_name, feature_names, state, time.time() - started)
-    _save_model(folder, model, final, meta)
+    _save_model(folder, model, strategy.arrays or initial, meta)
     folder.write_json("summary.json", _summary(folder, state))
     log.info("fedsafe: run folder %s", Path(folder.path).resolve())
 
 
 def _model_metadata(
-    cfg: RunConfig, model_name: str, features: list[str], state: LoopState, seconds: float
+    cfg: RunConfig, model_name: str, features: list[str], state: RunProgress, seconds: float
 ) -> dict[str, Any]:
     return {
         "fedsafe-version": __version__,
@@ -128,7 +154,7 @@ def _model_metadata(
     }
 
 
-def _summary(folder: RunFolder, state: LoopState) -> dict[str, Any]:
+def _summary(folder: RunFolder, state: RunProgress) -> dict[str, Any]:
     rounds = folder.rounds()
     last = rounds[-1] if rounds else {}
     return {

@@ -1,17 +1,20 @@
 """Checks on what a site sends back, before anything is aggregated.
 
-A reply is dropped (and the reason logged) if it is an error, carries no model, or carries a
-model whose tensors do not match the global model's names and shapes or hold non-finite values.
-One bad site never stops the round.
+A reply is dropped (and the reason logged) if it is an error, carries no model, carries a
+compressed update that does not decode, or carries a model whose tensors do not match the
+global model's names and shapes or hold non-finite values. One bad site never stops the round.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
+from fedsafe.compression import MalformedPayloadError, decode_update
+from fedsafe.compression.wire import WIRE_KEY
 from fedsafe.server.site_identity import site_identity
 
 
@@ -59,13 +62,56 @@ def check_arrays(arrays: ArrayRecord, reference: ArrayRecord) -> None:
             raise ReplyRejected(f"tensor {key!r} holds non-finite values")
 
 
-def sanitized(arrays: ArrayRecord, num_examples: float) -> RecordDict:
-    """The only content a strategy sees: the model and its weight."""
-    return RecordDict(
-        {"arrays": arrays, "metrics": MetricRecord({"num-examples": int(num_examples)})}
-    )
+def sanitized(
+    arrays: ArrayRecord, num_examples: float, metrics: Mapping[str, float] | None = None
+) -> RecordDict:
+    """The only content a strategy sees: the model, its weight and ``metrics``.
+
+    ``metrics`` must already be free of privacy figures (the caller strips them).
+    """
+    record = MetricRecord({**(metrics or {}), "num-examples": int(num_examples)})
+    return RecordDict({"arrays": arrays, "metrics": record})
 
 
 def reply_error(msg: Message) -> str | None:
     """The error reason of a reply that carries one, else None."""
     return str(msg.error.reason) if msg.has_error() else None
+
+
+def dense_arrays(content: RecordDict, global_arrays: ArrayRecord) -> ArrayRecord:
+    """The site's model from its reply: plain weights, or a compressed update to decode.
+
+    Parameters
+    ----------
+    content
+        The reply's content; its model is the ``arrays`` record.
+    global_arrays
+        The global model as the site decoded it (the update is added to it).
+
+    Raises
+    ------
+    ReplyRejected
+        If there is no model, or the compressed payload is malformed (the reply is dropped).
+    """
+    if "arrays" not in content.array_records:
+        raise ReplyRejected("reply carries no model ('arrays')")
+    record = content.array_records["arrays"]
+    if WIRE_KEY not in record:
+        return record
+    reference = global_arrays.to_numpy_ndarrays()
+    names = list(global_arrays.keys())
+    layout = [(name, tuple(ref.shape)) for name, ref in zip(names, reference, strict=True)]
+    try:
+        update = decode_update(record, layout)
+    except MalformedPayloadError as exc:
+        raise ReplyRejected(f"malformed compressed update: {exc}") from None
+    if list(update) != names:
+        raise ReplyRejected(f"compressed update has tensors {list(update)}, expected {names}")
+    dense = {}
+    for name, ref in zip(names, reference, strict=True):
+        if update[name].shape != ref.shape:
+            raise ReplyRejected(
+                f"compressed tensor {name!r} has shape {update[name].shape}, expected {ref.shape}"
+            )
+        dense[name] = (ref + update[name]).astype(ref.dtype)
+    return ArrayRecord({k: Array(v) for k, v in dense.items()})

@@ -11,7 +11,7 @@ is still one process per message, started with a one-time token):
 4. that process installs the FAB and loads fedsafe's ClientApp (importing torch and Opacus);
 5. the ClientApp handles the message (data, DP-SGD, ledger, encoding);
 6. the reply goes back to the SuperNode, which pushes it to the SuperLink;
-7. the ServerApp pulls the replies (fedsafe polls every :data:`fedsafe.server.run_loop.POLL_S`).
+7. the ServerApp pulls the replies (fedsafe polls on :class:`fedsafe.server.grid.PollBackoff`).
 
 With ``FLWR_LOG_LEVEL=DEBUG`` every Flower process on the site writes timestamped lines for
 these steps into the SuperNode's log, and fedsafe's ClientApp adds ``fedsafe: <type> handler

@@ -6,8 +6,7 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from fedsafe.compression import encode_update, parse_compression
 from fedsafe.compression.wire import WIRE_KEY
-from fedsafe.server.reply_checks import ReplyRejected, check_arrays
-from fedsafe.server.run_loop import dense_arrays
+from fedsafe.server.reply_checks import ReplyRejected, check_arrays, dense_arrays
 
 GLOBAL = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(3, dtype=np.float32)}
 

@@ -71,6 +71,9 @@ class ClientAppGrid:
     def pull_messages(self, message_ids):
         return [self.ready.pop(i) for i in list(message_ids) if i in self.ready]
 
+    def send_and_receive(self, messages, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
+
 
 @pytest.fixture
 def identity(monkeypatch):
