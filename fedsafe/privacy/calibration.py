@@ -119,7 +119,12 @@ def _calibrate(
         with warnings.catch_warnings():
             # Opacus warns when the bound's best order is its largest: harmless for a guess.
             warnings.simplefilter("ignore", UserWarning)
-            guess = _search(at("rdp"), target, 0.02, 1.0, max_noise)
+            try:
+                guess = _search(at("rdp"), target, 0.02, 1.0, max_noise)
+            except ValueError:
+                # RDP's bound has a floor (its largest order) that a tighter accountant can
+                # go below: search from the default start instead.
+                guess = 1.0
     return _search(at(accountant), target, rel_tolerance, guess, max_noise)
 
 

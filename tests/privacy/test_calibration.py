@@ -111,3 +111,12 @@ def test_ledger_epsilon_matches_dp_accounting_pld(tmp_path: Path) -> None:
         )
     pld_eps = reference.get_epsilon(delta)
     assert last.epsilon_after == pytest.approx(pld_eps, rel=0.01)
+
+
+def test_target_below_the_rdp_floor_is_still_calibrated_by_the_exact_accountant() -> None:
+    """RDP cannot certify epsilon 0.05 at delta 1e-5 (its floor is 0.103 there); PLD can."""
+    with pytest.raises(ValueError, match="no noise multiplier"):
+        calibrate_noise_multiplier(0.05, 1e-5, 0.001, 10, accountant="rdp")
+    sigma = calibrate_noise_multiplier(0.05, 1e-5, 0.001, 10, accountant="pld")
+    achieved = epsilon([PoissonGaussianEvent(0.001, sigma, 10)], 1e-5, "pld")
+    assert 0.995 * 0.05 <= achieved <= 0.05
