@@ -9,17 +9,30 @@ Epsilon is never added up across rounds or runs; the events are composed by an a
   Privacy of the Sampled Gaussian Mechanism", 2019 (Opacus's ``RDPAccountant``).
 - ``pld``: privacy loss distributions, Koskela et al. 2020 / Doroshenko et al. 2022, through
   Google's ``dp_accounting`` (an independent implementation, used to cross-check).
+
+Cost: composition is order-free, so a ledger of many rounds with the same sampling rate and
+noise is one mechanism self-composed ``count`` times (``dp_accounting``'s
+``SelfComposedDpEvent``). Events are reduced to a :class:`Composition` (one entry per distinct
+mechanism, steps summed) and each ``(composition, delta, accountant)`` is composed once per
+process: a round's budget check, its ledger commit and the run's epsilon, which ask for the same
+composition, share one accountant call. The memo holds exact values only (it is keyed by
+everything the value depends on), so a cached epsilon is never below the full composition;
+:func:`epsilon_full_composition` is the uncached path, kept for tests and benchmarks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from fedsafe.privacy.events import PoissonGaussianEvent
 
 AccountantName = Literal["prv", "rdp", "pld"]
 ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp", "pld")
+#: Distinct ``(composition, delta, accountant)`` results kept per process.
+MEMO_SIZE = 4096
 
 
 def check_accountant(name: str) -> AccountantName:
@@ -29,13 +42,54 @@ def check_accountant(name: str) -> AccountantName:
     return name  # type: ignore[return-value]
 
 
-def _merge(events: Sequence[PoissonGaussianEvent]) -> list[PoissonGaussianEvent]:
-    """Merge consecutive events with equal mechanism (composition is order-free)."""
-    merged: dict[tuple[float, float], int] = {}
-    for e in events:
-        key = (e.sample_rate, e.noise_multiplier)
-        merged[key] = merged.get(key, 0) + e.steps
-    return [PoissonGaussianEvent(q, s, n) for (q, s), n in merged.items()]
+def _check_delta(delta: float) -> None:
+    if not (0.0 < delta < 1.0):
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+
+
+@dataclass(frozen=True, slots=True)
+class Composition:
+    """A multiset of releases: each distinct mechanism once, with its total number of steps.
+
+    Two event lists with the same composition have the same epsilon under every accountant
+    (composition is commutative and associative), so this is the cache key.
+
+    Parameters
+    ----------
+    mechanisms
+        One :class:`~fedsafe.privacy.events.PoissonGaussianEvent` per distinct
+        ``(sample_rate, noise_multiplier)``, ``steps`` summed over the events, sorted by
+        ``(sample_rate, noise_multiplier)``. Build it with :meth:`of`.
+
+    Raises
+    ------
+    ValueError
+        If two mechanisms are equal or the order is not canonical.
+    """
+
+    mechanisms: tuple[PoissonGaussianEvent, ...]
+
+    def __post_init__(self) -> None:
+        keys = [(m.sample_rate, m.noise_multiplier) for m in self.mechanisms]
+        if keys != sorted(set(keys)):
+            raise ValueError("mechanisms must be distinct and sorted; build with Composition.of")
+
+    @classmethod
+    def of(cls, events: Iterable[PoissonGaussianEvent]) -> Composition:
+        """Merge ``events`` (any order) into their composition, in O(number of events)."""
+        steps: dict[tuple[float, float], int] = {}
+        for e in events:
+            key = (e.sample_rate, e.noise_multiplier)
+            steps[key] = steps.get(key, 0) + e.steps
+        return cls(tuple(PoissonGaussianEvent(q, s, n) for (q, s), n in sorted(steps.items())))
+
+    @property
+    def steps(self) -> int:
+        """Total number of noisy steps."""
+        return sum(m.steps for m in self.mechanisms)
+
+    def __bool__(self) -> bool:
+        return bool(self.mechanisms)
 
 
 def epsilon(events: Sequence[PoissonGaussianEvent], delta: float, accountant: str = "prv") -> float:
@@ -53,26 +107,75 @@ def epsilon(events: Sequence[PoissonGaussianEvent], delta: float, accountant: st
     Returns
     -------
     float
+        Epsilon; 0.0 for no events. Equal to :func:`epsilon_full_composition` (the same
+        accountant on the same mechanisms), computed once per process per composition.
+    """
+    return epsilon_of(Composition.of(events), delta, accountant)
+
+
+def epsilon_of(composition: Composition, delta: float, accountant: str = "prv") -> float:
+    """Epsilon of a :class:`Composition` at ``delta``, memoised per process.
+
+    Raises
+    ------
+    ValueError
+        If ``delta`` is not in (0, 1) or the accountant is unknown.
+    """
+    name = check_accountant(accountant)
+    _check_delta(delta)
+    if not composition:
+        return 0.0
+    return _memo_epsilon(composition, float(delta), name)
+
+
+@functools.lru_cache(maxsize=MEMO_SIZE)
+def _memo_epsilon(composition: Composition, delta: float, name: AccountantName) -> float:
+    return _compose(composition.mechanisms, delta, name)
+
+
+def clear_memo() -> None:
+    """Forget every memoised epsilon (benchmarks measure the first call with this)."""
+    _memo_epsilon.cache_clear()
+
+
+def epsilon_full_composition(
+    events: Sequence[PoissonGaussianEvent], delta: float, accountant: str = "prv"
+) -> float:
+    """The slow path: every event passed to the accountant as its own mechanism, no memo.
+
+    This is the reference the fast path is tested against; it is O(events) accountant work.
+
+    Parameters
+    ----------
+    events, delta, accountant
+        As in :func:`epsilon`.
+
+    Returns
+    -------
+    float
         Epsilon; 0.0 for no events.
     """
     name = check_accountant(accountant)
-    if not (0.0 < delta < 1.0):
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
-    merged = _merge(events)
-    if not merged:
+    _check_delta(delta)
+    if not events:
         return 0.0
+    return _compose(tuple(events), float(delta), name)
+
+
+def _compose(mechanisms: Sequence[PoissonGaussianEvent], delta: float, name: str) -> float:
     if name == "pld":
-        return _pld_epsilon(merged, delta)
+        return _pld_epsilon(mechanisms, delta)
+    history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in mechanisms]
     if name == "prv":
         from opacus.accountants import PRVAccountant
 
         acc = PRVAccountant()
-        acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in merged]
+        acc.history = history
         return float(acc.get_epsilon(delta=delta))
     from opacus.accountants import RDPAccountant
 
     racc = RDPAccountant()
-    racc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in merged]
+    racc.history = history
     return float(racc.get_epsilon(delta=delta))
 
 

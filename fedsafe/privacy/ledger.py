@@ -25,7 +25,9 @@ import hashlib
 import json
 import math
 import sqlite3
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,6 +68,9 @@ _COLUMNS = (
     "seq, run_id, round, event, clip_norm, delta, epsilon_after, accountant, "
     "dataset_fingerprint, created_at, prev_hash, entry_hash"
 )
+
+
+FIX = "restore the ledger from a backup before training on this data again"
 
 
 class LedgerTamperedError(UserError):
@@ -163,6 +168,35 @@ def _hash_content(content: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+@dataclass(frozen=True, slots=True)
+class _VerifiedPrefix:
+    """Rows of a ledger file this process has verified, as read, and their entries."""
+
+    rows: tuple[tuple[Any, ...], ...]
+    entries: tuple[LedgerEntry, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.rows) != len(self.entries):
+            raise ValueError("one verified entry per row")
+
+
+#: Per ledger file (path, device, inode): what this process has verified of it.
+_VERIFIED: dict[tuple[str, int, int], _VerifiedPrefix] = {}
+_VERIFIED_LOCK = threading.Lock()
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_dev, st.st_ino
+
+
+def _remember(
+    key: tuple[str, int, int], rows: Sequence[tuple[Any, ...]], entries: Sequence[LedgerEntry]
+) -> None:
+    with _VERIFIED_LOCK:
+        _VERIFIED[key] = _VerifiedPrefix(tuple(rows), tuple(entries))
+
+
 def _row_to_entry(path: Path, row: tuple[Any, ...]) -> LedgerEntry:
     try:
         return LedgerEntry(
@@ -192,6 +226,12 @@ class SitePrivacyLedger:
     Open it with :meth:`open` (a fresh process per round is fine: every call reads the
     database). Use it as a context manager or call :meth:`close`.
 
+    Verification cost: :meth:`open` reads every row and checks the hash chain of the rows this
+    process has not verified before (rows it verified earlier must read back byte for byte
+    equal, else the whole chain is checked again); reads and :meth:`record` then verify only
+    the entries appended since, and check that the verified prefix is still in place. An entry
+    edited in place while a ledger is open is found by the next :meth:`open` or :meth:`verify`.
+
     Examples
     --------
     >>> with SitePrivacyLedger.open("site.sqlite") as ledger:  # doctest: +SKIP
@@ -202,17 +242,25 @@ class SitePrivacyLedger:
     def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
         self._path = path
         self._conn = connection
+        self._rows: list[tuple[Any, ...]] = []
+        self._entries: list[LedgerEntry] = []
+        self._hashed_on_open = 0
 
     @property
     def path(self) -> Path:
         """The ledger's database file."""
         return self._path
 
+    @property
+    def hashed_on_open(self) -> int:
+        """How many entries :meth:`open` hashed (0 when this process had verified them all)."""
+        return self._hashed_on_open
+
     @classmethod
     def open(
         cls, path: str | Path, *, create: bool = True, busy_timeout_s: float = 60.0
     ) -> SitePrivacyLedger:
-        """Open (or create) the ledger at ``path`` and verify its whole hash chain.
+        """Open (or create) the ledger at ``path`` and verify its hash chain.
 
         Parameters
         ----------
@@ -253,7 +301,7 @@ class SitePrivacyLedger:
             ) from exc
         ledger = cls(path, conn)
         try:
-            ledger.verify()
+            ledger._load(reuse=True)
         except BaseException:
             conn.close()
             raise
@@ -274,11 +322,7 @@ class SitePrivacyLedger:
     ) -> None:
         self.close()
 
-    # -- reading ---------------------------------------------------------------------------
-    def _read_all(self) -> list[LedgerEntry]:
-        rows = self._conn.execute(f"SELECT {_COLUMNS} FROM entries ORDER BY seq").fetchall()
-        return [_row_to_entry(self._path, row) for row in rows]
-
+    # -- verification ----------------------------------------------------------------------
     def _head(self) -> tuple[int, str]:
         row = self._conn.execute("SELECT value FROM meta WHERE key = 'head'").fetchone()
         if row is None:
@@ -286,11 +330,14 @@ class SitePrivacyLedger:
         seq, _, entry_hash = str(row[0]).partition(":")
         return int(seq), entry_hash
 
-    def _verified(self) -> list[LedgerEntry]:
-        entries = self._read_all()
-        fix = "restore the ledger from a backup before training on this data again"
-        prev = GENESIS_HASH
-        for expected_seq, entry in enumerate(entries, start=1):
+    def _chain(
+        self, rows: Sequence[tuple[Any, ...]], first_seq: int, prev: str
+    ) -> list[LedgerEntry]:
+        """Verify ``rows`` as the entries ``first_seq, ...`` following the hash ``prev``."""
+        fix = FIX
+        entries: list[LedgerEntry] = []
+        for expected_seq, row in enumerate(rows, start=first_seq):
+            entry = _row_to_entry(self._path, row)
             if entry.seq != expected_seq:
                 raise LedgerTamperedError(
                     f"privacy ledger {self._path}: entry seq {expected_seq} was deleted "
@@ -307,30 +354,85 @@ class SitePrivacyLedger:
                     f"hash does not match its content); {fix}"
                 )
             prev = entry.entry_hash
+            entries.append(entry)
+        return entries
+
+    def _check_head(self, last_seq: int, last_hash: str) -> None:
         head_seq, head_hash = self._head()
-        last_seq = entries[-1].seq if entries else 0
         if head_seq > last_seq:
             raise LedgerTamperedError(
                 f"privacy ledger {self._path}: entry seq {head_seq} was deleted (the ledger "
-                f"ends at seq {last_seq} but its head records seq {head_seq}); {fix}"
+                f"ends at seq {last_seq} but its head records seq {head_seq}); {FIX}"
             )
-        if head_seq != last_seq or head_hash != prev:
+        if head_seq != last_seq or head_hash != last_hash:
             raise LedgerTamperedError(
                 f"privacy ledger {self._path}: entry seq {last_seq} does not match the "
                 f"ledger head (seq {head_seq}); the last entry was edited or the head was "
-                f"rewritten; {fix}"
+                f"rewritten; {FIX}"
             )
-        return entries
+
+    def _load(self, *, reuse: bool) -> None:
+        """Read every row and verify the chain, reusing this process's verified prefix."""
+        rows = self._conn.execute(f"SELECT {_COLUMNS} FROM entries ORDER BY seq").fetchall()
+        key = _file_key(self._path)
+        known = _VERIFIED.get(key) if reuse else None
+        done = 0
+        if known is not None and rows[: len(known.rows)] == list(known.rows):
+            done = len(known.rows)
+        prev = known.entries[-1].entry_hash if known is not None and done else GENESIS_HASH
+        prefix = list(known.entries) if known is not None and done else []
+        entries = [*prefix, *self._chain(rows[done:], done + 1, prev)]
+        self._hashed_on_open = len(entries) - done
+        self._check_head(len(entries), entries[-1].entry_hash if entries else GENESIS_HASH)
+        self._rows, self._entries = rows, entries
+        _remember(key, rows, entries)
+
+    def _sync(self) -> list[LedgerEntry]:
+        """Verify the entries appended since the last read and return every entry.
+
+        Checks that the verified prefix is still in place (its length and last hash); an edit
+        inside it is left to the next :meth:`open`.
+        """
+        done = len(self._entries)
+        last_hash = self._entries[-1].entry_hash if self._entries else GENESIS_HASH
+        count, at_last = self._conn.execute(
+            "SELECT (SELECT COUNT(*) FROM entries WHERE seq <= ?), "
+            "(SELECT entry_hash FROM entries WHERE seq = ?)",
+            (done, done),
+        ).fetchone()
+        if count != done or (done and at_last != last_hash):
+            self._load(reuse=False)  # names the entry that was deleted or replaced
+            raise LedgerTamperedError(
+                f"privacy ledger {self._path}: entries up to seq {done} changed while the "
+                f"ledger was open; {FIX}"
+            )
+        new = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM entries WHERE seq > ? ORDER BY seq", (done,)
+        ).fetchall()
+        appended = self._chain(new, done + 1, last_hash)
+        entries = [*self._entries, *appended]
+        self._check_head(len(entries), entries[-1].entry_hash if entries else GENESIS_HASH)
+        if appended:
+            self._rows = [*self._rows, *new]
+            self._entries = entries
+            _remember(_file_key(self._path), self._rows, entries)
+        return list(entries)
 
     def verify(self) -> int:
-        """Check the whole hash chain; return the number of entries.
+        """Check the whole hash chain again, ignoring what was verified before.
+
+        Returns
+        -------
+        int
+            The number of entries.
 
         Raises
         ------
         LedgerTamperedError
             Naming the first entry that was edited, deleted or reordered.
         """
-        return len(self._verified())
+        self._load(reuse=False)
+        return len(self._entries)
 
     def head(self) -> tuple[int, str]:
         """Return the last sequence number and its hash (64 zeros when empty), to anchor."""
@@ -338,7 +440,7 @@ class SitePrivacyLedger:
 
     def entries(self, dataset_fingerprint: str | None = None) -> list[LedgerEntry]:
         """Entries in order, all of them or only those on one data set."""
-        entries = self._verified()
+        entries = self._sync()
         if dataset_fingerprint is None:
             return entries
         return [e for e in entries if e.dataset_fingerprint == dataset_fingerprint]
@@ -410,7 +512,7 @@ class SitePrivacyLedger:
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            prior = self._verified()
+            prior = self._sync()
             events = [e.event for e in prior if e.dataset_fingerprint == dataset_fingerprint]
             eps_after = epsilon([*events, event], delta, accountant)
             if epsilon_max is not None and eps_after > epsilon_max:
@@ -436,22 +538,23 @@ class SitePrivacyLedger:
                 entry_hash="",
             )
             entry = replace(unsigned, entry_hash=unsigned.expected_hash())
+            row = (
+                entry.seq,
+                entry.run_id,
+                entry.round,
+                json.dumps(event.to_dict(), sort_keys=True),
+                entry.clip_norm,
+                entry.delta,
+                entry.epsilon_after,
+                entry.accountant,
+                entry.dataset_fingerprint,
+                entry.created_at,
+                entry.prev_hash,
+                entry.entry_hash,
+            )
             conn.execute(
                 f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    entry.seq,
-                    entry.run_id,
-                    entry.round,
-                    json.dumps(event.to_dict(), sort_keys=True),
-                    entry.clip_norm,
-                    entry.delta,
-                    entry.epsilon_after,
-                    entry.accountant,
-                    entry.dataset_fingerprint,
-                    entry.created_at,
-                    entry.prev_hash,
-                    entry.entry_hash,
-                ),
+                row,
             )
             conn.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('head', ?)",
@@ -462,6 +565,9 @@ class SitePrivacyLedger:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        self._rows = [*self._rows, row]
+        self._entries = [*prior, entry]
+        _remember(_file_key(self._path), self._rows, self._entries)
         return entry
 
 

@@ -1,6 +1,14 @@
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
-from fedsafe.privacy.accounting import epsilon
+from fedsafe.privacy.accounting import (
+    Composition,
+    _memo_epsilon,
+    clear_memo,
+    epsilon,
+    epsilon_full_composition,
+)
 from fedsafe.privacy.events import PoissonGaussianEvent
 
 
@@ -34,3 +42,74 @@ def test_events_are_validated_on_creation():
         PoissonGaussianEvent(0.1, 1.0, 0)
     e = PoissonGaussianEvent(0.1, 1.0, 3)
     assert PoissonGaussianEvent.from_dict(e.to_dict()) == e
+
+
+# -- composition of identical events as counts, memoised ------------------------------------
+
+MECHANISMS = [(0.01, 0.9), (0.02, 1.1), (0.05, 1.6), (0.1, 3.0)]
+
+
+def _pld_reference(events, delta: float) -> float:
+    """Google's PLD accountant, finer grid than fedsafe's "pld", one compose per event."""
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
+    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+    for e in events:
+        acc.compose(
+            dp_accounting.PoissonSampledDpEvent(
+                e.sample_rate, dp_accounting.GaussianDpEvent(e.noise_multiplier)
+            ),
+            e.steps,
+        )
+    return float(acc.get_epsilon(delta))
+
+
+event_lists = st.lists(
+    st.tuples(st.sampled_from(MECHANISMS), st.integers(1, 120)), min_size=1, max_size=12
+).map(lambda xs: [PoissonGaussianEvent(q, s, n) for (q, s), n in xs])
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=event_lists, delta=st.sampled_from([1e-5, 1e-4]))
+def test_counted_composition_matches_full_composition_and_pld(events, delta) -> None:
+    reference = _pld_reference(events, delta)
+    assume(reference >= 1.0)  # PRV's absolute error of 0.01 is then within 1%
+    for accountant in ("prv", "pld", "rdp"):
+        fast = epsilon(events, delta, accountant)
+        slow = epsilon_full_composition(events, delta, accountant)
+        assert fast == pytest.approx(slow, rel=0.005), accountant
+        assert fast >= reference, accountant
+        if accountant != "rdp":  # RDP is a looser bound by design
+            assert fast == pytest.approx(reference, rel=0.01), accountant
+
+
+def test_composition_merges_equal_mechanisms_whatever_the_order() -> None:
+    a, b = PoissonGaussianEvent(0.1, 1.0, 10), PoissonGaussianEvent(0.05, 2.0, 30)
+    merged = Composition.of([a, b, a, a])
+    assert merged == Composition.of([a, a, b, a]) == Composition.of([b, a.__class__(0.1, 1.0, 30)])
+    assert merged.mechanisms == (
+        PoissonGaussianEvent(0.05, 2.0, 30),
+        PoissonGaussianEvent(0.1, 1.0, 30),
+    )
+    assert merged.steps == 60
+    assert not Composition.of([])
+    with pytest.raises(ValueError, match="Composition.of"):
+        Composition((a, b))  # not in canonical order
+    with pytest.raises(ValueError, match="Composition.of"):
+        Composition((a, a))
+
+
+def test_same_composition_is_composed_once_per_process() -> None:
+    clear_memo()
+    run = [PoissonGaussianEvent(0.02, 1.3, 40)] * 5
+    first = epsilon(run, 1e-5, "prv")
+    misses = _memo_epsilon.cache_info().misses
+    # the run's epsilon and the lifetime epsilon of a ledger holding only this run coincide
+    assert epsilon(list(reversed(run)), 1e-5, "prv") == first
+    assert epsilon([PoissonGaussianEvent(0.02, 1.3, 200)], 1e-5, "prv") == first
+    assert _memo_epsilon.cache_info().misses == misses
+    # the key holds delta and the accountant: other values are computed, not reused
+    assert epsilon(run, 1e-4, "prv") < first
+    assert epsilon(run, 1e-5, "rdp") > first
+    assert _memo_epsilon.cache_info().misses == misses + 2

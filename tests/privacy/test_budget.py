@@ -161,3 +161,31 @@ def test_two_concurrent_writers_cannot_both_spend_the_last_of_the_budget(tmp_pat
     with SitePrivacyLedger.open(path) as ledger:
         assert len(ledger.entries()) == 3
         assert ledger.spent(FP, 1e-5, ACC) <= budget.epsilon_max
+
+
+def test_a_round_composes_once_and_a_planned_run_not_at_all(tmp_path: Path) -> None:
+    """Check, commit and the run's epsilon share one composition; the plan precomputes it."""
+    from fedsafe.privacy.accounting import _memo_epsilon, clear_memo
+
+    clear_memo()
+    budget = PrivacyBudget(3.0, 1e-5)
+    event = PoissonGaussianEvent(0.02, 1.0, 50)
+    with SitePrivacyLedger.open(tmp_path / "l.sqlite") as ledger:
+        decision = check_round(ledger, FP, budget, event, "prv")
+        misses = _memo_epsilon.cache_info().misses
+        entry = record_round(ledger, FP, budget, event, run_id="r", round=1, clip_norm=1.0,
+                             accountant="prv")  # fmt: skip
+        run_epsilon = epsilon([event], budget.delta, "prv")  # the run's events = the ledger's
+        assert _memo_epsilon.cache_info().misses == misses
+        assert entry.epsilon_after == decision.epsilon_after == run_epsilon
+
+        plan = plan_noise(budget, ledger.events(FP), 0.02, 50, 4, "prv")
+        misses = _memo_epsilon.cache_info().misses
+        for rnd in range(2, 6):
+            planned = plan.event()
+            assert check_round(ledger, FP, budget, planned, "prv").allowed
+            last = record_round(ledger, FP, budget, planned, run_id="r2", round=rnd,
+                                clip_norm=1.0, accountant="prv")  # fmt: skip
+            assert last.epsilon_after == pytest.approx(plan.epsilon_after_round[rnd - 2])
+        assert _memo_epsilon.cache_info().misses == misses
+        assert last.epsilon_after <= budget.epsilon_max

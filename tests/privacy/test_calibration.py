@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedsafe.privacy.accounting import epsilon
-from fedsafe.privacy.calibration import calibrate_noise_multiplier
+from fedsafe.privacy.calibration import _calibrate, calibrate_noise_multiplier, clear_cache
 from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.ledger import SitePrivacyLedger
 
@@ -44,6 +44,46 @@ def test_calibration_property_rdp(target: float, q: float, steps: int, prior_sig
     assert achieved >= 0.98 * target
 
 
+@settings(max_examples=4, deadline=None)
+@given(
+    target=st.floats(0.5, 6.0),
+    q=st.floats(0.005, 0.1),
+    steps=st.integers(20, 800),
+    prior=st.lists(
+        st.tuples(st.floats(0.005, 0.1), st.floats(2.0, 8.0), st.integers(1, 200)), max_size=3
+    ),
+)
+def test_calibration_property_prv_exact_accountant_accepts_the_noise(
+    target: float, q: float, steps: int, prior: list[tuple[float, float, int]]
+) -> None:
+    """The noise found through the RDP bracket is measured by PRV at or below the target."""
+    spent = [PoissonGaussianEvent(*p) for p in prior]
+    if epsilon(spent, 1e-5, "prv") >= 0.9 * target:
+        return
+    sigma = calibrate_noise_multiplier(target, 1e-5, q, steps, prior=spent, rel_tolerance=0.002)
+    achieved = epsilon([*spent, PoissonGaussianEvent(q, sigma, steps)], 1e-5, "prv")
+    assert achieved <= target
+    assert achieved >= 0.998 * target
+
+
+def test_identical_plans_are_calibrated_once_and_keyed_by_everything() -> None:
+    clear_cache()
+    plan = {"delta": 1e-5, "sample_rate": 0.04, "steps": 120}
+    first = calibrate_noise_multiplier(2.0, **plan)
+    assert calibrate_noise_multiplier(2.0, **plan) == first
+    assert _calibrate.cache_info().hits == 1
+    # prior spending, another accountant or another target are other plans
+    spent = [PoissonGaussianEvent(0.04, 3.0, 50)]
+    with_prior = calibrate_noise_multiplier(2.0, **plan, prior=spent)
+    assert with_prior > first
+    assert epsilon([*spent, PoissonGaussianEvent(0.04, with_prior, 120)], 1e-5) <= 2.0
+    assert calibrate_noise_multiplier(2.0, **plan, accountant="rdp") > first
+    assert calibrate_noise_multiplier(1.0, **plan) > first
+    assert _calibrate.cache_info().hits == 1
+    with pytest.raises(ValueError, match="no budget is left"):
+        calibrate_noise_multiplier(0.1, **plan, prior=spent)
+
+
 def test_ledger_epsilon_matches_dp_accounting_pld(tmp_path: Path) -> None:
     """The ledger's (PRV) epsilon equals Google's PLD accountant within 1%."""
     import dp_accounting
@@ -71,3 +111,12 @@ def test_ledger_epsilon_matches_dp_accounting_pld(tmp_path: Path) -> None:
         )
     pld_eps = reference.get_epsilon(delta)
     assert last.epsilon_after == pytest.approx(pld_eps, rel=0.01)
+
+
+def test_target_below_the_rdp_floor_is_still_calibrated_by_the_exact_accountant() -> None:
+    """RDP cannot certify epsilon 0.05 at delta 1e-5 (its floor is 0.103 there); PLD can."""
+    with pytest.raises(ValueError, match="no noise multiplier"):
+        calibrate_noise_multiplier(0.05, 1e-5, 0.001, 10, accountant="rdp")
+    sigma = calibrate_noise_multiplier(0.05, 1e-5, 0.001, 10, accountant="pld")
+    achieved = epsilon([PoissonGaussianEvent(0.001, sigma, 10)], 1e-5, "pld")
+    assert 0.995 * 0.05 <= achieved <= 0.05

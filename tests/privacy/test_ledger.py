@@ -217,3 +217,81 @@ def test_sigkill_mid_write_loses_no_committed_entry(tmp_path: Path) -> None:
     with SitePrivacyLedger.open(path) as ledger:
         entry = ledger.record("after", 1, EVENT, 1.0, 1e-5, "sha256:data", accountant="rdp")
         assert entry.seq == len(seqs) + 1
+
+
+# -- verified once on open, incrementally after -------------------------------------------
+
+
+def test_reopen_in_the_same_process_hashes_only_new_entries(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    _fill(path, 4)
+    with SitePrivacyLedger.open(path) as ledger:
+        assert ledger.hashed_on_open == 0  # _fill verified and wrote all four here
+        assert ledger.verify() == 4
+    with SitePrivacyLedger.open(path) as a, SitePrivacyLedger.open(path) as b:
+        a.record("r", 5, EVENT, 1.0, 1e-5, FP, accountant="rdp")
+        assert [e.seq for e in b.entries()] == [1, 2, 3, 4, 5]  # b verifies seq 5 only
+    with SitePrivacyLedger.open(path) as ledger:
+        assert ledger.hashed_on_open == 0
+        assert len(ledger.entries(FP)) == 5
+
+
+def test_edit_of_a_verified_entry_is_found_on_the_next_open(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    _fill(path)
+    with SitePrivacyLedger.open(path) as ledger:
+        assert ledger.hashed_on_open == 0
+        conn = _raw(path)
+        conn.execute("UPDATE entries SET clip_norm = 9.0 WHERE seq = 1")
+        conn.commit()
+        conn.close()
+        # the open ledger keeps composing the entries it verified
+        assert ledger.entries()[0].clip_norm == 1.0
+    with pytest.raises(LedgerTamperedError, match=r"entry seq 1 was edited"):
+        SitePrivacyLedger.open(path)
+
+
+def test_deletion_while_open_is_refused_before_recording(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    _fill(path)
+    with SitePrivacyLedger.open(path) as ledger:
+        conn = _raw(path)
+        conn.execute("DELETE FROM entries WHERE seq = 2")
+        conn.commit()
+        conn.close()
+        with pytest.raises(LedgerTamperedError, match=r"entry seq 2 was deleted"):
+            ledger.record("r", 4, EVENT, 1.0, 1e-5, FP, accountant="rdp")
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM entries").fetchone()[0] == 2
+
+
+def test_foreign_append_that_breaks_the_chain_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    entries = _fill(path, 2)
+    with SitePrivacyLedger.open(path) as ledger:
+        from dataclasses import replace
+
+        forged = replace(entries[1], seq=3, prev_hash="f" * 64)
+        forged = replace(forged, entry_hash=forged.expected_hash())
+        conn = sqlite3.connect(path)
+        conn.execute(
+            "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                3,
+                "r",
+                3,
+                '{"kind": "poisson_gaussian", "noise_multiplier": 1.1, '
+                '"sample_rate": 0.02, "steps": 50}',
+                1.0,
+                1e-5,
+                forged.epsilon_after,
+                "rdp",
+                FP,
+                forged.created_at,
+                forged.prev_hash,
+                forged.entry_hash,
+            ),
+        )
+        conn.commit()
+        conn.close()
+        with pytest.raises(LedgerTamperedError, match=r"entry seq 3 does not chain"):
+            ledger.events(FP)
