@@ -1,4 +1,4 @@
-"""Flower's plain numpy arrays (``--compression none``), written as Flower does and read with bounds.
+"""Flower's plain numpy arrays (``--compression none``): written as Flower does, read bounded.
 
 Flower's ``Array.numpy()`` hands the bytes to ``numpy.load``, which trusts the shape in the
 ``.npy`` header: reading from memory it allocates the declared array first, so a reply of a few
@@ -52,7 +52,9 @@ def _header(name: str, data: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any
         else:
             raise ValueError(f".npy format version {version} (1.0 or 2.0 expected)")
     except (ValueError, SyntaxError, TypeError, OverflowError) as error:
-        raise MalformedPayloadError(f"array {name!r} has a malformed .npy header: {error}") from None
+        raise MalformedPayloadError(
+            f"array {name!r} has a malformed .npy header: {error}"
+        ) from None
     return tuple(int(d) for d in shape), bool(fortran), np.dtype(dtype), stream.tell()
 
 

@@ -92,8 +92,10 @@ def read_seed_and_threshold(reader: PayloadReader, what: str) -> tuple[int, int]
 
 @dataclass(frozen=True, slots=True)
 class RandomK(Sparsifier):
-    """Random-k (sparsity id 2): ``seed`` (u64), ``threshold`` (u64 >= 1), ``k`` (u32), the
-    number of entries the seed's mask keeps (checked), then the kept values; no indices.
+    """Random-k, sparsity id 2: a seeded mask, so no index is sent.
+
+    On the wire: ``seed`` (u64), ``threshold`` (u64 >= 1), ``k`` (u32, the number of entries
+    the seed's mask keeps, checked), then the kept values.
 
     Parameters
     ----------

@@ -229,7 +229,9 @@ MAX_ROTATION_CHUNK = 2**24
 def check_rotation_chunk(codec: str, chunk: int | None, smallest: int) -> None:
     """Raise :class:`CodecOptionError` unless ``chunk`` is None or a power of two in range."""
     valid = chunk is None or (
-        isinstance(chunk, int) and smallest <= chunk <= MAX_ROTATION_CHUNK and is_power_of_two(chunk)
+        isinstance(chunk, int)
+        and smallest <= chunk <= MAX_ROTATION_CHUNK
+        and is_power_of_two(chunk)
     )
     check_option(valid, codec, "chunk", f"[{smallest}, 2^24] (a power of two)", chunk)
 
@@ -238,16 +240,20 @@ def read_rotation_chunk(reader: PayloadReader, codec: str, smallest: int) -> int
     """The rotation chunk (u32): a power of two in ``[smallest, 2^24]``."""
     chunk = reader.u32("chunk size")
     if not (smallest <= chunk <= MAX_ROTATION_CHUNK and is_power_of_two(chunk)):
-        raise reader.fail(f"{codec} chunk must be a power of two in [{smallest}, 2^24], got {chunk}")
+        raise reader.fail(
+            f"{codec} chunk must be a power of two in [{smallest}, 2^24], got {chunk}"
+        )
     return chunk
 
 
 @dataclass(frozen=True, slots=True)
 class RSignCoder(ValueCoder):
-    """Rotated sign (wire id 5), flat: ``seed`` (u64), ``threshold`` (u64 >= 1; rotated
-    coordinate ``j`` is sent iff ``splitmix64((seed XOR salt) + j) < threshold``, ``2^64 - 1``
-    sends all), ``chunk`` (u32, a power of two <= 2^24), one float32 scale per rotation chunk,
-    then ``ceil(kept / 8)`` bytes, one bit per sent rotated coordinate.
+    """Rotated sign (DRIVE/EDEN), wire id 5, flat; unbiased.
+
+    On the wire: ``seed`` (u64), ``threshold`` (u64 >= 1; rotated coordinate ``j`` is sent iff
+    ``splitmix64((seed XOR salt) + j) < threshold``, ``2^64 - 1`` sends all), ``chunk`` (u32, a
+    power of two <= 2^24), one float32 scale per rotation chunk, then ``ceil(kept / 8)`` bytes,
+    one bit per sent rotated coordinate.
 
     Parameters
     ----------
@@ -270,7 +276,9 @@ class RSignCoder(ValueCoder):
 
     def __post_init__(self) -> None:
         check_rotation_chunk(self.name, self.chunk, 1)
-        check_option(self.keep is None or is_fraction(self.keep), "rsign", "keep", "(0, 1]", self.keep)
+        check_option(
+            self.keep is None or is_fraction(self.keep), "rsign", "keep", "(0, 1]", self.keep
+        )
 
     def encode(
         self, values: NDArray[np.float64], rng: np.random.Generator, tensor: str
@@ -290,7 +298,9 @@ class RSignCoder(ValueCoder):
         scales = reader.scales(-(-count // chunk), "rsign")
         kept = int(keep_mask(seed, threshold, rotated_length(count, chunk)).sum())
         bits = reader.take((kept + 7) // 8, "rsign bits")
-        return reader.finite(rsign_decode(bits, scales, count, chunk, seed, threshold), "rsign", "bit")
+        return reader.finite(
+            rsign_decode(bits, scales, count, chunk, seed, threshold), "rsign", "bit"
+        )
 
     def error_bound(self, values: NDArray[np.float64]) -> float:
         """``||decoded||_2 <= ||x||_2 sqrt(chunk) / keep``, as ``S <= ||x||_2`` per chunk."""

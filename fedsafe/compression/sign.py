@@ -61,8 +61,10 @@ def sign_decode(
 
 @dataclass(frozen=True, slots=True)
 class SignCoder(ValueCoder):
-    """Scaled sign (wire id 4): ``chunk`` (u32 >= 1), ``ceil(m / chunk)`` float32 scales, then
-    ``ceil(m / 8)`` bytes of signs; biased, so used with error feedback.
+    """Scaled sign, wire id 4; biased, so used with error feedback.
+
+    On the wire: ``chunk`` (u32 >= 1), ``ceil(m / chunk)`` float32 scales, then
+    ``ceil(m / 8)`` bytes of signs.
     """
 
     #: Values per scale; None for one scale per tensor.

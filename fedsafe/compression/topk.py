@@ -162,8 +162,10 @@ def encode_indices(indices: NDArray[np.int64]) -> tuple[IndexCoding, int, bytes]
 
 @dataclass(frozen=True, slots=True)
 class TopK(Sparsifier):
-    """Top-k (sparsity id 1): ``k`` (u32, ``1 <= k <= numel``), the index coding (u8: 1 varint,
-    2 bitpack, then u8 width in 1..32), the coded gaps' byte length (u32) and the gaps.
+    """Top-k, sparsity id 1: the largest magnitudes, their indices coded as gaps.
+
+    On the wire: ``k`` (u32, ``1 <= k <= numel``), the index coding (u8: 1 varint, 2 bitpack,
+    then u8 width in 1..32), the coded gaps' byte length (u32) and the gaps.
 
     Parameters
     ----------

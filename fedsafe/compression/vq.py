@@ -44,8 +44,8 @@ from fedsafe.compression.rotation import (
     DEFAULT_ROTATION_CHUNK,
     check_rotation_chunk,
     drive_scales,
-    read_rotation_chunk,
     padded_chunks,
+    read_rotation_chunk,
     rotate,
     rotated_length,
     unrotate,
@@ -160,10 +160,12 @@ DEFAULT_BITS = 11
 
 @dataclass(frozen=True, slots=True)
 class RvqCoder(ValueCoder):
-    """Rotated vector code (wire id 6), flat: ``seed`` (u64, the random signs'), ``bits`` (u8
-    in 1..16), ``chunk`` (u32, a power of two in [16, 2^24]), one float32 scale per rotation
-    chunk, then ``ceil(blocks * bits / 8)`` bytes: one ``bits``-bit codeword index per 16
-    rotated values, most significant bit first, zero padding.
+    """Rotated vector code, wire id 6, flat; unbiased.
+
+    On the wire: ``seed`` (u64, the random signs'), ``bits`` (u8 in 1..16), ``chunk`` (u32, a
+    power of two in [16, 2^24]), one float32 scale per rotation chunk, then
+    ``ceil(blocks * bits / 8)`` bytes: one ``bits``-bit codeword index per 16 rotated values,
+    most significant bit first, zero padding.
 
     Parameters
     ----------

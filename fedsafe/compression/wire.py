@@ -217,7 +217,13 @@ def encode_update(
         flat: NDArray[np.floating[Any]] = np.concatenate(
             [np.asarray(v, dtype=np.float64).ravel() for v in update.values()] or [np.zeros(0)]
         )
-        header = [MAGIC, u8(VERSION), u8(FLAG_FLAT), u16(1), u32(layout_checksum(layout_of(update)))]
+        header = [
+            MAGIC,
+            u8(VERSION),
+            u8(FLAG_FLAT),
+            u16(1),
+            u32(layout_checksum(layout_of(update))),
+        ]
         flat_update = {"": flat if wide else flat.astype(np.float32)}
         return _encode_tensors(flat_update, pipeline, rng, None, header, raw_bytes, total)
     if len(update) >= 2**16:
@@ -309,9 +315,7 @@ def _decode_tensor(reader: PayloadReader, numel: int) -> NDArray[np.float64]:
         return _decode_values(reader, numel)
     sparsifier = SPARSIFIER_BY_ID.get(sparsity)
     if sparsifier is None:
-        raise reader.fail(
-            f"unknown sparsity {sparsity} (0 dense, {known_ids(SPARSIFIER_BY_ID)})"
-        )
+        raise reader.fail(f"unknown sparsity {sparsity} (0 dense, {known_ids(SPARSIFIER_BY_ID)})")
     indices = sparsifier.read(reader, numel)
     dense = np.zeros(numel, dtype=np.float64)
     dense[indices] = _decode_values(reader, indices.size)
