@@ -156,8 +156,8 @@ class ValueCoder(_Named):
         """
         return None
 
-    #: For an unbiased code with no sure bound: an upper bound on the expected
-    #: ``||decoded - x||^2 / ||x||^2`` at default options (None when not claimed).
+    #: An upper bound on the expected ``||decoded - x||^2 / ||x||^2`` at default options,
+    #: for codes with no sure per-value bound (None when not claimed).
     nmse: ClassVar[float | None] = None
 
 

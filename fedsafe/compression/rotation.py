@@ -248,7 +248,13 @@ def read_rotation_chunk(reader: PayloadReader, codec: str, smallest: int) -> int
 
 @dataclass(frozen=True, slots=True)
 class RSignCoder(ValueCoder):
-    """Rotated sign (DRIVE/EDEN), wire id 5, flat; unbiased.
+    """Rotated sign (DRIVE/EDEN), wire id 5, flat; unbiased only approximately (see below).
+
+    DRIVE's scale makes the estimate unbiased over a *uniformly* random rotation; the
+    randomized Hadamard rotation used here (random signs, then a fixed transform) leaves a
+    small bias for a given update, largest for small chunks: measured in
+    ``tests/compression/test_registry.py`` (``test_rotated_codes_are_only_nearly_unbiased``),
+    so the codec does not claim :attr:`unbiased`.
 
     On the wire: ``seed`` (u64), ``threshold`` (u64 >= 1; rotated coordinate ``j`` is sent iff
     ``splitmix64((seed XOR salt) + j) < threshold``, ``2^64 - 1`` sends all), ``chunk`` (u32, a
@@ -270,9 +276,9 @@ class RSignCoder(ValueCoder):
     forms: ClassVar[str] = "rsign, rsign:keep=F, rsign:chunk=P,keep=F"
     options: ClassVar[dict[str, Callable[[str], float]]] = {"chunk": int, "keep": float}
     flat: ClassVar[bool] = True
-    unbiased: ClassVar[bool] = True
     downlink: ClassVar[bool] = False
-    nmse: ClassVar[float | None] = 0.8
+    #: DRIVE's NMSE for large chunks, ``pi/2 - 1``, at default options (all signs sent).
+    nmse: ClassVar[float | None] = 0.571
 
     def __post_init__(self) -> None:
         check_rotation_chunk(self.name, self.chunk, 1)
