@@ -51,7 +51,7 @@ def _header(name: str, data: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any
             shape, fortran, dtype = npy_format.read_array_header_2_0(stream, MAX_HEADER_BYTES)
         else:
             raise ValueError(f".npy format version {version} (1.0 or 2.0 expected)")
-    except (ValueError, SyntaxError, TypeError, OverflowError) as error:
+    except Exception as error:  # noqa: BLE001 - numpy's header parser raises several kinds
         raise MalformedPayloadError(
             f"array {name!r} has a malformed .npy header: {error}"
         ) from None
