@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -101,12 +102,12 @@ def main() -> None:
             ratios = []
             for new_call, old_call in (
                 (
-                    lambda: encode_update(update, new_pipeline, np.random.default_rng(1)),
-                    lambda: old.encode_update(update, old_pipeline, np.random.default_rng(1)),
+                    partial(encode_update, update, new_pipeline, np.random.default_rng(1)),
+                    partial(old.encode_update, update, old_pipeline, np.random.default_rng(1)),
                 ),
                 (
-                    lambda: decode_update(new_record, layout),
-                    lambda: old.decode_update(old_record, layout),
+                    partial(decode_update, new_record, layout),
+                    partial(old.decode_update, old_record, layout),
                 ),
             ):
                 new_ms, old_ms = [], []
