@@ -46,11 +46,6 @@ def is_fraction(value: float | None) -> bool:
     return value is not None and math.isfinite(value) and 0.0 < value <= 1.0
 
 
-def is_int(value: object) -> bool:
-    """True for an integral number (``5`` or ``5.0``, not ``5.5`` nor a bool)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and value == int(value)
-
-
 class _Named(ABC):
     """What both kinds share: a spec name, a wire id and the forms shown in errors."""
 
