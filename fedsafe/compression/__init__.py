@@ -11,13 +11,14 @@ Public API (see each module for the papers and the wire format):
 - Server: :func:`decode_update`, raising :class:`MalformedPayloadError`, or
   :func:`decode_or_drop`, which logs why a reply is dropped and returns None.
 - :func:`serialized_size`: bytes Flower really sends for a record or message.
+- :mod:`fedsafe.compression.registry`: every codec (options, encoder, decoder, wire id in
+  one module each, see :mod:`fedsafe.compression.codec`).
 """
 
 from fedsafe.compression.error_feedback import ErrorFeedback
 from fedsafe.compression.pipeline import (
     CompressionPipeline,
     CompressionStage,
-    ValueCodec,
     assert_post_privatization,
     check_downlink,
     parse_compression,
@@ -40,7 +41,6 @@ __all__ = [
     "EncodeStats",
     "ErrorFeedback",
     "MalformedPayloadError",
-    "ValueCodec",
     "assert_post_privatization",
     "check_downlink",
     "decode_or_drop",

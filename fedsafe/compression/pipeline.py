@@ -2,8 +2,9 @@
 
 A pipeline is at most one sparsifier (top-k, or random-k with a shared seed) followed by at
 most one value codec (float16, int8 or int4 stochastic quantization, 1-bit sign, or a rotated
-code: ``rsign`` or ``rvq``). Spec
-strings::
+code: ``rsign`` or ``rvq``). Each codec, its options and its wire id live in its own module,
+listed in :mod:`fedsafe.compression.registry`; this module only splits a spec into stages and
+checks how they combine. Spec strings::
 
     none | float16 | int8 | int4 | int8:chunk=1024 | int4:chunk=256 | sign | sign:chunk=256
     topk:0.01 | topk:0.01+int8 | topk:0.001+int4:chunk=64 | topk:0.01+float16
@@ -37,40 +38,12 @@ refuses it.
 from __future__ import annotations
 
 import enum
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
+from fedsafe.compression.codec import CodecOptionError, Sparsifier, ValueCoder
+from fedsafe.compression.floats import Float32Coder
+from fedsafe.compression.registry import CODER_BY_NAME, SPARSIFIER_BY_NAME, valid_forms
 from fedsafe.errors import UserError
-
-VALID_FORMS = (
-    "none, float16, int8, int4, sign, int8:chunk=N, int4:chunk=N, sign:chunk=N, topk:F, "
-    "topk:F+int8, topk:F+int4:chunk=N, topk:F+float16, randk:F+sign:chunk=N, randk:F+int8, "
-    "rsign, rsign:keep=F, rsign:chunk=P,keep=F, rvq, rvq:bits=B, rvq:chunk=P,bits=B "
-    "(F a fraction in (0, 1], N an integer >= 1, P a power of two, B an integer in 1..16)"
-)
-CHUNKED_CODECS = ("int8", "int4", "sign", "rsign", "rvq")
-#: Rotation chunk of ``rsign`` and ``rvq`` when none is given.
-DEFAULT_RSIGN_CHUNK = 1024
-#: Index bits per 16 rotated values of ``rvq`` when none are given.
-DEFAULT_RVQ_BITS = 11
-#: Codecs that rotate the whole update as one flat vector.
-ROTATED_CODECS = ("rsign", "rvq")
-
-
-class ValueCodec(enum.IntEnum):
-    """How the sent values are coded; the integer is the codec id on the wire."""
-
-    FLOAT32 = 0
-    FLOAT16 = 1
-    INT8 = 2
-    INT4 = 3
-    #: One bit per value (its sign) and one scale per chunk (mean magnitude); biased.
-    SIGN = 4
-    #: One bit per kept rotated value, unbiased (DRIVE / EDEN).
-    RSIGN = 5
-    #: One codeword index per 16 rotated values, unbiased (see :mod:`.vq`).
-    RVQ = 6
 
 
 class CompressionStage(enum.Enum):
@@ -86,150 +59,66 @@ class CompressionStage(enum.Enum):
 class CompressionPipeline:
     """A validated compression pipeline: optional top-k or random-k, then one value codec.
 
+    The codecs validate their own options when they are built (see
+    :mod:`fedsafe.compression.codec`); the pipeline checks only how they combine.
+
     Parameters
     ----------
-    topk_fraction
-        Fraction of each tensor's entries kept by top-k, in (0, 1]; None for dense.
-    value_codec
-        Coding of the sent values.
-    chunk
-        Values per scale for int8/int4/sign; None for one scale per tensor.
-    randk_fraction
-        Expected fraction of each tensor's entries kept by random-k, in (0, 1]; None for
-        dense. The kept positions follow from a seed sent with the update, so no index is
-        sent (:mod:`fedsafe.compression.randk`).
-    keep
-        For ``rsign``: the fraction of rotated coordinates whose sign is sent; None for all.
-    bits
-        For ``rvq``: index bits per 16 rotated values (1..16); None for the default.
+    sparsifier
+        Top-k or random-k (:mod:`fedsafe.compression.registry`); None for dense.
+    coder
+        Coding of the sent values; float32 by default.
+
+    Raises
+    ------
+    UserError
+        If a flat (rotated) code is combined with a sparsifier, or an argument is not a codec.
     """
 
-    topk_fraction: float | None = None
-    value_codec: ValueCodec = ValueCodec.FLOAT32
-    chunk: int | None = None
-    randk_fraction: float | None = None
-    keep: float | None = None
-    bits: int | None = None
+    sparsifier: Sparsifier | None = None
+    coder: ValueCoder = Float32Coder()
 
     def __post_init__(self) -> None:
-        for name, fraction in (("top-k", self.topk_fraction), ("random-k", self.randk_fraction)):
-            if fraction is not None and not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
-                raise UserError(
-                    f"--compression: {name} fraction must be in (0, 1], got {fraction}; "
-                    "e.g. topk:0.01 or randk:0.25"
-                )
-        if self.topk_fraction is not None and self.randk_fraction is not None:
-            raise UserError("--compression: use one sparsifier, topk or randk, not both")
-        if not isinstance(self.value_codec, ValueCodec):
-            raise UserError(f"--compression: unknown value codec {self.value_codec!r}")
-        if self.flat:
-            name = self.value_codec.name.lower()
-            if self.sparsifier is not None:
-                raise UserError(
-                    f"--compression: {name} takes no sparsifier; use rsign:keep=F or "
-                    "rvq:bits=B to send fewer bits"
-                )
-            smallest = 16 if self.value_codec is ValueCodec.RVQ else 1
-            if self.chunk is not None and not (
-                self.chunk >= smallest
-                and self.chunk & (self.chunk - 1) == 0
-                and self.chunk <= 2**24
-            ):
-                raise UserError(
-                    f"--compression: {name} chunk must be a power of two in "
-                    f"[{smallest}, 2^24], got {self.chunk}"
-                )
-        if self.bits is not None:
-            if self.value_codec is not ValueCodec.RVQ:
-                raise UserError("--compression: bits= applies to rvq only")
-            if int(self.bits) != self.bits or not 1 <= self.bits <= 16:
-                raise UserError(f"--compression: rvq bits must be in 1..16, got {self.bits}")
-        if self.keep is not None:
-            if self.value_codec is not ValueCodec.RSIGN:
-                raise UserError("--compression: keep= applies to rsign only")
-            if not (math.isfinite(self.keep) and 0.0 < self.keep <= 1.0):
-                raise UserError(f"--compression: keep must be in (0, 1], got {self.keep}")
-        if self.chunk is not None:
-            if self.value_codec not in (
-                ValueCodec.INT8,
-                ValueCodec.INT4,
-                ValueCodec.SIGN,
-                ValueCodec.RSIGN,
-                ValueCodec.RVQ,
-            ):
-                raise UserError("--compression: chunk= applies to int8, int4, sign, rsign and rvq")
-            if int(self.chunk) != self.chunk or self.chunk < 1 or self.chunk >= 2**32:
-                raise UserError(
-                    f"--compression: chunk must be an integer in [1, 2^32), got {self.chunk}"
-                )
+        if self.sparsifier is not None and not isinstance(self.sparsifier, Sparsifier):
+            raise UserError(f"--compression: unknown sparsifier {self.sparsifier!r}")
+        if not isinstance(self.coder, ValueCoder):
+            raise UserError(f"--compression: unknown value codec {self.coder!r}")
+        if self.coder.flat and self.sparsifier is not None:
+            raise UserError(
+                f"--compression: {self.coder.name} takes no sparsifier; use rsign:keep=F or "
+                "rvq:bits=B to send fewer bits"
+            )
 
     @property
     def is_identity(self) -> bool:
         """True for ``none``: updates go in Flower's plain ``ArrayRecord`` format."""
-        return self.sparsifier is None and self.value_codec is ValueCodec.FLOAT32
+        return self.sparsifier is None and isinstance(self.coder, Float32Coder)
 
     @property
     def flat(self) -> bool:
         """True when the whole update is coded as one flat vector (``rsign``, ``rvq``)."""
-        return self.value_codec in (ValueCodec.RSIGN, ValueCodec.RVQ)
-
-    @property
-    def sparsifier(self) -> str | None:
-        """``"topk"``, ``"randk"`` or None (dense)."""
-        if self.topk_fraction is not None:
-            return "topk"
-        return "randk" if self.randk_fraction is not None else None
+        return self.coder.flat
 
     @property
     def needs_error_feedback(self) -> bool:
         """True when entries are dropped or the codec is biased (sign): keep a residual."""
-        return self.sparsifier is not None or self.value_codec is ValueCodec.SIGN
+        return self.sparsifier is not None or self.coder.needs_error_feedback
 
     @property
     def spec(self) -> str:
         """The canonical spec string (``parse_compression(p.spec) == p``)."""
-        parts: list[str] = []
-        if self.topk_fraction is not None:
-            parts.append(f"topk:{self.topk_fraction!r}")
-        if self.randk_fraction is not None:
-            parts.append(f"randk:{self.randk_fraction!r}")
-        if self.value_codec is not ValueCodec.FLOAT32:
-            codec = self.value_codec.name.lower()
-            options = [f"chunk={self.chunk}"] if self.chunk is not None else []
-            options += [f"keep={self.keep!r}"] if self.keep is not None else []
-            options += [f"bits={self.bits}"] if self.bits is not None else []
-            parts.append(codec + (":" + ",".join(options) if options else ""))
+        parts = [self.sparsifier.spec] if self.sparsifier is not None else []
+        if not isinstance(self.coder, Float32Coder):
+            parts.append(self.coder.spec)
         return "+".join(parts) if parts else "none"
 
 
 def _bad(spec: str, why: str) -> UserError:
-    return UserError(f"--compression {spec!r}: {why}. Valid forms: {VALID_FORMS}")
-
-
-def _option(
-    spec: str,
-    codec: str,
-    owner: str,
-    key: str,
-    value: str,
-    convert: Callable[[str], float],
-    valid: Callable[[float], bool],
-    bounds: str,
-) -> float:
-    """The value of option ``key=value`` of ``codec`` (only ``owner`` takes it), checked."""
-    if codec != owner:
-        raise _bad(spec, f"{key}= applies to {owner} only")
-    try:
-        number = convert(value)
-    except ValueError:
-        raise _bad(spec, f"{owner} {key} must be in {bounds}, got {value!r}") from None
-    if not (math.isfinite(number) and valid(number)):
-        raise _bad(spec, f"{owner} {key} must be in {bounds}, got {value}")
-    return number
+    return UserError(f"--compression {spec!r}: {why}. Valid forms: {valid_forms()}")
 
 
 def parse_compression(spec: str) -> CompressionPipeline:
-    """Parse a ``--compression`` spec string.
+    """Parse a ``--compression`` spec string: ``[sparsifier:F+]coder[:key=value,...]``.
 
     Parameters
     ----------
@@ -249,75 +138,31 @@ def parse_compression(spec: str) -> CompressionPipeline:
     text = spec.strip().lower()
     if text in ("", "none"):
         return CompressionPipeline()
-    fractions: dict[str, float] = {}
-    codec = ValueCodec.FLOAT32
-    chunk: int | None = None
-    keep: float | None = None
-    bits: int | None = None
-    seen_codec = False
-    for position, stage in enumerate(text.split("+")):
-        name, _, arg = stage.partition(":")
-        name = name.strip()
-        if name in ("topk", "randk"):
-            if position != 0:
-                raise _bad(spec, f"{name} must be the first stage (one sparsifier at most)")
-            try:
-                fraction = float(arg)
-            except ValueError:
-                raise _bad(
-                    spec, f"{name} needs a fraction, e.g. {name}:0.01, got {arg!r}"
-                ) from None
-            if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
-                raise _bad(spec, f"{name} fraction must be in (0, 1], got {arg}")
-            fractions[name] = fraction
-        elif name in ("float16", *CHUNKED_CODECS):
-            if seen_codec:
-                raise _bad(
-                    spec, "at most one value codec (float16, int8, int4, sign, rsign or rvq)"
-                )
-            seen_codec = True
-            codec = ValueCodec[name.upper()]
-            for option in arg.split(",") if arg else []:
-                key, _, value = option.partition("=")
-                key = key.strip()
-                if name == "float16" or key not in ("chunk", "keep", "bits"):
-                    raise _bad(spec, f"unknown option {option!r} for {name}")
-                if key == "bits":
-                    bits = int(
-                        _option(spec, name, "rvq", key, value, int, lambda b: 1 <= b <= 16, "1..16")
-                    )
-                    continue
-                if key == "keep":
-                    keep = _option(
-                        spec, name, "rsign", key, value, float, lambda f: 0 < f <= 1, "(0, 1]"
-                    )
-                    continue
-                try:
-                    chunk = int(value)
-                except ValueError:
-                    raise _bad(spec, f"chunk must be an integer, got {value!r}") from None
-                if not 1 <= chunk < 2**32:
-                    raise _bad(spec, f"chunk must be in [1, 2^32), got {chunk}")
-                if name in ROTATED_CODECS and chunk & (chunk - 1):
-                    raise _bad(spec, f"{name} chunk must be a power of two, got {chunk}")
-                if name == "rvq" and chunk < 16:
-                    raise _bad(spec, f"rvq chunk must be at least 16, got {chunk}")
-        elif name == "none":
-            raise _bad(spec, "'none' cannot be combined with other stages")
-        else:
-            raise _bad(spec, f"unknown stage {name!r}")
-    if codec in (ValueCodec.RSIGN, ValueCodec.RVQ) and fractions:
-        raise _bad(
-            spec, f"{codec.name.lower()} takes no sparsifier; use rsign:keep=F or rvq:bits=B"
-        )
-    return CompressionPipeline(
-        topk_fraction=fractions.get("topk"),
-        value_codec=codec,
-        chunk=chunk,
-        randk_fraction=fractions.get("randk"),
-        keep=keep,
-        bits=bits,
-    )
+    sparsifier: Sparsifier | None = None
+    coder: ValueCoder | None = None
+    try:
+        for position, stage in enumerate(text.split("+")):
+            name, _, argument = stage.partition(":")
+            name = name.strip()
+            if name in SPARSIFIER_BY_NAME:
+                if position != 0:
+                    raise _bad(spec, f"{name} must be the first stage (one sparsifier at most)")
+                sparsifier = SPARSIFIER_BY_NAME[name].from_argument(argument)
+            elif name in CODER_BY_NAME:
+                if coder is not None:
+                    raise _bad(spec, f"at most one value codec ({', '.join(CODER_BY_NAME)})")
+                coder = CODER_BY_NAME[name].from_options(argument)
+            elif name == "none":
+                raise _bad(spec, "'none' cannot be combined with other stages")
+            else:
+                raise _bad(spec, f"unknown stage {name!r}")
+        return CompressionPipeline(sparsifier, coder if coder is not None else Float32Coder())
+    except CodecOptionError as error:
+        raise _bad(spec, str(error)) from None
+    except UserError as error:
+        if str(error).startswith("--compression '"):
+            raise
+        raise _bad(spec, str(error).removeprefix("--compression: ")) from None
 
 
 def assert_post_privatization(
@@ -363,7 +208,7 @@ def check_downlink(pipeline: CompressionPipeline) -> None:
     UserError
         If the pipeline sparsifies or uses sign.
     """
-    if pipeline.needs_error_feedback or pipeline.flat:
+    if pipeline.needs_error_feedback or not pipeline.coder.downlink:
         raise UserError(
             f"--downlink-compression {pipeline.spec}: sparsifiers, sign, rsign and rvq would drop, "
             "bias or blur the global model's weights; use none, float16, int8 or int4"

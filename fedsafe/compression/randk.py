@@ -25,8 +25,14 @@ the data: the mask is post-processing like the rest of compression.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import numpy as np
 from numpy.typing import NDArray
+
+from fedsafe.compression.codec import Sparsifier, check_fraction
+from fedsafe.compression.framing import PayloadReader, u32, u64
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -68,3 +74,60 @@ def random_mask_indices(seed: int, threshold: int, numel: int) -> NDArray[np.int
     with np.errstate(over="ignore"):
         hashed = splitmix64(positions + np.uint64(seed))
     return np.flatnonzero(hashed < np.uint64(threshold)).astype(np.int64)
+
+
+def draw_seed(rng: np.random.Generator) -> int:
+    """A fresh 64-bit seed for a mask or a rotation, drawn independently of the data."""
+    return int(rng.integers(0, 2**64, dtype=np.uint64))
+
+
+def read_seed_and_threshold(reader: PayloadReader, what: str) -> tuple[int, int]:
+    """A mask's u64 seed and u64 threshold (>= 1), as random-k and rsign send them."""
+    seed = reader.u64(f"{what} seed")
+    threshold = reader.u64(f"{what} threshold")
+    if threshold < 1:
+        raise reader.fail(f"{what} threshold must be >= 1")
+    return seed, threshold
+
+
+@dataclass(frozen=True, slots=True)
+class RandomK(Sparsifier):
+    """Random-k, sparsity id 2: a seeded mask, so no index is sent.
+
+    On the wire: ``seed`` (u64), ``threshold`` (u64 >= 1), ``k`` (u32, the number of entries
+    the seed's mask keeps, checked), then the kept values.
+
+    Parameters
+    ----------
+    fraction
+        Expected fraction of each tensor's entries kept, in (0, 1].
+    """
+
+    fraction: float
+    name: ClassVar[str] = "randk"
+    wire_id: ClassVar[int] = 2
+    forms: ClassVar[str] = "randk:F+sign:chunk=N, randk:F+int8"
+
+    def __post_init__(self) -> None:
+        check_fraction(type(self), self.fraction)
+
+    def select(
+        self, values: NDArray[np.float64], rng: np.random.Generator
+    ) -> tuple[bytes, NDArray[np.int64]]:
+        """A fresh seed from ``rng``, the threshold, and the mask's count."""
+        seed = draw_seed(rng)
+        threshold = threshold_for(self.fraction)
+        indices = random_mask_indices(seed, threshold, values.size)
+        return u64(seed) + u64(threshold) + u32(indices.size), indices
+
+    @classmethod
+    def read(cls, reader: PayloadReader, numel: int) -> NDArray[np.int64]:
+        """The mask of the sent seed; its count must be the sent ``k``."""
+        seed, threshold = read_seed_and_threshold(reader, "random-k")
+        k = reader.u32("k")
+        if k > numel:
+            raise reader.fail(f"k = {k} outside [0, {numel}]")
+        indices = random_mask_indices(seed, threshold, numel)
+        if indices.size != k:
+            raise reader.fail(f"k = {k} but the seed's mask keeps {indices.size} entries")
+        return indices

@@ -25,9 +25,14 @@ from __future__ import annotations
 
 import enum
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
+
+from fedsafe.compression.codec import Sparsifier, check_fraction
+from fedsafe.compression.framing import PayloadReader, u8, u32
 
 
 class IndexCoding(enum.IntEnum):
@@ -153,3 +158,62 @@ def encode_indices(indices: NDArray[np.int64]) -> tuple[IndexCoding, int, bytes]
     if len(varint) < len(packed):
         return IndexCoding.VARINT, 0, varint
     return IndexCoding.BITPACK, width, packed
+
+
+@dataclass(frozen=True, slots=True)
+class TopK(Sparsifier):
+    """Top-k, sparsity id 1: the largest magnitudes, their indices coded as gaps.
+
+    On the wire: ``k`` (u32, ``1 <= k <= numel``), the index coding (u8: 1 varint, 2 bitpack,
+    then u8 width in 1..32), the coded gaps' byte length (u32) and the gaps.
+
+    Parameters
+    ----------
+    fraction
+        Fraction of each tensor's entries kept, in (0, 1] (at least one entry).
+    """
+
+    fraction: float
+    name: ClassVar[str] = "topk"
+    wire_id: ClassVar[int] = 1
+    forms: ClassVar[str] = "topk:F, topk:F+int8, topk:F+int4:chunk=N, topk:F+float16"
+
+    def __post_init__(self) -> None:
+        check_fraction(type(self), self.fraction)
+
+    def select(
+        self, values: NDArray[np.float64], rng: np.random.Generator
+    ) -> tuple[bytes, NDArray[np.int64]]:
+        """The ``k`` largest magnitudes' indices, coded the shorter way."""
+        k = top_k_count(values.size, self.fraction)
+        indices = top_k_indices(values, k)
+        coding, width, index_bytes = encode_indices(indices)
+        width_byte = u8(width) if coding is IndexCoding.BITPACK else b""
+        header = u32(k) + u8(int(coding)) + width_byte + u32(len(index_bytes)) + index_bytes
+        return header, indices
+
+    @classmethod
+    def read(cls, reader: PayloadReader, numel: int) -> NDArray[np.int64]:
+        """``k`` indices in ``[0, numel)``, strictly increasing."""
+        k = reader.u32("k")
+        if not 1 <= k <= numel:
+            raise reader.fail(f"k = {k} outside [1, {numel}]")
+        coding = reader.u8("index coding")
+        if coding == IndexCoding.BITPACK:
+            width = reader.u8("bit width")
+            if not 1 <= width <= 32:
+                raise reader.fail(f"index bit width {width} outside [1, 32]")
+            gaps = bitpack_decode(reader.take(reader.u32("index length"), "indices"), k, width)
+        elif coding == IndexCoding.VARINT:
+            gaps = varint_decode(reader.take(reader.u32("index length"), "indices"), k)
+        else:
+            raise reader.fail(f"unknown index coding {coding} (1 varint, 2 bitpack)")
+        if gaps is None:
+            raise reader.fail(f"index bytes do not hold exactly {k} coded gaps")
+        # Checked before the cumulative sum so that huge gaps cannot wrap around int64.
+        if float(gaps.astype(np.float64).sum()) + k > numel + 0.5:
+            raise reader.fail(f"index out of range: the gaps run past {numel} elements")
+        indices = gaps_to_indices(gaps)
+        if indices[-1] >= numel:
+            raise reader.fail(f"index {int(indices[-1])} out of range for {numel} elements")
+        return indices

@@ -29,15 +29,23 @@ independently of the data, so the coding is post-processing of the DP release.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
 
-from fedsafe.compression.randk import splitmix64
+from fedsafe.compression.codec import ValueCoder, check_option
+from fedsafe.compression.framing import PayloadReader, float32s, u8, u32, u64
+from fedsafe.compression.randk import draw_seed, splitmix64
 from fedsafe.compression.rotation import (
+    DEFAULT_ROTATION_CHUNK,
+    check_rotation_chunk,
     drive_scales,
     padded_chunks,
+    read_rotation_chunk,
     rotate,
     rotated_length,
     unrotate,
@@ -144,3 +152,66 @@ def rvq_decode(
     per_value = np.repeat(scales.astype(np.float64), [p for _, _, p in layout])
     y = codebook(bits)[indices].ravel() * per_value
     return unrotate(y, size, chunk, seed, minimum=BLOCK)
+
+
+#: Index bits per 16 rotated values when none are given.
+DEFAULT_BITS = 11
+
+
+@dataclass(frozen=True, slots=True)
+class RvqCoder(ValueCoder):
+    """Rotated vector code, wire id 6, flat; unbiased only approximately, as ``rsign``.
+
+    On the wire: ``seed`` (u64, the random signs'), ``bits`` (u8 in 1..16), ``chunk`` (u32, a
+    power of two in [16, 2^24]), one float32 scale per rotation chunk, then
+    ``ceil(blocks * bits / 8)`` bytes: one ``bits``-bit codeword index per 16 rotated values,
+    most significant bit first, zero padding.
+
+    Parameters
+    ----------
+    chunk
+        Rotation chunk (a power of two in [16, 2^24]); None for 1024.
+    bits
+        Index bits per 16 rotated values, in 1..16; None for 11.
+    """
+
+    chunk: int | None = None
+    bits: int | None = None
+    name: ClassVar[str] = "rvq"
+    wire_id: ClassVar[int] = 6
+    forms: ClassVar[str] = "rvq, rvq:bits=B, rvq:chunk=P,bits=B"
+    options: ClassVar[dict[str, Callable[[str], float]]] = {"chunk": int, "bits": int}
+    flat: ClassVar[bool] = True
+    downlink: ClassVar[bool] = False
+    #: The random code's NMSE at 11 bits (module docstring), at default options.
+    nmse: ClassVar[float | None] = 0.86
+
+    def __post_init__(self) -> None:
+        check_rotation_chunk(self.name, self.chunk, BLOCK)
+        valid = self.bits is None or (
+            isinstance(self.bits, int) and MIN_BITS <= self.bits <= MAX_BITS
+        )
+        check_option(valid, self.name, "bits", f"{MIN_BITS}..{MAX_BITS}", self.bits)
+
+    def encode(
+        self, values: NDArray[np.float64], rng: np.random.Generator, tensor: str
+    ) -> tuple[bytes, NDArray[np.float64]]:
+        """Seed, bits, chunk, scales and the codeword indices."""
+        seed = draw_seed(rng)
+        bits = self.bits if self.bits is not None else DEFAULT_BITS
+        chunk = self.chunk if self.chunk is not None else DEFAULT_ROTATION_CHUNK
+        scales, indices, decoded = rvq_encode(values, chunk, seed, bits)
+        return u64(seed) + u8(bits) + u32(chunk) + float32s(scales) + indices, decoded
+
+    @classmethod
+    def decode(cls, reader: PayloadReader, count: int) -> NDArray[np.float64]:
+        """The unbiased estimate of ``count`` values."""
+        seed = reader.u64("rvq seed")
+        bits = reader.u8("rvq bits")
+        if not MIN_BITS <= bits <= MAX_BITS:
+            raise reader.fail(f"rvq bits must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
+        chunk = read_rotation_chunk(reader, cls.name, BLOCK)
+        scales = reader.scales(-(-count // chunk), "rvq")
+        index_bytes = reader.take((rvq_blocks(count, chunk) * bits + 7) // 8, "rvq indices")
+        decoded = rvq_decode(index_bytes, scales, count, chunk, seed, bits)
+        return reader.finite(decoded, "rvq", "index")

@@ -1,4 +1,10 @@
-"""Wire format of compressed updates inside a Flower ``ArrayRecord``, and its decoder.
+"""Wire format of compressed updates inside a Flower ``ArrayRecord``: framing and dispatch.
+
+This module frames tensors (magic, version, flags, names, dtypes, shapes, the flat layout's
+checksum) and hands each tensor's values to the codecs through the registry
+(:mod:`fedsafe.compression.registry`); what follows a ``sparsity`` or ``value codec`` id is
+described, written and read by that codec's own module. The format is unchanged since before
+the registry (pinned by ``tests/compression/test_wire.py``).
 
 Format (version 1)
 ------------------
@@ -9,7 +15,7 @@ per tensor, because every ``Array`` costs Flower a JSON header and a chunk objec
 bytes), which at 100x compression of a 26k-parameter model would be most of the message.
 
 All integers are little-endian. ``m`` is the number of values sent for a tensor: ``numel`` when
-dense, ``k`` after top-k.
+dense, ``k`` after a sparsifier.
 
 =========================  ==============================================================
 field                      layout
@@ -23,32 +29,13 @@ tensor count               u16 (flat: 1)
 name                       u16 length, then UTF-8 bytes (names unique)
 dtype                      u8: 1 float32, 2 float64 (the decoded dtype)
 shape                      u8 ndim (<= 8), then ndim x u32; ``numel < 2^32``
-sparsity                   u8: 0 dense, 1 top-k, 2 random-k
- (top-k) k                 u32, ``1 <= k <= numel``
- (top-k) index coding      u8: 1 varint, 2 bitpack; bitpack adds u8 width in 1..32
- (top-k) indices           u32 byte length, then the coded gaps (see :mod:`.topk`)
- (random-k) seed           u64, the mask's seed (see :mod:`.randk`)
- (random-k) threshold      u64 >= 1, keeps entry i iff splitmix64(seed + i) < threshold
- (random-k) k              u32, the number of entries the mask keeps (checked)
-value codec                u8: 0 float32, 1 float16, 2 int8, 3 int4, 4 sign, 5 rsign, 6 rvq
- (rsign) seed              u64, the random signs' and the mask's seed (:mod:`.rotation`)
- (rsign) threshold         u64 >= 1: rotated coordinate j is sent iff splitmix64((seed XOR
-                           salt) + j) < threshold; 2^64 - 1 sends all
- (rvq) seed                u64, the random signs' seed (:mod:`.rotation`)
- (rvq) bits                u8 in 1..16, index bits per 16 rotated values (:mod:`.vq`)
- (int8/int4/sign) chunk    u32 >= 1, values per scale; rsign: a power of two <= 2^24;
-                           rvq: a power of two in [16, 2^24]
- (int8/int4/sign) scales   ``ceil(m / chunk)`` x float32, finite and >= 0 (rsign, rvq: one
-                           per rotation chunk)
-values                     float32: 4m bytes; float16: 2m; int8: m (``-127..127``);
-                           int4: ``ceil(m/2)``, two per byte, low nibble first, level + 8;
-                           sign: ``ceil(m/8)``, one bit per value, 1 for +scale, most
-                           significant bit first, zero padding (see :mod:`.sign`);
-                           rsign: ``ceil(kept/8)``, one bit per sent rotated coordinate;
-                           rvq: ``ceil(blocks * bits / 8)``, one ``bits``-bit codeword
-                           index per 16 rotated values, most significant bit first, zero
-                           padding (``blocks`` = rotated length / 16, chunks padded to a
-                           power of two of at least 16)
+sparsity                   u8: 0 dense, else a sparsifier's id, then its fields
+                           (1 top-k: :class:`~fedsafe.compression.topk.TopK`;
+                           2 random-k: :class:`~fedsafe.compression.randk.RandomK`)
+value codec                u8: a value coder's id, then its fields and the ``m`` values
+                           (0 float32, 1 float16: :mod:`.floats`; 2 int8, 3 int4:
+                           :mod:`.quantize`; 4 sign: :mod:`.sign`; 5 rsign: :mod:`.rotation`;
+                           6 rvq: :mod:`.vq`)
 =========================  ==============================================================
 
 Flat payloads (``rsign``, ``rvq``): the update's tensors are concatenated, in the model's
@@ -63,19 +50,25 @@ codecs 4-6 as unknown, so an old coordinator drops such a reply with that reason
 misreading it. The ``rvq`` codebook is fixed by :data:`fedsafe.compression.vq.CODEBOOK_SEED`;
 a different codebook would need a new codec id.
 
+Bounded decoding
+----------------
 The payload must end exactly after the last tensor. The decoder checks every field and raises
 :class:`MalformedPayloadError` naming the field, the tensor and the offset; the coordinator
-drops that reply, logs why, and goes on with the round.
+drops that reply, logs why, and goes on with the round. No declared size is trusted: with the
+model's layout (which the coordinator always has) each tensor's name and shape must be the
+model's before any of its values are read, so nothing larger than the model is ever allocated;
+without a layout the declared values may total at most ``max_values``. Within a tensor each
+codec checks that the bytes its fields imply are present before it allocates for them.
 
 ``none`` sends Flower's own format (``ArrayRecord`` of numpy ``Array``), so an uncompressed
-run is byte-for-byte what Flower would send, and :func:`decode_update` accepts both.
+run is byte-for-byte what Flower would send, and :func:`decode_update` accepts both; plain
+arrays are read with the same bounds (:mod:`fedsafe.compression.plain_arrays`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import struct
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -85,58 +78,46 @@ from flwr.app import Array, ArrayRecord
 from numpy.typing import NDArray
 
 from fedsafe.compression.error_feedback import ErrorFeedback
-from fedsafe.compression.pipeline import (
-    DEFAULT_RSIGN_CHUNK,
-    DEFAULT_RVQ_BITS,
-    CompressionPipeline,
-    ValueCodec,
+from fedsafe.compression.framing import MalformedPayloadError, PayloadReader, u8, u16, u32
+from fedsafe.compression.pipeline import CompressionPipeline
+from fedsafe.compression.plain_arrays import Layout, decode_plain, layout_of, plain_record
+from fedsafe.compression.registry import (
+    CODER_BY_ID,
+    DENSE_ID,
+    SPARSIFIER_BY_ID,
+    known_ids,
 )
-from fedsafe.compression.quantize import (
-    INT4_LEVELS,
-    INT8_LEVELS,
-    chunk_lengths,
-    dequantize,
-    pack_int4,
-    stochastic_quantize,
-    unpack_int4,
-)
-from fedsafe.compression.randk import random_mask_indices, threshold_for
-from fedsafe.compression.rotation import (
-    keep_mask,
-    padded_chunks,
-    rotated_length,
-    rsign_decode,
-    rsign_encode,
-)
-from fedsafe.compression.sign import sign_decode, sign_encode
-from fedsafe.compression.topk import (
-    IndexCoding,
-    bitpack_decode,
-    encode_indices,
-    gaps_to_indices,
-    top_k_count,
-    top_k_indices,
-    varint_decode,
-)
-from fedsafe.compression.vq import MAX_BITS, MIN_BITS, rvq_decode, rvq_encode, rvq_layout
+
+__all__ = [
+    "DEFAULT_MAX_VALUES",
+    "WIRE_KEY",
+    "WIRE_STYPE",
+    "EncodeStats",
+    "Layout",
+    "MalformedPayloadError",
+    "decode_or_drop",
+    "decode_payload",
+    "decode_update",
+    "encode_update",
+    "layout_checksum",
+    "layout_of",
+    "plain_record",
+    "serialized_size",
+]
 
 WIRE_KEY = "fedsafe.compressed"
 #: ``flags`` bit: the payload is the whole update as one flat tensor.
 FLAG_FLAT = 1
-#: A model's layout: tensor names and shapes, in order.
-Layout = list[tuple[str, tuple[int, ...]]]
 WIRE_STYPE = "fedsafe.wire.v1"
 MAGIC = b"FSCZ"
 VERSION = 1
 MAX_NDIM = 8
-FLOAT16_MAX = float(np.finfo(np.float16).max)
+#: Values a payload may declare when it is decoded without the model's layout (2^25: 256 MiB
+#: as float64). The coordinator always passes the layout, which bounds it by the model.
+DEFAULT_MAX_VALUES = 2**25
 
 _DTYPES: dict[int, type[np.floating[Any]]] = {1: np.float32, 2: np.float64}
 _DTYPE_CODES = {np.dtype(np.float32): 1, np.dtype(np.float64): 2}
-
-
-class MalformedPayloadError(ValueError):
-    """A compressed reply that does not follow the wire format; the reply must be dropped."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,74 +168,6 @@ def serialized_size(obj: Any) -> int:
     return sum(len(o.deflate()) for o in get_all_nested_objects(obj).values())
 
 
-def plain_record(arrays: dict[str, NDArray[Any]]) -> ArrayRecord:
-    """Flower's own format for ``arrays`` (what ``--compression none`` sends)."""
-    return ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in arrays.items()})
-
-
-def _u8(v: int) -> bytes:
-    return struct.pack("<B", v)
-
-
-def _u16(v: int) -> bytes:
-    return struct.pack("<H", v)
-
-
-def _u32(v: int) -> bytes:
-    return struct.pack("<I", v)
-
-
-def _u64(v: int) -> bytes:
-    return struct.pack("<Q", v)
-
-
-def _encode_values(
-    values: NDArray[np.float64], pipeline: CompressionPipeline, rng: np.random.Generator, name: str
-) -> tuple[bytes, NDArray[np.float64]]:
-    """Code the sent values; return the bytes and what the decoder will reconstruct."""
-    codec = pipeline.value_codec
-    out = [_u8(int(codec))]
-    if codec is ValueCodec.FLOAT32:
-        coded32 = values.astype(np.float32)
-        out.append(coded32.tobytes())
-        return b"".join(out), coded32.astype(np.float64)
-    if codec is ValueCodec.FLOAT16:
-        if values.size and float(np.max(np.abs(values))) > FLOAT16_MAX:
-            raise ValueError(
-                f"tensor {name!r} has values beyond float16's range (+-{FLOAT16_MAX:g}); "
-                "use --compression int8, which scales each tensor"
-            )
-        coded16 = values.astype(np.float16)
-        out.append(coded16.tobytes())
-        return b"".join(out), coded16.astype(np.float64)
-    if codec is ValueCodec.RSIGN:
-        seed = int(rng.integers(0, 2**64, dtype=np.uint64))
-        threshold = threshold_for(pipeline.keep) if pipeline.keep is not None else 2**64 - 1
-        rchunk = pipeline.chunk if pipeline.chunk is not None else DEFAULT_RSIGN_CHUNK
-        scales, bits, decoded = rsign_encode(values, rchunk, seed, threshold)
-        out += [_u64(seed), _u64(threshold), _u32(rchunk), scales.astype("<f4").tobytes(), bits]
-        return b"".join(out), decoded
-    if codec is ValueCodec.RVQ:
-        seed = int(rng.integers(0, 2**64, dtype=np.uint64))
-        nbits = pipeline.bits if pipeline.bits is not None else DEFAULT_RVQ_BITS
-        rchunk = pipeline.chunk if pipeline.chunk is not None else DEFAULT_RSIGN_CHUNK
-        scales, indices, decoded = rvq_encode(values, rchunk, seed, nbits)
-        out += [_u64(seed), _u8(nbits), _u32(rchunk), scales.astype("<f4").tobytes(), indices]
-        return b"".join(out), decoded
-    chunk = pipeline.chunk if pipeline.chunk is not None else max(1, values.size)
-    if codec is ValueCodec.SIGN:
-        bits, scales = sign_encode(values, chunk)
-        out += [_u32(chunk), scales.astype("<f4").tobytes(), bits]
-        signs = sign_decode(bits, scales, values.size, chunk)
-        assert signs is not None
-        return b"".join(out), signs
-    levels = INT8_LEVELS if codec is ValueCodec.INT8 else INT4_LEVELS
-    q, scales = stochastic_quantize(values, levels, chunk, rng)
-    out += [_u32(chunk), scales.astype("<f4").tobytes()]
-    out.append(q.tobytes() if codec is ValueCodec.INT8 else pack_int4(q))
-    return b"".join(out), dequantize(q, scales, chunk)
-
-
 def encode_update(
     update: dict[str, NDArray[np.floating[Any]]],
     pipeline: CompressionPipeline,
@@ -272,7 +185,7 @@ def encode_update(
     pipeline
         The run's pipeline, from :func:`fedsafe.compression.parse_compression`.
     rng
-        Generator for stochastic rounding.
+        Generator for stochastic rounding, masks and rotations (post-processing randomness).
     feedback
         The site's error-feedback state, updated in place (``residual = update + residual -
         sent``); None to send without memory.
@@ -291,28 +204,45 @@ def encode_update(
     raw = plain_record(update)
     raw_bytes = serialized_size(raw)
     total = sum(int(np.asarray(v).size) for v in update.values())
+    for name, tensor in update.items():
+        if not np.all(np.isfinite(np.asarray(tensor))):
+            raise ValueError(f"tensor {name!r} has non-finite values; refusing to encode it")
     if pipeline.is_identity:
         # Nothing is dropped, so an error-feedback residual would stay zero: send Flower's format.
-        _check_finite(update)
         return raw, EncodeStats(raw_bytes, raw_bytes, total, total)
     if pipeline.flat:
         if feedback is not None:
             raise ValueError("flat payloads (rsign, rvq) keep no error-feedback residual")
-        _check_finite(update)
         wide = any(np.asarray(v).dtype == np.float64 for v in update.values())
         flat: NDArray[np.floating[Any]] = np.concatenate(
             [np.asarray(v, dtype=np.float64).ravel() for v in update.values()] or [np.zeros(0)]
         )
-        if not wide:
-            flat = flat.astype(np.float32)
-        header = [MAGIC, _u8(VERSION), _u8(FLAG_FLAT), _u16(1)]
-        header.append(_u32(layout_checksum(layout_of(update))))
-        flat_update: dict[str, NDArray[np.floating[Any]]] = {"": flat}
+        header = [
+            MAGIC,
+            u8(VERSION),
+            u8(FLAG_FLAT),
+            u16(1),
+            u32(layout_checksum(layout_of(update))),
+        ]
+        flat_update = {"": flat if wide else flat.astype(np.float32)}
         return _encode_tensors(flat_update, pipeline, rng, None, header, raw_bytes, total)
     if len(update) >= 2**16:
         raise ValueError(f"an update may hold at most 65535 tensors, got {len(update)}")
-    header = [MAGIC, _u8(VERSION), _u8(0), _u16(len(update))]
+    header = [MAGIC, u8(VERSION), u8(0), u16(len(update))]
     return _encode_tensors(update, pipeline, rng, feedback, header, raw_bytes, total)
+
+
+def _tensor_header(name: str, array: NDArray[Any]) -> bytes:
+    """Name, dtype and shape of one tensor; ValueError if the format cannot hold it."""
+    if array.dtype not in _DTYPE_CODES:
+        raise ValueError(f"tensor {name!r} has dtype {array.dtype}; expected float32/float64")
+    if array.ndim > MAX_NDIM or array.size >= 2**32 or any(d >= 2**32 for d in array.shape):
+        raise ValueError(f"tensor {name!r} shape {array.shape} is too large for the format")
+    encoded = name.encode("utf-8")
+    if len(encoded) >= 2**16:
+        raise ValueError(f"tensor name {name[:40]!r}... is longer than 65535 bytes")
+    shape = b"".join(u32(int(d)) for d in array.shape)
+    return u16(len(encoded)) + encoded + u8(_DTYPE_CODES[array.dtype]) + u8(array.ndim) + shape
 
 
 def _encode_tensors(
@@ -330,48 +260,28 @@ def _encode_tensors(
     new_residuals: dict[str, NDArray[np.float64]] = {}
     for name, tensor in update.items():
         array = np.asarray(tensor)
-        if array.dtype not in _DTYPE_CODES:
-            raise ValueError(f"tensor {name!r} has dtype {array.dtype}; expected float32/float64")
-        if not np.all(np.isfinite(array)):
-            raise ValueError(f"tensor {name!r} has non-finite values; refusing to encode it")
-        if array.ndim > MAX_NDIM or array.size >= 2**32 or any(d >= 2**32 for d in array.shape):
-            raise ValueError(f"tensor {name!r} shape {array.shape} is too large for the format")
-        encoded_name = name.encode("utf-8")
-        if len(encoded_name) >= 2**16:
-            raise ValueError(f"tensor name {name[:40]!r}... is longer than 65535 bytes")
+        parts.append(_tensor_header(name, array))
         target = (feedback.corrected(name, array) if feedback else array.astype(np.float64)).ravel()
-        parts += [_u16(len(encoded_name)), encoded_name, _u8(_DTYPE_CODES[array.dtype])]
-        parts += [_u8(array.ndim), *(_u32(int(d)) for d in array.shape)]
-        if pipeline.topk_fraction is not None:
-            k = top_k_count(target.size, pipeline.topk_fraction)
-            indices = top_k_indices(target, k)
-            coding, width, index_bytes = encode_indices(indices)
-            parts += [_u8(1), _u32(k), _u8(int(coding))]
-            if coding is IndexCoding.BITPACK:
-                parts.append(_u8(width))
-            parts += [_u32(len(index_bytes)), index_bytes]
-            value_bytes, sent_values = _encode_values(target[indices], pipeline, rng, name)
-            sent = np.zeros(target.size, dtype=np.float64)
-            sent[indices] = sent_values
-            sent_count += k
-        elif pipeline.randk_fraction is not None:
-            seed = int(rng.integers(0, 2**64, dtype=np.uint64))
-            threshold = threshold_for(pipeline.randk_fraction)
-            indices = random_mask_indices(seed, threshold, target.size)
-            parts += [_u8(2), _u64(seed), _u64(threshold), _u32(indices.size)]
-            value_bytes, sent_values = _encode_values(target[indices], pipeline, rng, name)
-            sent = np.zeros(target.size, dtype=np.float64)
-            sent[indices] = sent_values
-            sent_count += indices.size
+        if pipeline.sparsifier is None:
+            parts.append(u8(DENSE_ID))
+            indices = None
+            values = target
         else:
-            parts.append(_u8(0))
-            value_bytes, sent = _encode_values(target, pipeline, rng, name)
-            sent_count += target.size
-        parts.append(value_bytes)
+            fields, indices = pipeline.sparsifier.select(target, rng)
+            parts += [u8(pipeline.sparsifier.wire_id), fields]
+            values = target[indices]
+        value_bytes, decoded = pipeline.coder.encode(values, rng, name)
+        parts += [u8(pipeline.coder.wire_id), value_bytes]
+        sent_count += values.size
+        if indices is None:
+            sent = decoded
+        else:
+            sent = np.zeros(target.size, dtype=np.float64)
+            sent[indices] = decoded
         if feedback is not None:
             # The residual is taken against what the decoder will return, in the update's dtype.
-            decoded = sent.astype(array.dtype).astype(np.float64)
-            new_residuals[name] = (target - decoded).reshape(array.shape)
+            returned = sent.astype(array.dtype).astype(np.float64)
+            new_residuals[name] = (target - returned).reshape(array.shape)
     blob = b"".join(parts)
     # Residuals are committed only once every tensor encoded, so a failure leaves none half-set.
     if feedback is not None:
@@ -383,164 +293,50 @@ def _encode_tensors(
     return record, EncodeStats(raw_bytes, serialized_size(record), sent_count, total)
 
 
-def layout_of(arrays: dict[str, NDArray[Any]]) -> Layout:
-    """Names and shapes of ``arrays``, in order."""
-    return [(name, tuple(int(d) for d in np.shape(v))) for name, v in arrays.items()]
-
-
 def layout_checksum(layout: Layout) -> int:
     """CRC-32 of ``name:d0xd1...;`` over the layout (detects a mismatched model)."""
     text = ";".join(f"{name}:{'x'.join(str(d) for d in shape)}" for name, shape in layout)
     return zlib.crc32(text.encode("utf-8"))
 
 
-def _split_flat(
-    flat: NDArray[np.floating[Any]], layout: Layout
-) -> dict[str, NDArray[np.floating[Any]]]:
-    out: dict[str, NDArray[np.floating[Any]]] = {}
-    offset = 0
-    for name, shape in layout:
-        size = math.prod(shape)
-        out[name] = flat[offset : offset + size].reshape(shape)
-        offset += size
-    return out
-
-
-def _check_finite(update: dict[str, NDArray[Any]]) -> None:
-    for name, tensor in update.items():
-        if not np.all(np.isfinite(np.asarray(tensor))):
-            raise ValueError(f"tensor {name!r} has non-finite values; refusing to encode it")
-
-
-class _Reader:
-    """Bounds-checked reader over the payload; every failure names the field and offset."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-        self.where = "header"
-
-    def fail(self, why: str) -> MalformedPayloadError:
-        return MalformedPayloadError(
-            f"malformed compressed update ({self.where}, byte {self.pos} of {len(self.data)}): "
-            f"{why}"
-        )
-
-    def take(self, n: int, field: str) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise self.fail(f"truncated: {field} needs {n} bytes, {len(self.data) - self.pos} left")
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
-    def u8(self, field: str) -> int:
-        return int(self.take(1, field)[0])
-
-    def u16(self, field: str) -> int:
-        return int(struct.unpack("<H", self.take(2, field))[0])
-
-    def u32(self, field: str) -> int:
-        return int(struct.unpack("<I", self.take(4, field))[0])
-
-    def u64(self, field: str) -> int:
-        return int(struct.unpack("<Q", self.take(8, field))[0])
-
-    def seed_and_threshold(self, what: str) -> tuple[int, int]:
-        """A mask's u64 seed and u64 threshold (>= 1), as random-k and rsign send them."""
-        seed = self.u64(f"{what} seed")
-        threshold = self.u64(f"{what} threshold")
-        if threshold < 1:
-            raise self.fail(f"{what} threshold must be >= 1")
-        return seed, threshold
-
-    def rotation_scales(self, count: int, what: str) -> NDArray[np.float32]:
-        """``count`` float32 chunk scales of a rotated code, each finite and >= 0."""
-        scales = np.frombuffer(self.take(4 * count, "scales"), dtype="<f4")
-        if not np.all(np.isfinite(scales)) or np.any(scales < 0):
-            raise self.fail(f"{what} scale is negative or not finite")
-        return scales
-
-    def rotated_values(
-        self, decoded: NDArray[np.float64] | None, what: str, unit: str
-    ) -> NDArray[np.float64]:
-        """A rotated code's decoding: None (bad padding after the last ``unit``) or finite."""
-        if decoded is None:
-            raise self.fail(f"non-zero padding bits after the last {what} {unit}")
-        if not np.all(np.isfinite(decoded)):
-            raise self.fail(f"{what} values are not finite (scale too large)")
-        return decoded
-
-
-def _decode_values(reader: _Reader, m: int) -> NDArray[np.float64]:
+def _decode_values(reader: PayloadReader, count: int) -> NDArray[np.float64]:
+    """The value codec's id, then ``count`` values decoded by that codec."""
     code = reader.u8("value codec")
-    if code not in ValueCodec._value2member_map_:
-        raise reader.fail(f"unknown value codec id {code} (known: 0 float32 .. 6 rvq)")
-    codec = ValueCodec(code)
-    if codec is ValueCodec.RVQ:
-        return _decode_rvq(reader, m)
-    if codec is ValueCodec.RSIGN:
-        seed, threshold = reader.seed_and_threshold("rsign")
-        rchunk = reader.u32("chunk size")
-        if rchunk < 1 or rchunk & (rchunk - 1) or rchunk > 2**24:
-            raise reader.fail(f"rsign chunk must be a power of two up to 2^24, got {rchunk}")
-        scales = reader.rotation_scales(len(padded_chunks(m, rchunk)), "rsign")
-        kept = int(keep_mask(seed, threshold, rotated_length(m, rchunk)).sum())
-        bits = reader.take((kept + 7) // 8, "rsign bits")
-        return reader.rotated_values(
-            rsign_decode(bits, scales, m, rchunk, seed, threshold), "rsign", "bit"
-        )
-    if codec is ValueCodec.FLOAT32:
-        values = np.frombuffer(reader.take(4 * m, "float32 values"), dtype="<f4")
-    elif codec is ValueCodec.FLOAT16:
-        values = np.frombuffer(reader.take(2 * m, "float16 values"), dtype="<f2")
-    else:
-        chunk = reader.u32("chunk size")
-        if chunk < 1:
-            raise reader.fail("chunk size must be >= 1, got 0")
-        n_scales = len(chunk_lengths(m, chunk))
-        scales = np.frombuffer(reader.take(4 * n_scales, "scales"), dtype="<f4")
-        if not np.all(np.isfinite(scales)):
-            raise reader.fail("non-finite scale (NaN or inf)")
-        if np.any(scales < 0):
-            raise reader.fail("negative scale")
-        if codec is ValueCodec.SIGN:
-            signs = sign_decode(reader.take((m + 7) // 8, "sign bits"), scales, m, chunk)
-            if signs is None:
-                raise reader.fail("non-zero padding bits after the last sign")
-            return signs
-        if codec is ValueCodec.INT8:
-            q = np.frombuffer(reader.take(m, "int8 values"), dtype=np.int8)
-            if np.any(q == -128):
-                raise reader.fail("int8 level -128 is outside the symmetric range -127..127")
-        else:
-            q, ok = unpack_int4(reader.take((m + 1) // 2, "int4 values"), m)
-            if not ok:
-                raise reader.fail("int4 nibble 0 (level -8) or non-zero padding nibble")
-        return dequantize(q, scales, chunk)
-    out = values.astype(np.float64)
-    if not np.all(np.isfinite(out)):
-        raise reader.fail("non-finite value (NaN or inf)")
-    return out
+    coder = CODER_BY_ID.get(code)
+    if coder is None:
+        raise reader.fail(f"unknown value codec id {code} (known: {known_ids(CODER_BY_ID)})")
+    return coder.decode(reader, count)
 
 
-def _decode_rvq(reader: _Reader, m: int) -> NDArray[np.float64]:
-    seed = reader.u64("rvq seed")
-    nbits = reader.u8("rvq bits")
-    if not MIN_BITS <= nbits <= MAX_BITS:
-        raise reader.fail(f"rvq bits must be in {MIN_BITS}..{MAX_BITS}, got {nbits}")
-    rchunk = reader.u32("chunk size")
-    if rchunk < 16 or rchunk & (rchunk - 1) or rchunk > 2**24:
-        raise reader.fail(f"rvq chunk must be a power of two in [16, 2^24], got {rchunk}")
-    layout = rvq_layout(m, rchunk)
-    scales = reader.rotation_scales(len(layout), "rvq")
-    blocks = sum(padded for _, _, padded in layout) // 16
-    index_bytes = reader.take((blocks * nbits + 7) // 8, "rvq indices")
-    decoded = rvq_decode(index_bytes, scales, m, rchunk, seed, nbits)
-    return reader.rotated_values(decoded, "rvq", "index")
+def _decode_tensor(reader: PayloadReader, numel: int) -> NDArray[np.float64]:
+    """A tensor's sparsity and values, ``numel`` long (checked against the layout)."""
+    sparsity = reader.u8("sparsity")
+    if sparsity == DENSE_ID:
+        return _decode_values(reader, numel)
+    sparsifier = SPARSIFIER_BY_ID.get(sparsity)
+    if sparsifier is None:
+        raise reader.fail(f"unknown sparsity {sparsity} (0 dense, {known_ids(SPARSIFIER_BY_ID)})")
+    indices = sparsifier.read(reader, numel)
+    dense = np.zeros(numel, dtype=np.float64)
+    dense[indices] = _decode_values(reader, indices.size)
+    return dense
+
+
+def _expected_shapes(
+    reader: PayloadReader, flags: int, count: int, layout: Layout | None
+) -> list[tuple[str, tuple[int, ...]]] | None:
+    """What each tensor must declare, from the layout; None without one."""
+    if layout is None:
+        return None
+    if flags == FLAG_FLAT:
+        return [("", (sum(math.prod(shape) for _, shape in layout),))]
+    if count != len(layout):
+        raise reader.fail(f"{count} tensors, the model has {len(layout)}")
+    return [(name, tuple(shape)) for name, shape in layout]
 
 
 def decode_payload(
-    data: bytes, layout: Layout | None = None
+    data: bytes, layout: Layout | None = None, max_values: int = DEFAULT_MAX_VALUES
 ) -> dict[str, NDArray[np.floating[Any]]]:
     """Decode a version-1 payload (the bytes of the ``Array`` under :data:`WIRE_KEY`).
 
@@ -549,15 +345,20 @@ def decode_payload(
     data
         The payload.
     layout
-        Names and shapes of the model the update applies to; needed for flat payloads.
+        Names and shapes of the model the update applies to; needed for flat payloads. When
+        given, every tensor must have the layout's name and shape (in order), checked before
+        its values are read.
+    max_values
+        Without a layout, the most values the tensors may declare in all.
 
     Raises
     ------
     MalformedPayloadError
-        If any field is invalid, the payload is truncated or has trailing bytes, or a flat
-        payload does not match ``layout`` (or comes without one).
+        If any field is invalid, a tensor differs from ``layout`` or declares more values
+        than allowed, the payload is truncated or has trailing bytes, or a flat payload does
+        not match ``layout`` (or comes without one).
     """
-    reader = _Reader(data)
+    reader = PayloadReader(data)
     if reader.take(4, "magic") != MAGIC:
         raise reader.fail(f"bad magic, expected {MAGIC!r}: not a fedsafe compressed update")
     version = reader.u8("version")
@@ -567,7 +368,6 @@ def decode_payload(
     if flags not in (0, FLAG_FLAT):
         raise reader.fail(f"unknown flags {flags:#04x} (0, or 1 for flat)")
     count = reader.u16("tensor count")
-    checksum = None
     if flags == FLAG_FLAT:
         if count != 1:
             raise reader.fail(f"a flat payload holds one tensor, got {count}")
@@ -576,6 +376,8 @@ def decode_payload(
             raise reader.fail("a flat payload needs the model's layout to be split")
         if checksum != layout_checksum(layout):
             raise reader.fail("layout checksum does not match the model (another model?)")
+    expected = _expected_shapes(reader, flags, count, layout)
+    declared = 0
     out: dict[str, NDArray[np.floating[Any]]] = {}
     for position in range(count):
         reader.where = f"tensor #{position}"
@@ -596,60 +398,38 @@ def decode_payload(
         numel = math.prod(shape)
         if numel >= 2**32:
             raise reader.fail(f"shape {shape} has {numel} >= 2^32 elements")
-        sparsity = reader.u8("sparsity")
-        if sparsity == 0:
-            dense = _decode_values(reader, numel)
-        elif sparsity == 1:
-            k = reader.u32("k")
-            if not 1 <= k <= numel:
-                raise reader.fail(f"k = {k} outside [1, {numel}]")
-            coding = reader.u8("index coding")
-            if coding == IndexCoding.BITPACK:
-                width = reader.u8("bit width")
-                if not 1 <= width <= 32:
-                    raise reader.fail(f"index bit width {width} outside [1, 32]")
-                index_bytes = reader.take(reader.u32("index length"), "indices")
-                gaps = bitpack_decode(index_bytes, k, width)
-            elif coding == IndexCoding.VARINT:
-                index_bytes = reader.take(reader.u32("index length"), "indices")
-                gaps = varint_decode(index_bytes, k)
-            else:
-                raise reader.fail(f"unknown index coding {coding} (1 varint, 2 bitpack)")
-            if gaps is None:
-                raise reader.fail(f"index bytes do not hold exactly {k} coded gaps")
-            # Checked before the cumulative sum so that huge gaps cannot wrap around int64.
-            if float(gaps.astype(np.float64).sum()) + k > numel + 0.5:
-                raise reader.fail(f"index out of range: the gaps run past {numel} elements")
-            indices = gaps_to_indices(gaps)
-            if indices[-1] >= numel:
-                raise reader.fail(f"index {int(indices[-1])} out of range for {numel} elements")
-            dense = np.zeros(numel, dtype=np.float64)
-            dense[indices] = _decode_values(reader, k)
-        elif sparsity == 2:
-            seed, threshold = reader.seed_and_threshold("random-k")
-            k = reader.u32("k")
-            indices = random_mask_indices(seed, threshold, numel)
-            if indices.size != k:
-                raise reader.fail(f"k = {k} but the seed's mask keeps {indices.size} entries")
-            dense = np.zeros(numel, dtype=np.float64)
-            dense[indices] = _decode_values(reader, k)
-        else:
-            raise reader.fail(f"unknown sparsity {sparsity} (0 dense, 1 top-k, 2 random-k)")
-        out[name] = dense.reshape(shape).astype(_DTYPES[dtype_code])
+        if expected is not None and (name, shape) != expected[position]:
+            want_name, want_shape = expected[position]
+            raise reader.fail(
+                f"declares {name!r} {shape}, the model's tensor #{position} is "
+                f"{want_name!r} {want_shape}"
+            )
+        declared += numel
+        if expected is None and declared > max_values:
+            raise reader.fail(f"declares {declared} values in all, more than {max_values}")
+        out[name] = _decode_tensor(reader, numel).reshape(shape).astype(_DTYPES[dtype_code])
     reader.where = "end"
     if reader.pos != len(data):
         raise reader.fail(f"{len(data) - reader.pos} trailing bytes after the last tensor")
-    if checksum is not None and layout is not None:
-        flat = out.get("")
-        expected = sum(math.prod(shape) for _, shape in layout)
-        if flat is None or flat.shape != (expected,):
-            raise reader.fail(f"a flat payload for this model holds ({expected},) values")
-        return _split_flat(flat, layout)
+    if flags == FLAG_FLAT and layout is not None:
+        return _split_flat(out[""], layout)
+    return out
+
+
+def _split_flat(
+    flat: NDArray[np.floating[Any]], layout: Layout
+) -> dict[str, NDArray[np.floating[Any]]]:
+    out: dict[str, NDArray[np.floating[Any]]] = {}
+    offset = 0
+    for name, shape in layout:
+        size = math.prod(shape)
+        out[name] = flat[offset : offset + size].reshape(shape)
+        offset += size
     return out
 
 
 def decode_update(
-    record: ArrayRecord, layout: Layout | None = None
+    record: ArrayRecord, layout: Layout | None = None, max_values: int = DEFAULT_MAX_VALUES
 ) -> dict[str, NDArray[np.floating[Any]]]:
     """Decode a reply: a fedsafe compressed record, or Flower's plain numpy record.
 
@@ -659,7 +439,11 @@ def decode_update(
         The ``ArrayRecord`` of a site's reply.
     layout
         Names and shapes of the model the update applies to (:func:`layout_of` of the global
-        model); needed for flat payloads (``rsign``, ``rvq``).
+        model); needed for flat payloads (``rsign``, ``rvq``). Every tensor, compressed or
+        plain, must match it, checked before anything of its declared size is allocated.
+    max_values
+        Without a layout, the most values a compressed payload may declare in all (plain
+        arrays are bounded by their own bytes).
 
     Returns
     -------
@@ -669,36 +453,28 @@ def decode_update(
     Raises
     ------
     MalformedPayloadError
-        If the record is neither a valid compressed payload nor plain finite float arrays.
-        The coordinator drops that reply and logs the message.
+        If the record is neither a valid compressed payload nor plain finite float arrays
+        (matching ``layout`` when given). The coordinator drops that reply and logs the
+        message.
     """
-    if WIRE_KEY in record:
-        if len(record) != 1:
-            raise MalformedPayloadError(
-                f"a compressed update must hold only {WIRE_KEY!r}, got keys {sorted(record)}"
-            )
-        array = record[WIRE_KEY]
-        if array.stype != WIRE_STYPE or array.dtype != "uint8":
-            raise MalformedPayloadError(
-                f"{WIRE_KEY!r} has stype {array.stype!r} dtype {array.dtype!r}; expected "
-                f"{WIRE_STYPE!r} uint8 (a newer fedsafe at the site?)"
-            )
-        if tuple(array.shape) != (len(array.data),):
-            raise MalformedPayloadError(
-                f"{WIRE_KEY!r} declares shape {tuple(array.shape)} but holds "
-                f"{len(array.data)} bytes (wrong length)"
-            )
-        return decode_payload(bytes(array.data), layout)
-    out: dict[str, NDArray[np.floating[Any]]] = {}
-    for name, array in record.items():
-        try:
-            value = array.numpy()
-        except Exception as error:  # noqa: BLE001 - any failure means the reply is unreadable
-            raise MalformedPayloadError(f"array {name!r} is not readable: {error}") from error
-        if value.dtype.kind != "f" or not np.all(np.isfinite(value)):
-            raise MalformedPayloadError(f"array {name!r} is not a finite float array")
-        out[name] = value
-    return out
+    if WIRE_KEY not in record:
+        return decode_plain(record, layout)
+    if len(record) != 1:
+        raise MalformedPayloadError(
+            f"a compressed update must hold only {WIRE_KEY!r}, got keys {sorted(record)}"
+        )
+    array = record[WIRE_KEY]
+    if array.stype != WIRE_STYPE or array.dtype != "uint8":
+        raise MalformedPayloadError(
+            f"{WIRE_KEY!r} has stype {array.stype!r} dtype {array.dtype!r}; expected "
+            f"{WIRE_STYPE!r} uint8 (a newer fedsafe at the site?)"
+        )
+    if tuple(array.shape) != (len(array.data),):
+        raise MalformedPayloadError(
+            f"{WIRE_KEY!r} declares shape {tuple(array.shape)} but holds "
+            f"{len(array.data)} bytes (wrong length)"
+        )
+    return decode_payload(bytes(array.data), layout, max_values)
 
 
 def decode_or_drop(
@@ -722,7 +498,8 @@ def decode_or_drop(
     logger
         Where to log; ``fedsafe.compression`` if None.
     layout
-        The global model's names and shapes (for flat payloads).
+        The global model's names and shapes (bounds every declared size; needed for flat
+        payloads).
     """
     try:
         return decode_update(record, layout)

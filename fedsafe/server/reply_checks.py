@@ -96,15 +96,16 @@ def dense_arrays(content: RecordDict, global_arrays: ArrayRecord) -> ArrayRecord
     if "arrays" not in content.array_records:
         raise ReplyRejected("reply carries no model ('arrays')")
     record = content.array_records["arrays"]
-    if WIRE_KEY not in record:
-        return record
     reference = global_arrays.to_numpy_ndarrays()
     names = list(global_arrays.keys())
     layout = [(name, tuple(ref.shape)) for name, ref in zip(names, reference, strict=True)]
     try:
+        # Plain or compressed, every declared size is checked against the model first.
         update = decode_update(record, layout)
     except MalformedPayloadError as exc:
-        raise ReplyRejected(f"malformed compressed update: {exc}") from None
+        raise ReplyRejected(f"malformed update: {exc}") from None
+    if WIRE_KEY not in record:
+        return record
     if list(update) != names:
         raise ReplyRejected(f"compressed update has tensors {list(update)}, expected {names}")
     dense = {}

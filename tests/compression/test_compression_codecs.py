@@ -269,7 +269,8 @@ def test_sign_keeps_signs_and_mean_magnitude(update, spec, seed):
         x = value.astype(np.float64).ravel()
         got = decoded[name].astype(np.float64).ravel()
         # The sign is kept (zero goes to +scale) and |sent| is the chunk's mean |x|.
-        assert np.all((got >= 0) == (x >= 0)) or np.all(got == 0)
+        # No sign flips (a denormal's scale may round to a signed zero).
+        assert np.all((got > 0) <= (x >= 0)) and np.all((got < 0) <= (x < 0))
         size = chunk or x.size
         for start in range(0, x.size, size):
             part = np.abs(x[start : start + size])

@@ -14,7 +14,6 @@ from fedsafe.compression import (
     CompressionPipeline,
     CompressionStage,
     MalformedPayloadError,
-    ValueCodec,
     assert_post_privatization,
     check_downlink,
     decode_payload,
@@ -22,6 +21,13 @@ from fedsafe.compression import (
     encode_update,
     parse_compression,
 )
+from fedsafe.compression.floats import Float16Coder
+from fedsafe.compression.quantize import Int4Coder, Int8Coder
+from fedsafe.compression.randk import RandomK
+from fedsafe.compression.rotation import RSignCoder
+from fedsafe.compression.sign import SignCoder
+from fedsafe.compression.topk import TopK
+from fedsafe.compression.vq import RvqCoder
 from fedsafe.compression.wire import WIRE_KEY, WIRE_STYPE
 from fedsafe.errors import UserError
 
@@ -167,30 +173,21 @@ def test_malformed_is_a_value_error():
     [
         ("none", CompressionPipeline()),
         ("", CompressionPipeline()),
-        ("float16", CompressionPipeline(value_codec=ValueCodec.FLOAT16)),
-        ("int8", CompressionPipeline(value_codec=ValueCodec.INT8)),
-        ("int4", CompressionPipeline(value_codec=ValueCodec.INT4)),
-        ("int8:chunk=1024", CompressionPipeline(value_codec=ValueCodec.INT8, chunk=1024)),
-        ("topk:0.01", CompressionPipeline(topk_fraction=0.01)),
-        ("topk:0.01+int8", CompressionPipeline(topk_fraction=0.01, value_codec=ValueCodec.INT8)),
-        ("TopK:0.001+int4:chunk=64", CompressionPipeline(0.001, ValueCodec.INT4, 64)),
-        ("sign", CompressionPipeline(value_codec=ValueCodec.SIGN)),
-        ("sign:chunk=256", CompressionPipeline(value_codec=ValueCodec.SIGN, chunk=256)),
-        (
-            "randk:0.25+sign:chunk=64",
-            CompressionPipeline(value_codec=ValueCodec.SIGN, chunk=64, randk_fraction=0.25),
-        ),
-        ("randk:0.1+int8", CompressionPipeline(value_codec=ValueCodec.INT8, randk_fraction=0.1)),
-        ("rsign", CompressionPipeline(value_codec=ValueCodec.RSIGN)),
-        (
-            "rsign:chunk=512,keep=0.6",
-            CompressionPipeline(value_codec=ValueCodec.RSIGN, chunk=512, keep=0.6),
-        ),
-        ("rvq", CompressionPipeline(value_codec=ValueCodec.RVQ)),
-        (
-            "rvq:chunk=4096,bits=12",
-            CompressionPipeline(value_codec=ValueCodec.RVQ, chunk=4096, bits=12),
-        ),
+        ("float16", CompressionPipeline(coder=Float16Coder())),
+        ("int8", CompressionPipeline(coder=Int8Coder())),
+        ("int4", CompressionPipeline(coder=Int4Coder())),
+        ("int8:chunk=1024", CompressionPipeline(coder=Int8Coder(chunk=1024))),
+        ("topk:0.01", CompressionPipeline(TopK(0.01))),
+        ("topk:0.01+int8", CompressionPipeline(TopK(0.01), Int8Coder())),
+        ("TopK:0.001+int4:chunk=64", CompressionPipeline(TopK(0.001), Int4Coder(64))),
+        ("sign", CompressionPipeline(coder=SignCoder())),
+        ("sign:chunk=256", CompressionPipeline(coder=SignCoder(chunk=256))),
+        ("randk:0.25+sign:chunk=64", CompressionPipeline(RandomK(0.25), SignCoder(chunk=64))),
+        ("randk:0.1+int8", CompressionPipeline(RandomK(0.1), Int8Coder())),
+        ("rsign", CompressionPipeline(coder=RSignCoder())),
+        ("rsign:chunk=512,keep=0.6", CompressionPipeline(coder=RSignCoder(chunk=512, keep=0.6))),
+        ("rvq", CompressionPipeline(coder=RvqCoder())),
+        ("rvq:chunk=4096,bits=12", CompressionPipeline(coder=RvqCoder(chunk=4096, bits=12))),
     ],
 )
 def test_parse_valid(spec, expected):

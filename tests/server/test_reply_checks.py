@@ -48,3 +48,21 @@ def test_wrong_shapes_and_non_finite_values_are_rejected():
         check_arrays(nan, _global())
     with pytest.raises(ReplyRejected, match="no model"):
         dense_arrays(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), _global())
+
+
+def test_a_plain_reply_declaring_a_huge_shape_is_dropped_without_allocating():
+    import struct
+    import tracemalloc
+
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (4294967295,), }"
+    header += " " * (-(10 + len(header) + 1) % 64) + "\n"
+    npy = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + bytes(40)
+    huge = Array(dtype="float32", shape=(3, 4), stype="numpy.ndarray", data=npy)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ReplyRejected, match="malformed update"):
+            dense_arrays(_reply(ArrayRecord({"w": huge, "b": Array(GLOBAL["b"])})), _global())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20
