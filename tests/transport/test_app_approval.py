@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -86,3 +87,44 @@ def test_task_token_goes_by_stdin_never_on_the_command_line(tmp_path: Path) -> N
         if proc.poll() is None:
             proc.kill()
     assert out.read_text() == token
+
+
+def test_approved_bytes_are_installed_fresh_never_into_a_folder_that_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flower's installer returns an existing ``apps/<pub>.<name>.<ver>.<hash[:8]>`` unchecked.
+
+    A folder left there (an earlier install, a hand-edited copy, another app whose hash shares
+    the first 8 hex digits) would be what runs, not the approved bytes the launcher hashed.
+    """
+    import tomllib
+
+    from flwr.cli.install import install_from_fab
+
+    from fedsafe.transport.approved_clientapp import install_approved, sha256_hex
+
+    home = tmp_path / "flwr-home"
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    app = write_app_folder(tmp_path / "app")
+    content = build_fab_from_disk(app)
+    meta = tomllib.loads((app / "pyproject.toml").read_text())
+    flwr_app = meta["tool"]["flwr"]["app"]
+    name = f"{flwr_app['publisher']}.{meta['project']['name']}.{meta['project']['version']}"
+    stale = home / "apps" / f"{name}.{sha256_hex(content)[:8]}"
+    (stale / "fedsafe" / "client").mkdir(parents=True)
+    (stale / "pyproject.toml").write_text((app / "pyproject.toml").read_text())
+    (stale / "fedsafe" / "client" / "app.py").write_text("raise SystemExit('not approved')\n")
+    # What the launcher called before: Flower hands back the stale folder as it is.
+    assert Path(install_from_fab(content, skip_prompt=True)) == stale
+
+    installed = again = install_approved(content, parent=tmp_path)
+    try:
+        assert installed.resolve() != stale.resolve() and home not in installed.parents
+        ran = (installed / "fedsafe" / "client" / "app.py").read_bytes()
+        assert ran == (app / "fedsafe" / "client" / "app.py").read_bytes()
+        assert oct(installed.parent.parent.stat().st_mode & 0o777) == "0o700"
+        again = install_approved(content, parent=tmp_path)
+        assert again.parent.parent != installed.parent.parent  # a new folder per task
+    finally:
+        for path in (installed, again):
+            shutil.rmtree(path.parent.parent, ignore_errors=True)
