@@ -35,6 +35,7 @@ from fedsafe.transport.app_approval import (
     Approval,
     approvals_path,
     approve,
+    check_approvals,
     digest_of,
     launches,
     launches_path,
@@ -138,6 +139,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
             f"--clientappio-port {args.clientappio_port} is already in use on {LOOPBACK} "
             "(another site on this host?); give each site its own --clientappio-port"
         )
+    check_approvals(workdir)
     approved = approved_digests(approvals_path(workdir))
     secret_file = write_launcher_secret(workdir)
     settings = SuperNodeSettings(
@@ -230,6 +232,7 @@ def _cmd_approve(args: argparse.Namespace) -> int:
 
 def _cmd_apps(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir)
+    check_approvals(workdir)
     approved = approved_digests(approvals_path(workdir))
     print(f"approved ({approvals_path(workdir)}):")
     for digest in sorted(approved):

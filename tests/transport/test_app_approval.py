@@ -128,3 +128,37 @@ def test_approved_bytes_are_installed_fresh_never_into_a_folder_that_exists(
     finally:
         for path in (installed, again):
             shutil.rmtree(path.parent.parent, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        '{{"sha256": "{upper}", "revoked": true}}',  # a revocation the launcher never matches
+        '{{"sha256": "sha256:{digest}"}}',  # pasted as `site approve` prints it
+        '{{"sha256": "{digest}", "revoked": "yes"}}',
+        "{digest}",
+        '{{"sha256": "{digest}"',
+    ],
+)
+def test_hand_edited_approvals_are_refused_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: str
+) -> None:
+    from fedsafe.transport.approved_clientapp import approved_digests
+
+    app = write_app_folder(tmp_path / "app")
+    work = tmp_path / "site"
+    assert main(["site", "approve", str(app), "--workdir", str(work)]) == 0
+    digest = digest_of(app)
+    with approvals_path(work).open("a") as out:
+        out.write(edit.format(digest=digest, upper=digest.upper()) + "\n")
+    capsys.readouterr()
+    if "upper" in edit:  # what the admin meant to revoke would still run
+        assert digest in approved_digests(approvals_path(work))
+    for argv in (
+        ["site", "apps", "--workdir", str(work)],
+        ["site", "approve", str(app), "--workdir", str(work), "--revoke"],
+        ["site", "approve", str(app), "--workdir", str(work)],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "line 2" in err and str(approvals_path(work)) in err
