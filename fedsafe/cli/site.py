@@ -39,6 +39,7 @@ from fedsafe.transport.app_approval import (
     digest_of,
     launches,
     launches_path,
+    private_workdir,
     revoke,
 )
 from fedsafe.transport.approved_clientapp import approved_digests
@@ -132,7 +133,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
             f"{args.data} --schema {args.schema} --out {policy}`"
         )
     load_policy(policy)
-    workdir.mkdir(parents=True, exist_ok=True)
+    private_workdir(workdir)
     ledger = Path(args.ledger) if args.ledger else workdir / "ledger.sqlite"
     if not port_is_free(LOOPBACK, args.clientappio_port):
         raise UserError(

@@ -77,6 +77,30 @@ def launches_path(workdir: Path) -> Path:
     return Path(workdir) / LAUNCHES_NAME
 
 
+def private_workdir(workdir: Path) -> Path:
+    """Create the site's folder (mode 0700) or refuse one that others may write to.
+
+    Whoever can write to the folder can add a file or swap one (``approved-apps.jsonl``,
+    ``launcher.secret`` before the SuperNode reads it) and so run any app at the site.
+
+    Raises
+    ------
+    UserError
+        If the folder exists and its group or other users may write to it.
+    """
+    workdir = Path(workdir)
+    if not workdir.exists():
+        workdir.mkdir(parents=True, mode=0o700)
+    if not workdir.is_dir():
+        raise UserError(f"--workdir {workdir} is not a folder")
+    if workdir.stat().st_mode & 0o022:
+        raise UserError(
+            f"--workdir {workdir} is writable by other users, who could approve apps or take "
+            f"the launcher's secret; run `chmod go-w {workdir}` or pick another --workdir"
+        )
+    return workdir
+
+
 def check_approvals(workdir: Path) -> None:
     """Refuse an approved list that was edited into something the launcher would skip.
 
@@ -116,9 +140,9 @@ def check_approvals(workdir: Path) -> None:
 
 def approve(workdir: Path, approval: Approval) -> bool:
     """Add ``approval`` to the site's list; False if it was already there."""
+    private_workdir(workdir)
     check_approvals(workdir)
     path = approvals_path(workdir)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if approval.sha256 in approved_digests(path):
         return False
     append_jsonl(path, {"time": now(), "sha256": approval.sha256, "label": approval.label})

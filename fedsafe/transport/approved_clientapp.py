@@ -100,7 +100,7 @@ def install_approved(content: bytes, parent: Path | None = None) -> Path:
     """
     from flwr.cli.install import install_from_fab
 
-    base = Path(tempfile.mkdtemp(prefix="fedsafe-app-", dir=parent))
+    base = Path(tempfile.mkdtemp(prefix="fedsafe-approved-app-", dir=parent))
     try:
         return Path(install_from_fab(content, install_dir=base, skip_prompt=True))
     except BaseException:

@@ -162,3 +162,23 @@ def test_hand_edited_approvals_are_refused_with_one_line(
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "line 2" in err and str(approvals_path(work)) in err
+
+
+def test_a_workdir_others_can_write_is_refused_a_new_one_is_private(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another local user who can write the folder could plant ``approved-apps.jsonl``."""
+    app = write_app_folder(tmp_path / "app")
+    fresh = tmp_path / "new" / "site"
+    assert main(["site", "approve", str(app), "--workdir", str(fresh)]) == 0
+    assert oct(fresh.stat().st_mode & 0o777) == "0o700"
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    planted = {"sha256": "ab" * 32, "label": "planted by another user"}
+    append_jsonl(approvals_path(shared), planted)
+    capsys.readouterr()
+    assert main(["site", "approve", str(app), "--workdir", str(shared)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "chmod go-w" in err and str(shared) in err
+    assert not is_approved(shared, digest_of(app))
