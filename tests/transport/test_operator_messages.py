@@ -126,3 +126,31 @@ def test_foreground_prints_alerts_and_says_which_process_stopped(
     assert rc == 3 and stopped == ["launcher"]
     assert "REFUSED run 7: not approved" in out and "ok line" not in out
     assert not main.running()
+
+
+# A real flwr-run.log tail (ANSI colours as Flower writes them): the cause is the exception
+# line; Flower's closing "Exit Code: 201" line names only a number.
+EXIT_CODE_LAST = (
+    "Successfully started run 4620970211903223881\n"
+    "\x1b[92mINFO \x1b[0m:      Start `flwr-serverapp` process\n"
+    "\x1b[91mERROR \x1b[0m:     ServerApp raised an exception\n"
+    "Traceback (most recent call last):\n"
+    '  File "flwr/superlink/runtime/run_serverapp.py", line 197, in run_serverapp\n'
+    "FileNotFoundError: Cannot find pyproject.toml in /c/flwr-home/apps/fedsafe.0.1.0.f6983d0b\n"
+    "\x1b[91mERROR \x1b[0m:     Exit Code: 201\n\n"
+    "An unhandled exception occurred in the ServerApp.\n"
+)
+
+
+def test_a_failed_run_names_the_exception_not_an_exit_code_nor_colour_codes(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "logs").mkdir()
+    log = tmp_path / "logs" / "flwr-run.log"
+    log.write_text(EXIT_CODE_LAST)
+    message = explain_failure(tmp_path, f"the run ended without results; see {log}:\n")
+    assert "FileNotFoundError: Cannot find pyproject.toml" in message, message
+    assert "\x1b" not in message and "[91m" not in message and "Exit Code" not in message
+    assert first_reason(EXIT_CODE_LAST).startswith("FileNotFoundError")
+    only_code = "\x1b[91mERROR \x1b[0m:     Exit Code: 201\n"
+    assert "\x1b" not in first_reason(only_code) and "201" in first_reason(only_code)
