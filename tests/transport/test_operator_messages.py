@@ -154,3 +154,23 @@ def test_a_failed_run_names_the_exception_not_an_exit_code_nor_colour_codes(
     assert first_reason(EXIT_CODE_LAST).startswith("FileNotFoundError")
     only_code = "\x1b[91mERROR \x1b[0m:     Exit Code: 201\n"
     assert "\x1b" not in first_reason(only_code) and "201" in first_reason(only_code)
+
+
+def test_a_run_no_site_would_run_names_the_sites_refusal(tmp_path: Path) -> None:
+    """The ServerApp's own error points at events.jsonl; the one line carries the event."""
+    (tmp_path / "logs").mkdir()
+    log = tmp_path / "logs" / "flwr-run.log"
+    log.write_text(
+        "RuntimeError: no site could load its data; see events.jsonl in the run folder\n"
+        "\x1b[91mERROR \x1b[0m:     Exit Code: 201\n"
+    )
+    digest = "b880b5ed" * 8
+    (tmp_path / "events.jsonl").write_text(
+        '{"kind": "query-error", "node": 1, "reason": "app sha256:'
+        + digest
+        + ' is not approved at this site"}\n'
+    )
+    message = explain_failure(tmp_path, f"the run ended without results; see {log}:\n")
+    assert message.startswith("the run ended without results: RuntimeError: no site could")
+    assert f"query-error: app sha256:{digest} is not approved at this site" in message
+    assert "\n" not in message and "Exit Code" not in message
