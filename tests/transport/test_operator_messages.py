@@ -174,3 +174,48 @@ def test_a_run_no_site_would_run_names_the_sites_refusal(tmp_path: Path) -> None
     assert message.startswith("the run ended without results: RuntimeError: no site could")
     assert f"query-error: app sha256:{digest} is not approved at this site" in message
     assert "\n" not in message and "Exit Code" not in message
+
+
+def test_a_second_sigterm_while_stopping_finishes_the_stop_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """systemd, `kill` twice or a process-group kill: the stop completes, one line, no trace.
+
+    The companion ignores SIGTERM, so the stop waits for it; the second SIGTERM arrives then.
+    """
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from fedsafe.transport.foreground import run_in_foreground\n"
+        "from fedsafe.transport.processes import spawn\n"
+        "root = Path(sys.argv[1])\n"
+        "env = dict(os.environ)\n"
+        "main = spawn('node', ['/bin/sleep', '300'], log_path=root / 'n.log', env=env)\n"
+        "stubborn = spawn('launcher', ['/bin/sh', '-c', 'trap \"\" TERM; echo up; sleep 300'],\n"
+        "                 log_path=root / 'l.log', env=env)\n"
+        "(root / 'pids').write_text(f'{main.pid} {stubborn.pid}')\n"
+        "sys.exit(run_in_foreground(main, echo_log=False, companions=[stubborn]))\n"
+    )
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)],
+        env=flower_env(tmp_path / "home"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "l.log").is_file() or "up" not in (tmp_path / "l.log").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        children = [int(p) for p in (tmp_path / "pids").read_text().split()]
+        os.kill(supervisor.pid, signal.SIGTERM)
+        time.sleep(1.5)  # now inside the stop, waiting for the stubborn companion
+        os.kill(supervisor.pid, signal.SIGTERM)
+        _, err = supervisor.communicate(timeout=60)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+    assert "Traceback" not in err, err
+    assert supervisor.returncode == 0, err
+    assert not any(_alive(pid) for pid in children)
