@@ -35,9 +35,11 @@ from fedsafe.transport.app_approval import (
     Approval,
     approvals_path,
     approve,
+    check_approvals,
     digest_of,
     launches,
     launches_path,
+    private_workdir,
     revoke,
 )
 from fedsafe.transport.approved_clientapp import approved_digests
@@ -131,13 +133,14 @@ def _cmd_start(args: argparse.Namespace) -> int:
             f"{args.data} --schema {args.schema} --out {policy}`"
         )
     load_policy(policy)
-    workdir.mkdir(parents=True, exist_ok=True)
+    private_workdir(workdir)
     ledger = Path(args.ledger) if args.ledger else workdir / "ledger.sqlite"
     if not port_is_free(LOOPBACK, args.clientappio_port):
         raise UserError(
             f"--clientappio-port {args.clientappio_port} is already in use on {LOOPBACK} "
             "(another site on this host?); give each site its own --clientappio-port"
         )
+    check_approvals(workdir)
     approved = approved_digests(approvals_path(workdir))
     secret_file = write_launcher_secret(workdir)
     settings = SuperNodeSettings(
@@ -230,6 +233,7 @@ def _cmd_approve(args: argparse.Namespace) -> int:
 
 def _cmd_apps(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir)
+    check_approvals(workdir)
     approved = approved_digests(approvals_path(workdir))
     print(f"approved ({approvals_path(workdir)}):")
     for digest in sorted(approved):

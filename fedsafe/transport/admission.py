@@ -170,14 +170,46 @@ def admit_site(flwr_home: Path, public_key_path: Path, name: str | None = None) 
                 f"a site named {name!r} is already admitted (node {known_id}); "
                 "remove it first or pass another --name"
             )
-    answer = _flwr(
-        flwr_home,
-        ["supernode", "register", str(public_key_path.resolve()), CONNECTION_NAME, "--name", name],
-    )
+    for known_id, entry in registry.items():
+        if entry.get("fingerprint") == fingerprint:
+            raise UserError(_key_in_use(public_key_path, fingerprint, entry, known_id))
+    try:
+        answer = _flwr(
+            flwr_home,
+            [
+                "supernode", "register", str(public_key_path.resolve()), CONNECTION_NAME,
+                "--name", name,
+            ],
+        )  # fmt: skip
+    except UserError as exc:
+        if "public key already in use" in str(exc).lower():
+            raise UserError(_key_in_use(public_key_path, fingerprint, None, None)) from exc
+        raise
     node_id = int(answer["node-id"])
     registry[str(node_id)] = {"name": name, "fingerprint": fingerprint, "status": "admitted"}
     _write_registry(flwr_home, registry)
     return AdmittedSite(node_id, name, fingerprint, "registered")
+
+
+def _key_in_use(
+    path: Path, fingerprint: str, entry: dict[str, str] | None, node_id: str | None
+) -> str:
+    """One line: this key is already known to the coordinator, under which name, and the fix."""
+    fresh = "the site makes a new key with `fedsafe pki site NAME --force` and sends its .pub"
+    if entry is not None and entry.get("status") == "removed":
+        return (
+            f"{path} ({fingerprint}) is the key of removed site {entry.get('name')!r} "
+            f"(node {node_id}); a removed key cannot be admitted again: {fresh}"
+        )
+    if entry is not None:
+        return (
+            f"{path} ({fingerprint}) is already admitted as site {entry.get('name')!r} "
+            f"(node {node_id}); one key is one site: {fresh}"
+        )
+    return (
+        f"{path} ({fingerprint}) is already registered with the coordinator (outside this "
+        f"folder's admitted.json); one key is one site: {fresh}"
+    )
 
 
 def list_sites(flwr_home: Path) -> list[AdmittedSite]:

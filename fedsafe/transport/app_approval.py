@@ -8,6 +8,7 @@ file is hashed as it is; an app folder is first packed the way ``flwr run`` pack
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,10 +77,72 @@ def launches_path(workdir: Path) -> Path:
     return Path(workdir) / LAUNCHES_NAME
 
 
+def private_workdir(workdir: Path) -> Path:
+    """Create the site's folder (mode 0700) or refuse one that others may write to.
+
+    Whoever can write to the folder can add a file or swap one (``approved-apps.jsonl``,
+    ``launcher.secret`` before the SuperNode reads it) and so run any app at the site.
+
+    Raises
+    ------
+    UserError
+        If the folder exists and its group or other users may write to it.
+    """
+    workdir = Path(workdir)
+    if not workdir.exists():
+        workdir.mkdir(parents=True, mode=0o700)
+    if not workdir.is_dir():
+        raise UserError(f"--workdir {workdir} is not a folder")
+    if workdir.stat().st_mode & 0o022:
+        raise UserError(
+            f"--workdir {workdir} is writable by other users, who could approve apps or take "
+            f"the launcher's secret; run `chmod go-w {workdir}` or pick another --workdir"
+        )
+    return workdir
+
+
+def check_approvals(workdir: Path) -> None:
+    """Refuse an approved list that was edited into something the launcher would skip.
+
+    The launcher (fail-closed) ignores a line it cannot read, so a hand-edited line would
+    silently approve nothing, or revoke nothing: an upper-case or ``sha256:``-prefixed digest
+    never equals the lower-case hex digest the launcher computes.
+
+    Raises
+    ------
+    UserError
+        Naming the file and the first bad line.
+    """
+    path = approvals_path(workdir)
+    if not path.is_file():
+        return
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        digest = record.get("sha256") if isinstance(record, dict) else None
+        revoked = record.get("revoked", False) if isinstance(record, dict) else None
+        if (
+            not isinstance(digest, str)
+            or len(digest) != 64
+            or any(c not in "0123456789abcdef" for c in digest)
+            or not isinstance(revoked, bool)
+        ):
+            raise UserError(
+                f"{path} line {number} is not an approval the launcher can read (a JSON object "
+                'with "sha256": 64 lower-case hex digits, "revoked": true/false); fix it '
+                "or write approvals with `fedsafe site approve APP` / `--revoke`"
+            )
+
+
 def approve(workdir: Path, approval: Approval) -> bool:
     """Add ``approval`` to the site's list; False if it was already there."""
+    private_workdir(workdir)
+    check_approvals(workdir)
     path = approvals_path(workdir)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if approval.sha256 in approved_digests(path):
         return False
     append_jsonl(path, {"time": now(), "sha256": approval.sha256, "label": approval.label})
@@ -88,6 +151,7 @@ def approve(workdir: Path, approval: Approval) -> bool:
 
 def revoke(workdir: Path, sha256: str) -> bool:
     """Take ``sha256`` off the site's list (an appended ``revoked`` record); False if absent."""
+    check_approvals(workdir)
     path = approvals_path(workdir)
     if sha256 not in approved_digests(path):
         return False

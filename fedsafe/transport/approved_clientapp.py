@@ -11,7 +11,9 @@ process pulls the task's message, context, run and FAB from the SuperNode's Runt
 ``127.0.0.1``, computes the SHA-256 of the FAB bytes itself, and
 
 - if the digest is on the approved list (``approved-apps.jsonl``), installs exactly those
-  bytes into the site's Flower home, loads the ClientApp from that folder and runs it;
+  bytes into a fresh private folder of this task (never a folder that already exists: Flower's
+  own installer reuses any folder whose name matches the app and the first 8 hex digits of
+  its hash, whatever it holds), loads the ClientApp from that folder and runs it;
 - otherwise extracts, imports and runs nothing: it records the refusal in the site's list of
   launches (``app-launches.jsonl``) and its log, and answers the coordinator with an error
   reply that declares only the digest (``app ... is not approved at this site``).
@@ -27,7 +29,9 @@ import datetime as dt
 import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +83,31 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         os.close(fd)
 
 
+def install_approved(content: bytes, parent: Path | None = None) -> Path:
+    """Install FAB ``content`` into a new folder (mode 0700) and return the app's folder.
+
+    Flower's ``install_from_fab`` returns an existing ``<publisher>.<name>.<version>.<hash[:8]>``
+    folder of the Flower home unchecked; installing under a folder created here for this
+    task means the app loaded is always the bytes that were hashed. The caller removes the
+    folder (``shutil.rmtree(path.parent.parent)``).
+
+    Parameters
+    ----------
+    content
+        The FAB bytes whose SHA-256 was found on the approved list.
+    parent
+        Where the new folder is created (default: the system's temporary folder).
+    """
+    from flwr.cli.install import install_from_fab
+
+    base = Path(tempfile.mkdtemp(prefix="fedsafe-approved-app-", dir=parent))
+    try:
+        return Path(install_from_fab(content, install_dir=base, skip_prompt=True))
+    except BaseException:
+        shutil.rmtree(base, ignore_errors=True)
+        raise
+
+
 def now() -> str:
     """UTC time in ISO 8601, seconds."""
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -92,7 +121,6 @@ def run_task(token: str, address: str, approved: Path, launches: Path) -> int:  
     """Run one task; return the process exit code (0 ran, 3 refused, 4 failed)."""
     from flwr.app import Message
     from flwr.app.error import Error
-    from flwr.cli.install import install_from_fab
     from flwr.clientapp.utils import get_load_client_app_fn
     from flwr.common.constant import ErrorCode, SubStatus
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
@@ -122,6 +150,7 @@ def run_task(token: str, address: str, approved: Path, launches: Path) -> int:  
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
     context = None
+    installed: Path | None = None
     status, details, code = SubStatus.FAILED, "ClientApp task failed", FAILED_EXIT
     try:
         message, context, run, fab = pull_task_input(client)
@@ -148,7 +177,7 @@ def run_task(token: str, address: str, approved: Path, launches: Path) -> int:  
             return code
         append_jsonl(launches, {**record, "decision": "ran"})
         _say(f"running approved app sha256:{digest[:16]}... for run {run.run_id}")
-        installed = install_from_fab(fab.content, skip_prompt=True)
+        installed = install_approved(fab.content)
         load = get_load_client_app_fn(default_app_ref="", app_path=str(installed), multi_app=True)
         try:
             client_app = load(run.fab_id, run.fab_version, digest)
@@ -173,6 +202,8 @@ def run_task(token: str, address: str, approved: Path, launches: Path) -> int:  
         if heartbeat.is_running:
             heartbeat.stop()
         client.close()
+        if installed is not None:
+            shutil.rmtree(installed.parent.parent, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,9 +88,13 @@ def explain_failure(run_dir: Path, message: str) -> str:
     log = Path(run_dir) / "logs" / "flwr-run.log"
     text = log.read_text(errors="replace") if log.is_file() else ""
     reason = last_error_line(text)
+    events = _event_reasons(Path(run_dir) / "events.jsonl")
     if reason is None:
-        events = [ln for ln in _event_reasons(Path(run_dir) / "events.jsonl")]
         reason = events[-1] if events else NO_REASON
+    elif events and events[-1] not in reason:
+        # The ServerApp's error often only points at events.jsonl ("no site could load its
+        # data"); the sites' own answer (e.g. an app they did not approve) is the cause.
+        reason = f"{reason}; last event: {' '.join(events[-1].split())[:300]}"
     return f"{what}: {reason} (log {log})"
 
 

@@ -74,7 +74,14 @@ def run_in_foreground(
         print(f"\nstopping {proc.name} (pid {proc.pid})", file=sys.stderr)
         return 0
     finally:
-        for other in companions:
-            other.stop()
-        proc.stop()
-        signal.signal(signal.SIGTERM, previous)
+        # A second SIGTERM or Ctrl-C while stopping (systemd, `kill` twice) must not abort
+        # the stop half-way with a traceback; the stop itself ends in SIGKILL after a timeout.
+        previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            for other in companions:
+                other.stop()
+            proc.stop()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -127,15 +128,22 @@ def first_reason(log: str) -> str:
 NO_REASON = "it logged no reason"
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_EXIT_CODE = re.compile(r"\bExit Code: \d+\s*$")
+
+
 def last_error_line(log: str) -> str | None:
     """The last line of ``log`` that reads like an error, whitespace-folded, or ``None``.
 
-    A Python traceback ends with ``SomeError: message``; Flower logs ``ERROR``.
+    A Python traceback ends with ``SomeError: message``; Flower logs ``ERROR``. Terminal
+    colour codes are removed, and Flower's closing ``Exit Code: N`` line, which names only a
+    number, is used only when no other line reads like an error.
     """
-    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    lines = [_ANSI.sub("", ln).strip() for ln in log.splitlines()]
     markers = ("ERROR", "Error:", "Exception:", "error:")
-    errors = [ln for ln in lines if any(m in ln for m in markers)]
-    return " ".join(errors[-1].split())[:300] if errors else None
+    errors = [ln for ln in lines if ln and any(m in ln for m in markers)]
+    causes = [ln for ln in errors if not _EXIT_CODE.search(ln)] or errors
+    return " ".join(causes[-1].split())[:300] if causes else None
 
 
 def _children_map() -> dict[int, list[int]]:

@@ -233,3 +233,22 @@ def test_identity_is_read_from_the_superlinks_key_for_each_node(federation: Fede
     tampered.write_text(json.dumps(data))
     assert admitted_names(tampered, federation.settings.database)[site.node_id] == "keyed-site"
     assert 12345 not in admitted_names(tampered, federation.settings.database)
+
+
+def test_one_key_is_one_site_admitting_it_again_says_why_in_one_line(
+    federation: Federation,
+) -> None:
+    from fedsafe.errors import UserError
+
+    key = federation.site_key("twice").with_suffix(".pub")
+    admit_site(federation.flwr_home, key)
+    with pytest.raises(UserError) as again:
+        admit_site(federation.flwr_home, key, "twice-renamed")
+    text = str(again.value)
+    assert "already admitted as site 'twice'" in text and "--force" in text
+    assert "\n" not in text and "code:" not in text and "Using SuperLink" not in text
+    remove_site(federation.flwr_home, "twice")
+    with pytest.raises(UserError, match="removed site 'twice'.*cannot be admitted again"):
+        admit_site(federation.flwr_home, key, "twice-back")
+    names = [s.name for s in list_sites(federation.flwr_home)]
+    assert "twice-renamed" not in names and "twice-back" not in names
