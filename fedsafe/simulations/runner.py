@@ -1,4 +1,4 @@
-"""Run a fedsafe scenario on Flower's simulation engine, the way Flower 1.41 supports it.
+"""Run a fedsafe scenario on Flower's simulation engine, the way Flower 1.42 supports it.
 
 ``run_simulation`` starts its own ``flower-superlink --simulation`` on a free 127.0.0.1 port,
 submits the app with ``flwr run`` (one virtual SuperNode per site, on Ray), follows the run

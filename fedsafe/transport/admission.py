@@ -1,7 +1,7 @@
 """Admitting, listing and removing sites on a coordinator (Flower SuperNode registration).
 
 With ``flower-superlink --enable-supernode-auth`` only SuperNodes whose public key was
-registered may activate. This module wraps Flower 1.41's ``flwr supernode register``,
+registered may activate. This module wraps Flower 1.42's ``flwr supernode register``,
 ``flwr supernode list`` and ``flwr supernode unregister`` with a connection entry in
 ``$FLWR_HOME/config.toml`` that points at the coordinator over TLS (``root-certificates``),
 and keeps a small ``admitted.json`` beside it so sites are listed and removed by name.

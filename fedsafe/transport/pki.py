@@ -1,6 +1,6 @@
 """Keys and certificates for a federation: the CA, the coordinator TLS certificate, site keys.
 
-Transport security follows Flower 1.41's deployment model. The coordinator (SuperLink)
+Transport security follows Flower 1.42's deployment model. The coordinator (SuperLink)
 serves HTTPS with an X.509 server certificate (RFC 5280) signed by a federation CA that
 every site trusts (``flower-supernode --root-certificates``). Sites authenticate with
 signed-key SuperNode authentication, not mutual TLS: each site holds an ECDSA P-384 key in
