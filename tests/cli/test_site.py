@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fedsafe.cli.main import main
-from fedsafe.client.policy import load_policy, public_size_of
+from fedsafe.client.policy import SitePolicy, load_policy, public_size_of
 from fedsafe.data.schema import load_site_data
 from fedsafe.transport import pki
 from fedsafe.transport.processes import free_port
@@ -118,4 +118,13 @@ def test_start_without_a_policy_stops_before_any_process(
     assert main([*base, "--policy", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(bad) in err
+    # A careless admin starts with a tiny site's policy: valid, but its delta (0.01 for a
+    # public size of 5) is not below 1/n for this site's training records.
+    n = len(load_site_data("x", data, schema).x_train)
+    other = tmp_path / "other-site.toml"
+    other.write_text(SitePolicy.for_records(5).to_toml())
+    assert SitePolicy.for_records(5).delta >= 1 / n
+    assert main([*base, "--policy", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"1/{n}" in err and "site init" in err
     assert flower_pids(tmp_path) == set()
