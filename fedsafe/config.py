@@ -57,6 +57,13 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "evaluate-deadline-s": 3600.0,
 }
 
+#: Clipping norms a site accepts. Opacus clips in float32: near float32's subnormal range the
+#: clip factor rounds up (a norm of 7.1e-46 clips records to 1.4e-45, twice the norm the noise
+#: is scaled to), so a coordinator choosing a tiny norm would halve the noise in effect. Within
+#: these bounds every clipped value is a normal float32 (relative error about 6e-8).
+MIN_MAX_GRAD_NORM = 1e-6
+MAX_MAX_GRAD_NORM = 1e6
+
 SCENARIOS = ("heart", "lending", "mnist", "custom")
 #: Every strategy of ``flwr.serverapp.strategy`` that needs no undeclared site figure (see
 #: :mod:`fedsafe.strategies.factory`); a user's own is named ``package.module:Class``.
@@ -159,8 +166,12 @@ class RunConfig:
                 raise bad("noise-multiplier", "must be >= 0 (0 = calibrate from target-epsilon)")
             if self.noise_multiplier == 0 and not self.target_epsilon > 0:
                 raise bad("target-epsilon", "must be > 0 when noise-multiplier is 0 (calibrated)")
-            if not self.max_grad_norm > 0:
-                raise bad("max-grad-norm", "must be > 0")
+            if not MIN_MAX_GRAD_NORM <= self.max_grad_norm <= MAX_MAX_GRAD_NORM:
+                raise bad(
+                    "max-grad-norm",
+                    f"must be in [{MIN_MAX_GRAD_NORM:g}, {MAX_MAX_GRAD_NORM:g}], "
+                    f"got {self.max_grad_norm:g}",
+                )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:

@@ -62,7 +62,11 @@ def register(subparsers: Any) -> None:
     plan.add_argument("--batch-size", type=int, required=True, help="expected batch size")
     plan.add_argument("--n", type=int, required=True, help="number of training records")
     plan.add_argument("--ledger", help="site ledger: compose with the events already spent")
-    plan.add_argument("--fingerprint", help="data-set fingerprint in the ledger (with --ledger)")
+    plan.add_argument(
+        "--fingerprint",
+        help="ledger account (with --ledger): site-records at a deployed site, else the data "
+        "set's fingerprint",
+    )
     plan.add_argument("--accountant", choices=ACCOUNTANTS, default="prv", help="default: prv")
     plan.set_defaults(func=run_plan)
 

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedsafe.cli.examples import with_examples
 from fedsafe.cli.options import parse_budget
-from fedsafe.cli.site_policy import DEFAULT_POLICY_FILE, add_init_parser
+from fedsafe.cli.site_policy import DEFAULT_POLICY_FILE, add_init_parser, training_records
 from fedsafe.client.policy import load_policy
 from fedsafe.errors import UserError
 from fedsafe.transport import pki
@@ -132,7 +132,16 @@ def _cmd_start(args: argparse.Namespace) -> int:
             f"--policy {policy} does not exist; write it with `fedsafe site init --data "
             f"{args.data} --schema {args.schema} --out {policy}`"
         )
-    load_policy(policy)
+    delta = load_policy(policy).delta
+    n = training_records(Path(args.data), Path(args.schema))
+    if delta >= 1.0 / n:
+        # Another site's policy (or an edited one) can hold a delta the site's own records make
+        # meaningless: at 1/n a record may be released outright. Checked here, where n stays.
+        raise UserError(
+            f"--policy {policy}: delta {delta:g} is not below 1/{n} (this site's {n} training "
+            f"records); write this site's own policy with `fedsafe site init --data "
+            f"{args.data} --schema {args.schema} --out {policy} --force`"
+        )
     private_workdir(workdir)
     ledger = Path(args.ledger) if args.ledger else workdir / "ledger.sqlite"
     if not port_is_free(LOOPBACK, args.clientappio_port):

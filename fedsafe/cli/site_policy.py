@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fedsafe.client.policy import PolicyError, SitePolicy, load_policy
+from fedsafe.client.policy import PolicyError, SitePolicy, default_delta, load_policy
 from fedsafe.errors import UserError
 
 #: Flags of ``site init``, one per policy key (the same names).
@@ -55,6 +55,14 @@ def _cmd_init(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         # "site policy 'delta': ..." names the key; the flag has the same name.
         raise UserError(re.sub(r"^site policy '([a-z-]+)'", r"--\1", str(exc))) from None
+    if policy.delta >= 1.0 / n:
+        # The policy checks delta against the public size only; a public size rounded down (or
+        # declared below the data) would let delta reach 1/n of the real training set, where
+        # (epsilon, delta)-DP allows releasing a record outright.
+        raise UserError(
+            f"--delta {policy.delta:g} is not below 1/{n} (this site's {n} training records); "
+            f"use --delta {default_delta(n):g} or less, or a --public-size of at least {n}"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(policy.to_toml())
     load_policy(out)  # what site start will read

@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedsafe.config import MAX_MAX_GRAD_NORM, MIN_MAX_GRAD_NORM
 from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.secure_random import NOISE_STREAM, SAMPLING_STREAM, ChaCha20Random, fresh_key
 
@@ -76,8 +77,11 @@ class TrainPlan:
             raise ValueError(f"client-lr must be > 0, got {self.lr}")
         if self.dp and not self.noise_multiplier > 0:
             raise ValueError(f"noise-multiplier must be > 0 with DP, got {self.noise_multiplier}")
-        if self.dp and not self.max_grad_norm > 0:
-            raise ValueError(f"max-grad-norm must be > 0, got {self.max_grad_norm}")
+        if self.dp and not MIN_MAX_GRAD_NORM <= self.max_grad_norm <= MAX_MAX_GRAD_NORM:
+            raise ValueError(
+                f"max-grad-norm must be in [{MIN_MAX_GRAD_NORM:g}, {MAX_MAX_GRAD_NORM:g}] "
+                f"(float32 clipping), got {self.max_grad_norm}"
+            )
         if self.proximal_mu < 0:
             raise ValueError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
         if self.sample_rate is not None and not 0 < self.sample_rate <= 1:

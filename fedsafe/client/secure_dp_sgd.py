@@ -117,6 +117,21 @@ class SecureNoiseDPOptimizer(DPOptimizer):
         )
         self.noise_rng = noise_rng
 
+    def clip_and_accumulate(self) -> None:
+        """Opacus's per-record clipping, after zeroing every record whose gradient is not finite.
+
+        The coordinator chooses the global model. With an infinite weight (or finite weights
+        that overflow in a dot product) one record's logit becomes ``inf * 0`` or
+        ``inf - inf``, its per-record gradient NaN, and Opacus's clip factor ``C / (NaN +
+        1e-6)`` NaN: the whole noisy sum, and so the released model, would be NaN exactly when
+        such a record was sampled, a membership bit no noise hides. A record whose gradient
+        holds a NaN or an infinity contributes zero instead, so every record's clipped
+        contribution stays a function of that record and the model with norm at most
+        ``max_grad_norm``, as the accounting assumes.
+        """
+        zero_non_finite_records(self.params)
+        super().clip_and_accumulate()
+
     def add_noise(self) -> None:
         """Set each ``p.grad`` to its clipped sum plus secret noise, snapped to the grid.
 
@@ -136,6 +151,37 @@ class SecureNoiseDPOptimizer(DPOptimizer):
             p.grad = snapped_noised_sum(p.summed_grad, noise, grid).view_as(p)
             offset += size
             _mark_as_processed(p.summed_grad)
+
+
+def zero_non_finite_records(params: list[torch.nn.Parameter]) -> None:
+    """Set to zero, in every parameter's ``grad_sample``, the records with a non-finite value.
+
+    Parameters
+    ----------
+    params
+        Parameters whose ``grad_sample`` is one tensor with a row per record of the batch.
+
+    Raises
+    ------
+    ValueError
+        If a ``grad_sample`` is missing or a list (Opacus's gradient accumulation, which
+        fedsafe forbids).
+    """
+    samples: list[torch.Tensor] = []
+    for p in params:
+        g = getattr(p, "grad_sample", None)
+        if not isinstance(g, torch.Tensor):
+            raise ValueError("per-record gradients must be one tensor per parameter")
+        samples.append(g)
+    if not samples or len(samples[0]) == 0:
+        return
+    rows = [g.reshape(len(g), -1).isfinite().all(dim=1) for g in samples]
+    finite = torch.stack(rows).all(dim=0)
+    for p, g in zip(params, samples, strict=True):
+        keep = finite.to(g.device).view(-1, *([1] * (g.dim() - 1)))
+        p.grad_sample = torch.where(  # type: ignore[attr-defined]
+            keep, g, torch.zeros((), dtype=g.dtype, device=g.device)
+        )
 
 
 def snapped_noised_sum(

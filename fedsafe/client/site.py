@@ -32,6 +32,14 @@ from fedsafe.privacy.ledger import ledger_path_for
 #: Node-config keys Flower's simulation engine gives every virtual SuperNode.
 SIMULATION_KEYS = ("partition-id", "num-partitions")
 
+#: The ledger account of a deployed site. Its lifetime budget protects the site's records, not
+#: one version of its files: keyed by a digest of the data and schema bytes, any edit (a new
+#: row, a fixed typo, a comment in the schema) opened a fresh account with the whole budget on
+#: the same patients. Every release in a deployed site's own ledger (``ledger-path``) is
+#: therefore composed against its policy's budget; a truly new data set needs a new ledger,
+#: which is the site admin's explicit decision.
+DEPLOYED_ACCOUNT = "site-records"
+
 
 @dataclass(frozen=True, slots=True)
 class SiteSetup:
@@ -48,7 +56,8 @@ class SiteSetup:
     ledger_path
         The site's privacy ledger ("" = none; a deployed site always has one).
     fingerprint
-        The data set's fingerprint (ledger account).
+        The ledger account spent on: the data set's fingerprint at a simulated site,
+        :data:`DEPLOYED_ACCOUNT` at a deployed one.
     public_size
         The public, rounded training-set size used for the sample rate and released counts.
     budget
@@ -89,12 +98,10 @@ def stable_site_number(name: str) -> int:
 
 
 @lru_cache(maxsize=4)
-def _custom_site(name: str, data_path: str, schema_path: str) -> tuple[SiteData, str]:
+def _custom_site(name: str, data_path: str, schema_path: str) -> SiteData:
     from fedsafe.data.schema import load_site_data
 
-    data = load_site_data(name, data_path, schema_path)
-    digest = hashlib.sha256(Path(data_path).read_bytes() + Path(schema_path).read_bytes())
-    return data, digest.hexdigest()
+    return load_site_data(name, data_path, schema_path)
 
 
 @lru_cache(maxsize=16)
@@ -133,14 +140,15 @@ def resolve_site(context: Context, cfg: RunConfig) -> SiteSetup:
             raise PolicyError("a deployed site needs its data (node config 'data-path')")
         data_path, schema_path = str(nc["data-path"]), str(nc.get("schema-path", ""))
         name = str(nc.get("site-name", Path(data_path).stem))
-        data, fingerprint = _custom_site(name, data_path, schema_path)
+        data = _custom_site(name, data_path, schema_path)
         return SiteSetup(
             data=data,
             model="logreg",
             device=str(nc.get("device", "auto")),
             # Only the site's node config names the ledger: never the run config's ledger-dir.
             ledger_path=str(nc.get("ledger-path", "")),
-            fingerprint=fingerprint,
+            # One account for the site's records, whatever edits its files have seen.
+            fingerprint=DEPLOYED_ACCOUNT,
             public_size=policy.public_size,
             budget=PrivacyBudget(policy.budget_epsilon, policy.delta),
             policy=policy,

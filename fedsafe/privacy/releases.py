@@ -39,7 +39,10 @@ _POLICY = (
 )
 _TEST = (
     "Not covered: computed exactly on the site's test split, which DP-SGD never touches; "
-    "the test records are not protected by the guarantee (only aggregate metrics leave)."
+    "the test records are not protected by the guarantee. The coordinator chooses the model "
+    "it asks a site to evaluate, so each reply is an exact query of its choice on the test "
+    "records: a constant model's accuracy gives the test split's size and positives as a "
+    "fraction, and many evaluations with chosen models reveal the test records' values."
 )
 
 
@@ -95,7 +98,8 @@ RELEASES: tuple[ReleaseKind, ...] = (
         "num-examples",
         "metric",
         "The site's public size (rounded training-set size from its policy; weights the "
-        "average). Evaluate replies send the same public size, never the test split's size.",
+        "average). Evaluate replies send no count (their metrics still reveal the test split's "
+        "size, see the eval- metrics).",
         False,
         _SIZE,
     ),

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fedsafe.cli.main import main
-from fedsafe.client.policy import load_policy, public_size_of
+from fedsafe.client.policy import SitePolicy, load_policy, public_size_of
 from fedsafe.data.schema import load_site_data
 from fedsafe.transport import pki
 from fedsafe.transport.processes import free_port
@@ -78,6 +78,27 @@ def test_init_refuses_an_impossible_policy_naming_the_flag(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("how", ["delta between 1/n and 1/public-size", "public size below n"])
+def test_init_refuses_a_delta_at_or_above_one_over_the_real_training_size(
+    site: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str
+) -> None:
+    """A careless admin: the policy checks delta against the public size only."""
+    data, schema = site
+    n = len(load_site_data("x", data, schema).x_train)
+    public = public_size_of(n)
+    assert public < n  # rounded down, so 1/public > 1/n
+    out = tmp_path / "policy.toml"
+    argv = ["site", "init", "--data", str(data), "--schema", str(schema), "--out", str(out)]
+    if how.startswith("delta"):
+        extra = ["--delta", repr((1 / n + 1 / public) / 2)]  # below 1/public, above 1/n
+    else:
+        extra = ["--public-size", "5"]  # default delta 1/100, far above 1/n
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--delta" in err and f"1/{n}" in err
+    assert not out.exists()
+
+
 def test_start_without_a_policy_stops_before_any_process(
     site: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -97,4 +118,13 @@ def test_start_without_a_policy_stops_before_any_process(
     assert main([*base, "--policy", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(bad) in err
+    # A careless admin starts with a tiny site's policy: valid, but its delta (0.01 for a
+    # public size of 5) is not below 1/n for this site's training records.
+    n = len(load_site_data("x", data, schema).x_train)
+    other = tmp_path / "other-site.toml"
+    other.write_text(SitePolicy.for_records(5).to_toml())
+    assert SitePolicy.for_records(5).delta >= 1 / n
+    assert main([*base, "--policy", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"1/{n}" in err and "site init" in err
     assert flower_pids(tmp_path) == set()
