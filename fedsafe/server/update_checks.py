@@ -255,9 +255,10 @@ class UpdateChecks(SiteHooks):
 
     def check(self, rnd: int, reply: SiteReply, global_arrays: ArrayRecord) -> None:
         """Raise :class:`ReplyRejected` naming the first bound ``reply`` breaks."""
-        undeclared = sorted(set(reply.metrics) - DECLARED_TRAIN_KEYS)
+        undeclared = set(reply.metrics) - DECLARED_TRAIN_KEYS
         if undeclared:
-            raise ReplyRejected(f"undeclared metrics {undeclared}")
+            # Not named: a key, like its value, can carry a record's data into rounds.jsonl.
+            raise ReplyRejected(f"{len(undeclared)} undeclared metric(s) in the reply")
         site = self.declared.get(reply.site)
         if site is None:
             raise ReplyRejected("the site declared no policy before round 1")

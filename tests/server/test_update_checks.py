@@ -126,7 +126,7 @@ REASONS = {
     "dtype": "dtype float64",
     "missing": "no 'metrics' record",
     "length": "malformed update",
-    "undeclared": "undeclared metrics ['patient-age']",
+    "undeclared": "1 undeclared metric(s)",
 }
 
 
