@@ -54,7 +54,7 @@ def _liar(sites: ClientAppSites, scale: float, from_round: int):
             return reply
         start, sent = msg.content["arrays"], reply.content["arrays"]
         lie = {
-            k: Array((start[k].numpy() - scale * (sent[k].numpy() - start[k].numpy())))
+            k: Array(start[k].numpy() - scale * (sent[k].numpy() - start[k].numpy()))
             for k in start.keys()
         }
         content = RecordDict(dict(reply.content.items()))
@@ -96,9 +96,7 @@ def run_once(
         grid = PromptGrid(FakeGrid(NODES, answer))  # type: ignore[arg-type]
         strategy.start(grid, ArrayRecord(model.state_dict()), rounds)
         records = folder.rounds()
-        dropped = sum(
-            s.get("status") == "dropped" for r in records for s in r["sites"].values()
-        )
+        dropped = sum(s.get("status") == "dropped" for r in records for s in r["sites"].values())
         return float(records[-1]["mean_accuracy"]), dropped
 
 
@@ -113,6 +111,11 @@ def main() -> None:
     p.add_argument("--clip", type=float, default=0.5)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "robust.json"))
     args = p.parse_args()
+    from flwr.supercore.task_identity import TaskIdentity
+
+    # What a ServerApp process has: messages are stamped with its run, node and task ids.
+    for name, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 1)):
+        setattr(TaskIdentity, name, value)
     table: dict[str, dict[str, float]] = {}
     for name in args.strategies:
         clean, lied, drops = [], [], 0

@@ -30,9 +30,9 @@ from fedsafe.models import build_model
 from fedsafe.server.grid import PhaseDeadlines, PromptGrid
 from fedsafe.server.reply_checks import metrics_of, reply_error, site_name
 from fedsafe.server.run_folder import RunFolder, new_run_dir
+from fedsafe.server.site_dp import SiteLevelDPStrategy
 from fedsafe.server.site_identity import set_event_sink
 from fedsafe.server.site_policies import DeclaredSite, RunRefused, check_declared_sites
-from fedsafe.server.site_dp import SiteLevelDPStrategy
 from fedsafe.server.strategy import FedsafeStrategy, RunProgress, log
 from fedsafe.server.update_checks import UpdateChecks
 from fedsafe.simulations.scenarios import MODEL_OF, default_num_sites

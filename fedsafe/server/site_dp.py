@@ -136,7 +136,8 @@ class SiteLevelDPStrategy(Strategy):
         equal: list[Message] = []
         norms = []
         for msg in replies:
-            clipped, norm = clip_update(msg.content["arrays"], reference, self.mechanism.clip)
+            sent = msg.content.array_records["arrays"]
+            clipped, norm = clip_update(sent, reference, self.mechanism.clip)
             norms.append(norm)
             view = copy.copy(msg)  # same metadata, its own content; msg is unchanged
             view.content = RecordDict(
@@ -160,4 +161,3 @@ class SiteLevelDPStrategy(Strategy):
         self.mechanism = SiteLevelDP(m.noise_multiplier, m.clip, m.rounds + 1, m.delta)
         write_site_dp(self.folder, self.mechanism)
         return ArrayRecord(noised), metrics
-

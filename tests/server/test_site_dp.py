@@ -26,7 +26,9 @@ DIM = 4000
 
 
 def _model() -> ArrayRecord:
-    return ArrayRecord({"w": Array(np.zeros(DIM, np.float32)), "b": Array(np.zeros((), np.float32))})
+    return ArrayRecord(
+        {"w": Array(np.zeros(DIM, np.float32)), "b": Array(np.zeros((), np.float32))}
+    )
 
 
 def _update(node: int) -> np.ndarray:
@@ -48,7 +50,9 @@ def _answer(node: int, msg: Message) -> RecordDict:
 
 def test_clipping_scales_long_updates_only_and_keeps_zero_updates():
     start = ArrayRecord({"w": Array(np.ones(4, np.float32)), "s": Array(np.array(2.0, np.float32))})
-    long = ArrayRecord({"w": Array(np.full(4, 4.0, np.float32)), "s": Array(np.array(2.0, np.float32))})
+    long = ArrayRecord(
+        {"w": Array(np.full(4, 4.0, np.float32)), "s": Array(np.array(2.0, np.float32))}
+    )
     clipped, norm = clip_update(long, start, 1.0)
     assert norm == pytest.approx(6.0)
     np.testing.assert_allclose(clipped["w"].numpy(), 1.5, rtol=1e-6)
@@ -74,7 +78,8 @@ def test_the_noised_mean_has_the_promised_centre_and_spread(tmp_path):
     expected_std = math.sqrt(rounds) * sigma * clip / len(NODES)
     assert abs(noise.mean()) < 5 * expected_std / math.sqrt(DIM)
     assert noise.std() == pytest.approx(expected_std, rel=0.06)
-    assert all(n == pytest.approx(math.sqrt(DIM) * k) for n, k in zip(inner.clipped_norms[0], NODES))
+    norms = inner.clipped_norms[0]
+    assert norms == pytest.approx([math.sqrt(DIM) * k for k in NODES])
     record = json.loads((tmp_path / SITE_DP_FILE).read_text())
     assert record["rounds"] == rounds
     assert record["epsilon"] == pytest.approx(SiteLevelDP(sigma, clip, rounds, 1e-5).epsilon())
