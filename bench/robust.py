@@ -52,7 +52,8 @@ def _liar(sites: ClientAppSites, scale: float, from_round: int):
         rnd = int(msg.content["config"]["server-round"])  # type: ignore[arg-type]
         if rnd < from_round or "arrays" not in reply.content.array_records:
             return reply
-        start, sent = msg.content["arrays"], reply.content["arrays"]
+        start = msg.content.array_records["arrays"]
+        sent = reply.content.array_records["arrays"]
         lie = {
             k: Array(start[k].numpy() - scale * (sent[k].numpy() - start[k].numpy()))
             for k in start.keys()
