@@ -269,3 +269,53 @@ def test_real_dp_sites_pass_and_their_1e6_update_does_not(tmp_path):
     statuses = {name: s["status"] for name, s in folder.rounds()[0]["sites"].items()}
     rogue = [name for name, s in statuses.items() if s == "dropped"]
     assert len(rogue) == 1 and sum(s == "trained" for s in statuses.values()) == 3
+
+
+def test_a_site_claiming_another_name_never_overwrites_that_sites_record(tmp_path, monkeypatch):
+    """With an admission record, the rogue's 1e9 claim is judged under its own admitted name."""
+    from fedsafe.server import site_identity
+
+    registry = tmp_path / "admitted.json"
+    registry.write_text(
+        json.dumps(
+            {
+                str(n): {"name": f"site-{n}", "fingerprint": f"SHA256:{n}", "status": "admitted"}
+                for n in NODES
+            }
+        )  # fmt: skip
+    )
+    monkeypatch.setenv(site_identity.ADMITTED_ENV, str(registry))
+
+    def answer(node: int, msg: Message) -> RecordDict:
+        content = _honest(node, msg)
+        if node == ROGUE:
+            content["site"] = ConfigRecord({"site-name": "site-1"})
+            if msg.metadata.message_type == "train":
+                content = _tamper("count-1e9", content, msg)
+        return content
+
+    rogue, path = _run(answer, tmp_path / "rogue", NODES)
+    honest, _ = _run(_honest, tmp_path / "honest", NODES[:-1])
+    for record in map(json.loads, (path / "rounds.jsonl").read_text().splitlines()):
+        assert record["sites"]["site-1"]["status"] == "trained"
+        assert record["sites"]["site-1"]["num-examples"] == 100
+        assert record["sites"][f"site-{ROGUE}"]["status"] == "dropped"
+    assert rogue.arrays is not None and honest.arrays is not None
+    assert rogue.arrays["w"].numpy().tobytes() == honest.arrays["w"].numpy().tobytes()
+
+
+def test_an_eval_epsilon_never_overwrites_a_sites_epsilon(tmp_path):
+    def answer(node: int, msg: Message) -> RecordDict:
+        content = _honest(node, msg)
+        if EVALUATION_RECORD in content:
+            record = dict(content[EVALUATION_RECORD])
+            content[EVALUATION_RECORD] = MetricRecord(
+                {**record, "eval-epsilon": 0.0, "epsilon": 0.0}
+            )
+        return content
+
+    _, path = _run(answer, tmp_path, NODES)
+    for record in map(json.loads, (path / "rounds.jsonl").read_text().splitlines()):
+        for site in record["sites"].values():
+            assert site["status"] == "trained"
+            assert site["epsilon"] == pytest.approx(0.1 * record["round"])
