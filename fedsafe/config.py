@@ -55,6 +55,8 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "reproducible-noise": False,
     "train-deadline-s": 3600.0,
     "evaluate-deadline-s": 3600.0,
+    "site-dp-noise-multiplier": 0.0,
+    "site-dp-clip": 0.0,
 }
 
 #: Clipping norms a site accepts. Opacus clips in float32: near float32's subnormal range the
@@ -131,6 +133,8 @@ class RunConfig:
     reproducible_noise: bool
     train_deadline_s: float
     evaluate_deadline_s: float
+    site_dp_noise_multiplier: float
+    site_dp_clip: float
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> UserError:
@@ -145,6 +149,7 @@ class RunConfig:
         ):
             if not value > 0:
                 raise bad(key, f"must be > 0 seconds, got {value}")
+        self._check_site_dp()
         if self.num_server_rounds < 1:
             raise bad("num-server-rounds", "must be >= 1")
         if self.local_steps < 1 or self.batch_size < 1:
@@ -172,6 +177,25 @@ class RunConfig:
                     f"must be in [{MIN_MAX_GRAD_NORM:g}, {MAX_MAX_GRAD_NORM:g}], "
                     f"got {self.max_grad_norm:g}",
                 )
+
+    def _check_site_dp(self) -> None:
+        """Site-level DP at the coordinator (:mod:`fedsafe.server.site_dp`): 0 = off."""
+        sigma, clip = self.site_dp_noise_multiplier, self.site_dp_clip
+        if not (math.isfinite(sigma) and sigma >= 0):
+            raise UserError(f"run config 'site-dp-noise-multiplier': must be >= 0, got {sigma}")
+        if sigma == 0:
+            return
+        if not (math.isfinite(clip) and clip > 0):
+            raise UserError(
+                "run config 'site-dp-clip': must be > 0 when site-dp-noise-multiplier is set"
+            )
+        if self.strategy not in ("fedavg", "fedprox"):
+            raise UserError(
+                "run config 'strategy': site-level DP (site-dp-noise-multiplier) needs a plain "
+                f"mean; choose fedavg or fedprox, not {self.strategy!r}"
+            )
+        if not 0 < self.target_delta < 1:
+            raise UserError("run config 'target-delta': must be in (0, 1) for site-level DP")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:

@@ -109,6 +109,10 @@ def register(sub: Any) -> None:
     p.add_argument("--reproducible-noise", action="store_true",
                    help="seed sampling and noise from --seed (research only: voids the guarantee "
                         "against anyone who knows the seed)")  # fmt: skip
+    p.add_argument("--site-dp-noise-multiplier", type=float, default=0.0,
+                   help="site-level DP at the coordinator: noise multiplier (0: off)")  # fmt: skip
+    p.add_argument("--site-dp-clip", type=float, default=0.0,
+                   help="site-level DP: each site's update clipped to this L2 norm")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the final round as JSON")
     p.set_defaults(func=run_simulate)
 
@@ -181,6 +185,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "reproducible-noise": args.reproducible_noise,
         "budget-epsilon": budget_eps,
         "budget-delta": budget_delta,
+        "site-dp-noise-multiplier": getattr(args, "site_dp_noise_multiplier", 0.0),
+        "site-dp-clip": getattr(args, "site_dp_clip", 0.0),
     }
     return RunConfig.from_mapping(values)
 

@@ -25,6 +25,7 @@ from typing import Any
 from fedsafe.errors import UserError
 from fedsafe.privacy.releases import RELEASES
 from fedsafe.privacy.report_data import ReportData, SiteSummary, load_report_data
+from fedsafe.privacy.site_level_dp import site_level_paragraphs
 
 ACCOUNTANT_NAMES = {
     "prv": "PRV accountant (Gopi, Lee and Wutschitz, NeurIPS 2021), upper error bound",
@@ -259,7 +260,7 @@ def report_dict(data: ReportData) -> dict[str, Any]:
         "kind": data.kind,
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "dp": data.dp,
-        "guarantee": guarantee_paragraphs(data),
+        "guarantee": [*guarantee_paragraphs(data), *site_level_paragraphs(data.source)],
         "config": dict(data.config),
         "mechanisms": mechanism_parameters(data),
         "releases": [asdict(r) for r in RELEASES],

@@ -30,9 +30,11 @@ from fedsafe.models import build_model
 from fedsafe.server.grid import PhaseDeadlines, PromptGrid
 from fedsafe.server.reply_checks import metrics_of, reply_error, site_name
 from fedsafe.server.run_folder import RunFolder, new_run_dir
+from fedsafe.server.site_dp import SiteLevelDPStrategy
 from fedsafe.server.site_identity import set_event_sink
 from fedsafe.server.site_policies import DeclaredSite, RunRefused, check_declared_sites
 from fedsafe.server.strategy import FedsafeStrategy, RunProgress, log
+from fedsafe.server.update_checks import UpdateChecks
 from fedsafe.simulations.scenarios import MODEL_OF, default_num_sites
 from fedsafe.strategies.factory import build_strategy
 
@@ -57,7 +59,7 @@ def query_sites(grid: Grid, num_sites: int, wait_s: float = 600) -> list[Message
 
 def _input_width(
     grid: Grid, num_sites: int, folder: RunFolder, cfg: RunConfig
-) -> tuple[int, list[str]]:
+) -> tuple[int, list[str], dict[str, DeclaredSite]]:
     widths: dict[str, int] = {}
     features: dict[str, str] = {}
     declared: dict[str, DeclaredSite] = {}
@@ -89,7 +91,7 @@ def _input_width(
         folder.log_event("run-refused", reason=str(exc))
         log.error("fedsafe: the run is refused before round 1: %s", exc)
         raise
-    return next(iter(widths.values())), json.loads(next(iter(features.values())))
+    return next(iter(widths.values())), json.loads(next(iter(features.values()))), declared
 
 
 def _save_model(
@@ -110,12 +112,19 @@ def main(grid: Grid, context: Context) -> None:
     num_sites = cfg.min_sites or default_num_sites(cfg.scenario, cfg.lending_sites, cfg.mnist_sites)
     deadlines = PhaseDeadlines(train_s=cfg.train_deadline_s, evaluate_s=cfg.evaluate_deadline_s)
     prompt = PromptGrid(grid, deadlines)
-    width, feature_names = _input_width(prompt, num_sites, folder, cfg)
+    width, feature_names, declared = _input_width(prompt, num_sites, folder, cfg)
     model_name = MODEL_OF[cfg.scenario]
     model = build_model(model_name, width, cfg.seed)
     downlink = parse_compression(cfg.downlink_compression)
     check_downlink(downlink)
-    strategy = FedsafeStrategy(build_strategy(cfg, num_sites), folder, downlink=downlink)
+    mu = cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0
+    checks = UpdateChecks(cfg, declared, proximal_mu=mu, log_event=folder.log_event)
+    inner = build_strategy(cfg, num_sites)
+    if cfg.site_dp_noise_multiplier > 0:
+        inner = SiteLevelDPStrategy(
+            inner, cfg.site_dp_noise_multiplier, cfg.site_dp_clip, cfg.target_delta, folder.path
+        )
+    strategy = FedsafeStrategy(inner, folder, downlink=downlink, hooks=[checks])
     prompt.observers.append(strategy.note_exchange)
     started = time.time()
     initial = ArrayRecord(model.state_dict())

@@ -102,6 +102,9 @@ def test_the_server_app_stops_before_round_one_a_run_every_real_site_refuses(
     assert [e["kind"] for e in events] == ["run-refused"]
     # An allowed run passes the same check and learns the width.
     grid.run_config = {"scenario": "custom", "num-server-rounds": 2}
-    width, _ = _input_width(grid, 2, folder, RunConfig.from_mapping(grid.run_config))
+    width, _, declared = _input_width(grid, 2, folder, RunConfig.from_mapping(grid.run_config))
     assert width == sites[1].width()
+    # What each site declared, for the update checks (fedsafe.server.update_checks).
+    assert sorted(declared) == ["hospital-1", "hospital-2"]
+    assert all(d.policy is not None and d.public_size >= 1 for d in declared.values())
     assert not sites[1].ledger.exists()  # the query touched no ledger

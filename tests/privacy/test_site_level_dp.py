@@ -1,0 +1,44 @@
+"""The coordinator's site-level DP accountant, checked against dp_accounting's own figures."""
+
+from __future__ import annotations
+
+import math
+
+import dp_accounting
+import pytest
+
+from fedsafe.privacy.site_level_dp import SiteLevelDP, site_level_paragraphs, write_site_dp
+
+
+@pytest.mark.parametrize(("sigma", "rounds"), [(1.0, 1), (0.8, 5), (2.0, 15), (5.0, 100)])
+def test_epsilon_matches_the_exact_gaussian_composition(sigma, rounds):
+    """T Gaussian mechanisms of multiplier sigma = one of multiplier sigma / sqrt(T), exactly."""
+    mechanism = SiteLevelDP(sigma, 0.5, rounds, 1e-5)
+    exact = dp_accounting.get_epsilon_gaussian(sigma / math.sqrt(rounds), 1e-5)
+    # PLD is a pessimistic discretisation of the exact curve: never below, and close.
+    assert exact - 1e-9 <= mechanism.epsilon() <= exact * 1.02 + 1e-3
+    rdp = dp_accounting.rdp.RdpAccountant()
+    rdp.compose(mechanism.event())
+    assert mechanism.epsilon() <= rdp.get_epsilon(1e-5) + 1e-9  # RDP is looser
+
+
+def test_no_round_released_spends_nothing_and_more_noise_spends_less():
+    assert SiteLevelDP(1.0, 1.0, 0, 1e-5).epsilon() == 0.0
+    assert SiteLevelDP(2.0, 1.0, 10, 1e-5).epsilon() < SiteLevelDP(1.0, 1.0, 10, 1e-5).epsilon()
+
+
+@pytest.mark.parametrize(
+    "args", [(0.0, 1.0, 1, 1e-5), (1.0, -1.0, 1, 1e-5), (1.0, 1.0, -1, 1e-5), (1.0, 1.0, 1, 1.0)]
+)
+def test_bad_values_are_refused(args):
+    with pytest.raises(ValueError):
+        SiteLevelDP(*args)
+
+
+def test_the_report_line_names_the_unit_the_adversary_and_epsilon(tmp_path):
+    assert site_level_paragraphs(tmp_path) == []
+    mechanism = SiteLevelDP(1.5, 0.25, 4, 1e-4)
+    write_site_dp(tmp_path, mechanism)
+    (line,) = site_level_paragraphs(tmp_path)
+    assert "a whole site's contribution" in line and "NOT the coordinator" in line
+    assert f"ε = {mechanism.epsilon():.3g}" in line and "δ = 0.0001" in line
