@@ -55,6 +55,9 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "reproducible-noise": False,
     "train-deadline-s": 3600.0,
     "evaluate-deadline-s": 3600.0,
+    # Simulated bring-your-own sites (scenario "custom"): JSON {name: csv path} and the schema.
+    "site-data": "",
+    "schema-path": "",
 }
 
 SCENARIOS = ("heart", "lending", "mnist", "custom")
@@ -124,6 +127,8 @@ class RunConfig:
     reproducible_noise: bool
     train_deadline_s: float
     evaluate_deadline_s: float
+    site_data: str
+    schema_path: str
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> UserError:
