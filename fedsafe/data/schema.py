@@ -493,11 +493,18 @@ def _values(col: pd.Series, mask: NDArray[np.bool_]) -> str:
     return shown + (", ..." if len(counts) > ROWS_SHOWN else "")
 
 
-def _parse_float(cell: str) -> float | None:
-    try:
-        return float(cell)
-    except ValueError:
-        return None
+#: Spellings of "not a number" that are a number's non-finite value, not a typo.
+_NAN_WORDS = ("nan", "+nan", "-nan")
+
+
+def _numeric_cells(
+    col: pd.Series, present: NDArray[np.bool_]
+) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+    """Parse the present cells of a numeric column: values (0 where absent) and non-numbers."""
+    values = pd.to_numeric(col.where(present, "0"), errors="coerce").to_numpy(dtype=np.float64)
+    nan_words = col.str.lower().isin(_NAN_WORDS).to_numpy()
+    not_number = present & np.isnan(values) & ~nan_words
+    return values, not_number
 
 
 @dataclass(frozen=True, slots=True)
@@ -620,10 +627,8 @@ def check_table(df: pd.DataFrame, schema: SiteSchema, source: str) -> TableCheck
         present = ~is_missing
         if feat.kind == "numeric":
             assert feat.range is not None  # noqa: S101 (FeatureSpec guarantees it)
-            parsed = [_parse_float(c) if p else 0.0 for c, p in zip(col, present, strict=True)]
-            not_number = np.array([v is None for v in parsed], dtype=bool)
-            values = np.array([np.nan if v is None else v for v in parsed], dtype=np.float64)
-            non_finite = ~not_number & ~np.isfinite(values)
+            values, not_number = _numeric_cells(col, present)
+            non_finite = present & ~not_number & ~np.isfinite(values)
             if not_number.any():
                 problems.append(
                     f"column {feat.name!r}: {int(not_number.sum())} value(s) that are not "
@@ -681,8 +686,8 @@ def _encode_feature(col: pd.Series, feat: FeatureSpec, schema: SiteSchema) -> pd
             if feat.missing.action == "impute"
             else (feat.range.low + feat.range.high) / 2
         )
-        raw = np.array([fill if m else float(c) for c, m in zip(col, is_missing, strict=True)])
-        out[feat.name] = feat.range.scale(raw)
+        values, _ = _numeric_cells(col, ~is_missing)
+        out[feat.name] = feat.range.scale(np.where(is_missing, fill, values))
     else:
         filled = col.where(~is_missing, feat.missing.value)
         for c in feat.categories[1:]:
