@@ -456,3 +456,30 @@ def test_unknown_model_is_refused_with_the_fix(capsys, site, model):
     schema.write_text(f"model: {model}\n" + SCHEMA)
     code, err = check(capsys, data, schema)
     assert code == 2 and "field 'model'" in err and "model: logistic" in err
+
+
+def test_multi_class_csv_trains_the_schema_model_with_dp(site):
+    from fedsafe.client.dp_training import TrainPlan, train_round
+    from fedsafe.data.schema import load_schema
+
+    data, schema = site
+    schema.write_text("model: {mlp: [16]}\n" + MULTI)
+    # The class is the age band: learnable, three classes.
+    data.write_text(
+        "patient_id,age,smoker,grade\n"
+        + "".join(
+            f"{i},{20 + (i * 7) % 75},no,{('low', 'mid', 'high')[((i * 7) % 75) // 25]}\n"
+            for i in range(300)
+        )
+    )
+    site_data = load_site_data("s", data, schema, split_key=b"k" * 32)
+    name = load_schema(schema).model_name
+    model = build_model(name, site_data.num_features, seed=0)
+    cpu = torch.device("cpu")
+    before = evaluate_model(model, site_data.x_test, site_data.y_test, cpu)
+    plan = TrainPlan(local_steps=60, batch_size=32, lr=0.5, noise_multiplier=0.5,
+                     max_grad_norm=1.0, sample_rate=32 / 200)  # fmt: skip
+    event = train_round(model, site_data.x_train, site_data.y_train, plan, cpu)
+    after = evaluate_model(model, site_data.x_test, site_data.y_test, cpu)
+    assert event is not None and event.steps == 60
+    assert after.roc_auc is None and after.loss < before.loss
