@@ -57,6 +57,9 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "evaluate-deadline-s": 3600.0,
     "site-dp-noise-multiplier": 0.0,
     "site-dp-clip": 0.0,
+    # Simulated bring-your-own sites (scenario "custom"): JSON {name: csv path} and the schema.
+    "site-data": "",
+    "schema-path": "",
 }
 
 #: Clipping norms a site accepts. Opacus clips in float32: near float32's subnormal range the
@@ -135,6 +138,8 @@ class RunConfig:
     evaluate_deadline_s: float
     site_dp_noise_multiplier: float
     site_dp_clip: float
+    site_data: str
+    schema_path: str
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> UserError:

@@ -32,10 +32,10 @@ def register(sub: Any) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    """Validate and print what would be trained on: rows, split, and each feature's scaling.
+    """Validate and print what would be trained on: rows, split, each feature's scaling.
 
-    Everything printed stays on this machine (the clipped counts are exact statistics of the
-    site's records, for the site admin only).
+    Everything printed stays on this machine (the clipped, missing and dropped counts are
+    exact statistics of the site's records, for the site admin only).
     """
     from pathlib import Path
 
@@ -43,19 +43,44 @@ def run_check(args: argparse.Namespace) -> int:
 
     name = args.name or Path(args.data).stem
     prepared = prepare_site(name, args.data, args.schema)
-    site = prepared.data
+    site, schema = prepared.data, prepared.schema
     n_train, n_test = len(site.x_train), len(site.x_test)
-    positives = float(site.y_train.mean())
+    if schema.classes:
+        balance = f"{len(schema.classes)} classes ({', '.join(schema.classes)})"
+    else:
+        balance = f"{float(site.y_train.mean()):.1%} positive in train"
     print(
         f"{args.data}: OK for site {name!r}: {n_train + n_test} rows "
-        f"({n_train} train / {n_test} test), {site.num_features} encoded features, "
-        f"{positives:.1%} positive in train"
+        f"({n_train} train / {n_test} test), {site.num_features} encoded features, {balance}"
     )
+    sep = {"\t": "tab"}.get(prepared.separator, repr(prepared.separator))
+    detected = "from the schema" if schema.separator else "detected"
+    print(f"separator: {sep} ({detected})")
+    print(f"model: {schema.model_name}; headline metric: {schema.headline_metric}")
     print("numeric features: clipped to their public range, then mapped onto [-1, 1]:")
-    for feat in prepared.schema.features:
+    for feat in schema.features:
         if feat.range is not None:
             clipped = prepared.outside_range.get(feat.name, 0)
             print(f"  {feat.name}: range {feat.range.describe()}; {clipped} value(s) clipped")
+    for feat in schema.features:
+        count = prepared.missing.get(feat.name, 0)
+        if count:
+            how = feat.missing.action
+            if how == "impute":
+                how = f"imputed with {feat.missing.value!r}"
+            elif how == "indicator":
+                how = f"filled and flagged in {feat.name + ':missing'!r}"
+            else:
+                how = "row dropped"
+            print(f"missing: {feat.name}: {count} cell(s), {how}")
+    if prepared.dropped_rows:
+        print(f"missing: {prepared.dropped_rows} row(s) dropped by a `missing: drop` policy")
+    if prepared.ignored_columns:
+        listed = ", ".join(map(repr, prepared.ignored_columns))
+        print(
+            f"note: column(s) {listed} are not in the schema and are ignored (never trained "
+            "on); list them under `drop:` to silence this note"
+        )
     if prepared.split_key_file is not None:
         state = "created" if prepared.split_key_created else "read"
         print(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from fedsafe.cli.options import parse_budget
@@ -17,6 +18,7 @@ SIM_EPILOG = """examples:
   fedsafe simulate --scenario heart --epsilon 5 --ledger-dir runs/ledgers --out runs/
   fedsafe simulate --scenario mnist --sites 10 --alpha 0.5 --epsilon 3 --delta 1e-5 \
       --compression topk:0.01+int8
+  fedsafe simulate --site lender-a=a.csv --site lender-b=b.csv --schema loans.yaml --epsilon 3
 """
 
 BASELINE_EPILOG = """examples:
@@ -56,6 +58,15 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--scenario", choices=("heart", "lending", "mnist"), default="heart")
+    p.add_argument(
+        "--site",
+        action="append",
+        default=None,
+        metavar="NAME=CSV",
+        help="your own site's CSV (repeat per site; needs --schema): simulates your data "
+        "instead of a shipped scenario",
+    )
+    p.add_argument("--schema", default=None, help="the schema YAML shared by every --site")
     p.add_argument("--rounds", type=int, default=DEFAULT_RUN_CONFIG["num-server-rounds"])
     p.add_argument(
         "--strategy",
@@ -158,8 +169,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             return flag
         return scenario_defaults.get(key, DEFAULT_RUN_CONFIG[key])
 
+    site_data = own_sites_json(args)
     values = {
-        "scenario": args.scenario,
+        "scenario": "custom" if site_data else args.scenario,
+        "site-data": site_data,
+        "schema-path": str(Path(args.schema).resolve()) if site_data else "",
+        "min-sites": len(args.site) if site_data else 0,
         "num-server-rounds": args.rounds,
         "strategy": args.strategy,
         "local-steps": pick(args.local_steps, "local-steps"),
@@ -189,6 +204,30 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "site-dp-clip": getattr(args, "site_dp_clip", 0.0),
     }
     return RunConfig.from_mapping(values)
+
+
+def parse_site_flag(value: str) -> tuple[str, str]:
+    """``NAME=data.csv`` as (name, absolute path); raises :class:`UserError` naming --site."""
+    name, sep, path = value.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise UserError(f"--site {value!r}: write --site NAME=path/to/data.csv")
+    return name.strip(), str(Path(path.strip()).resolve())
+
+
+def own_sites_json(args: argparse.Namespace) -> str:
+    """Run config ``site-data`` for ``--site`` flags ("" without them), checked up front."""
+    sites = getattr(args, "site", None)
+    if not sites:
+        if getattr(args, "schema", None):
+            raise UserError("--schema needs at least one --site NAME=data.csv")
+        return ""
+    if not args.schema:
+        raise UserError("--site needs --schema schema.yaml (the schema every site shares)")
+    pairs = [parse_site_flag(v) for v in sites]
+    names = [n for n, _ in pairs]
+    if len(set(names)) != len(names):
+        raise UserError(f"--site: site names must differ, got {', '.join(names)}")
+    return json.dumps([[n, p] for n, p in pairs])
 
 
 #: The ``fedsafe simulate`` flag for each setting :func:`unevaluable_setting` names.
@@ -292,6 +331,27 @@ def gpu_share(device: str, requested: float | None) -> float:
     return 0.0
 
 
+def own_sites(cfg: RunConfig) -> tuple[str, tuple[Any, ...]]:
+    """Check every simulated own CSV before Flower starts: headline metric and the sites.
+
+    Each file is read, checked (every problem at once) and split here, which also creates
+    its secret split key once, before the simulated sites read it.
+
+    Raises
+    ------
+    UserError
+        For any problem of a file or the schema, or sites whose encoded features differ.
+    """
+    from fedsafe.data.schema import load_schema, prepare_site
+    from fedsafe.simulations.scenarios import simulated_site_paths
+
+    schema = load_schema(cfg.schema_path)
+    sites = tuple(
+        prepare_site(n, p, cfg.schema_path).data for n, p in simulated_site_paths(cfg.site_data)
+    )
+    return schema.headline_metric, sites
+
+
 def run_simulate(args: argparse.Namespace) -> int:
     """Run the simulation, show progress, print the final table."""
     from fedsafe.client.policy import public_size_of
@@ -300,10 +360,16 @@ def run_simulate(args: argparse.Namespace) -> int:
     from fedsafe.simulations.tables import final_table, progress_line
 
     cfg = config_from_args(args)
-    metric = HEADLINE_OF[cfg.scenario]
-    num_sites = default_num_sites(cfg.scenario, cfg.lending_sites, cfg.mnist_sites)
-    scenario = load_scenario(cfg.scenario, cfg.lending_sites, cfg.mnist_sites, cfg.mnist_alpha)
-    preflight(cfg, [public_size_of(len(s.x_train)) for s in scenario.sites], args.site_budget)
+    if cfg.scenario == "custom":
+        metric, sites = own_sites(cfg)
+        num_sites = len(sites)
+    else:
+        metric = HEADLINE_OF[cfg.scenario]
+        num_sites = default_num_sites(cfg.scenario, cfg.lending_sites, cfg.mnist_sites)
+        sites = load_scenario(
+            cfg.scenario, cfg.lending_sites, cfg.mnist_sites, cfg.mnist_alpha
+        ).sites
+    preflight(cfg, [public_size_of(len(s.x_train)) for s in sites], args.site_budget)
     privacy = (
         "no DP (NOT PRIVATE)"
         if not cfg.dp
@@ -315,8 +381,9 @@ def run_simulate(args: argparse.Namespace) -> int:
     )
     if cfg.dp and cfg.reproducible_noise:
         privacy += ", reproducible noise (NOT PRIVATE)"
+    what = cfg.scenario if cfg.scenario != "custom" else f"own data ({cfg.schema_path})"
     print(
-        f"fedsafe: {cfg.scenario}, {num_sites} sites, {cfg.strategy}, {cfg.num_server_rounds} "
+        f"fedsafe: {what}, {num_sites} sites, {cfg.strategy}, {cfg.num_server_rounds} "
         f"rounds, {privacy} (starting Flower's simulation engine)",
         flush=True,
     )

@@ -98,10 +98,12 @@ def stable_site_number(name: str) -> int:
 
 
 @lru_cache(maxsize=4)
-def _custom_site(name: str, data_path: str, schema_path: str) -> SiteData:
-    from fedsafe.data.schema import load_site_data
+def _custom_site(name: str, data_path: str, schema_path: str) -> tuple[SiteData, str]:
+    """A bring-your-own site's data and the model its schema chooses."""
+    from fedsafe.data.schema import prepare_site
 
-    return load_site_data(name, data_path, schema_path)
+    prepared = prepare_site(name, data_path, schema_path)
+    return prepared.data, prepared.schema.model_name
 
 
 @lru_cache(maxsize=16)
@@ -140,10 +142,10 @@ def resolve_site(context: Context, cfg: RunConfig) -> SiteSetup:
             raise PolicyError("a deployed site needs its data (node config 'data-path')")
         data_path, schema_path = str(nc["data-path"]), str(nc.get("schema-path", ""))
         name = str(nc.get("site-name", Path(data_path).stem))
-        data = _custom_site(name, data_path, schema_path)
+        data, model = _custom_site(name, data_path, schema_path)
         return SiteSetup(
             data=data,
-            model="logreg",
+            model=model,
             device=str(nc.get("device", "auto")),
             # Only the site's node config names the ledger: never the run config's ledger-dir.
             ledger_path=str(nc.get("ledger-path", "")),
@@ -158,21 +160,31 @@ def resolve_site(context: Context, cfg: RunConfig) -> SiteSetup:
             "this site has no policy (node config 'policy-path'); write one with "
             "`fedsafe site init` and start the site with `fedsafe site start`"
         )
-    from fedsafe.simulations.scenarios import load_scenario
+    from fedsafe.simulations.scenarios import load_scenario, simulated_site_paths
 
-    scenario = load_scenario(cfg.scenario, cfg.lending_sites, cfg.mnist_sites, cfg.mnist_alpha)
-    data = scenario.site(int(nc["partition-id"]))  # type: ignore[arg-type]
-    partition = f"{cfg.mnist_sites}|{cfg.mnist_alpha}" if cfg.scenario == "mnist" else ""
+    if cfg.scenario == "custom":
+        # One researcher owns both sides in simulation: the run config names the CSVs.
+        name, path = simulated_site_paths(cfg.site_data)[int(nc["partition-id"])]  # type: ignore[arg-type]
+        data, model = _custom_site(name, path, cfg.schema_path)
+        # The account follows the data source (the file), not its bytes: a re-export or a
+        # schema comment must not open a fresh account.
+        fingerprint = "csv|" + str(Path(path).resolve())
+    else:
+        scenario = load_scenario(cfg.scenario, cfg.lending_sites, cfg.mnist_sites, cfg.mnist_alpha)
+        data = scenario.site(int(nc["partition-id"]))  # type: ignore[arg-type]
+        partition = f"{cfg.mnist_sites}|{cfg.mnist_alpha}" if cfg.scenario == "mnist" else ""
+        fingerprint = _scenario_fingerprint(cfg.scenario, data.name, partition)
+        model = scenario.model
     ledger = str(ledger_path_for(cfg.ledger_dir, data.name)) if cfg.ledger_dir else ""
     budget = None
     if cfg.budget_epsilon > 0:
         budget = PrivacyBudget(cfg.budget_epsilon, cfg.budget_delta or cfg.target_delta)
     return SiteSetup(
         data=data,
-        model=scenario.model,
+        model=model,
         device=str(nc.get("device", cfg.device)),
         ledger_path=ledger,
-        fingerprint=_scenario_fingerprint(cfg.scenario, data.name, partition),
+        fingerprint=fingerprint,
         public_size=public_size_of(len(data.x_train)),
         budget=budget,
         policy=None,

@@ -35,7 +35,7 @@ from fedsafe.server.site_identity import set_event_sink
 from fedsafe.server.site_policies import DeclaredSite, RunRefused, check_declared_sites
 from fedsafe.server.strategy import FedsafeStrategy, RunProgress, log
 from fedsafe.server.update_checks import UpdateChecks
-from fedsafe.simulations.scenarios import MODEL_OF, default_num_sites
+from fedsafe.simulations.scenarios import default_num_sites, run_model_name
 from fedsafe.strategies.factory import build_strategy
 
 app = ServerApp()
@@ -113,7 +113,7 @@ def main(grid: Grid, context: Context) -> None:
     deadlines = PhaseDeadlines(train_s=cfg.train_deadline_s, evaluate_s=cfg.evaluate_deadline_s)
     prompt = PromptGrid(grid, deadlines)
     width, feature_names, declared = _input_width(prompt, num_sites, folder, cfg)
-    model_name = MODEL_OF[cfg.scenario]
+    model_name = run_model_name(cfg)
     model = build_model(model_name, width, cfg.seed)
     downlink = parse_compression(cfg.downlink_compression)
     check_downlink(downlink)

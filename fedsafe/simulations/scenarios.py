@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from fedsafe.data.site_data import SiteData
 
@@ -87,6 +89,42 @@ def mnist_sites(num_sites: int, alpha: float) -> tuple[SiteData, ...]:
             )
         )
     return tuple(sites)
+
+
+def simulated_site_paths(site_data: str) -> tuple[tuple[str, str], ...]:
+    """The simulated bring-your-own sites of run config ``site-data``: (name, CSV path) pairs.
+
+    ``site-data`` is a JSON list of ``[name, path]`` pairs, written by ``fedsafe simulate
+    --site NAME=data.csv``; site ``i`` is Flower's partition ``i``.
+
+    Raises
+    ------
+    ValueError
+        If ``site_data`` is not such a list.
+    """
+    try:
+        pairs = json.loads(site_data)
+    except ValueError:
+        pairs = None
+    if (
+        not isinstance(pairs, list)
+        or not pairs
+        or not all(isinstance(p, list) and len(p) == 2 for p in pairs)
+    ):
+        raise ValueError(
+            "run config 'site-data' must be a JSON list of [name, csv path] pairs; "
+            "use fedsafe simulate --site NAME=data.csv --schema schema.yaml"
+        )
+    return tuple((str(name), str(path)) for name, path in pairs)
+
+
+def run_model_name(cfg: Any) -> str:
+    """The model a run trains: its scenario's, or the one the shared schema chooses (custom)."""
+    if cfg.scenario == "custom" and cfg.schema_path:
+        from fedsafe.data.schema import load_schema
+
+        return load_schema(cfg.schema_path).model_name
+    return MODEL_OF[cfg.scenario]
 
 
 @lru_cache(maxsize=8)

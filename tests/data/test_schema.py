@@ -242,3 +242,244 @@ def test_blank_id_is_refused(capsys, site):
     data.write_text(GOOD.replace("\n5,", "\n,", 1))
     code, err = check(capsys, data, schema)
     assert code == 2 and "'patient_id'" in err and "blank" in err and "row 7" in err
+
+
+# --- issue 15: every fault of a real CSV, reported at once with counts --------------------------
+
+
+def _with_rows(replacements: dict[int, str]) -> str:
+    """GOOD with data rows (0-based) replaced."""
+    lines = GOOD.splitlines()
+    for i, row in replacements.items():
+        lines[i + 1] = row
+    return "\n".join(lines) + "\n"
+
+
+def test_label_typos_are_an_error_with_a_count(capsys, site):
+    data, schema = site
+    schema.write_text(SCHEMA.replace("positive: yes}", "positive: yes, negative: no}"))
+    data.write_text(_with_rows({3: "3,33,no,Bad", 4: "4,34,no,Bad", 8: "8,38,no,unknown"}))
+    code, err = check(capsys, data, schema)
+    assert code == 2 and "\n" not in err
+    assert "label 'outcome': 3 unknown value(s)" in err
+    assert "'Bad' x2" in err and "'unknown' x1" in err and "rows 5, 6, 10" in err
+
+
+def test_label_typo_without_negative_is_an_error_too(capsys, site):
+    data, schema = site
+    data.write_text(_with_rows({3: "3,33,no,Bad"}))
+    code, err = check(capsys, data, schema)
+    assert code == 2 and "1 unknown value(s) 'Bad' x1" in err and "negative: no" in err
+
+
+def test_blank_label_is_an_error_with_a_count(capsys, site):
+    data, schema = site
+    data.write_text(_with_rows({3: "3,33,no,", 7: "7,37,no,"}))
+    code, err = check(capsys, data, schema)
+    assert code == 2 and "label 'outcome': 2 blank or missing value(s) (rows 5, 9)" in err
+
+
+def test_others_negative_is_the_explicit_rule(site):
+    data, schema = site
+    schema.write_text(SCHEMA.replace("positive: yes}", "positive: yes, others: negative}"))
+    data.write_text(_with_rows({i: f"{i},40,no,maybe" for i in range(0, 60, 2)}))
+    site_data = load_site_data("s", data, schema, split_key=b"k" * 32)
+    labels = np.concatenate([site_data.y_train, site_data.y_test])
+    assert sorted(set(labels.tolist())) == [0.0, 1.0] and labels.sum() == 30
+
+
+@pytest.mark.parametrize("cell", ["inf", "-inf", "nan", "1e400"])
+def test_non_finite_values_are_refused_with_a_count(capsys, site, cell):
+    data, schema = site
+    data.write_text(_with_rows({2: f"2,{cell},no,yes", 9: f"9,{cell},no,no"}))
+    code, err = check(capsys, data, schema)
+    assert code == 2 and "column 'age': 2 non-finite value(s)" in err and "rows 4, 11" in err
+
+
+def test_every_problem_of_a_file_is_reported_at_once(capsys, site):
+    data, schema = site
+    data.write_text(
+        _with_rows({
+            1: "1,forty,no,yes", 2: "2,,no,yes", 3: "3,inf,no,yes", 4: "4,50,sometimes,yes",
+            5: "5,50,maybe,no", 6: "6,50,no,", 10: "10,fifty,no,yes",
+        })
+    )  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedsafe", "data", "check", "--data", str(data),
+         "--schema", str(schema)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1
+    assert "5 problem(s)" in err
+    assert (
+        "column 'age': 2 value(s) that are not numbers 'forty' x1, 'fifty' x1 (rows 3, 12)" in err
+    )
+    assert "column 'age': 1 missing cell(s) (row 4)" in err
+    assert "column 'age': 1 non-finite value(s) 'inf' x1 (row 5)" in err
+    assert "column 'smoker': 2 value(s) not among its categories" in err
+    assert "label 'outcome': 1 blank or missing value(s) (row 8)" in err
+    assert "id column" not in err
+
+
+def test_missing_without_a_policy_names_the_policies(capsys, site):
+    data, schema = site
+    data.write_text(_with_rows({2: "2,,no,yes", 5: "5,NA,no,no"}))
+    code, err = check(capsys, data, schema)
+    assert code == 2 and "column 'age': 2 missing cell(s) (rows 4, 7)" in err
+    assert "missing: drop" in err and "missing: indicator" in err and "impute" in err
+
+
+def _policy(schema: Path, feature_policy: str = "", schema_wide: str = "") -> None:
+    text = SCHEMA
+    if feature_policy:
+        text = text.replace(
+            'source: "adult patients, years"}',
+            f'source: "adult patients, years", missing: {feature_policy}}}',
+        )
+    if schema_wide:
+        text = f"missing: {schema_wide}\n" + text
+    schema.write_text(text)
+
+
+def test_missing_policy_drop_removes_only_those_rows(capsys, site):
+    data, schema = site
+    key = b"d" * 32
+    full = load_site_data("s", data, schema, split_key=key)
+    data.write_text(_with_rows({2: "2,,no,yes", 5: "5,,no,no"}))
+    _policy(schema, schema_wide="drop")
+    dropped = load_site_data("s", data, schema, split_key=key)
+    assert len(dropped.x_train) + len(dropped.x_test) == 58
+    # The other rows keep their side of the split (a per-record rule).
+    assert len(full.x_train) + len(full.x_test) - 2 == 58
+    assert main(["data", "check", "--data", str(data), "--schema", str(schema)]) == 0
+    assert "2 row(s) dropped" in capsys.readouterr().out
+
+
+def test_missing_policy_impute_uses_the_public_constant(site):
+    data, schema = site
+    data.write_text(
+        "patient_id,age,smoker,outcome\n"
+        + "".join(f"{i},,no,{'yes' if i % 2 else 'no'}\n" for i in range(60))
+    )
+    _policy(schema, feature_policy="{impute: 59}")
+    site_data = load_site_data("s", data, schema, split_key=b"k" * 32)
+    expected = -1 + 2 * (59 - 18) / (100 - 18)
+    assert np.allclose(site_data.x_train[:, 0], expected)
+
+
+def test_missing_policy_indicator_adds_a_column(site):
+    data, schema = site
+    data.write_text(_with_rows({i: f"{i},,no,{'yes' if i % 2 else 'no'}" for i in range(0, 60, 3)}))
+    _policy(schema, feature_policy="indicator")
+    site_data = load_site_data("s", data, schema, split_key=b"k" * 32)
+    assert site_data.feature_names == ("age", "age:missing", "smoker=yes")
+    x = np.concatenate([site_data.x_train, site_data.x_test])
+    flagged = x[:, 1] == 1
+    assert flagged.sum() == 20 and np.all(x[flagged, 0] == 0.0)
+
+
+def test_bad_missing_policy_is_refused_naming_the_field(capsys, site):
+    data, schema = site
+    _policy(schema, feature_policy="{impute: old}")
+    code, err = check(capsys, data, schema)
+    assert code == 2 and "features.age" in err and "not a number" in err
+
+
+def test_semicolon_separator_is_detected(capsys, site):
+    data, schema = site
+    data.write_text(GOOD.replace(",", ";"))
+    assert main(["data", "check", "--data", str(data), "--schema", str(schema)]) == 0
+    assert "separator: ';' (detected)" in capsys.readouterr().out
+
+
+def test_wrong_separator_is_named_in_the_error(capsys, site):
+    data, schema = site
+    data.write_text(GOOD.replace(",", ";"))
+    schema.write_text('separator: ","\n' + SCHEMA)
+    code, err = check(capsys, data, schema)
+    assert code == 2 and "separator ','" in err and 'separator: ";"' in err
+
+
+def test_ignored_column_is_named(capsys, site):
+    data, schema = site
+    lines = GOOD.splitlines()
+    data.write_text(
+        "\n".join([lines[0] + ",patient_name"] + [f"{ln},Name {i}" for i, ln in
+                                                   enumerate(lines[1:])]) + "\n"
+    )  # fmt: skip
+    assert main(["data", "check", "--data", str(data), "--schema", str(schema)]) == 0
+    assert "note: column(s) 'patient_name' are not in the schema and are ignored" in (
+        capsys.readouterr().out
+    )
+    schema.write_text(SCHEMA.replace("drop: [patient_id]", "drop: [patient_id, patient_name]"))
+    assert main(["data", "check", "--data", str(data), "--schema", str(schema)]) == 0
+    assert "patient_name" not in capsys.readouterr().out
+
+
+MULTI = SCHEMA.replace("label: {column: outcome, positive: yes}",
+                       "label: {column: grade, classes: [low, mid, high]}")  # fmt: skip
+
+
+def test_multi_class_label(capsys, site):
+    data, schema = site
+    schema.write_text(MULTI)
+    data.write_text(
+        "patient_id,age,smoker,grade\n"
+        + "".join(f"{i},{30 + i},no,{('low', 'mid', 'high')[i % 3]}\n" for i in range(60))
+    )
+    site_data = load_site_data("s", data, schema, split_key=b"k" * 32)
+    assert site_data.y_train.dtype == np.int64
+    assert set(np.concatenate([site_data.y_train, site_data.y_test]).tolist()) == {0, 1, 2}
+    data.write_text(data.read_text().replace(",mid\n", ",medium\n", 2))
+    code, err = check(capsys, data, schema)
+    assert code == 2 and "label 'grade': 2 unknown value(s) 'medium' x2" in err
+
+
+def test_model_is_chosen_in_the_schema(site):
+    from fedsafe.data.schema import load_schema
+
+    _, schema = site
+    assert load_schema(schema).model_name == "logreg"
+    assert load_schema(schema).headline_metric == "roc-auc"
+    schema.write_text("model: {mlp: [64, 32]}\n" + SCHEMA)
+    assert load_schema(schema).model_name == "mlp-64-32"
+    schema.write_text("model: {mlp: [16]}\n" + MULTI)
+    assert load_schema(schema).model_name == "mlp-16/3"
+    assert load_schema(schema).headline_metric == "accuracy"
+
+
+@pytest.mark.parametrize("model", ["forest", "{mlp: []}", "{mlp: [0]}", "{cnn: [3]}"])
+def test_unknown_model_is_refused_with_the_fix(capsys, site, model):
+    data, schema = site
+    schema.write_text(f"model: {model}\n" + SCHEMA)
+    code, err = check(capsys, data, schema)
+    assert code == 2 and "field 'model'" in err and "model: logistic" in err
+
+
+def test_multi_class_csv_trains_the_schema_model_with_dp(site):
+    from fedsafe.client.dp_training import TrainPlan, train_round
+    from fedsafe.data.schema import load_schema
+
+    data, schema = site
+    schema.write_text("model: {mlp: [16]}\n" + MULTI)
+    # The class is the age band: learnable, three classes.
+    data.write_text(
+        "patient_id,age,smoker,grade\n"
+        + "".join(
+            f"{i},{20 + (i * 7) % 75},no,{('low', 'mid', 'high')[((i * 7) % 75) // 25]}\n"
+            for i in range(300)
+        )
+    )
+    site_data = load_site_data("s", data, schema, split_key=b"k" * 32)
+    name = load_schema(schema).model_name
+    model = build_model(name, site_data.num_features, seed=0)
+    cpu = torch.device("cpu")
+    before = evaluate_model(model, site_data.x_test, site_data.y_test, cpu)
+    plan = TrainPlan(local_steps=60, batch_size=32, lr=0.5, noise_multiplier=0.5,
+                     max_grad_norm=1.0, sample_rate=32 / 200)  # fmt: skip
+    event = train_round(model, site_data.x_train, site_data.y_train, plan, cpu)
+    after = evaluate_model(model, site_data.x_test, site_data.y_test, cpu)
+    assert event is not None and event.steps == 60
+    assert after.roc_auc is None and after.loss < before.loss

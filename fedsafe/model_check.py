@@ -1,0 +1,94 @@
+"""A user's model checked for DP-SGD before it trains: Opacus's ModuleValidator, said in a line.
+
+DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy", CCS) clips each record's
+gradient; a layer that mixes the records of a batch (BatchNorm's batch statistics) makes a
+record's gradient depend on the others, so the per-record clipping bounds nothing. Opacus's
+:class:`opacus.validators.ModuleValidator` lists such layers and can replace them: BatchNorm
+becomes GroupNorm (per record, no running statistics). fedsafe fixes what Opacus can fix and
+says so in one line, or refuses with the fix when fixing is not allowed or not possible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from fedsafe.errors import UserError
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedModel:
+    """A model DP-SGD can train, and the one-line note of what was changed ("" = nothing).
+
+    Raises
+    ------
+    ValueError
+        If ``model`` still fails Opacus's validation.
+    """
+
+    model: nn.Module
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if ModuleValidator.validate(self.model.train(), strict=False):
+            raise ValueError("a checked model must pass Opacus's ModuleValidator")
+
+
+def _problems(errors: list[Exception]) -> str:
+    return "; ".join(dict.fromkeys(str(e).strip().splitlines()[0] for e in errors))
+
+
+def check_model_for_dp(
+    model: nn.Module, *, fix: bool = True, name: str = "the model"
+) -> CheckedModel:
+    """Validate ``model`` for DP-SGD, fixing BatchNorm (to GroupNorm) when ``fix`` allows.
+
+    Parameters
+    ----------
+    model
+        The model, in any mode (it is put in training mode, as Opacus requires).
+    fix
+        Whether layers Opacus can replace may be replaced (a copy is changed, never ``model``).
+    name
+        How messages name the model (a task, a file).
+
+    Returns
+    -------
+    CheckedModel
+        ``model`` itself when valid, else a fixed copy with a one-line note naming the layers.
+
+    Raises
+    ------
+    UserError
+        If the model has layers DP-SGD cannot train and fixing is not allowed or fails; the
+        message names the layers and the fix.
+    """
+    model.train()
+    errors = ModuleValidator.validate(model, strict=False)
+    if not errors:
+        return CheckedModel(model)
+    if not fix:
+        raise UserError(
+            f"{name} cannot be trained with DP-SGD: {_problems(errors)}; replace each BatchNorm "
+            "with GroupNorm (nn.GroupNorm(groups, channels)), which normalises each record alone"
+        )
+    fixed = ModuleValidator.fix(model)
+    remaining = ModuleValidator.validate(fixed.train(), strict=False)
+    if remaining:
+        raise UserError(
+            f"{name} cannot be trained with DP-SGD even after Opacus's fixes: "
+            f"{_problems(remaining)}; replace those layers with per-record ones"
+        )
+    before = dict(model.named_modules())
+    changed = [
+        f"{n} ({type(before[n]).__name__} -> {type(m).__name__})"
+        for n, m in fixed.named_modules()
+        if n in before and type(before[n]) is not type(m)
+    ]
+    return CheckedModel(
+        fixed,
+        f"{name}: replaced {len(changed)} layer(s) for DP-SGD (batch statistics mix records): "
+        + ", ".join(changed),
+    )

@@ -1,0 +1,44 @@
+"""A user's model is checked with Opacus's validator: BatchNorm fixed to GroupNorm, or refused."""
+
+import pytest
+import torch
+from torch import nn
+
+from fedsafe.errors import UserError
+from fedsafe.model_check import check_model_for_dp
+from fedsafe.models import build_model
+
+
+def _batchnorm_model() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 1)
+    )
+
+
+def test_valid_model_is_returned_unchanged():
+    model = build_model("mlp-16-8", 6, seed=1)
+    checked = check_model_for_dp(model)
+    assert checked.model is model and checked.note == ""
+
+
+def test_batchnorm_is_fixed_to_groupnorm_in_one_line():
+    model = _batchnorm_model()
+    checked = check_model_for_dp(model, name="task heart-net")
+    kinds = [type(m) for m in checked.model.modules()]
+    assert nn.GroupNorm in kinds and nn.BatchNorm2d not in kinds
+    assert "\n" not in checked.note
+    assert "task heart-net" in checked.note and "BatchNorm2d -> GroupNorm" in checked.note
+    # The user's own object is left as it was.
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    # A record's output no longer depends on the other records of its batch.
+    x = torch.randn(5, 1, 6, 6)
+    alone = checked.model(x[:1])
+    assert torch.allclose(alone, checked.model(x)[:1], atol=1e-6)
+
+
+def test_batchnorm_is_refused_with_the_fix_when_fixing_is_not_allowed():
+    with pytest.raises(UserError) as err:
+        check_model_for_dp(_batchnorm_model(), fix=False, name="task heart-net")
+    message = str(err.value)
+    assert "task heart-net" in message and "BatchNorm" in message and "GroupNorm" in message
+    assert "\n" not in message
