@@ -247,6 +247,7 @@ def _train(
         max_grad_norm=cfg.max_grad_norm,
         proximal_mu=mu,
         sample_rate=q,
+        grad_sample_mode=cfg.grad_sample_mode,
     )
     key = _round_key(cfg, site, server_round)
     event = train_round(model, site.data.x_train, site.data.y_train, plan, device, key)

@@ -18,11 +18,19 @@ mode; only the cost does (measured in ``bench/speed.py``, BENCHMARKS.md "DP step
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING
 
-from torch import nn
+from fedsafe.config import GRAD_SAMPLE_MODES
 
-GRAD_SAMPLE_MODES: Final = ("auto", "hooks", "ghost", "functorch")
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "GRAD_SAMPLE_MODES",
+    "check_grad_sample_mode",
+    "choose_grad_sample_mode",
+    "resolve_grad_sample_mode",
+]
 
 
 def check_grad_sample_mode(mode: str) -> str:
