@@ -87,7 +87,7 @@ def register(sub: Any) -> None:
         "--grad-sample-mode",
         choices=GRAD_SAMPLE_MODES,
         default="auto",
-        help="per-record clipping: auto (ghost for Linear-only models, else hooks), hooks, "
+        help="per-record clipping: auto (ghost for large Linear-only models, else hooks), hooks, "
         "ghost or functorch; the same clipped update and privacy, a different speed",
     )
     p.add_argument(

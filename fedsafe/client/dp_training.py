@@ -191,7 +191,7 @@ def make_private(
         SecurePoissonSampler,
     )
 
-    mode = resolve_grad_sample_mode(grad_sample_mode, model)
+    mode = resolve_grad_sample_mode(grad_sample_mode, model, int(loader.batch_size or 1))
     ModuleValidator.validate(model, strict=True)
     round_key = fresh_key() if key is None else key
     dataset = loader.dataset
@@ -276,12 +276,14 @@ def private_backward(
             return loss.detach()
         from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
-        per_record = _per_record_loss(train_model, x, y)
-        if per_record.numel() == 0:
-            # An empty Poisson batch: the clipped sum is zero (the noise is still added).
+        if len(x) == 0:
+            # An empty Poisson batch: the clipped sum is zero (the noise is still added). No
+            # forward pass: ghost hooks count forwards per parameter and would take the next
+            # one for parameter tying.
             for p in optimizer.params:
                 p.grad = torch.zeros_like(p)
-            return per_record.sum().detach()
+            return torch.zeros(())
+        per_record = _per_record_loss(train_model, x, y)
         DPTensorFastGradientClipping(train_model, optimizer, per_record, "mean").backward()
         return per_record.mean().detach()
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = [
+    "GHOST_MIN_GRADIENT_VALUES",
     "GRAD_SAMPLE_MODES",
     "check_grad_sample_mode",
     "choose_grad_sample_mode",
@@ -55,19 +56,28 @@ def _ghost_norm_layers() -> tuple[type[nn.Module], ...]:
     return tuple(GradSampleModuleFastGradientClipping.NORM_SAMPLERS)
 
 
-def choose_grad_sample_mode(model: nn.Module) -> str:
-    """The mode ``auto`` picks for ``model``: ghost when every trainable layer has a ghost norm.
+GHOST_MIN_GRADIENT_VALUES = 1_000_000
+"""``batch x parameters`` from which ghost clipping pays for its second backward pass."""
 
-    Rule measured with ``bench/speed.py`` (CPU, one thread): ghost clipping is 2-20x faster
-    than hooks when every trainable layer is ``Linear`` or ``Embedding`` (no per-record
-    gradient is ever built), and slower than hooks as soon as a convolution or a
-    normalisation layer must still build per-record gradients (it then pays a second
-    backward pass on top). Models with such layers keep hooks.
+
+def choose_grad_sample_mode(model: nn.Module, batch_size: int) -> str:
+    """The mode ``auto`` picks: ghost for large Linear/Embedding-only models, else hooks.
+
+    Rule measured with ``bench/speed.py`` (CPU, one thread; BENCHMARKS.md "DP step speed"):
+    ghost clipping is many times faster than hooks when every trainable layer is ``Linear`` or
+    ``Embedding`` and the per-record gradients hooks would build are large (the 4x512 MLP at
+    batch 256: 148 million values); on tiny models (heart's 14-parameter logistic model at
+    batch 4) its second backward pass costs more than the per-record gradients it avoids; and
+    as soon as a convolution or a normalisation layer must still build per-record gradients,
+    it is slower than hooks. Ghost therefore needs both: only ghost-normed layers, and
+    ``batch_size x parameters >= GHOST_MIN_GRADIENT_VALUES`` (4 MB of float32 gradients).
 
     Parameters
     ----------
     model
         The unwrapped model.
+    batch_size
+        The expected (public) batch size, >= 1.
 
     Returns
     -------
@@ -78,12 +88,17 @@ def choose_grad_sample_mode(model: nn.Module) -> str:
     trainable = [
         m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))
     ]
-    if trainable and all(type(m) in ghost_layers for m in trainable):
+    values = batch_size * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if (
+        trainable
+        and all(type(m) in ghost_layers for m in trainable)
+        and values >= GHOST_MIN_GRADIENT_VALUES
+    ):
         return "ghost"
     return "hooks"
 
 
-def resolve_grad_sample_mode(requested: str, model: nn.Module) -> str:
+def resolve_grad_sample_mode(requested: str, model: nn.Module, batch_size: int) -> str:
     """``requested`` itself, or :func:`choose_grad_sample_mode` for ``auto``."""
     check_grad_sample_mode(requested)
-    return choose_grad_sample_mode(model) if requested == "auto" else requested
+    return choose_grad_sample_mode(model, batch_size) if requested == "auto" else requested

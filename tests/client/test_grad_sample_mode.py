@@ -39,12 +39,17 @@ def _flat(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def test_auto_picks_ghost_for_linear_only_models_and_hooks_with_convolutions() -> None:
-    assert choose_grad_sample_mode(_mlp()) == "ghost"
-    assert choose_grad_sample_mode(build_model("logreg", 5, 0)) == "ghost"
-    assert choose_grad_sample_mode(MnistCNN()) == "hooks"
-    assert resolve_grad_sample_mode("functorch", _mlp()) == "functorch"
-    assert resolve_grad_sample_mode("auto", MnistCNN()) == "hooks"
+def _wide_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(90, 512), nn.ReLU(), nn.Linear(512, 512), nn.Linear(512, 10))
+
+
+def test_auto_picks_ghost_for_large_linear_only_models_and_hooks_otherwise() -> None:
+    assert choose_grad_sample_mode(_wide_mlp(), 256) == "ghost"
+    assert choose_grad_sample_mode(_wide_mlp(), 1) == "hooks"  # too few gradient values
+    assert choose_grad_sample_mode(build_model("logreg", 13, 0), 4) == "hooks"
+    assert choose_grad_sample_mode(MnistCNN(), 100_000) == "hooks"  # convolutions
+    assert resolve_grad_sample_mode("functorch", _wide_mlp(), 256) == "functorch"
+    assert resolve_grad_sample_mode("auto", _wide_mlp(), 256) == "ghost"
 
 
 def test_unknown_mode_is_refused_naming_the_choices() -> None:

@@ -242,4 +242,9 @@ def test_ghost_step_on_an_empty_batch_adds_only_noise() -> None:
     scale = 0.1 / opt.expected_batch_size
     assert torch.isfinite(flat).all()
     assert np.allclose(flat.numpy() / scale, expected, atol=noise_grid(2.0))
+    # A full batch after the empty one still trains (no stale forward count in the hooks).
+    xb, yb = next(iter(DataLoader(_loader().dataset, batch_size=10)))
+    opt.zero_grad(set_to_none=True)
+    private_backward(dp_model, opt, xb, yb)
+    opt.step()
     dp_model._close()
