@@ -13,12 +13,13 @@ side:
    Times are CPU seconds of the process (``time.process_time``, one torch thread), which
    other users of a shared machine disturb far less than wall time; medians over repeats with
    the range (min-max). Peak RSS per process stands for the memory of one site.
-2. One simulated heart federation (4 sites, 3 rounds, calibrated epsilon 1) through
+2. A simulated heart federation (4 sites, 3 rounds, calibrated epsilon 1) through
    ``fedsafe.simulations.runner.run_simulation``: time from the call to the first round's
-   record, and the median time between later rounds.
+   record, and the time between later rounds; with ``--today-python``, today's checkout runs
+   the same simulation alternately (paired), one simulation at a time.
 
     .venv/bin/python bench/speed.py --json bench/results/speed.json --markdown \\
-        bench/results/speed.md
+        bench/results/speed.md --today-python /work/main/.venv/bin/python
 """
 
 from __future__ import annotations
@@ -201,23 +202,48 @@ def step_table(models: tuple[str, ...], repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
-def startup(rounds: int) -> dict[str, Any]:
-    """Time to the first round and the later rounds' spacing of a 4-site heart simulation."""
-    from fedsafe.config import RunConfig
-    from fedsafe.simulations.runner import run_simulation
+# Run in a fresh interpreter of either checkout (cwd outside both, so ``fedsafe`` is the one
+# installed in that interpreter's venv): seconds to the first round, and between rounds.
+_SIMULATION = """
+import json, sys, tempfile, time
+from fedsafe.config import RunConfig
+from fedsafe.simulations.runner import run_simulation
+with tempfile.TemporaryDirectory(prefix="fedsafe-speed-") as tmp:
+    cfg = RunConfig.from_mapping({"scenario": "heart", "num-server-rounds": int(sys.argv[1]),
+                                  "out-dir": tmp, "ledger-dir": tmp + "/ledgers"})
+    marks = []
+    started = time.monotonic()
+    run_simulation(cfg, 4, on_round=lambda _r: marks.append(time.monotonic()))
+print(json.dumps({"first": marks[0] - started,
+                  "gaps": [b - a for a, b in zip(marks, marks[1:])]}))
+"""
 
-    with tempfile.TemporaryDirectory(prefix="fedsafe-speed-") as tmp:
-        cfg = RunConfig.from_mapping(
-            {"scenario": "heart", "num-server-rounds": rounds, "out-dir": tmp,
-             "ledger-dir": f"{tmp}/ledgers"}
-        )  # fmt: skip
-        marks: list[float] = []
-        result = run_simulation(cfg, 4, on_round=lambda _r: marks.append(time.monotonic()))
-    gaps = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+
+def startup(rounds: int, today_python: str | None, repeats: int) -> dict[str, Any]:
+    """Time to the first round and the later rounds' spacing of a 4-site heart simulation.
+
+    With ``today_python`` (the interpreter of a checkout of today's code), its runs alternate
+    with this checkout's, one after the other (never two simulations at once).
+    """
+    arms = {"now": sys.executable} | ({"today": today_python} if today_python else {})
+    out: dict[str, dict[str, list[float]]] = {a: {"first": [], "gaps": []} for a in arms}
+    with tempfile.TemporaryDirectory(prefix="fedsafe-speed-cwd-") as cwd:
+        for _ in range(repeats):
+            for arm, python in arms.items():
+                done = subprocess.run(
+                    [python, "-c", _SIMULATION, str(rounds)],
+                    capture_output=True, text=True, check=True, cwd=cwd,
+                )  # fmt: skip
+                got = json.loads(done.stdout.strip().splitlines()[-1])
+                out[arm]["first"].append(got["first"])
+                out[arm]["gaps"].extend(got["gaps"])
+                print(arm, json.dumps(got), flush=True)
     return {
-        "first_round_s": result.first_round_s,
-        "round_s_median": statistics.median(gaps) if gaps else None,
-        "total_s": result.seconds,
+        arm: {
+            "first_round_s": _summary(v["first"]),
+            "round_s": _summary(v["gaps"]) if v["gaps"] else None,
+        }
+        for arm, v in out.items()
     }
 
 
@@ -242,9 +268,18 @@ def markdown(rows: list[dict[str, Any]], start: dict[str, Any] | None) -> str:
     if start is not None:
         lines += [
             "",
-            f"Simulated heart, 4 sites: first round {start['first_round_s']:.1f} s after the "
-            f"call, later rounds {start['round_s_median']:.2f} s (median).",
+            "| simulated heart, 4 sites | time to first round s | later round s |",
+            "|---|---|---|",
         ]
+        for arm, v in start.items():
+            first, rnd = v["first_round_s"], v["round_s"]
+            later = (
+                "-" if rnd is None else f"{rnd['median']:.2f} ({rnd['min']:.2f}-{rnd['max']:.2f})"
+            )
+            lines.append(
+                f"| {arm} | {first['median']:.1f} ({first['min']:.1f}-{first['max']:.1f}) | "
+                f"{later} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -256,6 +291,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-simulation", action="store_true")
+    parser.add_argument("--sim-repeats", type=int, default=2)
+    parser.add_argument(
+        "--today-python",
+        default=None,
+        help="interpreter of a checkout of today's code (e.g. /work/main/.venv/bin/python)",
+    )
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
@@ -264,7 +305,9 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.arms.split(","), args.repeats)))
         return
     rows = step_table(tuple(args.models.split(",")), args.repeats)
-    start = None if args.skip_simulation else startup(args.rounds)
+    start = (
+        None if args.skip_simulation else startup(args.rounds, args.today_python, args.sim_repeats)
+    )
     table = markdown(rows, start)
     print(table)
     meta = {
