@@ -11,8 +11,9 @@ side:
    process started with glibc's keep-freed-memory settings (what the simulation engine now
    starts ClientApps with); a second process without them times ``hooks``, today's code path.
    Times are CPU seconds of the process (``time.process_time``, one torch thread), which
-   other users of a shared machine disturb far less than wall time; medians over repeats with
-   the range (min-max). Peak RSS per process stands for the memory of one site.
+   other users of a shared machine disturb far less than wall time; each repeat times
+   ``STEPS_PER_REPEAT`` steps of an arm; medians over repeats with the range (min-max).
+   Peak RSS per process stands for the memory of one site.
 2. A simulated heart federation (4 sites, 3 rounds, calibrated epsilon 1) through
    ``fedsafe.simulations.runner.run_simulation``: time from the call to the first round's
    record, and the time between later rounds; with ``--today-python``, today's checkout runs
@@ -57,6 +58,14 @@ BATCH = {
     "mnist-cnn": 64,
     "mlp-4x512": 256,
     "groupnorm-resnet": 64,
+}
+#: Steps per timed repeat, so that one repeat lasts tens of milliseconds even for tiny models.
+STEPS_PER_REPEAT = {
+    "heart-logreg": 200,
+    "lending-mlp": 200,
+    "mnist-cnn": 4,
+    "mlp-4x512": 2,
+    "groupnorm-resnet": 1,
 }
 
 
@@ -147,11 +156,13 @@ def worker(name: str, arms: list[str], repeats: int) -> dict[str, Any]:
         fn()
         fn()
     times: dict[str, list[float]] = {arm: [] for arm in arms}
+    count = STEPS_PER_REPEAT[name]
     for _ in range(repeats):
         for arm in arms:
             start = time.process_time()
-            steps[arm]()
-            times[arm].append(time.process_time() - start)
+            for _ in range(count):
+                steps[arm]()
+            times[arm].append((time.process_time() - start) / count)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"times": times, "peak_rss_mb": peak_mb}
 
