@@ -40,6 +40,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "max-grad-norm": 0.5,
     "accountant": "prv",
     "device": "auto",
+    "grad-sample-mode": "auto",
     "seed": 42,
     "out-dir": "runs",
     "run-dir": "",
@@ -102,6 +103,10 @@ def check_strategy_name(name: str) -> None:
         )
 
 
+GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "functorch")
+"""Per-record clipping modes (:mod:`fedsafe.client.grad_sample_mode`): cost only, not privacy."""
+
+
 @dataclass(frozen=True, slots=True)
 class RunConfig:
     """A validated run configuration (see :data:`DEFAULT_RUN_CONFIG` for the keys)."""
@@ -121,6 +126,7 @@ class RunConfig:
     max_grad_norm: float
     accountant: str
     device: str
+    grad_sample_mode: str
     seed: int
     out_dir: str
     run_dir: str
@@ -165,6 +171,8 @@ class RunConfig:
             raise bad("accountant", "must be prv or rdp")
         if self.device not in ("auto", "cpu", "cuda"):
             raise bad("device", "must be auto, cpu or cuda")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise bad("grad-sample-mode", f"must be one of {', '.join(GRAD_SAMPLE_MODES)}")
         from fedsafe.compression import check_downlink, parse_compression
 
         parse_compression(self.compression)

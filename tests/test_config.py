@@ -49,3 +49,10 @@ def test_simulate_flags_are_checked(capsys):
     assert "--no-dp" in capsys.readouterr().err
     assert main(["simulate", "--epsilon", "-1"]) == 2
     assert "--epsilon" in capsys.readouterr().err
+
+
+def test_grad_sample_mode_is_checked_and_kept():
+    with pytest.raises(UserError, match="'grad-sample-mode': must be one of auto, hooks"):
+        RunConfig.from_mapping({"grad-sample-mode": "fast"})
+    assert RunConfig.from_mapping({"grad-sample-mode": "ghost"}).grad_sample_mode == "ghost"
+    assert RunConfig.from_mapping({}).grad_sample_mode == "auto"

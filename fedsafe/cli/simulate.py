@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsafe.cli.options import parse_budget
-from fedsafe.config import DEFAULT_RUN_CONFIG, STRATEGIES, RunConfig
+from fedsafe.config import DEFAULT_RUN_CONFIG, GRAD_SAMPLE_MODES, STRATEGIES, RunConfig
 from fedsafe.errors import UserError
 
 SIM_EPILOG = """examples:
@@ -98,6 +98,13 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--seed", type=int, default=DEFAULT_RUN_CONFIG["seed"])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--grad-sample-mode",
+        choices=GRAD_SAMPLE_MODES,
+        default="auto",
+        help="per-record clipping: auto (ghost for large Linear-only models, else hooks), hooks, "
+        "ghost or functorch; the same clipped update and privacy, a different speed",
+    )
     p.add_argument(
         "--gpus-per-site",
         type=float,
@@ -189,6 +196,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "max-grad-norm": pick(args.max_grad_norm, "max-grad-norm"),
         "accountant": args.accountant,
         "device": args.device,
+        "grad-sample-mode": args.grad_sample_mode,
         "seed": args.seed,
         "out-dir": args.out,
         "ledger-dir": args.ledger_dir if args.ledger_dir is not None else f"{args.out}/ledgers",

@@ -116,6 +116,21 @@ def _round_key(cfg: RunConfig, site: SiteSetup, server_round: int) -> bytes | No
     return hashlib.sha256(f"fedsafe|{cfg.seed}|{site.name}|{server_round}".encode()).digest()
 
 
+def _grad_sample_mode(cfg: RunConfig, site: SiteSetup) -> str:
+    """The clipping mode the run asks for, except ghost clipping at a deployed site.
+
+    The coordinator chooses the global model and the run config. Hooks and functorch give
+    per-record gradients, and a record whose gradient is not finite (a model chosen to make one
+    record's loss NaN) contributes zero before clipping (``SecureNoiseDPOptimizer``). Ghost
+    clipping never holds per-record gradients, so such a record would turn the whole noised sum
+    NaN exactly when it was sampled: a deployed site therefore never uses it (``auto`` and
+    ``ghost`` fall back to hooks); only a simulated site, whose researcher owns both sides, does.
+    """
+    if site.simulated or cfg.grad_sample_mode not in ("auto", "ghost"):
+        return cfg.grad_sample_mode
+    return "hooks"
+
+
 def _codec_seed(key: bytes | None) -> int:
     if key is None:
         return secrets.randbits(62)
@@ -248,6 +263,7 @@ def _train(
         max_grad_norm=cfg.max_grad_norm,
         proximal_mu=mu,
         sample_rate=q,
+        grad_sample_mode=_grad_sample_mode(cfg, site),
     )
     key = _round_key(cfg, site, server_round)
     event = train_round(model, site.data.x_train, site.data.y_train, plan, device, key)

@@ -26,12 +26,17 @@ from numpy.typing import NDArray
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedsafe.client.grad_sample_mode import check_grad_sample_mode, resolve_grad_sample_mode
+from fedsafe.client.malloc_tuning import keep_freed_memory
 from fedsafe.config import MAX_MAX_GRAD_NORM, MIN_MAX_GRAD_NORM
 from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.secure_random import NOISE_STREAM, SAMPLING_STREAM, ChaCha20Random, fresh_key
 
 if TYPE_CHECKING:
-    from fedsafe.client.secure_dp_sgd import SecureNoiseDPOptimizer
+    from fedsafe.client.secure_dp_sgd import SecureNoiseDPOptimizer, SecureNoiseGhostDPOptimizer
+
+EVAL_CHUNK = 256
+"""Records per forward pass in :func:`evaluate_model`: bounded activations, no page storm."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,10 @@ class TrainPlan:
     sample_rate
         Poisson rate per record, in (0, 1]; None = ``1 / ceil(n / batch_size)``. The ClientApp
         passes the rate of the site's *public* size, so the exact size never shapes the update.
+    grad_sample_mode
+        How per-record norms are computed (:mod:`fedsafe.client.grad_sample_mode`): ``auto``,
+        ``hooks``, ``ghost`` or ``functorch``. It changes the cost only: the clipped update
+        and the privacy event are the same.
     """
 
     local_steps: int
@@ -67,8 +76,10 @@ class TrainPlan:
     max_grad_norm: float = 1.0
     proximal_mu: float = 0.0
     sample_rate: float | None = None
+    grad_sample_mode: str = "auto"
 
     def __post_init__(self) -> None:
+        check_grad_sample_mode(self.grad_sample_mode)
         if self.local_steps < 1:
             raise ValueError(f"local-steps must be >= 1, got {self.local_steps}")
         if self.batch_size < 1:
@@ -112,6 +123,16 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits, y.long())
 
 
+def _per_record_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """:func:`_loss` before the mean over the batch, shape ``(batch,)``."""
+    logits = model(x)
+    if logits.shape[-1] == 1:
+        return nn.functional.binary_cross_entropy_with_logits(
+            logits.reshape(-1), y.float(), reduction="none"
+        )
+    return nn.functional.cross_entropy(logits, y.long(), reduction="none")
+
+
 def make_private(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -120,7 +141,8 @@ def make_private(
     max_grad_norm: float,
     key: bytes | None = None,
     sample_rate: float | None = None,
-) -> tuple[nn.Module, SecureNoiseDPOptimizer, DataLoader, float]:
+    grad_sample_mode: str = "hooks",
+) -> tuple[nn.Module, SecureNoiseDPOptimizer | SecureNoiseGhostDPOptimizer, DataLoader, float]:
     """DP-SGD parts: per-sample gradients, clip-and-noise optimizer, Poisson loader.
 
     Built from Opacus's parts (``GradSampleModule``, ``DPOptimizer``) without its
@@ -147,6 +169,13 @@ def make_private(
         ``1 / len(loader)`` of the exact size (tests, benches). With it, the noisy sum is
         divided by the public expected batch size (``loader.batch_size``), not by
         ``n * sample_rate``, so the exact ``n`` shapes nothing that leaves.
+    grad_sample_mode
+        ``hooks`` (Opacus's ``GradSampleModule``), ``functorch`` (the same, every layer through
+        ``torch.func``) or ``ghost`` (``GradSampleModuleFastGradientClipping`` with
+        :class:`~fedsafe.client.secure_dp_sgd.SecureNoiseGhostDPOptimizer`: train it with
+        :func:`private_backward`); ``auto`` resolves with
+        :func:`~fedsafe.client.grad_sample_mode.choose_grad_sample_mode`. Sampling, noise,
+        expected batch size and the returned rate are the same in every mode.
 
     Returns
     -------
@@ -157,10 +186,16 @@ def make_private(
     # Opacus loads in seconds; only training needs it, not every ClientApp process.
     from opacus import GradSampleModule
     from opacus.data_loader import wrap_collate_with_empty
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
     from opacus.validators import ModuleValidator
 
-    from fedsafe.client.secure_dp_sgd import SecureNoiseDPOptimizer, SecurePoissonSampler
+    from fedsafe.client.secure_dp_sgd import (
+        SecureNoiseDPOptimizer,
+        SecureNoiseGhostDPOptimizer,
+        SecurePoissonSampler,
+    )
 
+    mode = resolve_grad_sample_mode(grad_sample_mode, model, int(loader.batch_size or 1))
     ModuleValidator.validate(model, strict=True)
     round_key = fresh_key() if key is None else key
     dataset = loader.dataset
@@ -192,7 +227,8 @@ def make_private(
         num_workers=loader.num_workers,
         pin_memory=loader.pin_memory,
     )
-    dp_optimizer = SecureNoiseDPOptimizer(
+    optimizer_class = SecureNoiseGhostDPOptimizer if mode == "ghost" else SecureNoiseDPOptimizer
+    dp_optimizer = optimizer_class(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
@@ -200,9 +236,60 @@ def make_private(
         noise_rng=ChaCha20Random(round_key, NOISE_STREAM),
     )
     # Hooks last: a refused argument above leaves the caller's model untouched.
-    dp_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    dp_model.forbid_grad_accumulation()
+    dp_model: GradSampleModule | GradSampleModuleFastGradientClipping
+    if mode == "ghost":
+        dp_model = GradSampleModuleFastGradientClipping(
+            model, batch_first=True, loss_reduction="mean", max_grad_norm=max_grad_norm
+        )
+    else:
+        dp_model = GradSampleModule(
+            model, batch_first=True, loss_reduction="mean", force_functorch=mode == "functorch"
+        )
+        dp_model.forbid_grad_accumulation()
     return dp_model, dp_optimizer, dp_loader, sample_rate
+
+
+def private_backward(
+    train_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> torch.Tensor:
+    """Forward and backward of one batch, leaving what ``optimizer.step()`` needs.
+
+    With the ghost optimizer
+    (:class:`~fedsafe.client.secure_dp_sgd.SecureNoiseGhostDPOptimizer`) this is Opacus's
+    two-pass ghost clipping: the mean loss's backward fills each record's gradient norm,
+    then the per-record losses reweighted by ``min(1, C / norm)`` are summed and
+    back-propagated with the hooks off, so ``p.grad`` is the clipped sum. Otherwise one
+    backward of the mean loss fills Opacus's per-record gradients.
+
+    Returns
+    -------
+    torch.Tensor
+        The batch's mean loss, detached.
+    """
+    from fedsafe.client.secure_dp_sgd import SecureNoiseGhostDPOptimizer
+
+    with warnings.catch_warnings():
+        # Opacus's per-sample hooks on inputs that need no gradient: expected here.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        if not isinstance(optimizer, SecureNoiseGhostDPOptimizer):
+            loss = _loss(train_model, x, y)
+            loss.backward()
+            return loss.detach()
+        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+        if len(x) == 0:
+            # An empty Poisson batch: the clipped sum is zero (the noise is still added). No
+            # forward pass: ghost hooks count forwards per parameter and would take the next
+            # one for parameter tying.
+            for p in optimizer.params:
+                p.grad = torch.zeros_like(p)
+            return torch.zeros(())
+        per_record = _per_record_loss(train_model, x, y)
+        DPTensorFastGradientClipping(train_model, optimizer, per_record, "mean").backward()
+        return per_record.mean().detach()
 
 
 def train_round(
@@ -236,6 +323,7 @@ def train_round(
         The privacy event of this round (DP), with the sample rate used, or None for the
         non-private baseline.
     """
+    keep_freed_memory()
     model.to(device).train()
     global_params = [p.detach().clone() for p in model.parameters()]
     dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
@@ -251,6 +339,7 @@ def train_round(
             plan.max_grad_norm,
             key,
             plan.sample_rate,
+            plan.grad_sample_mode,
         )
         train_model: nn.Module = dp_model
     else:
@@ -286,11 +375,10 @@ def _run_steps(
     while steps < plan.local_steps:
         for xb, yb in loader:
             optimizer.zero_grad(set_to_none=True)
-            loss = _loss(train_model, xb.to(device), yb.to(device))
-            with warnings.catch_warnings():
-                # Opacus's per-sample hooks on inputs that need no gradient: expected here.
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                loss.backward()
+            if plan.dp:
+                private_backward(train_model, optimizer, xb.to(device), yb.to(device))
+            else:
+                _loss(train_model, xb.to(device), yb.to(device)).backward()
             optimizer.step()
             if plan.proximal_mu > 0:
                 # The proximal gradient mu * (w - w_global) uses no record: applying it as a
@@ -321,13 +409,18 @@ def evaluate_model(
     """Loss and accuracy; for binary tasks also ROC AUC and PR AUC (None with one class).
 
     Binary accuracy uses threshold 0.5 (FLamby); multi-class accuracy the arg-max class.
+    The forward passes take :data:`EVAL_CHUNK` records at a time: larger chunks cost more in
+    page faults for fresh activation buffers than they save in per-call overhead.
     """
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     model.to(device).eval()
     with torch.no_grad():
         logits = torch.cat(
-            [model(torch.from_numpy(x[i : i + 2048]).to(device)) for i in range(0, len(x), 2048)]
+            [
+                model(torch.from_numpy(x[i : i + EVAL_CHUNK]).to(device))
+                for i in range(0, len(x), EVAL_CHUNK)
+            ]
         )
         yt = torch.from_numpy(y).to(device)
         if logits.shape[-1] != 1:

@@ -13,11 +13,12 @@ takes seconds to load.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch.utils.data import Sampler
 
@@ -68,69 +69,18 @@ class SecurePoissonSampler(Sampler[list[int]]):
             yield np.flatnonzero(mask).tolist()
 
 
-class SecureNoiseDPOptimizer(DPOptimizer):
-    """Opacus's DP-SGD optimizer with secret, grid-snapped Gaussian noise.
+class _SecureNoise:
+    """``add_noise`` from a secret ChaCha20 stream, shared by both optimizer classes.
 
-    Clipping, accumulation and scaling are Opacus's (``DPOptimizer``, flat clipping, one
-    process, per-sample gradients from hooks: the only optimizer class fedsafe builds). Only
-    :meth:`add_noise` changes: the noise of standard deviation
-    ``noise_multiplier * max_grad_norm`` is drawn on the CPU from ``noise_rng`` (ChaCha20,
-    Box-Muller, float64), moved to the parameter's device, added to the clipped sum in float64
-    and the sum rounded to :func:`~fedsafe.privacy.secure_random.noise_grid` (the
-    floating-point defence of :mod:`fedsafe.privacy.secure_random`), then cast to the
-    parameter's dtype. Opacus's ``generator`` and ``secure_mode`` are unused.
-
-    Parameters
-    ----------
-    optimizer
-        The wrapped optimizer (SGD in fedsafe).
-    noise_multiplier, max_grad_norm
-        Noise standard deviation over the clipping norm, > 0; clipping norm, > 0.
-    expected_batch_size
-        ``int(n * sample_rate)``, Opacus's denominator of the mean over a Poisson batch.
-    noise_rng
-        The secret generator; its stream must serve nothing else.
+    Mixed in before an Opacus optimizer class, so its :meth:`add_noise` replaces Opacus's
+    (``torch.Generator`` draws) and everything else (clipping or not, accumulation, scaling
+    by the expected batch size, the double-noise guard) stays Opacus's.
     """
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        *,
-        noise_multiplier: float,
-        max_grad_norm: float,
-        expected_batch_size: int,
-        noise_rng: ChaCha20Random,
-    ) -> None:
-        if not (noise_multiplier > 0 and max_grad_norm > 0):
-            raise ValueError(
-                "noise_multiplier and max_grad_norm must be > 0 for DP-SGD, got "
-                f"{noise_multiplier} and {max_grad_norm}"
-            )
-        super().__init__(
-            optimizer,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size,
-            loss_reduction="mean",
-            generator=None,
-            secure_mode=False,
-        )
-        self.noise_rng = noise_rng
-
-    def clip_and_accumulate(self) -> None:
-        """Opacus's per-record clipping, after zeroing every record whose gradient is not finite.
-
-        The coordinator chooses the global model. With an infinite weight (or finite weights
-        that overflow in a dot product) one record's logit becomes ``inf * 0`` or
-        ``inf - inf``, its per-record gradient NaN, and Opacus's clip factor ``C / (NaN +
-        1e-6)`` NaN: the whole noisy sum, and so the released model, would be NaN exactly when
-        such a record was sampled, a membership bit no noise hides. A record whose gradient
-        holds a NaN or an infinity contributes zero instead, so every record's clipped
-        contribution stays a function of that record and the model with norm at most
-        ``max_grad_norm``, as the accounting assumes.
-        """
-        zero_non_finite_records(self.params)
-        super().clip_and_accumulate()
+    noise_rng: ChaCha20Random
+    noise_multiplier: float
+    max_grad_norm: float
+    params: list[Any]  # Opacus adds summed_grad to each parameter
 
     def add_noise(self) -> None:
         """Set each ``p.grad`` to its clipped sum plus secret noise, snapped to the grid.
@@ -182,6 +132,120 @@ def zero_non_finite_records(params: list[torch.nn.Parameter]) -> None:
         p.grad_sample = torch.where(  # type: ignore[attr-defined]
             keep, g, torch.zeros((), dtype=g.dtype, device=g.device)
         )
+
+
+def _check_dp_parameters(noise_multiplier: float, max_grad_norm: float) -> None:
+    if not (noise_multiplier > 0 and max_grad_norm > 0):
+        raise ValueError(
+            "noise_multiplier and max_grad_norm must be > 0 for DP-SGD, got "
+            f"{noise_multiplier} and {max_grad_norm}"
+        )
+
+
+class SecureNoiseDPOptimizer(_SecureNoise, DPOptimizer):
+    """Opacus's DP-SGD optimizer with secret, grid-snapped Gaussian noise.
+
+    Clipping, accumulation and scaling are Opacus's (``DPOptimizer``, flat clipping, one
+    process, per-sample gradients from hooks or functorch). Only :meth:`add_noise` changes:
+    the noise of standard deviation ``noise_multiplier * max_grad_norm`` is drawn on the CPU
+    from ``noise_rng`` (ChaCha20, Box-Muller, float64), moved to the parameter's device, added
+    to the clipped sum in float64 and the sum rounded to
+    :func:`~fedsafe.privacy.secure_random.noise_grid` (the floating-point defence of
+    :mod:`fedsafe.privacy.secure_random`), then cast to the parameter's dtype. Opacus's
+    ``generator`` and ``secure_mode`` are unused.
+
+    Parameters
+    ----------
+    optimizer
+        The wrapped optimizer (SGD in fedsafe).
+    noise_multiplier, max_grad_norm
+        Noise standard deviation over the clipping norm, > 0; clipping norm, > 0.
+    expected_batch_size
+        The public expected batch size, Opacus's denominator of the mean over a Poisson batch.
+    noise_rng
+        The secret generator; its stream must serve nothing else.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: int,
+        noise_rng: ChaCha20Random,
+    ) -> None:
+        _check_dp_parameters(noise_multiplier, max_grad_norm)
+        super().__init__(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction="mean",
+            generator=None,
+            secure_mode=False,
+        )
+        self.noise_rng = noise_rng
+
+    def clip_and_accumulate(self) -> None:
+        """Opacus's per-record clipping, after zeroing every record whose gradient is not finite.
+
+        The coordinator chooses the global model. With an infinite weight (or finite weights
+        that overflow in a dot product) one record's logit becomes ``inf * 0`` or
+        ``inf - inf``, its per-record gradient NaN, and Opacus's clip factor ``C / (NaN +
+        1e-6)`` NaN: the whole noisy sum, and so the released model, would be NaN exactly when
+        such a record was sampled, a membership bit no noise hides. A record whose gradient
+        holds a NaN or an infinity contributes zero instead, so every record's clipped
+        contribution stays a function of that record and the model with norm at most
+        ``max_grad_norm``, as the accounting assumes.
+        """
+        zero_non_finite_records(self.params)
+        super().clip_and_accumulate()
+
+
+class SecureNoiseGhostDPOptimizer(_SecureNoise, DPOptimizerFastGradientClipping):
+    """Opacus's ghost-clipping optimizer with the same secret, grid-snapped noise.
+
+    Ghost clipping (Li et al., "Large Language Models Can Be Strong Differentially Private
+    Learners", ICLR 2022; Bu et al., 2023) computes per-record gradient norms without
+    per-record gradients for ``Linear`` and ``Embedding`` layers and clips by reweighting the
+    per-record losses in a second backward pass, so ``p.grad`` already holds the clipped sum
+    when :meth:`step` runs. This class (``DPOptimizerFastGradientClipping``) only adds noise
+    and divides by ``expected_batch_size``; its :meth:`add_noise` is the one of
+    :class:`SecureNoiseDPOptimizer` (ChaCha20 noise snapped to the grid), never Opacus's.
+
+    Parameters
+    ----------
+    optimizer
+        The wrapped optimizer (SGD in fedsafe).
+    noise_multiplier, max_grad_norm
+        Noise standard deviation over the clipping norm, > 0; clipping norm, > 0.
+    expected_batch_size
+        The public expected batch size, the denominator of the mean over a Poisson batch.
+    noise_rng
+        The secret generator; its stream must serve nothing else.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: int,
+        noise_rng: ChaCha20Random,
+    ) -> None:
+        _check_dp_parameters(noise_multiplier, max_grad_norm)
+        super().__init__(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction="mean",
+            generator=None,
+            secure_mode=False,
+        )
+        self.noise_rng = noise_rng
 
 
 def snapped_noised_sum(

@@ -77,12 +77,17 @@ class RunFailed(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class FollowedRun:
-    """What a followed run left: its rounds, its duration and the seconds between rounds."""
+    """What a followed run left: its rounds, its duration and the seconds between rounds.
+
+    ``first_round_at`` is the ``time.monotonic()`` at which the first round's record was seen
+    (None without rounds): start-up is measured from it.
+    """
 
     run_dir: Path
     rounds: list[dict[str, Any]]
     seconds: float
     round_gaps: list[float]
+    first_round_at: float | None = None
 
 
 def submit_and_follow(
@@ -153,5 +158,9 @@ def submit_and_follow(
                 runner.stop()
     gaps = [b - a for a, b in zip(marks, marks[1:], strict=False)]
     return FollowedRun(
-        run_dir, read_rounds(run_dir / "rounds.jsonl"), time.monotonic() - started, gaps
+        run_dir,
+        read_rounds(run_dir / "rounds.jsonl"),
+        time.monotonic() - started,
+        gaps,
+        marks[0] if marks else None,
     )

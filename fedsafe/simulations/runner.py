@@ -4,16 +4,24 @@
 submits the app with ``flwr run`` (one virtual SuperNode per site, on Ray), follows the run
 folder to show progress, and stops every process it started when the run ends, fails or is
 interrupted. ``FLWR_HOME`` points into a temporary folder, so nothing is written to ``~/.flwr``.
+
+Start-up (issue 17). The run is submitted only once the SuperLink's Control API answers a real
+request (:func:`wait_control_api`), not when its ``/health`` route first answers, so ``flwr
+run`` cannot meet "Connection to the SuperLink is unavailable" while the server still starts.
+The processes that run ClientApps start with glibc settings that keep freed memory
+(:data:`~fedsafe.client.malloc_tuning.KEEP_FREED_MEMORY_ENV`).
 """
 
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsafe.client.malloc_tuning import KEEP_FREED_MEMORY_ENV
 from fedsafe.config import RunConfig
 from fedsafe.server.run_folder import new_run_dir
 from fedsafe.simulations.flower_app import RunFailed, submit_and_follow
@@ -29,6 +37,10 @@ from fedsafe.transport.processes import (
 )
 
 CONNECTION = "fedsafe-sim"
+# Flower's SuperExec task poll (FLWR_SUPEREXEC_TASK_POLL_INTERVAL, default 1 s) is left alone:
+# at 0.05 s, later rounds of the 4-site heart simulation took 2.4-3.7 s against 0.2-1.6 s for
+# today's code on the shared 2-core machine (bench/speed.py, BENCHMARKS.md "DP step speed and
+# start-up"), and the poll only matters when a task starts (once per run in a simulation).
 
 
 class SimulationFailed(RunFailed):
@@ -42,6 +54,8 @@ class SimulationResult:
     run_dir: Path
     rounds: list[dict[str, Any]]
     seconds: float
+    first_round_s: float | None = None
+    """Seconds from the start of :func:`run_simulation` to the first round's record."""
 
 
 def _connection_toml(port: int) -> str:
@@ -49,6 +63,49 @@ def _connection_toml(port: int) -> str:
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
         f'[superlink.{CONNECTION}]\naddress = "{LOOPBACK}:{port}"\ninsecure = true\n'
     )
+
+
+def simulation_env(home: Path) -> dict[str, str]:
+    """Environment of the simulation SuperLink and everything it starts (Ray workers too)."""
+    return flower_env(
+        home,
+        {
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "RAY_DEDUP_LOGS": "0",
+            **KEEP_FREED_MEMORY_ENV,
+        },
+    )
+
+
+def wait_control_api(base_url: str, timeout_s: float, proc: FlowerProcess | None = None) -> bool:
+    """Poll until the SuperLink answers a Control API request, as ``flwr run`` will send one.
+
+    An empty ``ListRuns`` request (protobuf over HTTP, the path Flower 1.42's
+    ``ControlHttpClient`` uses) counts as answered on any HTTP status below 500; a refused or
+    dropped connection, a timeout or a 5xx keeps waiting.
+
+    Returns
+    -------
+    bool
+        True once answered; False on timeout or if ``proc`` exits first.
+    """
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    headers = {"content-type": "application/protobuf", "accept": "application/protobuf"}
+    while time.monotonic() < deadline:
+        if proc is not None and not proc.running():
+            return False
+        try:
+            answer = httpx.post(
+                f"{base_url}/v1/control/list-runs", content=b"", headers=headers, timeout=2.0
+            )
+            if answer.status_code < 500:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    return False
 
 
 def run_simulation(
@@ -74,13 +131,14 @@ def run_simulation(
     if values["ledger-dir"]:
         values["ledger-dir"] = str(Path(values["ledger-dir"]).resolve())
     logs = run_dir / "logs"
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fedsafe-sim-") as tmp_name:
         tmp = Path(tmp_name)
         home = tmp / "flwr-home"
         home.mkdir()
         port = free_port()
         (home / "config.toml").write_text(_connection_toml(port))
-        env = flower_env(home, {"FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0"})
+        env = simulation_env(home)
         superlink: FlowerProcess | None = None
         try:
             superlink = spawn(
@@ -98,7 +156,11 @@ def run_simulation(
                 log_path=logs / "superlink.log",
                 env=env,
             )  # fmt: skip
-            if not wait_http_ok(f"http://{LOOPBACK}:{port}/health", 60, superlink):
+            base = f"http://{LOOPBACK}:{port}"
+            if not (
+                wait_http_ok(f"{base}/health", 60, superlink)
+                and wait_control_api(base, 60, superlink)
+            ):
                 raise SimulationFailed(f"the simulation SuperLink did not start; see {logs}")
             federation = (
                 f"num-supernodes={num_sites} client-resources-num-cpus=1 "
@@ -122,4 +184,5 @@ def run_simulation(
             # Anything that detached itself still carries this run's private FLWR_HOME.
             stop_by_env("FLWR_HOME", str(home.resolve()))
             (logs / "flwr_home.txt").write_text(str(home.resolve()))
-    return SimulationResult(run_dir, followed.rounds, followed.seconds)
+    first = None if followed.first_round_at is None else followed.first_round_at - started
+    return SimulationResult(run_dir, followed.rounds, followed.seconds, first)

@@ -49,9 +49,10 @@ def _one_59_year_old(site: Site, keep: bool) -> None:
     site.data.write_text("\n".join([lines[0], *rows]) + "\n")
 
 
+@pytest.mark.parametrize("mode", ["auto", "ghost", "hooks"])
 @pytest.mark.parametrize("keep", [True, False], ids=["with the record", "without it"])
 def test_a_global_model_with_an_infinite_weight_reveals_no_membership_bit(
-    tmp_path: Path, keep: bool
+    tmp_path: Path, keep: bool, mode: str
 ) -> None:
     """An infinite age weight makes ``inf * 0`` (NaN) the logit of a record aged exactly 59.
 
@@ -67,7 +68,12 @@ def test_a_global_model_with_an_infinite_weight_reveals_no_membership_bit(
     state = {k: torch.zeros_like(v) for k, v in state.items()}
     state[weight][0, 0] = math.inf  # the age column, scaled onto [-1, 1]: 59 -> 0.0
     # Every record sampled in every step (batch >= public size): the record is always used.
-    run = {**RUN, "local-steps": 5, "batch-size": 200, "num-server-rounds": 1}
+    # Ghost clipping holds no per-record gradient to zero: a deployed site never uses it,
+    # whatever the run config asks.
+    run = {
+        **RUN, "local-steps": 5, "batch-size": 200, "num-server-rounds": 1,
+        "grad-sample-mode": mode,
+    }  # fmt: skip
     reply = app(_train_message(state), _context(site.node_config, run))
     values = _released_values(reply)
     # The infinite weight stays infinite (post-processing of what was sent); nothing is NaN.

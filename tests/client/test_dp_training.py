@@ -173,3 +173,22 @@ def test_the_public_rate_and_expected_batch_size_shape_the_step_not_the_exact_si
         assert dp_opt.expected_batch_size == 8  # not int(120 * 0.08) = 9
     finally:
         dp_model._close()
+
+
+def test_evaluation_runs_in_bounded_chunks_with_the_same_result():
+    from fedsafe.client.dp_training import EVAL_CHUNK
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2 * EVAL_CHUNK + 88, 5)).astype(np.float32)
+    y = (x[:, 1] > 0).astype(np.float32)
+    model = build_model("logreg", 5, 0)
+    sizes = []
+    handle = model.register_forward_hook(lambda _m, inp, _o: sizes.append(len(inp[0])))
+    result = evaluate_model(model, x, y, CPU)
+    handle.remove()
+    assert EVAL_CHUNK == 256 and sizes == [256, 256, 88]
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x)).reshape(-1)
+        whole = nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(y))
+    assert result.loss == pytest.approx(float(whole), rel=1e-6)
+    assert result.num_examples == len(y)

@@ -11,8 +11,12 @@ from scipy import stats
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedsafe.client.dp_training import make_private
-from fedsafe.client.secure_dp_sgd import SecureNoiseDPOptimizer, SecurePoissonSampler
+from fedsafe.client.dp_training import make_private, private_backward
+from fedsafe.client.secure_dp_sgd import (
+    SecureNoiseDPOptimizer,
+    SecureNoiseGhostDPOptimizer,
+    SecurePoissonSampler,
+)
 from fedsafe.privacy.secure_random import (
     NOISE_STREAM,
     SAMPLING_STREAM,
@@ -179,4 +183,68 @@ def test_expected_batch_size_survives_float_rounding() -> None:
     # 49 * (1 / 49) is 0.999... in floats; Opacus's int() of it would be 0.
     _, dp_model, opt, _, rate = _private(KEY, n=49, batch_size=1)
     assert rate == 1 / 49 and opt.expected_batch_size == 1
+    dp_model._close()
+
+
+def _ghost(key: bytes | None, noise_multiplier: float, sample_rate: float | None = None):
+    model = nn.Linear(6, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return make_private(
+        model, opt, _loader(), noise_multiplier, 1.0, key, sample_rate, grad_sample_mode="ghost"
+    )
+
+
+def test_ghost_mode_builds_the_secure_ghost_optimizer() -> None:
+    dp_model, opt, loader, _ = _ghost(None, 1.0)
+    assert type(opt) is SecureNoiseGhostDPOptimizer
+    # The secret-noise override, not Opacus's torch.Generator draw.
+    assert type(opt).add_noise is SecureNoiseDPOptimizer.add_noise
+    assert opt.generator is None and not opt.secure_mode
+    assert isinstance(loader.batch_sampler, SecurePoissonSampler)
+    dp_model._close()
+
+
+def test_ghost_noise_comes_from_the_noise_stream_on_the_grid() -> None:
+    sigma = 500.0
+    dp_model, opt, loader, _ = _ghost(KEY, sigma)
+    xb, yb = next(b for b in loader if len(b[0]) > 0)
+    opt.zero_grad(set_to_none=True)
+    private_backward(dp_model, opt, xb, yb)
+    opt.accumulate()
+    opt.add_noise()
+    flat = torch.cat([p.grad.detach().flatten() for p in opt.params]).double()
+    g = noise_grid(sigma)
+    assert torch.equal(flat / g, torch.round(flat / g))
+    expected = ChaCha20Random(KEY, NOISE_STREAM).standard_normal(flat.numel()) * sigma
+    assert np.abs(flat.numpy() - expected).max() < 40  # clipped sum of <= ~30 records, C = 1
+    dp_model._close()
+
+
+def test_ghost_divides_by_the_public_expected_batch_size() -> None:
+    # 200 records sampled at the public rate 1/25: the mean divides by the loader's batch (10),
+    # not by 200 / 25 = 8.
+    dp_model, opt, _, rate = _ghost(KEY, 1.0, sample_rate=1 / 25)
+    assert rate == 1 / 25 and opt.expected_batch_size == 10
+    dp_model._close()
+
+
+def test_ghost_step_on_an_empty_batch_adds_only_noise() -> None:
+    dp_model, opt, _, _ = _ghost(KEY, 2.0)
+    before = [p.detach().clone() for p in opt.params]
+    opt.zero_grad(set_to_none=True)
+    private_backward(dp_model, opt, torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))
+    opt.step()
+    flat = torch.cat(
+        [(b - p.detach()).flatten() for b, p in zip(before, opt.params, strict=True)]
+    ).double()
+    # lr 0.1, divided by the expected batch size: the update is the noise alone, finite.
+    expected = ChaCha20Random(KEY, NOISE_STREAM).standard_normal(flat.numel()) * 2.0
+    scale = 0.1 / opt.expected_batch_size
+    assert torch.isfinite(flat).all()
+    assert np.allclose(flat.numpy() / scale, expected, atol=noise_grid(2.0))
+    # A full batch after the empty one still trains (no stale forward count in the hooks).
+    xb, yb = next(iter(DataLoader(_loader().dataset, batch_size=10)))
+    opt.zero_grad(set_to_none=True)
+    private_backward(dp_model, opt, xb, yb)
+    opt.step()
     dp_model._close()

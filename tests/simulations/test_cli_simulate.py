@@ -91,3 +91,16 @@ def test_failed_and_refused_sites_are_found_in_the_run_folder(tmp_path):
     with (tmp_path / "events.jsonl").open("a") as f:
         f.write(json.dumps({"kind": "run-refused", "reason": "every site refuses"}) + "\n")
     assert refusal_before_round_one(tmp_path) == "every site refuses"
+
+
+def test_grad_sample_mode_flag_reaches_the_run_config(capsys):
+    from fedsafe.cli.main import build_parser
+    from fedsafe.cli.simulate import config_from_args
+
+    args = build_parser().parse_args(["simulate", "--grad-sample-mode", "functorch"])
+    assert config_from_args(args).grad_sample_mode == "functorch"
+    with pytest.raises(SystemExit) as exc:  # argparse's choices, as for --device
+        main(["simulate", "--grad-sample-mode", "fast"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--grad-sample-mode" in err and "Traceback" not in err

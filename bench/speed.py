@@ -1,0 +1,338 @@
+"""DP-SGD step speed against non-private steps, per clipping mode, and simulation start-up.
+
+Issue 17 ("private training at nearly the speed of non-private"). One run measures, side by
+side:
+
+1. For every shipped model (heart ``logreg``, lending ``mlp``, MNIST ``mnist_cnn``, each on a
+   batch of its scenario's real records at BENCHMARKS.md's batch size), a 4x512 MLP (577,034
+   parameters, batch 256) and a small GroupNorm ResNet (3x32x32 inputs, batch 64): one
+   optimizer step without DP, and one DP-SGD step (ChaCha20 noise snapped to the grid, as
+   shipped) in the mode ``auto`` picks and in ``hooks``. The arms alternate step by step in one
+   process started with glibc's keep-freed-memory settings (what the simulation engine now
+   starts ClientApps with); a second process without them times ``hooks``, today's code path.
+   Times are CPU seconds of the process (``time.process_time``, one torch thread), which
+   other users of a shared machine disturb far less than wall time; each repeat times
+   ``STEPS_PER_REPEAT`` steps of an arm; medians over repeats with the range (min-max).
+   Peak RSS per process stands for the memory of one site.
+2. A simulated heart federation (4 sites, 3 rounds, calibrated epsilon 1) through
+   ``fedsafe.simulations.runner.run_simulation``: time from the call to the first round's
+   record, and the time between later rounds; with ``--today-python``, today's checkout runs
+   the same simulation alternately (paired), one simulation at a time.
+
+    .venv/bin/python bench/speed.py --json bench/results/speed.json --markdown \\
+        bench/results/speed.md --today-python /work/main/.venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedsafe.client.dp_training import _loss, make_private, private_backward
+from fedsafe.client.grad_sample_mode import choose_grad_sample_mode
+from fedsafe.client.malloc_tuning import KEEP_FREED_MEMORY_ENV
+from fedsafe.models import build_model
+from fedsafe.simulations.scenarios import MODEL_OF, load_scenario
+
+MODELS = ("heart-logreg", "lending-mlp", "mnist-cnn", "mlp-4x512", "groupnorm-resnet")
+BATCH = {
+    "heart-logreg": 4,
+    "lending-mlp": 16,
+    "mnist-cnn": 64,
+    "mlp-4x512": 256,
+    "groupnorm-resnet": 64,
+}
+#: Steps per timed repeat, so that one repeat lasts tens of milliseconds even for tiny models.
+STEPS_PER_REPEAT = {
+    "heart-logreg": 200,
+    "lending-mlp": 200,
+    "mnist-cnn": 4,
+    "mlp-4x512": 2,
+    "groupnorm-resnet": 1,
+}
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.norm1 = nn.GroupNorm(4, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.norm2 = nn.GroupNorm(4, cout)
+        self.skip = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.GroupNorm(4, cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.norm1(self.conv1(x)))
+        return torch.relu(self.norm2(self.conv2(out)) + self.skip(x))
+
+
+def _resnet() -> nn.Module:
+    """A ResNet-8-like GroupNorm CNN: stem 16, blocks 16/32/64, about 78k parameters."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, 1, 1, bias=False),
+        nn.GroupNorm(4, 16),
+        nn.ReLU(),
+        _Block(16, 16, 1),
+        _Block(16, 32, 2),
+        _Block(32, 64, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
+
+
+def _model_and_batch(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)  # bench inputs, not privacy randomness
+    batch = BATCH[name]
+    if name == "mlp-4x512":
+        model = nn.Sequential(
+            nn.Linear(90, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+            nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10),
+        )  # fmt: skip
+        return model, torch.randn(batch, 90, generator=gen), torch.randint(0, 10, (batch,))
+    if name == "groupnorm-resnet":
+        x = torch.randn(batch, 3, 32, 32, generator=gen)
+        return _resnet(), x, torch.randint(0, 10, (batch,), generator=gen)
+    scenario = name.split("-")[0]
+    site = load_scenario(scenario).site(0)
+    model = build_model(MODEL_OF[scenario], site.x_train.shape[1], 0)
+    x = torch.from_numpy(site.x_train[:batch])
+    return model, x, torch.from_numpy(site.y_train[:batch])
+
+
+def _step_fn(name: str, arm: str) -> Callable[[], None]:
+    model, x, y = _model_and_batch(name)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    if arm == "nodp":
+
+        def plain() -> None:
+            opt.zero_grad(set_to_none=True)
+            _loss(model, x, y).backward()
+            opt.step()
+
+        return plain
+    loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
+    mode = choose_grad_sample_mode(model, len(x)) if arm == "auto" else arm
+    dp_model, dp_opt, _, _ = make_private(
+        model, opt, loader, 1.0, 1.0, None, len(x) / 4096, grad_sample_mode=mode
+    )
+
+    def private() -> None:
+        dp_opt.zero_grad(set_to_none=True)
+        private_backward(dp_model, dp_opt, x, y)
+        dp_opt.step()
+
+    return private
+
+
+def worker(name: str, arms: list[str], repeats: int) -> dict[str, Any]:
+    """Time ``arms`` on ``name`` in this process, alternating step by step."""
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    steps = {arm: _step_fn(name, arm) for arm in arms}
+    for fn in steps.values():  # warm-up: first-step allocations and lazy imports
+        fn()
+        fn()
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
+    count = STEPS_PER_REPEAT[name]
+    for _ in range(repeats):
+        for arm in arms:
+            start = time.process_time()
+            for _ in range(count):
+                steps[arm]()
+            times[arm].append((time.process_time() - start) / count)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"times": times, "peak_rss_mb": peak_mb}
+
+
+def _run_worker(name: str, arms: list[str], repeats: int, keep: bool) -> dict[str, Any]:
+    env = dict(os.environ)
+    for key in KEEP_FREED_MEMORY_ENV:
+        env.pop(key, None)
+    if keep:
+        env.update(KEEP_FREED_MEMORY_ENV)
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", name, "--arms", ",".join(arms),
+         "--repeats", str(repeats)],
+        capture_output=True, text=True, check=True, env=env,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _summary(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def step_table(models: tuple[str, ...], repeats: int) -> list[dict[str, Any]]:
+    """Per model: DP/non-DP CPU-time ratios in the auto mode and in hooks, today and now."""
+    rows = []
+    for name in models:
+        model, _, _ = _model_and_batch(name)
+        auto_mode = choose_grad_sample_mode(model, BATCH[name])
+        now = _run_worker(name, ["nodp", "auto", "hooks"], repeats, keep=True)
+        today = _run_worker(name, ["nodp", "hooks"], max(2, repeats // 2), keep=False)
+        t, b = now["times"], today["times"]
+        ratio = lambda xs, base: [x / y for x, y in zip(xs, base, strict=True)]  # noqa: E731
+        rows.append(
+            {
+                "model": name,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "batch": BATCH[name],
+                "auto_mode": auto_mode,
+                "nodp_ms": _summary([1000 * x for x in t["nodp"]]),
+                "auto_ratio": _summary(ratio(t["auto"], t["nodp"])),
+                "hooks_ratio": _summary(ratio(t["hooks"], t["nodp"])),
+                "today_hooks_ratio": _summary(ratio(b["hooks"], b["nodp"])),
+                "peak_rss_mb": now["peak_rss_mb"],
+                "today_peak_rss_mb": today["peak_rss_mb"],
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# Run in a fresh interpreter of either checkout (cwd outside both, so ``fedsafe`` is the one
+# installed in that interpreter's venv): seconds to the first round, and between rounds.
+_SIMULATION = """
+import json, sys, tempfile, time
+from fedsafe.config import RunConfig
+from fedsafe.simulations.runner import run_simulation
+with tempfile.TemporaryDirectory(prefix="fedsafe-speed-") as tmp:
+    cfg = RunConfig.from_mapping({"scenario": "heart", "num-server-rounds": int(sys.argv[1]),
+                                  "out-dir": tmp, "ledger-dir": tmp + "/ledgers"})
+    marks = []
+    started = time.monotonic()
+    run_simulation(cfg, 4, on_round=lambda _r: marks.append(time.monotonic()))
+print(json.dumps({"first": marks[0] - started,
+                  "gaps": [b - a for a, b in zip(marks, marks[1:])]}))
+"""
+
+
+def startup(rounds: int, today_python: str | None, repeats: int) -> dict[str, Any]:
+    """Time to the first round and the later rounds' spacing of a 4-site heart simulation.
+
+    With ``today_python`` (the interpreter of a checkout of today's code), its runs alternate
+    with this checkout's, one after the other (never two simulations at once).
+    """
+    arms = {"now": sys.executable} | ({"today": today_python} if today_python else {})
+    out: dict[str, dict[str, list[float]]] = {a: {"first": [], "gaps": []} for a in arms}
+    with tempfile.TemporaryDirectory(prefix="fedsafe-speed-cwd-") as cwd:
+        for _ in range(repeats):
+            for arm, python in arms.items():
+                done = subprocess.run(
+                    [python, "-c", _SIMULATION, str(rounds)],
+                    capture_output=True, text=True, check=True, cwd=cwd,
+                )  # fmt: skip
+                got = json.loads(done.stdout.strip().splitlines()[-1])
+                out[arm]["first"].append(got["first"])
+                out[arm]["gaps"].extend(got["gaps"])
+                print(arm, json.dumps(got), flush=True)
+    return {
+        arm: {
+            "first_round_s": _summary(v["first"]),
+            "round_s": _summary(v["gaps"]) if v["gaps"] else None,
+        }
+        for arm, v in out.items()
+    }
+
+
+def markdown(rows: list[dict[str, Any]], start: dict[str, Any] | None) -> str:
+    """The BENCHMARKS.md table."""
+
+    def r(s: dict[str, float]) -> str:
+        return f"{s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})"
+
+    lines = [
+        "| model | params | batch | non-DP step (ms CPU) | auto mode | DP/non-DP auto | "
+        "DP/non-DP hooks | today (hooks, default malloc) | peak RSS MB (today) |",
+        "|---|---:|---:|---:|---|---|---|---|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | {row['parameters']:,} | {row['batch']} | "
+            f"{row['nodp_ms']['median']:.1f} | {row['auto_mode']} | {r(row['auto_ratio'])} | "
+            f"{r(row['hooks_ratio'])} | {r(row['today_hooks_ratio'])} | "
+            f"{row['peak_rss_mb']:.0f} ({row['today_peak_rss_mb']:.0f}) |"
+        )
+    if start is not None:
+        lines += [
+            "",
+            "| simulated heart, 4 sites | time to first round s | later round s |",
+            "|---|---|---|",
+        ]
+        for arm, v in start.items():
+            first, rnd = v["first_round_s"], v["round_s"]
+            later = (
+                "-" if rnd is None else f"{rnd['median']:.2f} ({rnd['min']:.2f}-{rnd['max']:.2f})"
+            )
+            lines.append(
+                f"| {arm} | {first['median']:.1f} ({first['min']:.1f}-{first['max']:.1f}) | "
+                f"{later} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """Run the bench; ``--worker`` is the child process of one model."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--worker", default=None)
+    parser.add_argument("--arms", default="")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-simulation", action="store_true")
+    parser.add_argument("--sim-repeats", type=int, default=2)
+    parser.add_argument(
+        "--today-python",
+        default=None,
+        help="interpreter of a checkout of today's code (e.g. /work/main/.venv/bin/python)",
+    )
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, default=None)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.arms.split(","), args.repeats)))
+        return
+    rows = step_table(tuple(args.models.split(",")), args.repeats)
+    start = (
+        None if args.skip_simulation else startup(args.rounds, args.today_python, args.sim_repeats)
+    )
+    table = markdown(rows, start)
+    print(table)
+    meta = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "repeats": args.repeats,
+        "numpy": np.__version__,
+    }
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "steps": rows, "startup": start}, indent=1))
+    if args.markdown:
+        args.markdown.write_text(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""How a site computes per-record gradient norms for DP-SGD: hooks, ghost or functorch.
+
+All three modes clip every record's gradient to the same norm and give the same clipped sum
+(up to float rounding), so the noise, the sampling and the privacy event do not depend on the
+mode; only the cost does (measured in ``bench/speed.py``, BENCHMARKS.md "DP step speed"):
+
+- ``hooks``: Opacus's per-layer hooks build every record's gradient (Yousefpour et al.,
+  "Opacus", 2021). Memory and time grow with ``batch x parameters``.
+- ``ghost``: ghost clipping (Goodfellow, 2015; Li et al., ICLR 2022) gets each record's norm
+  from activations and output gradients of ``Linear`` and ``Embedding`` layers without
+  building per-record gradients, then clips with a second backward pass over reweighted
+  losses. Other layers fall back to per-record gradients, paid on top of the second pass.
+- ``functorch``: ``torch.func.vmap`` over ``grad`` for every layer (Opacus
+  ``force_functorch``).
+
+``auto`` applies the measured rule of :func:`choose_grad_sample_mode`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fedsafe.config import GRAD_SAMPLE_MODES
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "GHOST_MIN_GRADIENT_VALUES",
+    "GRAD_SAMPLE_MODES",
+    "check_grad_sample_mode",
+    "choose_grad_sample_mode",
+    "resolve_grad_sample_mode",
+]
+
+
+def check_grad_sample_mode(mode: str) -> str:
+    """Return ``mode`` if it is one of :data:`GRAD_SAMPLE_MODES`.
+
+    Raises
+    ------
+    ValueError
+        Naming the allowed modes.
+    """
+    if mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(
+            f"grad-sample-mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, got {mode!r}"
+        )
+    return mode
+
+
+def _ghost_norm_layers() -> tuple[type[nn.Module], ...]:
+    # Opacus registers its ghost norm samplers on import; in 1.6: Linear and Embedding.
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    return tuple(GradSampleModuleFastGradientClipping.NORM_SAMPLERS)
+
+
+GHOST_MIN_GRADIENT_VALUES = 1_000_000
+"""``batch x parameters`` from which ghost clipping pays for its second backward pass."""
+
+
+def choose_grad_sample_mode(model: nn.Module, batch_size: int) -> str:
+    """The mode ``auto`` picks: ghost for large Linear/Embedding-only models, else hooks.
+
+    Rule measured with ``bench/speed.py`` (CPU, one thread; BENCHMARKS.md "DP step speed"):
+    ghost clipping is many times faster than hooks when every trainable layer is ``Linear`` or
+    ``Embedding`` and the per-record gradients hooks would build are large (the 4x512 MLP at
+    batch 256: 148 million values); on tiny models (heart's 14-parameter logistic model at
+    batch 4) its second backward pass costs more than the per-record gradients it avoids; and
+    as soon as a convolution or a normalisation layer must still build per-record gradients,
+    it is slower than hooks. Ghost therefore needs both: only ghost-normed layers, and
+    ``batch_size x parameters >= GHOST_MIN_GRADIENT_VALUES`` (4 MB of float32 gradients).
+
+    Parameters
+    ----------
+    model
+        The unwrapped model.
+    batch_size
+        The expected (public) batch size, >= 1.
+
+    Returns
+    -------
+    str
+        ``"ghost"`` or ``"hooks"``.
+    """
+    ghost_layers = _ghost_norm_layers()
+    trainable = [
+        m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
+    values = batch_size * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if (
+        trainable
+        and all(type(m) in ghost_layers for m in trainable)
+        and values >= GHOST_MIN_GRADIENT_VALUES
+    ):
+        return "ghost"
+    return "hooks"
+
+
+def resolve_grad_sample_mode(requested: str, model: nn.Module, batch_size: int) -> str:
+    """``requested`` itself, or :func:`choose_grad_sample_mode` for ``auto``."""
+    check_grad_sample_mode(requested)
+    return choose_grad_sample_mode(model, batch_size) if requested == "auto" else requested
