@@ -55,6 +55,8 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "reproducible-noise": False,
     "train-deadline-s": 3600.0,
     "evaluate-deadline-s": 3600.0,
+    "site-wait-s": 600.0,
+    "resume": False,
 }
 
 SCENARIOS = ("heart", "lending", "mnist", "custom")
@@ -124,6 +126,8 @@ class RunConfig:
     reproducible_noise: bool
     train_deadline_s: float
     evaluate_deadline_s: float
+    site_wait_s: float
+    resume: bool
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> UserError:
@@ -135,6 +139,7 @@ class RunConfig:
         for key, value in (
             ("train-deadline-s", self.train_deadline_s),
             ("evaluate-deadline-s", self.evaluate_deadline_s),
+            ("site-wait-s", self.site_wait_s),
         ):
             if not value > 0:
                 raise bad(key, f"must be > 0 seconds, got {value}")
