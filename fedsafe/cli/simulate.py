@@ -110,6 +110,13 @@ def register(sub: Any) -> None:
                    help="seed sampling and noise from --seed (research only: voids the guarantee "
                         "against anyone who knows the seed)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the final round as JSON")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        default=None,
+        help="continue the run in RUN_DIR from its last completed round (its saved settings; "
+        "other flags are ignored)",
+    )
     p.set_defaults(func=run_simulate)
 
     b = sub.add_parser(
@@ -294,6 +301,10 @@ def run_simulate(args: argparse.Namespace) -> int:
     from fedsafe.simulations.tables import final_table, progress_line
 
     cfg = config_from_args(args)
+    if args.resume is not None:
+        from fedsafe.cli.resume import resume_values
+
+        cfg = RunConfig.from_mapping(resume_values(args.resume, {}))
     metric = HEADLINE_OF[cfg.scenario]
     num_sites = default_num_sites(cfg.scenario, cfg.lending_sites, cfg.mnist_sites)
     scenario = load_scenario(cfg.scenario, cfg.lending_sites, cfg.mnist_sites, cfg.mnist_alpha)
