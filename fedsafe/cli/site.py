@@ -156,6 +156,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
     )
     log_path = workdir / "logs" / "supernode.log"
     flwr_home = workdir / "flwr-home"
+
     def supernode(wait_ready: bool = True) -> FlowerProcess:
         return start_supernode(
             settings,

@@ -38,8 +38,8 @@ from fedsafe.client.dp_training import (
 )
 from fedsafe.client.evaluate_first import evaluate_first
 from fedsafe.client.policy import PolicyRefusal, policy_refusal, run_request, size_refusal
-from fedsafe.client.release_store import replay_released_rounds
 from fedsafe.client.privacy_state import NoiseChoice, SiteAccount, choose_noise
+from fedsafe.client.release_store import replay_released_rounds
 from fedsafe.client.site import SiteSetup, resolve_site
 from fedsafe.client.site_errors import RunConfigRejected, errors_as_codes
 from fedsafe.client.update_encoding import encode_model_update, received_state

@@ -26,6 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedsafe import __version__
 from fedsafe.compression import check_downlink, parse_compression
 from fedsafe.config import RunConfig
+from fedsafe.models import build_model
 from fedsafe.server.checkpoint import (
     Checkpoint,
     CheckpointHook,
@@ -33,7 +34,6 @@ from fedsafe.server.checkpoint import (
     read_checkpoint,
     restore_strategy_state,
 )
-from fedsafe.models import build_model
 from fedsafe.server.grid import PhaseDeadlines, PromptGrid
 from fedsafe.server.reply_checks import metrics_of, reply_error, site_name
 from fedsafe.server.run_folder import RunFolder, new_run_dir

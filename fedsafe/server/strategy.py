@@ -310,7 +310,9 @@ class FedsafeStrategy(Strategy):
                 self._down.discard(node)
             elif node not in self._down:
                 self._down.add(node)
-                log.warning("round %d %s: site %s (node %d) is down; skipped", rnd, phase, name, node)
+                log.warning(
+                    "round %d %s: site %s (node %d) is down; skipped", rnd, phase, name, node
+                )
                 self.folder.log_event("site-down", round=rnd, phase=phase, site=name, node=node)
 
     # -- configure ---------------------------------------------------------------------------

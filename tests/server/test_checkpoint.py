@@ -92,7 +92,9 @@ def test_every_round_writes_a_checkpoint_with_the_model_and_the_run_id(tmp_path)
     ckpt = read_checkpoint(tmp_path)
     assert ckpt.round == 2 and ckpt.run_id == run_id and ckpt.strategy == "FedAvg"
     assert strategy.arrays is not None
-    for name, value in zip(strategy.arrays.keys(), strategy.arrays.to_numpy_ndarrays()):
+    for name, value in zip(
+        strategy.arrays.keys(), strategy.arrays.to_numpy_ndarrays(), strict=True
+    ):
         assert np.array_equal(ckpt.model[name], value)
     rounds = [e["round"] for e in _events(folder) if e["kind"] == "checkpoint"]
     assert rounds == [1, 2]
@@ -116,7 +118,9 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(kind, tmp_path):
         inner, first, 1, offset=ckpt.round, run_id=ckpt.run_id, initial=ckpt.arrays()
     )
     assert straight.arrays is not None and resumed.arrays is not None
-    for a, b in zip(straight.arrays.to_numpy_ndarrays(), resumed.arrays.to_numpy_ndarrays()):
+    for a, b in zip(
+        straight.arrays.to_numpy_ndarrays(), resumed.arrays.to_numpy_ndarrays(), strict=True
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     # Round numbers continue: the sites are asked for round 3, the records say 1, 2, 3.
     rounds = {int(m.content["config"]["server-round"]) for m in grid.sent}
