@@ -5,8 +5,9 @@ Flower's SuperNode retries a lost SuperLink a few times (``--max-retries``), log
 coordinator restarted stays offline until someone restarts it by hand. ``fedsafe site start``
 watches for that line (or for the SuperNode exiting after it) and starts a fresh SuperNode,
 waiting :class:`RestartBackoff` between attempts (2 s, doubling, at most 60 s), saying each
-step on the site's output. A SuperNode refused by the coordinator (an unregistered key, a
-refused app) is not restarted: that needs the site admin, not patience.
+step on the site's output. A SuperNode that exits without giving up (refused by the
+coordinator: an unregistered key) is reported as before, not restarted; once restarting, a
+fresh SuperNode that cannot join counts as one more failed attempt.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class RestartBackoff:
             wait = min(wait * self.factor, self.max_s)
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)  # the site's output is often a log file: no buffering
+
+
 def gave_up(proc: FlowerProcess) -> bool:
     """Whether this start of the SuperNode gave up reconnecting (its log is fresh per start)."""
     return GAVE_UP in proc.log_text()
@@ -84,13 +89,13 @@ class SuperNodeSupervisor:
         backoff: RestartBackoff | None = None,
         *,
         ready_timeout: float = 60.0,
-        say: Callable[[str], None] = print,
+        say: Callable[[str], None] | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.start = start
         self.backoff = backoff or RestartBackoff()
         self.ready_timeout = ready_timeout
-        self.say = say
+        self.say = say or _say
         self.sleep = sleep
         self.restarts = 0
 
