@@ -143,7 +143,9 @@ def test_superlink_killed_mid_run_sites_rejoin_and_resume_finishes(tmp_path: Pat
         meta = json.loads((run_dir / "model.json").read_text())
         assert meta["rounds-completed"] == 3
         assert read_checkpoint(run_dir).round == 3
-        rounds = [json.loads(x)["round"] for x in (run_dir / "rounds.jsonl").read_text().split()]
+        rounds = [
+            json.loads(x)["round"] for x in (run_dir / "rounds.jsonl").read_text().splitlines()
+        ]
         assert rounds == sorted(set(rounds)) and rounds[-1] == 3
         events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
         resumed = [e for e in events if e["kind"] == "resumed"]
