@@ -22,7 +22,7 @@ from fedsafe.server.checkpoint import (
     resume_refusal,
     write_checkpoint,
 )
-from fedsafe.server.grid import PromptGrid
+from fedsafe.server.grid import PhaseDeadlines, PromptGrid
 from fedsafe.server.run_folder import RunFolder
 from fedsafe.server.strategy import FedsafeStrategy, TooFewSites
 from tests.server.fake_grid import FakeGrid
@@ -182,3 +182,59 @@ def test_hook_refuses_a_bad_run_id(tmp_path):
         CheckpointHook(RunFolder(tmp_path), FedAvg(), "x")
     ids = {new_run_id() for _ in range(100)}
     assert len(ids) == 100 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_a_site_killed_during_evaluate_is_named_at_the_phase_deadline(tmp_path):
+    """The issue's hang: a site dies after training; the final evaluate ends at its deadline."""
+    grid = FakeGrid(list(NODES), honest())
+    folder = RunFolder(tmp_path)
+    inner = FedAvg(min_available_nodes=4, min_train_nodes=4, min_evaluate_nodes=3)
+    strategy = FedsafeStrategy(inner, folder, site_wait_s=5, sleep=lambda s: None)
+
+    class DiesAfterTraining(CheckpointHook):
+        def round_done(self, rnd, arrays):
+            if rnd == 2:
+                grid.silent.add(4)  # still listed online, never answers again
+
+    strategy.hooks.append(DiesAfterTraining(folder, inner, new_run_id()))
+    prompt = PromptGrid(
+        grid,
+        PhaseDeadlines(train_s=5, evaluate_s=0.05),
+        observers=[strategy.note_exchange],  # type: ignore[arg-type]
+    )
+    strategy.start(prompt, _model(), 2)
+    missed = [e for e in _events(folder) if e["kind"] == "deadline-missed"]
+    assert len(missed) == 1 and missed[0]["phase"] == "evaluate"
+    assert missed[0]["sites"] == ["site-4"] and missed[0]["nodes"] == [4]
+    assert missed[0]["round"] == 2
+    assert [r["round"] for r in folder.rounds()] == [1, 2]
+
+
+def test_a_site_gone_offline_before_evaluate_ends_the_run_with_the_reason(tmp_path):
+    """Flower's sample_nodes would wait forever here: --min-sites is the whole federation."""
+    grid = FakeGrid(list(NODES), honest())
+    folder = RunFolder(tmp_path)
+    inner = FedAvg(min_available_nodes=4, min_train_nodes=4, min_evaluate_nodes=4)
+    now = [0.0]
+
+    def sleep(s: float) -> None:
+        now[0] += s
+
+    strategy = FedsafeStrategy(inner, folder, site_wait_s=20, clock=lambda: now[0], sleep=sleep)
+
+    class GoesOffline(CheckpointHook):
+        def round_done(self, rnd, arrays):
+            super().round_done(rnd, arrays)
+            if rnd == 2:
+                grid.offline.add(4)  # its heartbeat lapsed: the SuperLink lists it offline
+
+    strategy.hooks.append(GoesOffline(folder, inner, new_run_id()))
+    prompt = PromptGrid(grid, observers=[strategy.note_exchange])  # type: ignore[arg-type]
+    with pytest.raises(TooFewSites, match="round 2 evaluate: only 3 of the 4 sites"):
+        strategy.start(prompt, _model(), 2)
+    events = _events(folder)
+    down = [e for e in events if e["kind"] == "site-down"]
+    assert down and down[0]["site"] == "site-4" and down[0]["node"] == 4
+    assert down[0]["phase"] == "evaluate"
+    assert [e["kind"] for e in events][-1] == "too-few-sites"
+    assert read_checkpoint(tmp_path).round == 2  # the run can be resumed
