@@ -61,6 +61,8 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     # Simulated bring-your-own sites (scenario "custom"): JSON {name: csv path} and the schema.
     "site-data": "",
     "schema-path": "",
+    "site-wait-s": 600.0,
+    "resume": False,
 }
 
 #: Clipping norms a site accepts. Opacus clips in float32: near float32's subnormal range the
@@ -146,6 +148,8 @@ class RunConfig:
     site_dp_clip: float
     site_data: str
     schema_path: str
+    site_wait_s: float
+    resume: bool
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> UserError:
@@ -157,6 +161,7 @@ class RunConfig:
         for key, value in (
             ("train-deadline-s", self.train_deadline_s),
             ("evaluate-deadline-s", self.evaluate_deadline_s),
+            ("site-wait-s", self.site_wait_s),
         ):
             if not value > 0:
                 raise bad(key, f"must be > 0 seconds, got {value}")

@@ -37,3 +37,8 @@ EVALUATION_KEYS = ("eval-loss", "eval-accuracy", "eval-roc-auc", "eval-pr-auc")
 #: The weight of a site's evaluation for the inner strategy's ``aggregate_evaluate``: sites
 #: send no test-split size (an exact count of records), so every site weighs 1.
 TEST_COUNT_KEY = "num-test-examples"
+
+#: Key of a train message's config holding fedsafe's run id (32 hex digits), the same in every
+#: resumed part of a run; a site keys the releases it stores by it and the round
+#: (:mod:`fedsafe.client.release_store`, :mod:`fedsafe.server.checkpoint`).
+FEDSAFE_RUN_ID = "fedsafe-run-id"

@@ -242,6 +242,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides["num-server-rounds"] = args.rounds
     if args.min_sites is not None:
         overrides["min-sites"] = args.min_sites
+    if args.resume is not None:
+        from fedsafe.cli.resume import resume_values
+
+        overrides = resume_values(args.resume, overrides)
 
     _refuse_unevaluable(overrides)
 
@@ -372,6 +376,12 @@ def register(subparsers: Any) -> None:
     run.add_argument("--min-sites", type=int, default=None, help="sites every round waits for")
     run.add_argument("--timeout", type=float, default=3600.0, help="seconds before giving up")
     run.add_argument("--out", default="runs", help="where the ServerApp writes the run folder")
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        default=None,
+        help="continue the run in RUN_DIR from its last completed round (same settings)",
+    )
     run.add_argument(
         "--run-config",
         "-c",

@@ -132,6 +132,13 @@ def register(sub: Any) -> None:
     p.add_argument("--site-dp-clip", type=float, default=0.0,
                    help="site-level DP: each site's update clipped to this L2 norm")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the final round as JSON")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        default=None,
+        help="continue the run in RUN_DIR from its last completed round (its saved settings; "
+        "other flags are ignored)",
+    )
     p.set_defaults(func=run_simulate)
 
     b = sub.add_parser(
@@ -368,6 +375,10 @@ def run_simulate(args: argparse.Namespace) -> int:
     from fedsafe.simulations.tables import final_table, progress_line
 
     cfg = config_from_args(args)
+    if args.resume is not None:
+        from fedsafe.cli.resume import resume_values
+
+        cfg = RunConfig.from_mapping(resume_values(args.resume, {}))
     if cfg.scenario == "custom":
         metric, sites = own_sites(cfg)
         num_sites = len(sites)

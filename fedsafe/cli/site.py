@@ -56,6 +56,7 @@ from fedsafe.transport.processes import (
     start_supernode,
 )
 from fedsafe.transport.site_launcher import start_launcher, write_launcher_secret
+from fedsafe.transport.supervision import SuperNodeSupervisor, gave_up
 
 DEFAULT_CLIENTAPPIO_PORT = 9094
 DEVICES = ("auto", "cpu", "cuda")
@@ -164,18 +165,21 @@ def _cmd_start(args: argparse.Namespace) -> int:
     )
     log_path = workdir / "logs" / "supernode.log"
     flwr_home = workdir / "flwr-home"
+
+    def supernode(wait_ready: bool = True) -> FlowerProcess:
+        return start_supernode(
+            settings,
+            name=args.name,
+            flwr_home=flwr_home,
+            log_path=log_path,
+            wait_ready=wait_ready,
+            ready_timeout=args.connect_timeout,
+            die_with_parent=True,
+        )
+
     with ProcessSet() as procs:
         try:
-            proc = procs.add(
-                start_supernode(
-                    settings,
-                    name=args.name,
-                    flwr_home=flwr_home,
-                    log_path=log_path,
-                    ready_timeout=args.connect_timeout,
-                    die_with_parent=True,
-                )
-            )
+            proc = procs.add(supernode())
         except FlowerProcessError as exc:
             log_text = log_path.read_text(errors="replace") if log_path.is_file() else str(exc)
             raise UserError(
@@ -192,6 +196,11 @@ def _cmd_start(args: argparse.Namespace) -> int:
             companions=[launcher],
             on_exit=_report_exit,
             alerts=[(launcher, "REFUSED")],
+            # The coordinator went away: a fresh SuperNode, with backoff, until it is back.
+            restart=SuperNodeSupervisor(
+                lambda: procs.add(supernode(wait_ready=False)), ready_timeout=args.connect_timeout
+            ),
+            needs_restart=gave_up,
         )
 
 

@@ -39,6 +39,7 @@ from fedsafe.client.dp_training import (
 from fedsafe.client.evaluate_first import evaluate_first
 from fedsafe.client.policy import PolicyRefusal, policy_refusal, run_request, size_refusal
 from fedsafe.client.privacy_state import NoiseChoice, SiteAccount, choose_noise
+from fedsafe.client.release_store import replay_released_rounds
 from fedsafe.client.site import SiteSetup, resolve_site
 from fedsafe.client.site_errors import RunConfigRejected, errors_as_codes
 from fedsafe.client.update_encoding import encode_model_update, received_state
@@ -70,7 +71,7 @@ def _handler_timing(msg: Message, context: Context, call_next: ClientAppCallable
 
 
 # errors_as_codes is outermost: nothing, not even a timing mod's failure, escapes as text.
-app = ClientApp(mods=[errors_as_codes, _handler_timing, evaluate_first])
+app = ClientApp(mods=[errors_as_codes, _handler_timing, evaluate_first, replay_released_rounds])
 
 
 def _run_config(context: Context) -> RunConfig:

@@ -241,6 +241,15 @@ RELEASES: tuple[ReleaseKind, ...] = (
         False,
         _TEST,
     ),
+    ReleaseKind(
+        "replayed",
+        "metric",
+        "1 if the reply is the site's stored release of a round of the same run it already "
+        "answered (a resumed run asking again): the same values sent again, nothing spent.",
+        True,
+        "Covered: a copy of an earlier release (post-processing) and a function of which "
+        "rounds the coordinator asked before; it depends on no record.",
+    ),
 )
 
 RELEASES_BY_NAME: dict[str, ReleaseKind] = {r.name: r for r in RELEASES}

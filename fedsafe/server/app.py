@@ -27,6 +27,13 @@ from fedsafe import __version__
 from fedsafe.compression import check_downlink, parse_compression
 from fedsafe.config import RunConfig
 from fedsafe.models import build_model
+from fedsafe.server.checkpoint import (
+    Checkpoint,
+    CheckpointHook,
+    new_run_id,
+    read_checkpoint,
+    restore_strategy_state,
+)
 from fedsafe.server.grid import PhaseDeadlines, PromptGrid
 from fedsafe.server.reply_checks import metrics_of, reply_error, site_name
 from fedsafe.server.run_folder import RunFolder, new_run_dir
@@ -107,7 +114,9 @@ def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config."""
     cfg = RunConfig.from_mapping(context.run_config)
     folder = RunFolder(cfg.run_dir or new_run_dir(cfg.out_dir))
-    folder.write_json("config.json", {**cfg.to_mapping(), "run-id": str(context.run_id)})
+    resumed = _resumed(cfg, folder, context)
+    if resumed is None:
+        folder.write_json("config.json", {**cfg.to_mapping(), "run-id": str(context.run_id)})
     set_event_sink(folder.log_event)  # site-name mismatches (issue 11)
     num_sites = cfg.min_sites or default_num_sites(cfg.scenario, cfg.lending_sites, cfg.mnist_sites)
     deadlines = PhaseDeadlines(train_s=cfg.train_deadline_s, evaluate_s=cfg.evaluate_deadline_s)
@@ -119,19 +128,31 @@ def main(grid: Grid, context: Context) -> None:
     check_downlink(downlink)
     mu = cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0
     checks = UpdateChecks(cfg, declared, proximal_mu=mu, log_event=folder.log_event)
-    inner = build_strategy(cfg, num_sites)
+    base = build_strategy(cfg, num_sites)
+    initial = ArrayRecord(model.state_dict())
+    if resumed is not None:
+        restore_strategy_state(base, resumed)
+        initial = resumed.arrays()
+    inner = base
     if cfg.site_dp_noise_multiplier > 0:
         inner = SiteLevelDPStrategy(
-            inner, cfg.site_dp_noise_multiplier, cfg.site_dp_clip, cfg.target_delta, folder.path
+            base, cfg.site_dp_noise_multiplier, cfg.site_dp_clip, cfg.target_delta, folder.path
         )
-    strategy = FedsafeStrategy(inner, folder, downlink=downlink, hooks=[checks])
+    run_id = resumed.run_id if resumed is not None else new_run_id()
+    strategy = FedsafeStrategy(
+        inner,
+        folder,
+        downlink=downlink,
+        hooks=[checks, CheckpointHook(folder, base, run_id)],
+        round_offset=resumed.round if resumed is not None else 0,
+        site_wait_s=cfg.site_wait_s,
+    )
     prompt.observers.append(strategy.note_exchange)
     started = time.time()
-    initial = ArrayRecord(model.state_dict())
     strategy.start(
         prompt,
         initial,
-        cfg.num_server_rounds,
+        cfg.num_server_rounds - strategy.round_offset,
         timeout=max(deadlines.train_s, deadlines.evaluate_s),
     )
     state = strategy.progress
@@ -139,6 +160,24 @@ def main(grid: Grid, context: Context) -> None:
     _save_model(folder, model, strategy.arrays or initial, meta)
     folder.write_json("summary.json", _summary(folder, state))
     log.info("fedsafe: run folder %s", Path(folder.path).resolve())
+
+
+def _resumed(cfg: RunConfig, folder: RunFolder, context: Context) -> Checkpoint | None:
+    """The checkpoint a resumed run continues from (None: a new run)."""
+    if not cfg.resume:
+        return None
+    checkpoint = read_checkpoint(folder.path)
+    if checkpoint.round >= cfg.num_server_rounds:
+        raise RuntimeError(
+            f"--resume: {folder.path} already completed round {checkpoint.round} of "
+            f"{cfg.num_server_rounds}; nothing is left to run"
+        )
+    folder.log_event(
+        "resumed", after_round=checkpoint.round, flower_run_id=str(context.run_id),
+        strategy=checkpoint.strategy,
+    )  # fmt: skip
+    log.info("fedsafe: resuming %s after round %d", folder.path, checkpoint.round)
+    return checkpoint
 
 
 def _model_metadata(

@@ -86,6 +86,10 @@ from fedsafe.server.run_folder import RunFolder
 log = logging.getLogger("flwr.fedsafe")
 
 
+class TooFewSites(RuntimeError):
+    """Fewer live sites than the run needs stayed connected until the wait's deadline."""
+
+
 class SiteHooks:
     """Per-site concerns of the coordinator; every method is a no-op here.
 
@@ -181,6 +185,12 @@ class FedsafeStrategy(Strategy):
         Added to Flower's round number (a resumed run continues its numbering).
     on_round
         Called with each round record once it is written.
+    site_wait_s
+        How long a round waits for the inner strategy's ``min_available_nodes`` live sites
+        before the run ends with :class:`TooFewSites` (seconds). Flower's ``sample_nodes``
+        would wait forever.
+    clock, sleep
+        Monotonic clock and sleep for that wait (seconds); tests pass their own.
 
     Raises
     ------
@@ -198,11 +208,16 @@ class FedsafeStrategy(Strategy):
         hooks: Iterable[SiteHooks] = (),
         round_offset: int = 0,
         on_round: Callable[[dict[str, Any]], None] | None = None,
+        site_wait_s: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if not isinstance(inner, Strategy) or isinstance(inner, FedsafeStrategy):
             raise TypeError(f"inner must be a Flower strategy, got {type(inner).__name__}")
         if round_offset < 0:
             raise ValueError(f"round_offset must be >= 0, got {round_offset}")
+        if not site_wait_s > 0:
+            raise ValueError(f"site_wait_s must be > 0 seconds, got {site_wait_s}")
         self.inner = inner
         self.folder = folder
         self.downlink = downlink
@@ -222,6 +237,9 @@ class FedsafeStrategy(Strategy):
         self._phases: dict[str, list[float]] = {}
         self._open: _OpenRound | None = None
         self._initial: dict[str, Any] | None = None
+        self.site_wait_s = site_wait_s
+        self._clock, self._sleep = clock, sleep
+        self._down: set[int] = set()
 
     # -- Flower's loop -----------------------------------------------------------------------
     def start(
@@ -258,6 +276,45 @@ class FedsafeStrategy(Strategy):
     def _round(self, server_round: int) -> int:
         return server_round + self.round_offset
 
+    def _await_sites(self, rnd: int, phase: str, grid: Grid) -> None:
+        """Wait, up to ``site_wait_s``, for the live sites the inner strategy samples from.
+
+        Known sites that are not live are named in a ``site-down`` event (once per outage);
+        the round goes on without them. With fewer live sites than the inner strategy's
+        ``min_available_nodes`` at the deadline, the run ends with :class:`TooFewSites`.
+        """
+        need = max(1, int(getattr(self.inner, "min_available_nodes", 1) or 1))
+        end = self._clock() + self.site_wait_s
+        while len(live := set(grid.get_node_ids())) < need:
+            left = end - self._clock()
+            if left <= 0:
+                self._note_down(rnd, phase, live)
+                reason = (
+                    f"round {rnd} {phase}: only {len(live)} of the {need} sites the run needs "
+                    f"(--min-sites) stayed connected for {self.site_wait_s:.0f} s; the run "
+                    "ends (resume it with --resume once the sites are back)"
+                )
+                log.error("fedsafe: %s", reason)
+                self.folder.log_event(
+                    "too-few-sites", round=rnd, phase=phase, live=len(live), needed=need,
+                    waited_s=self.site_wait_s,
+                )  # fmt: skip
+                raise TooFewSites(reason)
+            self._sleep(min(1.0, left))
+        self._note_down(rnd, phase, live)
+
+    def _note_down(self, rnd: int, phase: str, live: set[int]) -> None:
+        """Name each known site that is not live (once until it is back)."""
+        for node, name in sorted(self.progress.site_of_node.items()):
+            if node in live:
+                self._down.discard(node)
+            elif node not in self._down:
+                self._down.add(node)
+                log.warning(
+                    "round %d %s: site %s (node %d) is down; skipped", rnd, phase, name, node
+                )
+                self.folder.log_event("site-down", round=rnd, phase=phase, site=name, node=node)
+
     # -- configure ---------------------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -274,6 +331,7 @@ class FedsafeStrategy(Strategy):
         self._global = arrays
         if self.progress.stopped:
             return []
+        self._await_sites(rnd, "train", grid)
         asked = ConfigRecord({**dict(config), EVALUATE_FIRST: True})
         planned = list(self.inner.configure_train(server_round, arrays, asked, grid))
         trainers = [m for m in planned if m.metadata.dst_node_id not in self.progress.exhausted]
@@ -304,6 +362,7 @@ class FedsafeStrategy(Strategy):
             return []
         self._phases = {}
         self._current = self._round(server_round)
+        self._await_sites(self._current, "evaluate", grid)
         messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
         return self._outgoing(self._round(server_round), messages, arrays)
 
@@ -385,7 +444,8 @@ class FedsafeStrategy(Strategy):
         self._close_round(evaluations, eval_replies, f"round {rnd} train replies")
         arrays, metrics = None, None
         if good:
-            arrays, metrics = self.inner.aggregate_train(server_round, self._stripped(good))
+            # The run's own round number: FedAdam/FedYogi's bias correction continues on resume.
+            arrays, metrics = self.inner.aggregate_train(rnd, self._stripped(good))
         if arrays is not None:
             self.arrays = arrays
         self._open_round(rnd, sites, metrics)

@@ -31,6 +31,8 @@ def run_in_foreground(
     companions: Sequence[FlowerProcess] = (),
     on_exit: Callable[[FlowerProcess], None] | None = None,
     alerts: Sequence[tuple[FlowerProcess, str]] = (),
+    restart: Callable[[FlowerProcess], FlowerProcess] | None = None,
+    needs_restart: Callable[[FlowerProcess], bool] | None = None,
 ) -> int:
     """Follow ``proc``'s log on stdout until it exits or this command is stopped.
 
@@ -39,6 +41,9 @@ def run_in_foreground(
     process that exited on its own (to print why), not when the command was stopped.
     ``alerts``: (process, marker) pairs; every new line of that process's log holding the
     marker is printed even without ``echo_log`` (e.g. the launcher's refusals).
+    ``restart``: when ``needs_restart(proc)`` holds (e.g. the SuperNode gave up reconnecting),
+    ``proc`` is replaced by ``restart(proc)`` (which stops it and starts another) and followed
+    on (:mod:`fedsafe.transport.supervision`).
 
     Returns
     -------
@@ -64,6 +69,10 @@ def run_in_foreground(
                     sys.stdout.write(text[offset:])
                     sys.stdout.flush()
                     offset = len(text)
+            if restart is not None and needs_restart is not None and needs_restart(proc):
+                proc = restart(proc)
+                offset = 0
+                continue
             for watched in (proc, *companions):
                 if not watched.running():
                     if on_exit is not None:

@@ -27,6 +27,7 @@ CLIENT_METRICS = {
     "sample-rate",
     "noise-multiplier",
     "budget-exhausted",
+    "replayed",
     "eval-loss",
     "eval-accuracy",
     "eval-roc-auc",
