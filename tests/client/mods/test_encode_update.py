@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ArrayRecord, Context, Message
 
 from fedsafe.client.mods.contract import report_event
@@ -21,9 +22,8 @@ def _shifted(msg: Message, context: Context) -> Message:
     """A step whose model moved by +0.5 in every parameter."""
     report_event(_granted_event())
     reply = trained(msg, context)
-    state = reply.content.array_records["arrays"].to_numpy_ndarrays()
-    keys = list(reply.content.array_records["arrays"])
-    reply.content["arrays"] = ArrayRecord(dict(zip(keys, [a + 0.5 for a in state], strict=True)))
+    state = reply.content.array_records["arrays"].to_torch_state_dict()
+    reply.content["arrays"] = ArrayRecord({k: v + 0.5 for k, v in state.items()})
     return reply
 
 
@@ -51,7 +51,7 @@ def test_an_uncompressed_run_sends_the_model_as_returned(site: Site) -> None:
 def test_a_handler_that_encodes_itself_is_refused(site: Site) -> None:
     def encoded(msg: Message, context: Context) -> Message:
         reply = _shifted(msg, context)
-        reply.content["arrays"] = ArrayRecord({WIRE_KEY: np.zeros(3, np.uint8)})
+        reply.content["arrays"] = ArrayRecord({WIRE_KEY: torch.zeros(3)})
         return reply
 
     with pytest.raises(ValueError, match="encoded model"):

@@ -48,7 +48,7 @@ def test_an_exhausted_budget_gets_the_typed_reply_and_no_training(site: Site) ->
     fingerprint = resolve_site(context, RunConfig.from_mapping(context.run_config)).fingerprint
     with SitePrivacyLedger.open(site.ledger) as ledger:
         # One round of very little noise spends far more than the policy's lifetime budget.
-        ledger.record("earlier", 1, PoissonGaussianEvent(1.0, 0.3, 50), 1.0, 1e-4, fingerprint)
+        ledger.record("earlier", 1, PoissonGaussianEvent(0.5, 0.3, 50), 1.0, 1e-4, fingerprint)
     before = site.ledger_bytes()
     grants: list[RoundGrant] = []
     reply = _granting_app(grants)(train_message(site.width()), context)

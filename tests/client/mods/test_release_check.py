@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
+import torch
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from fedsafe.client.mods.release_check import release_check
@@ -29,9 +29,7 @@ def test_a_declared_reply_with_an_evaluation_passes(site: Site) -> None:
         lambda reply: reply.content.metric_records["metrics"].__setitem__("exact-size", 160),
         lambda reply: reply.content.__setitem__("extra", MetricRecord({"eval-loss": 1.0})),
         lambda reply: reply.content.__setitem__(EVALUATION_RECORD, MetricRecord({"n": 40})),
-        lambda reply: reply.content.__setitem__(
-            "arrays", ArrayRecord({"records": np.zeros(3, np.float32)})
-        ),
+        lambda reply: reply.content.__setitem__("arrays", ArrayRecord({"records": torch.zeros(3)})),
     ],
     ids=["metric", "record", "evaluation-key", "array-name"],
 )
