@@ -109,13 +109,16 @@ def test_same_ledger_and_same_refusals_over_a_run(tmp_path: Path) -> None:
 
 
 def test_same_budget_exhausted_reply(tmp_path: Path) -> None:
-    # Two runs on one lifetime budget: the second finds it spent.
-    runs = [{"noise-multiplier": 0.6, "num-server-rounds": 5, "seed": s} for s in (1, 2)]
+    # Two runs on one lifetime budget (5 rounds at sigma 1.5: epsilon 0.71 of 0.9; 10: 1.01):
+    # the second run finds it spent.
+    run = {"noise-multiplier": 1.5, "target-epsilon": 0.9, "num-server-rounds": 5}
+    runs = [{**run, "seed": s} for s in (1, 2)]
     answers = _same_answers(
         tmp_path,
-        [(run, r) for run in runs for r in range(1, 6)],
+        [(r, n) for r in runs for n in range(1, 6)],
         **POLICY,
-        budget_epsilon=1.5,
-        max_run_epsilon=1.0,
+        budget_epsilon=0.9,
+        max_run_epsilon=0.9,
     )
-    assert any("budget-exhausted" in a["metrics"] for a in answers)
+    exhausted = ["budget-exhausted" in a["metrics"] for a in answers]
+    assert exhausted[:5] == [False] * 5 and exhausted[-1]
