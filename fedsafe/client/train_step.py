@@ -55,7 +55,7 @@ def training_step(msg: Message, context: Context) -> Message:
     event = train_round(model, site.data.x_train, site.data.y_train, grant.plan, device, grant.key)
     report_event(event)
     model.cpu()
-    # The public size, never the exact one: it weights the average and set the sample rate.
+    # The public size, never the exact one: it weights the average (and set the sample rate).
     metrics: dict[str, int | float | list[int] | list[float]] = {"num-examples": site.public_size}
     if grant.not_private:
         metrics["not-private"] = 1
