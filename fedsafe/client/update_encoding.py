@@ -51,9 +51,21 @@ def encode_model_update(
     model exactly as received (after any downlink decoding), so the coordinator, which knows
     what it sent, rebuilds the site's model exactly.
     """
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return encode_state_update(state, reference, spec, dp, context, seed)
+
+
+def encode_state_update(
+    state: dict[str, torch.Tensor],
+    reference: dict[str, torch.Tensor],
+    spec: str,
+    dp: bool,
+    context: Context,
+    seed: int,
+) -> tuple[ArrayRecord, int]:
+    """:func:`encode_model_update` for a state dict already on the CPU (same bytes)."""
     pipeline = parse_compression(spec)
     assert_post_privatization(dp, pipeline, CompressionStage.POST_PRIVATIZATION)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if pipeline.is_identity:
         record = ArrayRecord(state)
         return record, serialized_size(record)

@@ -1,0 +1,68 @@
+"""The privacy_budget mod: noise, caps and budget decided before training, then a typed grant."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import Context, Message
+
+from fedsafe.client import privacy_state
+from fedsafe.client.mods.contract import RoundGrant, current_grant
+from fedsafe.client.mods.privacy_budget import privacy_budget
+from fedsafe.client.mods.site_policy import site_policy
+from fedsafe.client.site import resolve_site
+from fedsafe.config import RunConfig
+from fedsafe.privacy.events import PoissonGaussianEvent
+from fedsafe.privacy.ledger import SitePrivacyLedger
+from tests.client.mods.conftest import Site, app_with, new_context, train_message, trained
+
+
+def _granting_app(grants: list[RoundGrant]):
+    def handler(msg: Message, context: Context) -> Message:
+        grants.append(current_grant())
+        return trained(msg, context)
+
+    return app_with([site_policy, privacy_budget], handler)
+
+
+def test_the_grant_holds_the_sites_noise_and_the_public_rate(site: Site) -> None:
+    grants: list[RoundGrant] = []
+    _granting_app(grants)(train_message(site.width()), new_context(site))
+    (grant,) = grants
+    assert grant.plan.dp and grant.key is None and not grant.not_private
+    assert grant.plan.noise_multiplier >= site.policy.min_noise_multiplier
+    assert grant.plan.sample_rate == pytest.approx(1 / 12)  # 1 / ceil(public 90 / batch 8)
+    assert grant.plan.local_steps == 3 and grant.server_round == 1
+
+
+def test_a_round_beyond_the_run_is_refused_before_the_handler(site: Site) -> None:
+    grants: list[RoundGrant] = []
+    context = new_context(site, **{"num-server-rounds": 1})
+    privacy_state.store(context, [PoissonGaussianEvent(1 / 12, 2.0, 3)], 2.0)
+    reply = _granting_app(grants)(train_message(site.width(), 2), context)
+    assert reply.content.config_records["site"]["refused-setting"] == "num-server-rounds"
+    assert grants == []
+
+
+def test_an_exhausted_budget_gets_the_typed_reply_and_no_training(site: Site) -> None:
+    context = new_context(site)
+    fingerprint = resolve_site(context, RunConfig.from_mapping(context.run_config)).fingerprint
+    with SitePrivacyLedger.open(site.ledger) as ledger:
+        # One round of very little noise spends far more than the policy's lifetime budget.
+        ledger.record("earlier", 1, PoissonGaussianEvent(0.5, 0.3, 50), 1.0, 1e-4, fingerprint)
+    before = site.ledger_bytes()
+    grants: list[RoundGrant] = []
+    reply = _granting_app(grants)(train_message(site.width()), context)
+    metrics = reply.content.metric_records["metrics"]
+    assert metrics["budget-exhausted"] == 1 and metrics["epsilon"] > site.policy.budget_epsilon
+    assert "arrays" not in reply.content
+    assert grants == [] and site.ledger_bytes() == before
+
+
+def test_a_model_reply_carries_the_public_size_whatever_the_handler_wrote(site: Site) -> None:
+    def leaky(msg: Message, context: Context) -> Message:
+        return trained(msg, context, **{"num-examples": 160})  # the exact training-set size
+
+    reply = app_with([site_policy, privacy_budget], leaky)(
+        train_message(site.width()), new_context(site)
+    )
+    assert reply.content.metric_records["metrics"]["num-examples"] == 90
