@@ -11,19 +11,28 @@ only after the entry is on disk (SQLite, "Write-Ahead Logging", https://sqlite.o
 The client records an entry *before* its update leaves the site: a crash after the commit
 over-reports spending, which is safe; an update sent without an entry is impossible.
 
-Tamper evidence: entries form a hash chain (Haber and Stornetta, "How to Time-Stamp a Digital
-Document", J. Cryptology 1991): each entry's SHA-256 covers its content and the previous
-entry's hash, and a ``head`` row stores the last sequence number and hash. Editing, deleting or
-reordering an entry breaks the chain and :meth:`SitePrivacyLedger.open` names the entry. The
-chain detects edits by anyone who does not rewrite every later hash; a site that needs more
-anchors the head hash elsewhere (the coordinator's run record).
+Tamper evidence: entries form a keyed hash chain (Haber and Stornetta, "How to Time-Stamp a
+Digital Document", J. Cryptology 1991; keyed as in Schneier and Kelsey, ACM TISSEC 1999): each
+entry's HMAC-SHA256 under the site secret (:mod:`fedsafe.privacy.ledger_anchor`) covers its
+content and the previous entry's MAC, and a ``head`` row stores the last sequence number and
+MAC. Editing, deleting or reordering an entry breaks the chain and
+:meth:`SitePrivacyLedger.open` names the entry; re-chaining needs the key. Deleting,
+truncating, replacing or restoring an older copy of the file is caught by the anchor the site
+keeps outside the ledger's folder (entry count, head, lifetime epsilon; also MACed).
+
+Format: version 2 (keyed). A version-1 ledger (unkeyed SHA-256 chain) is refused until it is
+migrated explicitly with :func:`migrate_unkeyed_ledger` (``fedsafe privacy ledger-migrate``),
+which verifies the old chain, re-MACs every entry and records who migrated it and why.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
+import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -37,8 +46,16 @@ from typing import Any, Self
 from fedsafe.errors import BudgetExhaustedError, UserError
 from fedsafe.privacy.accounting import check_accountant, epsilon
 from fedsafe.privacy.events import PoissonGaussianEvent
+from fedsafe.privacy.ledger_anchor import (
+    LedgerAnchor,
+    LedgerSecrets,
+    canonical_json,
+    read_anchor,
+    write_anchor,
+)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+UNKEYED_VERSION = 1
 GENESIS_HASH = "0" * 64
 
 _SCHEMA = """
@@ -155,8 +172,12 @@ class LedgerEntry:
         }
 
     def expected_hash(self) -> str:
-        """SHA-256 of the canonical JSON of :meth:`content`."""
+        """SHA-256 of the canonical JSON of :meth:`content` (format 1, unkeyed ledgers)."""
         return _hash_content(self.content())
+
+    def expected_mac(self, secrets_: LedgerSecrets) -> str:
+        """HMAC-SHA256 of the canonical JSON of :meth:`content` under the site key (format 2)."""
+        return secrets_.mac(canonical_json(self.content()))
 
     def to_dict(self) -> dict[str, Any]:
         """Return the entry as a plain dictionary (for JSON reports)."""
@@ -239,9 +260,13 @@ class SitePrivacyLedger:
     ...                   dataset_fingerprint=fp, epsilon_max=3.0)
     """
 
-    def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
+    def __init__(
+        self, path: Path, connection: sqlite3.Connection, secrets_: LedgerSecrets, ledger_id: str
+    ) -> None:
         self._path = path
         self._conn = connection
+        self._secrets = secrets_
+        self._ledger_id = ledger_id
         self._rows: list[tuple[Any, ...]] = []
         self._entries: list[LedgerEntry] = []
         self._hashed_on_open = 0
@@ -252,15 +277,25 @@ class SitePrivacyLedger:
         return self._path
 
     @property
+    def ledger_id(self) -> str:
+        """The random id written in the ledger when it was created."""
+        return self._ledger_id
+
+    @property
     def hashed_on_open(self) -> int:
         """How many entries :meth:`open` hashed (0 when this process had verified them all)."""
         return self._hashed_on_open
 
     @classmethod
     def open(
-        cls, path: str | Path, *, create: bool = True, busy_timeout_s: float = 60.0
+        cls,
+        path: str | Path,
+        *,
+        create: bool = True,
+        busy_timeout_s: float = 60.0,
+        secrets_: LedgerSecrets | None = None,
     ) -> SitePrivacyLedger:
-        """Open (or create) the ledger at ``path`` and verify its hash chain.
+        """Open (or create) the ledger at ``path``, verify its keyed chain and its anchor.
 
         Parameters
         ----------
@@ -271,17 +306,32 @@ class SitePrivacyLedger:
             :class:`~fedsafe.errors.UserError`.
         busy_timeout_s
             How long to wait for another process that holds the write lock.
+        secrets_
+            The site key and anchors; by default
+            :func:`~fedsafe.privacy.ledger_anchor.default_secrets_dir` (created if missing).
 
         Raises
         ------
         LedgerTamperedError
-            If an entry was edited, deleted or reordered; the message names the entry.
+            If an entry was edited, deleted or reordered, or the ledger does not extend its
+            anchor (deleted, truncated, replaced or rolled back); the message names which.
         UserError
-            If the file is missing (``create=False``) or is not a fedsafe ledger.
+            If the file is missing (``create=False``), is not a fedsafe ledger, is an unkeyed
+            format-1 ledger (migrate it), or was written with another key.
         """
-        path = Path(path)
-        if not path.exists() and not create:
-            raise UserError(f"privacy ledger {path} does not exist; check the path")
+        path = Path(path).expanduser().resolve()
+        keys = secrets_ if secrets_ is not None else LedgerSecrets.load()
+        keys.check_outside(path)
+        if not path.exists():
+            anchor = read_anchor(keys, path)
+            if anchor is not None and anchor.count > 0:
+                raise LedgerTamperedError(
+                    f"privacy ledger {path} is missing but its anchor records {anchor.count} "
+                    f"entries (lifetime epsilon {anchor.lifetime_epsilon:.4g}); the ledger was "
+                    f"deleted or moved. {FIX}"
+                )
+            if not create:
+                raise UserError(f"privacy ledger {path} does not exist; check the path")
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = sqlite3.connect(
@@ -290,18 +340,20 @@ class SitePrivacyLedger:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(_SCHEMA)
-            conn.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
-            )
+            ledger_id = _init_meta(conn, path, keys)
         except sqlite3.DatabaseError as exc:
+            conn.close()
             raise UserError(
                 f"privacy ledger {path} cannot be opened as a SQLite ledger ({exc}); "
                 "give the path of a fedsafe ledger file"
             ) from exc
-        ledger = cls(path, conn)
+        except BaseException:
+            conn.close()
+            raise
+        ledger = cls(path, conn, keys, ledger_id)
         try:
             ledger._load(reuse=True)
+            ledger._check_anchor()
         except BaseException:
             conn.close()
             raise
@@ -348,7 +400,7 @@ class SitePrivacyLedger:
                     f"privacy ledger {self._path}: entry seq {entry.seq} does not chain to "
                     f"entry seq {entry.seq - 1} (an entry was replaced or reordered); {fix}"
                 )
-            if entry.expected_hash() != entry.entry_hash:
+            if not hmac.compare_digest(entry.expected_mac(self._secrets), entry.entry_hash):
                 raise LedgerTamperedError(
                     f"privacy ledger {self._path}: entry seq {entry.seq} was edited (its "
                     f"hash does not match its content); {fix}"
@@ -433,6 +485,60 @@ class SitePrivacyLedger:
         """
         self._load(reuse=False)
         return len(self._entries)
+
+    # -- anchor ----------------------------------------------------------------------------
+    def lifetime_epsilon(self) -> float:
+        """The largest ``epsilon_after`` of any entry (0 for an empty ledger)."""
+        return _lifetime(self.entries())
+
+    def anchor(self) -> LedgerAnchor:
+        """The anchor of the ledger as it is now (what :meth:`record` writes outside it)."""
+        return self._anchor_of(self.entries())
+
+    def _anchor_of(self, entries: Sequence[LedgerEntry]) -> LedgerAnchor:
+        return LedgerAnchor(
+            ledger_id=self._ledger_id,
+            ledger_path=str(self._path),
+            count=len(entries),
+            head=entries[-1].entry_hash if entries else GENESIS_HASH,
+            lifetime_epsilon=_lifetime(entries),
+        )
+
+    def _check_anchor(self) -> None:
+        """Refuse a ledger that does not extend its anchor; move the anchor forward."""
+        anchor = read_anchor(self._secrets, self._path)
+        entries = self._entries
+        if anchor is not None:
+            why = ""
+            if anchor.ledger_id != self._ledger_id:
+                why = "was replaced by another ledger (its id differs from the anchor's)"
+            elif len(entries) < anchor.count:
+                why = (
+                    f"was truncated or an older copy restored: it holds {len(entries)} entries, "
+                    f"its anchor {anchor.count}"
+                )
+            elif anchor.count and entries[anchor.count - 1].entry_hash != anchor.head:
+                why = f"was replaced: entry seq {anchor.count} is not the anchored one"
+            elif _lifetime(entries) < anchor.lifetime_epsilon:
+                why = (
+                    f"reports lifetime epsilon {_lifetime(entries):.4g} below its anchor's "
+                    f"{anchor.lifetime_epsilon:.4g}"
+                )
+            if why:
+                raise LedgerTamperedError(
+                    f"privacy ledger {self._path} {why}; {FIX} (or reconcile it explicitly)"
+                )
+        self._advance_anchor(entries, anchor)
+
+    def _advance_anchor(
+        self, entries: Sequence[LedgerEntry], current: LedgerAnchor | None = None
+    ) -> None:
+        # Only forward: a slower process must not move the anchor back behind a later record.
+        current = current if current is not None else read_anchor(self._secrets, self._path)
+        if current is None or (
+            current.ledger_id == self._ledger_id and len(entries) > current.count
+        ):
+            write_anchor(self._secrets, self._anchor_of(entries))
 
     def head(self) -> tuple[int, str]:
         """Return the last sequence number and its hash (64 zeros when empty), to anchor."""
@@ -537,7 +643,7 @@ class SitePrivacyLedger:
                 prev_hash=prev_hash,
                 entry_hash="",
             )
-            entry = replace(unsigned, entry_hash=unsigned.expected_hash())
+            entry = replace(unsigned, entry_hash=unsigned.expected_mac(self._secrets))
             row = (
                 entry.seq,
                 entry.run_id,
@@ -568,7 +674,168 @@ class SitePrivacyLedger:
         self._rows = [*self._rows, row]
         self._entries = [*prior, entry]
         _remember(_file_key(self._path), self._rows, self._entries)
+        self._advance_anchor(self._entries)
         return entry
+
+
+def _lifetime(entries: Sequence[LedgerEntry]) -> float:
+    return max((e.epsilon_after for e in entries), default=0.0)
+
+
+def _meta(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _init_meta(conn: sqlite3.Connection, path: Path, keys: LedgerSecrets) -> str:
+    """Write the format, id and key id of a new ledger; check them on an existing one."""
+    version = _meta(conn, "schema_version")
+    has_entries = conn.execute("SELECT 1 FROM entries LIMIT 1").fetchone() is not None
+    if version == str(UNKEYED_VERSION) and has_entries:
+        raise UserError(
+            f"privacy ledger {path} is format 1 (an unkeyed hash chain anyone can rewrite); "
+            f"migrate it once with `fedsafe privacy ledger-migrate --ledger {path} --by NAME "
+            "--reason TEXT`"
+        )
+    if version is None or version == str(UNKEYED_VERSION):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('ledger_id', ?)",
+                (secrets.token_hex(16),),
+            )
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('key_id', ?)", (keys.key_id,)
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        version = str(SCHEMA_VERSION)
+    if version != str(SCHEMA_VERSION):
+        raise UserError(
+            f"privacy ledger {path} is format {version}, this fedsafe reads format "
+            f"{SCHEMA_VERSION}; open it with the fedsafe that wrote it"
+        )
+    key_id, ledger_id = _meta(conn, "key_id"), _meta(conn, "ledger_id")
+    if key_id != keys.key_id or not ledger_id:
+        raise UserError(
+            f"privacy ledger {path} was written with another site key than "
+            f"{keys.directory}; set FEDSAFE_LEDGER_SECRETS to this site's ledger-secrets folder"
+        )
+    return ledger_id
+
+
+def migrate_unkeyed_ledger(
+    path: str | Path, *, by: str, reason: str, secrets_: LedgerSecrets | None = None
+) -> Path:
+    """Migrate a format-1 (unkeyed) ledger to format 2, re-MACing every entry.
+
+    The old chain is verified first (a ledger that fails it is not migrated); the old file is
+    kept beside it as ``<name>.v1.sqlite``; the new ledger records in its ``migration`` meta row
+    (MACed) the old head, the entry count, who migrated it, why and when.
+
+    Returns
+    -------
+    Path
+        Where the old file was kept.
+
+    Raises
+    ------
+    UserError
+        If ``by`` or ``reason`` is empty, the file is not a format-1 ledger, or its chain fails.
+    """
+    if not by.strip() or not reason.strip():
+        raise UserError("ledger-migrate: --by and --reason must say who migrates and why")
+    path = Path(path).expanduser().resolve()
+    keys = secrets_ if secrets_ is not None else LedgerSecrets.load()
+    keys.check_outside(path)
+    if not path.exists():
+        raise UserError(f"privacy ledger {path} does not exist; check --ledger")
+    old = sqlite3.connect(path, isolation_level=None)
+    try:
+        if _meta(old, "schema_version") != str(UNKEYED_VERSION):
+            raise UserError(f"privacy ledger {path} is not a format-1 ledger; nothing to migrate")
+        rows = old.execute(f"SELECT {_COLUMNS} FROM entries ORDER BY seq").fetchall()
+        head = _meta(old, "head") or f"0:{GENESIS_HASH}"
+        old.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        old.close()
+    prev, entries = GENESIS_HASH, []
+    for seq, row in enumerate(rows, start=1):
+        entry = _row_to_entry(path, row)
+        if entry.seq != seq or entry.prev_hash != prev or entry.expected_hash() != entry.entry_hash:
+            raise LedgerTamperedError(
+                f"privacy ledger {path}: entry seq {seq} fails the format-1 chain; it is not "
+                f"migrated. {FIX}"
+            )
+        prev = entry.entry_hash
+        entries.append(entry)
+    if head != f"{len(entries)}:{prev}" and not (not entries and head.startswith("0:")):
+        raise LedgerTamperedError(
+            f"privacy ledger {path}: its head {head[:20]} does not match its last entry; it is "
+            f"not migrated. {FIX}"
+        )
+    tmp = path.with_name(path.name + ".migrating")
+    tmp.unlink(missing_ok=True)
+    conn = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        conn.executescript(_SCHEMA)
+        conn.execute("BEGIN IMMEDIATE")
+        ledger_id = secrets.token_hex(16)
+        meta = {"schema_version": str(SCHEMA_VERSION), "ledger_id": ledger_id}
+        meta["key_id"] = keys.key_id
+        record = {
+            "from_version": UNKEYED_VERSION,
+            "old_head": head,
+            "entries": len(entries),
+            "by": by,
+            "reason": reason,
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        meta["migration"] = json.dumps(
+            {**record, "mac": keys.mac(canonical_json(record))}, sort_keys=True
+        )
+        prev = GENESIS_HASH
+        for entry in entries:
+            relinked = replace(entry, prev_hash=prev, entry_hash="")
+            mac = relinked.expected_mac(keys)
+            conn.execute(
+                f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    entry.seq,
+                    entry.run_id,
+                    entry.round,
+                    json.dumps(entry.event.to_dict(), sort_keys=True),
+                    entry.clip_norm,
+                    entry.delta,
+                    entry.epsilon_after,
+                    entry.accountant,
+                    entry.dataset_fingerprint,
+                    entry.created_at,
+                    prev,
+                    mac,
+                ),
+            )
+            prev = mac
+        meta["head"] = f"{len(entries)}:{prev}"
+        conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta.items())
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    kept = path.with_name(path.stem + ".v1.sqlite")
+    for suffix in ("-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    os.replace(path, kept)
+    os.replace(tmp, path)
+    with SitePrivacyLedger.open(path, create=False, secrets_=keys) as ledger:
+        ledger.verify()
+    return kept
 
 
 def ledger_path_for(ledger_dir: str | Path, site_name: str) -> Path:

@@ -110,7 +110,8 @@ def test_edited_entry_is_named(tmp_path: Path) -> None:
     assert str(path) in str(info.value)
 
 
-def test_edited_entry_with_recomputed_hash_breaks_the_chain(tmp_path: Path) -> None:
+def test_edited_entry_with_recomputed_unkeyed_hash_is_refused(tmp_path: Path) -> None:
+    """Without the site key a recomputed SHA-256 is not the entry's MAC (issue 13)."""
     path = tmp_path / "l.sqlite"
     entries = _fill(path)
     from dataclasses import replace
@@ -123,7 +124,7 @@ def test_edited_entry_with_recomputed_hash_breaks_the_chain(tmp_path: Path) -> N
     )
     conn.commit()
     conn.close()
-    with pytest.raises(LedgerTamperedError, match=r"entry seq 3 does not chain to entry seq 2"):
+    with pytest.raises(LedgerTamperedError, match=r"entry seq 2 was edited"):
         SitePrivacyLedger.open(path)
 
 
