@@ -161,6 +161,9 @@ class RunConfig:
                 raise bad("target-epsilon", "must be > 0 when noise-multiplier is 0 (calibrated)")
             if not self.max_grad_norm > 0:
                 raise bad("max-grad-norm", "must be > 0")
+            if self.budget_epsilon > 0 and not self.ledger_dir:
+                # A budget nobody records is not enforced across runs (issue 13).
+                raise bad("ledger-dir", "a budget-epsilon needs a ledger; set ledger-dir=/abs/dir")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:

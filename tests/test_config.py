@@ -49,3 +49,10 @@ def test_simulate_flags_are_checked(capsys):
     assert "--no-dp" in capsys.readouterr().err
     assert main(["simulate", "--epsilon", "-1"]) == 2
     assert "--epsilon" in capsys.readouterr().err
+
+
+def test_budget_without_ledger_is_refused():
+    """The README's `flwr run .` path once enforced no budget at all (issue 13)."""
+    with pytest.raises(UserError, match="'ledger-dir'.*needs a ledger"):
+        RunConfig.from_mapping({"budget-epsilon": 0.5, "ledger-dir": ""})
+    assert RunConfig.from_mapping({"budget-epsilon": 0.5, "ledger-dir": "/x"}).ledger_dir == "/x"

@@ -113,12 +113,13 @@ class LedgerEntry:
     delta
         Delta at which ``epsilon_after`` is stated, in (0, 1).
     epsilon_after
-        Epsilon of every event on this data set up to and including this one, composed by
-        ``accountant`` at ``delta``.
+        Epsilon of every event of the site's account (all data versions) up to and including
+        this one, composed by ``accountant`` at ``delta``.
     accountant
         ``"prv"``, ``"rdp"`` or ``"pld"``.
     dataset_fingerprint
-        :func:`~fedsafe.privacy.fingerprint.dataset_fingerprint` of the data spent on.
+        The data version spent on (:func:`~fedsafe.privacy.fingerprint.dataset_fingerprint`);
+        it labels the entry and does not split the account.
     created_at
         ISO 8601 UTC time of the record.
     prev_hash
@@ -552,17 +553,27 @@ class SitePrivacyLedger:
         return [e for e in entries if e.dataset_fingerprint == dataset_fingerprint]
 
     def fingerprints(self) -> list[str]:
-        """Every data set the ledger holds entries for, in order of first use."""
+        """Every data version the ledger holds entries for, in order of first use."""
         return list(dict.fromkeys(e.dataset_fingerprint for e in self.entries()))
 
-    def events(self, dataset_fingerprint: str) -> list[PoissonGaussianEvent]:
-        """Every event spent on one data set, in order."""
-        return [e.event for e in self.entries(dataset_fingerprint)]
+    def events(self, dataset_fingerprint: str | None = None) -> list[PoissonGaussianEvent]:
+        """Every event of the site's account, in order, on every data version.
 
-    def spent(self, dataset_fingerprint: str, delta: float, accountant: str = "prv") -> float:
-        """Epsilon of all events on one data set at ``delta``, composed by ``accountant``.
+        One ledger is one account: the site's population. A schema comment, a re-export of the
+        same records or a new data version changes the fingerprint each entry records, never
+        the account (issue 13), so ``dataset_fingerprint`` does not filter; it is accepted for
+        callers that name the data version they are about to spend on.
+        """
+        del dataset_fingerprint
+        return [e.event for e in self.entries()]
 
-        Events are composed, never summed: across runs, the accountant sees every event.
+    def spent(
+        self, dataset_fingerprint: str | None = None, delta: float = 1e-5, accountant: str = "prv"
+    ) -> float:
+        """Epsilon of every event of the account at ``delta``, composed by ``accountant``.
+
+        Events are composed, never summed: across runs and data versions, the accountant sees
+        every event (see :meth:`events`).
         """
         return epsilon(self.events(dataset_fingerprint), delta, accountant)
 
@@ -597,7 +608,7 @@ class SitePrivacyLedger:
         dataset_fingerprint
             The data set spent on.
         accountant
-            Accountant composing all events on this data set plus ``event``.
+            Accountant composing every event of the account plus ``event``.
         epsilon_max
             If given, refuse (and write nothing) when ``epsilon_after`` would exceed it: the
             last line of defence when two runs share a data set.
@@ -619,7 +630,7 @@ class SitePrivacyLedger:
         conn.execute("BEGIN IMMEDIATE")
         try:
             prior = self._sync()
-            events = [e.event for e in prior if e.dataset_fingerprint == dataset_fingerprint]
+            events = [e.event for e in prior]  # one account: every data version composes
             eps_after = epsilon([*events, event], delta, accountant)
             if epsilon_max is not None and eps_after > epsilon_max:
                 raise BudgetExhaustedError(

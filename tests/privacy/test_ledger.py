@@ -57,13 +57,14 @@ def test_record_persists_and_composes(tmp_path: Path) -> None:
         assert ledger.head() == (3, read[-1].entry_hash)
 
 
-def test_data_sets_are_accounted_separately(tmp_path: Path) -> None:
+def test_data_versions_compose_in_one_account(tmp_path: Path) -> None:
+    """A new data version labels its entries but never opens a fresh account (issue 13)."""
     with SitePrivacyLedger.open(tmp_path / "l.sqlite") as ledger:
         ledger.record("r", 1, EVENT, 1.0, 1e-5, FP, accountant="rdp")
         other = ledger.record("r", 1, EVENT, 1.0, 1e-5, OTHER, accountant="rdp")
-        assert other.epsilon_after == pytest.approx(epsilon([EVENT], 1e-5, "rdp"))
+        assert other.epsilon_after == pytest.approx(epsilon([EVENT, EVENT], 1e-5, "rdp"))
         assert ledger.fingerprints() == [FP, OTHER]
-        assert ledger.events(OTHER) == [EVENT]
+        assert ledger.events(OTHER) == [EVENT, EVENT]
         assert len(ledger.entries(FP)) == 1
 
 
