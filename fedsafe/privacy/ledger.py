@@ -49,6 +49,7 @@ from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.ledger_anchor import (
     LedgerAnchor,
     LedgerSecrets,
+    anchor_lock,
     canonical_json,
     read_anchor,
     write_anchor,
@@ -529,17 +530,16 @@ class SitePrivacyLedger:
                 raise LedgerTamperedError(
                     f"privacy ledger {self._path} {why}; {FIX} (or reconcile it explicitly)"
                 )
-        self._advance_anchor(entries, anchor)
+        self._advance_anchor(entries)
 
-    def _advance_anchor(
-        self, entries: Sequence[LedgerEntry], current: LedgerAnchor | None = None
-    ) -> None:
+    def _advance_anchor(self, entries: Sequence[LedgerEntry]) -> None:
         # Only forward: a slower process must not move the anchor back behind a later record.
-        current = current if current is not None else read_anchor(self._secrets, self._path)
-        if current is None or (
-            current.ledger_id == self._ledger_id and len(entries) > current.count
-        ):
-            write_anchor(self._secrets, self._anchor_of(entries))
+        with anchor_lock(self._secrets):
+            current = read_anchor(self._secrets, self._path)
+            if current is None or (
+                current.ledger_id == self._ledger_id and len(entries) > current.count
+            ):
+                write_anchor(self._secrets, self._anchor_of(entries))
 
     def head(self) -> tuple[int, str]:
         """Return the last sequence number and its hash (64 zeros when empty), to anchor."""

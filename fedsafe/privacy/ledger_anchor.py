@@ -18,6 +18,8 @@ would lose the anchor with it).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -25,6 +27,7 @@ import math
 import os
 import secrets
 import stat
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -173,6 +176,18 @@ class LedgerAnchor:
         return {"version": ANCHOR_VERSION, **asdict(self)}
 
 
+@contextlib.contextmanager
+def anchor_lock(secrets_: LedgerSecrets) -> Iterator[None]:
+    """Hold the site's anchor lock (``fcntl.flock``), so anchors only ever move forward."""
+    lock = secrets_.directory / "anchors" / ".lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def read_anchor(secrets_: LedgerSecrets, ledger_path: Path) -> LedgerAnchor | None:
     """Read and authenticate the anchor of ``ledger_path``; ``None`` when there is none.
 
@@ -212,7 +227,7 @@ def write_anchor(secrets_: LedgerSecrets, anchor: LedgerAnchor) -> None:
     path = secrets_.anchor_path(Path(anchor.ledger_path))
     content = anchor.content()
     body = {**content, "mac": secrets_.mac(canonical_json(content))}
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp = path.with_suffix(f".{os.getpid()}-{secrets.token_hex(8)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(json.dumps(body, sort_keys=True, indent=1, allow_nan=False))
