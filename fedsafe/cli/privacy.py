@@ -277,15 +277,16 @@ def run_show(args: argparse.Namespace) -> int:
                 f"{e.delta:>8.2g} {e.epsilon_after:>9.4f}  {e.dataset_fingerprint[:19]:<19} "
                 f"{e.created_at[:19]}"
             )
-        print("spent per data set (all events composed):")
+        last = entries[-1]
+        accountant = args.accountant or last.accountant
+        delta = args.delta or last.delta
+        runs = len({e.run_id for e in entries})
+        print(
+            f"lifetime epsilon {ledger.spent(None, delta, accountant):.4f} at delta {delta:g} "
+            f"({accountant}), {len(entries)} releases in {runs} runs (the site's one account: "
+            "every data version composed)"
+        )
+        print("data versions (labels of the entries; one account):")
         for fp in ledger.fingerprints():
-            last = ledger.entries(fp)[-1]
-            accountant = args.accountant or last.accountant
-            delta = args.delta or last.delta
-            spent = ledger.spent(fp, delta, accountant)
-            runs = len({e.run_id for e in ledger.entries(fp)})
-            print(
-                f"  {fp}: epsilon {spent:.4f} at delta {delta:g} ({accountant}), "
-                f"{len(ledger.entries(fp))} releases in {runs} runs"
-            )
+            print(f"  {fp}: {len(ledger.entries(fp))} releases")
     return 0
