@@ -849,6 +849,33 @@ def migrate_unkeyed_ledger(
     return kept
 
 
+def check_ledger_before_joining(path: str | Path, flag: str = "--ledger") -> None:
+    """Open, verify and write-probe a site's ledger before the site joins a federation.
+
+    A site whose ledger is tampered with, rolled back or not writable would otherwise join and
+    refuse (or fail) every round; this says so once, up front, naming ``flag``.
+
+    Raises
+    ------
+    UserError
+        Naming ``flag``, the path and the fix.
+    """
+    try:
+        with SitePrivacyLedger.open(path) as ledger:
+            conn = ledger._conn
+            conn.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only ledger
+            conn.execute("ROLLBACK")
+            writable = os.access(ledger.path, os.W_OK) and os.access(ledger.path.parent, os.W_OK)
+    except sqlite3.OperationalError as exc:
+        raise UserError(
+            f"{flag} {path}: the privacy ledger is not writable ({exc}); give a writable path"
+        ) from None
+    except UserError as exc:
+        raise UserError(f"{flag}: {exc}") from None
+    if not writable:
+        raise UserError(f"{flag} {path}: the privacy ledger is not writable; give a writable path")
+
+
 def ledger_path_for(ledger_dir: str | Path, site_name: str) -> Path:
     """The ledger file of a site inside a folder of ledgers (one file per site)."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in site_name)

@@ -278,3 +278,15 @@ def test_tampered_unkeyed_ledger_is_not_migrated(tmp_path: Path) -> None:
         migrate_unkeyed_ledger(path, by="me", reason="upgrade")
     with pytest.raises(UserError, match="--by and --reason"):
         migrate_unkeyed_ledger(path, by="", reason="upgrade")
+
+
+def test_site_start_check_refuses_a_rolled_back_ledger_naming_the_flag(tmp_path: Path) -> None:
+    from fedsafe.privacy.ledger import check_ledger_before_joining
+
+    path = tmp_path / "site.sqlite"
+    check_ledger_before_joining(path)  # a new site: creates and probes the ledger
+    _fill(path, 1)
+    for p in tmp_path.glob("site.sqlite*"):
+        p.unlink()
+    with pytest.raises(UserError, match=r"^--ledger: privacy ledger .* is missing"):
+        check_ledger_before_joining(path)
