@@ -195,6 +195,9 @@ class RunConfig:
                     f"must be in [{MIN_MAX_GRAD_NORM:g}, {MAX_MAX_GRAD_NORM:g}], "
                     f"got {self.max_grad_norm:g}",
                 )
+            if self.budget_epsilon > 0 and not self.ledger_dir:
+                # A budget nobody records is not enforced across runs (issue 13).
+                raise bad("ledger-dir", "a budget-epsilon needs a ledger; set ledger-dir=/abs/dir")
 
     def _check_site_dp(self) -> None:
         """Site-level DP at the coordinator (:mod:`fedsafe.server.site_dp`): 0 = off."""

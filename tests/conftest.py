@@ -10,6 +10,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+@pytest.fixture(autouse=True)
+def ledger_secrets(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """A fresh site ledger-secrets folder per test (outside every ledger folder), never ~."""
+    folder = tmp_path_factory.mktemp("ledger-secrets")
+    monkeypatch.setenv("FEDSAFE_LEDGER_SECRETS", str(folder))
+    return folder
+
+
 @pytest.fixture
 def heart_csv() -> Path:
     """The shipped heart-disease CSV."""

@@ -56,3 +56,10 @@ def test_grad_sample_mode_is_checked_and_kept():
         RunConfig.from_mapping({"grad-sample-mode": "fast"})
     assert RunConfig.from_mapping({"grad-sample-mode": "ghost"}).grad_sample_mode == "ghost"
     assert RunConfig.from_mapping({}).grad_sample_mode == "auto"
+
+
+def test_budget_without_ledger_is_refused():
+    """The README's `flwr run .` path once enforced no budget at all (issue 13)."""
+    with pytest.raises(UserError, match="'ledger-dir'.*needs a ledger"):
+        RunConfig.from_mapping({"budget-epsilon": 0.5, "ledger-dir": ""})
+    assert RunConfig.from_mapping({"budget-epsilon": 0.5, "ledger-dir": "/x"}).ledger_dir == "/x"

@@ -30,6 +30,7 @@ from fedsafe.cli.options import parse_budget
 from fedsafe.cli.site_policy import DEFAULT_POLICY_FILE, add_init_parser, training_records
 from fedsafe.client.policy import load_policy
 from fedsafe.errors import UserError
+from fedsafe.privacy.ledger import check_ledger_before_joining
 from fedsafe.transport import pki
 from fedsafe.transport.app_approval import (
     Approval,
@@ -145,6 +146,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
         )
     private_workdir(workdir)
     ledger = Path(args.ledger) if args.ledger else workdir / "ledger.sqlite"
+    check_ledger_before_joining(ledger)  # issue 13: verified and writable before joining
     if not port_is_free(LOOPBACK, args.clientappio_port):
         raise UserError(
             f"--clientappio-port {args.clientappio_port} is already in use on {LOOPBACK} "

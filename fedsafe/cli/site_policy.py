@@ -70,6 +70,14 @@ def _cmd_init(args: argparse.Namespace) -> int:
     for key, value in policy.to_mapping().items():
         how = "given" if chosen[key] is not None else "default"
         print(f"  {key:<22} {value!r:<10} ({how})")
+    from fedsafe.privacy.ledger_anchor import KEY_FILE, SECRETS_ENV, LedgerSecrets
+
+    secrets_ = LedgerSecrets.load()  # the site key that MACs its privacy ledger (issue 13)
+    print(
+        f"Site ledger key {secrets_.directory / KEY_FILE} (mode 0600) and ledger anchors in "
+        f"{secrets_.directory / 'anchors'} (set {SECRETS_ENV} to move them); back them up "
+        "apart from the ledger."
+    )
     print(
         "The public size, not the exact count, sets the sample rate and every released count.\n"
         f"Start the site with: fedsafe site start ... --policy {out.resolve()}"

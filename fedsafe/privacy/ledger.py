@@ -11,19 +11,28 @@ only after the entry is on disk (SQLite, "Write-Ahead Logging", https://sqlite.o
 The client records an entry *before* its update leaves the site: a crash after the commit
 over-reports spending, which is safe; an update sent without an entry is impossible.
 
-Tamper evidence: entries form a hash chain (Haber and Stornetta, "How to Time-Stamp a Digital
-Document", J. Cryptology 1991): each entry's SHA-256 covers its content and the previous
-entry's hash, and a ``head`` row stores the last sequence number and hash. Editing, deleting or
-reordering an entry breaks the chain and :meth:`SitePrivacyLedger.open` names the entry. The
-chain detects edits by anyone who does not rewrite every later hash; a site that needs more
-anchors the head hash elsewhere (the coordinator's run record).
+Tamper evidence: entries form a keyed hash chain (Haber and Stornetta, "How to Time-Stamp a
+Digital Document", J. Cryptology 1991; keyed as in Schneier and Kelsey, ACM TISSEC 1999): each
+entry's HMAC-SHA256 under the site secret (:mod:`fedsafe.privacy.ledger_anchor`) covers its
+content and the previous entry's MAC, and a ``head`` row stores the last sequence number and
+MAC. Editing, deleting or reordering an entry breaks the chain and
+:meth:`SitePrivacyLedger.open` names the entry; re-chaining needs the key. Deleting,
+truncating, replacing or restoring an older copy of the file is caught by the anchor the site
+keeps outside the ledger's folder (entry count, head, lifetime epsilon; also MACed).
+
+Format: version 2 (keyed). A version-1 ledger (unkeyed SHA-256 chain) is refused until it is
+migrated explicitly with :func:`migrate_unkeyed_ledger` (``fedsafe privacy ledger-migrate``),
+which verifies the old chain, re-MACs every entry and records who migrated it and why.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
+import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -37,8 +46,17 @@ from typing import Any, Self
 from fedsafe.errors import BudgetExhaustedError, UserError
 from fedsafe.privacy.accounting import check_accountant, epsilon
 from fedsafe.privacy.events import PoissonGaussianEvent
+from fedsafe.privacy.ledger_anchor import (
+    LedgerAnchor,
+    LedgerSecrets,
+    anchor_lock,
+    canonical_json,
+    read_anchor,
+    write_anchor,
+)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+UNKEYED_VERSION = 1
 GENESIS_HASH = "0" * 64
 
 _SCHEMA = """
@@ -96,12 +114,13 @@ class LedgerEntry:
     delta
         Delta at which ``epsilon_after`` is stated, in (0, 1).
     epsilon_after
-        Epsilon of every event on this data set up to and including this one, composed by
-        ``accountant`` at ``delta``.
+        Epsilon of every event of the site's account (all data versions) up to and including
+        this one, composed by ``accountant`` at ``delta``.
     accountant
         ``"prv"``, ``"rdp"`` or ``"pld"``.
     dataset_fingerprint
-        :func:`~fedsafe.privacy.fingerprint.dataset_fingerprint` of the data spent on.
+        The data version spent on (:func:`~fedsafe.privacy.fingerprint.dataset_fingerprint`);
+        it labels the entry and does not split the account.
     created_at
         ISO 8601 UTC time of the record.
     prev_hash
@@ -155,8 +174,12 @@ class LedgerEntry:
         }
 
     def expected_hash(self) -> str:
-        """SHA-256 of the canonical JSON of :meth:`content`."""
+        """SHA-256 of the canonical JSON of :meth:`content` (format 1, unkeyed ledgers)."""
         return _hash_content(self.content())
+
+    def expected_mac(self, secrets_: LedgerSecrets) -> str:
+        """HMAC-SHA256 of the canonical JSON of :meth:`content` under the site key (format 2)."""
+        return secrets_.mac(canonical_json(self.content()))
 
     def to_dict(self) -> dict[str, Any]:
         """Return the entry as a plain dictionary (for JSON reports)."""
@@ -239,9 +262,13 @@ class SitePrivacyLedger:
     ...                   dataset_fingerprint=fp, epsilon_max=3.0)
     """
 
-    def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
+    def __init__(
+        self, path: Path, connection: sqlite3.Connection, secrets_: LedgerSecrets, ledger_id: str
+    ) -> None:
         self._path = path
         self._conn = connection
+        self._secrets = secrets_
+        self._ledger_id = ledger_id
         self._rows: list[tuple[Any, ...]] = []
         self._entries: list[LedgerEntry] = []
         self._hashed_on_open = 0
@@ -252,15 +279,25 @@ class SitePrivacyLedger:
         return self._path
 
     @property
+    def ledger_id(self) -> str:
+        """The random id written in the ledger when it was created."""
+        return self._ledger_id
+
+    @property
     def hashed_on_open(self) -> int:
         """How many entries :meth:`open` hashed (0 when this process had verified them all)."""
         return self._hashed_on_open
 
     @classmethod
     def open(
-        cls, path: str | Path, *, create: bool = True, busy_timeout_s: float = 60.0
+        cls,
+        path: str | Path,
+        *,
+        create: bool = True,
+        busy_timeout_s: float = 60.0,
+        secrets_: LedgerSecrets | None = None,
     ) -> SitePrivacyLedger:
-        """Open (or create) the ledger at ``path`` and verify its hash chain.
+        """Open (or create) the ledger at ``path``, verify its keyed chain and its anchor.
 
         Parameters
         ----------
@@ -271,17 +308,32 @@ class SitePrivacyLedger:
             :class:`~fedsafe.errors.UserError`.
         busy_timeout_s
             How long to wait for another process that holds the write lock.
+        secrets_
+            The site key and anchors; by default
+            :func:`~fedsafe.privacy.ledger_anchor.default_secrets_dir` (created if missing).
 
         Raises
         ------
         LedgerTamperedError
-            If an entry was edited, deleted or reordered; the message names the entry.
+            If an entry was edited, deleted or reordered, or the ledger does not extend its
+            anchor (deleted, truncated, replaced or rolled back); the message names which.
         UserError
-            If the file is missing (``create=False``) or is not a fedsafe ledger.
+            If the file is missing (``create=False``), is not a fedsafe ledger, is an unkeyed
+            format-1 ledger (migrate it), or was written with another key.
         """
-        path = Path(path)
-        if not path.exists() and not create:
-            raise UserError(f"privacy ledger {path} does not exist; check the path")
+        path = Path(path).expanduser().resolve()
+        keys = secrets_ if secrets_ is not None else LedgerSecrets.load()
+        keys.check_outside(path)
+        if not path.exists():
+            anchor = read_anchor(keys, path)
+            if anchor is not None and anchor.count > 0:
+                raise LedgerTamperedError(
+                    f"privacy ledger {path} is missing but its anchor records {anchor.count} "
+                    f"entries (lifetime epsilon {anchor.lifetime_epsilon:.4g}); the ledger was "
+                    f"deleted or moved. {FIX}"
+                )
+            if not create:
+                raise UserError(f"privacy ledger {path} does not exist; check the path")
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = sqlite3.connect(
@@ -290,18 +342,20 @@ class SitePrivacyLedger:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(_SCHEMA)
-            conn.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
-            )
+            ledger_id = _init_meta(conn, path, keys)
         except sqlite3.DatabaseError as exc:
+            conn.close()
             raise UserError(
                 f"privacy ledger {path} cannot be opened as a SQLite ledger ({exc}); "
                 "give the path of a fedsafe ledger file"
             ) from exc
-        ledger = cls(path, conn)
+        except BaseException:
+            conn.close()
+            raise
+        ledger = cls(path, conn, keys, ledger_id)
         try:
             ledger._load(reuse=True)
+            ledger._check_anchor()
         except BaseException:
             conn.close()
             raise
@@ -348,7 +402,7 @@ class SitePrivacyLedger:
                     f"privacy ledger {self._path}: entry seq {entry.seq} does not chain to "
                     f"entry seq {entry.seq - 1} (an entry was replaced or reordered); {fix}"
                 )
-            if entry.expected_hash() != entry.entry_hash:
+            if not hmac.compare_digest(entry.expected_mac(self._secrets), entry.entry_hash):
                 raise LedgerTamperedError(
                     f"privacy ledger {self._path}: entry seq {entry.seq} was edited (its "
                     f"hash does not match its content); {fix}"
@@ -434,6 +488,59 @@ class SitePrivacyLedger:
         self._load(reuse=False)
         return len(self._entries)
 
+    # -- anchor ----------------------------------------------------------------------------
+    def lifetime_epsilon(self) -> float:
+        """The largest ``epsilon_after`` of any entry (0 for an empty ledger)."""
+        return _lifetime(self.entries())
+
+    def anchor(self) -> LedgerAnchor:
+        """The anchor of the ledger as it is now (what :meth:`record` writes outside it)."""
+        return self._anchor_of(self.entries())
+
+    def _anchor_of(self, entries: Sequence[LedgerEntry]) -> LedgerAnchor:
+        return LedgerAnchor(
+            ledger_id=self._ledger_id,
+            ledger_path=str(self._path),
+            count=len(entries),
+            head=entries[-1].entry_hash if entries else GENESIS_HASH,
+            lifetime_epsilon=_lifetime(entries),
+        )
+
+    def _check_anchor(self) -> None:
+        """Refuse a ledger that does not extend its anchor; move the anchor forward."""
+        anchor = read_anchor(self._secrets, self._path)
+        entries = self._entries
+        if anchor is not None:
+            why = ""
+            if anchor.ledger_id != self._ledger_id:
+                why = "was replaced by another ledger (its id differs from the anchor's)"
+            elif len(entries) < anchor.count:
+                why = (
+                    f"was truncated or an older copy restored: it holds {len(entries)} entries, "
+                    f"its anchor {anchor.count}"
+                )
+            elif anchor.count and entries[anchor.count - 1].entry_hash != anchor.head:
+                why = f"was replaced: entry seq {anchor.count} is not the anchored one"
+            elif _lifetime(entries) < anchor.lifetime_epsilon:
+                why = (
+                    f"reports lifetime epsilon {_lifetime(entries):.4g} below its anchor's "
+                    f"{anchor.lifetime_epsilon:.4g}"
+                )
+            if why:
+                raise LedgerTamperedError(
+                    f"privacy ledger {self._path} {why}; {FIX} (or reconcile it explicitly)"
+                )
+        self._advance_anchor(entries)
+
+    def _advance_anchor(self, entries: Sequence[LedgerEntry]) -> None:
+        # Only forward: a slower process must not move the anchor back behind a later record.
+        with anchor_lock(self._secrets):
+            current = read_anchor(self._secrets, self._path)
+            if current is None or (
+                current.ledger_id == self._ledger_id and len(entries) > current.count
+            ):
+                write_anchor(self._secrets, self._anchor_of(entries))
+
     def head(self) -> tuple[int, str]:
         """Return the last sequence number and its hash (64 zeros when empty), to anchor."""
         return self._head()
@@ -446,17 +553,27 @@ class SitePrivacyLedger:
         return [e for e in entries if e.dataset_fingerprint == dataset_fingerprint]
 
     def fingerprints(self) -> list[str]:
-        """Every data set the ledger holds entries for, in order of first use."""
+        """Every data version the ledger holds entries for, in order of first use."""
         return list(dict.fromkeys(e.dataset_fingerprint for e in self.entries()))
 
-    def events(self, dataset_fingerprint: str) -> list[PoissonGaussianEvent]:
-        """Every event spent on one data set, in order."""
-        return [e.event for e in self.entries(dataset_fingerprint)]
+    def events(self, dataset_fingerprint: str | None = None) -> list[PoissonGaussianEvent]:
+        """Every event of the site's account, in order, on every data version.
 
-    def spent(self, dataset_fingerprint: str, delta: float, accountant: str = "prv") -> float:
-        """Epsilon of all events on one data set at ``delta``, composed by ``accountant``.
+        One ledger is one account: the site's population. A schema comment, a re-export of the
+        same records or a new data version changes the fingerprint each entry records, never
+        the account (issue 13), so ``dataset_fingerprint`` does not filter; it is accepted for
+        callers that name the data version they are about to spend on.
+        """
+        del dataset_fingerprint
+        return [e.event for e in self.entries()]
 
-        Events are composed, never summed: across runs, the accountant sees every event.
+    def spent(
+        self, dataset_fingerprint: str | None = None, delta: float = 1e-5, accountant: str = "prv"
+    ) -> float:
+        """Epsilon of every event of the account at ``delta``, composed by ``accountant``.
+
+        Events are composed, never summed: across runs and data versions, the accountant sees
+        every event (see :meth:`events`).
         """
         return epsilon(self.events(dataset_fingerprint), delta, accountant)
 
@@ -491,7 +608,7 @@ class SitePrivacyLedger:
         dataset_fingerprint
             The data set spent on.
         accountant
-            Accountant composing all events on this data set plus ``event``.
+            Accountant composing every event of the account plus ``event``.
         epsilon_max
             If given, refuse (and write nothing) when ``epsilon_after`` would exceed it: the
             last line of defence when two runs share a data set.
@@ -513,7 +630,7 @@ class SitePrivacyLedger:
         conn.execute("BEGIN IMMEDIATE")
         try:
             prior = self._sync()
-            events = [e.event for e in prior if e.dataset_fingerprint == dataset_fingerprint]
+            events = [e.event for e in prior]  # one account: every data version composes
             eps_after = epsilon([*events, event], delta, accountant)
             if epsilon_max is not None and eps_after > epsilon_max:
                 raise BudgetExhaustedError(
@@ -537,7 +654,7 @@ class SitePrivacyLedger:
                 prev_hash=prev_hash,
                 entry_hash="",
             )
-            entry = replace(unsigned, entry_hash=unsigned.expected_hash())
+            entry = replace(unsigned, entry_hash=unsigned.expected_mac(self._secrets))
             row = (
                 entry.seq,
                 entry.run_id,
@@ -568,7 +685,195 @@ class SitePrivacyLedger:
         self._rows = [*self._rows, row]
         self._entries = [*prior, entry]
         _remember(_file_key(self._path), self._rows, self._entries)
+        self._advance_anchor(self._entries)
         return entry
+
+
+def _lifetime(entries: Sequence[LedgerEntry]) -> float:
+    return max((e.epsilon_after for e in entries), default=0.0)
+
+
+def _meta(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _init_meta(conn: sqlite3.Connection, path: Path, keys: LedgerSecrets) -> str:
+    """Write the format, id and key id of a new ledger; check them on an existing one."""
+    version = _meta(conn, "schema_version")
+    has_entries = conn.execute("SELECT 1 FROM entries LIMIT 1").fetchone() is not None
+    if version == str(UNKEYED_VERSION) and has_entries:
+        raise UserError(
+            f"privacy ledger {path} is format 1 (an unkeyed hash chain anyone can rewrite); "
+            f"migrate it once with `fedsafe privacy ledger-migrate --ledger {path} --by NAME "
+            "--reason TEXT`"
+        )
+    if version is None or version == str(UNKEYED_VERSION):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('ledger_id', ?)",
+                (secrets.token_hex(16),),
+            )
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('key_id', ?)", (keys.key_id,)
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        version = str(SCHEMA_VERSION)
+    if version != str(SCHEMA_VERSION):
+        raise UserError(
+            f"privacy ledger {path} is format {version}, this fedsafe reads format "
+            f"{SCHEMA_VERSION}; open it with the fedsafe that wrote it"
+        )
+    key_id, ledger_id = _meta(conn, "key_id"), _meta(conn, "ledger_id")
+    if key_id != keys.key_id or not ledger_id:
+        raise UserError(
+            f"privacy ledger {path} was written with another site key than "
+            f"{keys.directory}; set FEDSAFE_LEDGER_SECRETS to this site's ledger-secrets folder"
+        )
+    return ledger_id
+
+
+def migrate_unkeyed_ledger(
+    path: str | Path, *, by: str, reason: str, secrets_: LedgerSecrets | None = None
+) -> Path:
+    """Migrate a format-1 (unkeyed) ledger to format 2, re-MACing every entry.
+
+    The old chain is verified first (a ledger that fails it is not migrated); the old file is
+    kept beside it as ``<name>.v1.sqlite``; the new ledger records in its ``migration`` meta row
+    (MACed) the old head, the entry count, who migrated it, why and when.
+
+    Returns
+    -------
+    Path
+        Where the old file was kept.
+
+    Raises
+    ------
+    UserError
+        If ``by`` or ``reason`` is empty, the file is not a format-1 ledger, or its chain fails.
+    """
+    if not by.strip() or not reason.strip():
+        raise UserError("ledger-migrate: --by and --reason must say who migrates and why")
+    path = Path(path).expanduser().resolve()
+    keys = secrets_ if secrets_ is not None else LedgerSecrets.load()
+    keys.check_outside(path)
+    if not path.exists():
+        raise UserError(f"privacy ledger {path} does not exist; check --ledger")
+    old = sqlite3.connect(path, isolation_level=None)
+    try:
+        if _meta(old, "schema_version") != str(UNKEYED_VERSION):
+            raise UserError(f"privacy ledger {path} is not a format-1 ledger; nothing to migrate")
+        rows = old.execute(f"SELECT {_COLUMNS} FROM entries ORDER BY seq").fetchall()
+        head = _meta(old, "head") or f"0:{GENESIS_HASH}"
+        old.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        old.close()
+    prev, entries = GENESIS_HASH, []
+    for seq, row in enumerate(rows, start=1):
+        entry = _row_to_entry(path, row)
+        if entry.seq != seq or entry.prev_hash != prev or entry.expected_hash() != entry.entry_hash:
+            raise LedgerTamperedError(
+                f"privacy ledger {path}: entry seq {seq} fails the format-1 chain; it is not "
+                f"migrated. {FIX}"
+            )
+        prev = entry.entry_hash
+        entries.append(entry)
+    if head != f"{len(entries)}:{prev}" and not (not entries and head.startswith("0:")):
+        raise LedgerTamperedError(
+            f"privacy ledger {path}: its head {head[:20]} does not match its last entry; it is "
+            f"not migrated. {FIX}"
+        )
+    tmp = path.with_name(path.name + ".migrating")
+    tmp.unlink(missing_ok=True)
+    conn = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        conn.executescript(_SCHEMA)
+        conn.execute("BEGIN IMMEDIATE")
+        ledger_id = secrets.token_hex(16)
+        meta = {"schema_version": str(SCHEMA_VERSION), "ledger_id": ledger_id}
+        meta["key_id"] = keys.key_id
+        record = {
+            "from_version": UNKEYED_VERSION,
+            "old_head": head,
+            "entries": len(entries),
+            "by": by,
+            "reason": reason,
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        meta["migration"] = json.dumps(
+            {**record, "mac": keys.mac(canonical_json(record))}, sort_keys=True
+        )
+        prev = GENESIS_HASH
+        for entry in entries:
+            relinked = replace(entry, prev_hash=prev, entry_hash="")
+            mac = relinked.expected_mac(keys)
+            conn.execute(
+                f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    entry.seq,
+                    entry.run_id,
+                    entry.round,
+                    json.dumps(entry.event.to_dict(), sort_keys=True),
+                    entry.clip_norm,
+                    entry.delta,
+                    entry.epsilon_after,
+                    entry.accountant,
+                    entry.dataset_fingerprint,
+                    entry.created_at,
+                    prev,
+                    mac,
+                ),
+            )
+            prev = mac
+        meta["head"] = f"{len(entries)}:{prev}"
+        conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta.items())
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    kept = path.with_name(path.stem + ".v1.sqlite")
+    for suffix in ("-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    os.replace(path, kept)
+    os.replace(tmp, path)
+    with SitePrivacyLedger.open(path, create=False, secrets_=keys) as ledger:
+        ledger.verify()
+    return kept
+
+
+def check_ledger_before_joining(path: str | Path, flag: str = "--ledger") -> None:
+    """Open, verify and write-probe a site's ledger before the site joins a federation.
+
+    A site whose ledger is tampered with, rolled back or not writable would otherwise join and
+    refuse (or fail) every round; this says so once, up front, naming ``flag``.
+
+    Raises
+    ------
+    UserError
+        Naming ``flag``, the path and the fix.
+    """
+    try:
+        with SitePrivacyLedger.open(path) as ledger:
+            conn = ledger._conn
+            conn.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only ledger
+            conn.execute("ROLLBACK")
+            writable = os.access(ledger.path, os.W_OK) and os.access(ledger.path.parent, os.W_OK)
+    except sqlite3.OperationalError as exc:
+        raise UserError(
+            f"{flag} {path}: the privacy ledger is not writable ({exc}); give a writable path"
+        ) from None
+    except UserError as exc:
+        raise UserError(f"{flag}: {exc}") from None
+    if not writable:
+        raise UserError(f"{flag} {path}: the privacy ledger is not writable; give a writable path")
 
 
 def ledger_path_for(ledger_dir: str | Path, site_name: str) -> Path:

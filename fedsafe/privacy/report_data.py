@@ -157,18 +157,17 @@ def _audit(folder: Path) -> tuple[Mapping[str, Any], ...]:
 
 
 def _lifetime(entries: tuple[LedgerEntry, ...], delta: float | None, run_id: str | None) -> float:
+    """Epsilon of the site's one account: every entry composed, whatever its data version.
+
+    ``run_id`` is kept for callers; since issue 13 a ledger is one account, so no entry is
+    left out (composing per data version and taking the maximum under-reported).
+    """
     from fedsafe.privacy.accounting import epsilon
 
-    fingerprints = {e.dataset_fingerprint for e in entries if run_id in (None, e.run_id)}
-    if not fingerprints:
-        fingerprints = {e.dataset_fingerprint for e in entries}
-    worst = 0.0
-    for fp in fingerprints:
-        mine = [e for e in entries if e.dataset_fingerprint == fp]
-        worst = max(
-            worst, epsilon([e.event for e in mine], delta or mine[-1].delta, mine[-1].accountant)
-        )
-    return worst
+    del run_id
+    if not entries:
+        return 0.0
+    return epsilon([e.event for e in entries], delta or entries[-1].delta, entries[-1].accountant)
 
 
 def _run_ledgers(
@@ -304,7 +303,7 @@ def load_ledger_file(path: Path) -> ReportData:
                 site=name,
                 rounds=len(mine),
                 epsilon_run=None,
-                epsilon_lifetime=_lifetime(mine, mine[-1].delta, None),
+                epsilon_lifetime=_lifetime(entries, mine[-1].delta, None),  # one account
                 epsilon_max=None,
                 delta=mine[-1].delta,
                 remaining=None,

@@ -36,7 +36,10 @@ def site(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_init_writes_defaults_from_the_data_and_says_what_it_chose(
-    site: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    site: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    ledger_secrets: Path,
 ) -> None:
     data, schema = site
     out = tmp_path / "policy.toml"
@@ -50,6 +53,9 @@ def test_init_writes_defaults_from_the_data_and_says_what_it_chose(
     assert policy.min_noise_multiplier == 0.8
     assert "min-noise-multiplier" in printed and "(given)" in printed
     assert f"public-size            {policy.public_size}" in printed
+    # The site key that MACs its ledger is made at set-up, private to the site (issue 13).
+    key = ledger_secrets / "ledger.key"
+    assert str(key) in printed and (key.stat().st_mode & 0o777) == 0o600
     # An existing policy is kept unless --force.
     assert main(args) == 2
     err = capsys.readouterr().err

@@ -82,3 +82,21 @@ def test_plan_refuses_a_delta_at_or_above_one_over_n(capsys) -> None:
     assert fedsafe_main([*argv, "--batch-size", "4", "--n", "50", "--delta", "0.05"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--delta" in err and "1/(10 n)" in err
+
+
+def test_ledger_migrate_refuses_then_migrates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.privacy.test_ledger_anchor import _unkeyed_ledger
+
+    path = tmp_path / "site-a.sqlite"
+    _unkeyed_ledger(path, 2)
+    assert main(["privacy", "show", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ledger-migrate" in err and "Traceback" not in err
+    argv = ["privacy", "ledger-migrate", "--ledger", str(path), "--by", "dpo", "--reason", "up"]
+    assert main(argv) == 0
+    assert "site-a.v1.sqlite" in capsys.readouterr().out
+    assert main(["privacy", "show", str(path)]) == 0
+    assert main(argv) == 2  # already keyed: nothing to migrate, one line
+    assert "not a format-1 ledger" in capsys.readouterr().err

@@ -53,17 +53,18 @@ def test_record_persists_and_composes(tmp_path: Path) -> None:
         # composition is tighter than adding per-round epsilons
         assert read[-1].epsilon_after < 3 * read[0].epsilon_after
         assert ledger.spent(FP, 1e-5, "rdp") == pytest.approx(read[-1].epsilon_after)
-        assert ledger.spent(OTHER, 1e-5, "rdp") == 0.0
+        assert ledger.spent(OTHER, 1e-5, "rdp") == ledger.spent(FP, 1e-5, "rdp")  # one account
         assert ledger.head() == (3, read[-1].entry_hash)
 
 
-def test_data_sets_are_accounted_separately(tmp_path: Path) -> None:
+def test_data_versions_compose_in_one_account(tmp_path: Path) -> None:
+    """A new data version labels its entries but never opens a fresh account (issue 13)."""
     with SitePrivacyLedger.open(tmp_path / "l.sqlite") as ledger:
         ledger.record("r", 1, EVENT, 1.0, 1e-5, FP, accountant="rdp")
         other = ledger.record("r", 1, EVENT, 1.0, 1e-5, OTHER, accountant="rdp")
-        assert other.epsilon_after == pytest.approx(epsilon([EVENT], 1e-5, "rdp"))
+        assert other.epsilon_after == pytest.approx(epsilon([EVENT, EVENT], 1e-5, "rdp"))
         assert ledger.fingerprints() == [FP, OTHER]
-        assert ledger.events(OTHER) == [EVENT]
+        assert ledger.events(OTHER) == [EVENT, EVENT]
         assert len(ledger.entries(FP)) == 1
 
 
@@ -110,7 +111,8 @@ def test_edited_entry_is_named(tmp_path: Path) -> None:
     assert str(path) in str(info.value)
 
 
-def test_edited_entry_with_recomputed_hash_breaks_the_chain(tmp_path: Path) -> None:
+def test_edited_entry_with_recomputed_unkeyed_hash_is_refused(tmp_path: Path) -> None:
+    """Without the site key a recomputed SHA-256 is not the entry's MAC (issue 13)."""
     path = tmp_path / "l.sqlite"
     entries = _fill(path)
     from dataclasses import replace
@@ -123,7 +125,7 @@ def test_edited_entry_with_recomputed_hash_breaks_the_chain(tmp_path: Path) -> N
     )
     conn.commit()
     conn.close()
-    with pytest.raises(LedgerTamperedError, match=r"entry seq 3 does not chain to entry seq 2"):
+    with pytest.raises(LedgerTamperedError, match=r"entry seq 2 was edited"):
         SitePrivacyLedger.open(path)
 
 

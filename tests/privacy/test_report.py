@@ -225,3 +225,18 @@ def test_report_renders_plots_in_headless_chromium(tmp_path: Path) -> None:
     blue = np.isclose(pixels, [0x1F / 255, 0x77 / 255, 0xB4 / 255], atol=0.06).all(axis=2)
     assert blue.sum() > 300, "matplotlib's first series colour (C0) is not visible"
     shutil.copy(shot, files.html.parent / "screenshot.png")
+
+
+def test_ledger_report_composes_every_data_version_into_one_account(tmp_path: Path) -> None:
+    """A schema change once split the account and the report took the maximum (issue 13)."""
+    from fedsafe.privacy.report_data import load_ledger_file
+
+    event = PoissonGaussianEvent(0.05, 1.0, 20)
+    path = tmp_path / "site-a.sqlite"
+    with SitePrivacyLedger.open(path) as ledger:
+        ledger.record("r1", 1, event, 1.0, 1e-5, "sha256:" + "a" * 64, "rdp")
+        ledger.record("r2", 1, event, 1.0, 1e-5, "sha256:" + "b" * 64, "rdp")
+    data = load_ledger_file(path)
+    both = epsilon([event, event], 1e-5, "rdp")
+    assert [s.epsilon_lifetime for s in data.sites] == [pytest.approx(both)] * 2
+    assert both > epsilon([event], 1e-5, "rdp")

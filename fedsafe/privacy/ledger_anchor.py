@@ -1,0 +1,236 @@
+"""The site secret that authenticates a privacy ledger, and the ledger's anchor outside its folder.
+
+A hash chain alone (Haber and Stornetta, J. Cryptology 1991) is tamper-evident only against
+someone who does not recompute it; anyone who can write the ledger file can re-chain it. Keying
+every link with a site secret (HMAC-SHA256, RFC 2104 / FIPS 198-1) makes re-chaining need the
+key. Deleting, truncating, replacing or restoring an older copy of the ledger keeps every MAC
+valid, so the site also keeps an *anchor* outside the ledger's folder: the ledger's id, its
+entry count, its last MAC (the head) and its lifetime epsilon, itself MACed with the key. A
+ledger that does not extend its anchor is refused (Schneier and Kelsey, "Secure Audit Logs to
+Support Computer Forensics", ACM TISSEC 1999, anchor the log's state outside the log).
+
+Where: the key file (``ledger.key``, 32 random bytes, mode 0600) and the ``anchors/`` folder
+live in the site's ledger-secrets folder: ``$FEDSAFE_LEDGER_SECRETS`` when set, else
+``~/.fedsafe/ledger-secrets``. ``fedsafe site init`` creates it; the first ledger open creates it
+too. The folder must not be the ledger's folder or inside it (else losing the ledger folder
+would lose the anchor with it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import json
+import math
+import os
+import secrets
+import stat
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fedsafe.errors import UserError
+
+#: Environment variable naming the site's ledger-secrets folder.
+SECRETS_ENV = "FEDSAFE_LEDGER_SECRETS"
+KEY_FILE = "ledger.key"
+KEY_BYTES = 32
+ANCHOR_VERSION = 1
+
+
+def default_secrets_dir() -> Path:
+    """The site's ledger-secrets folder: ``$FEDSAFE_LEDGER_SECRETS`` or ``~/.fedsafe/...``."""
+    env = os.environ.get(SECRETS_ENV, "")
+    base = Path(env) if env else Path.home() / ".fedsafe" / "ledger-secrets"
+    return base.expanduser().resolve()
+
+
+def canonical_json(content: dict[str, Any]) -> bytes:
+    """Canonical UTF-8 JSON of ``content`` (sorted keys, no spaces, no NaN/Infinity)."""
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return text.encode("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerSecrets:
+    """The site secret key and the folder of anchors of every ledger of the site.
+
+    Parameters
+    ----------
+    directory
+        The ledger-secrets folder (absolute), holding ``ledger.key`` and ``anchors/``.
+    key
+        The 32-byte HMAC-SHA256 key.
+    """
+
+    directory: Path
+    key: bytes
+
+    def __post_init__(self) -> None:
+        if not self.directory.is_absolute():
+            raise ValueError(f"ledger-secrets folder must be absolute, got {self.directory}")
+        if len(self.key) != KEY_BYTES:
+            raise ValueError(f"ledger key must be {KEY_BYTES} bytes, got {len(self.key)}")
+
+    @classmethod
+    def load(cls, directory: str | Path | None = None, *, create: bool = True) -> LedgerSecrets:
+        """Read the site key, creating the folder and a fresh key (mode 0600) when missing.
+
+        Raises
+        ------
+        UserError
+            If the key file is readable by others than its owner, has the wrong size, or is
+            missing with ``create=False``.
+        """
+        folder = Path(directory).expanduser().resolve() if directory else default_secrets_dir()
+        key_path = folder / KEY_FILE
+        if not key_path.exists():
+            if not create:
+                raise UserError(
+                    f"ledger key {key_path} does not exist; run `fedsafe site init` or set "
+                    f"{SECRETS_ENV} to the site's ledger-secrets folder"
+                )
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            (folder / "anchors").mkdir(exist_ok=True, mode=0o700)
+            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secrets.token_bytes(KEY_BYTES))  # OS CSPRNG, 256 bits
+                fh.flush()
+                os.fsync(fh.fileno())
+        mode = stat.S_IMODE(key_path.stat().st_mode)
+        if mode & 0o077:
+            raise UserError(
+                f"ledger key {key_path} is readable by others (mode {mode:o}); "
+                f"run `chmod 600 {key_path}`"
+            )
+        key = key_path.read_bytes()
+        if len(key) != KEY_BYTES:
+            raise UserError(
+                f"ledger key {key_path} holds {len(key)} bytes, not {KEY_BYTES}; restore the "
+                "site's key file from its backup"
+            )
+        (folder / "anchors").mkdir(exist_ok=True, mode=0o700)
+        return cls(folder, key)
+
+    @property
+    def key_id(self) -> str:
+        """A public name of the key (HMAC of a fixed label), stored in each ledger."""
+        return self.mac(b"fedsafe ledger key id")[:16]
+
+    def mac(self, data: bytes) -> str:
+        """HMAC-SHA256 of ``data`` under the site key, as hex."""
+        return hmac.new(self.key, data, hashlib.sha256).hexdigest()
+
+    def anchor_path(self, ledger_path: Path) -> Path:
+        """The anchor file of the ledger at ``ledger_path`` (named by its absolute path)."""
+        name = hashlib.sha256(str(ledger_path.resolve()).encode("utf-8")).hexdigest()[:32]
+        return self.directory / "anchors" / f"{name}.json"
+
+    def check_outside(self, ledger_path: Path) -> None:
+        """Refuse a secrets folder that is the ledger's folder or inside it."""
+        ledger_dir = ledger_path.resolve().parent
+        if self.directory == ledger_dir or ledger_dir in self.directory.parents:
+            raise UserError(
+                f"ledger-secrets folder {self.directory} is inside the ledger's folder "
+                f"{ledger_dir}; set {SECRETS_ENV} to a folder outside it"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerAnchor:
+    """The last state of a ledger this site saw, kept outside the ledger's folder.
+
+    Parameters
+    ----------
+    ledger_id
+        Random id written in the ledger when it was created.
+    ledger_path
+        Absolute path of the ledger file.
+    count
+        Number of entries.
+    head
+        MAC of the last entry (64 zeros when empty).
+    lifetime_epsilon
+        The largest ``epsilon_after`` of any entry (0 when empty).
+    """
+
+    ledger_id: str
+    ledger_path: str
+    count: int
+    head: str
+    lifetime_epsilon: float
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            raise ValueError(f"anchor count must be >= 0, got {self.count}")
+        if not (math.isfinite(self.lifetime_epsilon) and self.lifetime_epsilon >= 0):
+            raise ValueError(f"anchor lifetime epsilon must be >= 0, got {self.lifetime_epsilon}")
+        if len(self.head) != 64 or not self.ledger_id:
+            raise ValueError("anchor head must be 64 hex digits and ledger_id non-empty")
+
+    def content(self) -> dict[str, Any]:
+        """The MACed content."""
+        return {"version": ANCHOR_VERSION, **asdict(self)}
+
+
+@contextlib.contextmanager
+def anchor_lock(secrets_: LedgerSecrets) -> Iterator[None]:
+    """Hold the site's anchor lock (``fcntl.flock``), so anchors only ever move forward."""
+    lock = secrets_.directory / "anchors" / ".lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def read_anchor(secrets_: LedgerSecrets, ledger_path: Path) -> LedgerAnchor | None:
+    """Read and authenticate the anchor of ``ledger_path``; ``None`` when there is none.
+
+    Raises
+    ------
+    UserError
+        If the anchor file is malformed or its MAC does not verify under the site key.
+    """
+    path = secrets_.anchor_path(ledger_path)
+    if not path.exists():
+        return None
+    fix = (
+        f"the anchor {path} of ledger {ledger_path} was edited or written with another key; "
+        "restore the site's ledger-secrets folder from its backup"
+    )
+    try:
+        raw = json.loads(path.read_text())
+        mac = str(raw.pop("mac"))
+        if raw.pop("version") != ANCHOR_VERSION:
+            raise ValueError("version")
+        anchor = LedgerAnchor(
+            ledger_id=str(raw["ledger_id"]),
+            ledger_path=str(raw["ledger_path"]),
+            count=int(raw["count"]),
+            head=str(raw["head"]),
+            lifetime_epsilon=float(raw["lifetime_epsilon"]),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{fix} ({exc})") from None
+    if not hmac.compare_digest(mac, secrets_.mac(canonical_json(anchor.content()))):
+        raise UserError(fix)
+    return anchor
+
+
+def write_anchor(secrets_: LedgerSecrets, anchor: LedgerAnchor) -> None:
+    """Write the MACed anchor atomically (temporary file, fsync, rename)."""
+    path = secrets_.anchor_path(Path(anchor.ledger_path))
+    content = anchor.content()
+    body = {**content, "mac": secrets_.mac(canonical_json(content))}
+    tmp = path.with_suffix(f".{os.getpid()}-{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(body, sort_keys=True, indent=1, allow_nan=False))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

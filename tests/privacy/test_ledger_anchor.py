@@ -1,0 +1,292 @@
+"""Keyed ledger and its anchor: deleted, truncated, replaced, rolled-back and re-chained ledgers.
+
+Every attack here is a file operation a site admin can do (copy, delete, restore, edit with
+sqlite3); each must be refused with one line naming the ledger, and nothing recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import stat
+from contextlib import closing
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from fedsafe.errors import UserError
+from fedsafe.privacy.events import PoissonGaussianEvent
+from fedsafe.privacy.fingerprint import fingerprint_bytes
+from fedsafe.privacy.ledger import (
+    GENESIS_HASH,
+    LedgerTamperedError,
+    SitePrivacyLedger,
+    migrate_unkeyed_ledger,
+)
+from fedsafe.privacy.ledger_anchor import KEY_FILE, LedgerSecrets, read_anchor
+
+FP = fingerprint_bytes(b"records", b"schema")
+EVENT = PoissonGaussianEvent(sample_rate=0.02, noise_multiplier=1.1, steps=50)
+
+
+def _fill(path: Path, n: int, start: int = 1) -> None:
+    with SitePrivacyLedger.open(path) as ledger:
+        for r in range(start, start + n):
+            ledger.record("run-1", r, EVENT, 1.0, 1e-5, FP, accountant="rdp")
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """Copy a WAL-mode ledger consistently (what a backup tool would do)."""
+    with closing(sqlite3.connect(src, isolation_level=None)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    shutil.copy2(src, dst)
+
+
+def _restore(backup: Path, path: Path) -> None:
+    for suffix in ("-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    shutil.copy2(backup, path)
+
+
+def test_key_file_is_private_and_random(ledger_secrets: Path, tmp_path: Path) -> None:
+    _fill(tmp_path / "site.sqlite", 1)
+    key = ledger_secrets / KEY_FILE
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert len(key.read_bytes()) == 32
+    other = LedgerSecrets.load(tmp_path / "other-secrets")
+    assert other.key != LedgerSecrets.load().key
+
+
+def test_key_readable_by_others_is_refused(ledger_secrets: Path, tmp_path: Path) -> None:
+    LedgerSecrets.load()
+    os.chmod(ledger_secrets / KEY_FILE, 0o644)
+    with pytest.raises(UserError, match="chmod 600"):
+        SitePrivacyLedger.open(tmp_path / "site.sqlite")
+
+
+def test_anchor_follows_every_record(tmp_path: Path) -> None:
+    path = tmp_path / "site.sqlite"
+    _fill(path, 3)
+    anchor = read_anchor(LedgerSecrets.load(), path)
+    with SitePrivacyLedger.open(path) as ledger:
+        assert anchor == ledger.anchor()
+        assert anchor is not None and anchor.count == 3
+        assert anchor.lifetime_epsilon == pytest.approx(ledger.entries()[-1].epsilon_after)
+
+
+def test_deleted_ledger_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "site.sqlite"
+    _fill(path, 2)
+    for p in tmp_path.glob("site.sqlite*"):
+        p.unlink()
+    with pytest.raises(LedgerTamperedError, match="missing but its anchor records 2 entries"):
+        SitePrivacyLedger.open(path)
+    assert not path.exists()  # nothing was created in its place
+
+
+def test_deleted_ledger_folder_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ledgers" / "site.sqlite"
+    _fill(path, 1)
+    shutil.rmtree(tmp_path / "ledgers")
+    with pytest.raises(LedgerTamperedError, match="deleted or moved"):
+        SitePrivacyLedger.open(path)
+
+
+def test_restored_older_copy_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "site.sqlite"
+    backup = tmp_path / "backup.sqlite"
+    _fill(path, 2)
+    _copy(path, backup)
+    _fill(path, 2, start=3)
+    _restore(backup, path)
+    with pytest.raises(LedgerTamperedError, match="holds 2 entries, its anchor 4"):
+        SitePrivacyLedger.open(path)
+
+
+def test_truncated_ledger_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "site.sqlite"
+    _fill(path, 3)
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("DROP TRIGGER entries_no_delete")
+        conn.execute("DELETE FROM entries WHERE seq = 3")
+        last = conn.execute("SELECT entry_hash FROM entries WHERE seq = 2").fetchone()[0]
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'head'", (f"2:{last}",))
+    with pytest.raises(LedgerTamperedError, match="truncated"):
+        SitePrivacyLedger.open(path)
+
+
+def test_replaced_ledger_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "site.sqlite"
+    _fill(path, 1)
+    other = tmp_path / "elsewhere" / "fresh.sqlite"
+    _fill(other, 3)  # a different ledger of the same site, more entries
+    _copy(other, tmp_path / "fresh.sqlite")
+    _restore(tmp_path / "fresh.sqlite", path)
+    with pytest.raises(LedgerTamperedError, match="replaced by another ledger"):
+        SitePrivacyLedger.open(path)
+
+
+def test_empty_file_in_place_of_ledger_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "site.sqlite"
+    _fill(path, 1)
+    for p in tmp_path.glob("site.sqlite*"):
+        p.unlink()
+    path.touch()
+    with pytest.raises(LedgerTamperedError, match="replaced"):
+        SitePrivacyLedger.open(path)
+
+
+def test_rechained_ledger_without_the_key_is_refused(tmp_path: Path) -> None:
+    """Lower every noise multiplier's epsilon and recompute the whole chain with SHA-256."""
+    path = tmp_path / "site.sqlite"
+    _fill(path, 3)
+    with SitePrivacyLedger.open(path) as ledger:
+        entries = ledger.entries()
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("DROP TRIGGER entries_no_update")
+        prev = GENESIS_HASH
+        for e in entries:
+            forged = replace(e, epsilon_after=0.01, prev_hash=prev, entry_hash="")
+            digest = forged.expected_hash()
+            conn.execute(
+                "UPDATE entries SET epsilon_after = 0.01, prev_hash = ?, entry_hash = ? "
+                "WHERE seq = ?",
+                (prev, digest, e.seq),
+            )
+            prev = digest
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'head'", (f"3:{prev}",))
+    with pytest.raises(LedgerTamperedError, match="entry seq 1"):
+        SitePrivacyLedger.open(path)
+
+
+def test_ledger_under_another_key_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "site.sqlite"
+    _fill(path, 1)
+    other = LedgerSecrets.load(tmp_path.parent / f"{tmp_path.name}-other-secrets")
+    with pytest.raises(UserError, match="another site key"):
+        SitePrivacyLedger.open(path, secrets_=other)
+
+
+def test_edited_anchor_is_refused(ledger_secrets: Path, tmp_path: Path) -> None:
+    path = tmp_path / "site.sqlite"
+    _fill(path, 2)
+    anchor_file = LedgerSecrets.load().anchor_path(path)
+    body = json.loads(anchor_file.read_text())
+    body["count"] = 0
+    anchor_file.write_text(json.dumps(body))
+    with pytest.raises(UserError, match="was edited or written with another key"):
+        SitePrivacyLedger.open(path)
+
+
+def test_secrets_inside_the_ledger_folder_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEDSAFE_LEDGER_SECRETS", str(tmp_path / "secrets"))
+    with pytest.raises(UserError, match="inside the ledger's folder"):
+        SitePrivacyLedger.open(tmp_path / "site.sqlite")
+
+
+def test_relative_path_opens_the_same_ledger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "site.sqlite"
+    _fill(path, 2)
+    monkeypatch.chdir(tmp_path)
+    with SitePrivacyLedger.open("site.sqlite") as ledger:
+        assert ledger.path == path.resolve()
+        assert len(ledger.entries()) == 2
+
+
+def _unkeyed_ledger(path: Path, n: int) -> list[str]:
+    """Write a format-1 ledger the way fedsafe before issue 13 did (SHA-256 chain)."""
+    from fedsafe.privacy.ledger import _COLUMNS, _SCHEMA, LedgerEntry
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(_SCHEMA)
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    prev, hashes = GENESIS_HASH, []
+    for seq in range(1, n + 1):
+        entry = LedgerEntry(
+            seq,
+            "old-run",
+            seq,
+            EVENT,
+            1.0,
+            1e-5,
+            0.5 * seq,
+            "rdp",
+            FP,
+            "2026-01-01T00:00:00+00:00",
+            prev,
+            "",
+        )
+        digest = hashlib.sha256(
+            json.dumps(entry.content(), sort_keys=True, separators=(",", ":")).encode()
+        ).hexdigest()
+        row = (
+            seq,
+            "old-run",
+            seq,
+            json.dumps(EVENT.to_dict(), sort_keys=True),
+            1.0,
+            1e-5,
+            0.5 * seq,
+            "rdp",
+            FP,
+            "2026-01-01T00:00:00+00:00",
+            prev,
+            digest,
+        )
+        conn.execute(f"INSERT INTO entries ({_COLUMNS}) VALUES ({', '.join('?' * 12)})", row)
+        prev = digest
+        hashes.append(digest)
+    conn.execute("INSERT INTO meta VALUES ('head', ?)", (f"{n}:{prev}",))
+    conn.close()
+    return hashes
+
+
+def test_unkeyed_ledger_is_refused_until_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "site.sqlite"
+    old_hashes = _unkeyed_ledger(path, 3)
+    with pytest.raises(UserError, match="format 1.*fedsafe privacy ledger-migrate"):
+        SitePrivacyLedger.open(path)
+    kept = migrate_unkeyed_ledger(path, by="dpo@site-a", reason="upgrade to keyed ledger")
+    assert kept.exists()
+    with SitePrivacyLedger.open(path) as ledger:
+        entries = ledger.entries()
+        assert [e.epsilon_after for e in entries] == [0.5, 1.0, 1.5]
+        assert entries[-1].entry_hash != old_hashes[-1]
+        record = json.loads(
+            ledger._conn.execute("SELECT value FROM meta WHERE key='migration'").fetchone()[0]
+        )
+    assert record["by"] == "dpo@site-a" and record["old_head"] == f"3:{old_hashes[-1]}"
+    assert read_anchor(LedgerSecrets.load(), path) is not None
+    _fill(path, 1, start=4)  # keeps composing after the migration
+
+
+def test_tampered_unkeyed_ledger_is_not_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "site.sqlite"
+    _unkeyed_ledger(path, 2)
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("DROP TRIGGER entries_no_update")
+        conn.execute("UPDATE entries SET epsilon_after = 0.1 WHERE seq = 2")
+    with pytest.raises(LedgerTamperedError, match="entry seq 2 fails the format-1 chain"):
+        migrate_unkeyed_ledger(path, by="me", reason="upgrade")
+    with pytest.raises(UserError, match="--by and --reason"):
+        migrate_unkeyed_ledger(path, by="", reason="upgrade")
+
+
+def test_site_start_check_refuses_a_rolled_back_ledger_naming_the_flag(tmp_path: Path) -> None:
+    from fedsafe.privacy.ledger import check_ledger_before_joining
+
+    path = tmp_path / "site.sqlite"
+    check_ledger_before_joining(path)  # a new site: creates and probes the ledger
+    _fill(path, 1)
+    for p in tmp_path.glob("site.sqlite*"):
+        p.unlink()
+    with pytest.raises(UserError, match=r"^--ledger: privacy ledger .* is missing"):
+        check_ledger_before_joining(path)
