@@ -1,0 +1,55 @@
+"""A rogue admitted site against what the coordinator writes down (review of issue 16).
+
+Replies that take the budget-exhausted or refusal path skip the update checks; what they
+carry must still not reach ``events.jsonl`` or ``rounds.jsonl`` beyond the declared figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from tests.server.test_update_checks import NODES, ROGUE, _honest, _run
+
+
+def _rogue(kind: str):
+    def answer(node: int, msg: Message) -> RecordDict:
+        content = _honest(node, msg)
+        if node != ROGUE or msg.metadata.message_type != "train":
+            return content
+        metrics = dict(content["metrics"])
+        if kind == "exhausted-undeclared":
+            content["metrics"] = MetricRecord(
+                {**metrics, "budget-exhausted": 1, "patient-age": 63}
+            )
+        elif kind == "exhausted-nan":
+            content["metrics"] = MetricRecord(
+                {"budget-exhausted": 1, "epsilon": math.nan, "delta": math.inf}
+            )
+        elif kind == "refused-long":
+            content["metrics"] = MetricRecord({"refused": 1, "patient-age": 63})
+            content["site"] = ConfigRecord(
+                {"site-name": f"site-{node}", "refused-setting": "x" * 1_000_000,
+                 "refusal-reason": "y" * 1_000_000}
+            )  # fmt: skip
+        return content
+
+    return answer
+
+
+@pytest.mark.parametrize("kind", ["exhausted-undeclared", "exhausted-nan", "refused-long"])
+def test_a_stopping_reply_writes_only_declared_finite_bounded_figures(kind, tmp_path: Path):
+    strategy, path = _run(_rogue(kind), tmp_path, NODES)
+    assert strategy.progress.rounds_done == 2
+    events = (path / "events.jsonl").read_text()
+    rounds = (path / "rounds.jsonl").read_text()
+    for text in (events, rounds):
+        assert "patient-age" not in text
+        assert "NaN" not in text and "Infinity" not in text
+        assert len(text) < 100_000
+    for record in map(json.loads, rounds.splitlines()):
+        assert record["sites"][f"site-{ROGUE}"]["status"] in ("budget-exhausted", "refused")
