@@ -147,6 +147,18 @@ def _plain(metrics: MetricRecord | None) -> dict[str, Any] | None:
     return {k: (list(v) if isinstance(v, list) else v) for k, v in metrics.items()}
 
 
+#: Longest text a site's reply may put in ``events.jsonl`` or ``rounds.jsonl`` (a refusal).
+MAX_SITE_TEXT = 200
+
+
+def _site_text(record: ConfigRecord | None, key: str) -> str:
+    """``record[key]`` as text of at most :data:`MAX_SITE_TEXT` characters ('' if absent)."""
+    if record is None or key not in record:
+        return ""
+    text = str(record[key])
+    return text if len(text) <= MAX_SITE_TEXT else text[:MAX_SITE_TEXT] + "... (cut)"
+
+
 def _common_keys(records: Iterable[Mapping[str, float]]) -> set[str]:
     keys: set[str] | None = None
     for record in records:
@@ -424,8 +436,8 @@ class FedsafeStrategy(Strategy):
             if metrics.get("refused", 0.0) >= 1.0:
                 # The site's own policy refuses this run: stop asking it to train.
                 refusal = msg.content.config_records.get("site")
-                setting = str(refusal.get("refused-setting", "")) if refusal else ""
-                reason = str(refusal.get("refusal-reason", "")) if refusal else ""
+                setting = _site_text(refusal, "refused-setting")
+                reason = _site_text(refusal, "refusal-reason")
                 self.progress.exhausted[node] = name
                 log.warning("round %d: site %s refuses %s: %s", rnd, name, setting, reason)
                 self.folder.log_event(
@@ -434,16 +446,18 @@ class FedsafeStrategy(Strategy):
                 return {"status": "refused", "refused-setting": setting}, None
             if metrics.get("budget-exhausted", 0.0) >= 1.0:
                 self.progress.exhausted[node] = name
-                spent = metrics.get("epsilon", float("nan"))
+                figures = privacy_figures(metrics)
+                spent = figures.get("epsilon", float("nan"))
                 log.warning(
                     "round %d: site %s stops: privacy budget exhausted at epsilon %.4g",
                     rnd,
                     name,
                     spent,
                 )
-                self.folder.log_event("budget-exhausted", round=rnd, site=name, metrics=metrics)
-                self.progress.last_privacy[name] = privacy_figures(metrics)
-                return {"status": "budget-exhausted", **privacy_figures(metrics)}, None
+                # Only the declared, finite figures: never the reply's other keys.
+                self.folder.log_event("budget-exhausted", round=rnd, site=name, metrics=figures)
+                self.progress.last_privacy[name] = figures
+                return {"status": "budget-exhausted", **figures}, None
             weight = metrics.get("num-examples", 0.0)
             if not (weight > 0 and math.isfinite(weight)):
                 raise ReplyRejected("reply carries no positive, finite 'num-examples' weight")

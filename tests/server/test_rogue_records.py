@@ -23,9 +23,7 @@ def _rogue(kind: str):
             return content
         metrics = dict(content["metrics"])
         if kind == "exhausted-undeclared":
-            content["metrics"] = MetricRecord(
-                {**metrics, "budget-exhausted": 1, "patient-age": 63}
-            )
+            content["metrics"] = MetricRecord({**metrics, "budget-exhausted": 1, "patient-age": 63})
         elif kind == "exhausted-nan":
             content["metrics"] = MetricRecord(
                 {"budget-exhausted": 1, "epsilon": math.nan, "delta": math.inf}
