@@ -12,9 +12,10 @@ from fedsafe.privacy.site_level_dp import SiteLevelDP, site_level_paragraphs, wr
 
 @pytest.mark.parametrize(("sigma", "rounds"), [(1.0, 1), (0.8, 5), (2.0, 15), (5.0, 100)])
 def test_epsilon_matches_the_exact_gaussian_composition(sigma, rounds):
-    """T Gaussian mechanisms of multiplier sigma = one of multiplier sigma / sqrt(T), exactly."""
+    """T Gaussian mechanisms of multiplier sigma / 2 (a replaced site: sensitivity 2C) = one of
+    multiplier sigma / (2 sqrt(T)), exactly."""
     mechanism = SiteLevelDP(sigma, 0.5, rounds, 1e-5)
-    exact = dp_accounting.get_epsilon_gaussian(sigma / math.sqrt(rounds), 1e-5)
+    exact = dp_accounting.get_epsilon_gaussian(sigma / 2 / math.sqrt(rounds), 1e-5)
     # PLD is a pessimistic discretisation of the exact curve: never below, and close.
     assert exact - 1e-9 <= mechanism.epsilon() <= exact * 1.02 + 1e-3
     rdp = dp_accounting.rdp.RdpAccountant()
