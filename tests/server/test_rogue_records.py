@@ -51,3 +51,22 @@ def test_a_stopping_reply_writes_only_declared_finite_bounded_figures(kind, tmp_
         assert len(text) < 100_000
     for record in map(json.loads, rounds.splitlines()):
         assert record["sites"][f"site-{ROGUE}"]["status"] in ("budget-exhausted", "refused")
+
+
+@pytest.mark.parametrize("accuracy", [1e300, -5.0, 2.0])
+def test_an_impossible_evaluation_is_not_averaged(accuracy, tmp_path: Path):
+    """An accuracy outside [0, 1] (or a negative loss) no honest site reports: ignored."""
+
+    def answer(node: int, msg: Message) -> RecordDict:
+        content = _honest(node, msg)
+        if node == ROGUE:
+            key = "metrics" if msg.metadata.message_type == "evaluate" else "evaluation"
+            if key in content:
+                record = dict(content[key])
+                content[key] = MetricRecord({**record, "eval-accuracy": accuracy})
+        return content
+
+    _, path = _run(answer, tmp_path, NODES)
+    for record in map(json.loads, (path / "rounds.jsonl").read_text().splitlines()):
+        assert 0.0 <= record["mean_accuracy"] <= 1.0
+        assert "accuracy" not in record["sites"][f"site-{ROGUE}"]
