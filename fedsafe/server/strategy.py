@@ -159,6 +159,11 @@ def _site_text(record: ConfigRecord | None, key: str) -> str:
     return text if len(text) <= MAX_SITE_TEXT else text[:MAX_SITE_TEXT] + "... (cut)"
 
 
+def _possible(key: str, value: float) -> bool:
+    """Whether an honest site can report ``value`` for ``key``: a loss >= 0, a rate in [0, 1]."""
+    return value >= 0 if key == "eval-loss" else 0 <= value <= 1
+
+
 def _common_keys(records: Iterable[Mapping[str, float]]) -> set[str]:
     keys: set[str] | None = None
     for record in records:
@@ -549,6 +554,8 @@ class FedsafeStrategy(Strategy):
         ):
             return None
         figures = {k: float(v) for k, v in values.items()}  # type: ignore[arg-type]
+        if not all(_possible(k, v) for k, v in figures.items()):
+            return None  # no honest site reports it; it would drag the mean anywhere
         # Sites send no test-split size (it would be an exact count of their records): every
         # site's evaluation weighs the same, FLamby's unweighted mean across centers.
         return {**figures, TEST_COUNT_KEY: 1.0}
