@@ -70,3 +70,20 @@ def test_an_impossible_evaluation_is_not_averaged(accuracy, tmp_path: Path):
     for record in map(json.loads, (path / "rounds.jsonl").read_text().splitlines()):
         assert 0.0 <= record["mean_accuracy"] <= 1.0
         assert "accuracy" not in record["sites"][f"site-{ROGUE}"]
+
+
+def test_a_site_reporting_another_sites_name_does_not_overwrite_it(tmp_path: Path):
+    """Without an admission record the reported name is used; a second node claiming a name
+    already held by another node must not replace that site's record or borrow its size."""
+
+    def answer(node: int, msg: Message) -> RecordDict:
+        content = _honest(node, msg)
+        if node == ROGUE:
+            content["site"] = ConfigRecord({"site-name": "site-1"})
+        return content
+
+    _, path = _run(answer, tmp_path, NODES)
+    for record in map(json.loads, (path / "rounds.jsonl").read_text().splitlines()):
+        site1 = record["sites"]["site-1"]
+        assert site1["status"] == "trained" and site1["num-examples"] == 100
+        assert site1["accuracy"] == pytest.approx(0.1)
