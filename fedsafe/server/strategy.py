@@ -239,6 +239,8 @@ class FedsafeStrategy(Strategy):
         self._phases: dict[str, list[float]] = {}
         self._open: _OpenRound | None = None
         self._initial: dict[str, Any] | None = None
+        self._name_holder: dict[str, int] = {}  # each site name -> the first node that used it
+        self._taken: set[tuple[int, str]] = set()
 
     # -- Flower's loop -----------------------------------------------------------------------
     def start(
@@ -394,7 +396,7 @@ class FedsafeStrategy(Strategy):
         for msg in replies:
             if msg.has_error() or msg.metadata.message_type != MessageType.TRAIN:
                 continue
-            name = site_name(msg.content, msg.metadata.src_node_id)
+            name = self._site(msg)
             entry, kept = self._train_reply(rnd, name, msg)
             sites[name] = entry
             if kept is not None:
@@ -520,16 +522,14 @@ class FedsafeStrategy(Strategy):
                 log.warning("round %d: site %s replied with an error: %s", rnd, site, error)
                 self.folder.log_event(kind, round=rnd, site=site, node=node, reason=error)
                 continue
-            name = site_name(msg.content, node)
+            name = self._site(msg)
             self.progress.site_of_node[node] = name
             figures = self._evaluation_of(msg)
             if figures is not None:
                 evaluations[name] = figures
         shared = _common_keys(evaluations.values()) - {TEST_COUNT_KEY}
         shaped = []
-        by_name = {
-            site_name(m.content, m.metadata.src_node_id): m for m in replies if not m.has_error()
-        }
+        by_name = {self._site(m): m for m in replies if not m.has_error()}
         for name, figures in evaluations.items():
             values: dict[str, int | float | list[int] | list[float]] = {
                 "num-examples": int(figures[TEST_COUNT_KEY])
@@ -559,6 +559,30 @@ class FedsafeStrategy(Strategy):
         # Sites send no test-split size (it would be an exact count of their records): every
         # site's evaluation weighs the same, FLamby's unweighted mean across centers.
         return {**figures, TEST_COUNT_KEY: 1.0}
+
+    def _site(self, msg: Message) -> str:
+        """The reply's site name, held by the first node that used it in this run.
+
+        Without an admission record the name is the one the reply reports; a second node
+        reporting a name another node holds is ``node-<id>`` (primed if that is taken too; event
+        ``site-name-taken``), so
+        it can neither overwrite that site's record nor borrow its declaration.
+        """
+        node = msg.metadata.src_node_id
+        name = site_name(msg.content, node)
+        holder = self._name_holder.setdefault(name, node)
+        if holder == node:
+            return name
+        if (node, name) not in self._taken:
+            self._taken.add((node, name))
+            log.warning(
+                "node %d reports the name of node %d's site; named node-%d", node, holder, node
+            )
+            self.folder.log_event("site-name-taken", node=node, holder=holder)
+        own = f"node-{node}"
+        while self._name_holder.setdefault(own, node) != node:  # a name no other node holds
+            own += "'"
+        return own
 
     # -- round records -----------------------------------------------------------------------
     def _open_round(
