@@ -87,3 +87,17 @@ def test_a_site_reporting_another_sites_name_does_not_overwrite_it(tmp_path: Pat
         site1 = record["sites"]["site-1"]
         assert site1["status"] == "trained" and site1["num-examples"] == 100
         assert site1["accuracy"] == pytest.approx(0.1)
+
+
+def test_a_long_reported_site_name_is_cut(tmp_path: Path):
+    """Without an admission record the reported name is a key of rounds.jsonl: bounded."""
+
+    def answer(node: int, msg: Message) -> RecordDict:
+        content = _honest(node, msg)
+        if node == ROGUE:
+            content["site"] = ConfigRecord({"site-name": "z" * 1_000_000})
+        return content
+
+    _, path = _run(answer, tmp_path, NODES)
+    assert len((path / "rounds.jsonl").read_text()) < 100_000
+    assert len((path / "events.jsonl").read_text()) < 100_000
