@@ -101,3 +101,50 @@ def test_a_long_reported_site_name_is_cut(tmp_path: Path):
     _, path = _run(answer, tmp_path, NODES)
     assert len((path / "rounds.jsonl").read_text()) < 100_000
     assert len((path / "events.jsonl").read_text()) < 100_000
+
+
+class _QueryGrid:
+    """Answers the query before round 1 with hand-built replies (node -> content)."""
+
+    def __init__(self, replies: dict[int, RecordDict]) -> None:
+        self.replies = replies
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.replies)
+
+    def send_and_receive(self, messages, timeout=None):
+        return [Message(self.replies[m.metadata.dst_node_id], reply_to=m) for m in messages]
+
+
+def _query_reply(name: str, width: object = 3, size: object = 50) -> RecordDict:
+    policy = json.dumps({"mode": "simulated", "public-size": size})
+    site = {"site-name": name, "feature-names": '["a", "b", "c"]', "site-policy": policy}
+    return RecordDict(
+        {"metrics": MetricRecord({"num-features": width}), "site": ConfigRecord(site)}
+    )
+
+
+@pytest.mark.parametrize(
+    "rogue",
+    [
+        RecordDict({"site": ConfigRecord({"site-name": "site-3"})}),  # no metrics
+        _query_reply("site-3", width=math.inf),
+        _query_reply("site-3", width=10**15),
+        _query_reply("site-3", size=0),
+        _query_reply("site-1", size=10**9),  # another site's name
+    ],
+)
+def test_a_rogue_query_reply_is_dropped_before_round_one(rogue, tmp_path: Path):
+    from fedsafe.config import RunConfig
+    from fedsafe.server.app import _input_width
+    from fedsafe.server.run_folder import RunFolder
+
+    grid = _QueryGrid({1: _query_reply("site-1"), 2: _query_reply("site-2"), 3: rogue})
+    folder = RunFolder(tmp_path)
+    cfg = RunConfig.from_mapping({"scenario": "custom"})
+    width, _, declared = _input_width(grid, 3, folder, cfg)  # type: ignore[arg-type]
+    assert width == 3
+    assert sorted(declared) == ["site-1", "site-2"]
+    assert declared["site-1"].public_size == 50
+    events = (tmp_path / "events.jsonl").read_text()
+    assert "query-dropped" in events
