@@ -3,9 +3,12 @@
 Each round the coordinator clips every site's update to norm ``C`` and adds Gaussian noise of
 standard deviation ``sigma * C / m`` to the mean of the ``m`` clipped updates (McMahan et al.,
 "Learning Differentially Private Recurrent Language Models", ICLR 2018, DP-FedAvg with every
-site in every round). Adding or removing one whole site changes the sum by at most ``C``:
-each round is the Gaussian mechanism with noise multiplier ``sigma``; ``T`` rounds are its
-``T``-fold composition, accounted here with Google's dp_accounting (privacy loss
+site in every round). The denominator ``m`` is the number of sites that replied, which is
+public (the noise std and ``rounds.jsonl`` show it), so neighbouring runs differ in one site's
+update, not in its presence: replacing one clipped update by another moves the sum by up to
+``2 C`` (two updates of norm ``C`` pointing opposite ways). Against noise of std ``sigma * C``
+on the sum, each round is the Gaussian mechanism of multiplier ``sigma / 2``; ``T`` rounds are
+its ``T``-fold composition, accounted here with Google's dp_accounting (privacy loss
 distributions; every site takes part in every round, so there is no sampling to amplify).
 
 What it protects: a whole site's contribution (all of its records together), against anyone who
@@ -63,9 +66,12 @@ class SiteLevelDP:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
 
     def event(self) -> dp_accounting.DpEvent:
-        """The released mechanism as a dp_accounting event (Gaussian, self-composed)."""
+        """The released mechanism as a dp_accounting event (Gaussian, self-composed).
+
+        Multiplier ``sigma / 2``: one replaced site moves the sum by up to ``2 C``.
+        """
         return dp_accounting.SelfComposedDpEvent(
-            dp_accounting.GaussianDpEvent(self.noise_multiplier), self.rounds
+            dp_accounting.GaussianDpEvent(self.noise_multiplier / 2), self.rounds
         )
 
     def epsilon(self) -> float:
@@ -98,7 +104,8 @@ def site_level_paragraphs(folder: Path) -> list[str]:
         "anyone who sees the global models (the sites, whoever receives the final model), NOT"
         " the coordinator, which sees each site's update before adding the noise; how: each "
         f"site's update clipped to norm {raw['clip']:g}, Gaussian noise with noise multiplier "
-        f"{raw['noise_multiplier']:g} added to their mean at each of {raw['rounds']} rounds, "
+        f"{raw['noise_multiplier']:g} added to their mean at each of {raw['rounds']} rounds "
+        "(one site's update replaced moves their sum by up to twice the clip norm), "
         f"accounted with dp_accounting's PLD accountant: ε = {raw['epsilon']:.3g} at "
         f"δ = {raw['delta']:g}."
     ]

@@ -35,7 +35,7 @@ from fedsafe.server.checkpoint import (
     restore_strategy_state,
 )
 from fedsafe.server.grid import PhaseDeadlines, PromptGrid
-from fedsafe.server.reply_checks import metrics_of, reply_error, site_name
+from fedsafe.server.reply_checks import ReplyRejected, metrics_of, reply_error, site_name
 from fedsafe.server.run_folder import RunFolder, new_run_dir
 from fedsafe.server.site_dp import SiteLevelDPStrategy
 from fedsafe.server.site_identity import set_event_sink
@@ -64,6 +64,10 @@ def query_sites(grid: Grid, num_sites: int, wait_s: float = 600) -> list[Message
     return list(grid.send_and_receive(msgs))
 
 
+#: Largest input width a site may declare (the model is built from it before round 1).
+MAX_INPUT_WIDTH = 1_000_000
+
+
 def _input_width(
     grid: Grid, num_sites: int, folder: RunFolder, cfg: RunConfig
 ) -> tuple[int, list[str], dict[str, DeclaredSite]]:
@@ -78,12 +82,28 @@ def _input_width(
                 "site on node %d failed to load its data: %s", msg.metadata.src_node_id, error
             )
             continue
-        name = site_name(msg.content, msg.metadata.src_node_id)
-        widths[name] = int(metrics_of(msg.content)["num-features"])
-        features[name] = str(msg.content.config_records["site"]["feature-names"])
-        declared[name] = DeclaredSite.parse(
-            name, str(msg.content.config_records["site"].get("site-policy", ""))
-        )
+        node = msg.metadata.src_node_id
+        name = site_name(msg.content, node)
+        try:
+            if name in declared:
+                raise ReplyRejected(f"another node already answered as site {name}")
+            width = float(metrics_of(msg.content)["num-features"])
+            if not (width.is_integer() and 1 <= width <= MAX_INPUT_WIDTH):
+                raise ReplyRejected(
+                    f"num-features {width:g} is not an integer in 1..{MAX_INPUT_WIDTH}"
+                )
+            site = msg.content.config_records["site"]
+            feature_names = str(site["feature-names"])
+            site_declared = DeclaredSite.parse(name, str(site.get("site-policy", "")))
+        except (ReplyRejected, RunRefused, KeyError, TypeError, ValueError) as exc:
+            # One malformed reply never stops the ServerApp: the site is left out of the run.
+            reason = str(exc)[:200]
+            folder.log_event("query-dropped", node=node, site=name, reason=reason)
+            log.error("the query reply of site %s (node %d) is dropped: %s", name, node, reason)
+            continue
+        widths[name] = int(width)
+        features[name] = feature_names
+        declared[name] = site_declared
     if not widths:
         raise RuntimeError("no site could load its data; see events.jsonl in the run folder")
     if len(set(features.values())) != 1:

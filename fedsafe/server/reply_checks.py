@@ -32,10 +32,19 @@ class ReplyRejected(ValueError):
     """A reply that must be dropped, with the reason."""
 
 
+#: Longest reported site name kept (a name is a key of ``rounds.jsonl`` and of events).
+MAX_SITE_NAME = 100
+
+
 def site_name(content: RecordDict, node_id: int) -> str:
-    """The site's admitted name (:mod:`fedsafe.server.site_identity`); else its reported name."""
+    """The site's admitted name (:mod:`fedsafe.server.site_identity`); else its reported name.
+
+    A reported name is cut to :data:`MAX_SITE_NAME` characters before it is used or logged.
+    """
     record = content.config_records.get("site")
     reported = None if record is None or "site-name" not in record else str(record["site-name"])
+    if reported is not None and len(reported) > MAX_SITE_NAME:
+        reported = reported[:MAX_SITE_NAME] + "..."
     return site_identity(node_id, reported)
 
 

@@ -12,6 +12,7 @@ mean accuracy is the unweighted mean of the sites' figures (FLamby's convention)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,8 +38,13 @@ FEDSAFE_KEYS = frozenset((*PRIVACY_KEYS, "budget-exhausted", "refused", "bytes-u
 
 
 def privacy_figures(metrics: Mapping[str, float]) -> dict[str, float]:
-    """The privacy figures among a reply's metrics."""
-    return {k: float(metrics[k]) for k in PRIVACY_KEYS if k in metrics}
+    """The finite privacy figures among a reply's metrics (nothing else, nothing non-finite).
+
+    A reply's other keys never reach ``rounds.jsonl`` or ``events.jsonl`` (a key, like its
+    value, can carry a record's data), and NaN or infinity is not a figure (nor valid JSON).
+    """
+    figures = {k: float(metrics[k]) for k in PRIVACY_KEYS if k in metrics}
+    return {k: v for k, v in figures.items() if math.isfinite(v)}
 
 
 def site_evaluation(metrics: Mapping[str, float]) -> dict[str, float]:

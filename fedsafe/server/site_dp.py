@@ -11,7 +11,9 @@ only replies that passed every check. Each update ``u_i = w_i - w`` is scaled to
 ``C``, every site weighs the same (``num-examples`` set to 1: a site's weight would otherwise
 be a lever on the sensitivity), the inner mean is taken, and noise of std ``sigma * C / m``
 (``m`` sites aggregated) is added to every coordinate. Only a plain mean keeps the sensitivity
-``C / m``: FedAvg and FedProx (whose aggregation is FedAvg's); anything else is refused.
+``2 C / m`` (one site's update replaced; ``m`` is public) that the accountant
+(:mod:`fedsafe.privacy.site_level_dp`) assumes: FedAvg and FedProx (whose aggregation is
+FedAvg's); anything else is refused.
 """
 
 from __future__ import annotations

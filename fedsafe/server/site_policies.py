@@ -37,6 +37,10 @@ class DeclaredSite:
     public_size: int
     policy: SitePolicy | None
 
+    def __post_init__(self) -> None:
+        if isinstance(self.public_size, bool) or not 1 <= self.public_size:
+            raise ValueError(f"site {self.name}: public size must be >= 1, got {self.public_size}")
+
     @classmethod
     def parse(cls, name: str, text: str) -> DeclaredSite:
         """Parse the ``site-policy`` JSON of a query reply.

@@ -151,6 +151,23 @@ def _plain(metrics: MetricRecord | None) -> dict[str, Any] | None:
     return {k: (list(v) if isinstance(v, list) else v) for k, v in metrics.items()}
 
 
+#: Longest text a site's reply may put in ``events.jsonl`` or ``rounds.jsonl`` (a refusal).
+MAX_SITE_TEXT = 200
+
+
+def _site_text(record: ConfigRecord | None, key: str) -> str:
+    """``record[key]`` as text of at most :data:`MAX_SITE_TEXT` characters ('' if absent)."""
+    if record is None or key not in record:
+        return ""
+    text = str(record[key])
+    return text if len(text) <= MAX_SITE_TEXT else text[:MAX_SITE_TEXT] + "... (cut)"
+
+
+def _possible(key: str, value: float) -> bool:
+    """Whether an honest site can report ``value`` for ``key``: a loss >= 0, a rate in [0, 1]."""
+    return value >= 0 if key == "eval-loss" else 0 <= value <= 1
+
+
 def _common_keys(records: Iterable[Mapping[str, float]]) -> set[str]:
     keys: set[str] | None = None
     for record in records:
@@ -240,6 +257,8 @@ class FedsafeStrategy(Strategy):
         self.site_wait_s = site_wait_s
         self._clock, self._sleep = clock, sleep
         self._down: set[int] = set()
+        self._name_holder: dict[str, int] = {}  # each site name -> the first node that used it
+        self._taken: set[tuple[int, str]] = set()
 
     # -- Flower's loop -----------------------------------------------------------------------
     def start(
@@ -436,7 +455,7 @@ class FedsafeStrategy(Strategy):
         for msg in replies:
             if msg.has_error() or msg.metadata.message_type != MessageType.TRAIN:
                 continue
-            name = site_name(msg.content, msg.metadata.src_node_id)
+            name = self._site(msg)
             entry, kept = self._train_reply(rnd, name, msg)
             sites[name] = entry
             if kept is not None:
@@ -484,8 +503,8 @@ class FedsafeStrategy(Strategy):
             if metrics.get("refused", 0.0) >= 1.0:
                 # The site's own policy refuses this run: stop asking it to train.
                 refusal = msg.content.config_records.get("site")
-                setting = str(refusal.get("refused-setting", "")) if refusal else ""
-                reason = str(refusal.get("refusal-reason", "")) if refusal else ""
+                setting = _site_text(refusal, "refused-setting")
+                reason = _site_text(refusal, "refusal-reason")
                 self.progress.exhausted[node] = name
                 log.warning("round %d: site %s refuses %s: %s", rnd, name, setting, reason)
                 self.folder.log_event(
@@ -494,16 +513,18 @@ class FedsafeStrategy(Strategy):
                 return {"status": "refused", "refused-setting": setting}, None
             if metrics.get("budget-exhausted", 0.0) >= 1.0:
                 self.progress.exhausted[node] = name
-                spent = metrics.get("epsilon", float("nan"))
+                figures = privacy_figures(metrics)
+                spent = figures.get("epsilon", float("nan"))
                 log.warning(
                     "round %d: site %s stops: privacy budget exhausted at epsilon %.4g",
                     rnd,
                     name,
                     spent,
                 )
-                self.folder.log_event("budget-exhausted", round=rnd, site=name, metrics=metrics)
-                self.progress.last_privacy[name] = privacy_figures(metrics)
-                return {"status": "budget-exhausted", **privacy_figures(metrics)}, None
+                # Only the declared, finite figures: never the reply's other keys.
+                self.folder.log_event("budget-exhausted", round=rnd, site=name, metrics=figures)
+                self.progress.last_privacy[name] = figures
+                return {"status": "budget-exhausted", **figures}, None
             weight = metrics.get("num-examples", 0.0)
             if not (weight > 0 and math.isfinite(weight)):
                 raise ReplyRejected("reply carries no positive, finite 'num-examples' weight")
@@ -561,16 +582,14 @@ class FedsafeStrategy(Strategy):
                 log.warning("round %d: site %s replied with an error: %s", rnd, site, error)
                 self.folder.log_event(kind, round=rnd, site=site, node=node, reason=error)
                 continue
-            name = site_name(msg.content, node)
+            name = self._site(msg)
             self.progress.site_of_node[node] = name
             figures = self._evaluation_of(msg)
             if figures is not None:
                 evaluations[name] = figures
         shared = _common_keys(evaluations.values()) - {TEST_COUNT_KEY}
         shaped = []
-        by_name = {
-            site_name(m.content, m.metadata.src_node_id): m for m in replies if not m.has_error()
-        }
+        by_name = {self._site(m): m for m in replies if not m.has_error()}
         for name, figures in evaluations.items():
             values: dict[str, int | float | list[int] | list[float]] = {
                 "num-examples": int(figures[TEST_COUNT_KEY])
@@ -595,9 +614,35 @@ class FedsafeStrategy(Strategy):
         ):
             return None
         figures = {k: float(v) for k, v in values.items()}  # type: ignore[arg-type]
+        if not all(_possible(k, v) for k, v in figures.items()):
+            return None  # no honest site reports it; it would drag the mean anywhere
         # Sites send no test-split size (it would be an exact count of their records): every
         # site's evaluation weighs the same, FLamby's unweighted mean across centers.
         return {**figures, TEST_COUNT_KEY: 1.0}
+
+    def _site(self, msg: Message) -> str:
+        """The reply's site name, held by the first node that used it in this run.
+
+        Without an admission record the name is the one the reply reports; a second node
+        reporting a name another node holds is ``node-<id>`` (primed if that is taken too; event
+        ``site-name-taken``), so
+        it can neither overwrite that site's record nor borrow its declaration.
+        """
+        node = msg.metadata.src_node_id
+        name = site_name(msg.content, node)
+        holder = self._name_holder.setdefault(name, node)
+        if holder == node:
+            return name
+        if (node, name) not in self._taken:
+            self._taken.add((node, name))
+            log.warning(
+                "node %d reports the name of node %d's site; named node-%d", node, holder, node
+            )
+            self.folder.log_event("site-name-taken", node=node, holder=holder)
+        own = f"node-{node}"
+        while self._name_holder.setdefault(own, node) != node:  # a name no other node holds
+            own += "'"
+        return own
 
     # -- round records -----------------------------------------------------------------------
     def _open_round(

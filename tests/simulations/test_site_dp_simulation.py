@@ -44,11 +44,12 @@ def test_a_heart_run_with_site_level_dp_reports_its_second_guarantee(tmp_path):
     assert site_dp["rounds"] == ROUNDS and site_dp["noise_multiplier"] == SIGMA
     accountant = dp_accounting.pld.PLDAccountant()
     accountant.compose(
-        dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(SIGMA), ROUNDS)
+        # A replaced site moves the sum by 2C: multiplier SIGMA / 2 (review of issue 16).
+        dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(SIGMA / 2), ROUNDS)
     )
     expected = accountant.get_epsilon(1e-4)
     assert site_dp["epsilon"] == pytest.approx(expected)
-    exact = dp_accounting.get_epsilon_gaussian(SIGMA / math.sqrt(ROUNDS), 1e-4)
+    exact = dp_accounting.get_epsilon_gaussian(SIGMA / 2 / math.sqrt(ROUNDS), 1e-4)
     assert exact <= site_dp["epsilon"] <= exact * 1.02 + 1e-3
     report = json.loads(write_report(run_dir, tmp_path / "report").json.read_text())
     (line,) = [p for p in report["guarantee"] if p.startswith("Site-level DP")]
