@@ -23,7 +23,6 @@ the folder is created 0700.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: d
 
 from fedsafe.client.site import resolve_site
 from fedsafe.config import RunConfig
+from fedsafe.durable_files import replace_atomically
 from fedsafe.privacy.releases import check_reply
 from fedsafe.protocol import FEDSAFE_RUN_ID
 
@@ -93,21 +93,7 @@ class ReleaseStore:
 
     def _write(self, path: Path, data: bytes) -> None:
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        dir_fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        replace_atomically(path, lambda fh: fh.write(data))
 
 
 def _key(msg: Message) -> tuple[str, int] | None:

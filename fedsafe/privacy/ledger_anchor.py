@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsafe.durable_files import replace_atomically
 from fedsafe.errors import UserError
 
 #: Environment variable naming the site's ledger-secrets folder.
@@ -223,14 +224,9 @@ def read_anchor(secrets_: LedgerSecrets, ledger_path: Path) -> LedgerAnchor | No
 
 
 def write_anchor(secrets_: LedgerSecrets, anchor: LedgerAnchor) -> None:
-    """Write the MACed anchor atomically (temporary file, fsync, rename)."""
+    """Write the MACed anchor atomically (temporary file, fsync, rename, fsync the folder)."""
     path = secrets_.anchor_path(Path(anchor.ledger_path))
     content = anchor.content()
     body = {**content, "mac": secrets_.mac(canonical_json(content))}
-    tmp = path.with_suffix(f".{os.getpid()}-{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps(body, sort_keys=True, indent=1, allow_nan=False))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    text = json.dumps(body, sort_keys=True, indent=1, allow_nan=False)
+    replace_atomically(path, lambda fh: fh.write(text.encode()))

@@ -23,7 +23,6 @@ The file is a plain ``.npz`` read with ``allow_pickle=False``: loading it runs n
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from fedsafe.durable_files import replace_atomically
 from fedsafe.errors import UserError
 from fedsafe.protocol import FEDSAFE_RUN_ID
 from fedsafe.server.run_folder import RunFolder
@@ -192,21 +192,7 @@ def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         arrays[f"model_{i}"] = value
     for i, value in enumerate(checkpoint.state.values()):
         arrays[f"state_{i}"] = value
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_atomically(path, lambda fh: np.savez(fh, **arrays))
 
 
 def read_checkpoint(run_dir: str | Path) -> Checkpoint:
