@@ -35,9 +35,7 @@ PRIVACY_KEYS = (
 )
 
 #: Keys of a train reply that fedsafe reads itself and never passes to the inner strategy.
-FEDSAFE_KEYS = frozenset(
-    (*PRIVACY_KEYS, *RECEIPT_KEYS, "budget-exhausted", "refused", "bytes-up")
-)
+FEDSAFE_KEYS = frozenset((*PRIVACY_KEYS, *RECEIPT_KEYS, "budget-exhausted", "refused", "bytes-up"))
 
 
 def privacy_figures(metrics: Mapping[str, float]) -> dict[str, float]:

@@ -7,20 +7,22 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
+import pytest
 from flwr.app import ConfigRecord, MessageType
 
 from fedsafe.client.app import app
 from fedsafe.models import build_model
 from fedsafe.privacy.receipts import RECEIPT_KEYS, LedgerReceipt
-from tests.client.test_app import (  # noqa: F401 (fixtures)
-    RUN,
-    Site,
-    _assert_declared,
-    _context,
-    _message,
-    site,
-    task_identity,
-)
+from tests.client.test_app import RUN, Site, _assert_declared, _context, _message
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a ClientApp process has: its run, node and task ids (replies are stamped)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 11), ("_node_id", 3), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
 
 
 def _receipt(reply_site: ConfigRecord) -> LedgerReceipt:
@@ -82,7 +84,8 @@ def test_a_rolled_back_ledger_refuses_the_coordinators_later_receipt(
     assert "arrays" in plain.content.array_records
 
 
-def test_a_malformed_receipt_is_refused_before_training(site: Site) -> None:
+def test_a_malformed_receipt_is_refused_before_training(tmp_path: Path) -> None:
+    site = Site(tmp_path / "site")
     msg = _message(MessageType.TRAIN, site.width())
     msg.content["receipt"] = ConfigRecord({"receipt-count": 1})
     reply = app(msg, _context(site.node_config, RUN))

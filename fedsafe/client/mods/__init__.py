@@ -81,8 +81,8 @@ def site_mods() -> list[Mod]:
     -------
     list of Mod
         ``errors_as_codes, handler_timing, release_check, site_policy, ledger_receipts,
-        evaluate_first, replay_released_rounds, privacy_budget, encode_update, ledger_commit``; see the
-        module docstring for why this order.
+        evaluate_first, replay_released_rounds, privacy_budget, encode_update,
+        ledger_commit``; see the module docstring for why this order.
     """
     return [
         errors_as_codes,

@@ -6,7 +6,8 @@ or touches the budget, a site whose ledger does not extend it (missing, truncate
 rolled back together with its secrets folder) answers with the typed refusal
 ``refused-setting = ledger-receipt``. Receipts only ever refuse: the site never adopts one as its
 state. On the way out, after ``ledger_commit`` committed the round's event, the reply carries
-the ledger's own receipt in its ``site`` record (keys :data:`~fedsafe.privacy.receipts.RECEIPT_KEYS`).
+the ledger's own receipt in its ``site`` record (keys
+:data:`~fedsafe.privacy.receipts.RECEIPT_KEYS`).
 """
 
 from __future__ import annotations
@@ -49,8 +50,11 @@ def ledger_receipts(msg: Message, context: Context, call_next: ClientAppCallable
     except ValueError as exc:
         return refusal_reply(msg, call.site, PolicyRefusal(RECEIPT_SETTING, str(exc)))
     if receipt is not None and path is not None:
+        reason: str | None
         if receipt.count > 0 and not Path(path).exists():
-            reason = "the site has no ledger but the coordinator holds a receipt: the ledger was lost"
+            reason = (
+                "the site has no ledger but the coordinator holds a receipt: the ledger was lost"
+            )
         else:
             with SitePrivacyLedger.open(path) as ledger:
                 reason = refusal(ledger, receipt)
