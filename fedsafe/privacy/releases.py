@@ -218,6 +218,28 @@ RELEASES: tuple[ReleaseKind, ...] = (
         _POLICY,
     ),
     ReleaseKind(
+        "receipt-count",
+        "config",
+        "Number of entries in the site's privacy ledger after this round (its receipt).",
+        False,
+        _SIZE + " (It counts the site's own releases, which its report declares.)",
+    ),
+    ReleaseKind(
+        "receipt-head",
+        "config",
+        "HMAC, under the site's secret key, of the ledger's last entry (its receipt).",
+        False,
+        "Not covered, but reveals no record: a keyed MAC of the ledger's entries (release "
+        "parameters of public values); without the site key it reveals nothing.",
+    ),
+    ReleaseKind(
+        "receipt-lifetime-epsilon",
+        "config",
+        "The site's lifetime epsilon in its ledger after this round (its receipt).",
+        False,
+        _SIZE + " (The same figure as epsilon.)",
+    ),
+    ReleaseKind(
         "eval-loss", "metric", "Loss of the global model on the site's test split.", False, _TEST
     ),
     ReleaseKind(

@@ -35,6 +35,7 @@ from fedsafe.server.checkpoint import (
     restore_strategy_state,
 )
 from fedsafe.server.grid import PhaseDeadlines, PromptGrid
+from fedsafe.server.receipts import LedgerReceipts
 from fedsafe.server.reply_checks import ReplyRejected, metrics_of, reply_error, site_name
 from fedsafe.server.run_folder import RunFolder, new_run_dir
 from fedsafe.server.site_dp import SiteLevelDPStrategy
@@ -163,7 +164,7 @@ def main(grid: Grid, context: Context) -> None:
         inner,
         folder,
         downlink=downlink,
-        hooks=[checks, CheckpointHook(folder, base, run_id)],
+        hooks=[checks, LedgerReceipts(folder), CheckpointHook(folder, base, run_id)],
         round_offset=resumed.round if resumed is not None else 0,
         site_wait_s=cfg.site_wait_s,
     )

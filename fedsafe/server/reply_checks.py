@@ -8,7 +8,8 @@ global model's names and shapes or hold non-finite values. One bad site never st
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -26,6 +27,8 @@ class SiteReply:
     site: str
     metrics: dict[str, float]
     arrays: ArrayRecord | None
+    #: The reply's ``site`` record as sent (untrusted: a hook parses what it reads).
+    site_values: dict[str, Any] = field(default_factory=dict)
 
 
 class ReplyRejected(ValueError):

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fedsafe.privacy.receipts import RECEIPT_KEYS
 from fedsafe.protocol import EVALUATION_KEYS
 
 #: A site's privacy figures in a train reply, copied per site into the round record and
@@ -34,7 +35,7 @@ PRIVACY_KEYS = (
 )
 
 #: Keys of a train reply that fedsafe reads itself and never passes to the inner strategy.
-FEDSAFE_KEYS = frozenset((*PRIVACY_KEYS, "budget-exhausted", "refused", "bytes-up"))
+FEDSAFE_KEYS = frozenset((*PRIVACY_KEYS, *RECEIPT_KEYS, "budget-exhausted", "refused", "bytes-up"))
 
 
 def privacy_figures(metrics: Mapping[str, float]) -> dict[str, float]:

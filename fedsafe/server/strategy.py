@@ -532,7 +532,8 @@ class FedsafeStrategy(Strategy):
             assert reference is not None, "aggregate_train before configure_train"
             dense = dense_arrays(msg.content, reference)
             check_arrays(dense, self._global or reference)
-            reply = SiteReply(node, name, metrics, dense)
+            site_record = msg.content.config_records.get("site")
+            reply = SiteReply(node, name, metrics, dense, dict(site_record or {}))
             for hook in self.hooks:
                 hook.check(rnd, reply, self._global or reference)
         except ReplyRejected as exc:

@@ -23,16 +23,19 @@ Outermost first (Flower runs a ClientApp's mods in list order around the handler
    (:mod:`fedsafe.privacy.releases`), after every mod inside has added to it.
 4. ``site_policy``: the site's own policy refuses the run before anything touches its records
    or its ledger; binds the :class:`~fedsafe.client.mods.contract.SiteCall`.
-5. ``evaluate_first``: the round protocol's evaluation of the received model
+5. ``ledger_receipts``: the coordinator's last receipt must be extended by the site's ledger,
+   or the site refuses before it evaluates, trains or spends (:mod:`fedsafe.client.mods.receipts`);
+   on the way out the reply carries the ledger's receipt, after ``ledger_commit`` committed.
+6. ``evaluate_first``: the round protocol's evaluation of the received model
    (:mod:`fedsafe.client.evaluate_first`); inside the policy (a refused run is not evaluated),
    outside the budget (a "budget exhausted" reply still describes the global model).
-6. ``replay_released_rounds``: a round this run already released is answered with the stored
+7. ``replay_released_rounds``: a round this run already released is answered with the stored
    release, spending nothing (:mod:`fedsafe.client.release_store`); a round started but never
    released is refused. Outside the budget and the ledger, so it stores the final reply.
-7. ``privacy_budget``: the noise, the per-run caps and the lifetime budget, decided before
+8. ``privacy_budget``: the noise, the per-run caps and the lifetime budget, decided before
    training; grants the round (:class:`~fedsafe.client.mods.contract.RoundGrant`).
-8. ``encode_update``: compression of the privatized model, after DP (post-processing).
-9. ``ledger_commit``: the step's event committed to the ledger before the reply goes out.
+9. ``encode_update``: compression of the privatized model, after DP (post-processing).
+10. ``ledger_commit``: the step's event committed to the ledger before the reply goes out.
 
 The mods carry the bookkeeping; the guarantee rests on the training step, which trains with
 DP-SGD exactly as granted and reports the event it spent (see
@@ -50,6 +53,7 @@ from fedsafe.client.mods.encode_update import encode_update
 from fedsafe.client.mods.handler_timing import handler_timing
 from fedsafe.client.mods.ledger_commit import ledger_commit
 from fedsafe.client.mods.privacy_budget import privacy_budget
+from fedsafe.client.mods.receipts import ledger_receipts
 from fedsafe.client.mods.release_check import release_check
 from fedsafe.client.mods.site_policy import site_policy
 from fedsafe.client.release_store import replay_released_rounds
@@ -61,6 +65,7 @@ __all__ = [
     "evaluate_first",
     "handler_timing",
     "ledger_commit",
+    "ledger_receipts",
     "privacy_budget",
     "release_check",
     "replay_released_rounds",
@@ -75,15 +80,16 @@ def site_mods() -> list[Mod]:
     Returns
     -------
     list of Mod
-        ``errors_as_codes, handler_timing, release_check, site_policy, evaluate_first,
-        replay_released_rounds, privacy_budget, encode_update, ledger_commit``; see the
-        module docstring for why this order.
+        ``errors_as_codes, handler_timing, release_check, site_policy, ledger_receipts,
+        evaluate_first, replay_released_rounds, privacy_budget, encode_update,
+        ledger_commit``; see the module docstring for why this order.
     """
     return [
         errors_as_codes,
         handler_timing,
         release_check,
         site_policy,
+        ledger_receipts,
         evaluate_first,
         replay_released_rounds,
         privacy_budget,

@@ -7,7 +7,9 @@ from fedsafe.client.mods import (
     encode_update,
     errors_as_codes,
     ledger_commit,
+    ledger_receipts,
     privacy_budget,
+    release_check,
     site_mods,
     site_policy,
 )
@@ -23,6 +25,9 @@ def test_fedsafe_app_is_built_with_the_site_mods_in_order() -> None:
     assert mods[0] is errors_as_codes
     positions = [mods.index(m) for m in (site_policy, privacy_budget, encode_update, ledger_commit)]
     assert positions == sorted(positions)
+    # Receipts: checked before the budget, added inside the release check.
+    order = [mods.index(m) for m in (release_check, site_policy, ledger_receipts, privacy_budget)]
+    assert order == sorted(order)
 
 
 def test_a_ledger_commit_outside_the_budget_mod_sends_a_code_and_trains_nothing(
