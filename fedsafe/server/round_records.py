@@ -35,7 +35,12 @@ PRIVACY_KEYS = (
 )
 
 #: Keys of a train reply that fedsafe reads itself and never passes to the inner strategy.
-FEDSAFE_KEYS = frozenset((*PRIVACY_KEYS, *RECEIPT_KEYS, "budget-exhausted", "refused", "bytes-up"))
+#: ``replayed`` marks a site's stored release of a round it answered before a resume
+#: (:mod:`fedsafe.client.release_store`); without it here every replay was dropped as an
+#: undeclared metric.
+FEDSAFE_KEYS = frozenset(
+    (*PRIVACY_KEYS, *RECEIPT_KEYS, "budget-exhausted", "refused", "bytes-up", "replayed")
+)
 
 
 def privacy_figures(metrics: Mapping[str, float]) -> dict[str, float]:

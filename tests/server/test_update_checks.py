@@ -18,6 +18,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
+from fedsafe.client.release_store import REPLAYED_KEY
 from fedsafe.config import RunConfig
 from fedsafe.protocol import EVALUATE_FIRST, EVALUATION_RECORD
 from fedsafe.server.grid import PromptGrid
@@ -319,3 +320,21 @@ def test_an_eval_epsilon_never_overwrites_a_sites_epsilon(tmp_path):
         for site in record["sites"].values():
             assert site["status"] == "trained"
             assert site["epsilon"] == pytest.approx(0.1 * record["round"])
+
+
+def test_a_replayed_release_is_aggregated_not_dropped(tmp_path):
+    """A site's stored release sent again after a resume carries ``replayed``: it is declared."""
+
+    def answer(node: int, msg: Message) -> RecordDict:
+        content = _honest(node, msg)
+        if node == ROGUE and msg.metadata.message_type == "train":
+            content["metrics"] = MetricRecord({**dict(content["metrics"]), REPLAYED_KEY: 1})
+        return content
+
+    replayed, path = _run(answer, tmp_path / "replayed", NODES)
+    honest, _ = _run(_honest, tmp_path / "honest", NODES)
+    assert replayed.arrays is not None and honest.arrays is not None
+    for key in ("w", "b"):
+        assert replayed.arrays[key].numpy().tobytes() == honest.arrays[key].numpy().tobytes()
+    events = path / "events.jsonl"
+    assert not events.exists() or "reply-dropped" not in events.read_text()

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -215,7 +216,9 @@ def test_app_with_one_changed_byte_is_refused_at_the_site(
         # Nothing of it ran: no app was installed into the site's Flower home.
         apps = work / "flwr-home" / "apps"
         assert not apps.exists() or not any(apps.iterdir())
-        assert not (work / "ledger.sqlite").exists()
+        # `site start` opens (creates) the ledger to check it is writable; nothing is spent.
+        with sqlite3.connect(work / "ledger.sqlite") as db:
+            assert db.execute("SELECT COUNT(*) FROM entries").fetchone() == (0,)
         run_dir = next((tmp_path / "runs").iterdir())
         events = (run_dir / "events.jsonl").read_text()
         assert "not approved at this site" in events
