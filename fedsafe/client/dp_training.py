@@ -347,7 +347,8 @@ def train_round(
         if key is None:
             gen.seed()
         else:
-            gen.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
+            seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little")
+            gen.manual_seed(seed)  # not for privacy: the non-private baseline
         loader = DataLoader(dataset, batch_size=plan.batch_size, shuffle=True, generator=gen)
         train_model = model
         sample_rate = 0.0

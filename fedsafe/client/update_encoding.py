@@ -76,7 +76,9 @@ def encode_state_update(
         feedback = (
             ErrorFeedback.from_array_record(stored) if stored is not None else ErrorFeedback()
         )
-    record, stats = encode_update(update, pipeline, np.random.default_rng(seed), feedback)
+    # Compression acts on the already-noised update (post-processing): not for privacy.
+    rng = np.random.default_rng(seed)  # not for privacy
+    record, stats = encode_update(update, pipeline, rng, feedback)
     if feedback is not None:
         context.state.array_records[FEEDBACK_KEY] = feedback.to_array_record()
     return record, stats.encoded_bytes

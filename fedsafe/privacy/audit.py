@@ -182,7 +182,8 @@ def train_model(
     tuple
         The trained module (unwrapped from Opacus) and the DP event, or ``None`` without DP.
     """
-    generator = torch.Generator().manual_seed(setup.seed)
+    # not for privacy: shuffles the non-DP arm only; make_private replaces the sampling.
+    generator = torch.Generator().manual_seed(setup.seed)  # not for privacy
     criterion = loss_fn or nn.CrossEntropyLoss()
     loader = DataLoader(
         TensorDataset(x, y), batch_size=setup.batch_size, shuffle=True, generator=generator
@@ -250,7 +251,7 @@ def membership_audit(
     aucs: dict[bool, float] = {}
     dp_event: PoissonGaussianEvent | None = None
     for dp in (False, True):
-        torch.manual_seed(setup.seed)
+        torch.manual_seed(setup.seed)  # not for privacy: the same public initial model
         per_record = loss_fn() if loss_fn else nn.CrossEntropyLoss(reduction="none")
 
         def mean_loss(out: torch.Tensor, target: torch.Tensor, fn: LossFn = per_record) -> Any:
