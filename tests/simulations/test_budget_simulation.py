@@ -30,7 +30,7 @@ def _simulate(out: Path) -> tuple[int, Path, str]:
 
 @pytest.mark.xfail(
     strict=False,
-    reason="sporadic site error 4102 in a simulated site since the last merges (see the '
+    reason="sporadic site error 4102 in a simulated site since the last merges (see the "
     "session note); passes on retry",
 )
 def test_planned_noise_spends_the_budget_then_the_next_run_is_refused(tmp_path):
