@@ -82,6 +82,27 @@ class _SecureNoise:
     max_grad_norm: float
     params: list[Any]  # Opacus adds summed_grad to each parameter
 
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: int,
+        noise_rng: ChaCha20Random,
+    ) -> None:
+        _check_dp_parameters(noise_multiplier, max_grad_norm)
+        super().__init__(  # type: ignore[call-arg]  # the Opacus class mixed in after
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction="mean",
+            generator=None,
+            secure_mode=False,
+        )
+        self.noise_rng = noise_rng
+
     def add_noise(self) -> None:
         """Set each ``p.grad`` to its clipped sum plus secret noise, snapped to the grid.
 
@@ -166,27 +187,6 @@ class SecureNoiseDPOptimizer(_SecureNoise, DPOptimizer):
         The secret generator; its stream must serve nothing else.
     """
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        *,
-        noise_multiplier: float,
-        max_grad_norm: float,
-        expected_batch_size: int,
-        noise_rng: ChaCha20Random,
-    ) -> None:
-        _check_dp_parameters(noise_multiplier, max_grad_norm)
-        super().__init__(
-            optimizer,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size,
-            loss_reduction="mean",
-            generator=None,
-            secure_mode=False,
-        )
-        self.noise_rng = noise_rng
-
     def clip_and_accumulate(self) -> None:
         """Opacus's per-record clipping, after zeroing every record whose gradient is not finite.
 
@@ -225,27 +225,6 @@ class SecureNoiseGhostDPOptimizer(_SecureNoise, DPOptimizerFastGradientClipping)
     noise_rng
         The secret generator; its stream must serve nothing else.
     """
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        *,
-        noise_multiplier: float,
-        max_grad_norm: float,
-        expected_batch_size: int,
-        noise_rng: ChaCha20Random,
-    ) -> None:
-        _check_dp_parameters(noise_multiplier, max_grad_norm)
-        super().__init__(
-            optimizer,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size,
-            loss_reduction="mean",
-            generator=None,
-            secure_mode=False,
-        )
-        self.noise_rng = noise_rng
 
 
 def snapped_noised_sum(
