@@ -32,6 +32,13 @@ def site(tmp_path: Path) -> tuple[Path, Path]:
         )
     )
     schema.write_text(SCHEMA)
+    # The site's secret split key decides the training size; a round one (e.g. 210) would equal
+    # its public size, so add records until it is not (the key file persists beside the data).
+    extra_row = 310
+    while public_size_of(n := len(load_site_data("x", data, schema).x_train)) == n:
+        with data.open("a") as f:
+            f.write(f"{extra_row},50,yes,no\n")
+        extra_row += 1
     return data, schema
 
 
