@@ -96,11 +96,7 @@ class LedgerSecrets:
                 )
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
             (folder / "anchors").mkdir(exist_ok=True, mode=0o700)
-            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(secrets.token_bytes(KEY_BYTES))  # OS CSPRNG, 256 bits
-                fh.flush()
-                os.fsync(fh.fileno())
+            _create_key_once(key_path)
         mode = stat.S_IMODE(key_path.stat().st_mode)
         if mode & 0o077:
             raise UserError(
@@ -175,6 +171,31 @@ class LedgerAnchor:
     def content(self) -> dict[str, Any]:
         """The MACed content."""
         return {"version": ANCHOR_VERSION, **asdict(self)}
+
+
+def _create_key_once(key_path: Path) -> None:
+    """Write a fresh key at ``key_path`` unless another process already has.
+
+    Simulated sites start in several processes at once on a fresh machine: each writes its
+    candidate key to a private temporary file and hard-links it into place, so the key file
+    appears whole or not at all, and exactly one candidate wins (the others read the winner's).
+    """
+    tmp = key_path.with_name(f".{key_path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(KEY_BYTES))  # OS CSPRNG, 256 bits
+            fh.flush()
+            os.fsync(fh.fileno())
+        with contextlib.suppress(FileExistsError):  # another process won: use its key
+            os.link(tmp, key_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(key_path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 @contextlib.contextmanager

@@ -290,3 +290,24 @@ def test_site_start_check_refuses_a_rolled_back_ledger_naming_the_flag(tmp_path:
         p.unlink()
     with pytest.raises(UserError, match=r"^--ledger: privacy ledger .* is missing"):
         check_ledger_before_joining(path)
+
+
+def _load_key(folder: str) -> bytes:
+    return LedgerSecrets.load(folder).key
+
+
+def test_sites_starting_at_once_on_a_fresh_machine_share_one_whole_key(tmp_path: Path) -> None:
+    """Simulated sites start in several processes at once; none may fail creating the key.
+
+    Before the key was linked into place, a second process got FileExistsError or read a
+    half-written key, and its site answered error 4102.
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(5):
+        folder = str(tmp_path / f"secrets-{attempt}")
+        with ctx.Pool(8) as pool:
+            keys = pool.map(_load_key, [folder] * 16)
+        assert len(set(keys)) == 1 and len(keys[0]) == 32
+        assert sorted(p.name for p in Path(folder).iterdir()) == ["anchors", KEY_FILE]

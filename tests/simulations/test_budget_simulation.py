@@ -28,11 +28,6 @@ def _simulate(out: Path) -> tuple[int, Path, str]:
     return code, Path(re.search(r"run folder: (\S+)", text).group(1)), text
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="sporadic site error 4102 in a simulated site since the last merges (see the "
-    "session note); passes on retry",
-)
 def test_planned_noise_spends_the_budget_then_the_next_run_is_refused(tmp_path):
     code, first, _ = _simulate(tmp_path)
     assert code == 0

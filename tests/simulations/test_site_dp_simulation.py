@@ -24,11 +24,6 @@ pytestmark = pytest.mark.slow
 ROUNDS, SIGMA, CLIP = 2, 1.5, 0.5
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="sporadic site error 4102 in a simulated site since the last merges (see the "
-    "session note); passes on retry",
-)
 def test_a_heart_run_with_site_level_dp_reports_its_second_guarantee(tmp_path):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
