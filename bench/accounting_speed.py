@@ -139,9 +139,9 @@ def pld_reference(events: list[tuple[float, float, int]], delta: float) -> float
 
 
 def site_plans() -> dict[str, list[dict[str, Any]]]:
-    from fedsafe.client.dp_training import poisson_sample_rate
     from fedsafe.data.heart import load_heart_sites
-    from fedsafe.simulations.scenarios import mnist_sites
+    from fedsafe.tasks.scenarios import mnist_sites
+    from fedsafe.training.dp_training import poisson_sample_rate
 
     heart = [
         {"target": 1.0, "delta": 1e-4, "steps": 150, "sample_rate": poisson_sample_rate(n, 4)}

@@ -26,7 +26,7 @@ from typing import Any
 from fedsafe.cli.simulate import SCENARIO_DEFAULTS
 from fedsafe.config import RunConfig
 from fedsafe.simulations.runner import run_simulation
-from fedsafe.simulations.scenarios import HEADLINE_OF, default_num_sites
+from fedsafe.tasks.scenarios import HEADLINE_OF, default_num_sites
 
 ROOT = Path(__file__).resolve().parents[1]
 CODECS = [

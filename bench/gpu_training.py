@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from fedsafe.client.dp_training import TrainPlan, poisson_sample_rate, resolve_device, train_round
 from fedsafe.data.site_data import SiteData
 from fedsafe.models import build_model
 from fedsafe.privacy.calibration import calibrate_noise_multiplier
-from fedsafe.simulations.scenarios import MODEL_OF, load_scenario
+from fedsafe.tasks.scenarios import MODEL_OF, load_scenario
+from fedsafe.training.dp_training import TrainPlan, poisson_sample_rate, resolve_device, train_round
 
 #: (scenario, batch size, lr, clip, local steps, rounds the noise is calibrated for): the
 #: settings of BENCHMARKS.md's MNIST, lending club and heart disease runs.

@@ -23,7 +23,7 @@ from fedsafe.data.heart import CENTERS, FEATURES, SPLIT_KEY, preprocessed_frame,
 from fedsafe.data.site_data import SiteData
 from fedsafe.data.split import assign_to_test
 from fedsafe.simulations.baselines import pooled_baseline
-from fedsafe.simulations.scenarios import Scenario
+from fedsafe.tasks.scenarios import Scenario
 
 ROOT = Path(__file__).resolve().parents[1]
 

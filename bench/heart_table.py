@@ -29,7 +29,7 @@ from pathlib import Path
 from fedsafe.config import RunConfig
 from fedsafe.simulations.baselines import local_baselines, pooled_baseline
 from fedsafe.simulations.runner import run_simulation
-from fedsafe.simulations.scenarios import load_scenario
+from fedsafe.tasks.scenarios import load_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAMBY = {

@@ -9,7 +9,7 @@ through the shared schema, ``fedsafe/data/files/lending_schema.yaml``, exactly a
 3. a non-private logistic regression on the pooled training rows of both lenders.
 
 FedAvg (weights by public size) is computed in process with fedsafe's own DP training step
-(:func:`fedsafe.client.dp_training.train_round`), not through Flower; each site's ROC AUC on
+(:func:`fedsafe.training.dp_training.train_round`), not through Flower; each site's ROC AUC on
 its own test split is reported (DP rows: the mean of ``--repeats`` runs, fresh noise each),
 with ratios against the pooled baseline.
 
@@ -31,7 +31,6 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from fedsafe.client.dp_training import TrainPlan, evaluate_model, poisson_sample_rate, train_round  # noqa: E402, E501
 from fedsafe.client.policy import public_size_of  # noqa: E402
 from fedsafe.data.locate import data_file  # noqa: E402
 from fedsafe.data.schema import load_schema, load_site_data  # noqa: E402
@@ -39,6 +38,7 @@ from fedsafe.data.site_data import SiteData  # noqa: E402
 from fedsafe.data.split import public_split_key  # noqa: E402
 from fedsafe.models import build_model  # noqa: E402
 from fedsafe.privacy.calibration import calibrate_noise_multiplier  # noqa: E402
+from fedsafe.training.dp_training import TrainPlan, evaluate_model, poisson_sample_rate, train_round  # noqa: E402, E501
 
 EPSILON, DELTA = 3.0, 1e-4
 CONFIGS = {"heart-tuned (batch 4, 10 steps)": (4, 10), "batch 64, 20 steps": (64, 20)}

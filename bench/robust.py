@@ -36,8 +36,8 @@ from fedsafe.server.site_dp import SiteLevelDPStrategy  # noqa: E402
 from fedsafe.server.site_policies import DeclaredSite  # noqa: E402
 from fedsafe.server.strategy import FedsafeStrategy  # noqa: E402
 from fedsafe.server.update_checks import UpdateChecks  # noqa: E402
-from fedsafe.simulations.scenarios import load_scenario  # noqa: E402
 from fedsafe.strategies.factory import build_strategy  # noqa: E402
+from fedsafe.tasks.scenarios import load_scenario  # noqa: E402
 from tests.server.fake_grid import ClientAppSites, FakeGrid  # noqa: E402
 
 NODES = [1, 2, 3, 4]

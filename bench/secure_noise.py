@@ -34,12 +34,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedsafe.client.dp_training import TrainPlan, _run_steps, poisson_sample_rate, train_round
-from fedsafe.client.secure_dp_sgd import snapped_noised_sum
 from fedsafe.models import build_model
 from fedsafe.privacy.calibration import calibrate_noise_multiplier
 from fedsafe.privacy.secure_random import ChaCha20Random, noise_grid
-from fedsafe.simulations.scenarios import MODEL_OF, load_scenario
+from fedsafe.tasks.scenarios import MODEL_OF, load_scenario
+from fedsafe.training.dp_training import TrainPlan, _run_steps, poisson_sample_rate, train_round
+from fedsafe.training.secure_dp_sgd import snapped_noised_sum
 
 VALUES = 577_000
 RECORDS = 60_000

@@ -29,7 +29,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from fedsafe.client.app import app  # noqa: E402
-from fedsafe.client.dp_training import poisson_sample_rate  # noqa: E402
 from fedsafe.client.policy import (  # noqa: E402
     SitePolicy,
     load_policy,
@@ -45,6 +44,7 @@ from fedsafe.models import build_model  # noqa: E402
 from fedsafe.privacy.accounting import epsilon  # noqa: E402
 from fedsafe.privacy.events import PoissonGaussianEvent  # noqa: E402
 from fedsafe.privacy.releases import check_reply  # noqa: E402
+from fedsafe.training.dp_training import poisson_sample_rate  # noqa: E402
 
 SCHEMA = """label: {column: outcome, positive: yes}
 drop: [patient_id]

@@ -45,11 +45,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedsafe.client.dp_training import _loss, make_private, private_backward
-from fedsafe.client.grad_sample_mode import choose_grad_sample_mode
-from fedsafe.client.malloc_tuning import KEEP_FREED_MEMORY_ENV
 from fedsafe.models import build_model
-from fedsafe.simulations.scenarios import MODEL_OF, load_scenario
+from fedsafe.tasks.scenarios import MODEL_OF, load_scenario
+from fedsafe.training.dp_training import _loss, make_private, private_backward
+from fedsafe.training.grad_sample_mode import choose_grad_sample_mode
+from fedsafe.training.malloc_tuning import KEEP_FREED_MEMORY_ENV
 
 MODELS = ("heart-logreg", "lending-mlp", "mnist-cnn", "mlp-4x512", "groupnorm-resnet")
 BATCH = {

@@ -18,11 +18,11 @@ import sys
 import numpy as np
 import torch
 
-from fedsafe.client.dp_training import TrainPlan, poisson_sample_rate, train_round
 from fedsafe.models import build_model
 from fedsafe.privacy.calibration import calibrate_noise_multiplier
 from fedsafe.privacy.secure_random import reproducible_key  # bench: not private
-from fedsafe.simulations.scenarios import mnist_sites
+from fedsafe.tasks.scenarios import mnist_sites
+from fedsafe.training.dp_training import TrainPlan, poisson_sample_rate, train_round
 
 
 def flat(model: torch.nn.Module) -> np.ndarray:

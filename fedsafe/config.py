@@ -106,7 +106,7 @@ def check_strategy_name(name: str) -> None:
 
 
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "functorch")
-"""Per-record clipping modes (:mod:`fedsafe.client.grad_sample_mode`): cost only, not privacy."""
+"""Per-record clipping modes (:mod:`fedsafe.training.grad_sample_mode`): cost only, not privacy."""
 
 
 @dataclass(frozen=True, slots=True)

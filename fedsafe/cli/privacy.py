@@ -153,7 +153,7 @@ def run_audit(args: argparse.Namespace) -> int:
 
     from fedsafe.models import build_model
     from fedsafe.privacy.audit import TrainingSetup, membership_audit
-    from fedsafe.simulations.scenarios import load_scenario
+    from fedsafe.tasks.scenarios import load_scenario
 
     scenario = load_scenario(args.scenario)
     sites = {s.name: s for s in scenario.sites}

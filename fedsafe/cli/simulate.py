@@ -358,7 +358,7 @@ def own_sites(cfg: RunConfig) -> tuple[str, tuple[Any, ...]]:
         For any problem of a file or the schema, or sites whose encoded features differ.
     """
     from fedsafe.data.schema import load_schema, prepare_site
-    from fedsafe.simulations.scenarios import simulated_site_paths
+    from fedsafe.tasks.scenarios import simulated_site_paths
 
     schema = load_schema(cfg.schema_path)
     sites = tuple(
@@ -371,8 +371,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     """Run the simulation, show progress, print the final table."""
     from fedsafe.client.policy import public_size_of
     from fedsafe.simulations.runner import SimulationFailed, run_simulation
-    from fedsafe.simulations.scenarios import HEADLINE_OF, default_num_sites, load_scenario
     from fedsafe.simulations.tables import final_table, progress_line
+    from fedsafe.tasks.scenarios import HEADLINE_OF, default_num_sites, load_scenario
 
     cfg = config_from_args(args)
     if args.resume is not None:
@@ -450,7 +450,7 @@ def run_simulate(args: argparse.Namespace) -> int:
 def run_baseline(args: argparse.Namespace) -> int:
     """Train the pooled or local baseline and print its per-site table."""
     from fedsafe.simulations.baselines import local_baselines, pooled_baseline
-    from fedsafe.simulations.scenarios import load_scenario
+    from fedsafe.tasks.scenarios import load_scenario
 
     scenario = load_scenario(args.scenario)
     if args.kind == "pooled":

@@ -25,7 +25,6 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsafe.client.dp_training import evaluate_model, resolve_device
 from fedsafe.client.mods import site_mods
 from fedsafe.client.mods.contract import current_site_call
 from fedsafe.client.mods.site_policy import read_run_config
@@ -35,6 +34,7 @@ from fedsafe.client.train_step import training_step
 from fedsafe.client.update_encoding import received_state
 from fedsafe.config import RunConfig
 from fedsafe.models import build_model
+from fedsafe.training.dp_training import evaluate_model, resolve_device
 
 # The site's concerns, outermost first: errors as codes, the release check, the site's policy,
 # the round protocol's evaluation, noise and budget, compression after DP, the ledger commit

@@ -15,13 +15,13 @@ from __future__ import annotations
 from flwr.app import Context, Message, MessageType, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedsafe.client.dp_training import evaluate_model, resolve_device
 from fedsafe.client.site import resolve_site
 from fedsafe.client.update_encoding import received_state
 from fedsafe.config import RunConfig
 from fedsafe.models import build_model
 from fedsafe.privacy.releases import check_reply_keys
 from fedsafe.protocol import EVALUATE_FIRST, EVALUATION_RECORD
+from fedsafe.training.dp_training import evaluate_model, resolve_device
 
 
 def _asks_for_evaluation(msg: Message) -> bool:

@@ -160,7 +160,7 @@ def resolve_site(context: Context, cfg: RunConfig) -> SiteSetup:
             "this site has no policy (node config 'policy-path'); write one with "
             "`fedsafe site init` and start the site with `fedsafe site start`"
         )
-    from fedsafe.simulations.scenarios import load_scenario, simulated_site_paths
+    from fedsafe.tasks.scenarios import load_scenario, simulated_site_paths
 
     if cfg.scenario == "custom":
         # One researcher owns both sides in simulation: the run config names the CSVs.

@@ -5,7 +5,7 @@ ClientApp built with ``site_mods()``. It takes the round's
 :class:`~fedsafe.client.mods.contract.RoundGrant` (the plan: noise, Poisson rate of the site's
 public size, steps, clipping), trains the received global model on the site's training split
 with DP-SGD (Abadi et al., CCS 2016; Opacus parts, ChaCha20-keyed sampling and noise:
-:mod:`fedsafe.client.dp_training`), reports the
+:mod:`fedsafe.training.dp_training`), reports the
 :class:`~fedsafe.privacy.events.PoissonGaussianEvent` it spent, and returns the privatized
 model in Flower's plain format. Refusals, the ledger, compression and the release check are
 the mods' part.
@@ -16,11 +16,11 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
-from fedsafe.client.dp_training import resolve_device, train_round
 from fedsafe.client.mods.contract import current_grant, report_event, require_event_slot
 from fedsafe.client.site_replies import site_record
 from fedsafe.client.update_encoding import received_state
 from fedsafe.models import build_model
+from fedsafe.training.dp_training import resolve_device, train_round
 
 
 def training_step(msg: Message, context: Context) -> Message:

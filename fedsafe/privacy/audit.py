@@ -192,7 +192,7 @@ def train_model(
     trained: nn.Module = model
     event = None
     if dp:
-        from fedsafe.client.dp_training import make_private
+        from fedsafe.training.dp_training import make_private
 
         trained, optimizer, loader, sample_rate = make_private(
             model,

@@ -43,8 +43,8 @@ from fedsafe.server.site_identity import set_event_sink
 from fedsafe.server.site_policies import DeclaredSite, RunRefused, check_declared_sites
 from fedsafe.server.strategy import FedsafeStrategy, RunProgress, log
 from fedsafe.server.update_checks import UpdateChecks
-from fedsafe.simulations.scenarios import default_num_sites, run_model_name
 from fedsafe.strategies.factory import build_strategy
+from fedsafe.tasks.scenarios import default_num_sites, run_model_name
 
 app = ServerApp()
 

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedsafe.client.dp_training import evaluate_model
 from fedsafe.models import build_model
-from fedsafe.simulations.scenarios import Scenario
+from fedsafe.tasks.scenarios import Scenario
+from fedsafe.training.dp_training import evaluate_model
 
 
 def _fit(

@@ -9,7 +9,7 @@ Start-up (issue 17). The run is submitted only once the SuperLink's Control API 
 request (:func:`wait_control_api`), not when its ``/health`` route first answers, so ``flwr
 run`` cannot meet "Connection to the SuperLink is unavailable" while the server still starts.
 The processes that run ClientApps start with glibc settings that keep freed memory
-(:data:`~fedsafe.client.malloc_tuning.KEEP_FREED_MEMORY_ENV`).
+(:data:`~fedsafe.training.malloc_tuning.KEEP_FREED_MEMORY_ENV`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsafe.client.malloc_tuning import KEEP_FREED_MEMORY_ENV
 from fedsafe.config import RunConfig
 from fedsafe.server.run_folder import new_run_dir
 from fedsafe.simulations.flower_app import RunFailed, submit_and_follow
+from fedsafe.training.malloc_tuning import KEEP_FREED_MEMORY_ENV
 from fedsafe.transport.processes import (
     LOOPBACK,
     FlowerProcess,

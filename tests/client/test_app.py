@@ -218,7 +218,7 @@ def test_a_simulated_site_is_told_by_its_node_config_and_marked_not_private() ->
         {"partition-id": 0, "num-partitions": 4},
         {"scenario": "heart", "dp": False, "local-steps": 2, "ledger-dir": ""},
     )
-    from fedsafe.simulations.scenarios import load_scenario
+    from fedsafe.tasks.scenarios import load_scenario
 
     width = load_scenario("heart").site(0).num_features
     reply = app(_message(MessageType.TRAIN, width), context)
@@ -229,7 +229,7 @@ def test_a_simulated_site_is_told_by_its_node_config_and_marked_not_private() ->
 
 
 def test_reproducible_noise_replays_only_at_a_simulated_site_and_is_marked() -> None:
-    from fedsafe.simulations.scenarios import load_scenario
+    from fedsafe.tasks.scenarios import load_scenario
 
     width = load_scenario("heart").site(0).num_features
     run = {"scenario": "heart", "reproducible-noise": True, "local-steps": 2, "ledger-dir": ""}

@@ -17,7 +17,7 @@ from flwr.app import (
 from fedsafe.client.evaluate_first import evaluate_first
 from fedsafe.models import build_model
 from fedsafe.protocol import EVALUATE_FIRST, EVALUATION_RECORD
-from fedsafe.simulations.scenarios import load_scenario
+from fedsafe.tasks.scenarios import load_scenario
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from fedsafe.data.mnist import load_mnist, mnist_path
 from fedsafe.data.partition import dirichlet_label_partition, iid_partition
-from fedsafe.simulations.mnist_model import MnistCNN
+from fedsafe.models.mnist_cnn import MnistCNN
 
 
 def _covers(parts, n):

@@ -3,7 +3,6 @@ import pandas as pd
 import pytest
 import torch
 
-from fedsafe.client.dp_training import evaluate_model
 from fedsafe.data.heart import (
     CENTERS,
     FEATURES,
@@ -15,6 +14,7 @@ from fedsafe.data.heart import (
 )
 from fedsafe.data.split import assign_to_test
 from fedsafe.models import build_model
+from fedsafe.training.dp_training import evaluate_model
 
 
 def test_center_is_assigned_by_row_id_not_dataset_column(heart_csv):

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from fedsafe.cli.main import main
-from fedsafe.client.dp_training import evaluate_model
 from fedsafe.data.schema import load_site_data
 from fedsafe.data.split import assign_to_test, split_key_path
 from fedsafe.models import build_model
+from fedsafe.training.dp_training import evaluate_model
 
 SCHEMA = """label: {column: outcome, positive: yes}
 id: patient_id
@@ -459,8 +459,8 @@ def test_unknown_model_is_refused_with_the_fix(capsys, site, model):
 
 
 def test_multi_class_csv_trains_the_schema_model_with_dp(site):
-    from fedsafe.client.dp_training import TrainPlan, train_round
     from fedsafe.data.schema import load_schema
+    from fedsafe.training.dp_training import TrainPlan, train_round
 
     data, schema = site
     schema.write_text("model: {mlp: [16]}\n" + MULTI)

@@ -398,7 +398,7 @@ def test_the_real_client_app_answers_the_protocol(tmp_path):
     }
     sites = ClientAppSites(run_config, {n: n - 1 for n in NODES})
     from fedsafe.models import build_model
-    from fedsafe.simulations.scenarios import load_scenario
+    from fedsafe.tasks.scenarios import load_scenario
 
     scenario = load_scenario("heart", 4, 10, 0.5)
     model = build_model(scenario.model, scenario.site(0).num_features, 42)

@@ -241,7 +241,7 @@ def test_worst_case_dp_sgd_updates_stay_under_the_bound():
 def test_real_dp_sites_pass_and_their_1e6_update_does_not(tmp_path):
     """fedsafe's real ClientApp (heart, real DP-SGD): honest updates are kept."""
     from fedsafe.models import build_model
-    from fedsafe.simulations.scenarios import load_scenario
+    from fedsafe.tasks.scenarios import load_scenario
 
     run_config = {"scenario": "heart", "local-steps": 3, "noise-multiplier": 1.0,
                   "num-server-rounds": 1}  # fmt: skip

@@ -10,7 +10,7 @@ coordinator writes) and never anything persisted:
 * :class:`SiteCall`: the run config and site one message is answered under, resolved once by
   the ``site_policy`` mod after the site's own policy accepted the run;
 * :class:`RoundGrant`: the plan the step receives from the ``privacy_budget`` mod, i.e. the
-  :class:`~fedsafe.client.dp_training.TrainPlan` whose noise the site chose and whose spending
+  :class:`~fedsafe.training.dp_training.TrainPlan` whose noise the site chose and whose spending
   its budget allows;
 * the :class:`~fedsafe.privacy.events.PoissonGaussianEvent` the step returns with
   :func:`report_event`, which the ``ledger_commit`` mod commits before the reply leaves.
@@ -28,10 +28,10 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fedsafe.client.dp_training import TrainPlan
 from fedsafe.client.site import SiteSetup
 from fedsafe.config import RunConfig
 from fedsafe.privacy.events import PoissonGaussianEvent
+from fedsafe.training.dp_training import TrainPlan
 
 if TYPE_CHECKING:
     from fedsafe.client.privacy_state import SiteAccount

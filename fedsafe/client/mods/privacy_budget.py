@@ -23,7 +23,6 @@ from flwr.app import Context, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedsafe.client import privacy_state
-from fedsafe.client.dp_training import TrainPlan, poisson_sample_rate
 from fedsafe.client.mods.contract import (
     RoundBooks,
     RoundGrant,
@@ -41,6 +40,7 @@ from fedsafe.errors import BudgetExhaustedError
 from fedsafe.privacy.accounting import epsilon
 from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.ledger import SitePrivacyLedger
+from fedsafe.training.dp_training import TrainPlan, poisson_sample_rate
 
 
 def reproducible(cfg: RunConfig, site: SiteSetup) -> bool:

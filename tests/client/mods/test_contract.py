@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 
-from fedsafe.client.dp_training import TrainPlan
 from fedsafe.client.mods.contract import (
     ModOrderError,
     RoundBooks,
@@ -20,6 +19,7 @@ from fedsafe.client.mods.contract import (
 from fedsafe.client.site import resolve_site
 from fedsafe.config import RunConfig
 from fedsafe.privacy.events import PoissonGaussianEvent
+from fedsafe.training.dp_training import TrainPlan
 from tests.client.mods.conftest import Site, new_context
 
 PLAN = TrainPlan(local_steps=3, batch_size=8, lr=0.1, noise_multiplier=1.0, sample_rate=0.1)

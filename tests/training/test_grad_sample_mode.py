@@ -5,15 +5,15 @@ import pytest
 import torch
 from torch import nn
 
-from fedsafe.client.dp_training import TrainPlan, train_round
-from fedsafe.client.grad_sample_mode import (
+from fedsafe.models import build_model
+from fedsafe.models.mnist_cnn import MnistCNN
+from fedsafe.training.dp_training import TrainPlan, train_round
+from fedsafe.training.grad_sample_mode import (
     GRAD_SAMPLE_MODES,
     check_grad_sample_mode,
     choose_grad_sample_mode,
     resolve_grad_sample_mode,
 )
-from fedsafe.models import build_model
-from fedsafe.simulations.mnist_model import MnistCNN
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 

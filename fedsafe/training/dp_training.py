@@ -26,14 +26,14 @@ from numpy.typing import NDArray
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedsafe.client.grad_sample_mode import check_grad_sample_mode, resolve_grad_sample_mode
-from fedsafe.client.malloc_tuning import keep_freed_memory
 from fedsafe.config import MAX_MAX_GRAD_NORM, MIN_MAX_GRAD_NORM
 from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.secure_random import NOISE_STREAM, SAMPLING_STREAM, ChaCha20Random, fresh_key
+from fedsafe.training.grad_sample_mode import check_grad_sample_mode, resolve_grad_sample_mode
+from fedsafe.training.malloc_tuning import keep_freed_memory
 
 if TYPE_CHECKING:
-    from fedsafe.client.secure_dp_sgd import SecureNoiseDPOptimizer, SecureNoiseGhostDPOptimizer
+    from fedsafe.training.secure_dp_sgd import SecureNoiseDPOptimizer, SecureNoiseGhostDPOptimizer
 
 EVAL_CHUNK = 256
 """Records per forward pass in :func:`evaluate_model`: bounded activations, no page storm."""
@@ -63,7 +63,7 @@ class TrainPlan:
         Poisson rate per record, in (0, 1]; None = ``1 / ceil(n / batch_size)``. The ClientApp
         passes the rate of the site's *public* size, so the exact size never shapes the update.
     grad_sample_mode
-        How per-record norms are computed (:mod:`fedsafe.client.grad_sample_mode`): ``auto``,
+        How per-record norms are computed (:mod:`fedsafe.training.grad_sample_mode`): ``auto``,
         ``hooks``, ``ghost`` or ``functorch``. It changes the cost only: the clipped update
         and the privacy event are the same.
     """
@@ -147,8 +147,8 @@ def make_private(
 
     Built from Opacus's parts (``GradSampleModule``, ``DPOptimizer``) without its
     ``PrivacyEngine``, whose sampler and noise draw from a ``torch.Generator``: batches come
-    from :class:`~fedsafe.client.secure_dp_sgd.SecurePoissonSampler` and noise from
-    :class:`~fedsafe.client.secure_dp_sgd.SecureNoiseDPOptimizer`, both
+    from :class:`~fedsafe.training.secure_dp_sgd.SecurePoissonSampler` and noise from
+    :class:`~fedsafe.training.secure_dp_sgd.SecureNoiseDPOptimizer`, both
     keyed with ``key`` (separate ChaCha20 streams). The engine's warning that its RNG is not
     secure therefore does not apply and is not raised.
 
@@ -172,9 +172,9 @@ def make_private(
     grad_sample_mode
         ``hooks`` (Opacus's ``GradSampleModule``), ``functorch`` (the same, every layer through
         ``torch.func``) or ``ghost`` (``GradSampleModuleFastGradientClipping`` with
-        :class:`~fedsafe.client.secure_dp_sgd.SecureNoiseGhostDPOptimizer`: train it with
+        :class:`~fedsafe.training.secure_dp_sgd.SecureNoiseGhostDPOptimizer`: train it with
         :func:`private_backward`); ``auto`` resolves with
-        :func:`~fedsafe.client.grad_sample_mode.choose_grad_sample_mode`. Sampling, noise,
+        :func:`~fedsafe.training.grad_sample_mode.choose_grad_sample_mode`. Sampling, noise,
         expected batch size and the returned rate are the same in every mode.
 
     Returns
@@ -189,7 +189,7 @@ def make_private(
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
     from opacus.validators import ModuleValidator
 
-    from fedsafe.client.secure_dp_sgd import (
+    from fedsafe.training.secure_dp_sgd import (
         SecureNoiseDPOptimizer,
         SecureNoiseGhostDPOptimizer,
         SecurePoissonSampler,
@@ -258,7 +258,7 @@ def private_backward(
     """Forward and backward of one batch, leaving what ``optimizer.step()`` needs.
 
     With the ghost optimizer
-    (:class:`~fedsafe.client.secure_dp_sgd.SecureNoiseGhostDPOptimizer`) this is Opacus's
+    (:class:`~fedsafe.training.secure_dp_sgd.SecureNoiseGhostDPOptimizer`) this is Opacus's
     two-pass ghost clipping: the mean loss's backward fills each record's gradient norm,
     then the per-record losses reweighted by ``min(1, C / norm)`` are summed and
     back-propagated with the hooks off, so ``p.grad`` is the clipped sum. Otherwise one
@@ -269,7 +269,7 @@ def private_backward(
     torch.Tensor
         The batch's mean loss, detached.
     """
-    from fedsafe.client.secure_dp_sgd import SecureNoiseGhostDPOptimizer
+    from fedsafe.training.secure_dp_sgd import SecureNoiseGhostDPOptimizer
 
     with warnings.catch_warnings():
         # Opacus's per-sample hooks on inputs that need no gradient: expected here.

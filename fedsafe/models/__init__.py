@@ -2,7 +2,7 @@
 
 - ``logreg``: logistic regression, ``Linear(d, 1)`` on logits, FLamby's Fed-Heart-Disease model.
 - ``mlp``: one hidden layer of 32 units with ReLU, for the lending scenario.
-- ``mnist_cnn``: a small GroupNorm CNN (:class:`fedsafe.simulations.mnist_model.MnistCNN`).
+- ``mnist_cnn``: a small GroupNorm CNN (:class:`fedsafe.models.mnist_cnn.MnistCNN`).
 
 A bring-your-own schema names its model (:mod:`fedsafe.data.schema`) as ``logreg`` or
 ``mlp-H1-H2-...`` (hidden widths), with ``/K`` appended for a ``K``-class label (``K`` logits,
@@ -63,7 +63,7 @@ def build_model(name: str, num_features: int, seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if family == "mnist_cnn":
-            from fedsafe.simulations.mnist_model import MnistCNN
+            from fedsafe.models.mnist_cnn import MnistCNN
 
             return MnistCNN()
         layers: list[nn.Module] = []

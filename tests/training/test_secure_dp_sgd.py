@@ -11,18 +11,18 @@ from scipy import stats
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedsafe.client.dp_training import make_private, private_backward
-from fedsafe.client.secure_dp_sgd import (
-    SecureNoiseDPOptimizer,
-    SecureNoiseGhostDPOptimizer,
-    SecurePoissonSampler,
-)
 from fedsafe.privacy.secure_random import (
     NOISE_STREAM,
     SAMPLING_STREAM,
     ChaCha20Random,
     noise_grid,
     realised_rate,
+)
+from fedsafe.training.dp_training import make_private, private_backward
+from fedsafe.training.secure_dp_sgd import (
+    SecureNoiseDPOptimizer,
+    SecureNoiseGhostDPOptimizer,
+    SecurePoissonSampler,
 )
 
 # Opacus per-sample hooks on inputs that need no gradient: harmless here.

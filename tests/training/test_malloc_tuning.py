@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fedsafe.client.malloc_tuning import KEEP_FREED_MEMORY_ENV, keep_freed_memory
+from fedsafe.training.malloc_tuning import KEEP_FREED_MEMORY_ENV, keep_freed_memory
 
 # One hooks-mode DP-SGD step of a 512-wide layer at batch 64 builds 64 MB of per-record
 # gradients and frees them; the child prints the page faults per step after two warm steps.
@@ -15,10 +15,10 @@ import resource, sys, torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 torch.set_num_threads(1)
-from fedsafe.client.malloc_tuning import keep_freed_memory
+from fedsafe.training.malloc_tuning import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
-from fedsafe.client.dp_training import make_private, private_backward
+from fedsafe.training.dp_training import make_private, private_backward
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 2))
 x, y = torch.randn(64, 512), torch.randint(0, 2, (64,))

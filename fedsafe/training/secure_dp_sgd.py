@@ -5,7 +5,7 @@ Opacus 1.6 (Yousefpour et al., 2021) draws Poisson batches and Gaussian noise fr
 Twister keeps the low 32 bits), and its ``secure_mode`` needs ``torchcsprng``, which does not
 support torch 2.13. These two parts replace exactly those draws with
 :class:`~fedsafe.privacy.secure_random.ChaCha20Random` streams and keep the rest of Opacus's
-DP-SGD step (per-record clipping, accumulation, scaling). :func:`fedsafe.client.dp_training.
+DP-SGD step (per-record clipping, accumulation, scaling). :func:`fedsafe.training.dp_training.
 make_private` assembles them; this module is imported only when a site trains, since Opacus
 takes seconds to load.
 """

@@ -3,14 +3,14 @@ import pytest
 import torch
 from torch import nn
 
-from fedsafe.client.dp_training import (
+from fedsafe.models import build_model
+from fedsafe.training.dp_training import (
     TrainPlan,
     evaluate_model,
     poisson_sample_rate,
     resolve_device,
     train_round,
 )
-from fedsafe.models import build_model
 
 CPU = torch.device("cpu")
 KEY_A = bytes(range(32))
@@ -162,7 +162,7 @@ def test_the_public_rate_and_expected_batch_size_shape_the_step_not_the_exact_si
     assert event is not None and event.sample_rate == pytest.approx(0.08)
     from torch.utils.data import DataLoader, TensorDataset
 
-    from fedsafe.client.dp_training import make_private
+    from fedsafe.training.dp_training import make_private
 
     m = build_model("logreg", 5, 0)
     loader = DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=8)
@@ -176,7 +176,7 @@ def test_the_public_rate_and_expected_batch_size_shape_the_step_not_the_exact_si
 
 
 def test_evaluation_runs_in_bounded_chunks_with_the_same_result():
-    from fedsafe.client.dp_training import EVAL_CHUNK
+    from fedsafe.training.dp_training import EVAL_CHUNK
 
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2 * EVAL_CHUNK + 88, 5)).astype(np.float32)
