@@ -1,7 +1,7 @@
 """``fedsafe report``: a self-contained privacy report of a run folder or a ledger file.
 
 Writes ``report.html`` (plots embedded), ``report.json`` and ``report.csv`` and prints a
-summary table; see :mod:`fedsafe.privacy.report`.
+summary table; see :mod:`fedsafe.reporting.report`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def register(subparsers: Any) -> None:
 
 def run_report(args: argparse.Namespace) -> int:
     """Write the report and print the summary table; return 0."""
-    from fedsafe.privacy.report import write_report
+    from fedsafe.reporting.report import write_report
 
     files = write_report(args.path, args.out)
     print(files.summary)

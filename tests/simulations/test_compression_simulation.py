@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedsafe.cli.main import main
-from fedsafe.privacy.report import write_report
+from fedsafe.reporting.report import write_report
 
 pytestmark = pytest.mark.slow
 

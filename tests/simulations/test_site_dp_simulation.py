@@ -17,7 +17,7 @@ import dp_accounting
 import pytest
 
 from fedsafe.cli.main import main
-from fedsafe.privacy.report import write_report
+from fedsafe.reporting.report import write_report
 from fedsafe.transport.processes import pids_with_env
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ from fedsafe.privacy.accounting import epsilon
 from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.ledger import SitePrivacyLedger
 from fedsafe.privacy.releases import RELEASES
-from fedsafe.privacy.report import write_report
+from fedsafe.reporting.report import write_report
 
 EVENT = PoissonGaussianEvent(0.02, 1.1, 50)
 CHROMIUM = Path("/usr/bin/chromium")
@@ -229,7 +229,7 @@ def test_report_renders_plots_in_headless_chromium(tmp_path: Path) -> None:
 
 def test_ledger_report_composes_every_data_version_into_one_account(tmp_path: Path) -> None:
     """A schema change once split the account and the report took the maximum (issue 13)."""
-    from fedsafe.privacy.report_data import load_ledger_file
+    from fedsafe.reporting.report_data import load_ledger_file
 
     event = PoissonGaussianEvent(0.05, 1.0, 20)
     path = tmp_path / "site-a.sqlite"

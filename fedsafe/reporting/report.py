@@ -24,7 +24,7 @@ from typing import Any
 
 from fedsafe.errors import UserError
 from fedsafe.privacy.releases import RELEASES
-from fedsafe.privacy.report_data import ReportData, SiteSummary, load_report_data
+from fedsafe.reporting.report_data import ReportData, SiteSummary, load_report_data
 from fedsafe.privacy.site_level_dp import site_level_paragraphs
 
 ACCOUNTANT_NAMES = {
