@@ -153,6 +153,7 @@ def run_audit(args: argparse.Namespace) -> int:
 
     from fedsafe.models import build_model
     from fedsafe.privacy.audit import TrainingSetup, membership_audit
+    from fedsafe.strict_json import strict_dumps
     from fedsafe.tasks.scenarios import load_scenario
 
     scenario = load_scenario(args.scenario)
@@ -193,7 +194,7 @@ def run_audit(args: argparse.Namespace) -> int:
             raise UserError(f"--run {args.run}: not a run folder")
         existing = json.loads(path.read_text()) if path.exists() else []
         existing = existing if isinstance(existing, list) else [existing]
-        path.write_text(json.dumps([*existing, record], indent=2) + "\n")
+        path.write_text(strict_dumps([*existing, record], indent=2) + "\n")
         print(f"added to {path}; `fedsafe report {args.run}` shows it")
     return 0
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import dp_accounting
 
+from fedsafe.strict_json import strict_dumps
+
 #: The file of a run folder that records the coordinator's site-level releases.
 SITE_DP_FILE = "site_dp.json"
 
@@ -89,7 +91,7 @@ class SiteLevelDP:
 
 def write_site_dp(folder: Path, mechanism: SiteLevelDP) -> None:
     """Write ``mechanism`` (and its epsilon) to the run folder's :data:`SITE_DP_FILE`."""
-    (Path(folder) / SITE_DP_FILE).write_text(json.dumps(mechanism.to_mapping(), indent=1))
+    (Path(folder) / SITE_DP_FILE).write_text(strict_dumps(mechanism.to_mapping(), indent=1))
 
 
 def site_level_paragraphs(folder: Path) -> list[str]:

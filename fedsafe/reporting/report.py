@@ -14,8 +14,6 @@ import base64
 import csv
 import html
 import io
-import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -24,8 +22,9 @@ from typing import Any
 
 from fedsafe.errors import UserError
 from fedsafe.privacy.releases import RELEASES
-from fedsafe.reporting.report_data import ReportData, SiteSummary, load_report_data
 from fedsafe.privacy.site_level_dp import site_level_paragraphs
+from fedsafe.reporting.report_data import ReportData, SiteSummary, load_report_data
+from fedsafe.strict_json import strict_dumps
 
 ACCOUNTANT_NAMES = {
     "prv": "PRV accountant (Gopi, Lee and Wutschitz, NeurIPS 2021), upper error bound",
@@ -37,10 +36,12 @@ CSV_COLUMNS = (
     "site",
     "run_id",
     "epsilon",
+    "epsilon_run",
     "delta",
     "accuracy",
+    "roc_auc",
     "num_examples",
-    "epsilon_max",
+    "budget_epsilon",
     "remaining",
     "bytes_up",
     "bytes_down",
@@ -63,36 +64,61 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 
 def mechanism_parameters(data: ReportData) -> list[dict[str, Any]]:
-    """Every distinct mechanism per site: sample rate, noise, steps, clip norm, delta."""
+    """Every distinct mechanism per site: sample rate, noise, steps, clip norm, delta.
+
+    From the site's ledger where the report can read it, else from what each site reported
+    with its releases in ``rounds.jsonl`` (a deployed site's ledger stays at the site).
+    """
     params: list[dict[str, Any]] = []
     for site, entries in data.ledgers.items():
-        seen = set()
+        counts: dict[tuple[Any, ...], int] = {}
         for e in entries:
-            key = (e.event.sample_rate, e.event.noise_multiplier, e.event.steps, e.clip_norm)
-            if key in seen:
-                continue
-            seen.add(key)
-            params.append(
-                {
-                    "site": site,
-                    "sample_rate": e.event.sample_rate,
-                    "noise_multiplier": e.event.noise_multiplier,
-                    "steps_per_round": e.event.steps,
-                    "clip_norm": e.clip_norm,
-                    "delta": e.delta,
-                    "accountant": e.accountant,
-                    "rounds": sum(
-                        1
-                        for x in entries
-                        if (x.event.sample_rate, x.event.noise_multiplier, x.event.steps) == key[:3]
-                    ),
-                }
-            )
+            key = (e.event.sample_rate, e.event.noise_multiplier, e.event.steps, e.clip_norm,
+                   e.delta, e.accountant)  # fmt: skip
+            counts[key] = counts.get(key, 0) + 1
+        params.extend(_mechanism_row(site, "ledger", key, n) for key, n in counts.items())
+    accountant = str(data.config.get("accountant", "prv"))
+    reported: dict[str, dict[tuple[Any, ...], int]] = {}
+    for r in data.rows:
+        if r.site in data.ledgers or r.noise_multiplier is None or r.sample_rate is None:
+            continue
+        key = (r.sample_rate, r.noise_multiplier, r.steps, r.clip_norm, r.delta, accountant)
+        site_counts = reported.setdefault(r.site, {})
+        site_counts[key] = site_counts.get(key, 0) + 1
+    for site, counts in reported.items():
+        params.extend(
+            _mechanism_row(site, "reported by the site", key, n) for key, n in counts.items()
+        )
     return params
+
+
+def _mechanism_row(site: str, source: str, key: tuple[Any, ...], releases: int) -> dict[str, Any]:
+    sample_rate, noise, steps, clip, delta, accountant = key
+    return {
+        "site": site,
+        "sample_rate": sample_rate,
+        "noise_multiplier": noise,
+        "steps_per_release": steps,
+        "clip_norm": clip,
+        "delta": delta,
+        "accountant": accountant,
+        "releases": releases,
+        "source": source,
+    }
 
 
 def _spent(site: SiteSummary) -> float | None:
     return site.epsilon_lifetime if site.epsilon_lifetime is not None else site.epsilon_run
+
+
+def _clip_text(data: ReportData) -> str:
+    """The clipping norm(s) actually used, from the config, the ledgers or the releases."""
+    norms = {e.clip_norm for es in data.ledgers.values() for e in es}
+    norms |= {r.clip_norm for r in data.rows if r.clip_norm is not None}
+    if norms:
+        return " / ".join(f"{n:g}" for n in sorted(norms))
+    configured = data.config.get("max-grad-norm")
+    return f"{configured}" if configured not in (None, "") else "C (a fixed norm)"
 
 
 def guarantee_paragraphs(data: ReportData) -> list[str]:
@@ -114,12 +140,8 @@ def guarantee_paragraphs(data: ReportData) -> list[str]:
     cfg = data.config
     accountant = str(cfg.get("accountant", "prv"))
     acc_text = ACCOUNTANT_NAMES.get(accountant, accountant)
-    eps_parts = [
-        f"{s.site}: ε = {_fmt(_spent(s), 3)} at δ = {_fmt(s.delta, 2)}"
-        + (f" (budget {_fmt(s.epsilon_max, 3)})" if s.epsilon_max is not None else "")
-        for s in data.sites
-    ]
-    clip = cfg.get("max-grad-norm", "see the parameter table")
+    eps_parts = [_spent_sentence(s) for s in data.sites]
+    clip = _clip_text(data)
     return [
         "What is protected: each single record (one row of a site's training data, e.g. one "
         "patient). Whether any one record was in a site's training data or not changes the "
@@ -129,9 +151,8 @@ def guarantee_paragraphs(data: ReportData) -> list[str]:
         "From whom: the coordinator, the other sites, and anyone who sees the final model or "
         "any intermediate model, even if they combine everything they saw and know every "
         "other record.",
-        "Privacy spent per site (all of its runs on the same data composed, not added): "
-        + "; ".join(eps_parts)
-        + ".",
+        "Privacy spent per site (every release on the site's records, all runs and data "
+        "versions, composed, not added): " + "; ".join(eps_parts) + ".",
         "Under which assumptions: (1) every training step picks records independently at "
         "random (Poisson sampling) with the sample rate below; (2) each record's influence on"
         f" a step is clipped to norm {clip} before Gaussian noise is added; (3) the site runs "
@@ -157,6 +178,29 @@ def guarantee_paragraphs(data: ReportData) -> list[str]:
         "are released without noise; the table of releases lists each kind. A site's errors "
         "leave as a code only.",
     ]
+
+
+def _spent_sentence(s: SiteSummary) -> str:
+    """One site's spending in words: lifetime as of the run and now, each with its time."""
+    parts = []
+    if s.epsilon_lifetime_at_run is not None:
+        parts.append(
+            f"lifetime ε = {_fmt(s.epsilon_lifetime_at_run, 3)} as of "
+            f"{s.lifetime_at_run_time or 'the run'}"
+        )
+    if s.epsilon_lifetime_now is not None:
+        parts.append(f"{_fmt(s.epsilon_lifetime_now, 3)} now ({s.lifetime_now_time})")
+    if not parts:
+        parts.append(f"ε = {_fmt(s.epsilon_run, 3)} in this run")
+    text = f"{s.site}: " + ", ".join(parts) + f" at δ = {_fmt(s.delta, 2)}"
+    if s.budget_epsilon is not None:
+        text += (
+            f", of its lifetime budget ε = {_fmt(s.budget_epsilon, 3)} "
+            f"({_fmt(s.remaining, 3)} remaining, {_fmt(s.spent_percent, 3)}% spent)"
+        )
+    else:
+        text += ", no lifetime budget declared"
+    return text
 
 
 def _png(fig: Any) -> str:
@@ -188,9 +232,13 @@ def figures(data: ReportData) -> dict[str, str]:
         ]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", color=colors[s.site], label=s.site)
-        if s.epsilon_max is not None:
-            ax.axhline(s.epsilon_max, ls="--", color=colors[s.site], alpha=0.7)
-    ax.set(xlabel=xlabel, ylabel="cumulative ε", title="ε per round per site (dashed: budget)")
+        if s.budget_epsilon is not None:
+            ax.axhline(s.budget_epsilon, ls="--", color=colors[s.site], alpha=0.7)
+    ax.set(
+        xlabel=xlabel,
+        ylabel="lifetime ε",
+        title="Lifetime ε per round per site (dashed: the site's budget)",
+    )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if sites:
@@ -220,7 +268,7 @@ def figures(data: ReportData) -> dict[str, str]:
     for i, s in enumerate(data.sites):
         spent = _spent(s) or 0.0
         ax.barh(i, spent, color=colors[s.site], label="spent" if i == 0 else None)
-        if s.remaining is not None:
+        if s.remaining is not None and s.budget_epsilon is not None:
             ax.barh(
                 i,
                 max(s.remaining, 0.0),
@@ -230,7 +278,7 @@ def figures(data: ReportData) -> dict[str, str]:
                 label="remaining" if i == 0 else None,
             )
     ax.set_yticks(range(len(sites)), sites)
-    ax.set(xlabel="ε", title="Budget per site: spent and remaining")
+    ax.set(xlabel="ε", title="Each site's lifetime budget: spent and remaining")
     if sites:
         ax.legend(fontsize=8)
     out["remaining_budget"] = _png(fig)
@@ -238,19 +286,58 @@ def figures(data: ReportData) -> dict[str, str]:
 
 
 def summary_table(data: ReportData) -> str:
-    """Return a plain-text table of each site's spending, as printed by ``fedsafe report``."""
+    """Return a plain-text table of each site's spending, as printed by ``fedsafe report``.
+
+    Columns: rounds, this run's epsilon, lifetime epsilon as of the run and now, the site's
+    own budget, remaining, % of the budget spent, delta, last accuracy and ROC AUC; the lines
+    below say when each lifetime was taken, the run target, the anchors and the audit AUCs.
+    """
     header = (
-        f"{'site':<24} {'rounds':>6} {'eps run':>8} {'eps life':>8} {'budget':>8} "
-        f"{'remain':>8} {'delta':>8} {'accuracy':>8}"
+        f"{'site':<20} {'rounds':>6} {'eps run':>8} {'life@run':>8} {'life now':>8} "
+        f"{'budget':>7} {'remain':>7} {'spent%':>6} {'delta':>7} {'acc':>6} {'auc':>6}"
     )
     lines = [header, "-" * len(header)]
     for s in data.sites:
         lines.append(
-            f"{s.site[:24]:<24} {s.rounds:>6} {_fmt(s.epsilon_run):>8} "
-            f"{_fmt(s.epsilon_lifetime):>8} {_fmt(s.epsilon_max):>8} {_fmt(s.remaining):>8} "
-            f"{_fmt(s.delta, 2):>8} {_fmt(s.last_accuracy, 3):>8}"
+            f"{s.site[:20]:<20} {s.rounds:>6} {_fmt(s.epsilon_run):>8} "
+            f"{_fmt(s.epsilon_lifetime_at_run):>8} {_fmt(s.epsilon_lifetime_now):>8} "
+            f"{_fmt(s.budget_epsilon):>7} {_fmt(s.remaining):>7} {_fmt(s.spent_percent, 3):>6} "
+            f"{_fmt(s.delta, 2):>7} {_fmt(s.last_accuracy, 3):>6} {_fmt(s.last_roc_auc, 3):>6}"
         )
+    times = sorted({s.lifetime_at_run_time for s in data.sites if s.lifetime_at_run_time})
+    label = "last release" if data.kind == "ledger" else "the run"
+    if times:
+        lines.append(f"life@run: lifetime epsilon as of {label} ({times[0]} to {times[-1]} UTC)")
+    now = sorted({s.lifetime_now_time for s in data.sites if s.lifetime_now_time})
+    lines.append(
+        f"life now: recomposed from the ledger at {now[0]} UTC"
+        if now
+        else "life now: - (the ledgers stay at the sites; run `fedsafe report LEDGER` there)"
+    )
+    sources = sorted({s.budget_source for s in data.sites})
+    lines.append(f"budget: each site's own lifetime budget ({'; '.join(sources) or '-'})")
+    targets = {s.run_target_epsilon for s in data.sites if s.run_target_epsilon is not None}
+    if targets:
+        lines.append(
+            f"run target epsilon {', '.join(_fmt(t) for t in sorted(targets))} "
+            "(the run's goal, not a budget)"
+        )
+    for s in data.sites:
+        if s.anchor is not None:
+            lines.append(f"anchor of {s.site}: {s.anchor} ({s.anchor_detail})")
+    for a in data.audit:
+        aucs = ", ".join(f"{k} {_fmt(_num(v), 3)}" for k, v in a.items() if "auc" in k)
+        if aucs:
+            site = a.get("site", "")
+            lines.append(f"membership-inference audit{f' of {site}' if site else ''}: {aucs}")
     return "\n".join(lines)
+
+
+def _num(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def report_dict(data: ReportData) -> dict[str, Any]:
@@ -258,13 +345,15 @@ def report_dict(data: ReportData) -> dict[str, Any]:
     return {
         "source": str(data.source),
         "kind": data.kind,
-        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "generated_at": data.generated_at or datetime.now(UTC).isoformat(timespec="seconds"),
+        "run_id": data.run_id,
+        "notes": list(data.notes),
         "dp": data.dp,
         "guarantee": [*guarantee_paragraphs(data), *site_level_paragraphs(data.source)],
         "config": dict(data.config),
         "mechanisms": mechanism_parameters(data),
         "releases": [asdict(r) for r in RELEASES],
-        "sites": [asdict(s) for s in data.sites],
+        "sites": [{**asdict(s), "epsilon_lifetime": s.epsilon_lifetime} for s in data.sites],
         "rounds": [asdict(r) for r in data.rows],
         "mean_accuracy": [{"round": r, "accuracy": a} for r, a in data.mean_accuracy],
         "bytes": bytes_per_round(data),
@@ -298,17 +387,6 @@ def bytes_per_round(data: ReportData) -> list[dict[str, Any]]:
     ]
 
 
-def _finite(value: Any) -> Any:
-    """Replace non-finite floats by ``None`` so the JSON is strict."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _table(rows: Sequence[Mapping[str, Any]], columns: list[str] | None = None) -> str:
     if not rows:
         return "<p><em>none</em></p>"
@@ -329,6 +407,51 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+#: The spending table's columns: (label shown to the officer, SiteSummary field).
+SPENDING_COLUMNS = (
+    ("site", "site"),
+    ("rounds", "rounds"),
+    ("ε this run", "epsilon_run"),
+    ("lifetime ε as of the run", "epsilon_lifetime_at_run"),
+    ("taken at (UTC)", "lifetime_at_run_time"),
+    ("lifetime ε now", "epsilon_lifetime_now"),
+    ("now = (UTC)", "lifetime_now_time"),
+    ("site's lifetime budget ε", "budget_epsilon"),
+    ("budget from", "budget_source"),
+    ("remaining ε", "remaining"),
+    ("spent % of budget", "spent_percent"),
+    ("δ", "delta"),
+    ("run target ε (not a budget)", "run_target_epsilon"),
+    ("last accuracy", "last_accuracy"),
+    ("last ROC AUC", "last_roc_auc"),
+)
+
+
+def spending_rows(data: ReportData) -> list[dict[str, Any]]:
+    """The spending table, one row per site, under the labels the officer reads."""
+    rows = []
+    for s in data.sites:
+        row = {label: getattr(s, field) for label, field in SPENDING_COLUMNS}
+        if data.kind == "ledger":
+            row["lifetime ε as of the run"] = s.epsilon_lifetime_at_run
+            row["taken at (UTC)"] = f"{s.lifetime_at_run_time} (last release)"
+        if s.epsilon_lifetime_now is None:
+            row["lifetime ε now"] = "not here (ledger stays at the site)"
+        if s.budget_epsilon is None:
+            row["site's lifetime budget ε"] = "not declared"
+            row["remaining ε"] = row["spent % of budget"] = "no budget"
+        rows.append(row)
+    return rows
+
+
+def anchor_rows(data: ReportData) -> list[dict[str, Any]]:
+    """Each site's ledger anchor state and what it means."""
+    return [
+        {"site": s.site, "anchor": s.anchor or "not checked", "detail": s.anchor_detail}
+        for s in data.sites
+    ]
 
 
 def render_html(data: ReportData, content: Mapping[str, Any], pngs: Mapping[str, str]) -> str:
@@ -353,6 +476,14 @@ def render_html(data: ReportData, content: Mapping[str, Any], pngs: Mapping[str,
         ]
     )
     config_rows = [{"setting": k, "value": v} for k, v in sorted(data.config.items())]
+    budget_from = "; ".join(sorted({s.budget_source for s in data.sites})) or "none"
+    notes = "".join(f"<p><em>{esc(n)}</em></p>" for n in data.notes)
+    mechanisms = (
+        _table(content["mechanisms"])
+        if content["mechanisms"]
+        else "<p><strong>No DP release was recorded</strong> for this "
+        f"{'ledger' if data.kind == 'ledger' else 'run'}: no site spent privacy in it.</p>"
+    )
     audit = ""
     if data.audit:
         audit = (
@@ -374,10 +505,23 @@ th{{background:#eee}} figure{{margin:1em 0}} img{{max-width:100%}}
 <p>Source: <code>{esc(str(data.source))}</code> ({esc(data.kind)}),
 generated {esc(content["generated_at"])}.</p>
 <h2>The privacy guarantee in plain words</h2><div class="box">{guarantee}</div>
-<h2>Spending per site</h2>{_table(content["sites"])}
+<h2>Spending per site</h2>
+<p>Budget is each site's own lifetime budget ({esc(budget_from)}); remaining = budget - lifetime
+ε (now where shown, else as of the run); spent % is of that budget. The run target is the run
+config's goal for one run, never a budget.</p>
+{_table(spending_rows(data))}{notes}
+<h2>Ledger anchors</h2>
+<p>verified: the ledger extends the anchor its site keeps outside the ledger's folder;
+missing: no anchor for it here (moved, copied, or another secrets folder); mismatch: the ledger
+was replaced, truncated or rolled back since the anchor was written.</p>
+{_table(anchor_rows(data))}
 <h2>Plots</h2>{images}
 <h2>What leaves each site</h2>{releases}
-<h2>Mechanism parameters (from the ledgers)</h2>{_table(content["mechanisms"])}
+<h2>Mechanism parameters</h2>
+<p>Every distinct mechanism each site released with: Poisson sample rate, noise multiplier,
+noisy steps per release, clipping norm and δ, with how many releases used it; from the site's
+ledger where this report can read it, else as each site reported it with its releases.</p>
+{mechanisms}
 <h2>Run settings</h2>{_table(config_rows)}
 <h2>Bytes on the wire</h2><p>Serialized size of every message, all sites together, per
 round; the ratio compares the uplink with the same replies uncompressed.</p>
@@ -388,7 +532,13 @@ round; the ratio compares the uplink with the same replies uncompressed.</p>
 """
 
 
-def write_report(path: str | Path, out_dir: str | Path | None = None) -> ReportFiles:
+def write_report(
+    path: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    site: str | None = None,
+    policy: str | Path | None = None,
+) -> ReportFiles:
     """Write ``report.html``, ``report.json`` and ``report.csv`` for a run folder or ledger.
 
     Parameters
@@ -397,13 +547,16 @@ def write_report(path: str | Path, out_dir: str | Path | None = None) -> ReportF
         A run folder or a ledger file.
     out_dir
         Where to write; default the run folder, or the ledger's folder.
+    site, policy
+        For a ledger file: the site's name (default the file's stem) and its policy file
+        (default ``policy.toml`` beside the ledger), for the name and budget shown.
 
     Returns
     -------
     ReportFiles
         The three paths and the summary table.
     """
-    data = load_report_data(path)
+    data = load_report_data(path, site, policy)
     out = Path(out_dir) if out_dir else (data.source if data.kind == "run" else data.source.parent)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -415,7 +568,7 @@ def write_report(path: str | Path, out_dir: str | Path | None = None) -> ReportF
         out / "report.html", out / "report.json", out / "report.csv", summary_table(data)
     )
     files.html.write_text(render_html(data, content, pngs), encoding="utf-8")
-    files.json.write_text(json.dumps(_finite(content), indent=2, allow_nan=False), encoding="utf-8")
+    files.json.write_text(strict_dumps(content, indent=2), encoding="utf-8")
     with files.csv.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS))
         writer.writeheader()

@@ -40,7 +40,13 @@ from fedsafe.server.reply_checks import ReplyRejected, metrics_of, reply_error, 
 from fedsafe.server.run_folder import RunFolder, new_run_dir
 from fedsafe.server.site_dp import SiteLevelDPStrategy
 from fedsafe.server.site_identity import set_event_sink
-from fedsafe.server.site_policies import DeclaredSite, RunRefused, check_declared_sites
+from fedsafe.server.site_policies import (
+    BUDGETS_FILE,
+    DeclaredSite,
+    RunRefused,
+    check_declared_sites,
+    declared_budgets,
+)
 from fedsafe.server.strategy import FedsafeStrategy, RunProgress, log
 from fedsafe.server.update_checks import UpdateChecks
 from fedsafe.strategies.factory import build_strategy
@@ -143,6 +149,8 @@ def main(grid: Grid, context: Context) -> None:
     deadlines = PhaseDeadlines(train_s=cfg.train_deadline_s, evaluate_s=cfg.evaluate_deadline_s)
     prompt = PromptGrid(grid, deadlines)
     width, feature_names, declared = _input_width(prompt, num_sites, folder, cfg)
+    if budgets := declared_budgets(declared):  # the report shows each site's own budget
+        folder.write_json(BUDGETS_FILE, budgets)
     model_name = run_model_name(cfg)
     model = build_model(model_name, width, cfg.seed)
     downlink = parse_compression(cfg.downlink_compression)

@@ -10,6 +10,8 @@ Layout (``runs/<timestamp>/``)::
     summary.json     the final table
 
 Lines are appended and flushed per round, so an interrupted run keeps every finished round.
+Every file is strict JSON (:mod:`fedsafe.strict_json`): a non-finite number is written as
+``null`` and its path listed under ``non-finite``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from fedsafe.strict_json import strict_dumps
 
 
 def read_rounds(path: Path) -> list[dict[str, Any]]:
@@ -53,14 +57,14 @@ class RunFolder:
 
     def _append(self, name: str, record: Mapping[str, Any]) -> None:
         with open(self.path / name, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.write(strict_dumps(record, sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
     def write_json(self, name: str, data: Any) -> None:
-        """Write ``data`` as JSON atomically (temp file, then rename)."""
+        """Write ``data`` as strict JSON atomically (temp file, then rename)."""
         tmp = self.path / f".{name}.tmp"
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.write_text(strict_dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         tmp.replace(self.path / name)
 
     def append_round(self, record: Mapping[str, Any]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from fedsafe.client.policy import (
     PolicyError,
@@ -23,6 +24,9 @@ from fedsafe.client.policy import (
 )
 from fedsafe.config import RunConfig
 from fedsafe.privacy.run_checks import PlannedRun, unevaluable_setting
+
+#: File of the run folder holding each deployed site's declared lifetime budget.
+BUDGETS_FILE = "budgets.json"
 
 
 class RunRefused(RuntimeError):
@@ -98,3 +102,24 @@ def check_declared_sites(
             if bad is not None:
                 raise RunRefused(f"site {name}: {bad[0]} {bad[1]}")
     return refusals
+
+
+def declared_budgets(sites: Mapping[str, DeclaredSite]) -> dict[str, dict[str, Any]]:
+    """Each deployed site's lifetime budget as it declared it, for :data:`BUDGETS_FILE`.
+
+    Returns
+    -------
+    dict
+        Site name -> ``{"epsilon_max": ..., "delta": ..., "source": "declared policy"}``: the
+        ``budget-epsilon`` and ``delta`` of the policy the site declared in its query reply
+        (public values). Simulated sites declare no policy and are left out.
+    """
+    return {
+        name: {
+            "epsilon_max": site.policy.budget_epsilon,
+            "delta": site.policy.delta,
+            "source": "declared policy",
+        }
+        for name, site in sorted(sites.items())
+        if site.policy is not None
+    }

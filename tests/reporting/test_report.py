@@ -110,10 +110,18 @@ def test_run_folder_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     report = json.loads((out / "report.json").read_text())
     sites = {s["site"]: s for s in report["sites"]}
     # lifetime epsilon composes the earlier run's event too (5 events), never adds
-    assert sites["site-a"]["epsilon_lifetime"] == pytest.approx(epsilon([EVENT] * 5, 1e-5, "rdp"))
+    assert sites["site-a"]["epsilon_lifetime_now"] == pytest.approx(
+        epsilon([EVENT] * 5, 1e-5, "rdp")
+    )
+    assert sites["site-a"]["epsilon_lifetime"] == sites["site-a"]["epsilon_lifetime_now"]
     assert sites["site-a"]["epsilon_run"] == pytest.approx(epsilon([EVENT] * 5, 1e-5, "rdp"))
     assert sites["site-a"]["remaining"] == pytest.approx(4.0 - sites["site-a"]["epsilon_lifetime"])
-    assert sites["site-b"]["epsilon_lifetime"] is None
+    # site-b's ledger is not here: its lifetime is what it reported as of the run
+    assert sites["site-b"]["epsilon_lifetime_now"] is None
+    assert sites["site-b"]["epsilon_lifetime_at_run"] == pytest.approx(
+        epsilon([EVENT] * 4, 1e-5, "rdp")
+    )
+    assert sites["site-a"]["anchor"] == "verified" and sites["site-b"]["anchor"] is None
     assert sites["site-b"]["remaining"] == pytest.approx(6.0 - epsilon([EVENT] * 4, 1e-5, "rdp"))
     assert sites["site-b"]["last_accuracy"] == pytest.approx(0.66)
     assert report["audit"][0]["auc_no_dp"] == 0.81
@@ -150,11 +158,13 @@ def test_ledger_file_report(tmp_path: Path) -> None:
     files = write_report(path)
     assert files.html == tmp_path / "report.html"
     report = json.loads(files.json.read_text())
-    assert report["sites"][0]["site"] == "data set abcdef012345"
+    assert report["sites"][0]["site"] == "site"  # the file's name without --site
     assert report["sites"][0]["epsilon_lifetime"] == pytest.approx(
         epsilon([EVENT] * 3, 1e-5, "rdp")
     )
-    assert len(report["ledgers"]["data set abcdef012345"]) == 3
+    assert report["sites"][0]["budget_epsilon"] is None
+    assert "pass --policy" in report["sites"][0]["budget_source"]
+    assert len(report["ledgers"]["site"]) == 3
 
 
 def test_errors_name_the_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -238,5 +248,7 @@ def test_ledger_report_composes_every_data_version_into_one_account(tmp_path: Pa
         ledger.record("r2", 1, event, 1.0, 1e-5, "sha256:" + "b" * 64, "rdp")
     data = load_ledger_file(path)
     both = epsilon([event, event], 1e-5, "rdp")
-    assert [s.epsilon_lifetime for s in data.sites] == [pytest.approx(both)] * 2
+    (site,) = data.sites  # one account, one row: never one per data version
+    assert site.epsilon_lifetime_now == pytest.approx(both)
+    assert "2 data version(s)" in data.notes[0]
     assert both > epsilon([event], 1e-5, "rdp")
