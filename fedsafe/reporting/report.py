@@ -429,19 +429,24 @@ SPENDING_COLUMNS = (
 )
 
 
+#: Columns a ledger report leaves out (a ledger holds no run of its own and no metrics), and
+#: the labels it renames.
+LEDGER_OMITS = ("ε this run", "run target ε (not a budget)", "last accuracy", "last ROC AUC")
+LEDGER_LABELS = {"lifetime ε as of the run": "lifetime ε at its last release"}
+
+
 def spending_rows(data: ReportData) -> list[dict[str, Any]]:
     """The spending table, one row per site, under the labels the officer reads."""
     rows = []
     for s in data.sites:
         row = {label: getattr(s, field) for label, field in SPENDING_COLUMNS}
-        if data.kind == "ledger":
-            row["lifetime ε as of the run"] = s.epsilon_lifetime_at_run
-            row["taken at (UTC)"] = f"{s.lifetime_at_run_time} (last release)"
         if s.epsilon_lifetime_now is None:
             row["lifetime ε now"] = "not here (ledger stays at the site)"
         if s.budget_epsilon is None:
             row["site's lifetime budget ε"] = "not declared"
             row["remaining ε"] = row["spent % of budget"] = "no budget"
+        if data.kind == "ledger":
+            row = {LEDGER_LABELS.get(k, k): v for k, v in row.items() if k not in LEDGER_OMITS}
         rows.append(row)
     return rows
 
@@ -458,6 +463,8 @@ def render_html(data: ReportData, content: Mapping[str, Any], pngs: Mapping[str,
     """One self-contained HTML page (inline CSS, base64 images)."""
     esc = html.escape
     title = f"fedsafe privacy report: {data.source.name}"
+    if data.kind == "ledger" and data.sites:
+        title = f"fedsafe privacy report: site {data.sites[0].site} (ledger {data.source.name})"
     guarantee = "".join(f"<p>{esc(p)}</p>" for p in content["guarantee"])
     images = "".join(
         f'<figure><img alt="{esc(name)}" src="data:image/png;base64,{b64}"></figure>'
@@ -495,9 +502,10 @@ def render_html(data: ReportData, content: Mapping[str, Any], pngs: Mapping[str,
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>
-body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222;line-height:1.45}}
+body{{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222;line-height:1.45}}
 table{{border-collapse:collapse;margin:1em 0;font-size:0.9em}}
-td,th{{border:1px solid #bbb;padding:4px 8px;text-align:left;vertical-align:top}}
+td,th{{border:1px solid #bbb;padding:4px 8px;text-align:left;vertical-align:top;
+overflow-wrap:anywhere}}
 th{{background:#eee}} figure{{margin:1em 0}} img{{max-width:100%}}
 .box{{background:#f5f8ff;border-left:4px solid #36c;padding:0.5em 1em}}
 </style></head><body>

@@ -108,3 +108,17 @@ def test_the_server_app_stops_before_round_one_a_run_every_real_site_refuses(
     assert sorted(declared) == ["hospital-1", "hospital-2"]
     assert all(d.policy is not None and d.public_size >= 1 for d in declared.values())
     assert not sites[1].ledger.exists()  # the query touched no ledger
+
+
+def test_declared_budgets_are_each_deployed_sites_own_for_the_report() -> None:
+    from fedsafe.server.site_policies import declared_budgets
+
+    sites = {
+        "b": _deployed("b", budget_epsilon=2.5),
+        "a": _deployed("a", budget_epsilon=4.0, delta=1e-5),
+        "sim": DeclaredSite("sim", 87, None),
+    }
+    budgets = declared_budgets(sites)
+    assert list(budgets) == ["a", "b"]  # simulated sites declare no budget
+    assert budgets["a"] == {"epsilon_max": 4.0, "delta": 1e-5, "source": "declared policy"}
+    assert budgets["b"]["epsilon_max"] == 2.5
