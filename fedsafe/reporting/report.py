@@ -73,18 +73,18 @@ def mechanism_parameters(data: ReportData) -> list[dict[str, Any]]:
     for site, entries in data.ledgers.items():
         counts: dict[tuple[Any, ...], int] = {}
         for e in entries:
-            key = (e.event.sample_rate, e.event.noise_multiplier, e.event.steps, e.clip_norm,
-                   e.delta, e.accountant)  # fmt: skip
-            counts[key] = counts.get(key, 0) + 1
+            used: tuple[Any, ...] = (e.event.sample_rate, e.event.noise_multiplier,
+                                     e.event.steps, e.clip_norm, e.delta, e.accountant)  # fmt: skip
+            counts[used] = counts.get(used, 0) + 1
         params.extend(_mechanism_row(site, "ledger", key, n) for key, n in counts.items())
     accountant = str(data.config.get("accountant", "prv"))
     reported: dict[str, dict[tuple[Any, ...], int]] = {}
     for r in data.rows:
         if r.site in data.ledgers or r.noise_multiplier is None or r.sample_rate is None:
             continue
-        key = (r.sample_rate, r.noise_multiplier, r.steps, r.clip_norm, r.delta, accountant)
+        told = (r.sample_rate, r.noise_multiplier, r.steps, r.clip_norm, r.delta, accountant)
         site_counts = reported.setdefault(r.site, {})
-        site_counts[key] = site_counts.get(key, 0) + 1
+        site_counts[told] = site_counts.get(told, 0) + 1
     for site, counts in reported.items():
         params.extend(
             _mechanism_row(site, "reported by the site", key, n) for key, n in counts.items()
