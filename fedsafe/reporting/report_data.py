@@ -301,6 +301,22 @@ def _run_ledgers(folder: Path, config: Mapping[str, Any], names: set[str]) -> di
     return found
 
 
+def _resumed_run_ids(folder: Path) -> set[str]:
+    """Flower run ids of the run's resumed parts (``resumed`` events in ``events.jsonl``)."""
+    path = folder / "events.jsonl"
+    if not path.exists():
+        return set()
+    ids = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # events are informational here; rounds.jsonl is checked strictly
+        if isinstance(event, dict) and event.get("kind") == "resumed":
+            ids.add(str(event.get("flower_run_id", "")))
+    return ids - {""}
+
+
 def _record_time(record: Mapping[str, Any]) -> float | None:
     """When a round ended at the coordinator: the latest time of its phases (epoch s)."""
     phases = record.get("phases")
@@ -400,6 +416,7 @@ def load_run_folder(folder: Path) -> ReportData:
     generated = now_iso()
     run_id = str(config.get("run-id", ""))
     run_ids = {str(config[k]) for k in ("run-id", "fedsafe-run-id") if config.get(k)}
+    run_ids |= _resumed_run_ids(folder)
     budgets = _budgets(folder)
     shared = _simulated_budget(config)
     names = {site for record in rounds for site in (record.get("sites") or {})}
@@ -421,19 +438,19 @@ def load_run_folder(folder: Path) -> ReportData:
         reading = readings.get(site)
         delta = budget.delta if budget else next((r.delta for r in rows if r.delta), None)
         eps_run = max((r.epsilon_run for r in rows if r.epsilon_run is not None), default=None)
-        # Lifetime as of the run: the ledger's entries of this run, else what the site reported.
-        at_run, at_run_time = None, None
+        # Lifetime as of the run: the highest of the ledger's entries of this run, the last
+        # epsilon the site reported and its last receipt (each a lower bound of it).
+        candidates: list[tuple[float, str | None]] = []
         mine = tuple(e for e in reading.entries if e.run_id in run_ids) if reading else ()
         if mine:
-            at_run, at_run_time = mine[-1].epsilon_after, mine[-1].created_at[:19] + "+00:00"
-        else:
-            reported = [r.epsilon for r in rows if r.epsilon is not None]
-            if reported:
-                at_run = reported[-1]
-                when = reported_at.get(site)
-                at_run_time = _iso(when) if when is not None else rounds_time
-            if site in receipts and (at_run is None or receipts[site] > at_run):
-                at_run, at_run_time = receipts[site], receipts_time
+            candidates.append((mine[-1].epsilon_after, mine[-1].created_at[:19] + "+00:00"))
+        reported = [r.epsilon for r in rows if r.epsilon is not None]
+        if reported:
+            when = reported_at.get(site)
+            candidates.append((reported[-1], _iso(when) if when is not None else rounds_time))
+        if site in receipts:
+            candidates.append((receipts[site], receipts_time))
+        at_run, at_run_time = max(candidates, key=lambda c: c[0]) if candidates else (None, None)
         now = composed_lifetime(reading.entries, delta) if reading else None
         if reading and reading.entries and eps_run is None:
             eps_run = composed_lifetime(mine, delta) if mine else None
