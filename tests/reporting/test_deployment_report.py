@@ -294,3 +294,58 @@ def test_site_ledger_report_renders_name_budget_anchor_and_lifetime_now(
 def spending_text(page: _Tables) -> str:
     """The spending table's cells, joined."""
     return " ".join(v for row in page.table("site's lifetime budget ε") for v in row.values())
+
+
+@pytest.mark.slow
+def test_the_server_apps_run_folder_reports_each_real_sites_declared_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fedsafe's ServerApp with two real deployed ClientApps (in process): the run folder it
+    writes holds each site's declared budget, and the report of it shows them."""
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedsafe.client.app import app as client_app
+    from fedsafe.server.app import main as server_main
+    from tests.client.test_app import Site
+    from tests.server.fake_grid import FakeGrid
+
+    for name, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)  # what a ServerApp process has
+    budgets = {1: 2.0, 2: 2.5}
+    contexts = {}
+    for node, budget in budgets.items():
+        site = Site(tmp_path / f"site-{node}")
+        policy = SitePolicy.for_records(160, public_size=90, min_records=20, max_rounds=5,
+                                        max_local_steps=20, budget_epsilon=budget)  # fmt: skip
+        site.policy_path.write_text(policy.to_toml())
+        config = {**site.node_config, "site-name": f"hospital-{node}"}
+        contexts[node] = Context(7, node, config, RecordDict(), {})
+    run_config = {"scenario": "custom", "local-steps": 2, "batch-size": 8,
+                  "num-server-rounds": 2, "target-epsilon": 1.0,
+                  "run-dir": str(tmp_path / "run"), "min-sites": 2}  # fmt: skip
+    for context in contexts.values():
+        context.run_config.update(run_config)
+    grid = FakeGrid(list(budgets), lambda node, msg: client_app(msg, contexts[node]))
+    server_main(grid, Context(7, 0, {}, RecordDict(), dict(run_config)))  # type: ignore[arg-type]
+
+    run = tmp_path / "run"
+    declared = json.loads((run / BUDGETS_FILE).read_text())
+    assert {n: b["epsilon_max"] for n, b in declared.items()} == {
+        "hospital-1": 2.0,
+        "hospital-2": 2.5,
+    }
+    files = write_report(run, tmp_path / "out")
+    report = json.loads(files.json.read_text())
+    sites = {s["site"]: s for s in report["sites"]}
+    for node, budget in budgets.items():
+        s = sites[f"hospital-{node}"]
+        with SitePrivacyLedger.open(tmp_path / f"site-{node}" / "ledger.sqlite") as ledger:
+            lifetime = ledger.lifetime_epsilon()
+        assert s["budget_epsilon"] == budget and s["budget_source"] == "declared policy"
+        assert s["epsilon_lifetime_at_run"] == pytest.approx(lifetime) and lifetime > 0
+        assert s["remaining"] == pytest.approx(budget - lifetime)
+        assert s["run_target_epsilon"] == 1.0
+    assert {m["site"] for m in report["mechanisms"]} == {"hospital-1", "hospital-2"}
+    assert all(m["source"] == "reported by the site" for m in report["mechanisms"])
+    assert "hospital-1" in files.summary and "declared policy" in files.summary
