@@ -486,7 +486,10 @@ def render_html(data: ReportData, content: Mapping[str, Any], pngs: Mapping[str,
     budget_from = "; ".join(sorted({s.budget_source for s in data.sites})) or "none"
     notes = "".join(f"<p><em>{esc(n)}</em></p>" for n in data.notes)
     mechanisms = (
-        _table(content["mechanisms"])
+        "<p>Every distinct mechanism each site released with: Poisson sample rate, noise "
+        "multiplier, noisy steps per release, clipping norm and δ, with how many releases used "
+        "it; from the site's ledger where this report can read it, else as each site reported "
+        f"it with its releases.</p>{_table(content['mechanisms'])}"
         if content["mechanisms"]
         else "<p><strong>No DP release was recorded</strong> for this "
         f"{'ledger' if data.kind == 'ledger' else 'run'}: no site spent privacy in it.</p>"
@@ -525,11 +528,7 @@ was replaced, truncated or rolled back since the anchor was written.</p>
 {_table(anchor_rows(data))}
 <h2>Plots</h2>{images}
 <h2>What leaves each site</h2>{releases}
-<h2>Mechanism parameters</h2>
-<p>Every distinct mechanism each site released with: Poisson sample rate, noise multiplier,
-noisy steps per release, clipping norm and δ, with how many releases used it; from the site's
-ledger where this report can read it, else as each site reported it with its releases.</p>
-{mechanisms}
+<h2>Mechanism parameters</h2>{mechanisms}
 <h2>Run settings</h2>{_table(config_rows)}
 <h2>Bytes on the wire</h2><p>Serialized size of every message, all sites together, per
 round; the ratio compares the uplink with the same replies uncompressed.</p>

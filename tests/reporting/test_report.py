@@ -148,6 +148,8 @@ def test_minimal_run_folder_is_enough(tmp_path: Path) -> None:
     (run / "rounds.jsonl").write_text('{"round": 1, "sites": {"s": {"epsilon": 0.5}}}\n')
     files = write_report(run)
     assert "s " in files.summary
+    page = files.html.read_text()
+    assert "No DP release was recorded" in page and "Every distinct mechanism" not in page
 
 
 def test_ledger_file_report(tmp_path: Path) -> None:
