@@ -74,7 +74,7 @@ event_lists = st.lists(
 @given(events=event_lists, delta=st.sampled_from([1e-5, 1e-4]))
 def test_counted_composition_matches_full_composition_and_pld(events, delta) -> None:
     reference = _pld_reference(events, delta)
-    assume(reference >= 1.0)  # PRV's absolute error of 0.01 is then within 1%
+    assume(reference >= 1.05)  # PRV's absolute error of 0.01 is then within 1% (1.0 was not)
     for accountant in ("prv", "pld", "rdp"):
         fast = epsilon(events, delta, accountant)
         slow = epsilon_full_composition(events, delta, accountant)
