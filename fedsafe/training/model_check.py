@@ -6,16 +6,24 @@ record's gradient depend on the others, so the per-record clipping bounds nothin
 :class:`opacus.validators.ModuleValidator` lists such layers and can replace them: BatchNorm
 becomes GroupNorm (per record, no running statistics). fedsafe fixes what Opacus can fix and
 says so in one line, or refuses with the fix when fixing is not allowed or not possible.
+
+Where it runs: :func:`fedsafe.training.loop.train_dp` (and the audit) fix the model they are
+given and say so; a site's round (:func:`fedsafe.training.dp_training.train_round`) trains the
+run's global model, whose parameters the coordinator averages by name, so it only refuses:
+the coordinator and the sites build the fixed model from :func:`dp_model_factory`.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from opacus.validators import ModuleValidator
 from torch import nn
 
 from fedsafe.errors import UserError
+
+log = logging.getLogger("flwr.fedsafe.training")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +40,8 @@ class CheckedModel:
     note: str = ""
 
     def __post_init__(self) -> None:
+        from opacus.validators import ModuleValidator
+
         if ModuleValidator.validate(self.model.train(), strict=False):
             raise ValueError("a checked model must pass Opacus's ModuleValidator")
 
@@ -65,6 +75,9 @@ def check_model_for_dp(
         If the model has layers DP-SGD cannot train and fixing is not allowed or fails; the
         message names the layers and the fix.
     """
+    # Opacus loads in seconds; only training needs it, not every process that imports this.
+    from opacus.validators import ModuleValidator
+
     model.train()
     errors = ModuleValidator.validate(model, strict=False)
     if not errors:
@@ -92,3 +105,47 @@ def check_model_for_dp(
         f"{name}: replaced {len(changed)} layer(s) for DP-SGD (batch statistics mix records): "
         + ", ".join(changed),
     )
+
+
+def dp_model_factory(
+    factory: Callable[[], nn.Module],
+    *,
+    fix: bool = True,
+    name: str = "the model",
+    say: Callable[[str], None] | None = None,
+) -> Callable[[], nn.Module]:
+    """``factory`` whose models are checked (and fixed) for DP-SGD, the fix said once.
+
+    Everyone who builds the run's model (the coordinator's initial model, each site's copy of
+    the global model) builds it through the same checked factory, so they agree on its
+    layers and parameter names.
+
+    Parameters
+    ----------
+    factory
+        Builds a fresh model (seeded by the caller).
+    fix, name
+        As in :func:`check_model_for_dp`.
+    say
+        Where the one-line note goes (default: the ``flwr.fedsafe.training`` log, warning).
+
+    Returns
+    -------
+    Callable[[], nn.Module]
+        Builds a model that passes Opacus's validator.
+
+    Raises
+    ------
+    UserError
+        When called, if a model cannot be made DP-ready (:func:`check_model_for_dp`).
+    """
+    said: list[str] = []
+
+    def build() -> nn.Module:
+        checked = check_model_for_dp(factory(), fix=fix, name=name)
+        if checked.note and checked.note not in said:
+            said.append(checked.note)
+            (say or log.warning)(checked.note)
+        return checked.model
+
+    return build

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedsafe.privacy.audit import TrainingSetup, loss_threshold_auc, membership_audit
+from fedsafe.training.audit import TrainingSetup, loss_threshold_auc, membership_audit
 
 
 def _pairwise_auc(members: np.ndarray, others: np.ndarray) -> float:

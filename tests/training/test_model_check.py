@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from fedsafe.errors import UserError
-from fedsafe.model_check import check_model_for_dp
 from fedsafe.models import build_model
+from fedsafe.training.model_check import check_model_for_dp
 
 
 def _batchnorm_model() -> nn.Module:
