@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from fedsafe.config import MAX_MAX_GRAD_NORM, MIN_MAX_GRAD_NORM
 from fedsafe.privacy.events import PoissonGaussianEvent
@@ -424,7 +424,9 @@ def train_in_place(
             gen.seed()
         else:
             gen.manual_seed(seed)  # not for privacy: the non-private baseline
-        loader = DataLoader(dataset, batch_size=plan.batch_size, shuffle=True, generator=gen)
+        loader = DataLoader(
+            dataset, batch_size=plan.batch_size, sampler=_Permutations(len(dataset), gen)
+        )
         train_model = model
         sample_rate = 0.0
     try:
@@ -436,6 +438,23 @@ def train_in_place(
     if not plan.dp:
         return None
     return PoissonGaussianEvent(sample_rate, plan.noise_multiplier, steps)
+
+
+class _Permutations(Sampler[int]):
+    """One ``randperm`` of the records per pass, from ``generator`` alone (not for privacy).
+
+    Torch's ``RandomSampler`` draws a second permutation per pass and a loader given the
+    generator draws a worker seed from it; this keeps the shuffling of FLamby's baselines.
+    """
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.n, self.generator = n, generator
+
+    def __iter__(self) -> Iterator[int]:
+        yield from torch.randperm(self.n, generator=self.generator).tolist()
+
+    def __len__(self) -> int:
+        return self.n
 
 
 def _optimizer(model: nn.Module, plan: TrainPlan) -> torch.optim.Optimizer:
