@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from fedsafe.errors import UserError
 
@@ -44,10 +45,43 @@ class CheckedModel:
 
         if ModuleValidator.validate(self.model.train(), strict=False):
             raise ValueError("a checked model must pass Opacus's ModuleValidator")
+        if batch_statistics_layers(self.model):
+            raise ValueError("a checked model has no layer normalising with batch statistics")
 
 
 def _problems(errors: list[Exception]) -> str:
     return "; ".join(dict.fromkeys(str(e).strip().splitlines()[0] for e in errors))
+
+
+def batch_statistics_layers(model: nn.Module) -> list[str]:
+    """Every layer that normalises with batch statistics, as ``name (Type)``.
+
+    Opacus's validator looks up exact types among trainable layers only, so a BatchNorm
+    without affine parameters (``affine=False``) or a subclass of BatchNorm escapes it, and
+    its fixer, while still mixing the records of a batch in training: fedsafe finds every
+    instance of torch's BatchNorm base class.
+    """
+    return [
+        f"{n or 'the root'} ({type(m).__name__}{'' if m.affine else ', affine=False'})"
+        for n, m in model.named_modules()
+        if isinstance(m, _BatchNorm)
+    ]
+
+
+def _refusal(name: str, errors: list[Exception], mixing: list[str], after_fix: bool) -> UserError:
+    found = []
+    if errors:
+        found.append(_problems(errors))
+    if mixing:
+        found.append(
+            "layer(s) normalising with batch statistics that Opacus does not replace: "
+            + ", ".join(mixing)
+        )
+    return UserError(
+        f"{name} cannot be trained with DP-SGD{' even after Opacus fixes' if after_fix else ''}: "
+        f"{'; '.join(found)}; replace each BatchNorm with GroupNorm "
+        "(nn.GroupNorm(groups, channels)), which normalises each record alone"
+    )
 
 
 def check_model_for_dp(
@@ -80,20 +114,16 @@ def check_model_for_dp(
 
     model.train()
     errors = ModuleValidator.validate(model, strict=False)
-    if not errors:
+    mixing = batch_statistics_layers(model)
+    if not errors and not mixing:
         return CheckedModel(model)
     if not fix:
-        raise UserError(
-            f"{name} cannot be trained with DP-SGD: {_problems(errors)}; replace each BatchNorm "
-            "with GroupNorm (nn.GroupNorm(groups, channels)), which normalises each record alone"
-        )
+        raise _refusal(name, errors, mixing, after_fix=False)
     fixed = ModuleValidator.fix(model)
     remaining = ModuleValidator.validate(fixed.train(), strict=False)
-    if remaining:
-        raise UserError(
-            f"{name} cannot be trained with DP-SGD even after Opacus's fixes: "
-            f"{_problems(remaining)}; replace those layers with per-record ones"
-        )
+    still_mixing = batch_statistics_layers(fixed)
+    if remaining or still_mixing:
+        raise _refusal(name, remaining, still_mixing, after_fix=True)
     before = dict(model.named_modules())
     changed = [
         f"{n} ({type(before[n]).__name__} -> {type(m).__name__})"
