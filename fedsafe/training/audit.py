@@ -114,7 +114,8 @@ class TrainingSetup:
     accountant
         Accountant for that epsilon.
     seed
-        Seed of every random draw (initialisation, sampling, noise).
+        Seed of the initial weights and of the non-DP model's shuffling. The DP model's
+        sampling and noise come from fresh secret keys, as at a site.
     """
 
     epochs: int = 30
