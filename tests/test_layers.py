@@ -87,6 +87,11 @@ def _package_name(name: str) -> str:
     return f"fedsafe.{name}" if name in LAYERS else "fedsafe"
 
 
+def _within(module: str, package: str) -> bool:
+    """``module`` is ``package`` or inside it."""
+    return module == package or module.startswith(package + ".")
+
+
 def fedsafe_imports(path: Path, package: Path = PACKAGE) -> list[tuple[int, str]]:
     """Every (line, fedsafe module) imported anywhere in the file at ``path``."""
     importer = _module_name(path, package)
@@ -128,9 +133,7 @@ def climbs(package: Path = PACKAGE) -> list[str]:
             if theirs not in LAYERS:
                 problems.append(f"{path}:{line}: imports {module}, which has no layer")
                 continue
-            allowed = any(
-                importer.startswith(a) and (module + ".").startswith(b + ".") for a, b in ALLOWED
-            )
+            allowed = any(_within(importer, a) and _within(module, b) for a, b in ALLOWED)
             if LAYERS[theirs] > LAYERS[own] and not allowed:
                 problems.append(
                     f"{path.relative_to(package.parent)}:{line}: {importer} (layer "
@@ -151,7 +154,7 @@ def test_every_allowed_climb_still_exists() -> None:
         importer = _module_name(path)
         for _, module in fedsafe_imports(path):
             for a, b in ALLOWED:
-                if importer.startswith(a) and (module + ".").startswith(b + "."):
+                if _within(importer, a) and _within(module, b):
                     used.add((a, b))
     assert used == set(ALLOWED)
 
