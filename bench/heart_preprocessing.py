@@ -22,7 +22,7 @@ import numpy as np
 from fedsafe.data.heart import CENTERS, FEATURES, SPLIT_KEY, preprocessed_frame, scale_features
 from fedsafe.data.site_data import SiteData
 from fedsafe.data.split import assign_to_test
-from fedsafe.simulations.baselines import pooled_baseline
+from fedsafe.simulations.baselines import baseline_task, pooled_baseline
 from fedsafe.tasks.scenarios import Scenario
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,10 @@ def main() -> int:
             chosen = sites(split, scaling)
             scenario = Scenario("heart", chosen, "logreg", "accuracy")
             trivial = statistics.fmean(float(s.y_test.mean()) for s in chosen)
-            means = [statistics.fmean(pooled_baseline(scenario, s).values()) for s in args.seeds]
+            means = [
+                statistics.fmean(pooled_baseline(*baseline_task(scenario, s), s).values())
+                for s in args.seeds
+            ]
             sd = statistics.stdev(means) if len(means) > 1 else 0.0
             pooled = f"{statistics.fmean(means):.4f} +- {sd:.4f}"
             lines.append(f"| {split} | {scaling} | {trivial:.4f} | {pooled} |")

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from fedsafe.config import RunConfig
-from fedsafe.simulations.baselines import local_baselines, pooled_baseline
+from fedsafe.simulations.baselines import baseline_task, local_baselines, pooled_baseline
 from fedsafe.simulations.runner import run_simulation
 from fedsafe.tasks.scenarios import load_scenario
 
@@ -101,7 +101,7 @@ def main() -> int:
     rows: list[tuple[str, dict[str, list[float]], list[float], str]] = []
     t0 = time.time()
 
-    pooled = [pooled_baseline(scenario, s) for s in seeds]
+    pooled = [pooled_baseline(*baseline_task(scenario, s), s) for s in seeds]
     rows.append(
         (
             "pooled",
@@ -110,7 +110,7 @@ def main() -> int:
             "-",
         )
     )
-    local = [local_baselines(scenario, s)["local Cleveland"] for s in seeds]
+    local = [local_baselines(*baseline_task(scenario, s), s)["local Cleveland"] for s in seeds]
     rows.append(
         (
             "local Cleveland",

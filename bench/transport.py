@@ -209,7 +209,7 @@ def start_bench_proxy(root: Path, internal_port: int) -> tuple[Any, int]:
 
 def fedsafe_app_digest(root: Path) -> str:
     """SHA-256 of fedsafe's app as ``submit_run`` sends it (what each site approves)."""
-    from fedsafe.simulations.flower_app import write_app_folder
+    from fedsafe.transport.flower_app import write_app_folder
 
     return digest_of(write_app_folder(root / "app-to-approve"))
 

@@ -97,7 +97,7 @@ def register(subparsers: Any) -> None:
         epilog=AUDIT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    audit.add_argument("--scenario", choices=("heart", "lending"), default="heart")
+    audit.add_argument("--scenario", choices=("heart", "lending", "mnist"), default="heart")
     audit.add_argument("--site", default=None, help="site name (default: the largest site)")
     audit.add_argument("--noise-multiplier", type=float, default=1.0)
     audit.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -149,12 +149,11 @@ def run_audit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
-    from torch import nn
 
     from fedsafe.models import build_model
-    from fedsafe.privacy.audit import TrainingSetup, membership_audit
     from fedsafe.strict_json import strict_dumps
     from fedsafe.tasks.scenarios import load_scenario
+    from fedsafe.training.audit import TrainingSetup, membership_audit
 
     scenario = load_scenario(args.scenario)
     sites = {s.name: s for s in scenario.sites}
@@ -170,16 +169,11 @@ def run_audit(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except ValueError as exc:
         raise UserError(f"fedsafe privacy audit: {exc}") from None
-
-    def bce() -> Any:
-        per_record = nn.BCEWithLogitsLoss(reduction="none")
-        return lambda out, y: per_record(out.reshape(-1), y)
-
     result = membership_audit(
         lambda: build_model(scenario.model, site.num_features, args.seed),
         torch.from_numpy(site.x_train), torch.from_numpy(site.y_train),
         torch.from_numpy(site.x_test), torch.from_numpy(site.y_test),
-        setup, loss_fn=bce,
+        setup, say=print,
     )  # fmt: skip
     record = {"scenario": args.scenario, "site": name, **result.to_dict()}
     print(

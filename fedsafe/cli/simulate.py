@@ -148,7 +148,7 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     b.add_argument("kind", choices=("pooled", "local"))
-    b.add_argument("--scenario", choices=("heart", "lending"), default="heart")
+    b.add_argument("--scenario", choices=("heart", "lending", "mnist"), default="heart")
     b.add_argument("--seed", type=int, default=42)
     b.add_argument("--epochs", type=int, default=50)
     b.set_defaults(func=run_baseline)
@@ -449,14 +449,15 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 def run_baseline(args: argparse.Namespace) -> int:
     """Train the pooled or local baseline and print its per-site table."""
-    from fedsafe.simulations.baselines import local_baselines, pooled_baseline
+    from fedsafe.simulations.baselines import baseline_task, local_baselines, pooled_baseline
     from fedsafe.tasks.scenarios import load_scenario
 
     scenario = load_scenario(args.scenario)
+    task = baseline_task(scenario, args.seed)
     if args.kind == "pooled":
-        rows = {"pooled": pooled_baseline(scenario, args.seed, args.epochs)}
+        rows = {"pooled": pooled_baseline(*task, args.seed, args.epochs)}
     else:
-        rows = local_baselines(scenario, args.seed, args.epochs)
+        rows = local_baselines(*task, args.seed, args.epochs)
     names = [s.name for s in scenario.sites]
     print("model".ljust(22) + "".join(n[:12].rjust(13) for n in names) + "mean".rjust(8))
     for label, per_site in rows.items():

@@ -232,7 +232,7 @@ def _cmd_approve(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir)
     if args.app == "fedsafe":
         from fedsafe import __version__
-        from fedsafe.simulations.flower_app import write_app_folder
+        from fedsafe.transport.flower_app import write_app_folder
 
         with tempfile.TemporaryDirectory() as tmp:
             digest = digest_of(write_app_folder(Path(tmp) / "app"))

@@ -23,8 +23,8 @@ from typing import Any
 
 from fedsafe.config import RunConfig
 from fedsafe.server.run_folder import new_run_dir
-from fedsafe.simulations.flower_app import RunFailed, submit_and_follow
 from fedsafe.training.malloc_tuning import KEEP_FREED_MEMORY_ENV
+from fedsafe.transport.flower_app import RunFailed, submit_and_follow
 from fedsafe.transport.processes import (
     LOOPBACK,
     FlowerProcess,

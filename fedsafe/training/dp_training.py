@@ -17,26 +17,37 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from fedsafe.config import MAX_MAX_GRAD_NORM, MIN_MAX_GRAD_NORM
 from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.secure_random import NOISE_STREAM, SAMPLING_STREAM, ChaCha20Random, fresh_key
 from fedsafe.training.grad_sample_mode import check_grad_sample_mode, resolve_grad_sample_mode
 from fedsafe.training.malloc_tuning import keep_freed_memory
+from fedsafe.training.model_check import check_model_for_dp
 
 if TYPE_CHECKING:
     from fedsafe.training.secure_dp_sgd import SecureNoiseDPOptimizer, SecureNoiseGhostDPOptimizer
 
 EVAL_CHUNK = 256
 """Records per forward pass in :func:`evaluate_model`: bounded activations, no page storm."""
+
+Records = NDArray[Any] | torch.Tensor
+"""Records or labels: a numpy array or a tensor, first axis = records."""
+
+PerRecordLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``loss(outputs, targets)`` -> one loss per record, shape ``(batch,)`` (no reduction)."""
+
+OPTIMIZERS = ("sgd", "adam")
+"""Local optimizers a :class:`TrainPlan` may name (Adam: FLamby's non-private baselines)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +77,9 @@ class TrainPlan:
         How per-record norms are computed (:mod:`fedsafe.training.grad_sample_mode`): ``auto``,
         ``hooks``, ``ghost`` or ``functorch``. It changes the cost only: the clipped update
         and the privacy event are the same.
+    optimizer
+        ``sgd`` (fedsafe's sites) or ``adam`` (Kingma and Ba, ICLR 2015; FLamby's baselines).
+        Under DP either one steps on the clipped, noised gradient (post-processing).
     """
 
     local_steps: int
@@ -77,9 +91,14 @@ class TrainPlan:
     proximal_mu: float = 0.0
     sample_rate: float | None = None
     grad_sample_mode: str = "auto"
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
         check_grad_sample_mode(self.grad_sample_mode)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
         if self.local_steps < 1:
             raise ValueError(f"local-steps must be >= 1, got {self.local_steps}")
         if self.batch_size < 1:
@@ -115,22 +134,31 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy on one logit, or cross-entropy over classes."""
-    logits = model(x)
-    if logits.shape[-1] == 1:
-        return nn.functional.binary_cross_entropy_with_logits(logits.reshape(-1), y.float())
-    return nn.functional.cross_entropy(logits, y.long())
+def output_loss(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Fedsafe's default per-record loss, shape ``(batch,)``.
 
-
-def _per_record_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """:func:`_loss` before the mean over the batch, shape ``(batch,)``."""
-    logits = model(x)
-    if logits.shape[-1] == 1:
+    Binary cross-entropy on one logit (``outputs`` of shape ``(batch, 1)``, labels 0/1), or
+    cross-entropy over classes (``(batch, K)``, integer labels).
+    """
+    if outputs.shape[-1] == 1:
         return nn.functional.binary_cross_entropy_with_logits(
-            logits.reshape(-1), y.float(), reduction="none"
+            outputs.reshape(-1), y.float(), reduction="none"
         )
-    return nn.functional.cross_entropy(logits, y.long(), reduction="none")
+    return nn.functional.cross_entropy(outputs, y.long(), reduction="none")
+
+
+def _loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: PerRecordLoss | None = None
+) -> torch.Tensor:
+    """The batch's mean loss (``loss``, default :func:`output_loss`)."""
+    return _per_record_loss(model, x, y, loss).mean()
+
+
+def _per_record_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: PerRecordLoss | None = None
+) -> torch.Tensor:
+    """:func:`_loss` before the mean over the batch, shape ``(batch,)``."""
+    return (loss or output_loss)(model(x), y).reshape(-1)
 
 
 def make_private(
@@ -254,6 +282,7 @@ def private_backward(
     optimizer: torch.optim.Optimizer,
     x: torch.Tensor,
     y: torch.Tensor,
+    loss: PerRecordLoss | None = None,
 ) -> torch.Tensor:
     """Forward and backward of one batch, leaving what ``optimizer.step()`` needs.
 
@@ -263,6 +292,8 @@ def private_backward(
     then the per-record losses reweighted by ``min(1, C / norm)`` are summed and
     back-propagated with the hooks off, so ``p.grad`` is the clipped sum. Otherwise one
     backward of the mean loss fills Opacus's per-record gradients.
+
+    ``loss`` is the per-record loss (default :func:`output_loss`).
 
     Returns
     -------
@@ -275,9 +306,9 @@ def private_backward(
         # Opacus's per-sample hooks on inputs that need no gradient: expected here.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         if not isinstance(optimizer, SecureNoiseGhostDPOptimizer):
-            loss = _loss(train_model, x, y)
-            loss.backward()
-            return loss.detach()
+            mean = _loss(train_model, x, y, loss)
+            mean.backward()
+            return mean.detach()
         from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
         if len(x) == 0:
@@ -287,20 +318,26 @@ def private_backward(
             for p in optimizer.params:
                 p.grad = torch.zeros_like(p)
             return torch.zeros(())
-        per_record = _per_record_loss(train_model, x, y)
+        per_record = _per_record_loss(train_model, x, y, loss)
         DPTensorFastGradientClipping(train_model, optimizer, per_record, "mean").backward()
         return per_record.mean().detach()
 
 
 def train_round(
     model: nn.Module,
-    x: NDArray[np.float32],
-    y: NDArray[np.float32],
+    x: Records,
+    y: Records,
     plan: TrainPlan,
     device: torch.device,
     key: bytes | None = None,
+    loss: PerRecordLoss | None = None,
 ) -> PoissonGaussianEvent | None:
-    """Train ``model`` in place for ``plan.local_steps`` steps.
+    """Train ``model`` in place for ``plan.local_steps`` steps (a site's round).
+
+    The site's model is the run's global model, which the coordinator averages by parameter
+    name, so it is not changed here: one that DP-SGD cannot train (BatchNorm) is refused with
+    the fix (:func:`~fedsafe.training.model_check.check_model_for_dp`); the model factory
+    fixes it for both sides (:func:`~fedsafe.training.model_check.dp_model_factory`).
 
     Parameters
     ----------
@@ -316,20 +353,59 @@ def train_round(
         32 bytes keying the batch sampling and the noise. ``None`` (normal use): a fresh
         secret key from ``os.urandom`` for this round. An explicit key makes the round
         reproducible by whoever knows it: only for runs the site declares "not private".
+    loss
+        Per-record loss (default :func:`output_loss`).
 
     Returns
     -------
     PoissonGaussianEvent or None
         The privacy event of this round (DP), with the sample rate used, or None for the
         non-private baseline.
+
+    Raises
+    ------
+    UserError
+        If ``plan.dp`` and the model has layers DP-SGD cannot train (the fix named).
+    """
+    if key is not None and len(key) != 32:
+        raise ValueError(f"a reproducible key has 32 bytes, got {len(key)}")
+    if plan.dp:
+        check_model_for_dp(model, fix=False)
+        seed = None
+    elif key is None:
+        seed = None
+    else:
+        seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little")
+    return train_in_place(model, x, y, plan, device, key=key, seed=seed, loss=loss)
+
+
+def train_in_place(
+    model: nn.Module,
+    x: Records,
+    y: Records,
+    plan: TrainPlan,
+    device: torch.device,
+    *,
+    key: bytes | None = None,
+    seed: int | None = None,
+    loss: PerRecordLoss | None = None,
+) -> PoissonGaussianEvent | None:
+    """The one loop: :func:`train_round` and :mod:`fedsafe.training.loop` train through it.
+
+    DP (``plan.dp``): Poisson batches and noise keyed by ``key`` (``None``: fresh secret);
+    the model must already pass Opacus's validator. Without DP: shuffled batches from a
+    ``torch.Generator`` seeded with ``seed`` (``None``: unseeded), never for privacy.
+
+    Returns
+    -------
+    PoissonGaussianEvent or None
+        The event spent (DP), or None.
     """
     keep_freed_memory()
     model.to(device).train()
     global_params = [p.detach().clone() for p in model.parameters()]
-    dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
-    if key is not None and len(key) != 32:
-        raise ValueError(f"a reproducible key has 32 bytes, got {len(key)}")
-    optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr)
+    dataset = TensorDataset(torch.as_tensor(x), torch.as_tensor(y))
+    optimizer = _optimizer(model, plan)
     if plan.dp:
         dp_model, optimizer, loader, sample_rate = make_private(
             model,
@@ -344,16 +420,17 @@ def train_round(
         train_model: nn.Module = dp_model
     else:
         gen = torch.Generator()  # not for privacy: the non-private baseline's shuffling
-        if key is None:
+        if seed is None:
             gen.seed()
         else:
-            seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little")
             gen.manual_seed(seed)  # not for privacy: the non-private baseline
-        loader = DataLoader(dataset, batch_size=plan.batch_size, shuffle=True, generator=gen)
+        loader = DataLoader(
+            dataset, batch_size=plan.batch_size, sampler=_Permutations(len(dataset), gen)
+        )
         train_model = model
         sample_rate = 0.0
     try:
-        steps = _run_steps(train_model, model, optimizer, loader, plan, global_params, device)
+        steps = _run_steps(train_model, model, optimizer, loader, plan, global_params, device, loss)
     finally:
         if train_model is not model:
             # Opacus hooks stay on the wrapped module; remove them so the next round can wrap.
@@ -361,6 +438,29 @@ def train_round(
     if not plan.dp:
         return None
     return PoissonGaussianEvent(sample_rate, plan.noise_multiplier, steps)
+
+
+class _Permutations(Sampler[int]):
+    """One ``randperm`` of the records per pass, from ``generator`` alone (not for privacy).
+
+    Torch's ``RandomSampler`` draws a second permutation per pass and a loader given the
+    generator draws a worker seed from it; this keeps the shuffling of FLamby's baselines.
+    """
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.n, self.generator = n, generator
+
+    def __iter__(self) -> Iterator[int]:
+        yield from torch.randperm(self.n, generator=self.generator).tolist()
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _optimizer(model: nn.Module, plan: TrainPlan) -> torch.optim.Optimizer:
+    if plan.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=plan.lr)
+    return torch.optim.SGD(model.parameters(), lr=plan.lr)
 
 
 def _run_steps(
@@ -371,15 +471,16 @@ def _run_steps(
     plan: TrainPlan,
     global_params: list[torch.Tensor],
     device: torch.device,
+    loss: PerRecordLoss | None = None,
 ) -> int:
     steps = 0
     while steps < plan.local_steps:
         for xb, yb in loader:
             optimizer.zero_grad(set_to_none=True)
             if plan.dp:
-                private_backward(train_model, optimizer, xb.to(device), yb.to(device))
+                private_backward(train_model, optimizer, xb.to(device), yb.to(device), loss)
             else:
-                _loss(train_model, xb.to(device), yb.to(device)).backward()
+                _loss(train_model, xb.to(device), yb.to(device), loss).backward()
             optimizer.step()
             if plan.proximal_mu > 0:
                 # The proximal gradient mu * (w - w_global) uses no record: applying it as a
@@ -404,39 +505,57 @@ class EvalResult:
     num_examples: int
 
 
+def model_outputs(model: nn.Module, x: Records, device: torch.device) -> torch.Tensor:
+    """The model's outputs on ``x`` in evaluation mode, :data:`EVAL_CHUNK` records at a time.
+
+    Larger chunks cost more in page faults for fresh activation buffers than they save in
+    per-call overhead.
+    """
+    xt = torch.as_tensor(x)
+    model.to(device).eval()
+    with torch.no_grad():
+        return torch.cat(
+            [model(xt[i : i + EVAL_CHUNK].to(device)) for i in range(0, len(xt), EVAL_CHUNK)]
+        )
+
+
 def evaluate_model(
-    model: nn.Module, x: NDArray[np.float32], y: NDArray[np.float32], device: torch.device
+    model: nn.Module,
+    x: Records,
+    y: Records,
+    device: torch.device,
+    loss: PerRecordLoss | None = None,
 ) -> EvalResult:
     """Loss and accuracy; for binary tasks also ROC AUC and PR AUC (None with one class).
 
     Binary accuracy uses threshold 0.5 (FLamby); multi-class accuracy the arg-max class.
-    The forward passes take :data:`EVAL_CHUNK` records at a time: larger chunks cost more in
-    page faults for fresh activation buffers than they save in per-call overhead.
+    ``loss`` is the per-record loss averaged (default :func:`output_loss`).
     """
+    return outputs_result(model_outputs(model, x, device), y, loss)
+
+
+def outputs_result(
+    outputs: torch.Tensor,
+    y: Records,
+    loss: PerRecordLoss | None = None,
+) -> EvalResult:
+    """:func:`evaluate_model`'s figures from the model's outputs on the records of ``y``."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    model.to(device).eval()
+    yt = torch.as_tensor(y).to(outputs.device)
     with torch.no_grad():
-        logits = torch.cat(
-            [
-                model(torch.from_numpy(x[i : i + EVAL_CHUNK]).to(device))
-                for i in range(0, len(x), EVAL_CHUNK)
-            ]
-        )
-        yt = torch.from_numpy(y).to(device)
-        if logits.shape[-1] != 1:
-            loss = float(nn.functional.cross_entropy(logits, yt.long()))
-            acc = float((logits.argmax(dim=1) == yt.long()).float().mean())
-            return EvalResult(loss, acc, None, None, len(y))
-        logits = logits.reshape(-1)
-        loss = float(nn.functional.binary_cross_entropy_with_logits(logits, yt.float()))
-        prob = torch.sigmoid(logits).cpu().numpy()
-    acc = float(((prob >= 0.5).astype(np.float32) == y).mean())
-    both = len(np.unique(y)) == 2
+        mean_loss = float((loss or output_loss)(outputs, yt).mean())
+        if outputs.shape[-1] != 1:
+            acc = float((outputs.argmax(dim=1) == yt.long()).float().mean())
+            return EvalResult(mean_loss, acc, None, None, len(yt))
+        prob = torch.sigmoid(outputs.reshape(-1)).cpu().numpy()
+    labels = yt.cpu().numpy().astype(np.float32)
+    acc = float(((prob >= 0.5).astype(np.float32) == labels).mean())
+    both = len(np.unique(labels)) == 2
     return EvalResult(
-        loss=loss,
+        loss=mean_loss,
         accuracy=acc,
-        roc_auc=float(roc_auc_score(y, prob)) if both else None,
-        pr_auc=float(average_precision_score(y, prob)) if both else None,
-        num_examples=len(y),
+        roc_auc=float(roc_auc_score(labels, prob)) if both else None,
+        pr_auc=float(average_precision_score(labels, prob)) if both else None,
+        num_examples=len(labels),
     )

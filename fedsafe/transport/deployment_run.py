@@ -1,7 +1,7 @@
 """Submit a federated run to a running coordinator and follow it to its run folder.
 
 This is the deployment twin of :func:`fedsafe.simulations.runner.run_simulation`: the same
-app folder (:func:`fedsafe.simulations.flower_app.write_app_folder`), the same run-config
+app folder (:func:`fedsafe.transport.flower_app.write_app_folder`), the same run-config
 overrides and the same run folder layout (``config.json``, ``rounds.jsonl``,
 ``events.jsonl``, ``model.pt``, ``summary.json``), but submitted with ``flwr run`` to the
 coordinator's TLS connection instead of a local simulation SuperLink.
@@ -17,8 +17,8 @@ from typing import Any
 from fedsafe.config import DEFAULT_RUN_CONFIG
 from fedsafe.errors import UserError
 from fedsafe.server.run_folder import new_run_dir
-from fedsafe.simulations.flower_app import FollowedRun, RunFailed, submit_and_follow
 from fedsafe.transport.admission import CONNECTION_NAME
+from fedsafe.transport.flower_app import FollowedRun, RunFailed, submit_and_follow
 from fedsafe.transport.processes import NO_REASON, last_error_line
 
 

@@ -12,7 +12,6 @@ import pytest
 from flwr.cli.build import build_fab_from_disk
 
 from fedsafe.cli.main import main
-from fedsafe.simulations.flower_app import write_app_folder
 from fedsafe.transport.app_approval import (
     approvals_path,
     digest_of,
@@ -21,6 +20,7 @@ from fedsafe.transport.app_approval import (
     revoke,
 )
 from fedsafe.transport.approved_clientapp import append_jsonl
+from fedsafe.transport.flower_app import write_app_folder
 from fedsafe.transport.site_launcher import child_command, launch_task
 
 

@@ -181,7 +181,7 @@ def test_three_sites_two_round_dp_run_through_the_proxy(
 def test_app_with_one_changed_byte_is_refused_at_the_site(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fedsafe.simulations.flower_app import write_app_folder
+    from fedsafe.transport.flower_app import write_app_folder
 
     pki_dir = make_pki(tmp_path)
     data = write_sites(tmp_path / "site-data")

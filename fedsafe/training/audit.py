@@ -8,15 +8,22 @@ DP bounds the attack's advantage (true-positive rate <= e^epsilon * false-positi
 delta; Humphries et al. 2023, Thm. 1), so a DP model should score near 0.5 where the same
 model trained without DP scores well above it.
 
-The driver is generic: the caller supplies the model factory and tensors (members = training
-records, non-members = held-out records from the same distribution). An audit is evidence, not
-a proof; the guarantee comes from the accountant.
+The driver is generic: the caller supplies the model factory, tensors (members = training
+records, non-members = held-out records from the same distribution), the training parameters
+and optionally the task's per-record loss. Both models train through fedsafe's one loop
+(:mod:`fedsafe.training.loop`), the DP one exactly as a site trains (Opacus clipping, secret
+Poisson sampling and noise). An audit is evidence, not a proof; the guarantee comes from the
+accountant.
+
+Why it lives in ``fedsafe.training``: it trains models, so it sits on the training layer (it
+was in ``fedsafe.privacy``, a lower layer, and had to reach up into training).
 
 What it releases: its figures (attack AUCs, record counts) are exact functions of the records it
-trains on, outside any ledger. ``fedsafe privacy audit`` therefore runs only on the shipped,
-public scenarios, prints its result where it runs, and writes it into a run folder (where the
-run report picks it up) only when its user exports it with ``--run``; no site handler calls it,
-and nothing of it is in a site's replies (:mod:`fedsafe.privacy.releases`).
+trains on, outside any ledger. ``fedsafe privacy audit`` therefore runs where its user holds
+the records (shipped public scenarios, or a task's own data), prints its result where it runs,
+and writes it into a run folder (where the run report picks it up) only when its user exports
+it with ``--run``; no site handler calls it, and nothing of it is in a site's replies
+(:mod:`fedsafe.privacy.releases`).
 """
 
 from __future__ import annotations
@@ -30,12 +37,18 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from fedsafe.privacy.accounting import epsilon
 from fedsafe.privacy.events import PoissonGaussianEvent
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from fedsafe.training.dp_training import PerRecordLoss, TrainPlan
+from fedsafe.training.loop import (
+    Records,
+    per_record_losses,
+    steps_for_epochs,
+    train_dp,
+    train_non_private,
+)
+from fedsafe.training.model_check import dp_model_factory
 
 
 def loss_threshold_auc(losses_members: npt.ArrayLike, losses_nonmembers: npt.ArrayLike) -> float:
@@ -101,7 +114,8 @@ class TrainingSetup:
     accountant
         Accountant for that epsilon.
     seed
-        Seed of every random draw (initialisation, sampling, noise).
+        Seed of the initial weights and of the non-DP model's shuffling. The DP model's
+        sampling and noise come from fresh secret keys, as at a site.
     """
 
     epochs: int = 30
@@ -120,6 +134,22 @@ class TrainingSetup:
             raise ValueError("lr, noise_multiplier and max_grad_norm must be > 0")
         if not 0 < self.delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        self.plan(1)  # the loop's own checks (clipping norm range)
+
+    def plan(self, num_records: int) -> TrainPlan:
+        """The DP plan for ``num_records`` members: ``epochs`` passes at rate ``1/batches``.
+
+        The Poisson rate is left to the loop: ``1 / ceil(n / batch_size)`` of the exact size,
+        which an audit (run by whoever holds the records) may use.
+        """
+        return TrainPlan(
+            local_steps=steps_for_epochs(num_records, self.batch_size, self.epochs),
+            batch_size=self.batch_size,
+            lr=self.lr,
+            dp=True,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,75 +185,41 @@ class AuditResult:
         return asdict(self)
 
 
-def per_example_losses(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn | None = None
-) -> npt.NDArray[np.float64]:
-    """Loss of ``model`` on each record (``loss_fn`` must use ``reduction="none"``)."""
-    fn = loss_fn or nn.CrossEntropyLoss(reduction="none")
-    model.eval()
-    with torch.no_grad():
-        losses = fn(model(x), y)
-    return losses.detach().double().cpu().numpy().reshape(-1)
-
-
 def train_model(
     model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    x: Records,
+    y: Records,
     setup: TrainingSetup,
     *,
     dp: bool,
-    loss_fn: LossFn | None = None,
+    loss: PerRecordLoss | None = None,
 ) -> tuple[nn.Module, PoissonGaussianEvent | None]:
-    """Train ``model`` with SGD, with DP-SGD (Opacus, Poisson sampling) when ``dp``.
+    """Train ``model`` as ``setup`` says, with DP-SGD when ``dp`` (:mod:`fedsafe.training.loop`).
+
+    Without DP the batches are shuffled from ``setup.seed`` (not for privacy); with DP they are
+    Poisson-sampled and noised from fresh secret keys, as at a site.
 
     Returns
     -------
     tuple
-        The trained module (unwrapped from Opacus) and the DP event, or ``None`` without DP.
+        The trained module (a fixed copy if the model had BatchNorm) and the DP event, or
+        ``None`` without DP.
     """
-    # not for privacy: shuffles the non-DP arm only; make_private replaces the sampling.
-    generator = torch.Generator().manual_seed(setup.seed)  # not for privacy
-    criterion = loss_fn or nn.CrossEntropyLoss()
-    loader = DataLoader(
-        TensorDataset(x, y), batch_size=setup.batch_size, shuffle=True, generator=generator
-    )
-    optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=setup.lr)
-    trained: nn.Module = model
-    event = None
+    plan = setup.plan(len(x))
     if dp:
-        from fedsafe.training.dp_training import make_private
-
-        trained, optimizer, loader, sample_rate = make_private(
-            model,
-            optimizer,
-            loader,
-            setup.noise_multiplier,
-            setup.max_grad_norm,
-        )
-        event = PoissonGaussianEvent(
-            sample_rate, setup.noise_multiplier, setup.epochs * len(loader)
-        )
-    trained.train()
-    for _ in range(setup.epochs):
-        for xb, yb in loader:
-            if len(xb) == 0:
-                continue
-            optimizer.zero_grad()
-            criterion(trained(xb), yb).backward()
-            optimizer.step()
-    module = getattr(trained, "_module", trained)
-    return module, event
+        return train_dp(model, x, y, plan, loss=loss)
+    return train_non_private(model, x, y, plan, seed=setup.seed, loss=loss), None
 
 
 def membership_audit(
     model_factory: Callable[[], nn.Module],
-    x_members: torch.Tensor,
-    y_members: torch.Tensor,
-    x_nonmembers: torch.Tensor,
-    y_nonmembers: torch.Tensor,
+    x_members: Records,
+    y_members: Records,
+    x_nonmembers: Records,
+    y_nonmembers: Records,
     setup: TrainingSetup | None = None,
-    loss_fn: Callable[[], LossFn] | None = None,
+    loss: PerRecordLoss | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> AuditResult:
     """Train a DP and a non-DP model the same way and attack both (Yeom et al. 2018).
 
@@ -231,40 +227,43 @@ def membership_audit(
     ----------
     model_factory
         Builds a fresh model; called once per model, after seeding torch with ``setup.seed``,
-        so both models start from the same weights.
+        so both models start from the same weights. A model with BatchNorm is fixed to
+        GroupNorm for both (said once to ``say``), so both arms train the same architecture.
     x_members, y_members
-        The site's training records (the attack's "in" set).
+        The site's training records (the attack's "in" set), shapes ``(n, ...)``, ``(n,)``.
     x_nonmembers, y_nonmembers
         Held-out records from the same distribution (the "out" set).
     setup
         Training and DP parameters shared by both models.
-    loss_fn
-        Builds the per-record loss (``reduction="none"``); default cross-entropy. Training
-        uses the same loss with mean reduction.
+    loss
+        The task's per-record loss ``loss(outputs, y)`` (shape ``(batch,)``); default
+        :func:`~fedsafe.training.dp_training.output_loss` (binary cross-entropy on one logit,
+        cross-entropy over classes). Training averages it; the attack thresholds it.
+    say
+        Where the model check's one-line note goes (default: the training log).
 
     Returns
     -------
     AuditResult
         Both AUCs and the DP model's (epsilon, delta).
+
+    Raises
+    ------
+    UserError
+        If the model cannot be trained with DP-SGD even after Opacus's fixes.
     """
     setup = setup or TrainingSetup()
+    build = dp_model_factory(model_factory, say=say)
     aucs: dict[bool, float] = {}
     dp_event: PoissonGaussianEvent | None = None
     for dp in (False, True):
         torch.manual_seed(setup.seed)  # not for privacy: the same public initial model
-        per_record = loss_fn() if loss_fn else nn.CrossEntropyLoss(reduction="none")
-
-        def mean_loss(out: torch.Tensor, target: torch.Tensor, fn: LossFn = per_record) -> Any:
-            return fn(out, target).mean()
-
-        model, event = train_model(
-            model_factory(), x_members, y_members, setup, dp=dp, loss_fn=mean_loss
-        )
+        model, event = train_model(build(), x_members, y_members, setup, dp=dp, loss=loss)
         if dp:
             dp_event = event
         aucs[dp] = loss_threshold_auc(
-            per_example_losses(model, x_members, y_members, per_record),
-            per_example_losses(model, x_nonmembers, y_nonmembers, per_record),
+            per_record_losses(model, x_members, y_members, loss=loss),
+            per_record_losses(model, x_nonmembers, y_nonmembers, loss=loss),
         )
     assert dp_event is not None
     eps = epsilon([dp_event], setup.delta, setup.accountant)

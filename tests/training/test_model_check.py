@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from fedsafe.errors import UserError
-from fedsafe.model_check import check_model_for_dp
 from fedsafe.models import build_model
+from fedsafe.training.model_check import check_model_for_dp, dp_model_factory
 
 
 def _batchnorm_model() -> nn.Module:
@@ -42,3 +42,33 @@ def test_batchnorm_is_refused_with_the_fix_when_fixing_is_not_allowed():
     message = str(err.value)
     assert "task heart-net" in message and "BatchNorm" in message and "GroupNorm" in message
     assert "\n" not in message
+
+
+class _OwnBatchNorm(nn.BatchNorm1d):
+    """A user's BatchNorm subclass: Opacus looks up exact types, so it sees none."""
+
+
+@pytest.mark.parametrize(
+    ("layer", "shown"),
+    [
+        (nn.BatchNorm1d(8, affine=False), "BatchNorm1d, affine=False"),
+        (_OwnBatchNorm(8), "_OwnBatchNorm"),
+    ],
+)
+def test_batch_statistics_opacus_cannot_replace_are_refused_with_the_fix(layer, shown):
+    model = nn.Sequential(nn.Linear(4, 8), layer, nn.Linear(8, 1))
+    with pytest.raises(UserError) as err:
+        check_model_for_dp(model, name="task tab")
+    message = str(err.value)
+    assert f"1 ({shown})" in message and "GroupNorm" in message and "task tab" in message
+    assert "\n" not in message
+
+
+def test_a_checked_factory_fixes_every_model_and_says_so_once():
+    said: list[str] = []
+    build = dp_model_factory(_batchnorm_model, name="task img", say=said.append)
+    first, second = build(), build()
+    assert len(said) == 1 and "BatchNorm2d -> GroupNorm" in said[0]
+    # The coordinator and every site build the same fixed layers and parameter names.
+    assert list(first.state_dict()) == list(second.state_dict())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in first.modules())

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedsafe.privacy.audit import TrainingSetup, loss_threshold_auc, membership_audit
+from fedsafe.training.audit import TrainingSetup, loss_threshold_auc, membership_audit
 
 
 def _pairwise_auc(members: np.ndarray, others: np.ndarray) -> float:
@@ -63,3 +63,21 @@ def test_dp_model_leaks_less_than_the_same_model_without_dp(one_thread: None) ->
     assert 0 < result.epsilon < 10
     assert result.steps == 40 * 5 and result.sample_rate == pytest.approx(0.2)
     assert result.to_dict()["n_members"] == n
+
+
+def test_a_batchnorm_model_is_audited_as_its_groupnorm_fix_in_both_arms(one_thread: None) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(48, 6, generator=gen)
+    y = (x[:, 0] > 0).float()
+    built: list[nn.Module] = []
+
+    def factory() -> nn.Module:
+        model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+        built.append(model)
+        return model
+
+    said: list[str] = []
+    setup = TrainingSetup(epochs=1, batch_size=8, noise_multiplier=1.0, accountant="rdp")
+    result = membership_audit(factory, x[:24], y[:24], x[24:], y[24:], setup, say=said.append)
+    assert len(built) == 2 and len(said) == 1 and "BatchNorm1d -> GroupNorm" in said[0]
+    assert result.steps == 3 and 0 <= result.auc_dp <= 1 and 0 <= result.auc_no_dp <= 1
