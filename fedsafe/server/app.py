@@ -44,7 +44,9 @@ from fedsafe.server.site_policies import DeclaredSite, RunRefused, check_declare
 from fedsafe.server.strategy import FedsafeStrategy, RunProgress, log
 from fedsafe.server.update_checks import UpdateChecks
 from fedsafe.strategies.factory import build_strategy
+from fedsafe.tasks.registry import run_task
 from fedsafe.tasks.scenarios import default_num_sites, run_model_name
+from fedsafe.tasks.task import Task, build_task_model
 
 app = ServerApp()
 
@@ -133,6 +135,20 @@ def _save_model(
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config."""
+    coordinate(grid, context)
+
+
+def coordinate(grid: Grid, context: Context, task: Task | None = None) -> None:
+    """Run the federation described by the run config, for ``task`` when one is given.
+
+    Parameters
+    ----------
+    grid, context
+        Flower's grid and the ServerApp's context.
+    task
+        The task whose model the run trains (:func:`fedsafe.server_app`); None: the run
+        config's ``task`` path, else its scenario's or schema's model.
+    """
     cfg = RunConfig.from_mapping(context.run_config)
     folder = RunFolder(cfg.run_dir or new_run_dir(cfg.out_dir))
     resumed = _resumed(cfg, folder, context)
@@ -143,8 +159,14 @@ def main(grid: Grid, context: Context) -> None:
     deadlines = PhaseDeadlines(train_s=cfg.train_deadline_s, evaluate_s=cfg.evaluate_deadline_s)
     prompt = PromptGrid(grid, deadlines)
     width, feature_names, declared = _input_width(prompt, num_sites, folder, cfg)
-    model_name = run_model_name(cfg)
-    model = build_model(model_name, width, cfg.seed)
+    if task is None and cfg.task:
+        task = run_task(cfg)
+    model_name = task.name if task is not None else run_model_name(cfg)
+    model = (
+        build_task_model(task, width, cfg.seed)
+        if task is not None
+        else build_model(model_name, width, cfg.seed)
+    )
     downlink = parse_compression(cfg.downlink_compression)
     check_downlink(downlink)
     mu = cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0
@@ -178,6 +200,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     state = strategy.progress
     meta = _model_metadata(cfg, model_name, feature_names, state, time.time() - started)
+    meta.update(task_metadata(cfg, task))
     _save_model(folder, model, strategy.arrays or initial, meta)
     folder.write_json("summary.json", _summary(folder, state))
     log.info("fedsafe: run folder %s", Path(folder.path).resolve())
@@ -221,6 +244,45 @@ def _model_metadata(
         "exhausted-sites": sorted(state.exhausted.values()),
         "training-seconds": round(seconds, 2),
     }
+
+
+def task_metadata(cfg: RunConfig, task: Task | None) -> dict[str, Any]:
+    """What ``model.json`` says of the task, so ``fedsafe predict`` can apply the model.
+
+    ``task``: the task path (or the scenario, or ``csv`` for CSV + schema sites);
+    ``preprocessing``: how a record becomes the model's input; for CSV sites the schema's
+    path, its SHA-256 and the schema format version (public ranges, categories, missing
+    policy: all in the schema, none of them a statistic of a site's records).
+    """
+    import hashlib
+
+    if cfg.task or task is not None:
+        meta: dict[str, Any] = {
+            "task": cfg.task or (task.name if task is not None else ""),
+            "task-name": task.name if task is not None else "",
+            "preprocessing": "the task's own load()",
+        }
+    elif cfg.scenario == "custom":
+        meta = {"task": "csv", "task-name": "csv"}
+    else:
+        meta = {"task": f"fedsafe.tasks.{cfg.scenario}:task", "task-name": cfg.scenario}
+    if cfg.schema_path:
+        schema = Path(cfg.schema_path)
+        meta.update(
+            {
+                "preprocessing": "public-range scaling and one-hot categories from the schema",
+                "schema-path": str(schema),
+                "schema-sha256": hashlib.sha256(schema.read_bytes()).hexdigest()
+                if schema.exists()
+                else "",
+                "schema-version": SCHEMA_FORMAT_VERSION,
+            }
+        )
+    return meta
+
+
+#: Version of the schema format ``model.json`` refers to (:mod:`fedsafe.data.schema`).
+SCHEMA_FORMAT_VERSION = 1
 
 
 def _summary(folder: RunFolder, state: RunProgress) -> dict[str, Any]:

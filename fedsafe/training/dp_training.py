@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,9 @@ from fedsafe.training.malloc_tuning import keep_freed_memory
 
 if TYPE_CHECKING:
     from fedsafe.training.secure_dp_sgd import SecureNoiseDPOptimizer, SecureNoiseGhostDPOptimizer
+
+#: A per-record loss: logits and labels -> shape ``(batch,)`` (a task's, :mod:`fedsafe.tasks`).
+RecordLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 EVAL_CHUNK = 256
 """Records per forward pass in :func:`evaluate_model`: bounded activations, no page storm."""
@@ -115,16 +119,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy on one logit, or cross-entropy over classes."""
+def _loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: RecordLoss | None = None
+) -> torch.Tensor:
+    """Binary cross-entropy on one logit, or cross-entropy over classes (or ``loss``'s mean)."""
+    if loss is not None:
+        return loss(model(x), y).mean()
     logits = model(x)
     if logits.shape[-1] == 1:
         return nn.functional.binary_cross_entropy_with_logits(logits.reshape(-1), y.float())
     return nn.functional.cross_entropy(logits, y.long())
 
 
-def _per_record_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _per_record_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: RecordLoss | None = None
+) -> torch.Tensor:
     """:func:`_loss` before the mean over the batch, shape ``(batch,)``."""
+    if loss is not None:
+        return loss(model(x), y).reshape(-1)
     logits = model(x)
     if logits.shape[-1] == 1:
         return nn.functional.binary_cross_entropy_with_logits(
@@ -254,6 +266,7 @@ def private_backward(
     optimizer: torch.optim.Optimizer,
     x: torch.Tensor,
     y: torch.Tensor,
+    loss_fn: RecordLoss | None = None,
 ) -> torch.Tensor:
     """Forward and backward of one batch, leaving what ``optimizer.step()`` needs.
 
@@ -275,7 +288,7 @@ def private_backward(
         # Opacus's per-sample hooks on inputs that need no gradient: expected here.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         if not isinstance(optimizer, SecureNoiseGhostDPOptimizer):
-            loss = _loss(train_model, x, y)
+            loss = _loss(train_model, x, y, loss_fn)
             loss.backward()
             return loss.detach()
         from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
@@ -287,7 +300,7 @@ def private_backward(
             for p in optimizer.params:
                 p.grad = torch.zeros_like(p)
             return torch.zeros(())
-        per_record = _per_record_loss(train_model, x, y)
+        per_record = _per_record_loss(train_model, x, y, loss_fn)
         DPTensorFastGradientClipping(train_model, optimizer, per_record, "mean").backward()
         return per_record.mean().detach()
 
@@ -299,6 +312,7 @@ def train_round(
     plan: TrainPlan,
     device: torch.device,
     key: bytes | None = None,
+    loss: RecordLoss | None = None,
 ) -> PoissonGaussianEvent | None:
     """Train ``model`` in place for ``plan.local_steps`` steps.
 
@@ -316,6 +330,9 @@ def train_round(
         32 bytes keying the batch sampling and the noise. ``None`` (normal use): a fresh
         secret key from ``os.urandom`` for this round. An explicit key makes the round
         reproducible by whoever knows it: only for runs the site declares "not private".
+    loss
+        A task's per-record loss (:class:`fedsafe.Task`); None: binary cross-entropy on one
+        logit, cross-entropy over classes.
 
     Returns
     -------
@@ -353,7 +370,7 @@ def train_round(
         train_model = model
         sample_rate = 0.0
     try:
-        steps = _run_steps(train_model, model, optimizer, loader, plan, global_params, device)
+        steps = _run_steps(train_model, model, optimizer, loader, plan, global_params, device, loss)
     finally:
         if train_model is not model:
             # Opacus hooks stay on the wrapped module; remove them so the next round can wrap.
@@ -371,15 +388,16 @@ def _run_steps(
     plan: TrainPlan,
     global_params: list[torch.Tensor],
     device: torch.device,
+    loss: RecordLoss | None = None,
 ) -> int:
     steps = 0
     while steps < plan.local_steps:
         for xb, yb in loader:
             optimizer.zero_grad(set_to_none=True)
             if plan.dp:
-                private_backward(train_model, optimizer, xb.to(device), yb.to(device))
+                private_backward(train_model, optimizer, xb.to(device), yb.to(device), loss)
             else:
-                _loss(train_model, xb.to(device), yb.to(device)).backward()
+                _loss(train_model, xb.to(device), yb.to(device), loss).backward()
             optimizer.step()
             if plan.proximal_mu > 0:
                 # The proximal gradient mu * (w - w_global) uses no record: applying it as a

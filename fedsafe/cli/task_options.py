@@ -1,0 +1,94 @@
+"""``--task package.module:attr``: a :class:`~fedsafe.Task` chosen on the command line.
+
+Shared by ``fedsafe simulate`` (the researcher's task for every simulated site), ``fedsafe site
+start`` (the site's own task) and ``fedsafe run`` (the model the coordinator builds). The task's
+defaults (batch size, local steps, learning rate, clipping norm) fill every setting no flag
+gives; for CSV + schema sites they are scaled to the smallest site's declared public size and
+printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from fedsafe.config import RunConfig
+from fedsafe.data.site_data import SiteData
+from fedsafe.tasks.task import SiteRef, Task, load_task
+
+TASK_HELP = (
+    "your own task, package.module:attr naming a fedsafe.Task (the module must import from "
+    "the current folder or PYTHONPATH; see docs/tasks.md)"
+)
+
+#: Flags a task's defaults fill when not given, and their run-config keys.
+DEFAULT_FLAGS = {
+    "batch_size": "batch-size",
+    "local_steps": "local-steps",
+    "client_lr": "client-lr",
+    "max_grad_norm": "max-grad-norm",
+}
+
+
+def import_task(path: str) -> Task:
+    """Import the task at ``path``, with the current folder on the path (as ``flwr run`` does).
+
+    Raises
+    ------
+    UserError
+        One line naming the flag, the path and the fix.
+    """
+    here = os.getcwd()
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return load_task(path)
+
+
+def simulated_task_sites(
+    cfg: RunConfig, task: Task, site_paths: tuple[tuple[str, str], ...]
+) -> tuple[SiteData, ...]:
+    """Every simulated site's data, loaded here before Flower starts (each problem up front)."""
+    from fedsafe.errors import UserError
+
+    options = {
+        k: v
+        for k, v in cfg.to_mapping().items()
+        if k in ("lending-sites", "mnist-sites", "mnist-alpha", "seed")
+    }
+    count = len(site_paths) or cfg.min_sites or task.num_sites
+    sites = []
+    for i in range(count):
+        name, path = site_paths[i] if site_paths else ("", "")
+        try:
+            data = task.load(SiteRef(i, count, name, path, cfg.schema_path, options))
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's load(): say which site and why
+            raise UserError(
+                f"--task {cfg.task}: load() failed for site {i} ({type(exc).__name__}: {exc})"
+            ) from None
+        if not isinstance(data, SiteData):
+            raise UserError(
+                f"--task {cfg.task}: load() returned a {type(data).__name__}, not a "
+                "fedsafe.SiteData (see fedsafe.tasks.task.site_data_from_tensors)"
+            )
+        sites.append(data)
+    return tuple(sites)
+
+
+def with_task_defaults(
+    cfg: RunConfig, args: argparse.Namespace, task: Task, public_sizes: list[int]
+) -> RunConfig:
+    """``cfg`` with the task's defaults for every setting no flag gave; printed in one line."""
+    defaults = task.defaults_for(min(public_sizes))
+    values: dict[str, Any] = cfg.to_mapping()
+    given = {key for flag, key in DEFAULT_FLAGS.items() if getattr(args, flag, None) is not None}
+    values.update({k: v for k, v in defaults.to_run_config().items() if k not in given})
+    scaled = f" for public size {min(public_sizes)}" if task.scaled_defaults is not None else ""
+    override = f" (flags override {', '.join(sorted(given))})" if given else ""
+    print(
+        f"fedsafe: task {task.name} defaults{scaled}: {defaults.describe()}{override}", flush=True
+    )
+    return RunConfig.from_mapping(values)
