@@ -1,0 +1,47 @@
+"""``--task``: a bad path is one clear exit-2 line; a task's defaults fill unset flags, printed."""
+
+from __future__ import annotations
+
+import argparse
+
+from fedsafe.cli.main import main
+from fedsafe.cli.task_options import with_task_defaults
+from fedsafe.config import RunConfig
+from fedsafe.tasks.csv_task import csv_task
+
+SCHEMA = """label: {column: outcome, positive: yes}
+features:
+  age: {type: numeric, range: [18, 100], source: "years"}
+"""
+
+
+def test_a_task_path_that_does_not_import_or_is_not_a_task_is_one_line_exit_2(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "half_task.py").write_text("task = 'not a task'\n")
+    out = tmp_path / "runs"
+    for path, words in (
+        ("no_such_module:task", "does not import"),
+        ("half_task:task", "is a str, not a fedsafe.Task"),
+        ("half_task", "write package.module:attr"),
+    ):
+        assert main(["simulate", "--task", path, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "--task" in err and err.count("\n") == 1, err
+        assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_csv_defaults_scale_to_the_public_size_and_flags_override_them(tmp_path, capsys) -> None:
+    schema = tmp_path / "s.yaml"
+    schema.write_text(SCHEMA)
+    cfg = RunConfig.from_mapping(
+        {"scenario": "custom", "schema-path": str(schema), "local-steps": 30}
+    )
+    args = argparse.Namespace(batch_size=None, local_steps=30, client_lr=None, max_grad_norm=None)
+    scaled = with_task_defaults(cfg, args, csv_task(str(schema)), [1800, 2400])
+    assert (scaled.batch_size, scaled.local_steps) == (64, 30)  # the flag wins
+    line = capsys.readouterr().out
+    assert "task csv defaults for public size 1800: batch 64, 20 local steps" in line
+    assert "(flags override local-steps)" in line
