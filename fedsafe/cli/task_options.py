@@ -92,3 +92,48 @@ def with_task_defaults(
         f"fedsafe: task {task.name} defaults{scaled}: {defaults.describe()}{override}", flush=True
     )
     return RunConfig.from_mapping(values)
+
+
+def task_root(path: str) -> str:
+    """The folder from which the top-level module of task ``path`` imports ("" = installed).
+
+    Raises
+    ------
+    UserError
+        If the task does not import or is not a Task.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    import_task(path)
+    top = path.split(":")[0].split(".")[0]
+    spec = importlib.util.find_spec(top)
+    if spec is None or spec.origin is None:
+        return ""
+    origin = Path(spec.origin).resolve()
+    root = origin.parent.parent if spec.submodule_search_locations else origin.parent
+    return "" if "site-packages" in root.parts else str(root)
+
+
+def site_task_records(path: str, name: str, data: Any, schema: Any) -> int:
+    """The number of training records the site's own task loads from its files (checked here).
+
+    Raises
+    ------
+    UserError
+        If the task does not import, or its ``load`` fails or returns no SiteData.
+    """
+    from fedsafe.errors import UserError
+
+    task = import_task(path)
+    try:
+        loaded = task.load(SiteRef(name=name, data_path=str(data), schema_path=str(schema)))
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the site's own load(): one line, then exit 2
+        raise UserError(
+            f"--task {path}: load() failed on --data {data} ({type(exc).__name__}: {exc})"
+        ) from None
+    if not isinstance(loaded, SiteData):
+        raise UserError(f"--task {path}: load() returned a {type(loaded).__name__}, not SiteData")
+    return len(loaded.x_train)

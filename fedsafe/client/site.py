@@ -17,6 +17,7 @@ Whether a site is simulated is decided by its own node config, never by the run 
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -235,6 +236,9 @@ def resolve_site(context: Context, cfg: RunConfig) -> SiteSetup:
             raise PolicyError("a deployed site needs its data (node config 'data-path')")
         data_path, schema_path = str(nc["data-path"]), str(nc.get("schema-path", ""))
         name = str(nc.get("site-name", Path(data_path).stem))
+        root = str(nc.get("task-root", ""))
+        if root and root not in sys.path:
+            sys.path.insert(0, root)  # the site's own task module (fedsafe site start --task)
         task, task_path = _site_task(cfg, str(nc.get("task", "")))
         if task is not None:
             data, model = (

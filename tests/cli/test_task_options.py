@@ -45,3 +45,38 @@ def test_csv_defaults_scale_to_the_public_size_and_flags_override_them(tmp_path,
     line = capsys.readouterr().out
     assert "task csv defaults for public size 1800: batch 64, 20 local steps" in line
     assert "(flags override local-steps)" in line
+
+
+def test_a_site_task_is_found_from_its_folder_and_loads_the_sites_files(
+    tmp_path, monkeypatch
+) -> None:
+    import sys
+
+    from fedsafe.cli.site import task_node_config
+    from fedsafe.cli.task_options import site_task_records
+
+    pkg = tmp_path / "code" / "sitepkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "task.py").write_text(
+        "import torch\nfrom fedsafe import Task\nfrom fedsafe.data.schema import prepare_site\n"
+        "task = Task('t', lambda s: prepare_site(s.name, s.data_path, s.schema_path).data,\n"
+        "            lambda n, g: torch.nn.Linear(n, 1))\n"
+    )
+    monkeypatch.chdir(tmp_path / "code")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    config = task_node_config("sitepkg.task:task")
+    assert config == {"task": "sitepkg.task:task", "task-root": str(tmp_path / "code")}
+    (tmp_path / "s.yaml").write_text(SCHEMA)
+    rows = ["age,outcome"] + [f"{20 + i},{'yes' if i % 3 else 'no'}" for i in range(50)]
+    (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
+    n = site_task_records("sitepkg.task:task", "a", tmp_path / "d.csv", tmp_path / "s.yaml")
+    assert 25 <= n < 50  # the training split of the site's own file
+    for name in [m for m in sys.modules if m.startswith("sitepkg")]:
+        sys.modules.pop(name)
+
+
+def test_the_coordinator_refuses_a_task_that_does_not_import(tmp_path, capsys) -> None:
+    code = main(["run", "--dir", str(tmp_path), "--task", "absent_mod:task"])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not import" in err and err.count("\n") == 1
