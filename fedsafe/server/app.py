@@ -155,12 +155,16 @@ def coordinate(grid: Grid, context: Context, task: Task | None = None) -> None:
     if resumed is None:
         folder.write_json("config.json", {**cfg.to_mapping(), "run-id": str(context.run_id)})
     set_event_sink(folder.log_event)  # site-name mismatches (issue 11)
-    num_sites = cfg.min_sites or default_num_sites(cfg.scenario, cfg.lending_sites, cfg.mnist_sites)
+    if task is None and cfg.task:
+        task = run_task(cfg)
+    num_sites = cfg.min_sites or (
+        task.num_sites
+        if task is not None
+        else default_num_sites(cfg.scenario, cfg.lending_sites, cfg.mnist_sites)
+    )
     deadlines = PhaseDeadlines(train_s=cfg.train_deadline_s, evaluate_s=cfg.evaluate_deadline_s)
     prompt = PromptGrid(grid, deadlines)
     width, feature_names, declared = _input_width(prompt, num_sites, folder, cfg)
-    if task is None and cfg.task:
-        task = run_task(cfg)
     model_name = task.name if task is not None else run_model_name(cfg)
     model = (
         build_task_model(task, width, cfg.seed)
