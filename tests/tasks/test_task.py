@@ -140,3 +140,24 @@ def test_site_data_from_tensors_and_from_a_dataset() -> None:
     data = site_data_from_tensors("s", (x[:6], y[:6]), TensorDataset(x[6:], y[6:]))
     assert data.x_train.dtype == np.float32 and data.y_test.dtype == np.int64
     assert data.x_test.shape == (4, 2) and data.feature_names == ("x0", "x1")
+
+
+def test_the_readme_task_is_a_task_that_loads_and_builds() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) < 10
+
+    def my_records(index: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(index)  # synthetic test data, not privacy
+        x = rng.normal(size=(1000, 2)).astype(np.float32)
+        return x, (x[:, 0] > 0).astype(np.float32)
+
+    namespace: dict[str, object] = {"my_records": my_records}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    task = namespace["task"]
+    assert isinstance(task, Task) and task.headline == "roc-auc"
+    site = task.load(SiteRef(1, 2))
+    model = build_task_model(task, site.num_features, 42)
+    assert model(torch.from_numpy(site.x_test)).shape == (200, 1)
