@@ -394,13 +394,19 @@ def run_simulate(args: argparse.Namespace) -> int:
 
         cfg = RunConfig.from_mapping(resume_values(args.resume, {}))
     if cfg.task:
-        from fedsafe.cli.task_options import import_task, simulated_task_sites, with_task_defaults
+        from fedsafe.cli.task_options import (
+            check_task_model,
+            import_task,
+            simulated_task_sites,
+            with_task_defaults,
+        )
         from fedsafe.tasks.scenarios import simulated_site_paths
 
         task = import_task(cfg.task)
         paths = simulated_site_paths(cfg.site_data) if cfg.site_data else ()
         sites = simulated_task_sites(cfg, task, paths)
         metric, num_sites = task.headline, len(sites)
+        check_task_model(task, sites[0].num_features, cfg.seed)
         if args.resume is None:
             cfg = with_task_defaults(
                 cfg, args, task, [public_size_of(len(s.x_train)) for s in sites]

@@ -16,7 +16,7 @@ from typing import Any
 
 from fedsafe.config import RunConfig
 from fedsafe.data.site_data import SiteData
-from fedsafe.tasks.task import SiteRef, Task, load_task
+from fedsafe.tasks.task import SiteRef, Task, checked_task_model, load_task
 
 TASK_HELP = (
     "your own task, package.module:attr naming a fedsafe.Task (the module must import from "
@@ -137,3 +137,13 @@ def site_task_records(path: str, name: str, data: Any, schema: Any) -> int:
     if not isinstance(loaded, SiteData):
         raise UserError(f"--task {path}: load() returned a {type(loaded).__name__}, not SiteData")
     return len(loaded.x_train)
+
+
+def check_task_model(task: Task, num_features: int, seed: int) -> None:
+    """Build the task's model once before Flower starts, saying any fix in one line.
+
+    A model DP-SGD cannot train is refused here (exit code 2) rather than at every site.
+    """
+    checked = checked_task_model(task, num_features, seed)
+    if checked.note:
+        print(f"fedsafe: {checked.note}", flush=True)

@@ -32,12 +32,13 @@ Minimal example (a module ``mytask.py`` on the path)::
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,6 +47,9 @@ from torch import nn
 from fedsafe.config import MAX_MAX_GRAD_NORM, MIN_MAX_GRAD_NORM
 from fedsafe.data.site_data import SiteData
 from fedsafe.errors import UserError
+
+if TYPE_CHECKING:
+    from fedsafe.model_check import CheckedModel
 
 #: Metrics a task may report: the test-split figures every site's release check declares
 #: (:mod:`fedsafe.privacy.releases`, as ``eval-<name>``) and the reports show.
@@ -292,6 +296,17 @@ def load_task(path: str) -> Task:
 def build_task_model(task: Task, num_features: int, seed: int) -> nn.Module:
     """The task's initial model, the same at every site and the coordinator, checked for DP.
 
+    See :func:`checked_task_model` (this returns its model; the note is logged).
+    """
+    checked = checked_task_model(task, num_features, seed)
+    if checked.note:
+        logging.getLogger("fedsafe").warning("%s", checked.note)
+    return checked.model
+
+
+def checked_task_model(task: Task, num_features: int, seed: int) -> CheckedModel:
+    """The task's initial model checked for DP-SGD, with the one-line note of any fix.
+
     Parameters
     ----------
     task
@@ -302,12 +317,19 @@ def build_task_model(task: Task, num_features: int, seed: int) -> nn.Module:
         The run's seed: seeds the generator passed to the factory and torch's global one
         while it runs (restored afterwards). Public: the initial model is public.
 
+    Returns
+    -------
+    CheckedModel
+        The model (BatchNorm replaced by GroupNorm when Opacus can fix it) and the note
+        naming the replaced layers ("" when nothing was changed).
+
     Raises
     ------
     UserError
         If the factory fails, returns no ``nn.Module``, or the model cannot be trained with
         DP-SGD even after Opacus's fixes.
     """
+    # Opacus loads in seconds: only when a model is built, not in every importing process.
     from fedsafe.model_check import check_model_for_dp
 
     generator = torch.Generator().manual_seed(seed)  # public initial weights, not privacy
@@ -326,7 +348,7 @@ def build_task_model(task: Task, num_features: int, seed: int) -> nn.Module:
             f"task {task.name!r}: its model factory returned a {type(model).__name__}, not a "
             "torch.nn.Module"
         )
-    return check_model_for_dp(model, name=f"task {task.name!r}'s model").model
+    return check_model_for_dp(model, name=f"task {task.name!r}'s model")
 
 
 def site_data_from_tensors(

@@ -80,3 +80,26 @@ def test_the_coordinator_refuses_a_task_that_does_not_import(tmp_path, capsys) -
     code = main(["run", "--dir", str(tmp_path), "--task", "absent_mod:task"])
     err = capsys.readouterr().err
     assert code == 2 and "does not import" in err and err.count("\n") == 1
+
+
+def test_a_batchnorm_model_is_fixed_in_one_line_and_a_failing_factory_named(capsys) -> None:
+    import pytest
+    import torch
+    from torch import nn
+
+    from fedsafe.cli.task_options import check_task_model
+    from fedsafe.errors import UserError
+    from fedsafe.tasks.task import Task
+
+    def bn(n: int, g: torch.Generator) -> nn.Module:
+        return nn.Sequential(nn.Linear(n, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))
+
+    check_task_model(Task("bn", lambda s: None, bn), 3, 42)  # type: ignore[arg-type,return-value]
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "BatchNorm1d -> GroupNorm" in out
+
+    def broken(n: int, g: torch.Generator) -> nn.Module:
+        raise RuntimeError("no such layer size")
+
+    with pytest.raises(UserError, match="its model factory failed .RuntimeError: no such layer"):
+        check_task_model(Task("broken", lambda s: None, broken), 3, 42)  # type: ignore[arg-type,return-value]
