@@ -157,11 +157,15 @@ def bind_app_task(task: Task) -> None:
 
 
 def _site_task(cfg: RunConfig, node_task: str) -> tuple[Task | None, str]:
-    """The task a site trains and its path: the app's, the node config's, else the run's."""
-    if _APP_TASK:
-        return _APP_TASK[0], node_task or cfg.task
+    """The task a site trains, and its path: the node config's first, then the app's.
+
+    The node config's is the site's own choice (``fedsafe site start --task``); the app's is
+    the one :func:`fedsafe.client_app` bound; None when neither names one.
+    """
     if node_task:
         return load_task(node_task), node_task
+    if _APP_TASK:
+        return _APP_TASK[0], cfg.task
     return None, ""
 
 
@@ -195,7 +199,8 @@ def _task_site(task: Task, ref: SiteRef) -> SiteData:
                 f"task {task.name!r}: load() returned a {type(data).__name__}, not a "
                 "fedsafe.SiteData (see fedsafe.tasks.task.site_data_from_tensors)"
             )
-        _TASK_SITES.clear() if len(_TASK_SITES) > 8 else None
+        if len(_TASK_SITES) >= 8:
+            _TASK_SITES.clear()  # bounded: a process serves few sites
         _TASK_SITES[key] = data
     return _TASK_SITES[key]
 
