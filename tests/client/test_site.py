@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from fedsafe.client.app import app
 from fedsafe.client.policy import SitePolicy
 from fedsafe.privacy.releases import DECLARED_METRIC_KEYS
-from fedsafe.tasks.task import build_task_model, load_task
+from fedsafe.tasks.task import SiteRef, build_task_model, load_task
 
 TASK_MODULE = """
 import torch
@@ -132,3 +132,31 @@ def test_a_run_asking_for_another_task_is_refused_and_nothing_else_leaves(site, 
         }
         assert reply.content.config_records["site"]["refused-setting"] == "task"
     assert not ledger.exists()
+
+
+def test_a_simulated_site_trains_the_task_the_run_config_names(tmp_path) -> None:
+    from fedsafe.tasks.heart import task as heart
+
+    node = {"partition-id": 2, "num-partitions": 4}
+    run = {"task": "fedsafe.tasks.heart:task", "local-steps": 2, "ledger-dir": str(tmp_path)}
+    width = heart.load(SiteRef(2, 4)).num_features
+    content = RecordDict({"config": ConfigRecord({"server-round": 1})})
+    content["arrays"] = ArrayRecord(build_task_model(heart, width, 42).state_dict())
+    msg = Message(content, dst_node_id=3, message_type=MessageType.TRAIN)
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    reply = app(msg, _context(node, run))
+    assert not reply.has_error(), reply.error
+    assert reply.content.config_records["site"]["site-name"] == heart.load(SiteRef(2, 4)).name
+    assert reply.content.metric_records["metrics"]["epsilon"] > 0  # DP, recorded in its ledger
+    assert list(tmp_path.iterdir())
+
+
+def test_simulated_task_sites_get_their_csv_paths(tmp_path, site) -> None:
+    from fedsafe.cli.task_options import simulated_task_sites
+    from fedsafe.config import RunConfig
+
+    task = load_task("site_own_task:task")
+    paths = (("a", site["data-path"]), ("b", site["data-path"]))
+    cfg = RunConfig.from_mapping({"task": "site_own_task:task", "schema-path": site["schema-path"]})
+    sites = simulated_task_sites(cfg, task, paths)
+    assert [s.name for s in sites] == ["a", "b"]
