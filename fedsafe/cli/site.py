@@ -256,6 +256,10 @@ def _cmd_approve(args: argparse.Namespace) -> int:
 
         with tempfile.TemporaryDirectory() as tmp:
             task = getattr(args, "task", None) or ""
+            if task:
+                from fedsafe.cli.task_options import import_task
+
+                import_task(task)  # from this folder, as `fedsafe run --task` finds it
             digest = digest_of(write_app_folder(Path(tmp) / "app", task))
         label = f"fedsafe {__version__} (this installation's app, as `fedsafe run` submits it)"
     else:

@@ -103,3 +103,28 @@ def test_a_batchnorm_model_is_fixed_in_one_line_and_a_failing_factory_named(caps
 
     with pytest.raises(UserError, match="its model factory failed .RuntimeError: no such layer"):
         check_task_model(Task("broken", lambda s: None, broken), 3, 42)  # type: ignore[arg-type,return-value]
+
+
+def test_site_approve_with_a_task_approves_the_app_fedsafe_run_submits(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    import sys
+
+    from fedsafe.simulations.flower_app import write_app_folder
+    from fedsafe.transport.app_approval import digest_of
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / "approved_task.py").write_text(
+        "import torch\nfrom fedsafe import Task\n"
+        "task = Task('a', lambda s: None, lambda n, g: torch.nn.Linear(n, 1))\n"
+    )
+    workdir = tmp_path / "site"
+    assert main(["site", "approve", "fedsafe", "--task", "approved_task:task",
+                 "--workdir", str(workdir)]) == 0  # fmt: skip
+    approved = capsys.readouterr().out
+    with_task = digest_of(write_app_folder(tmp_path / "app", "approved_task:task"))
+    without = digest_of(write_app_folder(tmp_path / "plain"))
+    assert f"sha256:{with_task}" in approved and with_task != without
+    assert (tmp_path / "app" / "approved_task.py").is_file()
+    sys.modules.pop("approved_task", None)
