@@ -21,7 +21,13 @@ def test_a_task_path_that_does_not_import_or_is_not_a_task_is_one_line_exit_2(
     monkeypatch.chdir(tmp_path)
     (tmp_path / "half_task.py").write_text("task = 'not a task'\n")
     out = tmp_path / "runs"
+    (tmp_path / "failing_task.py").write_text(
+        "import torch\nfrom fedsafe import Task\n"
+        "def load(site):\n    raise FileNotFoundError('records.npz')\n"
+        "task = Task('f', load, lambda n, g: torch.nn.Linear(n, 1))\n"
+    )
     for path, words in (
+        ("failing_task:task", "load() failed for site 0 (FileNotFoundError: records.npz)"),
         ("no_such_module:task", "does not import"),
         ("half_task:task", "is a str, not a fedsafe.Task"),
         ("half_task", "write package.module:attr"),
