@@ -426,6 +426,10 @@ def run_simulate(args: argparse.Namespace) -> int:
         sites = load_scenario(
             cfg.scenario, cfg.lending_sites, cfg.mnist_sites, cfg.mnist_alpha
         ).sites
+    if cfg.task or cfg.scenario == "custom":
+        from fedsafe.cli.task_options import warn_tiny_sites
+
+        warn_tiny_sites(sites)
     preflight(cfg, [public_size_of(len(s.x_train)) for s in sites], args.site_budget)
     privacy = (
         "no DP (NOT PRIVATE)"

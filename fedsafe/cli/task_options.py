@@ -147,3 +147,29 @@ def check_task_model(task: Task, num_features: int, seed: int) -> None:
     checked = checked_task_model(task, num_features, seed)
     if checked.note:
         print(f"fedsafe: {checked.note}", flush=True)
+
+
+#: The least training records of a deployed site's default policy (``fedsafe site init``).
+TINY_SITE = 50
+
+
+def warn_tiny_sites(sites: tuple[SiteData, ...] | list[SiteData]) -> list[str]:
+    """Warn (one line each) about simulated sites a deployed site's default policy refuses.
+
+    In simulation the researcher owns every site, so a tiny one is warned about, not refused;
+    deployed, ``min-records`` (default :data:`TINY_SITE`) refuses it.
+
+    Returns
+    -------
+    list of str
+        The names of the tiny sites.
+    """
+    tiny = [s.name for s in sites if len(s.x_train) < TINY_SITE]
+    for name in tiny:
+        print(
+            f"fedsafe: warning: site {name} has fewer than {TINY_SITE} training records: DP "
+            "noise will swamp its update, and a deployed site's default policy refuses it "
+            f"(min-records {TINY_SITE})",
+            flush=True,
+        )
+    return tiny

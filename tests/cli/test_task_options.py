@@ -134,3 +134,19 @@ def test_site_approve_with_a_task_approves_the_app_fedsafe_run_submits(
     assert f"sha256:{with_task}" in approved and with_task != without
     assert (tmp_path / "app" / "approved_task.py").is_file()
     sys.modules.pop("approved_task", None)
+
+
+def test_a_tiny_simulated_site_is_warned_about_in_one_line(capsys) -> None:
+    import numpy as np
+
+    from fedsafe.cli.task_options import warn_tiny_sites
+    from fedsafe.data.site_data import SiteData
+
+    def site(name: str, n: int) -> SiteData:
+        x = np.zeros((n, 2), dtype=np.float32)
+        return SiteData(name, x, np.zeros(n, dtype=np.float32), x[:1], np.zeros(1), ("a", "b"))
+
+    assert warn_tiny_sites([site("big", 400), site("clinic", 12)]) == ["clinic"]
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "site clinic has fewer than 50 training records" in out
+    assert "12" not in out  # the exact count is not printed
