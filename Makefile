@@ -29,8 +29,8 @@ demo: $(STAMP)
 	$(VENV)/bin/fedsafe simulate --scenario heart --epsilon 1 --delta 1e-4
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check fedsafe tests bench
-	$(VENV)/bin/ruff format --check fedsafe tests bench
+	$(VENV)/bin/ruff check fedsafe tests bench examples
+	$(VENV)/bin/ruff format --check fedsafe tests bench examples
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

@@ -1,11 +1,13 @@
-"""Own CSV sites: the heart-tuned defaults against larger batches, and a non-private baseline.
+"""Own CSV sites: the heart-tuned defaults against size-scaled ones, and a non-private baseline.
 
 Two lenders' CSVs (LendingClub loans of CA and TX, written as each lender's own file and read
 through the shared schema, ``fedsafe/data/files/lending_schema.yaml``, exactly as
 ``fedsafe simulate --site ... --schema`` reads them) are trained side by side in one run:
 
 1. DP-SGD with the heart-tuned defaults (batch 4, 10 local steps), calibrated to epsilon 3;
-2. DP-SGD with batch 64 and 20 local steps, calibrated to the same epsilon;
+2. DP-SGD with the CSV task's size-scaled defaults
+   (:func:`fedsafe.tasks.csv_task.scaled_defaults` of the smaller site's public size: batch
+   64 and 20 local steps for these lenders), calibrated to the same epsilon;
 3. a non-private logistic regression on the pooled training rows of both lenders.
 
 FedAvg (weights by public size) is computed in process with fedsafe's own DP training step
@@ -38,10 +40,11 @@ from fedsafe.data.site_data import SiteData  # noqa: E402
 from fedsafe.data.split import public_split_key  # noqa: E402
 from fedsafe.models import build_model  # noqa: E402
 from fedsafe.privacy.calibration import calibrate_noise_multiplier  # noqa: E402
+from fedsafe.tasks.csv_task import scaled_defaults  # noqa: E402
 from fedsafe.training.dp_training import TrainPlan, evaluate_model, poisson_sample_rate, train_round  # noqa: E402, E501
 
 EPSILON, DELTA = 3.0, 1e-4
-CONFIGS = {"heart-tuned (batch 4, 10 steps)": (4, 10), "batch 64, 20 steps": (64, 20)}
+HEART_TUNED = (4, 10)
 
 
 def own_sites(folder: Path) -> tuple[list[SiteData], str]:
@@ -98,7 +101,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         sites, model_name = own_sites(Path(tmp))
     rows = {"non-private pooled logistic regression": pooled_baseline(sites)}
-    for label, (batch, steps) in CONFIGS.items():
+    scaled = scaled_defaults(min(public_size_of(len(s.x_train)) for s in sites))
+    configs = {
+        f"heart-tuned (batch {HEART_TUNED[0]}, {HEART_TUNED[1]} steps)": HEART_TUNED,
+        f"size-scaled (batch {scaled.batch_size}, {scaled.local_steps} steps)": (
+            scaled.batch_size,
+            scaled.local_steps,
+        ),
+    }
+    for label, (batch, steps) in configs.items():
         runs = [federated(sites, model_name, batch, steps, args.rounds)
                 for _ in range(args.repeats)]  # fmt: skip
         rows[f"DP eps {EPSILON:g}, {label}"] = list(np.mean(runs, axis=0))

@@ -63,6 +63,8 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "schema-path": "",
     "site-wait-s": 600.0,
     "resume": False,
+    # The task trained (fedsafe.Task, "package.module:attr"); "" = the scenario's own.
+    "task": "",
 }
 
 #: Clipping norms a site accepts. Opacus clips in float32: near float32's subnormal range the
@@ -150,6 +152,7 @@ class RunConfig:
     schema_path: str
     site_wait_s: float
     resume: bool
+    task: str
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> UserError:
@@ -158,6 +161,8 @@ class RunConfig:
         if self.scenario not in SCENARIOS:
             raise bad("scenario", f"{self.scenario!r} is not one of {', '.join(SCENARIOS)}")
         check_strategy_name(self.strategy)
+        if self.task and not _CLASS_PATH.match(self.task):
+            raise bad("task", f"{self.task!r} is not a task path 'package.module:attr'")
         for key, value in (
             ("train-deadline-s", self.train_deadline_s),
             ("evaluate-deadline-s", self.evaluate_deadline_s),

@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "simulations": 4,
     "reporting": 4,
     "cli": 5,
+    "flower_apps": 5,  # fedsafe.client_app(task) / server_app(task): Flower apps for users
     "__main__": 5,  # ``python -m fedsafe``: the CLI
     # The package itself (``fedsafe/__init__.py``) is the public facade above everything: it
     # may re-export any layer, and no module below it imports it (see _target).

@@ -242,6 +242,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides["num-server-rounds"] = args.rounds
     if args.min_sites is not None:
         overrides["min-sites"] = args.min_sites
+    if getattr(args, "task", None):
+        from fedsafe.cli.task_options import import_task
+
+        import_task(args.task)  # one clear line now, not a failed ServerApp later
+        overrides["task"] = args.task
     if args.resume is not None:
         from fedsafe.cli.resume import resume_values
 
@@ -374,6 +379,12 @@ def register(subparsers: Any) -> None:
     )
     run.add_argument("--rounds", type=int, default=None, help="number of rounds")
     run.add_argument("--min-sites", type=int, default=None, help="sites every round waits for")
+    run.add_argument(
+        "--task",
+        default=None,
+        metavar="package.module:attr",
+        help="the task whose model the coordinator builds (each site trains the task it chose)",
+    )
     run.add_argument("--timeout", type=float, default=3600.0, help="seconds before giving up")
     run.add_argument("--out", default="runs", help="where the ServerApp writes the run folder")
     run.add_argument(

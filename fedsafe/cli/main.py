@@ -18,6 +18,7 @@ from fedsafe.errors import UserError
 
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "fedsafe.cli.simulate",
+    "fedsafe.cli.predict",
     "fedsafe.cli.data",
     "fedsafe.cli.privacy",
     "fedsafe.cli.report",

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsafe.cli.options import parse_budget
+from fedsafe.cli.task_options import TASK_HELP
 from fedsafe.config import DEFAULT_RUN_CONFIG, GRAD_SAMPLE_MODES, STRATEGIES, RunConfig
 from fedsafe.errors import UserError
 
@@ -19,6 +20,7 @@ SIM_EPILOG = """examples:
   fedsafe simulate --scenario mnist --sites 10 --alpha 0.5 --epsilon 3 --delta 1e-5 \
       --compression topk:0.01+int8
   fedsafe simulate --site lender-a=a.csv --site lender-b=b.csv --schema loans.yaml --epsilon 3
+  fedsafe simulate --task mytask:task --sites 2 --epsilon 3     # your own fedsafe.Task
 """
 
 BASELINE_EPILOG = """examples:
@@ -67,6 +69,7 @@ def register(sub: Any) -> None:
         "instead of a shipped scenario",
     )
     p.add_argument("--schema", default=None, help="the schema YAML shared by every --site")
+    p.add_argument("--task", default=None, metavar="package.module:attr", help=TASK_HELP)
     p.add_argument("--rounds", type=int, default=DEFAULT_RUN_CONFIG["num-server-rounds"])
     p.add_argument(
         "--strategy",
@@ -183,12 +186,20 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             return flag
         return scenario_defaults.get(key, DEFAULT_RUN_CONFIG[key])
 
-    site_data = own_sites_json(args)
+    site_data = own_sites_json(args, allow_without_schema=bool(getattr(args, "task", None)))
+    task_path = getattr(args, "task", None) or ""
+    if task_path:
+        from fedsafe.cli.task_options import import_task
+
+        task_sites = (
+            len(args.site) if site_data else (args.sites or import_task(task_path).num_sites)
+        )
     values = {
         "scenario": "custom" if site_data else args.scenario,
         "site-data": site_data,
-        "schema-path": str(Path(args.schema).resolve()) if site_data else "",
-        "min-sites": len(args.site) if site_data else 0,
+        "schema-path": str(Path(args.schema).resolve()) if args.schema else "",
+        "min-sites": task_sites if task_path else (len(args.site) if site_data else 0),
+        "task": task_path,
         "num-server-rounds": args.rounds,
         "strategy": args.strategy,
         "local-steps": pick(args.local_steps, "local-steps"),
@@ -229,14 +240,17 @@ def parse_site_flag(value: str) -> tuple[str, str]:
     return name.strip(), str(Path(path.strip()).resolve())
 
 
-def own_sites_json(args: argparse.Namespace) -> str:
-    """Run config ``site-data`` for ``--site`` flags ("" without them), checked up front."""
+def own_sites_json(args: argparse.Namespace, allow_without_schema: bool = False) -> str:
+    """Run config ``site-data`` for ``--site`` flags ("" without them), checked up front.
+
+    With ``--task`` (``allow_without_schema``) the sites' files are the task's to read.
+    """
     sites = getattr(args, "site", None)
     if not sites:
-        if getattr(args, "schema", None):
+        if getattr(args, "schema", None) and not allow_without_schema:
             raise UserError("--schema needs at least one --site NAME=data.csv")
         return ""
-    if not args.schema:
+    if not args.schema and not allow_without_schema:
         raise UserError("--site needs --schema schema.yaml (the schema every site shares)")
     pairs = [parse_site_flag(v) for v in sites]
     names = [n for n, _ in pairs]
@@ -379,15 +393,43 @@ def run_simulate(args: argparse.Namespace) -> int:
         from fedsafe.cli.resume import resume_values
 
         cfg = RunConfig.from_mapping(resume_values(args.resume, {}))
-    if cfg.scenario == "custom":
+    if cfg.task:
+        from fedsafe.cli.task_options import (
+            check_task_model,
+            import_task,
+            simulated_task_sites,
+            with_task_defaults,
+        )
+        from fedsafe.tasks.scenarios import simulated_site_paths
+
+        task = import_task(cfg.task)
+        paths = simulated_site_paths(cfg.site_data) if cfg.site_data else ()
+        sites = simulated_task_sites(cfg, task, paths)
+        metric, num_sites = task.headline, len(sites)
+        check_task_model(task, sites[0].num_features, cfg.seed)
+        if args.resume is None:
+            cfg = with_task_defaults(
+                cfg, args, task, [public_size_of(len(s.x_train)) for s in sites]
+            )
+    elif cfg.scenario == "custom":
+        from fedsafe.cli.task_options import with_task_defaults
+        from fedsafe.tasks.csv_task import csv_task
+
         metric, sites = own_sites(cfg)
         num_sites = len(sites)
+        if args.resume is None:
+            sizes = [public_size_of(len(s.x_train)) for s in sites]
+            cfg = with_task_defaults(cfg, args, csv_task(cfg.schema_path), sizes)
     else:
         metric = HEADLINE_OF[cfg.scenario]
         num_sites = default_num_sites(cfg.scenario, cfg.lending_sites, cfg.mnist_sites)
         sites = load_scenario(
             cfg.scenario, cfg.lending_sites, cfg.mnist_sites, cfg.mnist_alpha
         ).sites
+    if cfg.task or cfg.scenario == "custom":
+        from fedsafe.cli.task_options import warn_tiny_sites
+
+        warn_tiny_sites(sites)
     preflight(cfg, [public_size_of(len(s.x_train)) for s in sites], args.site_budget)
     privacy = (
         "no DP (NOT PRIVATE)"
@@ -401,6 +443,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     if cfg.dp and cfg.reproducible_noise:
         privacy += ", reproducible noise (NOT PRIVATE)"
     what = cfg.scenario if cfg.scenario != "custom" else f"own data ({cfg.schema_path})"
+    what = f"task {cfg.task}" if cfg.task else what
     print(
         f"fedsafe: {what}, {num_sites} sites, {cfg.strategy}, {cfg.num_server_rounds} "
         f"rounds, {privacy} (starting Flower's simulation engine)",

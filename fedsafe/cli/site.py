@@ -110,7 +110,17 @@ def site_node_config(
         "ledger-path": str(ledger.resolve()),
         "policy-path": str(policy.resolve()),
         "device": args.device,
+        **task_node_config(getattr(args, "task", None)),
     }
+
+
+def task_node_config(task_path: str | None) -> dict[str, NodeConfigValue]:
+    """The site's own task for its ClientApp: its path and the folder it imports from."""
+    if not task_path:
+        return {}
+    from fedsafe.cli.task_options import task_root
+
+    return {"task": task_path, "task-root": task_root(task_path)}
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
@@ -126,7 +136,13 @@ def _cmd_start(args: argparse.Namespace) -> int:
         )
     check_site_key(key)
     pki.load_certificate(Path(args.ca))
-    rows = validate_site_data(Path(args.data), Path(args.schema))
+    rows: int | None
+    if getattr(args, "task", None):
+        from fedsafe.cli.task_options import site_task_records
+
+        rows = site_task_records(args.task, args.name, Path(args.data), Path(args.schema))
+    else:
+        rows = validate_site_data(Path(args.data), Path(args.schema))
     workdir = Path(args.workdir or f"fedsafe-site-{args.name}")
     policy = Path(args.policy) if args.policy else workdir / DEFAULT_POLICY_FILE
     if not policy.is_file():
@@ -135,7 +151,11 @@ def _cmd_start(args: argparse.Namespace) -> int:
             f"{args.data} --schema {args.schema} --out {policy}`"
         )
     delta = load_policy(policy).delta
-    n = training_records(Path(args.data), Path(args.schema))
+    n = (
+        rows
+        if getattr(args, "task", None) and rows
+        else training_records(Path(args.data), Path(args.schema))
+    )
     if delta >= 1.0 / n:
         # Another site's policy (or an edited one) can hold a delta the site's own records make
         # meaningless: at 1/n a record may be released outright. Checked here, where n stays.
@@ -235,7 +255,12 @@ def _cmd_approve(args: argparse.Namespace) -> int:
         from fedsafe.transport.flower_app import write_app_folder
 
         with tempfile.TemporaryDirectory() as tmp:
-            digest = digest_of(write_app_folder(Path(tmp) / "app"))
+            task = getattr(args, "task", None) or ""
+            if task:
+                from fedsafe.cli.task_options import import_task
+
+                import_task(task)  # from this folder, as `fedsafe run --task` finds it
+            digest = digest_of(write_app_folder(Path(tmp) / "app", task))
         label = f"fedsafe {__version__} (this installation's app, as `fedsafe run` submits it)"
     else:
         digest = digest_of(Path(args.app))
@@ -297,6 +322,13 @@ def register(subparsers: Any) -> None:
     start.add_argument("--schema", required=True, help="schema YAML describing the CSV")
     start.add_argument("--budget", default=None, help=argparse.SUPPRESS)
     start.add_argument(
+        "--task",
+        default=None,
+        metavar="package.module:attr",
+        help="the site's own task (a fedsafe.Task; it reads --data and --schema); a run "
+        "asking for another task is refused",
+    )
+    start.add_argument(
         "--policy",
         default=None,
         help="the site's policy file from `fedsafe site init` (default WORKDIR/policy.toml)",
@@ -329,6 +361,9 @@ def register(subparsers: Any) -> None:
         "app", help="a .fab file, a Flower app folder, or `fedsafe` (this installation's app)"
     )
     approve_cmd.add_argument("--workdir", required=True, help="the site's folder (site start)")
+    approve_cmd.add_argument(
+        "--task", default=None, help="with `fedsafe`: the app as `fedsafe run --task` submits it"
+    )
     approve_cmd.add_argument(
         "--revoke", action="store_true", help="take the app off the list instead"
     )

@@ -28,13 +28,11 @@ from flwr.clientapp import ClientApp
 from fedsafe.client.mods import site_mods
 from fedsafe.client.mods.contract import current_site_call
 from fedsafe.client.mods.site_policy import read_run_config
-from fedsafe.client.site import SiteSetup, resolve_site
+from fedsafe.client.site import SiteSetup, evaluation_metrics, initial_model, resolve_site
 from fedsafe.client.site_replies import site_record
 from fedsafe.client.train_step import training_step
 from fedsafe.client.update_encoding import received_state
 from fedsafe.config import RunConfig
-from fedsafe.models import build_model
-from fedsafe.training.dp_training import evaluate_model, resolve_device
 
 # The site's concerns, outermost first: errors as codes, the release check, the site's policy,
 # the round protocol's evaluation, noise and budget, compression after DP, the ledger commit
@@ -51,7 +49,7 @@ def site_policy_json(site: SiteSetup) -> str:
 
 
 def _model_for(site: SiteSetup, cfg: RunConfig, content: RecordDict) -> torch.nn.Module:
-    model = build_model(site.model, site.data.num_features, cfg.seed)
+    model = initial_model(site, cfg.seed)
     model.load_state_dict(received_state(content.array_records["arrays"]))
     return model
 
@@ -95,13 +93,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     call = current_site_call()  # the site's policy accepted the run (site_policy mod)
     site = call.site
     model = _model_for(site, call.cfg, msg.content)
-    result = evaluate_model(model, site.data.x_test, site.data.y_test, resolve_device(site.device))
-    metrics: dict[str, int | float | list[int] | list[float]] = {
-        "eval-loss": result.loss,
-        "eval-accuracy": result.accuracy,
-    }
-    if result.roc_auc is not None and result.pr_auc is not None:
-        metrics["eval-roc-auc"] = result.roc_auc
-        metrics["eval-pr-auc"] = result.pr_auc
+    metrics: dict[str, int | float | list[int] | list[float]] = {**evaluation_metrics(site, model)}
     content = RecordDict({"metrics": MetricRecord(metrics), "site": site_record(site)})
     return Message(content, reply_to=msg)

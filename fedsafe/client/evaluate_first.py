@@ -15,13 +15,11 @@ from __future__ import annotations
 from flwr.app import Context, Message, MessageType, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedsafe.client.site import resolve_site
+from fedsafe.client.site import evaluation_metrics, initial_model, resolve_site
 from fedsafe.client.update_encoding import received_state
 from fedsafe.config import RunConfig
-from fedsafe.models import build_model
 from fedsafe.privacy.releases import check_reply_keys
 from fedsafe.protocol import EVALUATE_FIRST, EVALUATION_RECORD
-from fedsafe.training.dp_training import evaluate_model, resolve_device
 
 
 def _asks_for_evaluation(msg: Message) -> bool:
@@ -34,17 +32,9 @@ def _asks_for_evaluation(msg: Message) -> bool:
 def _evaluation(msg: Message, context: Context) -> MetricRecord:
     cfg = RunConfig.from_mapping(context.run_config)
     site = resolve_site(context, cfg)
-    model = build_model(site.model, site.data.num_features, cfg.seed)
+    model = initial_model(site, cfg.seed)
     model.load_state_dict(received_state(msg.content.array_records["arrays"]))
-    result = evaluate_model(model, site.data.x_test, site.data.y_test, resolve_device(site.device))
-    metrics: dict[str, int | float] = {
-        "eval-loss": result.loss,
-        "eval-accuracy": result.accuracy,
-    }
-    if result.roc_auc is not None and result.pr_auc is not None:
-        metrics["eval-roc-auc"] = result.roc_auc
-        metrics["eval-pr-auc"] = result.pr_auc
-    return MetricRecord(metrics)  # type: ignore[arg-type]
+    return MetricRecord(evaluation_metrics(site, model))  # type: ignore[arg-type]
 
 
 def _refused(reply: Message) -> bool:

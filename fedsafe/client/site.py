@@ -17,10 +17,12 @@ Whether a site is simulated is decided by its own node config, never by the run 
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import torch
 from flwr.app import Context
 
 from fedsafe.client.policy import PolicyError, SitePolicy, load_policy, public_size_of
@@ -28,6 +30,7 @@ from fedsafe.config import RunConfig
 from fedsafe.data.site_data import SiteData
 from fedsafe.privacy.budget import PrivacyBudget
 from fedsafe.privacy.ledger import ledger_path_for
+from fedsafe.tasks.task import SiteRef, Task, build_task_model, load_task
 
 #: Node-config keys Flower's simulation engine gives every virtual SuperNode.
 SIMULATION_KEYS = ("partition-id", "num-partitions")
@@ -64,6 +67,12 @@ class SiteSetup:
         The lifetime budget, or None (simulation without ``--site-budget``).
     policy
         The deployed site's own policy; None for a simulated site.
+    task
+        The :class:`~fedsafe.tasks.task.Task` it trains (its model, loss and metrics), or
+        None: fedsafe's model named ``model``.
+    task_path
+        The task's ``package.module:attr`` as the site chose it ("" = the scenario's or the
+        schema's own); a deployed site refuses a run asking for another.
     """
 
     data: SiteData
@@ -74,6 +83,8 @@ class SiteSetup:
     public_size: int
     budget: PrivacyBudget | None
     policy: SitePolicy | None
+    task: Task | None = None
+    task_path: str = ""
 
     def __post_init__(self) -> None:
         if self.public_size < 1:
@@ -92,6 +103,72 @@ class SiteSetup:
         return self.policy is None
 
 
+def initial_model(site: SiteSetup, seed: int) -> torch.nn.Module:
+    """The run's initial model for ``site``'s data (the same at every site and the coordinator)."""
+    if site.task is not None:
+        return build_task_model(site.task, site.data.num_features, seed)
+    from fedsafe.models import build_model
+
+    return build_model(site.model, site.data.num_features, seed)
+
+
+def evaluation_metrics(site: SiteSetup, model: torch.nn.Module) -> dict[str, float]:
+    """The global model's declared test-split metrics at ``site`` (``eval-<name>``, no count).
+
+    A task reports the metrics it declares (:attr:`~fedsafe.tasks.task.Task.metrics`); its own
+    loss gives ``eval-loss``. Without a task: loss, accuracy and, binary, ROC and PR AUC.
+    """
+    from fedsafe.training.dp_training import evaluate_model, resolve_device
+
+    device = resolve_device(site.device)
+    result = evaluate_model(model, site.data.x_test, site.data.y_test, device)
+    values = {"loss": result.loss, "accuracy": result.accuracy}
+    if result.roc_auc is not None and result.pr_auc is not None:
+        values["roc-auc"], values["pr-auc"] = result.roc_auc, result.pr_auc
+    if site.task is None:
+        return {f"eval-{k}": v for k, v in values.items()}
+    if "loss" in site.task.metrics:
+        values["loss"] = site_task_loss(site.task, model, site.data, device)
+    return {f"eval-{k}": values[k] for k in site.task.metrics if k in values}
+
+
+def site_task_loss(
+    task: Task, model: torch.nn.Module, data: SiteData, device: torch.device
+) -> float:
+    """Mean of the task's loss over the test split."""
+    model.to(device).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(data.x_test), 256):
+            x = torch.from_numpy(data.x_test[i : i + 256]).to(device)
+            y = torch.from_numpy(data.y_test[i : i + 256]).to(device)
+            total += float(task.loss(model(x), y).sum())
+            count += len(x)
+    return total / max(count, 1)
+
+
+#: The task a ClientApp built with :func:`fedsafe.client_app` was given (None: fedsafe's app).
+_APP_TASK: list[Task] = []
+
+
+def bind_app_task(task: Task) -> None:
+    """Make ``task`` the one this process's ClientApp trains (:func:`fedsafe.client_app`)."""
+    _APP_TASK[:] = [task]
+
+
+def _site_task(cfg: RunConfig, node_task: str) -> tuple[Task | None, str]:
+    """The task a site trains, and its path: the node config's first, then the app's.
+
+    The node config's is the site's own choice (``fedsafe site start --task``); the app's is
+    the one :func:`fedsafe.client_app` bound; None when neither names one.
+    """
+    if node_task:
+        return load_task(node_task), node_task
+    if _APP_TASK:
+        return _APP_TASK[0], cfg.task
+    return None, ""
+
+
 def stable_site_number(name: str) -> int:
     """A stable integer for a site name (for seeds that differ per site)."""
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")
@@ -104,6 +181,28 @@ def _custom_site(name: str, data_path: str, schema_path: str) -> tuple[SiteData,
 
     prepared = prepare_site(name, data_path, schema_path)
     return prepared.data, prepared.schema.model_name
+
+
+#: Public run-config values a task's ``load`` may read (:class:`~fedsafe.tasks.task.SiteRef`).
+_TASK_OPTIONS = ("lending-sites", "mnist-sites", "mnist-alpha", "seed")
+
+_TASK_SITES: dict[tuple[int, SiteRef], SiteData] = {}
+
+
+def _task_site(task: Task, ref: SiteRef) -> SiteData:
+    """A task's site data, loaded once per process (a task's ``load`` may read files)."""
+    key = (id(task), ref)
+    if key not in _TASK_SITES:
+        data = task.load(ref)
+        if not isinstance(data, SiteData):
+            raise TypeError(
+                f"task {task.name!r}: load() returned a {type(data).__name__}, not a "
+                "fedsafe.SiteData (see fedsafe.tasks.task.site_data_from_tensors)"
+            )
+        if len(_TASK_SITES) >= 8:
+            _TASK_SITES.clear()  # bounded: a process serves few sites
+        _TASK_SITES[key] = data
+    return _TASK_SITES[key]
 
 
 @lru_cache(maxsize=16)
@@ -142,10 +241,22 @@ def resolve_site(context: Context, cfg: RunConfig) -> SiteSetup:
             raise PolicyError("a deployed site needs its data (node config 'data-path')")
         data_path, schema_path = str(nc["data-path"]), str(nc.get("schema-path", ""))
         name = str(nc.get("site-name", Path(data_path).stem))
-        data, model = _custom_site(name, data_path, schema_path)
+        root = str(nc.get("task-root", ""))
+        if root and root not in sys.path:
+            sys.path.insert(0, root)  # the site's own task module (fedsafe site start --task)
+        task, task_path = _site_task(cfg, str(nc.get("task", "")))
+        if task is not None:
+            data, model = (
+                _task_site(task, SiteRef(name=name, data_path=data_path, schema_path=schema_path)),
+                task.name,
+            )
+        else:
+            data, model = _custom_site(name, data_path, schema_path)
         return SiteSetup(
             data=data,
             model=model,
+            task=task,
+            task_path=task_path,
             device=str(nc.get("device", "auto")),
             # Only the site's node config names the ledger: never the run config's ledger-dir.
             ledger_path=str(nc.get("ledger-path", "")),
@@ -162,7 +273,28 @@ def resolve_site(context: Context, cfg: RunConfig) -> SiteSetup:
         )
     from fedsafe.tasks.scenarios import load_scenario, simulated_site_paths
 
-    if cfg.scenario == "custom":
+    task, task_path = _site_task(cfg, "")
+    if task is None and cfg.task:
+        task, task_path = load_task(cfg.task), cfg.task
+    if task is not None:
+        index = int(nc["partition-id"])  # type: ignore[arg-type]
+        name, path = "", ""
+        if cfg.site_data:
+            name, path = simulated_site_paths(cfg.site_data)[index]
+        ref = SiteRef(
+            index,
+            int(nc["num-partitions"]),
+            name,
+            path,
+            cfg.schema_path,  # type: ignore[arg-type]
+            {k: v for k, v in cfg.to_mapping().items() if k in _TASK_OPTIONS},
+        )
+        data, model = _task_site(task, ref), task.name
+        # The account follows the task and the site (and its file), never the file's bytes.
+        fingerprint = f"task|{task_path or task.name}|{data.name}|" + (
+            str(Path(path).resolve()) if path else ""
+        )
+    elif cfg.scenario == "custom":
         # One researcher owns both sides in simulation: the run config names the CSVs.
         name, path = simulated_site_paths(cfg.site_data)[int(nc["partition-id"])]  # type: ignore[arg-type]
         data, model = _custom_site(name, path, cfg.schema_path)
@@ -182,6 +314,8 @@ def resolve_site(context: Context, cfg: RunConfig) -> SiteSetup:
     return SiteSetup(
         data=data,
         model=model,
+        task=task,
+        task_path=task_path,
         device=str(nc.get("device", cfg.device)),
         ledger_path=ledger,
         fingerprint=fingerprint,

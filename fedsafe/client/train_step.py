@@ -17,9 +17,9 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from fedsafe.client.mods.contract import current_grant, report_event, require_event_slot
+from fedsafe.client.site import initial_model
 from fedsafe.client.site_replies import site_record
 from fedsafe.client.update_encoding import received_state
-from fedsafe.models import build_model
 from fedsafe.training.dp_training import resolve_device, train_round
 
 
@@ -49,10 +49,13 @@ def training_step(msg: Message, context: Context) -> Message:
     grant = current_grant()
     require_event_slot()
     cfg, site = grant.call.cfg, grant.call.site
-    model: torch.nn.Module = build_model(site.model, site.data.num_features, cfg.seed)
+    model: torch.nn.Module = initial_model(site, cfg.seed)
     model.load_state_dict(received_state(msg.content.array_records["arrays"]))
     device = resolve_device(site.device)
-    event = train_round(model, site.data.x_train, site.data.y_train, grant.plan, device, grant.key)
+    loss = site.task.loss if site.task is not None else None
+    event = train_round(
+        model, site.data.x_train, site.data.y_train, grant.plan, device, grant.key, loss=loss
+    )
     report_event(event)
     model.cpu()
     # The public size, never the exact one: it weights the average (and set the sample rate).

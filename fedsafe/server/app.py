@@ -50,7 +50,9 @@ from fedsafe.server.site_policies import (
 from fedsafe.server.strategy import FedsafeStrategy, RunProgress, log
 from fedsafe.server.update_checks import UpdateChecks
 from fedsafe.strategies.factory import build_strategy
+from fedsafe.tasks.registry import run_task
 from fedsafe.tasks.scenarios import default_num_sites, run_model_name
+from fedsafe.tasks.task import Task, build_task_model
 
 app = ServerApp()
 
@@ -139,20 +141,44 @@ def _save_model(
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config."""
+    coordinate(grid, context)
+
+
+def coordinate(grid: Grid, context: Context, task: Task | None = None) -> None:
+    """Run the federation described by the run config, for ``task`` when one is given.
+
+    Parameters
+    ----------
+    grid, context
+        Flower's grid and the ServerApp's context.
+    task
+        The task whose model the run trains (:func:`fedsafe.server_app`); None: the run
+        config's ``task`` path, else its scenario's or schema's model.
+    """
     cfg = RunConfig.from_mapping(context.run_config)
     folder = RunFolder(cfg.run_dir or new_run_dir(cfg.out_dir))
     resumed = _resumed(cfg, folder, context)
     if resumed is None:
         folder.write_json("config.json", {**cfg.to_mapping(), "run-id": str(context.run_id)})
     set_event_sink(folder.log_event)  # site-name mismatches (issue 11)
-    num_sites = cfg.min_sites or default_num_sites(cfg.scenario, cfg.lending_sites, cfg.mnist_sites)
+    if task is None and cfg.task:
+        task = run_task(cfg)
+    num_sites = cfg.min_sites or (
+        task.num_sites
+        if task is not None
+        else default_num_sites(cfg.scenario, cfg.lending_sites, cfg.mnist_sites)
+    )
     deadlines = PhaseDeadlines(train_s=cfg.train_deadline_s, evaluate_s=cfg.evaluate_deadline_s)
     prompt = PromptGrid(grid, deadlines)
     width, feature_names, declared = _input_width(prompt, num_sites, folder, cfg)
     if budgets := declared_budgets(declared):  # the report shows each site's own budget
         folder.write_json(BUDGETS_FILE, budgets)
-    model_name = run_model_name(cfg)
-    model = build_model(model_name, width, cfg.seed)
+    model_name = task.name if task is not None else run_model_name(cfg)
+    model = (
+        build_task_model(task, width, cfg.seed)
+        if task is not None
+        else build_model(model_name, width, cfg.seed)
+    )
     downlink = parse_compression(cfg.downlink_compression)
     check_downlink(downlink)
     mu = cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0
@@ -186,6 +212,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     state = strategy.progress
     meta = _model_metadata(cfg, model_name, feature_names, state, time.time() - started)
+    meta.update(task_metadata(cfg, task))
     _save_model(folder, model, strategy.arrays or initial, meta)
     folder.write_json("summary.json", _summary(folder, state))
     log.info("fedsafe: run folder %s", Path(folder.path).resolve())
@@ -229,6 +256,45 @@ def _model_metadata(
         "exhausted-sites": sorted(state.exhausted.values()),
         "training-seconds": round(seconds, 2),
     }
+
+
+def task_metadata(cfg: RunConfig, task: Task | None) -> dict[str, Any]:
+    """What ``model.json`` says of the task, so ``fedsafe predict`` can apply the model.
+
+    ``task``: the task path (or the scenario, or ``csv`` for CSV + schema sites);
+    ``preprocessing``: how a record becomes the model's input; for CSV sites the schema's
+    path, its SHA-256 and the schema format version (public ranges, categories, missing
+    policy: all in the schema, none of them a statistic of a site's records).
+    """
+    import hashlib
+
+    if cfg.task or task is not None:
+        meta: dict[str, Any] = {
+            "task": cfg.task or (task.name if task is not None else ""),
+            "task-name": task.name if task is not None else "",
+            "preprocessing": "the task's own load()",
+        }
+    elif cfg.scenario == "custom":
+        meta = {"task": "csv", "task-name": "csv"}
+    else:
+        meta = {"task": f"fedsafe.tasks.{cfg.scenario}:task", "task-name": cfg.scenario}
+    if cfg.schema_path:
+        schema = Path(cfg.schema_path)
+        meta.update(
+            {
+                "preprocessing": "public-range scaling and one-hot categories from the schema",
+                "schema-path": str(schema),
+                "schema-sha256": hashlib.sha256(schema.read_bytes()).hexdigest()
+                if schema.exists()
+                else "",
+                "schema-version": SCHEMA_FORMAT_VERSION,
+            }
+        )
+    return meta
+
+
+#: Version of the schema format ``model.json`` refers to (:mod:`fedsafe.data.schema`).
+SCHEMA_FORMAT_VERSION = 1
 
 
 def _summary(folder: RunFolder, state: RunProgress) -> dict[str, Any]:

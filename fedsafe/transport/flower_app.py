@@ -57,8 +57,31 @@ def app_pyproject() -> str:
     )
 
 
-def write_app_folder(dest: Path) -> Path:
-    """Copy fedsafe's sources into ``dest/fedsafe`` and write ``dest/pyproject.toml``."""
+def copy_task_module(task_path: str, dest: Path) -> None:
+    """Copy the top-level module or package of a task path (``pkg.mod:attr``) into ``dest``.
+
+    A user's task travels in the app, so the simulated sites and the coordinator import the
+    same code. fedsafe's own tasks are already there.
+    """
+    import importlib.util
+
+    top = task_path.split(":")[0].split(".")[0]
+    spec = importlib.util.find_spec(top) if top != "fedsafe" else None
+    if spec is None:
+        return
+    if spec.submodule_search_locations:
+        shutil.copytree(
+            next(iter(spec.submodule_search_locations)),
+            dest / top,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+            dirs_exist_ok=True,
+        )
+    elif spec.origin and spec.origin.endswith(".py"):
+        shutil.copy2(spec.origin, dest / f"{top}.py")
+
+
+def write_app_folder(dest: Path, task_path: str = "") -> Path:
+    """Copy fedsafe's sources (and a user's task module) into ``dest``; write its pyproject."""
     source = Path(fedsafe.__file__).resolve().parent
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copytree(
@@ -67,6 +90,8 @@ def write_app_folder(dest: Path) -> Path:
         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "files"),
         dirs_exist_ok=True,
     )
+    if task_path:
+        copy_task_module(task_path, dest)
     (dest / "pyproject.toml").write_text(app_pyproject())
     return dest
 
@@ -117,7 +142,7 @@ def submit_and_follow(
     runner: FlowerProcess | None = None
     with tempfile.TemporaryDirectory(prefix="fedsafe-app-") as tmp_name:
         tmp = Path(tmp_name)
-        app_dir = write_app_folder(tmp / "app")
+        app_dir = write_app_folder(tmp / "app", str(values.get("task", "")))
         config_file = tmp / "run-config.toml"
         config_file.write_text(run_config_toml(values))
         command = [

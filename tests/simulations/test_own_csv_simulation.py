@@ -85,12 +85,16 @@ def test_two_own_csvs_simulated_with_one_command(files, tmp_path):
     text = buf.getvalue()
     assert code == 0, text
     assert "own data" in text and "2 sites" in text
+    # The CSV task's size-scaled defaults, printed; the flags given override two of them.
+    assert re.search(r"task csv defaults for public size \d+: batch \d+, \d+ local steps", text)
+    assert "(flags override batch-size, local-steps)" in text
     run_dir = Path(re.search(r"run folder: (\S+)", text).group(1))
     rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
     assert set(rounds[-1]["sites"]) == {"lender-a", "lender-b"}
     model = json.loads((run_dir / "model.json").read_text())
     assert model["model"] == "mlp-8" and model["private"] is True
+    assert model["task"] == "csv" and model["schema-version"] == 1 and model["schema-sha256"]
     assert "income:missing" in model["feature-names"]
     for site, figures in rounds[-1]["sites"].items():
         assert figures["status"] == "trained"

@@ -37,6 +37,12 @@ def up_front_refusal(cfg: RunConfig, site: SiteSetup) -> PolicyRefusal | None:
         # Simulated sites hold public benchmark data: FLamby's Switzerland training split is
         # one-class, and the benchmark keeps it (BENCHMARKS.md). Deployed sites refuse it.
         return None
+    if cfg.task and cfg.task != site.task_path:
+        # A task is code that reads the site's records: the site chose its own at start.
+        mine = site.task_path or "its CSV + schema task"
+        return PolicyRefusal(
+            "task", f"this site trains {mine} (fedsafe site start --task), not {cfg.task}"
+        )
     refusal = policy_refusal(site.policy, run_request(cfg))
     if refusal is not None:
         return refusal

@@ -1,0 +1,1 @@
+"""An own-model project for fedsafe: a small GroupNorm ResNet on MNIST digits."""
