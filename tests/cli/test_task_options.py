@@ -116,9 +116,8 @@ def test_site_approve_with_a_task_approves_the_app_fedsafe_run_submits(
 ) -> None:
     import sys
 
-    from fedsafe.transport.flower_app import write_app_folder
-
     from fedsafe.transport.app_approval import digest_of
+    from fedsafe.transport.flower_app import write_app_folder
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
