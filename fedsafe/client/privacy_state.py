@@ -14,17 +14,50 @@ budget, so the remaining budget lasts the planned rounds (the larger noise of th
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Context
 
 from fedsafe.privacy.accounting import epsilon
+from fedsafe.protocol import FEDSAFE_RUN_ID
 from fedsafe.privacy.budget import PrivacyBudget, check_round, plan_noise, record_round
 from fedsafe.privacy.calibration import calibrate_noise_multiplier
 from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.ledger import SitePrivacyLedger
 
 STATE_KEY = "fedsafe-privacy"
+
+
+#: fedsafe's run id: 32 lower-case hex digits (:func:`fedsafe.server.checkpoint.new_run_id`).
+_FEDSAFE_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def run_key(config: ConfigRecord, context: Context) -> str:
+    """The id this run's releases are recorded under in the site's ledger.
+
+    fedsafe's own run id from the train config (``fedsafe-run-id``), which a resumed run keeps
+    and which a restarted site receives again, so the run's epsilon is recomposed from the
+    ledger after either; Flower's run id only for a message without one (a ClientApp driven by
+    another ServerApp). A malformed value is not an id: Flower's is used instead.
+    """
+    given = config.get(FEDSAFE_RUN_ID)
+    if isinstance(given, str) and _FEDSAFE_RUN_ID.match(given):
+        return given
+    return str(context.run_id)
+
+
+def ledger_run(
+    ledger: SitePrivacyLedger, key: str
+) -> tuple[list[PoissonGaussianEvent], float | None]:
+    """This run's events from the site's ledger and the noise its first round fixed (or None).
+
+    The ledger, not the ClientApp's memory, says what a run spent: a site process restarted
+    mid-run (new context state, same ledger) composes the run's earlier releases and keeps its
+    noise multiplier.
+    """
+    events = [e.event for e in ledger.run_entries(key)]
+    return events, (events[0].noise_multiplier if events else None)
 
 
 def run_events(context: Context) -> list[PoissonGaussianEvent]:

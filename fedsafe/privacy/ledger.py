@@ -552,6 +552,19 @@ class SitePrivacyLedger:
             return entries
         return [e for e in entries if e.dataset_fingerprint == dataset_fingerprint]
 
+    def run_entries(self, run_id: str) -> list[LedgerEntry]:
+        """The entries of one run, in order: what that run released from this account.
+
+        ``run_id`` is the id the releases were recorded under: fedsafe's own run id (the train
+        config's ``fedsafe-run-id``, the same across a resume and a site restart), or Flower's
+        run id for a run without one.
+        """
+        return [e for e in self.entries() if e.run_id == run_id]
+
+    def run_ids(self) -> list[str]:
+        """Every run id the ledger holds entries for, in order of first release."""
+        return list(dict.fromkeys(e.run_id for e in self.entries()))
+
     def fingerprints(self) -> list[str]:
         """Every data version the ledger holds entries for, in order of first use."""
         return list(dict.fromkeys(e.dataset_fingerprint for e in self.entries()))

@@ -75,6 +75,7 @@ from fedsafe.server.reply_checks import (
 )
 from fedsafe.server.round_records import (
     FEDSAFE_KEYS,
+    dropped_reply_figures,
     mean_evaluation,
     privacy_figures,
     round_record,
@@ -539,7 +540,11 @@ class FedsafeStrategy(Strategy):
         except ReplyRejected as exc:
             log.warning("round %d: dropped the reply of site %s: %s", rnd, name, exc)
             self.folder.log_event("reply-dropped", round=rnd, site=name, node=node, reason=str(exc))
-            return {"status": "dropped", "reason": str(exc)}, None
+            # The site's ledger recorded the release before the reply left (issue 13).
+            figures = self._dropped_figures(name, msg)
+            if figures:
+                self.progress.last_privacy[name] = figures
+            return {"status": "dropped", "reason": str(exc), **figures}, None
         for hook in self.hooks:
             hook.accepted(rnd, reply)
         self.progress.last_privacy[name] = privacy_figures(metrics)
@@ -551,6 +556,17 @@ class FedsafeStrategy(Strategy):
         }
         kept = {k: v for k, v in metrics.items() if k not in FEDSAFE_KEYS | {"num-examples"}}
         return entry, _Kept(msg, dense, weight, kept)
+
+    def _dropped_figures(self, name: str, msg: Message) -> dict[str, float]:
+        """A dropped reply's privacy figures (:func:`dropped_reply_figures`)."""
+        try:
+            metrics: dict[str, float] | None = metrics_of(msg.content)
+        except ReplyRejected:
+            metrics = None
+        site_record = msg.content.config_records.get("site")
+        return dropped_reply_figures(
+            self.progress.last_privacy.get(name, {}), metrics, dict(site_record or {})
+        )
 
     @staticmethod
     def _stripped(good: list[_Kept]) -> list[Message]:

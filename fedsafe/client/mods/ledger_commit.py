@@ -58,7 +58,8 @@ def ledger_commit(msg: Message, context: Context, call_next: ClientAppCallable) 
         raise ModOrderError("a DP round was granted without an account")
     cfg, site = grant.call.cfg, grant.call.site
     try:
-        spent = account.commit(event, str(context.run_id), grant.server_round, cfg.max_grad_norm)
+        key = privacy_state.run_key(msg.content.config_records["config"], context)
+        spent = account.commit(event, key, grant.server_round, cfg.max_grad_norm)
     except BudgetExhaustedError as exc:  # another run spent the rest meanwhile
         return exhausted_reply(msg, site, account, str(exc))
     privacy_state.store(context, [*account.run_events, event], grant.plan.noise_multiplier)
