@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, Context
 
 from fedsafe.privacy.accounting import epsilon
-from fedsafe.protocol import FEDSAFE_RUN_ID
 from fedsafe.privacy.budget import PrivacyBudget, check_round, plan_noise, record_round
 from fedsafe.privacy.calibration import calibrate_noise_multiplier
 from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.ledger import SitePrivacyLedger
+from fedsafe.protocol import FEDSAFE_RUN_ID
 
 STATE_KEY = "fedsafe-privacy"
 
@@ -50,7 +50,7 @@ def run_key(config: ConfigRecord, context: Context) -> str:
 def ledger_run(
     ledger: SitePrivacyLedger, key: str
 ) -> tuple[list[PoissonGaussianEvent], float | None]:
-    """This run's events from the site's ledger and the noise its first round fixed (or None).
+    """The run's events from the site's ledger and the noise its first round fixed (or None).
 
     The ledger, not the ClientApp's memory, says what a run spent: a site process restarted
     mid-run (new context state, same ledger) composes the run's earlier releases and keeps its

@@ -15,9 +15,9 @@ from fedsafe.privacy.accounting import epsilon
 from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.ledger import SitePrivacyLedger
 from fedsafe.protocol import FEDSAFE_RUN_ID
-RUN_ID = "a7" * 16
-
 from tests.client.mods.conftest import Site, app_with, new_context, train_message, trained
+
+RUN_ID = "a7" * 16
 
 
 def _granting_app(grants: list[RoundGrant]):
