@@ -38,6 +38,7 @@ from fedsafe.server.grid import PhaseDeadlines, PromptGrid
 from fedsafe.server.receipts import LedgerReceipts
 from fedsafe.server.reply_checks import ReplyRejected, metrics_of, reply_error, site_name
 from fedsafe.server.run_folder import RunFolder, new_run_dir
+from fedsafe.server.run_outcome import read_outcome
 from fedsafe.server.site_dp import SiteLevelDPStrategy
 from fedsafe.server.site_identity import set_event_sink
 from fedsafe.server.site_policies import DeclaredSite, RunRefused, check_declared_sites
@@ -226,8 +227,13 @@ def _model_metadata(
 def _summary(folder: RunFolder, state: RunProgress) -> dict[str, Any]:
     rounds = folder.rounds()
     last = rounds[-1] if rounds else {}
+    outcome = read_outcome(folder.path)
+    if outcome.failure() is not None:
+        log.error("fedsafe: %s", outcome.failure())
     return {
         "rounds-completed": state.rounds_done,
         "final": last,
         "exhausted-sites": sorted(state.exhausted.values()),
+        # Who trained and who was missing at the end, and why (issue 13).
+        "outcome": outcome.to_dict(),
     }

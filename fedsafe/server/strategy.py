@@ -597,7 +597,9 @@ class FedsafeStrategy(Strategy):
                 kind = "train-error" if phase == "train" else "evaluate-error"
                 site = self.progress.site_of_node.get(node, f"node-{node}")
                 log.warning("round %d: site %s replied with an error: %s", rnd, site, error)
-                self.folder.log_event(kind, round=rnd, site=site, node=node, reason=error)
+                self.folder.log_event(
+                    kind, round=rnd, site=site, node=node, code=int(msg.error.code), reason=error
+                )
                 continue
             name = self._site(msg)
             self.progress.site_of_node[node] = name
