@@ -137,8 +137,13 @@ def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_mapping(context.run_config)
     folder = RunFolder(cfg.run_dir or new_run_dir(cfg.out_dir))
     resumed = _resumed(cfg, folder, context)
+    # fedsafe's run id: the sites' ledgers record the run under it; a resume keeps it.
+    run_id = resumed.run_id if resumed is not None else new_run_id()
     if resumed is None:
-        folder.write_json("config.json", {**cfg.to_mapping(), "run-id": str(context.run_id)})
+        folder.write_json(
+            "config.json",
+            {**cfg.to_mapping(), "run-id": str(context.run_id), "fedsafe-run-id": run_id},
+        )
     set_event_sink(folder.log_event)  # site-name mismatches (issue 11)
     num_sites = cfg.min_sites or default_num_sites(cfg.scenario, cfg.lending_sites, cfg.mnist_sites)
     deadlines = PhaseDeadlines(train_s=cfg.train_deadline_s, evaluate_s=cfg.evaluate_deadline_s)
@@ -160,7 +165,6 @@ def main(grid: Grid, context: Context) -> None:
         inner = SiteLevelDPStrategy(
             base, cfg.site_dp_noise_multiplier, cfg.site_dp_clip, cfg.target_delta, folder.path
         )
-    run_id = resumed.run_id if resumed is not None else new_run_id()
     strategy = FedsafeStrategy(
         inner,
         folder,
@@ -168,6 +172,7 @@ def main(grid: Grid, context: Context) -> None:
         hooks=[checks, LedgerReceipts(folder), CheckpointHook(folder, base, run_id)],
         round_offset=resumed.round if resumed is not None else 0,
         site_wait_s=cfg.site_wait_s,
+        message_ttl_s={"train": deadlines.train_s, "evaluate": deadlines.evaluate_s},
     )
     prompt.observers.append(strategy.note_exchange)
     started = time.time()

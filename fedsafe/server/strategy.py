@@ -227,6 +227,7 @@ class FedsafeStrategy(Strategy):
         round_offset: int = 0,
         on_round: Callable[[dict[str, Any]], None] | None = None,
         site_wait_s: float = 600.0,
+        message_ttl_s: Mapping[str, float] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -244,6 +245,10 @@ class FedsafeStrategy(Strategy):
         self.round_offset = round_offset
         self.on_round = on_round
         self.progress = RunProgress()
+        # Per phase (train, evaluate): how long a message waits at the SuperLink for its site.
+        # A site back after the deadline finds nothing to train on (a stopped or given-up run
+        # must not spend its budget later; issue 13).
+        self.message_ttl_s = dict(message_ttl_s or {})
         self.arrays: ArrayRecord | None = None
         self.num_rounds = 0
         self._sent: ArrayRecord | None = None  # the global model as the sites decode it
@@ -372,7 +377,7 @@ class FedsafeStrategy(Strategy):
             for node in sorted(self.progress.exhausted)
             if node in live
         ]
-        return self._outgoing(rnd, [*trainers, *evaluators], arrays)
+        return self._outgoing(rnd, [*trainers, *evaluators], arrays, "train")
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -384,13 +389,18 @@ class FedsafeStrategy(Strategy):
         self._current = self._round(server_round)
         self._await_sites(self._current, "evaluate", grid)
         messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
-        return self._outgoing(self._round(server_round), messages, arrays)
+        return self._outgoing(self._round(server_round), messages, arrays, "evaluate")
 
-    def _outgoing(self, rnd: int, messages: list[Message], arrays: ArrayRecord) -> list[Message]:
-        """Compress the model once, give each message its own content, run the hooks."""
+    def _outgoing(
+        self, rnd: int, messages: list[Message], arrays: ArrayRecord, phase: str
+    ) -> list[Message]:
+        """Compress the model once, give each message its own content and TTL, run the hooks."""
         self._sent = self._compress_downlink(messages, arrays)
         self._bytes_down = {}
+        ttl = self.message_ttl_s.get(phase)
         for msg in messages:
+            if ttl is not None:
+                msg.metadata.ttl = min(float(msg.metadata.ttl), ttl)
             content = RecordDict(dict(msg.content.items()))
             config = content.config_records.get("config", ConfigRecord())
             content["config"] = ConfigRecord({**dict(config), "server-round": rnd})

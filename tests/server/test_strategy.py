@@ -497,3 +497,13 @@ def test_a_dropped_reply_carries_the_epsilon_its_ledger_recorded(tmp_path):
     assert dropped["epsilon"] == 7.0 and second["max_epsilon"] == 7.0
     assert strategy.progress.last_privacy["site-4"]["epsilon"] == 7.0  # summary and model.json
     assert dropped["run-epsilon"] == pytest.approx(0.8)  # what the dropped reply declared
+
+
+def test_a_message_waits_for_its_site_no_longer_than_the_phase_deadline(tmp_path):
+    _, grid, _, _ = _run(
+        FedAvg(min_available_nodes=4), honest(), 2, tmp_path,
+        message_ttl_s={"train": 30.0, "evaluate": 45.0},
+    )  # fmt: skip
+    ttls = {(m.metadata.message_type, m.metadata.ttl) for m in grid.sent}
+    # A site back after the deadline (the run given up on and stopped) finds nothing to train.
+    assert ttls == {("train", 30.0), ("evaluate", 45.0)}
