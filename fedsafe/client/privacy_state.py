@@ -48,15 +48,17 @@ def run_key(config: ConfigRecord, context: Context) -> str:
 
 
 def ledger_run(
-    ledger: SitePrivacyLedger, key: str
+    ledger: SitePrivacyLedger, key: str, fingerprint: str
 ) -> tuple[list[PoissonGaussianEvent], float | None]:
     """The run's events from the site's ledger and the noise its first round fixed (or None).
 
     The ledger, not the ClientApp's memory, says what a run spent: a site process restarted
     mid-run (new context state, same ledger) composes the run's earlier releases and keeps its
-    noise multiplier.
+    noise multiplier. Only this site's entries (``fingerprint``) count: simulated sites of one
+    shared source record the same run into one account.
     """
-    events = [e.event for e in ledger.run_entries(key)]
+    entries = ledger.run_entries(key)
+    events = [e.event for e in entries if e.dataset_fingerprint == fingerprint]
     return events, (events[0].noise_multiplier if events else None)
 
 

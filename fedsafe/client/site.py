@@ -40,6 +40,13 @@ SIMULATION_KEYS = ("partition-id", "num-partitions")
 #: which is the site admin's explicit decision.
 DEPLOYED_ACCOUNT = "site-records"
 
+#: Simulated scenarios whose sites are partitions of one shared source, cut anew by the run
+#: config (MNIST: ``--sites`` and ``--alpha``), and the one ledger account of that source. The
+#: same record lands at another site under another partition, so per-site accounts would each
+#: miss its earlier releases; one account composing every release on any record of the source
+#: is the conservative bound (issue 13). Heart and lending sites are fixed (hospitals, states).
+SHARED_SOURCE_ACCOUNTS = {"mnist": "mnist-source"}
+
 
 @dataclass(frozen=True, slots=True)
 class SiteSetup:
@@ -64,6 +71,10 @@ class SiteSetup:
         The lifetime budget, or None (simulation without ``--site-budget``).
     policy
         The deployed site's own policy; None for a simulated site.
+    shared_account
+        Whether ``ledger_path`` is the account of a source shared by several simulated sites
+        (:data:`SHARED_SOURCE_ACCOUNTS`); each site's stored releases then sit beside a ledger
+        path of its own name (:attr:`releases_beside`).
     """
 
     data: SiteData
@@ -74,6 +85,7 @@ class SiteSetup:
     public_size: int
     budget: PrivacyBudget | None
     policy: SitePolicy | None
+    shared_account: bool = False
 
     def __post_init__(self) -> None:
         if self.public_size < 1:
@@ -85,6 +97,13 @@ class SiteSetup:
     def name(self) -> str:
         """The site's name."""
         return self.data.name
+
+    @property
+    def releases_beside(self) -> str:
+        """The path this site's stored releases sit beside: its ledger, or its own name there."""
+        if not self.shared_account or not self.ledger_path:
+            return self.ledger_path
+        return str(ledger_path_for(Path(self.ledger_path).parent, self.name))
 
     @property
     def simulated(self) -> bool:
@@ -175,7 +194,8 @@ def resolve_site(context: Context, cfg: RunConfig) -> SiteSetup:
         partition = f"{cfg.mnist_sites}|{cfg.mnist_alpha}" if cfg.scenario == "mnist" else ""
         fingerprint = _scenario_fingerprint(cfg.scenario, data.name, partition)
         model = scenario.model
-    ledger = str(ledger_path_for(cfg.ledger_dir, data.name)) if cfg.ledger_dir else ""
+    account = SHARED_SOURCE_ACCOUNTS.get(cfg.scenario, data.name)
+    ledger = str(ledger_path_for(cfg.ledger_dir, account)) if cfg.ledger_dir else ""
     budget = None
     if cfg.budget_epsilon > 0:
         budget = PrivacyBudget(cfg.budget_epsilon, cfg.budget_delta or cfg.target_delta)
@@ -188,4 +208,5 @@ def resolve_site(context: Context, cfg: RunConfig) -> SiteSetup:
         public_size=public_size_of(len(data.x_train)),
         budget=budget,
         policy=None,
+        shared_account=cfg.scenario in SHARED_SOURCE_ACCOUNTS,
     )

@@ -122,7 +122,8 @@ def _within_budget(
         # a restart of this process (new context state) and a resume of the run.
         events, noise = privacy_state.run_events(context), privacy_state.stored_noise(context)
         if ledger is not None:
-            events, noise = privacy_state.ledger_run(ledger, privacy_state.run_key(config, context))
+            key = privacy_state.run_key(config, context)
+            events, noise = privacy_state.ledger_run(ledger, key, site.fingerprint)
         account = SiteAccount(
             ledger, site.fingerprint, site.budget, cfg.target_delta, cfg.accountant, events
         )
