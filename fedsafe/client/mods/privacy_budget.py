@@ -122,8 +122,8 @@ def _within_budget(
         # a restart of this process (new context state) and a resume of the run.
         events, noise = privacy_state.run_events(context), privacy_state.stored_noise(context)
         if ledger is not None:
-            key = privacy_state.run_key(config, context)
-            events, noise = privacy_state.ledger_run(ledger, key, site.fingerprint)
+            run = privacy_state.run_key(config, context)
+            events, noise = privacy_state.ledger_run(ledger, run, site.fingerprint)
         account = SiteAccount(
             ledger, site.fingerprint, site.budget, cfg.target_delta, cfg.accountant, events
         )
