@@ -1,8 +1,11 @@
 """A site's privacy spending: this run's events, its lifetime ledger, and the noise it uses.
 
-The run's events live in the ClientApp's context state, which Flower keeps across the rounds of
-a run, so epsilon is cumulative over the run and never reset per round (Flower's own Opacus
-example reports one round's epsilon each round). With a ledger (``ledger-path`` in the node
+With a ledger, a run's events are its ledger entries under fedsafe's run id (the train config's
+``fedsafe-run-id``, kept across a resume; :func:`run_key`, :func:`ledger_run`), so a site
+restarted mid-run composes the run's earlier releases. Without one, they live in the ClientApp's
+context state, which Flower keeps across the rounds of a run. Either way epsilon is cumulative
+over the run and never reset per round (Flower's own Opacus example reports one round's epsilon
+each round). With a ledger (``ledger-path`` in the node
 config, or the run's ``ledger-dir``), every release is committed to the site's hash-chained
 ledger before the update leaves, and the reported epsilon composes every run on the same data.
 

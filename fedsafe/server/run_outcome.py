@@ -123,8 +123,10 @@ def _record_reason(site: Mapping[str, Any]) -> str | None:
         return f"its policy refuses {site.get('refused-setting', '')}".strip()
     if status == "dropped":
         return f"reply dropped: {site.get('reason', '')}".rstrip(": ")
-    if status == "budget-exhausted" and isinstance(site.get("epsilon"), int | float):
-        return f"privacy budget exhausted at epsilon {site['epsilon']:.4g}"
+    if status == "budget-exhausted":
+        if isinstance(site.get("epsilon"), int | float):
+            return f"privacy budget exhausted at epsilon {site['epsilon']:.4g}"
+        return None  # a site that stopped earlier (spent or refused): its earlier reason stands
     return status.replace("-", " ")
 
 
@@ -154,6 +156,8 @@ def run_outcome(
                 trained.setdefault(str(name))
             elif (why := _record_reason(site)) is not None:
                 reasons[str(name)] = why
+            elif site.get("status") == "budget-exhausted":
+                reasons.setdefault(str(name), "privacy budget exhausted")
     # Events precede the record of the round they happened in: a site's later training wins.
     return RunOutcome(
         tuple(known),

@@ -70,3 +70,22 @@ def test_a_spent_budget_is_missing_but_not_lost():
 def test_an_outcome_is_consistent_on_creation():
     with pytest.raises(ValueError, match="final-round sites must have trained"):
         RunOutcome(("a",), (), ("a",), ())
+
+
+def test_a_refused_site_keeps_its_refusal_as_the_reason():
+    rounds = [
+        {
+            "sites": {
+                "a": {"status": "trained"},
+                "b": {"status": "refused", "refused-setting": "dp"},
+            }
+        },
+        {"sites": {"a": {"status": "trained"}, "b": {"status": "budget-exhausted"}}},
+        {"sites": {"a": {"status": "trained"}, "c": {"status": "budget-exhausted"}}},
+    ]
+    outcome = run_outcome(rounds, [])
+    assert outcome.missing_at_end() == {
+        "b": "its policy refuses dp",
+        "c": "privacy budget exhausted",
+    }
+    assert outcome.lost_at_end() == {"b": "its policy refuses dp"}
