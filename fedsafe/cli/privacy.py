@@ -315,6 +315,16 @@ def run_show(args: argparse.Namespace) -> int:
         print(
             f"ledger {ledger.path}: {len(entries)} entries, chain verified, head {head_hash[:16]}"
         )
+        from fedsafe.privacy.new_account import read_account_opening
+
+        opening = read_account_opening(ledger.path)
+        if opening is not None:
+            print(
+                f"account opened {opening.at} by {opening.by} ({opening.why}): "
+                f"{opening.carried} releases carried from ledger "
+                f"{opening.previous_ledger_id or '-'}, opening lifetime epsilon "
+                f"{opening.opening_epsilon:.4g}"
+            )
         if not entries:
             return 0
         print(

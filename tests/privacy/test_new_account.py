@@ -87,3 +87,5 @@ def test_the_command_records_who_and_why_and_refuses_a_blank_in_one_line(tmp_pat
                  "--why", "new disk"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0 and "opened by dpo@site-a: 1 releases carried over" in out
+    assert main(["privacy", "show", str(path)]) == 0
+    assert "by dpo@site-a (new disk): 1 releases carried" in capsys.readouterr().out
