@@ -27,7 +27,7 @@ from fedsafe.client.policy import PolicyError, SitePolicy, load_policy, public_s
 from fedsafe.config import RunConfig
 from fedsafe.data.site_data import SiteData
 from fedsafe.privacy.budget import PrivacyBudget
-from fedsafe.privacy.ledger import ledger_path_for
+from fedsafe.privacy.ledger import ledger_path_for, simulated_account
 
 #: Node-config keys Flower's simulation engine gives every virtual SuperNode.
 SIMULATION_KEYS = ("partition-id", "num-partitions")
@@ -39,13 +39,6 @@ SIMULATION_KEYS = ("partition-id", "num-partitions")
 #: therefore composed against its policy's budget; a truly new data set needs a new ledger,
 #: which is the site admin's explicit decision.
 DEPLOYED_ACCOUNT = "site-records"
-
-#: Simulated scenarios whose sites are partitions of one shared source, cut anew by the run
-#: config (MNIST: ``--sites`` and ``--alpha``), and the one ledger account of that source. The
-#: same record lands at another site under another partition, so per-site accounts would each
-#: miss its earlier releases; one account composing every release on any record of the source
-#: is the conservative bound (issue 13). Heart and lending sites are fixed (hospitals, states).
-SHARED_SOURCE_ACCOUNTS = {"mnist": "mnist-source"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +66,8 @@ class SiteSetup:
         The deployed site's own policy; None for a simulated site.
     shared_account
         Whether ``ledger_path`` is the account of a source shared by several simulated sites
-        (:data:`SHARED_SOURCE_ACCOUNTS`); each site's stored releases then sit beside a ledger
-        path of its own name (:attr:`releases_beside`).
+        (:data:`fedsafe.privacy.ledger.SHARED_SOURCE_ACCOUNTS`); each site's stored releases
+        then sit beside a ledger path of its own name (:attr:`releases_beside`).
     """
 
     data: SiteData
@@ -194,7 +187,7 @@ def resolve_site(context: Context, cfg: RunConfig) -> SiteSetup:
         partition = f"{cfg.mnist_sites}|{cfg.mnist_alpha}" if cfg.scenario == "mnist" else ""
         fingerprint = _scenario_fingerprint(cfg.scenario, data.name, partition)
         model = scenario.model
-    account = SHARED_SOURCE_ACCOUNTS.get(cfg.scenario, data.name)
+    account = simulated_account(cfg.scenario, data.name)  # MNIST: one account for the source
     ledger = str(ledger_path_for(cfg.ledger_dir, account)) if cfg.ledger_dir else ""
     budget = None
     if cfg.budget_epsilon > 0:
@@ -208,5 +201,5 @@ def resolve_site(context: Context, cfg: RunConfig) -> SiteSetup:
         public_size=public_size_of(len(data.x_train)),
         budget=budget,
         policy=None,
-        shared_account=cfg.scenario in SHARED_SOURCE_ACCOUNTS,
+        shared_account=account != data.name,
     )

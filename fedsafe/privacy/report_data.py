@@ -174,7 +174,7 @@ def _run_ledgers(
     config: Mapping[str, Any], rounds: list[dict[str, Any]]
 ) -> dict[str, tuple[LedgerEntry, ...]]:
     """The sites' ledgers in the run's ``ledger-dir`` (simulations keep them across runs)."""
-    from fedsafe.privacy.ledger import ledger_path_for
+    from fedsafe.privacy.ledger import ledger_path_for, simulated_account
 
     ledger_dir = config.get("ledger-dir")
     if not ledger_dir:
@@ -182,7 +182,7 @@ def _run_ledgers(
     names = {site for record in rounds for site in (record.get("sites") or {})}
     found: dict[str, tuple[LedgerEntry, ...]] = {}
     for name in sorted(names):
-        path = ledger_path_for(ledger_dir, name)
+        path = ledger_path_for(ledger_dir, simulated_account(str(config.get("scenario")), name))
         if path.exists():
             with SitePrivacyLedger.open(path, create=False) as ledger:
                 found[name] = tuple(ledger.entries())

@@ -11,7 +11,7 @@ from fedsafe.client.app import app
 from fedsafe.client.site import resolve_site
 from fedsafe.config import RunConfig
 from fedsafe.privacy.accounting import epsilon
-from fedsafe.privacy.ledger import SitePrivacyLedger
+from fedsafe.privacy.ledger import SitePrivacyLedger, simulated_account
 from fedsafe.protocol import FEDSAFE_RUN_ID
 from fedsafe.tasks.scenarios import load_scenario
 from tests.client.test_app import _message
@@ -54,6 +54,9 @@ def test_heart_sites_keep_an_account_each(tmp_path: Path) -> None:
         for i in range(4)
     }
     assert len(paths) == 4
+    # The same names the run folder's report reads the ledgers under.
+    assert simulated_account("heart", "Cleveland") == "Cleveland"
+    assert simulated_account("mnist", "mnist-3") == "mnist-source"
 
 
 def test_another_partition_of_the_same_records_composes_onto_the_same_account(
