@@ -2,7 +2,9 @@
 
 The training step returns the :class:`~fedsafe.privacy.events.PoissonGaussianEvent` it spent
 (:func:`~fedsafe.client.mods.contract.report_event`); this mod commits it, durably, to the
-site's hash-chained ledger (or, without a ledger, to this run's events), stores the run's events
+site's hash-chained ledger under fedsafe's run id (:func:`fedsafe.client.privacy_state.run_key`,
+so the run's epsilon is recomposed from the ledger after a restart or a resume; without a
+ledger, to this run's events), stores the run's events
 in the ClientApp's context state, and adds the declared spending figures to the reply. A crash
 can then only over-report spending: the event is on disk before anything leaves.
 
