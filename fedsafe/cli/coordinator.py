@@ -280,13 +280,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
             else str(exc).splitlines()[0]
         ) from exc
     print(f"run folder: {result.run_dir} ({len(result.rounds)} rounds, {result.seconds:.0f}s)")
-    from fedsafe.cli.simulate import failed_sites
+    from fedsafe.cli.simulate import failed_sites, outcome_exit
+    from fedsafe.server.run_outcome import read_outcome
 
-    failed = failed_sites(result.run_dir, result.rounds)
-    if failed:
-        print(f"fedsafe: error: sites failed or refused: {'; '.join(failed)}; see events.jsonl")
+    outcome = read_outcome(result.run_dir)
+    if outcome.failure() is not None:
+        print(f"fedsafe: error: {outcome.failure()}")
         return 1
-    return 0
+    for name, why in outcome.missing_at_end().items():
+        print(f"  {name} did not train in the final round: {why}")
+    return outcome_exit(failed_sites(result.run_dir, result.rounds), outcome)
 
 
 def register(subparsers: Any) -> None:

@@ -24,6 +24,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "fedsafe.cli.report",
     "fedsafe.cli.pki",
     "fedsafe.cli.coordinator",
+    "fedsafe.cli.runs",
     "fedsafe.cli.site",
 )
 

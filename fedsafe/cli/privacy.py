@@ -127,6 +127,37 @@ def register(subparsers: Any) -> None:
     migrate.add_argument("--reason", required=True, help="why (recorded)")
     migrate.set_defaults(func=run_migrate)
 
+    new_account = sub.add_parser(
+        "new-account",
+        help="open a new account for a site's ledger, recording who and why (never below its "
+        "last known lifetime epsilon)",
+        description=(
+            "Open a fresh ledger at --ledger that carries every release of the old account "
+            "(from the file there, or --from a backup) and opens at no less than the account's "
+            "last known lifetime epsilon (its anchor, the old ledger, --receipt-epsilon). The "
+            "old file is kept beside it; who, why and the opening go into the new ledger."
+        ),
+        epilog=(
+            "examples:\n  fedsafe privacy new-account --ledger /secure/ledgers/site-a.sqlite "
+            '--who "dpo@site-a" --why "ledger disk replaced; restored from last night\'s '
+            'backup" --from /backup/site-a.sqlite --receipt-epsilon 2.41\n'
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    new_account.add_argument("--ledger", required=True, help="the site's ledger path")
+    new_account.add_argument("--who", required=True, help="who opens the account (recorded)")
+    new_account.add_argument("--why", required=True, help="why (recorded)")
+    new_account.add_argument(
+        "--from", dest="source", default=None, help="a ledger copy whose releases to carry over"
+    )
+    new_account.add_argument(
+        "--receipt-epsilon",
+        type=float,
+        default=None,
+        help="lifetime epsilon of the coordinator's last receipt for this site (receipts.json)",
+    )
+    new_account.set_defaults(func=run_new_account)
+
 
 AUDIT_EPILOG = """examples:
   fedsafe privacy audit --scenario heart --site Cleveland --noise-multiplier 1.0
@@ -140,6 +171,22 @@ def run_migrate(args: argparse.Namespace) -> int:
 
     kept = migrate_unkeyed_ledger(args.ledger, by=args.by, reason=args.reason)
     print(f"Migrated {args.ledger} to the keyed format; the old file is kept as {kept}")
+    return 0
+
+
+def run_new_account(args: argparse.Namespace) -> int:
+    """Open a new account (:func:`fedsafe.privacy.new_account.open_new_account`)."""
+    from fedsafe.privacy.new_account import open_new_account
+
+    opening, kept = open_new_account(
+        args.ledger, by=args.who, why=args.why, source=args.source,
+        receipt_epsilon=args.receipt_epsilon,
+    )  # fmt: skip
+    print(
+        f"New account at {args.ledger}, opened by {opening.by}: {opening.carried} releases "
+        f"carried over, lifetime epsilon {opening.opening_epsilon:.4g}"
+        + (f"; the old file is kept as {kept}" if kept else "")
+    )
     return 0
 
 
@@ -263,6 +310,16 @@ def run_show(args: argparse.Namespace) -> int:
         print(
             f"ledger {ledger.path}: {len(entries)} entries, chain verified, head {head_hash[:16]}"
         )
+        from fedsafe.privacy.new_account import read_account_opening
+
+        opening = read_account_opening(ledger.path)
+        if opening is not None:
+            print(
+                f"account opened {opening.at} by {opening.by} ({opening.why}): "
+                f"{opening.carried} releases carried from ledger "
+                f"{opening.previous_ledger_id or '-'}, opening lifetime epsilon "
+                f"{opening.opening_epsilon:.4g}"
+            )
         if not entries:
             return 0
         print(

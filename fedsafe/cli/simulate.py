@@ -11,6 +11,7 @@ from fedsafe.cli.options import parse_budget
 from fedsafe.cli.task_options import TASK_HELP
 from fedsafe.config import DEFAULT_RUN_CONFIG, GRAD_SAMPLE_MODES, STRATEGIES, RunConfig
 from fedsafe.errors import UserError
+from fedsafe.server.run_outcome import RunOutcome, read_outcome
 
 SIM_EPILOG = """examples:
   fedsafe simulate --scenario heart --epsilon 1 --delta 1e-4
@@ -468,24 +469,28 @@ def run_simulate(args: argparse.Namespace) -> int:
         print(f"fedsafe: no round finished; see {result.run_dir}")
         return 1
     final = result.rounds[-1]
-    trained = any(
-        s.get("status") == "trained" for r in result.rounds for s in r.get("sites", {}).values()
-    )
     failed = failed_sites(result.run_dir, result.rounds)
-    # Sites whose budget is spent did not fail: their run ends cleanly (the issue on the
-    # ledger revisits runs in which no site trained).
-    if not trained and failed:
-        print(f"fedsafe: error: no site trained ({'; '.join(failed) or 'see events.jsonl'}); "
-              f"see {result.run_dir}")  # fmt: skip
+    outcome = read_outcome(result.run_dir)
+    if outcome.failure() is not None:  # e.g. read-only ledger disks, or every budget spent
+        print(f"fedsafe: error: {outcome.failure()}; see {result.run_dir}")
         return 1
     if args.json:
         print(json.dumps(final, indent=2))
     else:
         print()
-        print(final_table(final, metric))
+        print(final_table(final, metric, outcome.missing_at_end()))
     print(f"\nrun folder: {result.run_dir}  ({result.seconds:.0f} s)")
-    if failed:
-        print(f"fedsafe: error: sites failed or refused: {'; '.join(failed)}; see events.jsonl")
+    return outcome_exit(failed, outcome)
+
+
+def outcome_exit(failed: list[str], outcome: RunOutcome) -> int:
+    """1 (with one line) if sites failed or were lost before the final round, else 0."""
+    lost = [f"{s} ({why})" for s, why in outcome.lost_at_end().items()]
+    named = {f.split(" (")[0] for f in failed}
+    problems = [*failed, *(x for x in lost if x.split(" (")[0] not in named)]
+    if problems:
+        print(f"fedsafe: error: sites failed, refused or were lost: {'; '.join(problems)}; "
+              "see events.jsonl")  # fmt: skip
         return 1
     return 0
 

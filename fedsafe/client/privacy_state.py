@@ -1,8 +1,11 @@
 """A site's privacy spending: this run's events, its lifetime ledger, and the noise it uses.
 
-The run's events live in the ClientApp's context state, which Flower keeps across the rounds of
-a run, so epsilon is cumulative over the run and never reset per round (Flower's own Opacus
-example reports one round's epsilon each round). With a ledger (``ledger-path`` in the node
+With a ledger, a run's events are its ledger entries under fedsafe's run id (the train config's
+``fedsafe-run-id``, kept across a resume; :func:`run_key`, :func:`ledger_run`), so a site
+restarted mid-run composes the run's earlier releases. Without one, they live in the ClientApp's
+context state, which Flower keeps across the rounds of a run. Either way epsilon is cumulative
+over the run and never reset per round (Flower's own Opacus example reports one round's epsilon
+each round). With a ledger (``ledger-path`` in the node
 config, or the run's ``ledger-dir``), every release is committed to the site's hash-chained
 ledger before the update leaves, and the reported epsilon composes every run on the same data.
 
@@ -14,6 +17,7 @@ budget, so the remaining budget lasts the planned rounds (the larger noise of th
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Context
@@ -23,8 +27,42 @@ from fedsafe.privacy.budget import PrivacyBudget, check_round, plan_noise, recor
 from fedsafe.privacy.calibration import calibrate_noise_multiplier
 from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.ledger import SitePrivacyLedger
+from fedsafe.protocol import FEDSAFE_RUN_ID
 
 STATE_KEY = "fedsafe-privacy"
+
+
+#: fedsafe's run id: 32 lower-case hex digits (:func:`fedsafe.server.checkpoint.new_run_id`).
+_FEDSAFE_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def run_key(config: ConfigRecord, context: Context) -> str:
+    """The id this run's releases are recorded under in the site's ledger.
+
+    fedsafe's own run id from the train config (``fedsafe-run-id``), which a resumed run keeps
+    and which a restarted site receives again, so the run's epsilon is recomposed from the
+    ledger after either; Flower's run id only for a message without one (a ClientApp driven by
+    another ServerApp). A malformed value is not an id: Flower's is used instead.
+    """
+    given = config.get(FEDSAFE_RUN_ID)
+    if isinstance(given, str) and _FEDSAFE_RUN_ID.match(given):
+        return given
+    return str(context.run_id)
+
+
+def ledger_run(
+    ledger: SitePrivacyLedger, key: str, fingerprint: str
+) -> tuple[list[PoissonGaussianEvent], float | None]:
+    """The run's events from the site's ledger and the noise its first round fixed (or None).
+
+    The ledger, not the ClientApp's memory, says what a run spent: a site process restarted
+    mid-run (new context state, same ledger) composes the run's earlier releases and keeps its
+    noise multiplier. Only this site's entries (``fingerprint``) count: simulated sites of one
+    shared source record the same run into one account.
+    """
+    entries = ledger.run_entries(key)
+    events = [e.event for e in entries if e.dataset_fingerprint == fingerprint]
+    return events, (events[0].noise_multiplier if events else None)
 
 
 def run_events(context: Context) -> list[PoissonGaussianEvent]:

@@ -111,7 +111,7 @@ def _key(msg: Message) -> tuple[str, int] | None:
 
 def _store_of(context: Context) -> ReleaseStore | None:
     site = resolve_site(context, RunConfig.from_mapping(context.run_config))
-    return ReleaseStore.beside(site.ledger_path) if site.ledger_path else None
+    return ReleaseStore.beside(site.releases_beside) if site.ledger_path else None
 
 
 def _is_release(reply: Message) -> bool:

@@ -29,7 +29,7 @@ from fedsafe.client.policy import PolicyError, SitePolicy, load_policy, public_s
 from fedsafe.config import RunConfig
 from fedsafe.data.site_data import SiteData
 from fedsafe.privacy.budget import PrivacyBudget
-from fedsafe.privacy.ledger import ledger_path_for
+from fedsafe.privacy.ledger import ledger_path_for, simulated_account
 from fedsafe.tasks.task import SiteRef, Task, build_task_model, load_task
 
 #: Node-config keys Flower's simulation engine gives every virtual SuperNode.
@@ -73,6 +73,11 @@ class SiteSetup:
     task_path
         The task's ``package.module:attr`` as the site chose it ("" = the scenario's or the
         schema's own); a deployed site refuses a run asking for another.
+
+    shared_account
+        Whether ``ledger_path`` is the account of a source shared by several simulated sites
+        (:data:`fedsafe.privacy.ledger.SHARED_SOURCE_ACCOUNTS`); each site's stored releases
+        then sit beside a ledger path of its own name (:attr:`releases_beside`).
     """
 
     data: SiteData
@@ -86,6 +91,8 @@ class SiteSetup:
     task: Task | None = None
     task_path: str = ""
 
+    shared_account: bool = False
+
     def __post_init__(self) -> None:
         if self.public_size < 1:
             raise ValueError(f"public size must be >= 1, got {self.public_size}")
@@ -96,6 +103,13 @@ class SiteSetup:
     def name(self) -> str:
         """The site's name."""
         return self.data.name
+
+    @property
+    def releases_beside(self) -> str:
+        """The path this site's stored releases sit beside: its ledger, or its own name there."""
+        if not self.shared_account or not self.ledger_path:
+            return self.ledger_path
+        return str(ledger_path_for(Path(self.ledger_path).parent, self.name))
 
     @property
     def simulated(self) -> bool:
@@ -307,7 +321,8 @@ def resolve_site(context: Context, cfg: RunConfig) -> SiteSetup:
         partition = f"{cfg.mnist_sites}|{cfg.mnist_alpha}" if cfg.scenario == "mnist" else ""
         fingerprint = _scenario_fingerprint(cfg.scenario, data.name, partition)
         model = scenario.model
-    ledger = str(ledger_path_for(cfg.ledger_dir, data.name)) if cfg.ledger_dir else ""
+    account = simulated_account(cfg.scenario, data.name)  # MNIST: one account for the source
+    ledger = str(ledger_path_for(cfg.ledger_dir, account)) if cfg.ledger_dir else ""
     budget = None
     if cfg.budget_epsilon > 0:
         budget = PrivacyBudget(cfg.budget_epsilon, cfg.budget_delta or cfg.target_delta)
@@ -322,4 +337,5 @@ def resolve_site(context: Context, cfg: RunConfig) -> SiteSetup:
         public_size=public_size_of(len(data.x_train)),
         budget=budget,
         policy=None,
+        shared_account=account != data.name,
     )

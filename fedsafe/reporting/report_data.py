@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsafe.errors import UserError
-from fedsafe.privacy.ledger import LedgerEntry, ledger_path_for
+from fedsafe.privacy.ledger import LedgerEntry, ledger_path_for, simulated_account
 from fedsafe.reporting.ledger_reading import ANCHOR_STATES, LedgerReading, read_ledger
 from fedsafe.server.receipts import RECEIPTS_FILE
 from fedsafe.server.site_policies import BUDGETS_FILE
@@ -295,7 +295,8 @@ def _run_ledgers(folder: Path, config: Mapping[str, Any], names: set[str]) -> di
     ledger_dir = config.get("ledger-dir")
     if ledger_dir:
         for name in sorted(names):
-            path = ledger_path_for(ledger_dir, name)
+            account = simulated_account(str(config.get("scenario")), name)
+            path = ledger_path_for(ledger_dir, account)
             if path.exists():
                 found[name] = path
     return found

@@ -38,6 +38,7 @@ from fedsafe.server.grid import PhaseDeadlines, PromptGrid
 from fedsafe.server.receipts import LedgerReceipts
 from fedsafe.server.reply_checks import ReplyRejected, metrics_of, reply_error, site_name
 from fedsafe.server.run_folder import RunFolder, new_run_dir
+from fedsafe.server.run_outcome import read_outcome
 from fedsafe.server.site_dp import SiteLevelDPStrategy
 from fedsafe.server.site_identity import set_event_sink
 from fedsafe.server.site_policies import (
@@ -158,8 +159,13 @@ def coordinate(grid: Grid, context: Context, task: Task | None = None) -> None:
     cfg = RunConfig.from_mapping(context.run_config)
     folder = RunFolder(cfg.run_dir or new_run_dir(cfg.out_dir))
     resumed = _resumed(cfg, folder, context)
+    # fedsafe's run id: the sites' ledgers record the run under it; a resume keeps it.
+    run_id = resumed.run_id if resumed is not None else new_run_id()
     if resumed is None:
-        folder.write_json("config.json", {**cfg.to_mapping(), "run-id": str(context.run_id)})
+        folder.write_json(
+            "config.json",
+            {**cfg.to_mapping(), "run-id": str(context.run_id), "fedsafe-run-id": run_id},
+        )
     set_event_sink(folder.log_event)  # site-name mismatches (issue 11)
     if task is None and cfg.task:
         task = run_task(cfg)
@@ -193,7 +199,6 @@ def coordinate(grid: Grid, context: Context, task: Task | None = None) -> None:
         inner = SiteLevelDPStrategy(
             base, cfg.site_dp_noise_multiplier, cfg.site_dp_clip, cfg.target_delta, folder.path
         )
-    run_id = resumed.run_id if resumed is not None else new_run_id()
     strategy = FedsafeStrategy(
         inner,
         folder,
@@ -201,6 +206,7 @@ def coordinate(grid: Grid, context: Context, task: Task | None = None) -> None:
         hooks=[checks, LedgerReceipts(folder), CheckpointHook(folder, base, run_id)],
         round_offset=resumed.round if resumed is not None else 0,
         site_wait_s=cfg.site_wait_s,
+        message_ttl_s={"train": deadlines.train_s, "evaluate": deadlines.evaluate_s},
     )
     prompt.observers.append(strategy.note_exchange)
     started = time.time()
@@ -300,8 +306,13 @@ SCHEMA_FORMAT_VERSION = 1
 def _summary(folder: RunFolder, state: RunProgress) -> dict[str, Any]:
     rounds = folder.rounds()
     last = rounds[-1] if rounds else {}
+    outcome = read_outcome(folder.path)
+    if outcome.failure() is not None:
+        log.error("fedsafe: %s", outcome.failure())
     return {
         "rounds-completed": state.rounds_done,
         "final": last,
         "exhausted-sites": sorted(state.exhausted.values()),
+        # Who trained and who was missing at the end, and why (issue 13).
+        "outcome": outcome.to_dict(),
     }

@@ -53,6 +53,46 @@ def privacy_figures(metrics: Mapping[str, float]) -> dict[str, float]:
     return {k: v for k, v in figures.items() if math.isfinite(v)}
 
 
+def dropped_reply_figures(
+    previous: Mapping[str, float],
+    content_metrics: Mapping[str, float] | None,
+    site_values: Mapping[str, Any],
+) -> dict[str, float]:
+    """A dropped train reply's privacy figures: what the site's ledger says it spent.
+
+    A site commits a release to its ledger before its reply leaves, so a reply the coordinator
+    drops (a malformed update, a bound exceeded, a receipt that went back) was still spent. Its
+    round record, and the site's figures in ``summary.json`` and ``model.json``, carry the
+    largest lifetime epsilon known for it: the figures it declared before (``previous``), those
+    of the dropped reply's metrics, and its ledger receipt's lifetime epsilon. Never lower than
+    before: a reply that claims less cannot lower what the coordinator reports.
+
+    Parameters
+    ----------
+    previous
+        The site's last known privacy figures (empty before its first accepted reply).
+    content_metrics
+        The dropped reply's metrics as floats, or None when it had none.
+    site_values
+        The dropped reply's ``site`` record (its receipt, if any).
+
+    Returns
+    -------
+    dict
+        Privacy figures (:data:`PRIVACY_KEYS`), with ``epsilon`` the largest lifetime epsilon.
+    """
+    declared = privacy_figures(content_metrics or {})
+    figures = {**previous, **declared}
+    candidates = [previous.get("epsilon"), declared.get("epsilon")]
+    receipt = site_values.get(RECEIPT_KEYS[2])
+    if isinstance(receipt, int | float) and not isinstance(receipt, bool):
+        candidates.append(float(receipt))
+    known = [float(c) for c in candidates if c is not None and math.isfinite(float(c))]
+    if known:
+        figures["epsilon"] = max(known)
+    return figures
+
+
 def site_evaluation(metrics: Mapping[str, float]) -> dict[str, float]:
     """A site's evaluation as stored per site: ``accuracy``, ``loss``, ... (no count leaves)."""
     return {k.removeprefix("eval-"): float(metrics[k]) for k in EVALUATION_KEYS if k in metrics}

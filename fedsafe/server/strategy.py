@@ -75,6 +75,7 @@ from fedsafe.server.reply_checks import (
 )
 from fedsafe.server.round_records import (
     FEDSAFE_KEYS,
+    dropped_reply_figures,
     mean_evaluation,
     privacy_figures,
     round_record,
@@ -226,6 +227,7 @@ class FedsafeStrategy(Strategy):
         round_offset: int = 0,
         on_round: Callable[[dict[str, Any]], None] | None = None,
         site_wait_s: float = 600.0,
+        message_ttl_s: Mapping[str, float] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -243,6 +245,10 @@ class FedsafeStrategy(Strategy):
         self.round_offset = round_offset
         self.on_round = on_round
         self.progress = RunProgress()
+        # Per phase (train, evaluate): how long a message waits at the SuperLink for its site.
+        # A site back after the deadline finds nothing to train on (a stopped or given-up run
+        # must not spend its budget later; issue 13).
+        self.message_ttl_s = dict(message_ttl_s or {})
         self.arrays: ArrayRecord | None = None
         self.num_rounds = 0
         self._sent: ArrayRecord | None = None  # the global model as the sites decode it
@@ -371,7 +377,7 @@ class FedsafeStrategy(Strategy):
             for node in sorted(self.progress.exhausted)
             if node in live
         ]
-        return self._outgoing(rnd, [*trainers, *evaluators], arrays)
+        return self._outgoing(rnd, [*trainers, *evaluators], arrays, "train")
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -383,13 +389,18 @@ class FedsafeStrategy(Strategy):
         self._current = self._round(server_round)
         self._await_sites(self._current, "evaluate", grid)
         messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
-        return self._outgoing(self._round(server_round), messages, arrays)
+        return self._outgoing(self._round(server_round), messages, arrays, "evaluate")
 
-    def _outgoing(self, rnd: int, messages: list[Message], arrays: ArrayRecord) -> list[Message]:
-        """Compress the model once, give each message its own content, run the hooks."""
+    def _outgoing(
+        self, rnd: int, messages: list[Message], arrays: ArrayRecord, phase: str
+    ) -> list[Message]:
+        """Compress the model once, give each message its own content and TTL, run the hooks."""
         self._sent = self._compress_downlink(messages, arrays)
         self._bytes_down = {}
+        ttl = self.message_ttl_s.get(phase)
         for msg in messages:
+            if ttl is not None:
+                msg.metadata.ttl = min(float(msg.metadata.ttl), ttl)
             content = RecordDict(dict(msg.content.items()))
             config = content.config_records.get("config", ConfigRecord())
             content["config"] = ConfigRecord({**dict(config), "server-round": rnd})
@@ -539,7 +550,11 @@ class FedsafeStrategy(Strategy):
         except ReplyRejected as exc:
             log.warning("round %d: dropped the reply of site %s: %s", rnd, name, exc)
             self.folder.log_event("reply-dropped", round=rnd, site=name, node=node, reason=str(exc))
-            return {"status": "dropped", "reason": str(exc)}, None
+            # The site's ledger recorded the release before the reply left (issue 13).
+            figures = self._dropped_figures(name, msg)
+            if figures:
+                self.progress.last_privacy[name] = figures
+            return {"status": "dropped", "reason": str(exc), **figures}, None
         for hook in self.hooks:
             hook.accepted(rnd, reply)
         self.progress.last_privacy[name] = privacy_figures(metrics)
@@ -551,6 +566,17 @@ class FedsafeStrategy(Strategy):
         }
         kept = {k: v for k, v in metrics.items() if k not in FEDSAFE_KEYS | {"num-examples"}}
         return entry, _Kept(msg, dense, weight, kept)
+
+    def _dropped_figures(self, name: str, msg: Message) -> dict[str, float]:
+        """A dropped reply's privacy figures (:func:`dropped_reply_figures`)."""
+        try:
+            metrics: dict[str, float] | None = metrics_of(msg.content)
+        except ReplyRejected:
+            metrics = None
+        site_record = msg.content.config_records.get("site")
+        return dropped_reply_figures(
+            self.progress.last_privacy.get(name, {}), metrics, dict(site_record or {})
+        )
 
     @staticmethod
     def _stripped(good: list[_Kept]) -> list[Message]:
@@ -581,7 +607,9 @@ class FedsafeStrategy(Strategy):
                 kind = "train-error" if phase == "train" else "evaluate-error"
                 site = self.progress.site_of_node.get(node, f"node-{node}")
                 log.warning("round %d: site %s replied with an error: %s", rnd, site, error)
-                self.folder.log_event(kind, round=rnd, site=site, node=node, reason=error)
+                self.folder.log_event(
+                    kind, round=rnd, site=site, node=node, code=int(msg.error.code), reason=error
+                )
                 continue
             name = self._site(msg)
             self.progress.site_of_node[node] = name

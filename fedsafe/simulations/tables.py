@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 #: The line every output of a run without DP, or with reproducible noise, carries.
@@ -19,8 +20,14 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def final_table(record: dict[str, Any], metric: str = "accuracy") -> str:
-    """The final round as a table: site, metric, epsilon, delta, status; then the mean."""
+def final_table(
+    record: dict[str, Any], metric: str = "accuracy", missing: Mapping[str, str] | None = None
+) -> str:
+    """The final round as a table: site, metric, epsilon, delta, status; then the mean.
+
+    ``missing`` names each site the run knew that did not train in the final round, and why
+    (:meth:`fedsafe.server.run_outcome.RunOutcome.missing_at_end`); each gets a line below.
+    """
     sites: dict[str, dict[str, Any]] = record.get("sites", {})
     width = max([len(s) for s in sites] + [len("mean of sites")])
     header = (
@@ -45,6 +52,9 @@ def final_table(record: dict[str, Any], metric: str = "accuracy") -> str:
         "epsilon: each site's cumulative epsilon on its data over every run in its ledger "
         "(composed by the accountant); this run: this run's share"
     )
+    if missing:
+        lines.append(f"{len(missing)} site(s) did not train in the final round:")
+        lines.extend(f"  {name}: {why}" for name, why in missing.items())
     return "\n".join(lines)
 
 

@@ -71,7 +71,7 @@ def write_connection(flwr_home: Path, connection: Connection) -> Path:
     return path
 
 
-def _flwr(flwr_home: Path, args: list[str], timeout: float = 60.0) -> dict[str, Any]:
+def flwr_json(flwr_home: Path, args: list[str], timeout: float = 60.0) -> dict[str, Any]:
     """Run ``flwr ARGS --format json`` and return its JSON answer."""
     if not (Path(flwr_home) / "config.toml").is_file():
         raise UserError(
@@ -174,7 +174,7 @@ def admit_site(flwr_home: Path, public_key_path: Path, name: str | None = None) 
         if entry.get("fingerprint") == fingerprint:
             raise UserError(_key_in_use(public_key_path, fingerprint, entry, known_id))
     try:
-        answer = _flwr(
+        answer = flwr_json(
             flwr_home,
             [
                 "supernode", "register", str(public_key_path.resolve()), CONNECTION_NAME,
@@ -214,7 +214,7 @@ def _key_in_use(
 
 def list_sites(flwr_home: Path) -> list[AdmittedSite]:
     """Return every site Flower knows, with its status (registered, online, unregistered...)."""
-    answer = _flwr(flwr_home, ["supernode", "list", CONNECTION_NAME])
+    answer = flwr_json(flwr_home, ["supernode", "list", CONNECTION_NAME])
     registry = _read_registry(flwr_home)
     sites = []
     for node in answer.get("nodes", []):
@@ -250,7 +250,7 @@ def remove_site(flwr_home: Path, site: str) -> AdmittedSite:
     if not matches:
         raise UserError(f"no admitted site named {site!r}; see `fedsafe coordinator list`")
     node_id = matches[0]
-    _flwr(flwr_home, ["supernode", "unregister", node_id, CONNECTION_NAME])
+    flwr_json(flwr_home, ["supernode", "unregister", node_id, CONNECTION_NAME])
     entry = registry.get(node_id, {"name": "?", "fingerprint": "?"})
     entry["status"] = "removed"
     registry[node_id] = entry

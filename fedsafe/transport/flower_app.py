@@ -115,6 +115,32 @@ class FollowedRun:
     first_round_at: float | None = None
 
 
+def give_up(flwr_home: Path, run_dir: Path, timeout_s: float) -> str:
+    """Stop the Flower run of ``run_dir`` after ``timeout_s`` and record it; return one line.
+
+    A run given up on must not go on spending the sites' budgets with nobody watching (issue
+    13): its ServerApp is stopped through the Control API, and ``events.jsonl`` says so
+    (``run-stopped``, or ``run-stop-failed`` with the reason and the command to stop it).
+    """
+    from fedsafe.server.run_folder import RunFolder
+    from fedsafe.transport.flower_runs import stop_run_of
+
+    run_id, problem = stop_run_of(flwr_home, run_dir)
+    why = f"no result within --timeout {timeout_s:g}s"
+    folder = RunFolder(run_dir)
+    if problem is None:
+        folder.log_event("run-stopped", reason=why, flower_run_id=run_id)
+        return (
+            f"the run took longer than {timeout_s:.0f}s and was stopped (Flower run {run_id}: "
+            "no site trains for it any more)"
+        )
+    folder.log_event("run-stop-failed", reason=f"{why}; {problem}", flower_run_id=run_id)
+    return (
+        f"the run took longer than {timeout_s:.0f}s and could not be stopped ({problem}); "
+        f"stop it with `fedsafe runs stop {Path(run_dir).name}`"
+    )
+
+
 def submit_and_follow(
     connection: str,
     flwr_home: Path,
@@ -174,9 +200,7 @@ def submit_and_follow(
                         f"{runner.log_tail()}"
                     )
                 if time.monotonic() > deadline:
-                    raise RunFailed(
-                        f"the run took longer than {timeout_s:.0f}s; see {runner.log_path}"
-                    )
+                    raise RunFailed(give_up(flwr_home, run_dir, timeout_s))
                 time.sleep(0.2)
         finally:
             if runner is not None:

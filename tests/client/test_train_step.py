@@ -63,9 +63,12 @@ def _same_answers(
     for run, server_round in calls:
         replies = []
         for i, (app, site) in enumerate(zip((fedsafe_app, outside_app), sites, strict=True)):
-            context = contexts.setdefault(
-                (i, repr(sorted(run.items()))), _context(site.node_config, {**RUN, **run})
-            )
+            key = (i, repr(sorted(run.items())))
+            if key not in contexts:
+                # A distinct run is a distinct Flower run: its ledger entries are its own.
+                contexts[key] = _context(site.node_config, {**RUN, **run})
+                contexts[key].run_id = 11 + len({k[1] for k in contexts})
+            context = contexts[key]
             replies.append(app(_message(MessageType.TRAIN, width, server_round), context))
         a, b = (_content(r) for r in replies)
         # Epsilon, noise, steps, refusals: equal; the models differ only by their secret noise.

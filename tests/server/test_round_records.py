@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from fedsafe.server.round_records import privacy_figures, round_record, site_evaluation
+from fedsafe.server.round_records import (
+    dropped_reply_figures,
+    privacy_figures,
+    round_record,
+    site_evaluation,
+)
 
 
 def test_privacy_figures_are_only_the_declared_ones():
@@ -33,3 +38,13 @@ def test_record_means_are_unweighted_and_epsilon_is_the_maximum():
     assert record["seconds"] == 1.235
     assert record["evaluation"] == {"model": "after round 3"}
     assert record["strategy_metrics"] == {"train": {}}
+
+
+def test_a_dropped_reply_never_reports_less_than_is_known():
+    before = {"epsilon": 2.0, "run-epsilon": 1.0}
+    # A reply claiming less (a rolled-back ledger) cannot lower the figure.
+    assert dropped_reply_figures(before, {"epsilon": 1.5}, {})["epsilon"] == 2.0
+    # The receipt's lifetime counts; a non-numeric one is ignored.
+    assert dropped_reply_figures(before, None, {"receipt-lifetime-epsilon": 2.5})["epsilon"] == 2.5
+    assert dropped_reply_figures(before, None, {"receipt-lifetime-epsilon": "9"}) == before
+    assert dropped_reply_figures({}, {"epsilon": float("nan")}, {}) == {}

@@ -466,3 +466,44 @@ def test_compressed_downlink_and_uplink_are_decoded_before_aggregation(tmp_path)
     site = folder.rounds()[0]["sites"]["site-1"]
     assert site["bytes-down"] < site["bytes-up-uncompressed"]  # int8 is smaller than plain
     assert site["bytes-up"] < site["bytes-up-uncompressed"]
+
+
+def test_a_dropped_reply_carries_the_epsilon_its_ledger_recorded(tmp_path):
+    good = honest()
+
+    def answer(node: int, msg: Message) -> RecordDict:
+        content = good(node, msg)
+        if node == 4 and msg.metadata.message_type == "train":
+            rnd = int(msg.content["config"]["server-round"])
+            # The site's receipt: its ledger's lifetime epsilon, over this run's figure.
+            receipt = {"receipt-count": rnd, "receipt-head": "ab" * 32,
+                       "receipt-lifetime-epsilon": 5.0 + rnd}  # fmt: skip
+            content["site"] = ConfigRecord({"site-name": "site-4", **receipt})
+        return content
+
+    class DropRoundTwo(SiteHooks):
+        def check(self, rnd: int, reply: SiteReply, global_arrays: ArrayRecord) -> None:
+            if reply.site == "site-4" and rnd == 2:
+                raise ReplyRejected("update norm over the bound")
+
+    strategy, _, folder, _ = _run(
+        FedAvg(min_available_nodes=4), answer, 2, tmp_path, hooks=[DropRoundTwo()]
+    )
+    first, second = folder.rounds()
+    assert first["sites"]["site-4"]["status"] == "trained"
+    dropped = second["sites"]["site-4"]
+    assert dropped["status"] == "dropped"
+    # The release was spent: round 2's receipt (7.0), not round 1's figure (0.4), is reported.
+    assert dropped["epsilon"] == 7.0 and second["max_epsilon"] == 7.0
+    assert strategy.progress.last_privacy["site-4"]["epsilon"] == 7.0  # summary and model.json
+    assert dropped["run-epsilon"] == pytest.approx(0.8)  # what the dropped reply declared
+
+
+def test_a_message_waits_for_its_site_no_longer_than_the_phase_deadline(tmp_path):
+    _, grid, _, _ = _run(
+        FedAvg(min_available_nodes=4), honest(), 2, tmp_path,
+        message_ttl_s={"train": 30.0, "evaluate": 45.0},
+    )  # fmt: skip
+    ttls = {(m.metadata.message_type, m.metadata.ttl) for m in grid.sent}
+    # A site back after the deadline (the run given up on and stopped) finds nothing to train.
+    assert ttls == {("train", 30.0), ("evaluate", 45.0)}

@@ -25,7 +25,8 @@ def _simulate(out: Path) -> tuple[int, Path, str]:
              "--out", str(out)]
         )  # fmt: skip
     text = buf.getvalue()
-    return code, Path(re.search(r"run folder: (\S+)", text).group(1)), text
+    found = re.search(r"run folder: (\S+)", text) or re.search(r"; see (\S+)$", text.strip())
+    return code, Path(found.group(1)), text
 
 
 def test_planned_noise_spends_the_budget_then_the_next_run_is_refused(tmp_path):
@@ -42,7 +43,7 @@ def test_planned_noise_spends_the_budget_then_the_next_run_is_refused(tmp_path):
     assert set(counts.values()) == {2}
 
     code, second, text = _simulate(tmp_path)
-    assert code == 0
+    assert code == 1  # no site trained: a failure, with each site's reason
     rounds = [json.loads(x) for x in (second / "rounds.jsonl").read_text().splitlines()]
     assert len(rounds) == 1  # refused at its first round, then the run ends cleanly
     assert {s["status"] for s in rounds[0]["sites"].values()} == {"budget-exhausted"}
@@ -51,4 +52,4 @@ def test_planned_noise_spends_the_budget_then_the_next_run_is_refused(tmp_path):
     assert (second / "summary.json").is_file() and (second / "model.pt").is_file()
     # Nothing was released, so nothing was recorded.
     assert {p.stem: len(SitePrivacyLedger.open(p).entries()) for p in ledgers} == counts
-    assert "budget-exhausted" in text
+    assert "no site trained" in text and "privacy budget exhausted at epsilon" in text

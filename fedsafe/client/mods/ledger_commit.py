@@ -2,7 +2,9 @@
 
 The training step returns the :class:`~fedsafe.privacy.events.PoissonGaussianEvent` it spent
 (:func:`~fedsafe.client.mods.contract.report_event`); this mod commits it, durably, to the
-site's hash-chained ledger (or, without a ledger, to this run's events), stores the run's events
+site's hash-chained ledger under fedsafe's run id (:func:`fedsafe.client.privacy_state.run_key`,
+so the run's epsilon is recomposed from the ledger after a restart or a resume; without a
+ledger, to this run's events), stores the run's events
 in the ClientApp's context state, and adds the declared spending figures to the reply. A crash
 can then only over-report spending: the event is on disk before anything leaves.
 
@@ -58,7 +60,8 @@ def ledger_commit(msg: Message, context: Context, call_next: ClientAppCallable) 
         raise ModOrderError("a DP round was granted without an account")
     cfg, site = grant.call.cfg, grant.call.site
     try:
-        spent = account.commit(event, str(context.run_id), grant.server_round, cfg.max_grad_norm)
+        key = privacy_state.run_key(msg.content.config_records["config"], context)
+        spent = account.commit(event, key, grant.server_round, cfg.max_grad_norm)
     except BudgetExhaustedError as exc:  # another run spent the rest meanwhile
         return exhausted_reply(msg, site, account, str(exc))
     privacy_state.store(context, [*account.run_events, event], grant.plan.noise_multiplier)

@@ -118,12 +118,17 @@ def _within_budget(
     sigma = 1.0
     q = poisson_sample_rate(site.public_size, cfg.batch_size)
     if dp:
+        # With a ledger, the run's spending is its entries under fedsafe's run id: it survives
+        # a restart of this process (new context state) and a resume of the run.
+        events, noise = privacy_state.run_events(context), privacy_state.stored_noise(context)
+        if ledger is not None:
+            run = privacy_state.run_key(config, context)
+            events, noise = privacy_state.ledger_run(ledger, run, site.fingerprint)
         account = SiteAccount(
-            ledger, site.fingerprint, site.budget, cfg.target_delta, cfg.accountant,
-            privacy_state.run_events(context),
-        )  # fmt: skip
+            ledger, site.fingerprint, site.budget, cfg.target_delta, cfg.accountant, events
+        )
         try:
-            sigma = privacy_state.stored_noise(context) or choose_noise(
+            sigma = noise or choose_noise(
                 NoiseChoice(
                     cfg.noise_multiplier, cfg.target_epsilon, account.delta, q,
                     cfg.local_steps, cfg.num_server_rounds, cfg.accountant,

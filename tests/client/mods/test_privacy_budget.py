@@ -5,15 +5,19 @@ from __future__ import annotations
 import pytest
 from flwr.app import Context, Message
 
-from fedsafe.client import privacy_state
+from fedsafe.client.app import app
 from fedsafe.client.mods.contract import RoundGrant, current_grant
 from fedsafe.client.mods.privacy_budget import privacy_budget
 from fedsafe.client.mods.site_policy import site_policy
 from fedsafe.client.site import resolve_site
 from fedsafe.config import RunConfig
+from fedsafe.privacy.accounting import epsilon
 from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.ledger import SitePrivacyLedger
+from fedsafe.protocol import FEDSAFE_RUN_ID
 from tests.client.mods.conftest import Site, app_with, new_context, train_message, trained
+
+RUN_ID = "a7" * 16
 
 
 def _granting_app(grants: list[RoundGrant]):
@@ -37,7 +41,11 @@ def test_the_grant_holds_the_sites_noise_and_the_public_rate(site: Site) -> None
 def test_a_round_beyond_the_run_is_refused_before_the_handler(site: Site) -> None:
     grants: list[RoundGrant] = []
     context = new_context(site, **{"num-server-rounds": 1})
-    privacy_state.store(context, [PoissonGaussianEvent(1 / 12, 2.0, 3)], 2.0)
+    fingerprint = resolve_site(context, RunConfig.from_mapping(context.run_config)).fingerprint
+    with SitePrivacyLedger.open(site.ledger) as ledger:
+        # This run's round 1 (no fedsafe run id in the message: Flower's run id keys it).
+        ledger.record(str(context.run_id), 1, PoissonGaussianEvent(1 / 12, 2.0, 3), 1.0, 1e-5,
+                      fingerprint)  # fmt: skip
     reply = _granting_app(grants)(train_message(site.width(), 2), context)
     assert reply.content.config_records["site"]["refused-setting"] == "num-server-rounds"
     assert grants == []
@@ -66,3 +74,34 @@ def test_a_model_reply_carries_the_public_size_whatever_the_handler_wrote(site: 
         train_message(site.width()), new_context(site)
     )
     assert reply.content.metric_records["metrics"]["num-examples"] == 90
+
+
+def _run_round(site: Site, rnd: int) -> dict[str, float]:
+    """One round of fedsafe's run RUN_ID at the real ClientApp, in a fresh process state."""
+    msg = train_message(site.width(), rnd)
+    msg.content["config"][FEDSAFE_RUN_ID] = RUN_ID
+    reply = app(msg, new_context(site))  # a new Context: the site process restarted
+    assert not reply.has_error(), reply.error
+    return dict(reply.content.metric_records["metrics"])
+
+
+def test_a_site_restarted_mid_run_reports_the_runs_true_epsilon(site: Site) -> None:
+    context = new_context(site)
+    cfg = RunConfig.from_mapping(context.run_config)
+    fingerprint = resolve_site(context, cfg).fingerprint
+    with SitePrivacyLedger.open(site.ledger) as ledger:  # an earlier run on the same records
+        ledger.record("earlier", 1, PoissonGaussianEvent(1 / 12, 3.0, 3), 1.0, 1e-5, fingerprint)
+    first, second = _run_round(site, 1), _run_round(site, 2)
+    with SitePrivacyLedger.open(site.ledger) as ledger:
+        entries = ledger.run_entries(RUN_ID)
+        lifetime = ledger.lifetime_epsilon()
+    assert [e.round for e in entries] == [1, 2]
+    # The noise fixed in round 1 is kept after the restart (read back from the ledger).
+    assert entries[0].event == entries[1].event
+    run = epsilon([e.event for e in entries], site.policy.delta, cfg.accountant)
+    assert second["run-epsilon"] == pytest.approx(run, rel=1e-9)
+    assert second["run-epsilon"] > first["run-epsilon"]  # not restarted from zero
+    assert first["run-epsilon"] == pytest.approx(
+        epsilon([entries[0].event], site.policy.delta, cfg.accountant), rel=1e-9
+    )
+    assert second["epsilon"] == pytest.approx(lifetime) and lifetime > run  # the earlier run too

@@ -1,0 +1,123 @@
+"""The coordinator's Flower runs through the SuperLink's Control API: list them, stop one.
+
+Both go through the ``flwr`` CLI (``flwr ls`` and ``flwr stop`` with ``--format json``) over the
+coordinator's connection in its Flower home, as every other operator command does
+(:mod:`fedsafe.transport.admission`). A run folder names its Flower run in
+``logs/flwr-run.log`` (``flwr run`` prints "Successfully started run N") and in
+``config.json`` (``run-id``, written by the ServerApp when it starts).
+
+A stopped run's ServerApp ends; Flower keeps the run's undelivered messages until their TTL,
+which fedsafe's strategy sets to the phase deadline, so a site that comes back after the
+deadline finds no message of the stopped run to train on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedsafe.errors import UserError
+from fedsafe.transport.admission import flwr_json
+
+#: What ``flwr run`` prints once the SuperLink accepted the run.
+_STARTED = re.compile(r"Successfully started run (\d+)")
+
+
+@dataclass(frozen=True, slots=True)
+class FlowerRun:
+    """One run as the SuperLink's Control API reports it.
+
+    Parameters
+    ----------
+    run_id
+        Flower's run id (a positive 64-bit integer).
+    status
+        ``pending``, ``starting``, ``running`` or ``finished:completed|failed|stopped``.
+    app
+        The app, ``publisher/name==version``.
+    elapsed
+        Time since the run started, ``HH:MM:SS`` as Flower reports it.
+    """
+
+    run_id: int
+    status: str
+    app: str = ""
+    elapsed: str = ""
+
+    def __post_init__(self) -> None:
+        if self.run_id < 1:
+            raise ValueError(f"a Flower run id is a positive integer, got {self.run_id}")
+        if not self.status:
+            raise ValueError("a Flower run has a status")
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run has ended (completed, failed or stopped)."""
+        return self.status.startswith("finished")
+
+
+def list_flower_runs(flwr_home: Path) -> list[FlowerRun]:
+    """Every run the coordinator's SuperLink knows, oldest first.
+
+    Raises
+    ------
+    UserError
+        If the Flower home has no connection or the SuperLink cannot be reached.
+    """
+    answer = flwr_json(flwr_home, ["ls"])
+    runs = []
+    for row in answer.get("runs", []):
+        try:
+            runs.append(
+                FlowerRun(
+                    int(row["run-id"]),
+                    str(row.get("status", "")),
+                    f"{row.get('fab-id', '')}=={row.get('fab-version', '')}".strip("="),
+                    str(row.get("elapsed", "")),
+                )
+            )
+        except (KeyError, TypeError, ValueError):
+            continue
+    return sorted(runs, key=lambda r: r.run_id)
+
+
+def stop_flower_run(flwr_home: Path, run_id: int) -> None:
+    """Stop Flower run ``run_id`` on the coordinator (its ServerApp ends).
+
+    Raises
+    ------
+    UserError
+        If the SuperLink refuses (no such run, or it already finished) or cannot be reached.
+    """
+    flwr_json(flwr_home, ["stop", str(int(run_id))])
+
+
+def flower_run_id(run_dir: Path) -> int | None:
+    """The Flower run a run folder belongs to, or None before the SuperLink accepted it."""
+    log = Path(run_dir) / "logs" / "flwr-run.log"
+    if log.is_file():
+        found = _STARTED.search(log.read_text(errors="replace"))
+        if found:
+            return int(found.group(1))
+    config = Path(run_dir) / "config.json"
+    if config.is_file():
+        try:
+            value = json.loads(config.read_text(encoding="utf-8")).get("run-id")
+            return int(value) if value is not None else None
+        except (ValueError, TypeError, AttributeError):
+            return None
+    return None
+
+
+def stop_run_of(flwr_home: Path, run_dir: Path) -> tuple[int | None, str | None]:
+    """Stop the Flower run of ``run_dir``; return its id and why it could not be, if not."""
+    run_id = flower_run_id(run_dir)
+    if run_id is None:
+        return None, "the SuperLink never accepted the run (no Flower run id in the run folder)"
+    try:
+        stop_flower_run(flwr_home, run_id)
+    except UserError as exc:
+        return run_id, str(exc)
+    return run_id, None

@@ -1,0 +1,91 @@
+"""An explicit new account: carries the old releases, never opens below the known lifetime."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from fedsafe.cli.main import main
+from fedsafe.errors import UserError
+from fedsafe.privacy.accounting import epsilon
+from fedsafe.privacy.events import PoissonGaussianEvent
+from fedsafe.privacy.ledger import LedgerTamperedError, SitePrivacyLedger
+from fedsafe.privacy.new_account import OPENING_KEY, open_new_account, read_account_opening
+
+EVENT = PoissonGaussianEvent(0.05, 1.2, 20)
+DELTA = 1e-5
+
+
+def _ledger(folder: Path, releases: int) -> Path:
+    path = folder / "ledgers" / "site-a.sqlite"
+    with SitePrivacyLedger.open(path) as ledger:
+        for rnd in range(1, releases + 1):
+            ledger.record("r" * 32, rnd, EVENT, 1.0, DELTA, "site-records", "prv")
+    return path
+
+
+def test_a_replaced_ledger_is_reconciled_from_its_backup_with_who_and_why(tmp_path) -> None:
+    path = _ledger(tmp_path, 3)
+    backup = tmp_path / "backup.sqlite"
+    with SitePrivacyLedger.open(path) as ledger:
+        lifetime, head = ledger.lifetime_epsilon(), ledger.head()
+    shutil.copy(path, backup)
+    path.unlink()
+    SitePrivacyLedger.open(path.with_name("other.sqlite")).close()
+    shutil.move(path.with_name("other.sqlite"), path)  # another (empty) ledger in its place
+    with pytest.raises(LedgerTamperedError, match="replaced"):
+        SitePrivacyLedger.open(path)
+    opening, kept = open_new_account(path, by="dpo@site-a", why="disk replaced", source=backup)
+    assert kept is not None and kept.exists() and kept.name.startswith("site-a.closed-")
+    assert opening.carried == 3 and opening.opening_epsilon == pytest.approx(lifetime)
+    assert dict(opening.known_floors)["anchor"] == pytest.approx(lifetime)
+    with SitePrivacyLedger.open(path) as ledger:
+        assert ledger.head() == head  # the same chain: the coordinator's receipt still holds
+        ledger.record("n" * 32, 1, EVENT, 1.0, DELTA, "site-records", "prv")
+        # The next release composes onto every carried one (never a fresh 0).
+        assert ledger.lifetime_epsilon() == pytest.approx(epsilon([EVENT] * 4, DELTA, "prv"))
+    assert read_account_opening(path) == opening
+    assert opening.to_dict()["by"] == "dpo@site-a" and opening.to_dict()["why"] == "disk replaced"
+
+
+@pytest.mark.parametrize("how", ["older backup", "receipt above"])
+def test_a_new_account_never_opens_below_a_known_lifetime(tmp_path, how) -> None:
+    path = _ledger(tmp_path, 2)
+    backup = tmp_path / "backup.sqlite"
+    shutil.copy(path, backup)
+    with SitePrivacyLedger.open(path) as ledger:
+        ledger.record("r" * 32, 3, EVENT, 1.0, DELTA, "site-records", "prv")
+    before = path.read_bytes()
+    kwargs = {"source": backup} if how == "older backup" else {"receipt_epsilon": 50.0}
+    with pytest.raises(UserError, match="releases are missing"):
+        open_new_account(path, by="dpo", why="restore", **kwargs)
+    assert path.read_bytes() == before and not list(path.parent.glob("*.closed-*"))
+
+
+def test_an_edited_opening_record_is_caught(tmp_path) -> None:
+    path = _ledger(tmp_path, 1)
+    open_new_account(path, by="dpo", why="moved")
+    conn = sqlite3.connect(path, isolation_level=None)
+    raw = conn.execute("SELECT value FROM meta WHERE key = ?", (OPENING_KEY,)).fetchone()[0]
+    conn.execute(
+        "UPDATE meta SET value = ? WHERE key = ?", (raw.replace('"dpo"', '"nobody"'), OPENING_KEY)
+    )
+    conn.close()
+    with pytest.raises(LedgerTamperedError, match="opening was edited"):
+        read_account_opening(path)
+
+
+def test_the_command_records_who_and_why_and_refuses_a_blank_in_one_line(tmp_path, capsys):
+    path = _ledger(tmp_path, 1)
+    assert main(["privacy", "new-account", "--ledger", str(path), "--who", " ", "--why", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "--who and --why" in err and len(err.strip().splitlines()) == 1
+    code = main(["privacy", "new-account", "--ledger", str(path), "--who", "dpo@site-a",
+                 "--why", "new disk"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "opened by dpo@site-a: 1 releases carried over" in out
+    assert main(["privacy", "show", str(path)]) == 0
+    assert "by dpo@site-a (new disk): 1 releases carried" in capsys.readouterr().out
