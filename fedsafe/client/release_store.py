@@ -1,29 +1,46 @@
 """A ClientApp mod: a round a site already released is answered with the stored release.
 
-A resumed run (:mod:`fedsafe.server.checkpoint`) may ask a site again for a round it answered
-before the coordinator crashed. Training it again would spend the site's budget twice for one
-round and release two different models for it. So a site keeps each train release, keyed by
-fedsafe's run id (the train config's ``fedsafe-run-id``, the same across a resume) and the round,
-next to its privacy ledger (``<ledger-path>.releases/``), and
+A resumed run (:mod:`fedsafe.server.checkpoint`) may ask a site again for a round it answered,
+or was answering, when the coordinator crashed. Training it again would spend the site's
+budget twice for one round and release two different models for it. So a site keeps each train
+release, keyed by fedsafe's run id (the train config's ``fedsafe-run-id``, the same across a
+resume) and the round, next to its privacy ledger (``<ledger-path>.releases/``).
 
-- answers a repeated round with the stored release, marked ``replayed`` (sending the same
-  values again is post-processing: it spends nothing, Dwork and Roth 2014, Prop. 2.1);
-- answers with a typed refusal (``refused-setting`` = ``server-round``) when it started that
-  round but holds no release for it (it crashed mid-round, after or before committing the
-  spending: it cannot tell, so it does not train the round twice).
+Order of one round (each step durable before the next starts):
 
-Before the train handler runs the mod writes a ``.pending`` marker (fsynced), so a crash at
-any point leaves either the marker or the stored release. Messages without a fedsafe run id
-(an older coordinator) and sites without a ledger pass through unchanged.
+1. claim the round: an exclusive lock on its ``.pending`` marker (``flock``; the kernel drops
+   it when the process dies, so a crashed claim never blocks a later one);
+2. the ``ledger_commit`` mod inside commits the round's event to the ledger, keyed by the same
+   run id and round (it spends);
+3. the finished reply is stored (``.release``, atomically), the marker removed;
+4. only then does the reply leave the site.
 
-Stored files are Flower's own record serialization (protobuf), read back without running code;
-the folder is created 0700.
+A repeated (run id, round) is answered from what is on disk:
+
+- a stored release: sent again, marked ``replayed`` (the same values again are
+  post-processing: nothing more is spent, Dwork and Roth 2014, Prop. 2.1);
+- no stored release and no ledger entry for it: nothing was spent and nothing left (a crash
+  before step 2), so the round is trained as if new;
+- a ledger entry but no stored release (a crash between steps 2 and 3, an in-process window
+  of compression and one file write; nothing left the site): the typed refusal
+  ``refused-setting = server-round``, since training again would spend twice; the coordinator
+  skips the site for that round only;
+- the round claimed by a live process (a ClientApp of the crashed run still training): the
+  same refusal, so the two can never both spend.
+
+Messages without a fedsafe run id (an older coordinator) and sites without a ledger pass
+through unchanged. Stored files are Flower's own record serialization (protobuf), read back
+without running code; the folder is created 0700. docs/threat-model.md gives the argument.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -34,8 +51,9 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: d
 from fedsafe.client.site import resolve_site
 from fedsafe.config import RunConfig
 from fedsafe.durable_files import replace_atomically
+from fedsafe.privacy.ledger import SitePrivacyLedger
 from fedsafe.privacy.releases import check_reply
-from fedsafe.protocol import FEDSAFE_RUN_ID
+from fedsafe.protocol import fedsafe_run_id
 
 log = logging.getLogger("flwr.fedsafe.client")
 
@@ -81,6 +99,32 @@ class ReleaseStore:
         """Mark round ``rnd`` as started, durably, before anything can be spent on it."""
         self._write(self._path(run_id, rnd, ".pending"), b"")
 
+    @contextlib.contextmanager
+    def claim(self, run_id: str, rnd: int) -> Iterator[bool]:
+        """Hold round ``rnd``'s marker locked while the block runs; yield False if taken.
+
+        The lock is an exclusive ``flock`` on the ``.pending`` marker, released when the block
+        ends or the process dies. The marker is fsynced before the block runs.
+        """
+        path = self._path(run_id, rnd, ".pending")
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            os.fsync(fd)
+            dir_fd = os.open(self.folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+            yield True
+        finally:
+            os.close(fd)  # drops the lock
+
     def abandon(self, run_id: str, rnd: int) -> None:
         """Remove the marker of a round that released nothing (a refusal: nothing spent)."""
         self._path(run_id, rnd, ".pending").unlink(missing_ok=True)
@@ -103,15 +147,10 @@ def _key(msg: Message) -> tuple[str, int] | None:
     config = msg.content.config_records.get("config")
     if config is None:
         return None
-    run_id, rnd = config.get(FEDSAFE_RUN_ID), config.get("server-round")
-    if not isinstance(run_id, str) or not _RUN_ID.match(run_id) or not isinstance(rnd, int):
+    run_id, rnd = fedsafe_run_id(config), config.get("server-round")
+    if run_id is None or not isinstance(rnd, int):
         return None
     return (run_id, rnd) if rnd >= 1 else None
-
-
-def _store_of(context: Context) -> ReleaseStore | None:
-    site = resolve_site(context, RunConfig.from_mapping(context.run_config))
-    return ReleaseStore.beside(site.ledger_path) if site.ledger_path else None
 
 
 def _is_release(reply: Message) -> bool:
@@ -125,13 +164,25 @@ def _replayed(msg: Message, stored: RecordDict) -> Message:
     return Message(stored, reply_to=msg)
 
 
-def _refusal(msg: Message, site_name: str, rnd: int) -> Message:
+def spent_in_ledger(ledger_path: str | Path, run_id: str, rnd: int) -> bool:
+    """Whether the site's ledger holds an entry for round ``rnd`` of fedsafe run ``run_id``.
+
+    A missing ledger holds none (opening it is left to the budget mod, which says why a
+    ledger that should exist is gone).
+    """
+    path = Path(ledger_path)
+    if not path.exists():
+        return False
+    with SitePrivacyLedger.open(path) as ledger:
+        return any(e.run_id == run_id and e.round == rnd for e in ledger.entries())
+
+
+def _refusal(msg: Message, site_name: str, reason: str) -> Message:
     record = ConfigRecord(
         {
             "site-name": site_name,
             "refused-setting": "server-round",
-            "refusal-reason": f"this site started round {rnd} of this run before and kept no "
-            "release of it; it does not train a round twice",
+            "refusal-reason": reason,
         }
     )
     content = RecordDict({"metrics": MetricRecord({"refused": 1}), "site": record})
@@ -140,24 +191,42 @@ def _refusal(msg: Message, site_name: str, rnd: int) -> Message:
 
 
 def replay_released_rounds(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Answer a repeated round from the store; store every new train release."""
+    """Answer a repeated round from the store; store every new train release before it leaves."""
     key = _key(msg)
-    store = _store_of(context) if key is not None else None
-    if key is None or store is None:
+    site = resolve_site(context, RunConfig.from_mapping(context.run_config)) if key else None
+    if key is None or site is None or not site.ledger_path:
         return call_next(msg, context)
     run_id, rnd = key
-    stored = store.stored(run_id, rnd)
-    if stored is not None:
-        log.warning("fedsafe: round %d of this run was released before: sent again, unchanged", rnd)
-        return _replayed(msg, stored)
-    if store.started(run_id, rnd):
-        site = resolve_site(context, RunConfig.from_mapping(context.run_config))
-        log.warning("fedsafe: round %d of this run started before and left no release", rnd)
-        return _refusal(msg, site.name, rnd)
-    store.start(run_id, rnd)
-    reply = call_next(msg, context)
-    if _is_release(reply):
-        store.keep(run_id, rnd, reply.content)
-    elif not reply.has_error():
-        store.abandon(run_id, rnd)
-    return reply
+    store = ReleaseStore.beside(site.ledger_path)
+    started_before = store.started(run_id, rnd)
+    with store.claim(run_id, rnd) as claimed:
+        if not claimed:
+            log.warning("fedsafe: round %d of this run is being trained by another process", rnd)
+            reason = f"round {rnd} of this run is being trained here now; it is not trained twice"
+            return _refusal(msg, site.name, reason)
+        stored = store.stored(run_id, rnd)
+        if stored is not None:
+            log.warning("fedsafe: round %d of this run was released before: sent again", rnd)
+            return _replayed(msg, stored)
+        if spent_in_ledger(site.ledger_path, run_id, rnd):
+            log.warning(
+                "fedsafe: round %d of this run was spent (ledger) but its release was not kept "
+                "(a crash before it left); the round is refused, not trained twice",
+                rnd,
+            )
+            reason = (
+                f"this site spent round {rnd} of this run and kept no release of it (it stopped "
+                "before the reply left); it does not train a round twice"
+            )
+            return _refusal(msg, site.name, reason)
+        if started_before:
+            log.warning(
+                "fedsafe: round %d of this run was started before and spent nothing: trained now",
+                rnd,
+            )
+        reply = call_next(msg, context)
+        if _is_release(reply):
+            store.keep(run_id, rnd, reply.content)
+        elif not reply.has_error():
+            store.abandon(run_id, rnd)
+        return reply

@@ -5,13 +5,16 @@ The real ClientApp (all its mods) on a real deployed site: CSV, schema, policy, 
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import Message, MessageType
 
 from fedsafe.client.app import app
+from fedsafe.client.privacy_state import SiteAccount
 from fedsafe.client.release_store import ReleaseStore
 from fedsafe.protocol import EVALUATE_FIRST, EVALUATION_RECORD, FEDSAFE_RUN_ID
 from tests.client.test_app import RUN, Site, _context, _message
@@ -68,15 +71,90 @@ def test_a_new_round_or_another_run_trains(site: Site) -> None:
     assert "replayed" not in other.content["metrics"]
 
 
-def test_a_round_started_without_a_stored_release_is_refused_by_type(site: Site) -> None:
-    ReleaseStore.beside(site.ledger).start(RUN_ID, 1)  # the site crashed mid-round
+class Crash(BaseException):
+    """The ClientApp process dies here (not an error a mod turns into a code)."""
+
+
+def _ledger_rounds(site: Site) -> list[tuple[str, int]]:
+    with sqlite3.connect(site.ledger) as conn:
+        return [(str(r), int(n)) for r, n in conn.execute("SELECT run_id, round FROM entries")]
+
+
+def test_a_crash_before_the_commit_leaves_nothing_so_the_round_trains_fresh(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def dies(*args: object, **kwargs: object) -> None:
+        raise Crash
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SiteAccount, "commit", dies)  # trained, died before the ledger commit
+        with pytest.raises(Crash):
+            _train(site, 1)
+    assert ReleaseStore.beside(site.ledger).started(RUN_ID, 1)  # the marker stayed
+    reply = _train(site, 1, flower_run=12)  # the resumed run asks again
+    assert not reply.has_error(), reply.error
+    assert "arrays" in reply.content and "replayed" not in reply.content["metrics"]
+    assert _ledger_rounds(site) == [(RUN_ID, 1)]
+    assert not ReleaseStore.beside(site.ledger).started(RUN_ID, 1)
+
+
+def test_a_crash_between_commit_and_reply_replays_the_stored_release(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keep = ReleaseStore.keep
+
+    def keeps_then_dies(self: ReleaseStore, *args: Any) -> None:
+        keep(self, *args)
+        raise Crash  # the release is stored; the reply never left
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ReleaseStore, "keep", keeps_then_dies)
+        with pytest.raises(Crash):
+            _train(site, 1)
+    spent = site.ledger_bytes()
+    reply = _train(site, 1, flower_run=12)
+    assert reply.content["metrics"]["replayed"] == 1 and "arrays" in reply.content
+    assert site.ledger_bytes() == spent
+    assert _ledger_rounds(site) == [(RUN_ID, 1)]  # one release of round 1, in fedsafe's run
+
+
+def test_a_round_spent_whose_release_was_not_kept_is_refused_by_type(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def dies(*args: object) -> None:
+        raise Crash  # committed to the ledger; died while storing the release
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ReleaseStore, "keep", dies)
+        with pytest.raises(Crash):
+            _train(site, 1)
     before = site.ledger_bytes()
-    reply = _train(site, 1)
+    reply = _train(site, 1, flower_run=12)
     assert reply.content["metrics"]["refused"] == 1
     assert reply.content["site"]["refused-setting"] == "server-round"
     assert "does not train a round twice" in str(reply.content["site"]["refusal-reason"])
     assert "arrays" not in reply.content
-    assert site.ledger_bytes() == before
+    assert site.ledger_bytes() == before and _ledger_rounds(site) == [(RUN_ID, 1)]
+    # Only that round: the next one trains.
+    assert "arrays" in _train(site, 2, flower_run=12).content
+    assert _ledger_rounds(site) == [(RUN_ID, 1), (RUN_ID, 2)]
+
+
+def test_a_round_another_live_process_is_training_is_refused(site: Site) -> None:
+    store = ReleaseStore.beside(site.ledger)
+    with store.claim(RUN_ID, 1) as claimed:  # a ClientApp of the crashed run, still training
+        assert claimed
+        reply = _train(site, 1, flower_run=12)
+    assert reply.content["metrics"]["refused"] == 1
+    assert "being trained here now" in str(reply.content["site"]["refusal-reason"])
+    assert not site.ledger.exists() or _ledger_rounds(site) == []
+    assert "arrays" in _train(site, 1, flower_run=12).content  # once that process is gone
+
+
+def test_ledger_entries_carry_fedsafes_run_id_across_a_resume(site: Site) -> None:
+    _train(site, 1, flower_run=11)
+    _train(site, 2, flower_run=12)  # resumed: another Flower run, the same fedsafe run
+    assert _ledger_rounds(site) == [(RUN_ID, 1), (RUN_ID, 2)]
 
 
 def test_a_message_without_fedsafes_run_id_passes_through(site: Site) -> None:
@@ -84,4 +162,5 @@ def test_a_message_without_fedsafes_run_id_passes_through(site: Site) -> None:
     before = site.ledger_bytes()
     _train(site, 1, run_id=None, flower_run=12)
     assert site.ledger_bytes() != before  # an older coordinator: nothing stored, nothing replayed
+    assert _ledger_rounds(site) == [("11", 1), ("12", 1)]  # keyed by Flower's run id then
     assert not (site.ledger.parent / (site.ledger.name + ".releases")).exists()

@@ -2,7 +2,9 @@
 
 The training step returns the :class:`~fedsafe.privacy.events.PoissonGaussianEvent` it spent
 (:func:`~fedsafe.client.mods.contract.report_event`); this mod commits it, durably, to the
-site's hash-chained ledger (or, without a ledger, to this run's events), stores the run's events
+site's hash-chained ledger (or, without a ledger, to this run's events) under fedsafe's run id
+(the train config's ``fedsafe-run-id``, the same after a resume; Flower's run id only when the
+coordinator sent none) and the round, stores the run's events
 in the ClientApp's context state, and adds the declared spending figures to the reply. A crash
 can then only over-report spending: the event is on disk before anything leaves.
 
@@ -26,6 +28,7 @@ from fedsafe.client.mods.contract import (
 from fedsafe.client.mods.message_kinds import is_train
 from fedsafe.client.site_replies import exhausted_reply
 from fedsafe.errors import BudgetExhaustedError
+from fedsafe.protocol import fedsafe_run_id
 
 
 class UnaccountedRoundError(RuntimeError):
@@ -57,8 +60,10 @@ def ledger_commit(msg: Message, context: Context, call_next: ClientAppCallable) 
     if account is None:
         raise ModOrderError("a DP round was granted without an account")
     cfg, site = grant.call.cfg, grant.call.site
+    # fedsafe's run id when the coordinator sent one: the same in every resumed part of a run.
+    run_id = fedsafe_run_id(msg.content.config_records.get("config")) or str(context.run_id)
     try:
-        spent = account.commit(event, str(context.run_id), grant.server_round, cfg.max_grad_norm)
+        spent = account.commit(event, run_id, grant.server_round, cfg.max_grad_norm)
     except BudgetExhaustedError as exc:  # another run spent the rest meanwhile
         return exhausted_reply(msg, site, account, str(exc))
     privacy_state.store(context, [*account.run_events, event], grant.plan.noise_multiplier)
