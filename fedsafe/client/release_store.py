@@ -41,6 +41,8 @@ import logging
 import os
 import re
 from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -51,7 +53,8 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: d
 from fedsafe.client.site import resolve_site
 from fedsafe.config import RunConfig
 from fedsafe.durable_files import replace_atomically
-from fedsafe.privacy.ledger import SitePrivacyLedger
+from fedsafe.privacy.accounting import epsilon
+from fedsafe.privacy.ledger import LedgerEntry, SitePrivacyLedger
 from fedsafe.privacy.releases import check_reply
 from fedsafe.protocol import fedsafe_run_id
 
@@ -86,10 +89,7 @@ class ReleaseStore:
 
     def stored(self, run_id: str, rnd: int) -> RecordDict | None:
         """The stored release of round ``rnd`` of run ``run_id``, or None."""
-        path = self._path(run_id, rnd, ".release")
-        if not path.is_file():
-            return None
-        return recorddict_from_proto(ProtoRecordDict.FromString(path.read_bytes()))
+        return self._read(self._path(run_id, rnd, ".release"))
 
     def started(self, run_id: str, rnd: int) -> bool:
         """Whether the round was started (marker written) without a stored release."""
@@ -130,14 +130,73 @@ class ReleaseStore:
         self._path(run_id, rnd, ".pending").unlink(missing_ok=True)
 
     def keep(self, run_id: str, rnd: int, content: RecordDict) -> None:
-        """Store the release of round ``rnd``, then drop its marker."""
-        data = recorddict_to_proto(content).SerializeToString()
-        self._write(self._path(run_id, rnd, ".release"), data)
+        """Store the release of round ``rnd``, then drop its staged copy and its marker."""
+        self._write(self._path(run_id, rnd, ".release"), _serialized(content))
+        self.discard(run_id, rnd)
         self.abandon(run_id, rnd)
+
+    def stage(self, run_id: str, rnd: int, content: RecordDict) -> None:
+        """Store the finished reply of round ``rnd`` before its spending is committed."""
+        self._write(self._path(run_id, rnd, ".staged"), _serialized(content))
+
+    def staged(self, run_id: str, rnd: int) -> RecordDict | None:
+        """The staged reply of round ``rnd`` (stored before its commit), or None."""
+        return self._read(self._path(run_id, rnd, ".staged"))
+
+    def discard(self, run_id: str, rnd: int) -> None:
+        """Remove the staged reply of round ``rnd`` (kept, or never committed)."""
+        self._path(run_id, rnd, ".staged").unlink(missing_ok=True)
+
+    @staticmethod
+    def _read(path: Path) -> RecordDict | None:
+        if not path.is_file():
+            return None
+        return recorddict_from_proto(ProtoRecordDict.FromString(path.read_bytes()))
 
     def _write(self, path: Path, data: bytes) -> None:
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         replace_atomically(path, lambda fh: fh.write(data))
+
+
+def _serialized(content: RecordDict) -> bytes:
+    return bytes(recorddict_to_proto(content).SerializeToString())
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseSlot:
+    """Where ``ledger_commit`` stores the round's reply around its commit.
+
+    Bound by :func:`replay_released_rounds` for a train message it claimed; ``ledger_commit``
+    stages the finished reply (:meth:`stage`), commits, then keeps it (:meth:`keep`).
+    """
+
+    store: ReleaseStore
+    run_id: str
+    round: int
+
+    def __post_init__(self) -> None:
+        if not _RUN_ID.match(self.run_id) or self.round < 1:
+            raise ValueError("a release slot is keyed by a 32-hex-digit run id and a round >= 1")
+
+    def stage(self, content: RecordDict) -> None:
+        """Store the reply, durably, before the commit."""
+        self.store.stage(self.run_id, self.round, content)
+
+    def discard(self) -> None:
+        """Drop the staged reply (the commit was refused: nothing spent, nothing leaves)."""
+        self.store.discard(self.run_id, self.round)
+
+    def keep(self, content: RecordDict) -> None:
+        """Store the committed reply as the round's release."""
+        self.store.keep(self.run_id, self.round, content)
+
+
+_SLOT: ContextVar[ReleaseSlot | None] = ContextVar("fedsafe_release_slot", default=None)
+
+
+def current_release_slot() -> ReleaseSlot | None:
+    """The release slot of the train message being answered (None: nothing is stored)."""
+    return _SLOT.get()
 
 
 def _key(msg: Message) -> tuple[str, int] | None:
@@ -164,17 +223,31 @@ def _replayed(msg: Message, stored: RecordDict) -> Message:
     return Message(stored, reply_to=msg)
 
 
-def spent_in_ledger(ledger_path: str | Path, run_id: str, rnd: int) -> bool:
-    """Whether the site's ledger holds an entry for round ``rnd`` of fedsafe run ``run_id``.
+def ledger_entry(ledger_path: str | Path, run_id: str, rnd: int) -> LedgerEntry | None:
+    """The site's ledger entry for round ``rnd`` of fedsafe run ``run_id``, or None.
 
     A missing ledger holds none (opening it is left to the budget mod, which says why a
     ledger that should exist is gone).
     """
     path = Path(ledger_path)
     if not path.exists():
-        return False
+        return None
     with SitePrivacyLedger.open(path) as ledger:
-        return any(e.run_id == run_id and e.round == rnd for e in ledger.entries())
+        entries = ledger.entries()
+    return next((e for e in entries if e.run_id == run_id and e.round == rnd), None)
+
+
+def _completed(staged: RecordDict, entry: LedgerEntry, ledger_path: str | Path) -> RecordDict:
+    """A staged reply with the spending figures its commit gave (from the ledger)."""
+    with SitePrivacyLedger.open(ledger_path) as ledger:
+        run = [e.event for e in ledger.entries() if e.run_id == entry.run_id and e.seq <= entry.seq]
+    metrics = staged.metric_records.get("metrics", MetricRecord())
+    figures = {
+        "epsilon": entry.epsilon_after,
+        "run-epsilon": epsilon(run, entry.delta, entry.accountant),
+    }
+    staged["metrics"] = MetricRecord({**dict(metrics), **figures})
+    return staged
 
 
 def _refusal(msg: Message, site_name: str, reason: str) -> Message:
@@ -191,7 +264,7 @@ def _refusal(msg: Message, site_name: str, reason: str) -> Message:
 
 
 def replay_released_rounds(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Answer a repeated round from the store; store every new train release before it leaves."""
+    """Answer a repeated round from the disk; have every new release stored before it leaves."""
     key = _key(msg)
     site = resolve_site(context, RunConfig.from_mapping(context.run_config)) if key else None
     if key is None or site is None or not site.ledger_path:
@@ -208,25 +281,40 @@ def replay_released_rounds(msg: Message, context: Context, call_next: ClientAppC
         if stored is not None:
             log.warning("fedsafe: round %d of this run was released before: sent again", rnd)
             return _replayed(msg, stored)
-        if spent_in_ledger(site.ledger_path, run_id, rnd):
+        entry = ledger_entry(site.ledger_path, run_id, rnd)
+        staged = store.staged(run_id, rnd)
+        if entry is not None and staged is not None:
+            # Stopped after the commit, before the release was kept: complete it and send it.
+            log.warning("fedsafe: round %d of this run was committed before: its reply sent", rnd)
+            release = _completed(staged, entry, site.ledger_path)
+            store.keep(run_id, rnd, release)
+            return _replayed(msg, release)
+        if entry is not None:
+            # Only if files beside the ledger were removed: spent, and no reply to send.
             log.warning(
-                "fedsafe: round %d of this run was spent (ledger) but its release was not kept "
-                "(a crash before it left); the round is refused, not trained twice",
+                "fedsafe: round %d of this run is in the ledger but no copy of its reply is "
+                "beside it; the round is refused, not trained twice",
                 rnd,
             )
             reason = (
-                f"this site spent round {rnd} of this run and kept no release of it (it stopped "
-                "before the reply left); it does not train a round twice"
+                f"this site spent round {rnd} of this run and holds no copy of its reply; it "
+                "does not train a round twice"
             )
             return _refusal(msg, site.name, reason)
-        if started_before:
+        if staged is not None or started_before:
             log.warning(
                 "fedsafe: round %d of this run was started before and spent nothing: trained now",
                 rnd,
             )
-        reply = call_next(msg, context)
-        if _is_release(reply):
-            store.keep(run_id, rnd, reply.content)
-        elif not reply.has_error():
+            store.discard(run_id, rnd)
+        token = _SLOT.set(ReleaseSlot(store, run_id, rnd))
+        try:
+            reply = call_next(msg, context)
+        finally:
+            _SLOT.reset(token)
+        if _is_release(reply) and store.stored(run_id, rnd) is None:
+            store.keep(run_id, rnd, reply.content)  # a round without DP: nothing to commit
+        elif not _is_release(reply) and not reply.has_error():
+            store.discard(run_id, rnd)
             store.abandon(run_id, rnd)
         return reply

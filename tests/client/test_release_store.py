@@ -16,6 +16,7 @@ from flwr.app import Message, MessageType
 from fedsafe.client.app import app
 from fedsafe.client.privacy_state import SiteAccount
 from fedsafe.client.release_store import ReleaseStore
+from fedsafe.privacy.ledger import SitePrivacyLedger
 from fedsafe.protocol import EVALUATE_FIRST, EVALUATION_RECORD, FEDSAFE_RUN_ID
 from tests.client.test_app import RUN, Site, _context, _message
 from tests.client.test_app import task_identity as task_identity  # noqa: F401 (autouse)
@@ -90,15 +91,44 @@ def test_a_crash_before_the_commit_leaves_nothing_so_the_round_trains_fresh(
         patch.setattr(SiteAccount, "commit", dies)  # trained, died before the ledger commit
         with pytest.raises(Crash):
             _train(site, 1)
-    assert ReleaseStore.beside(site.ledger).started(RUN_ID, 1)  # the marker stayed
+    store = ReleaseStore.beside(site.ledger)
+    assert store.started(RUN_ID, 1) and store.staged(RUN_ID, 1) is not None  # nothing committed
     reply = _train(site, 1, flower_run=12)  # the resumed run asks again
     assert not reply.has_error(), reply.error
     assert "arrays" in reply.content and "replayed" not in reply.content["metrics"]
     assert _ledger_rounds(site) == [(RUN_ID, 1)]
-    assert not ReleaseStore.beside(site.ledger).started(RUN_ID, 1)
+    assert not store.started(RUN_ID, 1) and store.staged(RUN_ID, 1) is None
 
 
-def test_a_crash_between_commit_and_reply_replays_the_stored_release(
+def test_a_crash_between_the_commit_and_the_reply_sends_the_spent_reply(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def dies(*args: object) -> None:
+        raise Crash  # the ledger commit is on disk; the process dies before the reply leaves
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ReleaseStore, "keep", dies)
+        with pytest.raises(Crash):
+            _train(site, 1)
+    assert _ledger_rounds(site) == [(RUN_ID, 1)]
+    spent = site.ledger_bytes()
+    reply = _train(site, 1, flower_run=12)  # the resumed run asks again
+    assert not reply.has_error(), reply.error
+    assert reply.content["metrics"]["replayed"] == 1 and "arrays" in reply.content
+    assert site.ledger_bytes() == spent and _ledger_rounds(site) == [(RUN_ID, 1)]
+    with SitePrivacyLedger.open(site.ledger) as ledger:
+        (entry,) = ledger.entries()
+    metrics = reply.content["metrics"]
+    assert metrics["epsilon"] == entry.epsilon_after  # the figures of the spending it made
+    assert metrics["run-epsilon"] == pytest.approx(entry.epsilon_after)  # its only entry
+    assert metrics["num-examples"] == site.policy.public_size
+    # Kept now: asked a third time, the same reply again.
+    third = _train(site, 1, flower_run=13)
+    for a, b in zip(_arrays(reply), _arrays(third), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_a_crash_after_the_release_was_kept_replays_it(
     site: Site, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     keep = ReleaseStore.keep
@@ -118,16 +148,10 @@ def test_a_crash_between_commit_and_reply_replays_the_stored_release(
     assert _ledger_rounds(site) == [(RUN_ID, 1)]  # one release of round 1, in fedsafe's run
 
 
-def test_a_round_spent_whose_release_was_not_kept_is_refused_by_type(
-    site: Site, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def dies(*args: object) -> None:
-        raise Crash  # committed to the ledger; died while storing the release
-
-    with monkeypatch.context() as patch:
-        patch.setattr(ReleaseStore, "keep", dies)
-        with pytest.raises(Crash):
-            _train(site, 1)
+def test_a_spent_round_without_any_copy_of_its_reply_is_refused_by_type(site: Site) -> None:
+    _train(site, 1)
+    for path in ReleaseStore.beside(site.ledger).folder.iterdir():
+        path.unlink()  # someone emptied the folder beside the ledger
     before = site.ledger_bytes()
     reply = _train(site, 1, flower_run=12)
     assert reply.content["metrics"]["refused"] == 1
