@@ -8,6 +8,7 @@ import stat
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi, QFedAvg
 
 from fedsafe.errors import UserError
@@ -307,3 +308,27 @@ def test_a_checkpoint_without_a_pending_record_still_reads(tmp_path):
     assert read_checkpoint(tmp_path).pending is None
     with pytest.raises(ValueError, match="pending"):
         Checkpoint(1, "ab" * 16, "FedAvg", {"w": np.zeros(1)}, pending={"round": 2})
+
+
+def test_a_site_refusing_one_round_is_asked_to_train_the_next(tmp_path):
+    """A ``server-round`` refusal (a round the site spent elsewhere) skips only that round."""
+    good = honest()
+
+    def answer(node, msg):
+        if node == 2 and msg.metadata.message_type == "train":
+            if int(msg.content["config"]["server-round"]) == 1:
+                site = ConfigRecord(
+                    {"site-name": "site-2", "refused-setting": "server-round",
+                     "refusal-reason": "round 1 is being trained here now"}
+                )  # fmt: skip
+                return RecordDict({"metrics": MetricRecord({"refused": 1}), "site": site})
+        return good(node, msg)
+
+    folder = RunFolder(tmp_path)
+    grid = FakeGrid(list(NODES), answer)
+    strategy = FedsafeStrategy(FedAvg(), folder)
+    strategy.start(PromptGrid(grid), _model(), 2)  # type: ignore[arg-type]
+    first, second = folder.rounds()
+    assert first["sites"]["site-2"]["status"] == "refused"
+    assert second["sites"]["site-2"]["status"] == "trained"
+    assert grid.asked.count(("train", 2)) == 2 and strategy.progress.exhausted == {}
