@@ -42,3 +42,17 @@ TEST_COUNT_KEY = "num-test-examples"
 #: resumed part of a run; a site keys the releases it stores by it and the round
 #: (:mod:`fedsafe.client.release_store`, :mod:`fedsafe.server.checkpoint`).
 FEDSAFE_RUN_ID = "fedsafe-run-id"
+
+
+def fedsafe_run_id(config: object) -> str | None:
+    """The fedsafe run id a train config carries (32 lower-case hex digits), else None.
+
+    A site keys its ledger entries and stored releases by it, so a resumed run (a new Flower
+    run) spends against the same run; without one (an older coordinator) Flower's run id is
+    used.
+    """
+    getter = getattr(config, "get", None)
+    value = getter(FEDSAFE_RUN_ID) if callable(getter) else None
+    if isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value):
+        return value
+    return None

@@ -12,7 +12,7 @@ all sites share one schema, and refuse before round 1 a run every site would ref
 
 The site's concerns are Flower mods in a documented order (:mod:`fedsafe.client.mods`):
 errors as codes (outermost), the release check of every reply, the site's policy, the round
-protocol's evaluation, noise and budget, compression after DP, the ledger commit; the train
+protocol's evaluation, noise and budget, the ledger commit, compression after DP; the train
 handler is fedsafe's training step (:mod:`fedsafe.client.train_step`), the same a ClientApp
 written outside fedsafe uses.
 """
@@ -35,7 +35,7 @@ from fedsafe.client.update_encoding import received_state
 from fedsafe.config import RunConfig
 
 # The site's concerns, outermost first: errors as codes, the release check, the site's policy,
-# the round protocol's evaluation, noise and budget, compression after DP, the ledger commit
+# the round protocol's evaluation, noise and budget, the ledger commit, compression after DP
 # (fedsafe.client.mods says why this order). A new site mod goes in site_mods(), at its place,
 # so a ClientApp built outside fedsafe gets it too.
 app = ClientApp(mods=site_mods())

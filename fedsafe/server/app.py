@@ -31,6 +31,7 @@ from fedsafe.server.checkpoint import (
     Checkpoint,
     CheckpointHook,
     new_run_id,
+    pending_to_complete,
     read_checkpoint,
     restore_strategy_state,
 )
@@ -159,7 +160,8 @@ def coordinate(grid: Grid, context: Context, task: Task | None = None) -> None:
     cfg = RunConfig.from_mapping(context.run_config)
     folder = RunFolder(cfg.run_dir or new_run_dir(cfg.out_dir))
     resumed = _resumed(cfg, folder, context)
-    # fedsafe's run id: the sites' ledgers record the run under it; a resume keeps it.
+    # fedsafe's run id, not Flower's: the same in every resumed part of the run; the sites
+    # key their ledger entries and stored releases by it (fedsafe.protocol.FEDSAFE_RUN_ID).
     run_id = resumed.run_id if resumed is not None else new_run_id()
     if resumed is None:
         folder.write_json(
@@ -203,11 +205,20 @@ def coordinate(grid: Grid, context: Context, task: Task | None = None) -> None:
         inner,
         folder,
         downlink=downlink,
-        hooks=[checks, LedgerReceipts(folder), CheckpointHook(folder, base, run_id)],
+        hooks=[checks, LedgerReceipts(folder)],
         round_offset=resumed.round if resumed is not None else 0,
         site_wait_s=cfg.site_wait_s,
         message_ttl_s={"train": deadlines.train_s, "evaluate": deadlines.evaluate_s},
     )
+    strategy.hooks.append(CheckpointHook(folder, base, run_id, strategy.pending_record))
+    pending = pending_to_complete(resumed, folder) if resumed is not None else None
+    if pending is not None:
+        try:
+            strategy.restore_pending(pending)  # the last round's record awaits its evaluation
+        except ValueError as exc:
+            folder.log_event(
+                "pending-record-unreadable", round=strategy.round_offset, reason=str(exc)
+            )
     prompt.observers.append(strategy.note_exchange)
     started = time.time()
     strategy.start(

@@ -8,6 +8,11 @@ one, never half of one. A checkpoint holds
 - the global model after the round (array names and values),
 - the round number and fedsafe's run id (kept across a resume; the sites key their stored
   releases by it, :mod:`fedsafe.client.release_store`),
+- the record of the round so far (:meth:`FedsafeStrategy.pending_record`): a round's record is
+  completed by the next exchange's evaluations (:mod:`fedsafe.protocol`), so without it the last
+  checkpointed round would be missing from ``rounds.jsonl`` after a resume; the resumed run
+  completes it with its first round's replies, unless ``rounds.jsonl`` already holds it
+  (:func:`pending_to_complete`),
 - the inner strategy's state, for the strategies whose state fedsafe knows: the FedOpt family
   (FedAdam, FedAdagrad, FedYogi: ``m_t`` and ``v_t``, Reddi et al., "Adaptive Federated
   Optimization", ICLR 2021) and FedAvgM (``momentum_vector``, Hsu et al., 2019), and the
@@ -25,6 +30,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +98,9 @@ class Checkpoint:
         The global model after ``round``: name -> array, in the model's order.
     state
         The inner strategy's saved state (``m_t/<name>``, ``v_t/<name>``, ``momentum/<i>``).
+    pending
+        Round ``round``'s record so far, waiting for the evaluation of the model it produced
+        (JSON values; None when the record was already written).
 
     Raises
     ------
@@ -104,6 +113,7 @@ class Checkpoint:
     strategy: str
     model: dict[str, np.ndarray]
     state: dict[str, np.ndarray] = field(default_factory=dict)
+    pending: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.round < 1:
@@ -112,6 +122,8 @@ class Checkpoint:
             raise ValueError("Checkpoint.run_id must be 32 lower-case hex digits")
         if not self.model:
             raise ValueError("Checkpoint.model must hold at least one array")
+        if self.pending is not None and self.pending.get("round") != self.round:
+            raise ValueError("Checkpoint.pending must be the record of Checkpoint.round")
 
     def arrays(self) -> ArrayRecord:
         """The global model as Flower's :class:`ArrayRecord` (same names and order)."""
@@ -184,6 +196,7 @@ def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         "strategy": checkpoint.strategy,
         "model": list(checkpoint.model),
         "state": list(checkpoint.state),
+        "pending": checkpoint.pending,
     }
     arrays: dict[str, Any] = {
         _META_KEY: np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
@@ -216,14 +229,35 @@ def read_checkpoint(run_dir: str | Path) -> Checkpoint:
                 raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT_VERSION}")
             model = {str(n): np.array(data[f"model_{i}"]) for i, n in enumerate(meta["model"])}
             state = {str(n): np.array(data[f"state_{i}"]) for i, n in enumerate(meta["state"])}
+            pending = meta.get("pending")
+            if pending is not None and not isinstance(pending, dict):
+                raise ValueError("the pending round record is not a JSON object")
             return Checkpoint(
-                int(meta["round"]), str(meta["run-id"]), str(meta["strategy"]), model, state
+                int(meta["round"]),
+                str(meta["run-id"]),
+                str(meta["strategy"]),
+                model,
+                state,
+                pending,
             )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(
             f"--resume: {path} cannot be read ({exc}); it was not written by this fedsafe "
             "or was altered: start a new run"
         ) from exc
+
+
+def pending_to_complete(checkpoint: Checkpoint, folder: RunFolder) -> dict[str, Any] | None:
+    """The checkpoint's pending round record, unless ``rounds.jsonl`` already holds that round.
+
+    A crash after the next round wrote the record and before its checkpoint replaced this one
+    leaves the record written; completing it again would write the round twice.
+    """
+    pending = checkpoint.pending
+    if pending is None:
+        return None
+    written = {record.get("round") for record in folder.rounds()}
+    return None if pending.get("round") in written else pending
 
 
 class CheckpointHook(SiteHooks):
@@ -237,15 +271,25 @@ class CheckpointHook(SiteHooks):
         The inner strategy whose state is saved.
     run_id
         fedsafe's run id (:func:`new_run_id`, or the resumed checkpoint's).
+    pending
+        Returns the open round's record (``FedsafeStrategy.pending_record``), saved with each
+        checkpoint; None saves none.
     """
 
-    def __init__(self, folder: RunFolder, inner: Strategy, run_id: str) -> None:
+    def __init__(
+        self,
+        folder: RunFolder,
+        inner: Strategy,
+        run_id: str,
+        pending: Callable[[], Mapping[str, Any] | None] | None = None,
+    ) -> None:
         if not _RUN_ID.match(run_id):
             raise ValueError("run_id must be 32 lower-case hex digits (new_run_id())")
         self.folder = folder
         self.inner = inner
         self.run_id = run_id
         self.path = folder.path / CHECKPOINT_NAME
+        self.pending = pending
 
     def outgoing(self, rnd: int, node: int, content: RecordDict) -> None:
         """Tell the site fedsafe's run id, which keys its stored release of each round."""
@@ -257,8 +301,14 @@ class CheckpointHook(SiteHooks):
         if not len(arrays):
             return
         model = dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True))
+        record = self.pending() if self.pending is not None else None
         checkpoint = Checkpoint(
-            rnd, self.run_id, type(self.inner).__name__, model, strategy_state(self.inner)
+            rnd,
+            self.run_id,
+            type(self.inner).__name__,
+            model,
+            strategy_state(self.inner),
+            dict(record) if record is not None and record.get("round") == rnd else None,
         )
         write_checkpoint(self.path, checkpoint)
         self.folder.log_event("checkpoint", round=rnd, file=CHECKPOINT_NAME)

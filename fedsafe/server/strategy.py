@@ -152,6 +152,10 @@ def _plain(metrics: MetricRecord | None) -> dict[str, Any] | None:
     return {k: (list(v) if isinstance(v, list) else v) for k, v in metrics.items()}
 
 
+#: The refused setting of a site that spent a round of this run and kept no release of it
+#: (:mod:`fedsafe.client.release_store`): only that round is refused, later ones are asked.
+ROUND_REFUSAL = "server-round"
+
 #: Longest text a site's reply may put in ``events.jsonl`` or ``rounds.jsonl`` (a refusal).
 MAX_SITE_TEXT = 200
 
@@ -516,7 +520,8 @@ class FedsafeStrategy(Strategy):
                 refusal = msg.content.config_records.get("site")
                 setting = _site_text(refusal, "refused-setting")
                 reason = _site_text(refusal, "refusal-reason")
-                self.progress.exhausted[node] = name
+                if setting != ROUND_REFUSAL:
+                    self.progress.exhausted[node] = name
                 log.warning("round %d: site %s refuses %s: %s", rnd, name, setting, reason)
                 self.folder.log_event(
                     "policy-refused", round=rnd, site=name, setting=setting, reason=reason
@@ -674,6 +679,53 @@ class FedsafeStrategy(Strategy):
         return own
 
     # -- round records -----------------------------------------------------------------------
+    def pending_record(self) -> dict[str, Any] | None:
+        """The open round's record so far, as JSON values (None when no round is open).
+
+        A round's record is completed by the next exchange's evaluations
+        (:mod:`fedsafe.protocol`), so a checkpoint written after round ``r`` carries this, and a
+        resumed run completes round ``r``'s record with its first round's replies
+        (:meth:`restore_pending`).
+        """
+        if self._open is None:
+            return None
+        done = self._open
+        return {
+            "round": done.rnd,
+            "sites": done.sites,
+            "seconds": done.seconds,
+            "phases": done.phases,
+            "train_metrics": done.train_metrics,
+            "initial": self._initial,
+        }
+
+    def restore_pending(self, pending: Mapping[str, Any]) -> None:
+        """Reopen the record :meth:`pending_record` returned (a resumed run, before ``start``).
+
+        Raises
+        ------
+        ValueError
+            If the record is not one :meth:`pending_record` wrote.
+        """
+        try:
+            rnd = int(pending["round"])
+            sites = {str(k): dict(v) for k, v in dict(pending["sites"]).items()}
+            seconds = float(pending["seconds"])
+            phases = {str(k): [float(t) for t in v] for k, v in dict(pending["phases"]).items()}
+            train = pending.get("train_metrics")
+            initial = pending.get("initial")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a pending round record: {exc}") from None
+        self._open = _OpenRound(
+            rnd,
+            sites,
+            time.monotonic() - seconds,
+            seconds,
+            phases,
+            dict(train) if isinstance(train, Mapping) else None,
+        )
+        self._initial = dict(initial) if isinstance(initial, Mapping) else None
+
     def _open_round(
         self, rnd: int, sites: dict[str, dict[str, Any]], metrics: MetricRecord | None
     ) -> None:

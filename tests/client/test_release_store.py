@@ -5,14 +5,18 @@ The real ClientApp (all its mods) on a real deployed site: CSV, schema, policy, 
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import Message, MessageType
 
 from fedsafe.client.app import app
+from fedsafe.client.privacy_state import SiteAccount
 from fedsafe.client.release_store import ReleaseStore
+from fedsafe.privacy.ledger import SitePrivacyLedger
 from fedsafe.protocol import EVALUATE_FIRST, EVALUATION_RECORD, FEDSAFE_RUN_ID
 from tests.client.test_app import RUN, Site, _context, _message
 from tests.client.test_app import task_identity as task_identity  # noqa: F401 (autouse)
@@ -68,15 +72,113 @@ def test_a_new_round_or_another_run_trains(site: Site) -> None:
     assert "replayed" not in other.content["metrics"]
 
 
-def test_a_round_started_without_a_stored_release_is_refused_by_type(site: Site) -> None:
-    ReleaseStore.beside(site.ledger).start(RUN_ID, 1)  # the site crashed mid-round
+class Crash(BaseException):
+    """The ClientApp process dies here (not an error a mod turns into a code)."""
+
+
+def _ledger_rounds(site: Site) -> list[tuple[str, int]]:
+    with sqlite3.connect(site.ledger) as conn:
+        return [(str(r), int(n)) for r, n in conn.execute("SELECT run_id, round FROM entries")]
+
+
+def test_a_crash_before_the_commit_leaves_nothing_so_the_round_trains_fresh(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def dies(*args: object, **kwargs: object) -> None:
+        raise Crash
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SiteAccount, "commit", dies)  # trained, died before the ledger commit
+        with pytest.raises(Crash):
+            _train(site, 1)
+    store = ReleaseStore.beside(site.ledger)
+    assert store.started(RUN_ID, 1) and store.staged(RUN_ID, 1) is not None  # nothing committed
+    reply = _train(site, 1, flower_run=12)  # the resumed run asks again
+    assert not reply.has_error(), reply.error
+    assert "arrays" in reply.content and "replayed" not in reply.content["metrics"]
+    assert _ledger_rounds(site) == [(RUN_ID, 1)]
+    assert not store.started(RUN_ID, 1) and store.staged(RUN_ID, 1) is None
+
+
+def test_a_crash_between_the_commit_and_the_reply_sends_the_spent_reply(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def dies(*args: object) -> None:
+        raise Crash  # the ledger commit is on disk; the process dies before the reply leaves
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ReleaseStore, "keep", dies)
+        with pytest.raises(Crash):
+            _train(site, 1)
+    assert _ledger_rounds(site) == [(RUN_ID, 1)]
+    spent = site.ledger_bytes()
+    reply = _train(site, 1, flower_run=12)  # the resumed run asks again
+    assert not reply.has_error(), reply.error
+    assert reply.content["metrics"]["replayed"] == 1 and "arrays" in reply.content
+    assert site.ledger_bytes() == spent and _ledger_rounds(site) == [(RUN_ID, 1)]
+    with SitePrivacyLedger.open(site.ledger) as ledger:
+        (entry,) = ledger.entries()
+    metrics = reply.content["metrics"]
+    assert metrics["epsilon"] == entry.epsilon_after  # the figures of the spending it made
+    assert metrics["run-epsilon"] == pytest.approx(entry.epsilon_after)  # its only entry
+    assert metrics["num-examples"] == site.policy.public_size
+    # Kept now: asked a third time, the same reply again.
+    third = _train(site, 1, flower_run=13)
+    for a, b in zip(_arrays(reply), _arrays(third), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_a_crash_after_the_release_was_kept_replays_it(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keep = ReleaseStore.keep
+
+    def keeps_then_dies(self: ReleaseStore, *args: Any) -> None:
+        keep(self, *args)
+        raise Crash  # the release is stored; the reply never left
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ReleaseStore, "keep", keeps_then_dies)
+        with pytest.raises(Crash):
+            _train(site, 1)
+    spent = site.ledger_bytes()
+    reply = _train(site, 1, flower_run=12)
+    assert reply.content["metrics"]["replayed"] == 1 and "arrays" in reply.content
+    assert site.ledger_bytes() == spent
+    assert _ledger_rounds(site) == [(RUN_ID, 1)]  # one release of round 1, in fedsafe's run
+
+
+def test_a_spent_round_without_any_copy_of_its_reply_is_refused_by_type(site: Site) -> None:
+    _train(site, 1)
+    for path in ReleaseStore.beside(site.ledger).folder.iterdir():
+        path.unlink()  # someone emptied the folder beside the ledger
     before = site.ledger_bytes()
-    reply = _train(site, 1)
+    reply = _train(site, 1, flower_run=12)
     assert reply.content["metrics"]["refused"] == 1
     assert reply.content["site"]["refused-setting"] == "server-round"
     assert "does not train a round twice" in str(reply.content["site"]["refusal-reason"])
     assert "arrays" not in reply.content
-    assert site.ledger_bytes() == before
+    assert site.ledger_bytes() == before and _ledger_rounds(site) == [(RUN_ID, 1)]
+    # Only that round: the next one trains.
+    assert "arrays" in _train(site, 2, flower_run=12).content
+    assert _ledger_rounds(site) == [(RUN_ID, 1), (RUN_ID, 2)]
+
+
+def test_a_round_another_live_process_is_training_is_refused(site: Site) -> None:
+    store = ReleaseStore.beside(site.ledger)
+    with store.claim(RUN_ID, 1) as claimed:  # a ClientApp of the crashed run, still training
+        assert claimed
+        reply = _train(site, 1, flower_run=12)
+    assert reply.content["metrics"]["refused"] == 1
+    assert "being trained here now" in str(reply.content["site"]["refusal-reason"])
+    assert not site.ledger.exists() or _ledger_rounds(site) == []
+    assert "arrays" in _train(site, 1, flower_run=12).content  # once that process is gone
+
+
+def test_ledger_entries_carry_fedsafes_run_id_across_a_resume(site: Site) -> None:
+    _train(site, 1, flower_run=11)
+    _train(site, 2, flower_run=12)  # resumed: another Flower run, the same fedsafe run
+    assert _ledger_rounds(site) == [(RUN_ID, 1), (RUN_ID, 2)]
 
 
 def test_a_message_without_fedsafes_run_id_passes_through(site: Site) -> None:
@@ -84,4 +186,5 @@ def test_a_message_without_fedsafes_run_id_passes_through(site: Site) -> None:
     before = site.ledger_bytes()
     _train(site, 1, run_id=None, flower_run=12)
     assert site.ledger_bytes() != before  # an older coordinator: nothing stored, nothing replayed
+    assert _ledger_rounds(site) == [("11", 1), ("12", 1)]  # keyed by Flower's run id then
     assert not (site.ledger.parent / (site.ledger.name + ".releases")).exists()

@@ -8,6 +8,7 @@ import stat
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi, QFedAvg
 
 from fedsafe.errors import UserError
@@ -17,6 +18,7 @@ from fedsafe.server.checkpoint import (
     Checkpoint,
     CheckpointHook,
     new_run_id,
+    pending_to_complete,
     read_checkpoint,
     restore_strategy_state,
     resume_refusal,
@@ -238,3 +240,95 @@ def test_a_site_gone_offline_before_evaluate_ends_the_run_with_the_reason(tmp_pa
     assert down[0]["phase"] == "evaluate"
     assert [e["kind"] for e in events][-1] == "too-few-sites"
     assert read_checkpoint(tmp_path).round == 2  # the run can be resumed
+
+
+class _Crash(BaseException):
+    """The ServerApp process dies here."""
+
+
+def _wired(inner, folder, run_id, *, offset=0, dies_after=None):
+    """A strategy whose checkpoints carry its pending round record, as the ServerApp wires it."""
+    strategy = FedsafeStrategy(inner, folder, round_offset=offset)
+
+    class Hook(CheckpointHook):
+        def round_done(self, rnd, arrays):
+            super().round_done(rnd, arrays)
+            if rnd == dies_after:
+                raise _Crash
+
+    strategy.hooks.append(Hook(folder, inner, run_id, strategy.pending_record))
+    return strategy
+
+
+def test_the_last_checkpointed_rounds_record_survives_a_crash_and_is_written_once(tmp_path):
+    folder, run_id = RunFolder(tmp_path), new_run_id()
+    first = _wired(FedAvg(), folder, run_id, dies_after=2)
+    prompt = PromptGrid(FakeGrid(list(NODES), honest()), observers=[first.note_exchange])  # type: ignore[arg-type]
+    with pytest.raises(_Crash):
+        first.start(prompt, _model(), 4)
+    assert [r["round"] for r in folder.rounds()] == [1]  # round 2's record waits for round 3
+    ckpt = read_checkpoint(tmp_path)
+    assert ckpt.round == 2 and ckpt.pending is not None and ckpt.pending["round"] == 2
+    assert sorted(ckpt.pending["sites"]) == ["site-1", "site-2", "site-3", "site-4"]
+
+    resumed = _wired(FedAvg(), folder, ckpt.run_id, offset=ckpt.round)
+    pending = pending_to_complete(ckpt, folder)
+    assert pending is not None
+    resumed.restore_pending(pending)
+    grid = FakeGrid(list(NODES), honest())
+    prompt = PromptGrid(grid, observers=[resumed.note_exchange])  # type: ignore[arg-type]
+    resumed.start(prompt, ckpt.arrays(), 2)
+    rounds = folder.rounds()
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    two = rounds[1]
+    assert two["evaluation"] == {"model": "after round 2", "collected": "round 3 train replies"}
+    assert all(s["status"] == "trained" and "accuracy" in s for s in two["sites"].values())
+    assert "initial_evaluation" in rounds[0] and "initial_evaluation" not in two
+    # A crash after round 4's record and before anything else: nothing is completed twice.
+    assert pending_to_complete(read_checkpoint(tmp_path), folder) is None
+
+
+def test_a_pending_record_already_written_is_not_completed_again(tmp_path):
+    folder = RunFolder(tmp_path)
+    _wired(FedAvg(), folder, new_run_id()).start(
+        PromptGrid(FakeGrid(list(NODES), honest())),  # type: ignore[arg-type]
+        _model(),
+        2,
+    )
+    ckpt = read_checkpoint(tmp_path)
+    assert ckpt.pending is not None and ckpt.pending["round"] == 2
+    assert [r["round"] for r in folder.rounds()] == [1, 2]  # the final evaluate completed it
+    assert pending_to_complete(ckpt, folder) is None
+
+
+def test_a_checkpoint_without_a_pending_record_still_reads(tmp_path):
+    write_checkpoint(
+        tmp_path / CHECKPOINT_NAME, Checkpoint(1, "ab" * 16, "FedAvg", {"w": np.zeros(1)})
+    )
+    assert read_checkpoint(tmp_path).pending is None
+    with pytest.raises(ValueError, match="pending"):
+        Checkpoint(1, "ab" * 16, "FedAvg", {"w": np.zeros(1)}, pending={"round": 2})
+
+
+def test_a_site_refusing_one_round_is_asked_to_train_the_next(tmp_path):
+    """A ``server-round`` refusal (a round the site spent elsewhere) skips only that round."""
+    good = honest()
+
+    def answer(node, msg):
+        if node == 2 and msg.metadata.message_type == "train":
+            if int(msg.content["config"]["server-round"]) == 1:
+                site = ConfigRecord(
+                    {"site-name": "site-2", "refused-setting": "server-round",
+                     "refusal-reason": "round 1 is being trained here now"}
+                )  # fmt: skip
+                return RecordDict({"metrics": MetricRecord({"refused": 1}), "site": site})
+        return good(node, msg)
+
+    folder = RunFolder(tmp_path)
+    grid = FakeGrid(list(NODES), answer)
+    strategy = FedsafeStrategy(FedAvg(), folder)
+    strategy.start(PromptGrid(grid), _model(), 2)  # type: ignore[arg-type]
+    first, second = folder.rounds()
+    assert first["sites"]["site-2"]["status"] == "refused"
+    assert second["sites"]["site-2"]["status"] == "trained"
+    assert grid.asked.count(("train", 2)) == 2 and strategy.progress.exhausted == {}

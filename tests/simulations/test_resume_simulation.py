@@ -14,14 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from fedsafe.server.checkpoint import read_checkpoint
+
 pytestmark = pytest.mark.slow
 
-OPEN = (
-    "issue 14, open (docs/runbook.md, resume section): the last checkpointed round's record is "
-    "lost from rounds.jsonl, and sites stopped mid-round refuse it after the resume (exit 1)"
-)
-
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def json_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def _after_round_two(out: Path, proc: subprocess.Popen[str]) -> Path | None:
@@ -41,7 +42,6 @@ def _after_round_two(out: Path, proc: subprocess.Popen[str]) -> Path | None:
     return None
 
 
-@pytest.mark.xfail(reason=OPEN, strict=False)
 def test_a_run_stopped_after_round_two_resumes_to_round_four_without_spending_twice(tmp_path):
     ledgers = tmp_path / "ledgers"
     proc = subprocess.Popen(
@@ -68,9 +68,17 @@ def test_a_run_stopped_after_round_two_resumes_to_round_four_without_spending_tw
     numbers = [json.loads(line)["round"] for line in (run_dir / "rounds.jsonl").open()]
     assert numbers == [1, 2, 3, 4], out
     assert json.loads((run_dir / "model.json").read_text())["rounds-completed"] == 4
+    # Every record once, each round's evaluation that of its own model.
+    for record in json_lines(run_dir / "rounds.jsonl"):
+        assert record["evaluation"]["model"] == f"after round {record['round']}", record
+    # fedsafe's run id, the same before and after the resume, keys every ledger entry.
+    run_id = json.loads((run_dir / "config.json").read_text())["fedsafe-run-id"]
+    assert read_checkpoint(run_dir).run_id == run_id
     sites = sorted(ledgers.glob("*.sqlite"))
     assert len(sites) == 4
     for path in sites:
         with sqlite3.connect(path) as conn:
-            spent = Counter(r for (r,) in conn.execute("SELECT round FROM entries"))
+            rows = list(conn.execute("SELECT run_id, round FROM entries"))
+        spent = Counter(r for _, r in rows)
         assert spent and max(spent.values()) == 1, (path.name, spent)
+        assert {r for r, _ in rows} == {run_id}, path.name

@@ -30,12 +30,14 @@ Outermost first (Flower runs a ClientApp's mods in list order around the handler
    (:mod:`fedsafe.client.evaluate_first`); inside the policy (a refused run is not evaluated),
    outside the budget (a "budget exhausted" reply still describes the global model).
 7. ``replay_released_rounds``: a round this run already released is answered with the stored
-   release, spending nothing (:mod:`fedsafe.client.release_store`); a round started but never
-   released is refused. Outside the budget and the ledger, so it stores the final reply.
+   release, spending nothing (:mod:`fedsafe.client.release_store`); a round that spent nothing
+   trains again. Outside the budget and the ledger: a replay spends and checks nothing.
 8. ``privacy_budget``: the noise, the per-run caps and the lifetime budget, decided before
    training; grants the round (:class:`~fedsafe.client.mods.contract.RoundGrant`).
-9. ``encode_update``: compression of the privatized model, after DP (post-processing).
-10. ``ledger_commit``: the step's event committed to the ledger before the reply goes out.
+9. ``ledger_commit``: the step's event committed to the ledger before the reply goes out; the
+   final reply is stored beside the ledger before the commit and kept as the release after.
+10. ``encode_update``: compression of the privatized model, after DP (post-processing), inside
+    the commit so the reply stored with it is the one that leaves.
 
 The mods carry the bookkeeping; the guarantee rests on the training step, which trains with
 DP-SGD exactly as granted and reports the event it spent (see
@@ -81,8 +83,8 @@ def site_mods() -> list[Mod]:
     -------
     list of Mod
         ``errors_as_codes, handler_timing, release_check, site_policy, ledger_receipts,
-        evaluate_first, replay_released_rounds, privacy_budget, encode_update,
-        ledger_commit``; see the module docstring for why this order.
+        evaluate_first, replay_released_rounds, privacy_budget, ledger_commit,
+        encode_update``; see the module docstring for why this order.
     """
     return [
         errors_as_codes,
@@ -93,6 +95,6 @@ def site_mods() -> list[Mod]:
         evaluate_first,
         replay_released_rounds,
         privacy_budget,
-        encode_update,
         ledger_commit,
+        encode_update,
     ]

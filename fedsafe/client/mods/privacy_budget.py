@@ -163,7 +163,7 @@ def _within_budget(
     grant = RoundGrant(call, server_round, plan, key, not dp or reproducible(cfg, site))
     with round_granted(RoundBooks(grant, account)):
         reply = call_next(msg, context)
-    _declare_size_and_mark(reply, grant)
+    declare_size_and_mark(reply, grant)
     return reply
 
 
@@ -182,8 +182,11 @@ def grad_sample_mode(cfg: RunConfig, site: SiteSetup) -> str:
     return "hooks"
 
 
-def _declare_size_and_mark(reply: Message, grant: RoundGrant) -> None:
-    """A model reply carries the public size, never an exact one, and the not-private mark."""
+def declare_size_and_mark(reply: Message, grant: RoundGrant) -> None:
+    """A model reply carries the public size, never an exact one, and the not-private mark.
+
+    Idempotent: ``ledger_commit`` applies it before it stores the release, this mod again.
+    """
     if not reply.has_content() or "arrays" not in reply.content.array_records:
         return
     metrics = reply.content.metric_records.get("metrics")
