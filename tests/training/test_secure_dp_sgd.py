@@ -23,6 +23,7 @@ from fedsafe.training.secure_dp_sgd import (
     SecureNoiseDPOptimizer,
     SecureNoiseGhostDPOptimizer,
     SecurePoissonSampler,
+    snap_noised_sums_,
 )
 
 # Opacus per-sample hooks on inputs that need no gradient: harmless here.
@@ -248,3 +249,23 @@ def test_ghost_step_on_an_empty_batch_adds_only_noise() -> None:
     private_backward(dp_model, opt, xb, yb)
     opt.step()
     dp_model._close()
+
+
+def test_snap_noised_sums_matches_the_per_parameter_float64_formula() -> None:
+    gen = torch.Generator().manual_seed(3)  # the clipped sums: test data, not privacy noise
+    sums = [torch.randn(70_000, generator=gen) * 4, torch.randn(3, 5, generator=gen)]
+    std = 1.3
+    g = noise_grid(std)
+    k = snap_noised_sums_(sums, ChaCha20Random(KEY, NOISE_STREAM), std, g)
+    assert k.dtype == torch.float64 and torch.equal(k, torch.round(k))
+    flat = torch.cat([x.reshape(-1) for x in sums]).double().numpy()
+    z = ChaCha20Random(KEY, NOISE_STREAM).standard_normal(flat.size)
+    reference = np.rint((flat + z * std) / g)
+    # Equal but where the fused multiply-add moves a value across a rounding tie.
+    assert np.abs(k.numpy() - reference).max() <= 1
+    assert (k.numpy() == reference).mean() > 0.9999
+    # The buffer of the right size is reused; a wrong size is replaced.
+    again = snap_noised_sums_(sums, ChaCha20Random(KEY, NOISE_STREAM), std, g, k)
+    assert again.data_ptr() == k.data_ptr()
+    other = snap_noised_sums_(sums[1:], ChaCha20Random(KEY), std, g, k)
+    assert other.numel() == 15
