@@ -79,6 +79,9 @@ NOISE_STREAM = 2
 PAIRS_PER_BLOCK = 32_768
 """Gaussian pairs per block of the keystream (see :meth:`ChaCha20Random.standard_normal`)."""
 
+SMALL_DRAW = 4096
+"""Up to this many values, Gaussians are drawn with numpy (less fixed cost per call)."""
+
 GRID_BITS = 10
 """The noise grid is a power of two in ``(std * 2**-(GRID_BITS+1), std * 2**-GRID_BITS]``."""
 
@@ -231,13 +234,9 @@ class ChaCha20Random:
         :func:`realised_rate`).
         """
         threshold = bernoulli_threshold(q)
-        if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
-        words = self._word_scratch(n)
-        self._fill(words)
+        draws = self.uint64(n)
         if threshold == 0:
             return np.zeros(n, dtype=np.bool_)
-        draws = words.numpy().view(np.uint64)
         return draws <= np.uint64(threshold - 1)
 
     def standard_normal(self, n: int) -> NDArray[np.float64]:
@@ -254,7 +253,32 @@ class ChaCha20Random:
         the cosine half of pair ``i`` for ``i < (n + 1) // 2``, the sine half of pair
         ``i - (n + 1) // 2`` after it.
         """
+        if n <= SMALL_DRAW:
+            return self._small_normal(n)
         return self.standard_normal_scratch(n).numpy().copy()
+
+    def _small_normal(self, n: int) -> NDArray[np.float64]:
+        """:meth:`standard_normal` for ``n <= SMALL_DRAW`` (one block) in numpy float64.
+
+        The same keystream words and formulas as the block path (the values agree to the last
+        ulps of log, sin and cos); numpy's per-call cost is lower than torch's on tiny arrays.
+        """
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        pairs = (n + 1) // 2
+        words = self.uint64(3 * pairs) >> np.uint64(11)
+        high, low, angle = words.view(np.int64).astype(np.float64).reshape(3, pairs)
+        u1 = low
+        u1 += 0.5
+        u1 *= _TWO_POW_M53  # in (0, 1)
+        u1 += high
+        u1 *= _TWO_POW_M53  # in (0, 1], never 0
+        radius = np.sqrt(-2.0 * np.log(u1))
+        angle *= 2.0 * math.pi * _TWO_POW_M53  # in [0, 2 pi)
+        out = np.empty(2 * pairs, dtype=np.float64)
+        np.multiply(radius, np.cos(angle), out=out[:pairs])
+        np.multiply(radius, np.sin(angle), out=out[pairs:])
+        return out[:n]
 
     def standard_normal_scratch(self, n: int) -> torch.Tensor:
         """The same draws as :meth:`standard_normal`, as a float64 view of a reused buffer.
@@ -263,6 +287,8 @@ class ChaCha20Random:
         this generator, which overwrites it: copy it or consume it first. Reusing the buffers
         spares the page faults of fresh multi-megabyte arrays at every DP-SGD step.
         """
+        if n <= SMALL_DRAW:
+            return torch.from_numpy(self._small_normal(n))
         if self._out is None or self._out.numel() < n:
             self._out = torch.empty(n, dtype=torch.float64)
         out = self._out[:n]
@@ -277,27 +303,22 @@ class ChaCha20Random:
     def add_standard_normal_(self, target: torch.Tensor, scale: float) -> torch.Tensor:
         """Add ``scale`` times the next ``target.numel()`` standard Gaussians to ``target``.
 
-        The Gaussians are those :meth:`standard_normal` would return (in order, flattened);
-        on a contiguous float64 CPU ``target`` they are added block by block without being
-        stored (one fused multiply-add per value, so a value may differ from ``scale * z`` by
-        a rounding), elsewhere they are drawn on the CPU and copied to ``target``'s device
-        once.
+        The Gaussians are those :meth:`standard_normal` would return, in ``target``'s logical
+        (row-major) order. On a large contiguous float64 CPU ``target`` they are added block
+        by block without being stored (one fused multiply-add per value, so a value may
+        differ from ``scale * z`` by a rounding); otherwise they are drawn on the CPU and
+        copied to ``target``'s device once.
 
         Returns
         -------
         torch.Tensor
             ``target``, modified in place.
-
-        Raises
-        ------
-        ValueError
-            If ``target`` is a float64 CPU tensor that is not contiguous.
         """
         n = target.numel()
-        if not (target.device.type == "cpu" and target.dtype == torch.float64):
-            return target.add_(self.standard_normal_scratch(n).to(target.device), alpha=scale)
-        if not target.is_contiguous():
-            raise ValueError("target must be contiguous")
+        fused = target.device.type == "cpu" and target.dtype == torch.float64
+        if n <= SMALL_DRAW or not (fused and target.is_contiguous()):
+            draws = self.standard_normal_scratch(n).to(target.device).view(target.shape)
+            return target.add_(draws, alpha=scale)
         flat = target.view(-1)
         rest = (n + 1) // 2
         for first, last, radius, cosines, sines in self._polar_blocks(n):
@@ -353,12 +374,6 @@ class ChaCha20Random:
         if self._floats is None or self._floats.numel() < n_words:
             self._floats = torch.empty(n_words, dtype=torch.float64)
         return self._words[:n_words], self._floats[:n_words]
-
-    def _word_scratch(self, n_words: int) -> torch.Tensor:
-        """The reused ``int64`` buffer alone (the sampling needs no floats)."""
-        if self._words is None or self._words.numel() < n_words:
-            self._words = torch.empty(n_words, dtype=torch.int64)
-        return self._words[:n_words]
 
     def _fill(self, words: torch.Tensor) -> None:
         """Overwrite the contiguous CPU tensor ``words`` with the next keystream bytes."""

@@ -22,7 +22,7 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch.utils.data import Sampler
 
-from fedsafe.privacy.secure_random import ChaCha20Random, noise_grid
+from fedsafe.privacy.secure_random import SMALL_DRAW, ChaCha20Random, noise_grid
 
 
 class SecurePoissonSampler(Sampler[list[int]]):
@@ -119,9 +119,13 @@ class _SecureNoise:
             # Opacus's guard against noising the same clipped sum twice (private helpers).
             _check_processed_flag(p.summed_grad)
         sums = [p.summed_grad for p in self.params]
-        if len({s.device for s in sums}) > 1:  # parameters spread over devices: one by one
-            draws = self.noise_rng.standard_normal_scratch(sum(s.numel() for s in sums))
-            self._add_noise_per_device(sums, draws.numpy() * std, grid)
+        total = sum(s.numel() for s in sums)
+        if total <= SMALL_DRAW or len({s.device for s in sums}) > 1:
+            # Tiny models (numpy's lower cost per call wins) or parameters spread over
+            # devices: the same draws, each parameter on its own.
+            draws = self.noise_rng.standard_normal(total)
+            draws *= std
+            self._add_noise_per_parameter(sums, draws, grid)
             return
         self._noised_buffer = snap_noised_sums_(
             sums, self.noise_rng, std, grid, self._noised_buffer
@@ -136,7 +140,7 @@ class _SecureNoise:
             offset += size
             _mark_as_processed(p.summed_grad)
 
-    def _add_noise_per_device(
+    def _add_noise_per_parameter(
         self, sums: list[torch.Tensor], noise: NDArray[np.float64], grid: float
     ) -> None:
         offset = 0

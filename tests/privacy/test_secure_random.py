@@ -176,18 +176,26 @@ def test_add_standard_normal_adds_the_same_draws_in_place() -> None:
     ChaCha20Random(KEY, NOISE_STREAM).add_standard_normal_(small, 1.0)
     want = ChaCha20Random(KEY, NOISE_STREAM).standard_normal(7).astype(np.float32)
     assert np.array_equal(small.numpy(), want)
-    with pytest.raises(ValueError, match="contiguous"):
-        ChaCha20Random(KEY).add_standard_normal_(torch.zeros(4, 4, dtype=torch.float64).t(), 1)
+    # A non-contiguous target gets the draws in its logical (row-major) order.
+    big = torch.zeros(2 * PAIRS_PER_BLOCK, 3, dtype=torch.float64).t()
+    ChaCha20Random(KEY, NOISE_STREAM).add_standard_normal_(big, 1.0)
+    want64 = ChaCha20Random(KEY, NOISE_STREAM).standard_normal(big.numel())
+    assert np.array_equal(big.contiguous().numpy().ravel(), want64)
 
 
 def test_standard_normal_scratch_is_reused_and_continues_the_stream() -> None:
+    n = 2 * PAIRS_PER_BLOCK + 1  # above the numpy path for small draws
     rng = ChaCha20Random(KEY, NOISE_STREAM)
-    first = rng.standard_normal_scratch(10)
+    first = rng.standard_normal_scratch(n)
     copy = first.clone()
-    second = rng.standard_normal_scratch(10)  # overwrites the first (documented)
+    second = rng.standard_normal_scratch(n)  # overwrites the first (documented)
     assert first.data_ptr() == second.data_ptr() and not torch.equal(copy, second)
-    expected = ChaCha20Random(KEY, NOISE_STREAM).standard_normal(10)
+    expected = ChaCha20Random(KEY, NOISE_STREAM).standard_normal(n)
     assert np.array_equal(copy.numpy(), expected)
+    # Small draws (the numpy path) follow the same layout.
+    small = ChaCha20Random(KEY, NOISE_STREAM).standard_normal(6)
+    words = ChaCha20Random(KEY, NOISE_STREAM).uint64(9)
+    np.testing.assert_allclose(small, _reference_normals(words, 6), rtol=1e-12, atol=1e-14)
 
 
 def test_bernoulli_threshold_is_exact() -> None:
