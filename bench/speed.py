@@ -239,10 +239,10 @@ def commit_table(lengths: tuple[int, ...]) -> dict[str, dict[str, float]]:
         for n in lengths:
             ledger = Path(tmp) / f"ledger-{n}.sqlite"
             acct.build_ledger(ledger, n)
-            prior = [PoissonGaussianEvent(**acct.EARLIER)] * n
+            prior = [PoissonGaussianEvent(**acct.EARLIER)] * n  # type: ignore[arg-type]
             task = {
                 "kind": "updates", "ledger": str(ledger), "fp": acct.FP, "run": acct.RUN,
-                "budget": epsilon(prior, acct.RUN["delta"], "prv") + 1.0, "sigma": 1.2,
+                "budget": epsilon(prior, float(acct.RUN["delta"]), "prv") + 1.0, "sigma": 1.2,
                 "plan": True, "rounds": acct.RUN["rounds"],
             }  # fmt: skip
             rows = acct.run_worker(acct.REPO, task)["rounds"][1:]
