@@ -21,8 +21,9 @@ Gaussian noise. Box-Muller (Box and Muller 1958), vectorised in float64 (torch's
 kernels for log, sine and cosine, within 1 ulp; numpy for draws of at most
 :data:`SMALL_DRAW` values), computed in cache-sized blocks in reused buffers, and for DP-SGD
 added straight into the float64 buffer of the clipped sums (:meth:`ChaCha20Random.
-add_standard_normal_`): at every step this is most of the cost of private noise. The radius uses a 106-bit uniform ``u1``
-in ``(0, 1]`` (smallest value ``2**-107``), the angle a 53-bit uniform, so the sampler reaches
+add_standard_normal_`): at every step this is most of the cost of private noise. The
+radius uses a 106-bit uniform ``u1`` in ``(0, 1]`` (smallest value ``2**-107``), the angle a
+53-bit uniform, so the sampler reaches
 12.18 standard deviations (the ideal Gaussian puts less than ``1e-32`` beyond that) and the
 values it can produce lie far closer together than the grid below (the radius's spacing is at
 most about ``2**-26`` standard deviations, near zero, and the angle's ``2**-53`` of a turn).
