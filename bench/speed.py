@@ -26,6 +26,7 @@ side:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -134,7 +136,7 @@ def _step_fn(name: str, arm: str) -> Callable[[], None]:
 
         return plain
     loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
-    auto = arm in ("auto", "auto-nonoise")
+    auto = arm in ("auto", "auto-nonoise", "auto-mainnoise")
     mode = choose_grad_sample_mode(model, len(x)) if auto else arm
     dp_model, dp_opt, _, _ = make_private(
         model, opt, loader, 1.0, 1.0, None, len(x) / 4096, grad_sample_mode=mode
@@ -148,6 +150,10 @@ def _step_fn(name: str, arm: str) -> Callable[[], None]:
                 _mark_as_processed(p.summed_grad)
 
         dp_opt.add_noise = no_noise  # type: ignore[method-assign]
+    if arm == "auto-mainnoise":  # main's add_noise and generator, in this same process
+        main_rng, main_add_noise = _main_noise()
+        dp_opt.noise_rng = main_rng
+        dp_opt.add_noise = types.MethodType(main_add_noise, dp_opt)  # type: ignore[method-assign]
 
     def private() -> None:
         dp_opt.zero_grad(set_to_none=True)
@@ -155,6 +161,26 @@ def _step_fn(name: str, arm: str) -> Callable[[], None]:
         dp_opt.step()
 
     return private
+
+
+def _main_noise() -> tuple[Any, Any]:
+    """Main's secret generator and ``add_noise``, loaded from ``$FEDSAFE_MAIN_SRC``.
+
+    Main's ``privacy/secure_random.py`` is self-contained; its ``training/secure_dp_sgd.py``
+    imports ``noise_grid`` and ``snapped_noised_sum``'s helpers, identical in both checkouts.
+    """
+    src = Path(os.environ["FEDSAFE_MAIN_SRC"]) / "fedsafe"
+    modules = []
+    for name, rel in (
+        ("main_secure_random", "privacy/secure_random.py"),
+        ("main_secure_dp_sgd", "training/secure_dp_sgd.py"),
+    ):
+        spec = importlib.util.spec_from_file_location(name, src / rel)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        modules.append(module)
+    return modules[0].ChaCha20Random(), modules[1]._SecureNoise.add_noise
 
 
 def worker(name: str, arms: list[str], repeats: int) -> dict[str, Any]:

@@ -1,12 +1,13 @@
-"""Where the 4x512 MLP's DP step goes: the step with and without its secret noise, now and main.
+"""Main's noise against this branch's, in one process per model, and the step without noise.
 
-Issue 17. One worker process of ``bench/speed.py`` per arm and repeat (glibc's keep-freed-memory
-settings, one torch thread, CPU time), alternating this checkout and main's (``--main-src``, a
-checkout of main run with this venv). Each worker times, step by step in turn: the non-DP
-step, the DP step ``auto`` picks (ghost clipping, secret grid-snapped noise, as shipped) and
-the same step with ``add_noise`` replaced by the clipped sum alone (not private: it bounds what
-faster noise can give).
+Issue 17. For every model of ``bench/speed.py``, one worker process (glibc's keep-freed-memory
+settings, one torch thread, CPU time) alternates, step by step: the non-DP step; the DP step
+``auto`` picks as shipped here (``auto``); the same DP step with main's ``add_noise`` and main's
+ChaCha20 generator, loaded from ``--main-src`` (``auto-mainnoise``); and the same step with
+``add_noise`` replaced by the clipped sum alone (``auto-nonoise``: not private, it bounds what
+any faster noise can give). Medians over the repeats of every process, pooled.
 
+    git worktree add --detach /tmp/fedsafe-main main
     .venv/bin/python bench/speed_decomposition.py --main-src /tmp/fedsafe-main \\
         --json bench/results/speed_issue17_decomposition.json
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -22,35 +24,42 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402
 
+ARMS = ["nodp", "auto", "auto-mainnoise", "auto-nonoise"]
+
 
 def main() -> None:
-    """Run the workers and print medians (ms CPU) and ratios to the non-DP step."""
+    """Run one worker per model and process, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--main-src", type=Path, default=None)
-    parser.add_argument("--processes", type=int, default=2, help="worker processes per arm")
-    parser.add_argument("--repeats", type=int, default=5, help="repeats per process")
+    parser.add_argument("--main-src", type=Path, required=True)
+    parser.add_argument("--models", default=",".join(speed.MODELS))
+    parser.add_argument("--processes", type=int, default=1, help="worker processes per model")
+    parser.add_argument("--repeats", type=int, default=7, help="repeats per process")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    arms = {"now": None} | ({"main": args.main_src} if args.main_src else {})
-    runs: dict[str, list[dict[str, list[float]]]] = {a: [] for a in arms}
-    for _ in range(args.processes):
-        for arm, src in arms.items():
-            got = speed._run_worker(
-                "mlp-4x512", ["nodp", "auto", "auto-nonoise"], args.repeats, keep=True, src=src
-            )
-            runs[arm].append(got["times"])
-            print(arm, json.dumps(got["times"]), flush=True)
-    print("| arm | non-DP ms | DP ms | DP without noise ms | DP/non-DP | without noise/non-DP |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for arm, times in runs.items():
-        pooled = {k: [x * 1000 for t in times for x in t[k]] for k in times[0]}
-        med = {k: statistics.median(v) for k, v in pooled.items()}
+    os.environ["FEDSAFE_MAIN_SRC"] = str(args.main_src.resolve())
+    out: dict[str, list[dict[str, list[float]]]] = {}
+    print("| model | non-DP ms | DP ms, this branch | DP ms, main's noise | DP ms, no noise | "
+          "DP/non-DP this branch | main's noise | no noise |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name in args.models.split(","):
+        runs = [
+            speed._run_worker(name, ARMS, args.repeats, keep=True)["times"]
+            for _ in range(args.processes)
+        ]
+        out[name] = runs
+        med = {a: statistics.median(x * 1000 for t in runs for x in t[a]) for a in ARMS}
+        ratio = {
+            a: statistics.median(x / y for t in runs for x, y in zip(t[a], t["nodp"], strict=True))
+            for a in ARMS
+        }
         print(
-            f"| {arm} | {med['nodp']:.1f} | {med['auto']:.1f} | {med['auto-nonoise']:.1f} | "
-            f"{med['auto'] / med['nodp']:.2f}x | {med['auto-nonoise'] / med['nodp']:.2f}x |"
+            f"| {name} | {med['nodp']:.2f} | {med['auto']:.2f} | {med['auto-mainnoise']:.2f} | "
+            f"{med['auto-nonoise']:.2f} | {ratio['auto']:.2f}x | {ratio['auto-mainnoise']:.2f}x"
+            f" | {ratio['auto-nonoise']:.2f}x |",
+            flush=True,
         )
     if args.json:
-        args.json.write_text(json.dumps(runs, indent=1))
+        args.json.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
