@@ -13,7 +13,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedsafe.privacy.secure_random import (
     NOISE_STREAM,
+    PAIRS_PER_BLOCK,
     SAMPLING_STREAM,
+    SMALL_DRAW,
     ChaCha20Random,
     noise_grid,
     realised_rate,
@@ -269,3 +271,25 @@ def test_snap_noised_sums_matches_the_per_parameter_float64_formula() -> None:
     assert again.data_ptr() == k.data_ptr()
     other = snap_noised_sums_(sums[1:], ChaCha20Random(KEY), std, g, k)
     assert other.numel() == 15
+
+
+def test_a_model_above_the_small_draw_takes_the_block_path_with_the_same_noise() -> None:
+    # About 98,000 values: two Box-Muller blocks added into the one float64 buffer.
+    d = 2 * PAIRS_PER_BLOCK // 6 + 17
+    model = nn.Sequential(nn.Linear(6, d), nn.ReLU(), nn.Linear(d, 2))
+    total = sum(p.numel() for p in model.parameters())
+    assert total > max(SMALL_DRAW, 2 * PAIRS_PER_BLOCK)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sigma = 500.0
+    dp_model, dp_opt, loader, _ = make_private(model, opt, _loader(), sigma, 1.0, KEY)
+    xb, yb = next(b for b in loader if len(b[0]) > 0)
+    nn.functional.cross_entropy(dp_model(xb), yb).backward()
+    dp_opt.clip_and_accumulate()
+    dp_opt.add_noise()
+    flat = torch.cat([p.grad.detach().flatten() for p in dp_opt.params]).double()
+    assert all(p.grad.dtype == torch.float32 and p.grad.shape == p.shape for p in dp_opt.params)
+    g = noise_grid(sigma)
+    assert torch.equal(flat / g, torch.round(flat / g))
+    expected = ChaCha20Random(KEY, NOISE_STREAM).standard_normal(total) * sigma
+    assert np.abs(flat.numpy() - expected).max() < 40  # clipped sum of <= ~30 records, C = 1
+    dp_model._close()
