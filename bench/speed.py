@@ -14,13 +14,22 @@ side:
    other users of a shared machine disturb far less than wall time; each repeat times
    ``STEPS_PER_REPEAT`` steps of an arm; medians over repeats with the range (min-max).
    Peak RSS per process stands for the memory of one site.
-2. A simulated heart federation (4 sites, 3 rounds, calibrated epsilon 1) through
-   ``fedsafe.simulations.runner.run_simulation``: time from the call to the first round's
-   record, and the time between later rounds; with ``--today-python``, today's checkout runs
-   the same simulation alternately (paired), one simulation at a time.
+2. The ledger commit of a warm site at 10, 100 and 1,000 earlier entries (the workers of
+   ``bench/accounting_speed.py``).
+3. Simulations through ``fedsafe.simulations.runner.run_simulation`` (``SIMULATIONS``: heart
+   with 4 sites, MNIST with 10 and 50 sites and 2 local steps): time from the call to the first
+   round's record, round 1 and later rounds at the coordinator (the record's ``seconds``), and
+   client updates per second in the later rounds.
 
-    .venv/bin/python bench/speed.py --json bench/results/speed.json --markdown \\
-        bench/results/speed.md --today-python /work/main/.venv/bin/python
+With ``--main-src`` (a checkout of main, e.g. ``git worktree add --detach /tmp/fedsafe-main
+main``), main's code runs the same step workers and simulations with this venv
+(``PYTHONPATH``), one process or simulation at a time, alternating. ``--today-python`` runs the
+simulations with another checkout's interpreter. ``bench/speed_decomposition.py`` uses the
+worker arms ``auto-mainnoise`` (main's ``add_noise`` in the same process) and
+``auto-nonoise`` (no noise: a floor, not private).
+
+    .venv/bin/python bench/speed.py --main-src /tmp/fedsafe-main --json \\
+        bench/results/speed.json --markdown bench/results/speed.md
 """
 
 from __future__ import annotations
