@@ -3,23 +3,28 @@
 Side by side in one run, interleaved repeat by repeat (medians), as ratios against today's
 generator (torch's CPU Mersenne Twister, as Opacus used it before this change):
 
-1. 577,000 Gaussian values (the size the issue measured): ``torch.normal`` with a seeded
-   ``torch.Generator`` (the old noise); ChaCha20 + Box-Muller (``standard_normal``); the same
-   plus the grid snapping and float32 cast fedsafe ships (``snapped_noised_sum``); Opacus's
-   four-draw ``secure_mode`` noise (``_generate_noise``, here drawn from the Mersenne Twister since
-   torchcsprng does not support torch 2.13: its cost is the draw count).
+1. The noise of one step of the 4x512 MLP (577,034 values, its eight parameter shapes):
+   ``torch.normal`` with a seeded ``torch.Generator`` (the old noise); ChaCha20 + Box-Muller
+   (``standard_normal_scratch``); with ``--main-src``, main's ``standard_normal`` and main's
+   ``add_noise`` path (one float64 array, then ``snapped_noised_sum`` per parameter) loaded
+   from a checkout of main; this branch's ``add_noise`` path (Box-Muller in blocks added into
+   one float64 buffer of the clipped sums, snapped, cast to float32 per parameter); Opacus's
+   four-draw ``secure_mode`` noise (``_generate_noise``, here drawn from the Mersenne Twister
+   since torchcsprng does not support torch 2.13: its cost is the draw count).
 2. Poisson sampling of 60,000 records for one step: ``torch.rand(n) < q`` against the exact
    64-bit Bernoulli test on ChaCha20.
 3. One DP-SGD round of each shipped model (heart logistic model, lending MLP, MNIST CNN) with
    BENCHMARKS.md's settings: the old path (Opacus ``PrivacyEngine``, Mersenne Twister sampling
    and noise) against fedsafe's ``train_round`` (ChaCha20 sampling, snapped noise).
 
-    .venv/bin/python bench/secure_noise.py --json bench/results/secure_noise.json
+    .venv/bin/python bench/secure_noise.py --json bench/results/secure_noise.json \\
+        --main-src /tmp/fedsafe-main  # git worktree add --detach /tmp/fedsafe-main main
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import statistics
@@ -39,9 +44,9 @@ from fedsafe.privacy.calibration import calibrate_noise_multiplier
 from fedsafe.privacy.secure_random import ChaCha20Random, noise_grid
 from fedsafe.tasks.scenarios import MODEL_OF, load_scenario
 from fedsafe.training.dp_training import TrainPlan, _run_steps, poisson_sample_rate, train_round
-from fedsafe.training.secure_dp_sgd import snapped_noised_sum
+from fedsafe.training.secure_dp_sgd import snap_noised_sums_, snapped_noised_sum
 
-VALUES = 577_000
+VALUES = 577_034
 RECORDS = 60_000
 CPU = torch.device("cpu")
 #: (scenario, batch size, lr, clip, local steps, rounds the noise is calibrated for), as in
@@ -70,30 +75,71 @@ def _side_by_side(arms: dict[str, Callable[[], object]], repeats: int) -> dict[s
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def noise_arms(std: float = 1.0) -> dict[str, Callable[[], object]]:
+#: The 4x512 MLP of bench/speed.py (577,034 parameters): the clipped sums of one step.
+MLP_SHAPES = ((512, 90), (512,), (512, 512), (512,), (512, 512), (512,), (10, 512), (10,))
+
+
+def _load_main_secure_random(main_src: Path) -> Any:
+    """Main's ``fedsafe/privacy/secure_random.py`` (self-contained), loaded beside ours."""
+    path = main_src / "fedsafe" / "privacy" / "secure_random.py"
+    spec = importlib.util.spec_from_file_location("main_secure_random", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def noise_arms(std: float = 1.0, main_src: Path | None = None) -> dict[str, Callable[[], object]]:
     from opacus.optimizers.optimizer import _generate_noise
 
     mt = torch.Generator().manual_seed(12345)
+    gen = torch.Generator().manual_seed(0)  # the clipped sums: bench data
+    sums = [torch.randn(shape, generator=gen) for shape in MLP_SHAPES]
     ref = torch.zeros(VALUES, dtype=torch.float32)
     rng = ChaCha20Random()
     grid = noise_grid(std)
+    buffer: list[torch.Tensor | None] = [None]
 
-    def shipped() -> torch.Tensor:
+    def shipped() -> list[torch.Tensor]:
         # What SecureNoiseDPOptimizer.add_noise does for one step's clipped sums.
-        draws = rng.standard_normal(VALUES)
-        draws *= std
-        return snapped_noised_sum(ref, draws, grid)
+        buffer[0] = k = snap_noised_sums_(sums, rng, std, grid, buffer[0])
+        grads, offset = [], 0
+        for summed in sums:
+            grad = torch.empty_like(summed)
+            torch.mul(k[offset : offset + summed.numel()], grid, out=grad.view(-1))
+            grads.append(grad)
+            offset += summed.numel()
+        return grads
 
-    return {
+    def per_parameter(generator: Any) -> Callable[[], list[torch.Tensor]]:
+        def draw() -> list[torch.Tensor]:
+            # main's add_noise: one float64 array of draws, then each parameter on its own.
+            draws = generator.standard_normal(VALUES)
+            draws *= std
+            grads, offset = [], 0
+            for summed in sums:
+                noise = draws[offset : offset + summed.numel()]
+                grads.append(snapped_noised_sum(summed, noise, grid))
+                offset += summed.numel()
+            return grads
+
+        return draw
+
+    arms: dict[str, Callable[[], object]] = {
         "torch.normal, Mersenne Twister (old)": lambda: torch.normal(
             0.0, std, (VALUES,), generator=mt
         ),
-        "ChaCha20 + Box-Muller": lambda: rng.standard_normal(VALUES) * std,
-        "ChaCha20 + Box-Muller + grid snap, float32 out (shipped)": shipped,
-        "Opacus secure_mode, four draws": lambda: _generate_noise(
-            std, ref, generator=mt, secure_mode=True
-        ),
+        "ChaCha20 + Box-Muller (reused buffer)": lambda: rng.standard_normal_scratch(VALUES),
     }
+    if main_src is not None:
+        old = _load_main_secure_random(main_src).ChaCha20Random()
+        arms["main: ChaCha20 + Box-Muller"] = lambda: old.standard_normal(VALUES)
+        arms["main: + grid snap per parameter, float32 out (main's add_noise)"] = per_parameter(old)
+    arms["blocks + grid snap in one buffer, float32 out (this branch's add_noise)"] = shipped
+    arms["Opacus secure_mode, four draws"] = lambda: _generate_noise(
+        std, ref, generator=mt, secure_mode=True
+    )
+    return arms
 
 
 def sampling_arms(q: float = 64 / RECORDS) -> dict[str, Callable[[], object]]:
@@ -162,6 +208,13 @@ def main() -> int:
     p.add_argument("--round-repeats", type=int, default=5, help="timed rounds per arm")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (both arms)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument(
+        "--main-src",
+        type=Path,
+        default=None,
+        help="a checkout of main (git worktree add --detach DIR main): its noise, side by side",
+    )
+    p.add_argument("--skip-rounds", action="store_true", help="only the draws")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out: dict[str, Any] = {
@@ -171,7 +224,7 @@ def main() -> int:
         "python": sys.version.split()[0],
     }
     print(f"torch {out['torch']}, {args.threads} thread(s), medians of interleaved repeats")
-    noise = _side_by_side(noise_arms(), args.repeats)
+    noise = _side_by_side(noise_arms(main_src=args.main_src), args.repeats)
     out["noise_577k"] = _table(
         f"{VALUES:,} Gaussian values", noise, "torch.normal, Mersenne Twister (old)"
     )
@@ -181,11 +234,15 @@ def main() -> int:
         sampling,
         "torch.rand < q, Mersenne Twister (old)",
     )
+    if args.skip_rounds:
+        cases: tuple[tuple[str, int, float, float, int, int], ...] = ()
+    else:
+        cases = CASES
     print("\nOne DP-SGD round (CPU)\n")
     print("| model | steps | batch | old s / round | new s / round | new / old |")
     print("|---|---:|---:|---:|---:|---:|")
     out["rounds"] = []
-    for scenario, batch, lr, clip, steps, rounds in CASES:
+    for scenario, batch, lr, clip, steps, rounds in cases:
         site = load_scenario(scenario).site(0)
         q = poisson_sample_rate(len(site.y_train), batch)
         sigma = calibrate_noise_multiplier(3.0, 1e-5, q, steps * rounds)

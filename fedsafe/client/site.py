@@ -219,17 +219,23 @@ def _task_site(task: Task, ref: SiteRef) -> SiteData:
     return _TASK_SITES[key]
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=1024)
 def _scenario_fingerprint(scenario: str, site: str, partition: str = "") -> str:
     """Hash of the shipped file, the scenario, the site and how the file was partitioned."""
+    digest = _shipped_file_digest(scenario).copy()  # the file is hashed once per process
+    digest.update(f"|{scenario}|{site}|{partition}".encode())
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=4)
+def _shipped_file_digest(scenario: str) -> hashlib._Hash:
+    """SHA-256 state after a scenario's shipped file (copied, never updated in place)."""
     from fedsafe.data.heart import HEART_FILE
     from fedsafe.data.lending import LENDING_FILE
     from fedsafe.data.locate import data_file
 
     file = {"heart": HEART_FILE, "lending": LENDING_FILE, "mnist": "mnist.npz"}[scenario]
-    digest = hashlib.sha256(data_file(file).read_bytes())
-    digest.update(f"|{scenario}|{site}|{partition}".encode())
-    return digest.hexdigest()
+    return hashlib.sha256(data_file(file).read_bytes())
 
 
 def is_simulated(node_config: object) -> bool:

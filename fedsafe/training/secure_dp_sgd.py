@@ -22,7 +22,7 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch.utils.data import Sampler
 
-from fedsafe.privacy.secure_random import ChaCha20Random, noise_grid
+from fedsafe.privacy.secure_random import SMALL_DRAW, ChaCha20Random, noise_grid
 
 
 class SecurePoissonSampler(Sampler[list[int]]):
@@ -78,6 +78,7 @@ class _SecureNoise:
     """
 
     noise_rng: ChaCha20Random
+    _noised_buffer: torch.Tensor | None
     noise_multiplier: float
     max_grad_norm: float
     params: list[Any]  # Opacus adds summed_grad to each parameter
@@ -102,24 +103,50 @@ class _SecureNoise:
             secure_mode=False,
         )
         self.noise_rng = noise_rng
+        self._noised_buffer: torch.Tensor | None = None
 
     def add_noise(self) -> None:
         """Set each ``p.grad`` to its clipped sum plus secret noise, snapped to the grid.
 
-        One call draws the noise of every parameter (a single keystream read per step).
+        One call draws the noise of every parameter (a single keystream read per step). The
+        clipped sums are gathered into one reused float64 buffer on their device, noised and
+        snapped there in place (:func:`snap_noised_sums_`); each ``p.grad`` is a new tensor of
+        the parameter's dtype.
         """
         std = self.noise_multiplier * self.max_grad_norm
         grid = noise_grid(std)
         for p in self.params:
             # Opacus's guard against noising the same clipped sum twice (private helpers).
             _check_processed_flag(p.summed_grad)
-        sizes = [p.summed_grad.numel() for p in self.params]
-        draws = self.noise_rng.standard_normal(sum(sizes))
-        draws *= std
+        sums = [p.summed_grad for p in self.params]
+        total = sum(s.numel() for s in sums)
+        if total <= SMALL_DRAW or len({s.device for s in sums}) > 1:
+            # Tiny models (numpy's lower cost per call wins) or parameters spread over
+            # devices: the same draws, each parameter on its own.
+            draws = self.noise_rng.standard_normal(total)
+            draws *= std
+            self._add_noise_per_parameter(sums, draws, grid)
+            return
+        self._noised_buffer = snap_noised_sums_(
+            sums, self.noise_rng, std, grid, self._noised_buffer
+        )
         offset = 0
-        for p, size in zip(self.params, sizes, strict=True):
-            noise = draws[offset : offset + size]
-            p.grad = snapped_noised_sum(p.summed_grad, noise, grid).view_as(p)
+        for p, summed in zip(self.params, sums, strict=True):
+            size = summed.numel()
+            grad = torch.empty_like(summed, memory_format=torch.contiguous_format)
+            # Multiplying by a power of two is exact; the cast is post-processing.
+            torch.mul(self._noised_buffer[offset : offset + size], grid, out=grad.view(-1))
+            p.grad = grad.view_as(p)
+            offset += size
+            _mark_as_processed(p.summed_grad)
+
+    def _add_noise_per_parameter(
+        self, sums: list[torch.Tensor], noise: NDArray[np.float64], grid: float
+    ) -> None:
+        offset = 0
+        for p, summed in zip(self.params, sums, strict=True):
+            size = summed.numel()
+            p.grad = snapped_noised_sum(summed, noise[offset : offset + size], grid).view_as(p)
             offset += size
             _mark_as_processed(p.summed_grad)
 
@@ -242,3 +269,62 @@ def snapped_noised_sum(
     noised = summed.to(torch.float64) + on_device
     noised.div_(grid).round_().mul_(grid)
     return noised.to(summed.dtype)
+
+
+def snap_noised_sums_(
+    sums: list[torch.Tensor],
+    rng: ChaCha20Random,
+    std: float,
+    grid: float,
+    buffer: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Every clipped sum plus Gaussian noise of ``std``, in units of the power-of-two ``grid``.
+
+    Parameters
+    ----------
+    sums
+        The clipped sums (any dtypes and shapes, all on one device), in order.
+    rng
+        The secret noise stream: one :meth:`~fedsafe.privacy.secure_random.ChaCha20Random.
+        add_standard_normal_` read of the sums' total size.
+    std
+        Noise standard deviation (``noise_multiplier * max_grad_norm``), > 0.
+    grid
+        The power-of-two grid (:func:`~fedsafe.privacy.secure_random.noise_grid` of ``std``).
+    buffer
+        A float64 tensor on the sums' device to reuse when it has the right size; otherwise
+        a new one is made.
+
+    Returns
+    -------
+    torch.Tensor
+        Float64, shape ``(total size,)``, on the sums' device: the integers ``k`` such that
+        ``k * grid`` is the released value, the flattened sums concatenated. The sum, the
+        division by the grid (exact) and the round-half-even are computed in float64 on the
+        device (on CUDA the noise is drawn on the CPU and copied there once), as in
+        :func:`snapped_noised_sum`.
+
+    Raises
+    ------
+    ValueError
+        If the sums are on several devices.
+    """
+    total = sum(s.numel() for s in sums)
+    devices = {s.device for s in sums}
+    if len(devices) > 1:
+        raise ValueError(f"clipped sums on several devices: {sorted(map(str, devices))}")
+    device = devices.pop() if devices else torch.device("cpu")
+    if (
+        buffer is None
+        or buffer.numel() != total
+        or buffer.device != device
+        or buffer.dtype != torch.float64
+    ):
+        buffer = torch.empty(total, dtype=torch.float64, device=device)
+    offset = 0
+    for summed in sums:
+        size = summed.numel()
+        buffer[offset : offset + size].copy_(summed.reshape(-1))
+        offset += size
+    rng.add_standard_normal_(buffer, std)
+    return buffer.div_(grid).round_()

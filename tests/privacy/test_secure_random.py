@@ -18,6 +18,7 @@ from fedsafe.privacy.secure_random import (
     GRID_BITS,
     KEY_BYTES,
     NOISE_STREAM,
+    PAIRS_PER_BLOCK,
     SAMPLING_STREAM,
     ChaCha20Random,
     bernoulli_threshold,
@@ -133,6 +134,68 @@ def test_standard_normal_odd_and_empty_sizes() -> None:
     rng = ChaCha20Random(KEY)
     assert rng.standard_normal(0).shape == (0,)
     assert rng.standard_normal(7).shape == (7,)
+
+
+def _reference_normals(words: np.ndarray, n: int) -> np.ndarray:
+    """The documented keystream layout, in plain numpy float64 (blocks of 3 x b words)."""
+    pairs = (n + 1) // 2
+    cos_half, sin_half, start = [], [], 0
+    for first in range(0, pairs, PAIRS_PER_BLOCK):
+        b = min(PAIRS_PER_BLOCK, pairs - first)
+        block = (words[start : start + 3 * b] >> np.uint64(11)).astype(np.float64)
+        high, low, angle = block.reshape(3, b)
+        u1 = ((low + 0.5) * 2.0**-53 + high) * 2.0**-53
+        radius = np.sqrt(-2.0 * np.log(u1))
+        theta = angle * (2.0 * math.pi * 2.0**-53)
+        cos_half.append(radius * np.cos(theta))
+        sin_half.append(radius * np.sin(theta))
+        start += 3 * b
+    return np.concatenate(cos_half + sin_half)[:n]
+
+
+@pytest.mark.parametrize("n", [1, 6, 2 * PAIRS_PER_BLOCK + 5, 4 * PAIRS_PER_BLOCK + 1])
+def test_standard_normal_follows_the_documented_keystream_layout(n: int) -> None:
+    # Several blocks, a short last block and an odd count: the same values as Box-Muller on
+    # the raw keystream words laid out as the docstring says (up to the last ulps of log,
+    # sin and cos).
+    z = ChaCha20Random(KEY, NOISE_STREAM).standard_normal(n)
+    words = ChaCha20Random(KEY, NOISE_STREAM).uint64(3 * ((n + 1) // 2))
+    np.testing.assert_allclose(z, _reference_normals(words, n), rtol=1e-12, atol=1e-14)
+
+
+def test_add_standard_normal_adds_the_same_draws_in_place() -> None:
+    n, scale = 2 * PAIRS_PER_BLOCK + 3, 2.5
+    base = torch.linspace(-1.0, 1.0, n, dtype=torch.float64)
+    target = base.clone()
+    out = ChaCha20Random(KEY, NOISE_STREAM).add_standard_normal_(target, scale)
+    assert out is target
+    z = ChaCha20Random(KEY, NOISE_STREAM).standard_normal(n)
+    np.testing.assert_allclose(target.numpy(), base.numpy() + scale * z, rtol=0, atol=1e-13)
+    # A float32 target takes the draw-then-add path: the same draws, rounded to float32.
+    small = torch.zeros(7, dtype=torch.float32)
+    ChaCha20Random(KEY, NOISE_STREAM).add_standard_normal_(small, 1.0)
+    want = ChaCha20Random(KEY, NOISE_STREAM).standard_normal(7).astype(np.float32)
+    assert np.array_equal(small.numpy(), want)
+    # A non-contiguous target gets the draws in its logical (row-major) order.
+    big = torch.zeros(2 * PAIRS_PER_BLOCK, 3, dtype=torch.float64).t()
+    ChaCha20Random(KEY, NOISE_STREAM).add_standard_normal_(big, 1.0)
+    want64 = ChaCha20Random(KEY, NOISE_STREAM).standard_normal(big.numel())
+    assert np.array_equal(big.contiguous().numpy().ravel(), want64)
+
+
+def test_standard_normal_scratch_is_reused_and_continues_the_stream() -> None:
+    n = 2 * PAIRS_PER_BLOCK + 1  # above the numpy path for small draws
+    rng = ChaCha20Random(KEY, NOISE_STREAM)
+    first = rng.standard_normal_scratch(n)
+    copy = first.clone()
+    second = rng.standard_normal_scratch(n)  # overwrites the first (documented)
+    assert first.data_ptr() == second.data_ptr() and not torch.equal(copy, second)
+    expected = ChaCha20Random(KEY, NOISE_STREAM).standard_normal(n)
+    assert np.array_equal(copy.numpy(), expected)
+    # Small draws (the numpy path) follow the same layout.
+    small = ChaCha20Random(KEY, NOISE_STREAM).standard_normal(6)
+    words = ChaCha20Random(KEY, NOISE_STREAM).uint64(9)
+    np.testing.assert_allclose(small, _reference_normals(words, 6), rtol=1e-12, atol=1e-14)
 
 
 def test_bernoulli_threshold_is_exact() -> None:

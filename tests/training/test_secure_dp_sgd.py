@@ -13,7 +13,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedsafe.privacy.secure_random import (
     NOISE_STREAM,
+    PAIRS_PER_BLOCK,
     SAMPLING_STREAM,
+    SMALL_DRAW,
     ChaCha20Random,
     noise_grid,
     realised_rate,
@@ -23,6 +25,7 @@ from fedsafe.training.secure_dp_sgd import (
     SecureNoiseDPOptimizer,
     SecureNoiseGhostDPOptimizer,
     SecurePoissonSampler,
+    snap_noised_sums_,
 )
 
 # Opacus per-sample hooks on inputs that need no gradient: harmless here.
@@ -247,4 +250,46 @@ def test_ghost_step_on_an_empty_batch_adds_only_noise() -> None:
     opt.zero_grad(set_to_none=True)
     private_backward(dp_model, opt, xb, yb)
     opt.step()
+    dp_model._close()
+
+
+def test_snap_noised_sums_matches_the_per_parameter_float64_formula() -> None:
+    gen = torch.Generator().manual_seed(3)  # the clipped sums: test data, not privacy noise
+    sums = [torch.randn(70_000, generator=gen) * 4, torch.randn(3, 5, generator=gen)]
+    std = 1.3
+    g = noise_grid(std)
+    k = snap_noised_sums_(sums, ChaCha20Random(KEY, NOISE_STREAM), std, g)
+    assert k.dtype == torch.float64 and torch.equal(k, torch.round(k))
+    flat = torch.cat([x.reshape(-1) for x in sums]).double().numpy()
+    z = ChaCha20Random(KEY, NOISE_STREAM).standard_normal(flat.size)
+    reference = np.rint((flat + z * std) / g)
+    # Equal but where the fused multiply-add moves a value across a rounding tie.
+    assert np.abs(k.numpy() - reference).max() <= 1
+    assert (k.numpy() == reference).mean() > 0.9999
+    # The buffer of the right size is reused; a wrong size is replaced.
+    again = snap_noised_sums_(sums, ChaCha20Random(KEY, NOISE_STREAM), std, g, k)
+    assert again.data_ptr() == k.data_ptr()
+    other = snap_noised_sums_(sums[1:], ChaCha20Random(KEY), std, g, k)
+    assert other.numel() == 15
+
+
+def test_a_model_above_the_small_draw_takes_the_block_path_with_the_same_noise() -> None:
+    # About 98,000 values: two Box-Muller blocks added into the one float64 buffer.
+    d = 2 * PAIRS_PER_BLOCK // 6 + 17
+    model = nn.Sequential(nn.Linear(6, d), nn.ReLU(), nn.Linear(d, 2))
+    total = sum(p.numel() for p in model.parameters())
+    assert total > max(SMALL_DRAW, 2 * PAIRS_PER_BLOCK)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sigma = 500.0
+    dp_model, dp_opt, loader, _ = make_private(model, opt, _loader(), sigma, 1.0, KEY)
+    xb, yb = next(b for b in loader if len(b[0]) > 0)
+    nn.functional.cross_entropy(dp_model(xb), yb).backward()
+    dp_opt.clip_and_accumulate()
+    dp_opt.add_noise()
+    flat = torch.cat([p.grad.detach().flatten() for p in dp_opt.params]).double()
+    assert all(p.grad.dtype == torch.float32 and p.grad.shape == p.shape for p in dp_opt.params)
+    g = noise_grid(sigma)
+    assert torch.equal(flat / g, torch.round(flat / g))
+    expected = ChaCha20Random(KEY, NOISE_STREAM).standard_normal(total) * sigma
+    assert np.abs(flat.numpy() - expected).max() < 40  # clipped sum of <= ~30 records, C = 1
     dp_model._close()
