@@ -507,39 +507,56 @@ class SitePrivacyLedger:
         )
 
     def _check_anchor(self) -> None:
-        """Refuse a ledger that does not extend its anchor; move the anchor forward."""
-        anchor = read_anchor(self._secrets, self._path)
-        entries = self._entries
-        if anchor is not None:
+        """Refuse a ledger that does not extend its anchors; move the anchors forward.
+
+        Two anchors: the one of this path (the file deleted, truncated, replaced or restored in
+        place) and the one of this ledger's id (a copy elsewhere, e.g. a ledger copied to a new
+        folder, that recorded releases this copy lacks: both copies would otherwise spend the
+        whole budget). Both are read under the anchor lock after a fresh read of the entries,
+        so a release another process commits meanwhile is never taken for a rollback.
+        """
+        with anchor_lock(self._secrets):
+            entries = self._sync()
+            anchor = read_anchor(self._secrets, self._path)
             why = ""
-            if anchor.ledger_id != self._ledger_id:
-                why = "was replaced by another ledger (its id differs from the anchor's)"
-            elif len(entries) < anchor.count:
-                why = (
-                    f"was truncated or an older copy restored: it holds {len(entries)} entries, "
-                    f"its anchor {anchor.count}"
-                )
-            elif anchor.count and entries[anchor.count - 1].entry_hash != anchor.head:
-                why = f"was replaced: entry seq {anchor.count} is not the anchored one"
-            elif _lifetime(entries) < anchor.lifetime_epsilon:
-                why = (
-                    f"reports lifetime epsilon {_lifetime(entries):.4g} below its anchor's "
-                    f"{anchor.lifetime_epsilon:.4g}"
-                )
+            if anchor is not None:
+                if anchor.ledger_id != self._ledger_id:
+                    why = "was replaced by another ledger (its id differs from the anchor's)"
+                else:
+                    why = _behind(entries, anchor)
             if why:
                 raise LedgerTamperedError(
                     f"privacy ledger {self._path} {why}; {FIX} (or reconcile it explicitly)"
                 )
-        self._advance_anchor(entries)
+            by_id = read_anchor(
+                self._secrets, self._path, file=self._secrets.id_anchor_path(self._ledger_id)
+            )
+            if by_id is not None and _behind(entries, by_id):
+                raise LedgerTamperedError(
+                    f"privacy ledger {self._path} is behind a copy of the same ledger at "
+                    f"{by_id.ledger_path} ({by_id.count} entries, lifetime epsilon "
+                    f"{by_id.lifetime_epsilon:.4g}; this copy {_behind(entries, by_id)}): the "
+                    f"ledger was copied and both copies recorded releases, or an older copy was "
+                    f"restored. Point the site's ledger path at {by_id.ledger_path}"
+                )
+            self._advance_locked(entries)
 
     def _advance_anchor(self, entries: Sequence[LedgerEntry]) -> None:
-        # Only forward: a slower process must not move the anchor back behind a later record.
         with anchor_lock(self._secrets):
-            current = read_anchor(self._secrets, self._path)
-            if current is None or (
-                current.ledger_id == self._ledger_id and len(entries) > current.count
-            ):
-                write_anchor(self._secrets, self._anchor_of(entries))
+            self._advance_locked(entries)
+
+    def _advance_locked(self, entries: Sequence[LedgerEntry]) -> None:
+        # Only forward: a slower process must not move an anchor back behind a later record.
+        now = self._anchor_of(entries)
+        current = read_anchor(self._secrets, self._path)
+        if current is None or (
+            current.ledger_id == self._ledger_id and len(entries) > current.count
+        ):
+            write_anchor(self._secrets, now)
+        id_file = self._secrets.id_anchor_path(self._ledger_id)
+        by_id = read_anchor(self._secrets, self._path, file=id_file)
+        if by_id is None or len(entries) > by_id.count:
+            write_anchor(self._secrets, now, file=id_file)
 
     def head(self) -> tuple[int, str]:
         """Return the last sequence number and its hash (64 zeros when empty), to anchor."""
@@ -691,6 +708,23 @@ class SitePrivacyLedger:
 
 def _lifetime(entries: Sequence[LedgerEntry]) -> float:
     return max((e.epsilon_after for e in entries), default=0.0)
+
+
+def _behind(entries: Sequence[LedgerEntry], anchor: LedgerAnchor) -> str:
+    """Why ``entries`` do not extend ``anchor`` (``""`` when they do)."""
+    if len(entries) < anchor.count:
+        return (
+            f"was truncated or an older copy restored: it holds {len(entries)} entries, "
+            f"its anchor {anchor.count}"
+        )
+    if anchor.count and entries[anchor.count - 1].entry_hash != anchor.head:
+        return f"was replaced: entry seq {anchor.count} is not the anchored one"
+    if _lifetime(entries) < anchor.lifetime_epsilon:
+        return (
+            f"reports lifetime epsilon {_lifetime(entries):.4g} below its anchor's "
+            f"{anchor.lifetime_epsilon:.4g}"
+        )
+    return ""
 
 
 def _meta(conn: sqlite3.Connection, key: str) -> str | None:

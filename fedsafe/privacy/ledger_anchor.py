@@ -126,6 +126,16 @@ class LedgerSecrets:
         name = hashlib.sha256(str(ledger_path.resolve()).encode("utf-8")).hexdigest()[:32]
         return self.directory / "anchors" / f"{name}.json"
 
+    def id_anchor_path(self, ledger_id: str) -> Path:
+        """The anchor of the ledger with id ``ledger_id``, wherever its file lies.
+
+        A copy of a ledger keeps its id: two copies that both record fork one account into two
+        (each composing only its own releases), so every copy is checked against the furthest
+        state any copy reached (attack13).
+        """
+        name = hashlib.sha256(f"ledger-id|{ledger_id}".encode()).hexdigest()[:32]
+        return self.directory / "anchors" / f"id-{name}.json"
+
     def check_outside(self, ledger_path: Path) -> None:
         """Refuse a secrets folder that is the ledger's folder or inside it."""
         ledger_dir = ledger_path.resolve().parent
@@ -210,15 +220,20 @@ def anchor_lock(secrets_: LedgerSecrets) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def read_anchor(secrets_: LedgerSecrets, ledger_path: Path) -> LedgerAnchor | None:
+def read_anchor(
+    secrets_: LedgerSecrets, ledger_path: Path, *, file: Path | None = None
+) -> LedgerAnchor | None:
     """Read and authenticate the anchor of ``ledger_path``; ``None`` when there is none.
+
+    ``file`` reads another anchor file of the site instead (e.g.
+    :meth:`LedgerSecrets.id_anchor_path`).
 
     Raises
     ------
     UserError
         If the anchor file is malformed or its MAC does not verify under the site key.
     """
-    path = secrets_.anchor_path(ledger_path)
+    path = file if file is not None else secrets_.anchor_path(ledger_path)
     if not path.exists():
         return None
     fix = (
@@ -244,9 +259,14 @@ def read_anchor(secrets_: LedgerSecrets, ledger_path: Path) -> LedgerAnchor | No
     return anchor
 
 
-def write_anchor(secrets_: LedgerSecrets, anchor: LedgerAnchor) -> None:
-    """Write the MACed anchor atomically (temporary file, fsync, rename, fsync the folder)."""
-    path = secrets_.anchor_path(Path(anchor.ledger_path))
+def write_anchor(
+    secrets_: LedgerSecrets, anchor: LedgerAnchor, *, file: Path | None = None
+) -> None:
+    """Write the MACed anchor atomically (temporary file, fsync, rename, fsync the folder).
+
+    ``file`` writes another anchor file of the site (default: the one of the anchor's path).
+    """
+    path = file if file is not None else secrets_.anchor_path(Path(anchor.ledger_path))
     content = anchor.content()
     body = {**content, "mac": secrets_.mac(canonical_json(content))}
     text = json.dumps(body, sort_keys=True, indent=1, allow_nan=False)

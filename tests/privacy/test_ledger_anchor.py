@@ -311,3 +311,34 @@ def test_sites_starting_at_once_on_a_fresh_machine_share_one_whole_key(tmp_path:
             keys = pool.map(_load_key, [folder] * 16)
         assert len(set(keys)) == 1 and len(keys[0]) == 32
         assert sorted(p.name for p in Path(folder).iterdir()) == ["anchors", KEY_FILE]
+
+
+def test_a_copied_ledger_cannot_spend_at_both_paths(tmp_path: Path) -> None:
+    # attack13: the admin copies the ledger to a new folder and points the site at the copy;
+    # later the old path comes back (a restart without --ledger). Each copy alone extends its
+    # path's anchor, so both used to spend the whole budget (4.43 composed on a budget of 3).
+    old = tmp_path / "site.sqlite"
+    _fill(old, 2)
+    new = tmp_path / "moved" / "site.sqlite"
+    new.parent.mkdir()
+    _copy(old, new)
+    _fill(new, 1, start=3)  # the copy carries every entry and goes on
+    before = old.read_bytes()
+    with pytest.raises(LedgerTamperedError, match=f"behind a copy of the same ledger at {new}"):
+        SitePrivacyLedger.open(old)
+    assert old.read_bytes() == before
+    with SitePrivacyLedger.open(new) as ledger:  # the copy that went on is the account
+        assert ledger.verify() == 3
+
+
+def test_an_older_copy_restored_at_a_new_path_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "site.sqlite"
+    _fill(path, 1)
+    backup = tmp_path / "backup.sqlite"
+    _copy(path, backup)
+    _fill(path, 2, start=2)
+    elsewhere = tmp_path / "restored" / "site.sqlite"
+    elsewhere.parent.mkdir()
+    shutil.copy2(backup, elsewhere)
+    with pytest.raises(LedgerTamperedError, match="holds 1 entries, its anchor 3"):
+        SitePrivacyLedger.open(elsewhere)
