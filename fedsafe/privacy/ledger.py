@@ -47,12 +47,15 @@ from fedsafe.errors import BudgetExhaustedError, UserError
 from fedsafe.privacy.accounting import check_accountant, epsilon
 from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.ledger_anchor import (
+    AccountBinding,
     LedgerAnchor,
     LedgerSecrets,
     anchor_lock,
     canonical_json,
     read_anchor,
+    read_binding,
     write_anchor,
+    write_binding,
 )
 
 SCHEMA_VERSION = 2
@@ -296,6 +299,7 @@ class SitePrivacyLedger:
         create: bool = True,
         busy_timeout_s: float = 60.0,
         secrets_: LedgerSecrets | None = None,
+        account: str | None = None,
     ) -> SitePrivacyLedger:
         """Open (or create) the ledger at ``path``, verify its keyed chain and its anchor.
 
@@ -311,6 +315,11 @@ class SitePrivacyLedger:
         secrets_
             The site key and anchors; by default
             :func:`~fedsafe.privacy.ledger_anchor.default_secrets_dir` (created if missing).
+        account
+            The deployed site's name: its account is one ledger, bound to the name in the
+            secrets folder on first use (:class:`~fedsafe.privacy.ledger_anchor.AccountBinding`).
+            Another ledger for the same name is refused while the bound one holds entries.
+            ``None`` (simulated sites, reports) skips the binding.
 
         Raises
         ------
@@ -319,12 +328,15 @@ class SitePrivacyLedger:
             anchor (deleted, truncated, replaced or rolled back); the message names which.
         UserError
             If the file is missing (``create=False``), is not a fedsafe ledger, is an unkeyed
-            format-1 ledger (migrate it), or was written with another key.
+            format-1 ledger (migrate it), was written with another key, or is not the ledger
+            holding ``account``'s spending.
         """
         path = Path(path).expanduser().resolve()
         keys = secrets_ if secrets_ is not None else LedgerSecrets.load()
         keys.check_outside(path)
         if not path.exists():
+            if account is not None:
+                _check_account(keys, account, path, "")
             anchor = read_anchor(keys, path)
             if anchor is not None and anchor.count > 0:
                 raise LedgerTamperedError(
@@ -356,6 +368,8 @@ class SitePrivacyLedger:
         try:
             ledger._load(reuse=True)
             ledger._check_anchor()
+            if account is not None:
+                _check_account(keys, account, path, ledger_id)
         except BaseException:
             conn.close()
             raise
@@ -710,6 +724,30 @@ def _lifetime(entries: Sequence[LedgerEntry]) -> float:
     return max((e.epsilon_after for e in entries), default=0.0)
 
 
+def _check_account(keys: LedgerSecrets, site: str, path: Path, ledger_id: str) -> None:
+    """Refuse a ledger other than the one holding ``site``'s account; bind it on first use.
+
+    ``ledger_id`` is ``""`` for a file about to be created. The binding moves to another
+    ledger only while the bound one has no entries (nothing spent would be forgotten).
+    """
+    with anchor_lock(keys):
+        bound = read_binding(keys, site)
+        if bound is not None and bound.ledger_id != ledger_id:
+            spent = read_anchor(keys, path, file=keys.id_anchor_path(bound.ledger_id))
+            if spent is not None and spent.count > 0:
+                raise UserError(
+                    f"privacy ledger {path} is not site {site}'s account: its spending is in "
+                    f"the ledger at {spent.ledger_path} ({spent.count} entries, lifetime "
+                    f"epsilon {spent.lifetime_epsilon:.4g}), and a second ledger would start "
+                    f"its lifetime budget again at 0; point the site's ledger path (`fedsafe "
+                    f"site start --ledger`) at {spent.ledger_path}"
+                )
+        if ledger_id and (
+            bound is None or (bound.ledger_id, bound.ledger_path) != (ledger_id, str(path))
+        ):
+            write_binding(keys, AccountBinding(site, ledger_id, str(path)))
+
+
 def _behind(entries: Sequence[LedgerEntry], anchor: LedgerAnchor) -> str:
     """Why ``entries`` do not extend ``anchor`` (``""`` when they do)."""
     if len(entries) < anchor.count:
@@ -883,11 +921,16 @@ def migrate_unkeyed_ledger(
     return kept
 
 
-def check_ledger_before_joining(path: str | Path, flag: str = "--ledger") -> None:
+def check_ledger_before_joining(
+    path: str | Path, flag: str = "--ledger", account: str | None = None
+) -> None:
     """Open, verify and write-probe a site's ledger before the site joins a federation.
 
     A site whose ledger is tampered with, rolled back or not writable would otherwise join and
     refuse (or fail) every round; this says so once, up front, naming ``flag``.
+
+    ``account`` is the site's name: the ledger must be the one holding its account
+    (:meth:`SitePrivacyLedger.open`).
 
     Raises
     ------
@@ -895,7 +938,7 @@ def check_ledger_before_joining(path: str | Path, flag: str = "--ledger") -> Non
         Naming ``flag``, the path and the fix.
     """
     try:
-        with SitePrivacyLedger.open(path) as ledger:
+        with SitePrivacyLedger.open(path, account=account) as ledger:
             conn = ledger._conn
             conn.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only ledger
             conn.execute("ROLLBACK")

@@ -136,6 +136,11 @@ class LedgerSecrets:
         name = hashlib.sha256(f"ledger-id|{ledger_id}".encode()).hexdigest()[:32]
         return self.directory / "anchors" / f"id-{name}.json"
 
+    def account_path(self, site: str) -> Path:
+        """The file binding site ``site`` to the ledger that holds its account."""
+        name = hashlib.sha256(f"site|{site}".encode()).hexdigest()[:32]
+        return self.directory / "anchors" / f"site-{name}.json"
+
     def check_outside(self, ledger_path: Path) -> None:
         """Refuse a secrets folder that is the ledger's folder or inside it."""
         ledger_dir = ledger_path.resolve().parent
@@ -181,6 +186,71 @@ class LedgerAnchor:
     def content(self) -> dict[str, Any]:
         """The MACed content."""
         return {"version": ANCHOR_VERSION, **asdict(self)}
+
+
+@dataclass(frozen=True, slots=True)
+class AccountBinding:
+    """Which ledger holds a site's privacy account (kept, MACed, in the ledger-secrets folder).
+
+    A deployed site has one account. Without this binding, a ledger path that changed (the
+    site started from another folder, ``--ledger`` mistyped, another site's ledger named)
+    opened a fresh ledger at epsilon 0 beside the one holding the site's spending (attack13).
+
+    Parameters
+    ----------
+    site
+        The site's name (``fedsafe site start --name``, default its key file's name).
+    ledger_id
+        Id of the ledger holding the account.
+    ledger_path
+        Where that ledger was last opened (absolute).
+    """
+
+    site: str
+    ledger_id: str
+    ledger_path: str
+
+    def __post_init__(self) -> None:
+        if not self.site or not self.ledger_id or not self.ledger_path:
+            raise ValueError("an account binding names a site, a ledger id and a path")
+
+    def content(self) -> dict[str, Any]:
+        """The MACed content."""
+        return {"version": ANCHOR_VERSION, "kind": "account", **asdict(self)}
+
+
+def read_binding(secrets_: LedgerSecrets, site: str) -> AccountBinding | None:
+    """Read and authenticate the account binding of ``site``; ``None`` when there is none.
+
+    Raises
+    ------
+    UserError
+        If the file is malformed or its MAC does not verify under the site key.
+    """
+    path = secrets_.account_path(site)
+    if not path.exists():
+        return None
+    fix = (
+        f"the account binding {path} of site {site} was edited or written with another key; "
+        "restore the site's ledger-secrets folder from its backup"
+    )
+    try:
+        raw = json.loads(path.read_text())
+        mac = str(raw.pop("mac"))
+        binding = AccountBinding(str(raw["site"]), str(raw["ledger_id"]), str(raw["ledger_path"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{fix} ({exc})") from None
+    if not hmac.compare_digest(mac, secrets_.mac(canonical_json(binding.content()))):
+        raise UserError(fix)
+    return binding
+
+
+def write_binding(secrets_: LedgerSecrets, binding: AccountBinding) -> None:
+    """Write the MACed account binding atomically."""
+    content = binding.content()
+    body = {**content, "mac": secrets_.mac(canonical_json(content))}
+    text = json.dumps(body, sort_keys=True, indent=1, allow_nan=False)
+    replace_atomically(secrets_.account_path(binding.site), lambda fh: fh.write(text.encode()))
 
 
 def _create_key_once(key_path: Path) -> None:

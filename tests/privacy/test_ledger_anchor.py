@@ -342,3 +342,40 @@ def test_an_older_copy_restored_at_a_new_path_is_refused(tmp_path: Path) -> None
     shutil.copy2(backup, elsewhere)
     with pytest.raises(LedgerTamperedError, match="holds 1 entries, its anchor 3"):
         SitePrivacyLedger.open(elsewhere)
+
+
+def test_a_second_ledger_for_the_same_site_is_refused(tmp_path: Path) -> None:
+    # attack13: the site started from another folder (or with --ledger mistyped) opened a
+    # fresh ledger at epsilon 0 beside the one holding its spending.
+    path = tmp_path / "site.sqlite"
+    with SitePrivacyLedger.open(path, account="hospital-a") as ledger:
+        ledger.record("run-1", 1, EVENT, 1.0, 1e-5, FP, accountant="rdp")
+    fresh = tmp_path / "elsewhere" / "site.sqlite"
+    with pytest.raises(UserError, match=f"not site hospital-a's account: .* at {path} \\(1 "):
+        SitePrivacyLedger.open(fresh, account="hospital-a")
+    assert not fresh.exists()  # refused before anything was created
+    # Another site sharing the secrets folder has its own account; the first is untouched.
+    with SitePrivacyLedger.open(fresh, account="bank-b") as other:
+        other.record("run-1", 1, EVENT, 1.0, 1e-5, FP, accountant="rdp")
+    with pytest.raises(UserError, match="not site hospital-a's account"):
+        SitePrivacyLedger.open(fresh, account="hospital-a")  # B's ledger named for A
+    with SitePrivacyLedger.open(path, account="hospital-a") as ledger:
+        assert ledger.verify() == 1
+
+
+def test_an_empty_bound_ledger_may_be_replaced_by_another(tmp_path: Path) -> None:
+    SitePrivacyLedger.open(tmp_path / "first.sqlite", account="hospital-a").close()
+    with SitePrivacyLedger.open(tmp_path / "second.sqlite", account="hospital-a") as ledger:
+        ledger.record("run-1", 1, EVENT, 1.0, 1e-5, FP, accountant="rdp")
+    with pytest.raises(UserError, match="not site hospital-a's account"):
+        SitePrivacyLedger.open(tmp_path / "first.sqlite", account="hospital-a")
+
+
+def test_an_edited_account_binding_is_refused(ledger_secrets: Path, tmp_path: Path) -> None:
+    path = tmp_path / "site.sqlite"
+    SitePrivacyLedger.open(path, account="hospital-a").close()
+    binding = LedgerSecrets.load().account_path("hospital-a")
+    raw = json.loads(binding.read_text())
+    binding.write_text(json.dumps({**raw, "ledger_id": "0" * 32}))
+    with pytest.raises(UserError, match="account binding .* was edited"):
+        SitePrivacyLedger.open(path, account="hospital-a")

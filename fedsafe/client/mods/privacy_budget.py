@@ -43,6 +43,11 @@ from fedsafe.privacy.ledger import SitePrivacyLedger
 from fedsafe.training.dp_training import TrainPlan, poisson_sample_rate
 
 
+def ledger_account(site: SiteSetup) -> str | None:
+    """The account a deployed site's ledger must hold (its name); None for a simulated site."""
+    return None if site.simulated else site.name
+
+
 def reproducible(cfg: RunConfig, site: SiteSetup) -> bool:
     """Whether the site replays its noise from the seed: only a simulated site that asked."""
     return site.simulated and cfg.reproducible_noise
@@ -99,7 +104,9 @@ def privacy_budget(msg: Message, context: Context, call_next: ClientAppCallable)
     with contextlib.ExitStack() as stack:
         ledger = None
         if trains_with_dp(call.cfg, call.site) and call.site.ledger_path:
-            ledger = stack.enter_context(SitePrivacyLedger.open(call.site.ledger_path))
+            ledger = stack.enter_context(
+                SitePrivacyLedger.open(call.site.ledger_path, account=ledger_account(call.site))
+            )
         return _within_budget(msg, context, call_next, call, ledger)
 
 

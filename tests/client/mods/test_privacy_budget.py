@@ -11,6 +11,7 @@ from fedsafe.client.mods.privacy_budget import privacy_budget
 from fedsafe.client.mods.site_policy import site_policy
 from fedsafe.client.site import resolve_site
 from fedsafe.config import RunConfig
+from fedsafe.errors import UserError
 from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.ledger import SitePrivacyLedger
 from tests.client.mods.conftest import Site, app_with, new_context, train_message, trained
@@ -66,3 +67,17 @@ def test_a_model_reply_carries_the_public_size_whatever_the_handler_wrote(site: 
         train_message(site.width()), new_context(site)
     )
     assert reply.content.metric_records["metrics"]["num-examples"] == 90
+
+
+def test_a_deployed_site_pointed_at_a_fresh_ledger_does_not_start_again_at_zero(
+    site: Site, tmp_path
+) -> None:
+    # attack13: the same site, its node config's ledger-path changed (another working folder).
+    with SitePrivacyLedger.open(site.ledger, account="hospital-a") as ledger:
+        ledger.record("earlier", 1, PoissonGaussianEvent(1 / 12, 2.0, 3), 1.0, 1e-4, "site")
+    moved = tmp_path / "elsewhere" / "ledger.sqlite"
+    site.node_config["ledger-path"] = str(moved)
+    grants: list[RoundGrant] = []
+    with pytest.raises(UserError, match=f"its spending is in the ledger at {site.ledger}"):
+        _granting_app(grants)(train_message(site.width()), new_context(site))
+    assert grants == [] and not moved.exists()
