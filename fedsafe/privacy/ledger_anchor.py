@@ -341,3 +341,145 @@ def write_anchor(
     body = {**content, "mac": secrets_.mac(canonical_json(content))}
     text = json.dumps(body, sort_keys=True, indent=1, allow_nan=False)
     replace_atomically(path, lambda fh: fh.write(text.encode()))
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRecord:
+    """The lifetime budget a site's account runs under, kept (MACed) in its secrets folder.
+
+    The policy file is rewritten by ``fedsafe site init --force`` with the defaults for every
+    flag not given, so re-running it (to refresh the public size, say) silently put a budget
+    of 1 back to the default 3 (attack13). The record holds the tightest budget the site's
+    policy ever set; a policy that asks for more is refused until the raise is recorded on
+    purpose (``fedsafe privacy budget-raise``, who and why).
+
+    Parameters
+    ----------
+    site
+        The site's name.
+    epsilon
+        Lifetime epsilon, finite and > 0.
+    delta
+        Its delta, in (0, 1).
+    by, reason
+        Who recorded a raise and why (``""`` for a budget taken from the policy).
+    at
+        ISO 8601 UTC time of the record.
+    """
+
+    site: str
+    epsilon: float
+    delta: float
+    by: str
+    reason: str
+    at: str
+
+    def __post_init__(self) -> None:
+        if not self.site:
+            raise ValueError("a budget record names its site")
+        if not (math.isfinite(self.epsilon) and self.epsilon > 0) or not 0 < self.delta < 1:
+            raise ValueError(f"budget ({self.epsilon}, {self.delta}) out of range")
+
+    def content(self) -> dict[str, Any]:
+        """The MACed content."""
+        return {"version": ANCHOR_VERSION, "kind": "budget", **asdict(self)}
+
+    def allows(self, epsilon: float, delta: float) -> bool:
+        """Whether a policy budget ``(epsilon, delta)`` is at most this one."""
+        return epsilon <= self.epsilon and delta <= self.delta
+
+
+def budget_record_path(secrets_: LedgerSecrets, site: str) -> Path:
+    """The file of ``site``'s budget record."""
+    name = hashlib.sha256(f"budget|{site}".encode()).hexdigest()[:32]
+    return secrets_.directory / "anchors" / f"budget-{name}.json"
+
+
+def read_budget(secrets_: LedgerSecrets, site: str) -> BudgetRecord | None:
+    """Read and authenticate ``site``'s budget record; ``None`` when there is none.
+
+    Raises
+    ------
+    UserError
+        If the file is malformed or its MAC does not verify under the site key.
+    """
+    path = budget_record_path(secrets_, site)
+    if not path.exists():
+        return None
+    fix = (
+        f"the budget record {path} of site {site} was edited or written with another key; "
+        "restore the site's ledger-secrets folder from its backup"
+    )
+    try:
+        raw = json.loads(path.read_text())
+        mac = str(raw.pop("mac"))
+        record = BudgetRecord(
+            str(raw["site"]),
+            float(raw["epsilon"]),
+            float(raw["delta"]),
+            str(raw["by"]),
+            str(raw["reason"]),
+            str(raw["at"]),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{fix} ({exc})") from None
+    if not hmac.compare_digest(mac, secrets_.mac(canonical_json(record.content()))):
+        raise UserError(fix)
+    return record
+
+
+def write_budget(secrets_: LedgerSecrets, record: BudgetRecord) -> None:
+    """Write the MACed budget record atomically."""
+    content = record.content()
+    body = {**content, "mac": secrets_.mac(canonical_json(content))}
+    text = json.dumps(body, sort_keys=True, indent=1, allow_nan=False)
+    path = budget_record_path(secrets_, record.site)
+    replace_atomically(path, lambda fh: fh.write(text.encode()))
+
+
+def checked_budget(secrets_: LedgerSecrets, site: str, epsilon: float, delta: float) -> str | None:
+    """Check a policy's budget against ``site``'s record; tighten the record; say why not.
+
+    Returns
+    -------
+    str or None
+        ``None`` when the policy's budget is within the record (the record then becomes the
+        policy's, so a later raise is noticed); else a sentence naming both budgets and the
+        command that records a raise.
+    """
+    from datetime import UTC, datetime
+
+    with anchor_lock(secrets_):
+        record = read_budget(secrets_, site)
+        if record is not None and not record.allows(epsilon, delta):
+            return (
+                f"the site's policy asks for a lifetime budget of epsilon {epsilon:g} at delta "
+                f"{delta:g}, more than the {record.epsilon:g} at delta {record.delta:g} it ran "
+                f"under; a raise is recorded only with `fedsafe privacy budget-raise --site "
+                f"{site} --policy POLICY --by NAME --reason TEXT`"
+            )
+        if record is None or (record.epsilon, record.delta) != (epsilon, delta):
+            at = datetime.now(UTC).isoformat(timespec="seconds")
+            write_budget(secrets_, BudgetRecord(site, epsilon, delta, "", "", at))
+        return None
+
+
+def raise_budget(
+    secrets_: LedgerSecrets, site: str, epsilon: float, delta: float, *, by: str, reason: str
+) -> BudgetRecord | None:
+    """Record, on purpose, a new lifetime budget for ``site`` (who and why); return the old one.
+
+    Raises
+    ------
+    UserError
+        If ``by`` or ``reason`` is empty.
+    """
+    from datetime import UTC, datetime
+
+    if not by.strip() or not reason.strip():
+        raise UserError("budget-raise: --by and --reason must say who raises the budget and why")
+    with anchor_lock(secrets_):
+        old = read_budget(secrets_, site)
+        at = datetime.now(UTC).isoformat(timespec="seconds")
+        write_budget(secrets_, BudgetRecord(site, epsilon, delta, by, reason, at))
+    return old

@@ -379,3 +379,21 @@ def test_an_edited_account_binding_is_refused(ledger_secrets: Path, tmp_path: Pa
     binding.write_text(json.dumps({**raw, "ledger_id": "0" * 32}))
     with pytest.raises(UserError, match="account binding .* was edited"):
         SitePrivacyLedger.open(path, account="hospital-a")
+
+
+def test_a_budget_record_only_tightens_by_itself(ledger_secrets: Path) -> None:
+    from fedsafe.privacy.ledger_anchor import budget_record_path, checked_budget, raise_budget
+
+    keys = LedgerSecrets.load()
+    assert checked_budget(keys, "hospital-a", 3.0, 1e-5) is None
+    assert checked_budget(keys, "hospital-a", 1.0, 1e-5) is None  # tightened: recorded
+    assert "more than the 1 at delta 1e-05" in str(checked_budget(keys, "hospital-a", 3.0, 1e-5))
+    assert checked_budget(keys, "hospital-a", 1.0, 1e-4) is not None  # a larger delta too
+    assert checked_budget(keys, "bank-b", 3.0, 1e-5) is None  # another site, its own record
+    raise_budget(keys, "hospital-a", 3.0, 1e-5, by="dpo", reason="DPIA")
+    assert checked_budget(keys, "hospital-a", 3.0, 1e-5) is None
+    path = budget_record_path(keys, "hospital-a")
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps({**raw, "epsilon": 30.0}))
+    with pytest.raises(UserError, match="budget record .* was edited"):
+        checked_budget(keys, "hospital-a", 3.0, 1e-5)

@@ -40,6 +40,7 @@ from fedsafe.errors import BudgetExhaustedError
 from fedsafe.privacy.accounting import epsilon
 from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.ledger import SitePrivacyLedger
+from fedsafe.privacy.ledger_anchor import LedgerSecrets, checked_budget
 from fedsafe.training.dp_training import TrainPlan, poisson_sample_rate
 
 
@@ -124,6 +125,13 @@ def _within_budget(
     account = None
     sigma = 1.0
     q = poisson_sample_rate(site.public_size, cfg.batch_size)
+    if dp and site.policy is not None and ledger is not None:
+        # attack13: `site init --force` rewrote a budget of 1 as the default 3, silently.
+        raised = checked_budget(
+            LedgerSecrets.load(), site.name, site.policy.budget_epsilon, site.policy.delta
+        )
+        if raised is not None:
+            return refusal_reply(msg, site, PolicyRefusal("budget-epsilon", raised))
     if dp:
         account = SiteAccount(
             ledger, site.fingerprint, site.budget, cfg.target_delta, cfg.accountant,
