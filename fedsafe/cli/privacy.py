@@ -158,6 +158,26 @@ def register(subparsers: Any) -> None:
     )
     new_account.set_defaults(func=run_new_account)
 
+    raise_cmd = sub.add_parser(
+        "budget-raise",
+        help="record, on purpose, a larger lifetime budget from a site's policy (who and why)",
+        description=(
+            "A site's account runs under the tightest budget its policy ever set; a policy file "
+            "asking for more (e.g. rewritten by `site init --force` with the default) is refused "
+            "until the raise is recorded here, with who and why."
+        ),
+        epilog=(
+            "examples:\n  fedsafe privacy budget-raise --site hospital-a --policy "
+            'fedsafe-site-hospital-a/policy.toml --by "dpo@site-a" --reason "DPIA 2027-03"\n'
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    raise_cmd.add_argument("--site", required=True, help="the site's name (site start --name)")
+    raise_cmd.add_argument("--policy", required=True, help="the policy file with the new budget")
+    raise_cmd.add_argument("--by", required=True, help="who raises it (recorded)")
+    raise_cmd.add_argument("--reason", required=True, help="why (recorded)")
+    raise_cmd.set_defaults(func=run_budget_raise)
+
 
 AUDIT_EPILOG = """examples:
   fedsafe privacy audit --scenario heart --site Cleveland --noise-multiplier 1.0
@@ -186,6 +206,28 @@ def run_new_account(args: argparse.Namespace) -> int:
         f"New account at {args.ledger}, opened by {opening.by}: {opening.carried} releases "
         f"carried over, lifetime epsilon {opening.opening_epsilon:.4g}"
         + (f"; the old file is kept as {kept}" if kept else "")
+    )
+    return 0
+
+
+def run_budget_raise(args: argparse.Namespace) -> int:
+    """Record a site's new lifetime budget from its policy file (:func:`raise_budget`)."""
+    from fedsafe.client.policy import load_policy
+    from fedsafe.privacy.ledger_anchor import LedgerSecrets, raise_budget
+
+    policy = load_policy(args.policy)
+    old = raise_budget(
+        LedgerSecrets.load(create=False),
+        args.site,
+        policy.budget_epsilon,
+        policy.delta,
+        by=args.by,
+        reason=args.reason,
+    )
+    before = "none recorded" if old is None else f"epsilon {old.epsilon:g} at delta {old.delta:g}"
+    print(
+        f"Site {args.site}: lifetime budget epsilon {policy.budget_epsilon:g} at delta "
+        f"{policy.delta:g} recorded by {args.by} ({args.reason}); before: {before}"
     )
     return 0
 

@@ -166,7 +166,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
         )
     private_workdir(workdir)
     ledger = Path(args.ledger) if args.ledger else workdir / "ledger.sqlite"
-    check_ledger_before_joining(ledger)  # issue 13: verified and writable before joining
+    check_ledger_before_joining(ledger, account=args.name)  # issue 13; the site's own ledger
     if not port_is_free(LOOPBACK, args.clientappio_port):
         raise UserError(
             f"--clientappio-port {args.clientappio_port} is already in use on {LOOPBACK} "

@@ -47,12 +47,15 @@ from fedsafe.errors import BudgetExhaustedError, UserError
 from fedsafe.privacy.accounting import check_accountant, epsilon
 from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.ledger_anchor import (
+    AccountBinding,
     LedgerAnchor,
     LedgerSecrets,
     anchor_lock,
     canonical_json,
     read_anchor,
+    read_binding,
     write_anchor,
+    write_binding,
 )
 
 SCHEMA_VERSION = 2
@@ -296,6 +299,7 @@ class SitePrivacyLedger:
         create: bool = True,
         busy_timeout_s: float = 60.0,
         secrets_: LedgerSecrets | None = None,
+        account: str | None = None,
     ) -> SitePrivacyLedger:
         """Open (or create) the ledger at ``path``, verify its keyed chain and its anchor.
 
@@ -311,6 +315,11 @@ class SitePrivacyLedger:
         secrets_
             The site key and anchors; by default
             :func:`~fedsafe.privacy.ledger_anchor.default_secrets_dir` (created if missing).
+        account
+            The deployed site's name: its account is one ledger, bound to the name in the
+            secrets folder on first use (:class:`~fedsafe.privacy.ledger_anchor.AccountBinding`).
+            Another ledger for the same name is refused while the bound one holds entries.
+            ``None`` (simulated sites, reports) skips the binding.
 
         Raises
         ------
@@ -319,12 +328,15 @@ class SitePrivacyLedger:
             anchor (deleted, truncated, replaced or rolled back); the message names which.
         UserError
             If the file is missing (``create=False``), is not a fedsafe ledger, is an unkeyed
-            format-1 ledger (migrate it), or was written with another key.
+            format-1 ledger (migrate it), was written with another key, or is not the ledger
+            holding ``account``'s spending.
         """
         path = Path(path).expanduser().resolve()
         keys = secrets_ if secrets_ is not None else LedgerSecrets.load()
         keys.check_outside(path)
         if not path.exists():
+            if account is not None:
+                _check_account(keys, account, path, "")
             anchor = read_anchor(keys, path)
             if anchor is not None and anchor.count > 0:
                 raise LedgerTamperedError(
@@ -356,6 +368,8 @@ class SitePrivacyLedger:
         try:
             ledger._load(reuse=True)
             ledger._check_anchor()
+            if account is not None:
+                _check_account(keys, account, path, ledger_id)
         except BaseException:
             conn.close()
             raise
@@ -507,39 +521,56 @@ class SitePrivacyLedger:
         )
 
     def _check_anchor(self) -> None:
-        """Refuse a ledger that does not extend its anchor; move the anchor forward."""
-        anchor = read_anchor(self._secrets, self._path)
-        entries = self._entries
-        if anchor is not None:
+        """Refuse a ledger that does not extend its anchors; move the anchors forward.
+
+        Two anchors: the one of this path (the file deleted, truncated, replaced or restored in
+        place) and the one of this ledger's id (a copy elsewhere, e.g. a ledger copied to a new
+        folder, that recorded releases this copy lacks: both copies would otherwise spend the
+        whole budget). Both are read under the anchor lock after a fresh read of the entries,
+        so a release another process commits meanwhile is never taken for a rollback.
+        """
+        with anchor_lock(self._secrets):
+            entries = self._sync()
+            anchor = read_anchor(self._secrets, self._path)
             why = ""
-            if anchor.ledger_id != self._ledger_id:
-                why = "was replaced by another ledger (its id differs from the anchor's)"
-            elif len(entries) < anchor.count:
-                why = (
-                    f"was truncated or an older copy restored: it holds {len(entries)} entries, "
-                    f"its anchor {anchor.count}"
-                )
-            elif anchor.count and entries[anchor.count - 1].entry_hash != anchor.head:
-                why = f"was replaced: entry seq {anchor.count} is not the anchored one"
-            elif _lifetime(entries) < anchor.lifetime_epsilon:
-                why = (
-                    f"reports lifetime epsilon {_lifetime(entries):.4g} below its anchor's "
-                    f"{anchor.lifetime_epsilon:.4g}"
-                )
+            if anchor is not None:
+                if anchor.ledger_id != self._ledger_id:
+                    why = "was replaced by another ledger (its id differs from the anchor's)"
+                else:
+                    why = _behind(entries, anchor)
             if why:
                 raise LedgerTamperedError(
                     f"privacy ledger {self._path} {why}; {FIX} (or reconcile it explicitly)"
                 )
-        self._advance_anchor(entries)
+            by_id = read_anchor(
+                self._secrets, self._path, file=self._secrets.id_anchor_path(self._ledger_id)
+            )
+            if by_id is not None and _behind(entries, by_id):
+                raise LedgerTamperedError(
+                    f"privacy ledger {self._path} is behind a copy of the same ledger at "
+                    f"{by_id.ledger_path} ({by_id.count} entries, lifetime epsilon "
+                    f"{by_id.lifetime_epsilon:.4g}; this copy {_behind(entries, by_id)}): the "
+                    f"ledger was copied and both copies recorded releases, or an older copy was "
+                    f"restored. Point the site's ledger path at {by_id.ledger_path}"
+                )
+            self._advance_locked(entries)
 
     def _advance_anchor(self, entries: Sequence[LedgerEntry]) -> None:
-        # Only forward: a slower process must not move the anchor back behind a later record.
         with anchor_lock(self._secrets):
-            current = read_anchor(self._secrets, self._path)
-            if current is None or (
-                current.ledger_id == self._ledger_id and len(entries) > current.count
-            ):
-                write_anchor(self._secrets, self._anchor_of(entries))
+            self._advance_locked(entries)
+
+    def _advance_locked(self, entries: Sequence[LedgerEntry]) -> None:
+        # Only forward: a slower process must not move an anchor back behind a later record.
+        now = self._anchor_of(entries)
+        current = read_anchor(self._secrets, self._path)
+        if current is None or (
+            current.ledger_id == self._ledger_id and len(entries) > current.count
+        ):
+            write_anchor(self._secrets, now)
+        id_file = self._secrets.id_anchor_path(self._ledger_id)
+        by_id = read_anchor(self._secrets, self._path, file=id_file)
+        if by_id is None or len(entries) > by_id.count:
+            write_anchor(self._secrets, now, file=id_file)
 
     def head(self) -> tuple[int, str]:
         """Return the last sequence number and its hash (64 zeros when empty), to anchor."""
@@ -706,6 +737,47 @@ def _lifetime(entries: Sequence[LedgerEntry]) -> float:
     return max((e.epsilon_after for e in entries), default=0.0)
 
 
+def _check_account(keys: LedgerSecrets, site: str, path: Path, ledger_id: str) -> None:
+    """Refuse a ledger other than the one holding ``site``'s account; bind it on first use.
+
+    ``ledger_id`` is ``""`` for a file about to be created. The binding moves to another
+    ledger only while the bound one has no entries (nothing spent would be forgotten).
+    """
+    with anchor_lock(keys):
+        bound = read_binding(keys, site)
+        if bound is not None and bound.ledger_id != ledger_id:
+            spent = read_anchor(keys, path, file=keys.id_anchor_path(bound.ledger_id))
+            if spent is not None and spent.count > 0:
+                raise UserError(
+                    f"privacy ledger {path} is not site {site}'s account: its spending is in "
+                    f"the ledger at {spent.ledger_path} ({spent.count} entries, lifetime "
+                    f"epsilon {spent.lifetime_epsilon:.4g}), and a second ledger would start "
+                    f"its lifetime budget again at 0; point the site's ledger path (`fedsafe "
+                    f"site start --ledger`) at {spent.ledger_path}"
+                )
+        if ledger_id and (
+            bound is None or (bound.ledger_id, bound.ledger_path) != (ledger_id, str(path))
+        ):
+            write_binding(keys, AccountBinding(site, ledger_id, str(path)))
+
+
+def _behind(entries: Sequence[LedgerEntry], anchor: LedgerAnchor) -> str:
+    """Why ``entries`` do not extend ``anchor`` (``""`` when they do)."""
+    if len(entries) < anchor.count:
+        return (
+            f"was truncated or an older copy restored: it holds {len(entries)} entries, "
+            f"its anchor {anchor.count}"
+        )
+    if anchor.count and entries[anchor.count - 1].entry_hash != anchor.head:
+        return f"was replaced: entry seq {anchor.count} is not the anchored one"
+    if _lifetime(entries) < anchor.lifetime_epsilon:
+        return (
+            f"reports lifetime epsilon {_lifetime(entries):.4g} below its anchor's "
+            f"{anchor.lifetime_epsilon:.4g}"
+        )
+    return ""
+
+
 def _meta(conn: sqlite3.Connection, key: str) -> str | None:
     row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return None if row is None else str(row[0])
@@ -862,11 +934,16 @@ def migrate_unkeyed_ledger(
     return kept
 
 
-def check_ledger_before_joining(path: str | Path, flag: str = "--ledger") -> None:
+def check_ledger_before_joining(
+    path: str | Path, flag: str = "--ledger", account: str | None = None
+) -> None:
     """Open, verify and write-probe a site's ledger before the site joins a federation.
 
     A site whose ledger is tampered with, rolled back or not writable would otherwise join and
     refuse (or fail) every round; this says so once, up front, naming ``flag``.
+
+    ``account`` is the site's name: the ledger must be the one holding its account
+    (:meth:`SitePrivacyLedger.open`).
 
     Raises
     ------
@@ -874,7 +951,7 @@ def check_ledger_before_joining(path: str | Path, flag: str = "--ledger") -> Non
         Naming ``flag``, the path and the fix.
     """
     try:
-        with SitePrivacyLedger.open(path) as ledger:
+        with SitePrivacyLedger.open(path, account=account) as ledger:
             conn = ledger._conn
             conn.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only ledger
             conn.execute("ROLLBACK")

@@ -126,6 +126,21 @@ class LedgerSecrets:
         name = hashlib.sha256(str(ledger_path.resolve()).encode("utf-8")).hexdigest()[:32]
         return self.directory / "anchors" / f"{name}.json"
 
+    def id_anchor_path(self, ledger_id: str) -> Path:
+        """The anchor of the ledger with id ``ledger_id``, wherever its file lies.
+
+        A copy of a ledger keeps its id: two copies that both record fork one account into two
+        (each composing only its own releases), so every copy is checked against the furthest
+        state any copy reached (attack13).
+        """
+        name = hashlib.sha256(f"ledger-id|{ledger_id}".encode()).hexdigest()[:32]
+        return self.directory / "anchors" / f"id-{name}.json"
+
+    def account_path(self, site: str) -> Path:
+        """The file binding site ``site`` to the ledger that holds its account."""
+        name = hashlib.sha256(f"site|{site}".encode()).hexdigest()[:32]
+        return self.directory / "anchors" / f"site-{name}.json"
+
     def check_outside(self, ledger_path: Path) -> None:
         """Refuse a secrets folder that is the ledger's folder or inside it."""
         ledger_dir = ledger_path.resolve().parent
@@ -173,6 +188,71 @@ class LedgerAnchor:
         return {"version": ANCHOR_VERSION, **asdict(self)}
 
 
+@dataclass(frozen=True, slots=True)
+class AccountBinding:
+    """Which ledger holds a site's privacy account (kept, MACed, in the ledger-secrets folder).
+
+    A deployed site has one account. Without this binding, a ledger path that changed (the
+    site started from another folder, ``--ledger`` mistyped, another site's ledger named)
+    opened a fresh ledger at epsilon 0 beside the one holding the site's spending (attack13).
+
+    Parameters
+    ----------
+    site
+        The site's name (``fedsafe site start --name``, default its key file's name).
+    ledger_id
+        Id of the ledger holding the account.
+    ledger_path
+        Where that ledger was last opened (absolute).
+    """
+
+    site: str
+    ledger_id: str
+    ledger_path: str
+
+    def __post_init__(self) -> None:
+        if not self.site or not self.ledger_id or not self.ledger_path:
+            raise ValueError("an account binding names a site, a ledger id and a path")
+
+    def content(self) -> dict[str, Any]:
+        """The MACed content."""
+        return {"version": ANCHOR_VERSION, "kind": "account", **asdict(self)}
+
+
+def read_binding(secrets_: LedgerSecrets, site: str) -> AccountBinding | None:
+    """Read and authenticate the account binding of ``site``; ``None`` when there is none.
+
+    Raises
+    ------
+    UserError
+        If the file is malformed or its MAC does not verify under the site key.
+    """
+    path = secrets_.account_path(site)
+    if not path.exists():
+        return None
+    fix = (
+        f"the account binding {path} of site {site} was edited or written with another key; "
+        "restore the site's ledger-secrets folder from its backup"
+    )
+    try:
+        raw = json.loads(path.read_text())
+        mac = str(raw.pop("mac"))
+        binding = AccountBinding(str(raw["site"]), str(raw["ledger_id"]), str(raw["ledger_path"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{fix} ({exc})") from None
+    if not hmac.compare_digest(mac, secrets_.mac(canonical_json(binding.content()))):
+        raise UserError(fix)
+    return binding
+
+
+def write_binding(secrets_: LedgerSecrets, binding: AccountBinding) -> None:
+    """Write the MACed account binding atomically."""
+    content = binding.content()
+    body = {**content, "mac": secrets_.mac(canonical_json(content))}
+    text = json.dumps(body, sort_keys=True, indent=1, allow_nan=False)
+    replace_atomically(secrets_.account_path(binding.site), lambda fh: fh.write(text.encode()))
+
+
 def _create_key_once(key_path: Path) -> None:
     """Write a fresh key at ``key_path`` unless another process already has.
 
@@ -210,15 +290,20 @@ def anchor_lock(secrets_: LedgerSecrets) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def read_anchor(secrets_: LedgerSecrets, ledger_path: Path) -> LedgerAnchor | None:
+def read_anchor(
+    secrets_: LedgerSecrets, ledger_path: Path, *, file: Path | None = None
+) -> LedgerAnchor | None:
     """Read and authenticate the anchor of ``ledger_path``; ``None`` when there is none.
+
+    ``file`` reads another anchor file of the site instead (e.g.
+    :meth:`LedgerSecrets.id_anchor_path`).
 
     Raises
     ------
     UserError
         If the anchor file is malformed or its MAC does not verify under the site key.
     """
-    path = secrets_.anchor_path(ledger_path)
+    path = file if file is not None else secrets_.anchor_path(ledger_path)
     if not path.exists():
         return None
     fix = (
@@ -244,10 +329,157 @@ def read_anchor(secrets_: LedgerSecrets, ledger_path: Path) -> LedgerAnchor | No
     return anchor
 
 
-def write_anchor(secrets_: LedgerSecrets, anchor: LedgerAnchor) -> None:
-    """Write the MACed anchor atomically (temporary file, fsync, rename, fsync the folder)."""
-    path = secrets_.anchor_path(Path(anchor.ledger_path))
+def write_anchor(
+    secrets_: LedgerSecrets, anchor: LedgerAnchor, *, file: Path | None = None
+) -> None:
+    """Write the MACed anchor atomically (temporary file, fsync, rename, fsync the folder).
+
+    ``file`` writes another anchor file of the site (default: the one of the anchor's path).
+    """
+    path = file if file is not None else secrets_.anchor_path(Path(anchor.ledger_path))
     content = anchor.content()
     body = {**content, "mac": secrets_.mac(canonical_json(content))}
     text = json.dumps(body, sort_keys=True, indent=1, allow_nan=False)
     replace_atomically(path, lambda fh: fh.write(text.encode()))
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRecord:
+    """The lifetime budget a site's account runs under, kept (MACed) in its secrets folder.
+
+    The policy file is rewritten by ``fedsafe site init --force`` with the defaults for every
+    flag not given, so re-running it (to refresh the public size, say) silently put a budget
+    of 1 back to the default 3 (attack13). The record holds the tightest budget the site's
+    policy ever set; a policy that asks for more is refused until the raise is recorded on
+    purpose (``fedsafe privacy budget-raise``, who and why).
+
+    Parameters
+    ----------
+    site
+        The site's name.
+    epsilon
+        Lifetime epsilon, finite and > 0.
+    delta
+        Its delta, in (0, 1).
+    by, reason
+        Who recorded a raise and why (``""`` for a budget taken from the policy).
+    at
+        ISO 8601 UTC time of the record.
+    """
+
+    site: str
+    epsilon: float
+    delta: float
+    by: str
+    reason: str
+    at: str
+
+    def __post_init__(self) -> None:
+        if not self.site:
+            raise ValueError("a budget record names its site")
+        if not (math.isfinite(self.epsilon) and self.epsilon > 0) or not 0 < self.delta < 1:
+            raise ValueError(f"budget ({self.epsilon}, {self.delta}) out of range")
+
+    def content(self) -> dict[str, Any]:
+        """The MACed content."""
+        return {"version": ANCHOR_VERSION, "kind": "budget", **asdict(self)}
+
+    def allows(self, epsilon: float, delta: float) -> bool:
+        """Whether a policy budget ``(epsilon, delta)`` is at most this one."""
+        return epsilon <= self.epsilon and delta <= self.delta
+
+
+def budget_record_path(secrets_: LedgerSecrets, site: str) -> Path:
+    """The file of ``site``'s budget record."""
+    name = hashlib.sha256(f"budget|{site}".encode()).hexdigest()[:32]
+    return secrets_.directory / "anchors" / f"budget-{name}.json"
+
+
+def read_budget(secrets_: LedgerSecrets, site: str) -> BudgetRecord | None:
+    """Read and authenticate ``site``'s budget record; ``None`` when there is none.
+
+    Raises
+    ------
+    UserError
+        If the file is malformed or its MAC does not verify under the site key.
+    """
+    path = budget_record_path(secrets_, site)
+    if not path.exists():
+        return None
+    fix = (
+        f"the budget record {path} of site {site} was edited or written with another key; "
+        "restore the site's ledger-secrets folder from its backup"
+    )
+    try:
+        raw = json.loads(path.read_text())
+        mac = str(raw.pop("mac"))
+        record = BudgetRecord(
+            str(raw["site"]),
+            float(raw["epsilon"]),
+            float(raw["delta"]),
+            str(raw["by"]),
+            str(raw["reason"]),
+            str(raw["at"]),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{fix} ({exc})") from None
+    if not hmac.compare_digest(mac, secrets_.mac(canonical_json(record.content()))):
+        raise UserError(fix)
+    return record
+
+
+def write_budget(secrets_: LedgerSecrets, record: BudgetRecord) -> None:
+    """Write the MACed budget record atomically."""
+    content = record.content()
+    body = {**content, "mac": secrets_.mac(canonical_json(content))}
+    text = json.dumps(body, sort_keys=True, indent=1, allow_nan=False)
+    path = budget_record_path(secrets_, record.site)
+    replace_atomically(path, lambda fh: fh.write(text.encode()))
+
+
+def checked_budget(secrets_: LedgerSecrets, site: str, epsilon: float, delta: float) -> str | None:
+    """Check a policy's budget against ``site``'s record; tighten the record; say why not.
+
+    Returns
+    -------
+    str or None
+        ``None`` when the policy's budget is within the record (the record then becomes the
+        policy's, so a later raise is noticed); else a sentence naming both budgets and the
+        command that records a raise.
+    """
+    from datetime import UTC, datetime
+
+    with anchor_lock(secrets_):
+        record = read_budget(secrets_, site)
+        if record is not None and not record.allows(epsilon, delta):
+            return (
+                f"the site's policy asks for a lifetime budget of epsilon {epsilon:g} at delta "
+                f"{delta:g}, more than the {record.epsilon:g} at delta {record.delta:g} it ran "
+                f"under; a raise is recorded only with `fedsafe privacy budget-raise --site "
+                f"{site} --policy POLICY --by NAME --reason TEXT`"
+            )
+        if record is None or (record.epsilon, record.delta) != (epsilon, delta):
+            at = datetime.now(UTC).isoformat(timespec="seconds")
+            write_budget(secrets_, BudgetRecord(site, epsilon, delta, "", "", at))
+        return None
+
+
+def raise_budget(
+    secrets_: LedgerSecrets, site: str, epsilon: float, delta: float, *, by: str, reason: str
+) -> BudgetRecord | None:
+    """Record, on purpose, a new lifetime budget for ``site`` (who and why); return the old one.
+
+    Raises
+    ------
+    UserError
+        If ``by`` or ``reason`` is empty.
+    """
+    from datetime import UTC, datetime
+
+    if not by.strip() or not reason.strip():
+        raise UserError("budget-raise: --by and --reason must say who raises the budget and why")
+    with anchor_lock(secrets_):
+        old = read_budget(secrets_, site)
+        at = datetime.now(UTC).isoformat(timespec="seconds")
+        write_budget(secrets_, BudgetRecord(site, epsilon, delta, by, reason, at))
+    return old

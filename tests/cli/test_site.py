@@ -141,3 +141,39 @@ def test_start_without_a_policy_stops_before_any_process(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"1/{n}" in err and "site init" in err
     assert flower_pids(tmp_path) == set()
+
+
+def test_start_from_another_folder_does_not_open_a_fresh_account(
+    site: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # attack13: the default workdir (fedsafe-site-NAME) is relative; started from another
+    # folder, the site made a fresh policy and ledger there and spent its budget again from 0.
+    from fedsafe.privacy.events import PoissonGaussianEvent
+    from fedsafe.privacy.ledger import SitePrivacyLedger
+
+    data, schema = site
+    pki_dir = make_pki(tmp_path)
+    pki.create_site_key(tmp_path, "h1")
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder in (first, second):
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        init = ["site", "init", "--data", str(data), "--schema", str(schema)]
+        assert main([*init, "--out", "fedsafe-site-h1/policy.toml"]) == 0
+    ledger = first / "fedsafe-site-h1" / "ledger.sqlite"
+    with SitePrivacyLedger.open(ledger, account="h1") as opened:  # what the site spent there
+        opened.record("run-1", 1, PoissonGaussianEvent(0.1, 1.0, 10), 1.0, 1e-4, "site-records")
+    capsys.readouterr()
+    args = [
+        "site", "start", "--coordinator", f"127.0.0.1:{free_port()}",
+        "--ca", str(pki_dir / "ca.pem"), "--key", str(tmp_path / "h1.key"),
+        "--data", str(data), "--schema", str(schema), "--connect-timeout", "5",
+    ]  # fmt: skip
+    assert main(args) == 2  # from the second folder
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"its spending is in the ledger at {ledger}" in err
+    assert not (second / "fedsafe-site-h1" / "ledger.sqlite").exists()
+    assert flower_pids(tmp_path) == set()

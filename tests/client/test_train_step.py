@@ -7,6 +7,7 @@ messages: the ledgers must hold the same entries and every refusal must be the s
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,17 @@ def _train(msg: Message, context: Context) -> Message:
     return training_step(msg, context)
 
 
+def _as_site(site: Site) -> None:
+    """Use this site's own ledger-secrets folder: two sites of one name are two machines."""
+    folder = site.ledger.parent
+    os.environ["FEDSAFE_LEDGER_SECRETS"] = str(folder.parent / "secrets" / folder.name)
+
+
 def _ledger_entries(site: Site) -> list[tuple[Any, ...]]:
     """Each entry's content, without its time and hashes (which differ by when it was written)."""
     if not site.ledger.exists():
         return []
+    _as_site(site)
     with SitePrivacyLedger.open(site.ledger) as ledger:
         return [
             (e.seq, e.run_id, e.round, e.event, e.clip_norm, e.delta, e.epsilon_after, e.accountant)
@@ -69,6 +77,7 @@ def _same_answers(
                 contexts[key] = _context(site.node_config, {**RUN, **run})
                 contexts[key].run_id = 11 + len({k[1] for k in contexts})
             context = contexts[key]
+            _as_site(site)
             replies.append(app(_message(MessageType.TRAIN, width, server_round), context))
         a, b = (_content(r) for r in replies)
         # Epsilon, noise, steps, refusals: equal; the models differ only by their secret noise.

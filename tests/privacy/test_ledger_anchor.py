@@ -311,3 +311,89 @@ def test_sites_starting_at_once_on_a_fresh_machine_share_one_whole_key(tmp_path:
             keys = pool.map(_load_key, [folder] * 16)
         assert len(set(keys)) == 1 and len(keys[0]) == 32
         assert sorted(p.name for p in Path(folder).iterdir()) == ["anchors", KEY_FILE]
+
+
+def test_a_copied_ledger_cannot_spend_at_both_paths(tmp_path: Path) -> None:
+    # attack13: the admin copies the ledger to a new folder and points the site at the copy;
+    # later the old path comes back (a restart without --ledger). Each copy alone extends its
+    # path's anchor, so both used to spend the whole budget (4.43 composed on a budget of 3).
+    old = tmp_path / "site.sqlite"
+    _fill(old, 2)
+    new = tmp_path / "moved" / "site.sqlite"
+    new.parent.mkdir()
+    _copy(old, new)
+    _fill(new, 1, start=3)  # the copy carries every entry and goes on
+    before = old.read_bytes()
+    with pytest.raises(LedgerTamperedError, match=f"behind a copy of the same ledger at {new}"):
+        SitePrivacyLedger.open(old)
+    assert old.read_bytes() == before
+    with SitePrivacyLedger.open(new) as ledger:  # the copy that went on is the account
+        assert ledger.verify() == 3
+
+
+def test_an_older_copy_restored_at_a_new_path_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "site.sqlite"
+    _fill(path, 1)
+    backup = tmp_path / "backup.sqlite"
+    _copy(path, backup)
+    _fill(path, 2, start=2)
+    elsewhere = tmp_path / "restored" / "site.sqlite"
+    elsewhere.parent.mkdir()
+    shutil.copy2(backup, elsewhere)
+    with pytest.raises(LedgerTamperedError, match="holds 1 entries, its anchor 3"):
+        SitePrivacyLedger.open(elsewhere)
+
+
+def test_a_second_ledger_for_the_same_site_is_refused(tmp_path: Path) -> None:
+    # attack13: the site started from another folder (or with --ledger mistyped) opened a
+    # fresh ledger at epsilon 0 beside the one holding its spending.
+    path = tmp_path / "site.sqlite"
+    with SitePrivacyLedger.open(path, account="hospital-a") as ledger:
+        ledger.record("run-1", 1, EVENT, 1.0, 1e-5, FP, accountant="rdp")
+    fresh = tmp_path / "elsewhere" / "site.sqlite"
+    with pytest.raises(UserError, match=f"not site hospital-a's account: .* at {path} \\(1 "):
+        SitePrivacyLedger.open(fresh, account="hospital-a")
+    assert not fresh.exists()  # refused before anything was created
+    # Another site sharing the secrets folder has its own account; the first is untouched.
+    with SitePrivacyLedger.open(fresh, account="bank-b") as other:
+        other.record("run-1", 1, EVENT, 1.0, 1e-5, FP, accountant="rdp")
+    with pytest.raises(UserError, match="not site hospital-a's account"):
+        SitePrivacyLedger.open(fresh, account="hospital-a")  # B's ledger named for A
+    with SitePrivacyLedger.open(path, account="hospital-a") as ledger:
+        assert ledger.verify() == 1
+
+
+def test_an_empty_bound_ledger_may_be_replaced_by_another(tmp_path: Path) -> None:
+    SitePrivacyLedger.open(tmp_path / "first.sqlite", account="hospital-a").close()
+    with SitePrivacyLedger.open(tmp_path / "second.sqlite", account="hospital-a") as ledger:
+        ledger.record("run-1", 1, EVENT, 1.0, 1e-5, FP, accountant="rdp")
+    with pytest.raises(UserError, match="not site hospital-a's account"):
+        SitePrivacyLedger.open(tmp_path / "first.sqlite", account="hospital-a")
+
+
+def test_an_edited_account_binding_is_refused(ledger_secrets: Path, tmp_path: Path) -> None:
+    path = tmp_path / "site.sqlite"
+    SitePrivacyLedger.open(path, account="hospital-a").close()
+    binding = LedgerSecrets.load().account_path("hospital-a")
+    raw = json.loads(binding.read_text())
+    binding.write_text(json.dumps({**raw, "ledger_id": "0" * 32}))
+    with pytest.raises(UserError, match="account binding .* was edited"):
+        SitePrivacyLedger.open(path, account="hospital-a")
+
+
+def test_a_budget_record_only_tightens_by_itself(ledger_secrets: Path) -> None:
+    from fedsafe.privacy.ledger_anchor import budget_record_path, checked_budget, raise_budget
+
+    keys = LedgerSecrets.load()
+    assert checked_budget(keys, "hospital-a", 3.0, 1e-5) is None
+    assert checked_budget(keys, "hospital-a", 1.0, 1e-5) is None  # tightened: recorded
+    assert "more than the 1 at delta 1e-05" in str(checked_budget(keys, "hospital-a", 3.0, 1e-5))
+    assert checked_budget(keys, "hospital-a", 1.0, 1e-4) is not None  # a larger delta too
+    assert checked_budget(keys, "bank-b", 3.0, 1e-5) is None  # another site, its own record
+    raise_budget(keys, "hospital-a", 3.0, 1e-5, by="dpo", reason="DPIA")
+    assert checked_budget(keys, "hospital-a", 3.0, 1e-5) is None
+    path = budget_record_path(keys, "hospital-a")
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps({**raw, "epsilon": 30.0}))
+    with pytest.raises(UserError, match="budget record .* was edited"):
+        checked_budget(keys, "hospital-a", 3.0, 1e-5)

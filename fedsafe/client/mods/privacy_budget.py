@@ -40,7 +40,13 @@ from fedsafe.errors import BudgetExhaustedError
 from fedsafe.privacy.accounting import epsilon
 from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.ledger import SitePrivacyLedger
+from fedsafe.privacy.ledger_anchor import LedgerSecrets, checked_budget
 from fedsafe.training.dp_training import TrainPlan, poisson_sample_rate
+
+
+def ledger_account(site: SiteSetup) -> str | None:
+    """The account a deployed site's ledger must hold (its name); None for a simulated site."""
+    return None if site.simulated else site.name
 
 
 def reproducible(cfg: RunConfig, site: SiteSetup) -> bool:
@@ -99,7 +105,9 @@ def privacy_budget(msg: Message, context: Context, call_next: ClientAppCallable)
     with contextlib.ExitStack() as stack:
         ledger = None
         if trains_with_dp(call.cfg, call.site) and call.site.ledger_path:
-            ledger = stack.enter_context(SitePrivacyLedger.open(call.site.ledger_path))
+            ledger = stack.enter_context(
+                SitePrivacyLedger.open(call.site.ledger_path, account=ledger_account(call.site))
+            )
         return _within_budget(msg, context, call_next, call, ledger)
 
 
@@ -117,6 +125,13 @@ def _within_budget(
     account = None
     sigma = 1.0
     q = poisson_sample_rate(site.public_size, cfg.batch_size)
+    if dp and site.policy is not None and ledger is not None:
+        # attack13: `site init --force` rewrote a budget of 1 as the default 3, silently.
+        raised = checked_budget(
+            LedgerSecrets.load(), site.name, site.policy.budget_epsilon, site.policy.delta
+        )
+        if raised is not None:
+            return refusal_reply(msg, site, PolicyRefusal("budget-epsilon", raised))
     if dp:
         # With a ledger, the run's spending is its entries under fedsafe's run id: it survives
         # a restart of this process (new context state) and a resume of the run.

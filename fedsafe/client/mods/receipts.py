@@ -19,7 +19,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fedsafe.client.mods.contract import current_site_call
 from fedsafe.client.mods.message_kinds import is_train
-from fedsafe.client.mods.privacy_budget import trains_with_dp
+from fedsafe.client.mods.privacy_budget import ledger_account, trains_with_dp
 from fedsafe.client.policy import PolicyRefusal
 from fedsafe.client.site_replies import refusal_reply
 from fedsafe.privacy.ledger import SitePrivacyLedger
@@ -56,7 +56,7 @@ def ledger_receipts(msg: Message, context: Context, call_next: ClientAppCallable
                 "the site has no ledger but the coordinator holds a receipt: the ledger was lost"
             )
         else:
-            with SitePrivacyLedger.open(path) as ledger:
+            with SitePrivacyLedger.open(path, account=ledger_account(call.site)) as ledger:
                 reason = refusal(ledger, receipt)
         if reason is not None:
             return refusal_reply(msg, call.site, PolicyRefusal(RECEIPT_SETTING, reason))
@@ -69,6 +69,6 @@ def ledger_receipts(msg: Message, context: Context, call_next: ClientAppCallable
     site = reply.content.config_records.get("site")
     if site is None:
         return reply
-    with SitePrivacyLedger.open(path) as ledger:
+    with SitePrivacyLedger.open(path, account=ledger_account(call.site)) as ledger:
         site.update(LedgerReceipt.of(ledger).to_metrics())
     return reply

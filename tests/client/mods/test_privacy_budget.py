@@ -11,6 +11,7 @@ from fedsafe.client.mods.privacy_budget import privacy_budget
 from fedsafe.client.mods.site_policy import site_policy
 from fedsafe.client.site import resolve_site
 from fedsafe.config import RunConfig
+from fedsafe.errors import UserError
 from fedsafe.privacy.accounting import epsilon
 from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.ledger import SitePrivacyLedger
@@ -105,3 +106,52 @@ def test_a_site_restarted_mid_run_reports_the_runs_true_epsilon(site: Site) -> N
         epsilon([entries[0].event], site.policy.delta, cfg.accountant), rel=1e-9
     )
     assert second["epsilon"] == pytest.approx(lifetime) and lifetime > run  # the earlier run too
+
+
+def test_a_deployed_site_pointed_at_a_fresh_ledger_does_not_start_again_at_zero(
+    site: Site, tmp_path
+) -> None:
+    # attack13: the same site, its node config's ledger-path changed (another working folder).
+    with SitePrivacyLedger.open(site.ledger, account="hospital-a") as ledger:
+        ledger.record("earlier", 1, PoissonGaussianEvent(1 / 12, 2.0, 3), 1.0, 1e-4, "site")
+    moved = tmp_path / "elsewhere" / "ledger.sqlite"
+    site.node_config["ledger-path"] = str(moved)
+    grants: list[RoundGrant] = []
+    with pytest.raises(UserError, match=f"its spending is in the ledger at {site.ledger}"):
+        _granting_app(grants)(train_message(site.width()), new_context(site))
+    assert grants == [] and not moved.exists()
+
+
+def test_a_policy_rewritten_with_a_larger_budget_is_refused_until_the_raise_is_recorded(
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # attack13: `fedsafe site init --force` without --budget-epsilon writes the default 3 over
+    # the admin's 1; the site then spent up to 3 on the same records.
+    from fedsafe.cli.main import main
+    from fedsafe.client.policy import SitePolicy
+
+    site.policy_path.write_text(
+        SitePolicy.for_records(160, **{**_POLICY, "budget_epsilon": 1.0}).to_toml()
+    )
+    grants: list[RoundGrant] = []
+    app = _granting_app(grants)
+    app(train_message(site.width()), new_context(site))
+    assert len(grants) == 1
+    site.policy_path.write_text(SitePolicy.for_records(160, **_POLICY).to_toml())  # budget 3
+    before = site.ledger_bytes()
+    reply = app(train_message(site.width(), 2), new_context(site))
+    record = reply.content.config_records["site"]
+    assert record["refused-setting"] == "budget-epsilon"
+    assert "epsilon 3 at delta 0.001, more than the 1 at delta 0.001" in str(
+        record["refusal-reason"]
+    )
+    assert len(grants) == 1 and site.ledger_bytes() == before
+    args = ["privacy", "budget-raise", "--site", "hospital-a", "--policy", str(site.policy_path)]
+    assert main([*args, "--by", "dpo", "--reason", ""]) == 2
+    assert main([*args, "--by", "dpo@site-a", "--reason", "DPIA 2027"]) == 0
+    assert "epsilon 3 at delta 0.001 recorded by dpo@site-a" in capsys.readouterr().out
+    app(train_message(site.width(), 2), new_context(site))
+    assert len(grants) == 2
+
+
+_POLICY = {"public_size": 90, "min_records": 20, "max_rounds": 5, "max_local_steps": 20}
