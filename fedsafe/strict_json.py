@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 #: Key added to a JSON object that had non-finite numbers: the dotted paths now ``null``.
@@ -68,3 +69,24 @@ def strict_dumps(value: Any, **kwargs: Any) -> str:
     if notes and isinstance(clean, dict):
         clean = {**clean, NOTE_KEY: [*clean.get(NOTE_KEY, []), *notes]}
     return json.dumps(clean, allow_nan=False, **kwargs)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records (JSON objects) of a JSON-lines file, in order.
+
+    A missing file is empty; a line that is not a JSON object (a torn last line of a process
+    killed mid-write, undecodable bytes) is skipped, so readers of run folders never fail on
+    one.
+    """
+    file = Path(path)
+    if not file.is_file():
+        return []
+    records = []
+    for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            records.append(value)
+    return records

@@ -19,6 +19,7 @@ from typing import Any
 
 from fedsafe.cli.examples import with_examples
 from fedsafe.errors import UserError
+from fedsafe.strict_json import read_jsonl as _jsonl
 
 #: Shortest prefix of a fedsafe run id accepted by ``fedsafe runs stop``.
 MIN_PREFIX = 6
@@ -54,20 +55,6 @@ class RunFolderInfo:
             raise ValueError(f"unknown run folder state {self.state!r}")
         if self.rounds < 0:
             raise ValueError("rounds must be >= 0")
-
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            value = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(value, dict):
-            out.append(value)
-    return out
 
 
 def read_run_folder(folder: Path) -> RunFolderInfo | None:

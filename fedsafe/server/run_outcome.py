@@ -16,11 +16,12 @@ sentence, a refused setting, "budget exhausted at epsilon ..."), or what the coo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fedsafe.strict_json import read_jsonl as _jsonl
 
 #: Events that name why a site did not train in a round, and how each is worded.
 _EVENT_REASONS = {
@@ -171,17 +172,3 @@ def read_outcome(run_dir: str | Path) -> RunOutcome:
     """:func:`run_outcome` of a run folder (``rounds.jsonl``, ``events.jsonl``)."""
     folder = Path(run_dir)
     return run_outcome(_jsonl(folder / "rounds.jsonl"), _jsonl(folder / "events.jsonl"))
-
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            value = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(value, dict):
-            out.append(value)
-    return out

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedsafe.errors import UserError
+from fedsafe.strict_json import read_jsonl
 from fedsafe.transport.approved_clientapp import (
     APPROVED_NAME,
     LAUNCHES_NAME,
     append_jsonl,
     approved_digests,
     now,
-    read_jsonl,
     sha256_hex,
 )
 

@@ -35,6 +35,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from fedsafe.strict_json import read_jsonl
+
 APPROVED_NAME = "approved-apps.jsonl"
 LAUNCHES_NAME = "app-launches.jsonl"
 REFUSED_EXIT = 3
@@ -44,21 +46,6 @@ FAILED_EXIT = 4
 def sha256_hex(data: bytes) -> str:
     """Lower-case hexadecimal SHA-256 of ``data`` (the FAB's identity at the site)."""
     return hashlib.sha256(data).hexdigest()
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file; a missing file is empty, a bad line is skipped."""
-    if not Path(path).is_file():
-        return []
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(value, dict):
-            records.append(value)
-    return records
 
 
 def approved_digests(path: Path) -> set[str]:
