@@ -70,7 +70,12 @@ def start_site_cli(
         "--policy", str(policy), "--device", "cpu", "--name", claimed_name or name,
         "--workdir", str(work), "--clientappio-port", str(free_port()),
     ]  # fmt: skip
-    env = flower_env(work / "flwr-home", {"PYTHONPATH": str(REPO)})
+    # Each site is its own machine: its own ledger-secrets folder (a site claiming another's
+    # name on a shared folder is refused by the name's ledger binding, attack13).
+    secrets = str(root / "ledger-secrets" / name)
+    env = flower_env(
+        work / "flwr-home", {"PYTHONPATH": str(REPO), "FEDSAFE_LEDGER_SECRETS": secrets}
+    )
     proc = spawn(f"site {name}", command, log_path=work / "site-cli.log", env=env, cwd=work)
     proc.wait_for_log("joined", 120)
     return proc
