@@ -540,7 +540,8 @@ class SitePrivacyLedger:
                     why = _behind(entries, anchor)
             if why:
                 raise LedgerTamperedError(
-                    f"privacy ledger {self._path} {why}; {FIX} (or reconcile it explicitly)"
+                    f"privacy ledger {self._path} {why}; {FIX}, or open a new account that carries "
+                    "its releases: `fedsafe privacy new-account --ledger PATH --who ... --why ...`"
                 )
             by_id = read_anchor(
                 self._secrets, self._path, file=self._secrets.id_anchor_path(self._ledger_id)
