@@ -178,7 +178,10 @@ def offline_task(
     refs = (
         [SiteRef(name=n, data_path=p, schema_path=schema_path) for n, p in files]
         if files
-        else [SiteRef(i, task.num_sites, options={"seed": seed}) for i in range(task.num_sites)]
+        else [
+            SiteRef(i, task.num_sites, schema_path=schema_path, options={"seed": seed})
+            for i in range(task.num_sites)
+        ]
     )
     sites = tuple(_load(task, ref, flag) for ref in refs)
     factory = task_model_factory(task, sites[0].num_features, seed, say)
