@@ -119,6 +119,7 @@ def offline_task(
     site_flags: Sequence[str],
     schema: str | None,
     seed: int,
+    num_sites: int | None = None,
     say: Callable[[str], None] = print,
 ) -> OfflineTask:
     """Load what a command trains on from its ``--scenario/--task/--site/--schema`` flags.
@@ -138,6 +139,9 @@ def offline_task(
         with it.
     seed
         The run's seed: the public initial weights.
+    num_sites
+        ``--sites``: how many sites the task's ``load`` partitions (default: its
+        ``num_sites``), or the lending (4) or mnist (10) scenario's; refused elsewhere.
     say
         Where the model check's one-line note goes.
 
@@ -161,8 +165,16 @@ def offline_task(
         raise UserError("--site NAME=data.csv needs --schema schema.yaml or --task")
     if schema and not (files or task_path):
         raise UserError("--schema needs at least one --site NAME=data.csv")
+    partitioned = bool(task_path) or (not schema and scenario in ("lending", "mnist"))
+    if num_sites is not None and (files or not partitioned):
+        raise UserError(
+            "--sites counts the sites a --task (or the lending or mnist scenario) splits its "
+            "records into; drop it (site files and heart have their own sites)"
+        )
+    if num_sites is not None and num_sites < 1:
+        raise UserError(f"--sites must be >= 1, got {num_sites}")
     if not (task_path or schema):
-        return _scenario(scenario or DEFAULT_SCENARIO, seed)
+        return _scenario(scenario or DEFAULT_SCENARIO, seed, num_sites)
 
     schema_path = str(Path(schema).resolve()) if schema else ""
     if task_path:
@@ -175,13 +187,13 @@ def offline_task(
         task = csv_task(schema_path)
         label, record = f"own data ({schema})", {"task": "csv", "schema": schema_path}
     flag = f"--task {task_path}" if task_path else f"--schema {schema}"
+    count = num_sites or task.num_sites
+    # The public options a shipped task reads, as a simulation passes them.
+    options = {"seed": seed, "lending-sites": count, "mnist-sites": count}
     refs = (
         [SiteRef(name=n, data_path=p, schema_path=schema_path) for n, p in files]
         if files
-        else [
-            SiteRef(i, task.num_sites, schema_path=schema_path, options={"seed": seed})
-            for i in range(task.num_sites)
-        ]
+        else [SiteRef(i, count, schema_path=schema_path, options=options) for i in range(count)]
     )
     sites = tuple(_load(task, ref, flag) for ref in refs)
     factory = task_model_factory(task, sites[0].num_features, seed, say)
@@ -224,13 +236,13 @@ def _load(task: Task, ref: SiteRef, flag: str) -> SiteData:
     return data
 
 
-def _scenario(name: str, seed: int) -> OfflineTask:
+def _scenario(name: str, seed: int, num_sites: int | None) -> OfflineTask:
     from functools import partial
 
     from fedsafe.models import build_model
     from fedsafe.tasks.scenarios import load_scenario
 
-    scenario = load_scenario(name)
+    scenario = load_scenario(name, num_sites or 4, num_sites or 10)
     factory = partial(build_model, scenario.model, scenario.num_features, seed)
     return OfflineTask(
         f"scenario {name}", {"scenario": name}, scenario.sites, factory, scenario.headline_metric

@@ -112,6 +112,13 @@ def register(subparsers: Any) -> None:
         help="the site to audit (default: the largest); NAME=data.csv loads that file with "
         "--schema or the --task's load()",
     )
+    audit.add_argument(
+        "--sites",
+        type=int,
+        default=None,
+        help="sites a --task loads by partition (default: its num_sites); lending: states "
+        "(4); mnist: sites (10)",
+    )
     audit.add_argument("--schema", default=None, help="the schema YAML of --site NAME=data.csv")
     audit.add_argument("--noise-multiplier", type=float, default=1.0)
     audit.add_argument(
@@ -268,7 +275,7 @@ def run_audit(args: argparse.Namespace) -> int:
     name, data_path = split_site_flag(args.site) if args.site else (None, "")
     loaded = offline_task(
         scenario=args.scenario, task_path=args.task, site_flags=[args.site] if data_path else [],
-        schema=args.schema, seed=args.seed,
+        schema=args.schema, seed=args.seed, num_sites=args.sites,
     )  # fmt: skip
     site = loaded.site(name)
     defaults = loaded.defaults(site)

@@ -168,6 +168,13 @@ def register(sub: Any) -> None:
         metavar="NAME=CSV",
         help="a site's CSV (repeat per site), read with --schema or the --task's load()",
     )
+    b.add_argument(
+        "--sites",
+        type=int,
+        default=None,
+        help="sites a --task loads by partition (default: its num_sites); lending: states "
+        "(4); mnist: sites (10)",
+    )
     b.add_argument("--schema", default=None, help="the schema YAML shared by every --site")
     b.add_argument("--seed", type=int, default=42)
     b.add_argument("--epochs", type=int, default=50)
@@ -523,7 +530,7 @@ def run_baseline(args: argparse.Namespace) -> int:
             raise UserError(f"--site {value!r}: write --site NAME=path/to/data.csv")
     loaded = offline_task(
         scenario=args.scenario, task_path=args.task, site_flags=args.site or [],
-        schema=args.schema, seed=args.seed,
+        schema=args.schema, seed=args.seed, num_sites=args.sites,
     )  # fmt: skip
     task = (loaded.model_factory, loaded.sites, loaded.headline, args.seed, args.epochs)
     if args.kind == "pooled":

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from fedsafe import SiteData, Task, TaskDefaults
 
-NAMES = ("north", "south")
+NAMES = ("north", "south", "west")
 
 def load(site):
     if site.data_path:
@@ -48,9 +48,16 @@ def model(num_features, generator):
 def broken(site):
     raise RuntimeError("records not found")
 
+def uneven_load(site):
+    data = load(site)
+    keep = 2 + site.index
+    return SiteData(data.name, data.x_train[:, :keep], data.y_train, data.x_test[:, :keep],
+                    data.y_test, data.feature_names[:keep])
+
 task = Task("outside-bn", load, model, metrics=("loss", "roc-auc"), headline="roc-auc",
             defaults=TaskDefaults(batch_size=6, local_steps=3, lr=0.05, max_grad_norm=0.7))
 broken_task = Task("broken", broken, model)
+uneven = Task("uneven", uneven_load, model)
 """
 
 SCHEMA = """label: {column: outcome, positive: yes}
@@ -171,6 +178,13 @@ def test_a_task_reads_the_sites_own_files_and_csvs_need_only_a_schema(
     )  # fmt: skip
     assert code == 0, err
     assert "site east: attack AUC" in out
+    code, out, err = _run(
+        ["privacy", "audit", "--task", "outside_audit_task:task", "--sites", "3", "--site",
+         "west", "--epochs", "1"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "site west: attack AUC" in out
 
     schema = tmp_path / "s.yaml"
     schema.write_text(SCHEMA)
@@ -215,6 +229,19 @@ def test_a_task_reads_the_sites_own_files_and_csvs_need_only_a_schema(
             ["baseline", "pooled", "--task", "outside_audit_task:task", "--site", "north"],
             "--site 'north': write --site NAME=path/to/data.csv",
         ),
+        (
+            ["baseline", "pooled", "--task", "outside_audit_task:uneven"],
+            "the sites' records differ in width (north 2, south 3 values)",
+        ),
+        (
+            ["baseline", "local", "--sites", "3"],
+            "--sites counts the sites a --task (or the lending or mnist scenario)",
+        ),
+        (
+            ["privacy", "audit", "--task", "outside_audit_task:task", "--sites", "0"],
+            "--sites must be >= 1, got 0",
+        ),
+        (["privacy", "audit", "--scenario", "heart", "--sites", "2"], "heart have their own"),
         (
             ["privacy", "audit", "--scenario", "heart", "--site", "Narnia"],
             "--site 'Narnia' is not a site of scenario heart",
