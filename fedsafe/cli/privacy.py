@@ -277,7 +277,7 @@ def run_audit(args: argparse.Namespace) -> int:
         scenario=args.scenario, task_path=args.task, site_flags=[args.site] if data_path else [],
         schema=args.schema, seed=args.seed, num_sites=args.sites,
     )  # fmt: skip
-    site = loaded.site(name)
+    site = loaded.sites[0] if data_path else loaded.site(name)  # a file: the site it loads
     defaults = loaded.defaults(site)
     chosen: dict[str, Any] = dict(AUDIT_DEFAULTS)
     if defaults is not None:
