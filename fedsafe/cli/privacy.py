@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from fedsafe.cli.task_options import TASK_HELP
 from fedsafe.errors import BudgetExhaustedError, UserError
 from fedsafe.privacy.accounting import ACCOUNTANTS
 from fedsafe.privacy.budget import PrivacyBudget, plan_noise
@@ -97,13 +98,35 @@ def register(subparsers: Any) -> None:
         epilog=AUDIT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    audit.add_argument("--scenario", choices=("heart", "lending", "mnist"), default="heart")
-    audit.add_argument("--site", default=None, help="site name (default: the largest site)")
+    audit.add_argument(
+        "--scenario",
+        choices=("heart", "lending", "mnist"),
+        default=None,
+        help="a shipped scenario (default: heart, unless --task or --schema is given)",
+    )
+    audit.add_argument("--task", default=None, metavar="package.module:attr", help=TASK_HELP)
+    audit.add_argument(
+        "--site",
+        default=None,
+        metavar="NAME[=CSV]",
+        help="the site to audit (default: the largest); NAME=data.csv loads that file with "
+        "--schema or the --task's load()",
+    )
+    audit.add_argument(
+        "--sites",
+        type=int,
+        default=None,
+        help="sites a --task loads by partition (default: its num_sites); lending: states "
+        "(4); mnist: sites (10)",
+    )
+    audit.add_argument("--schema", default=None, help="the schema YAML of --site NAME=data.csv")
     audit.add_argument("--noise-multiplier", type=float, default=1.0)
-    audit.add_argument("--max-grad-norm", type=float, default=1.0)
+    audit.add_argument(
+        "--max-grad-norm", type=float, default=None, help="default: 1.0, or the task's"
+    )
     audit.add_argument("--epochs", type=int, default=30)
-    audit.add_argument("--batch-size", type=int, default=8)
-    audit.add_argument("--lr", type=float, default=0.1)
+    audit.add_argument("--batch-size", type=int, default=None, help="default: 8, or the task's")
+    audit.add_argument("--lr", type=float, default=None, help="default: 0.1, or the task's")
     audit.add_argument("--delta", type=float, default=1e-4)
     audit.add_argument("--seed", type=int, default=0)
     audit.add_argument("--run", default=None, help="run folder whose audit.json gets the result")
@@ -182,7 +205,13 @@ def register(subparsers: Any) -> None:
 AUDIT_EPILOG = """examples:
   fedsafe privacy audit --scenario heart --site Cleveland --noise-multiplier 1.0
   fedsafe privacy audit --scenario lending --site CA --epochs 50 --run runs/20261122-101500
+  fedsafe privacy audit --task mytask:task --site s0     # your own fedsafe.Task, its defaults
+  fedsafe privacy audit --site lender-a=a.csv --schema loans.yaml --epochs 20
+  fedsafe privacy audit --task mytask:task --site lender-a=a.csv   # the task's load() reads it
 """
+
+#: ``privacy audit``'s training settings for a shipped scenario (a task brings its own).
+AUDIT_DEFAULTS = {"batch_size": 8, "lr": 0.1, "max_grad_norm": 1.0}
 
 
 def run_migrate(args: argparse.Namespace) -> int:
@@ -233,40 +262,53 @@ def run_budget_raise(args: argparse.Namespace) -> int:
 
 
 def run_audit(args: argparse.Namespace) -> int:
-    """Run the audit on a shipped scenario's site and print (and optionally record) it."""
+    """Audit one site of a shipped scenario or a task; print (and optionally record) it."""
     import json
     from pathlib import Path
 
     import torch
 
-    from fedsafe.models import build_model
+    from fedsafe.cli.offline_task import offline_task, split_site_flag
     from fedsafe.strict_json import strict_dumps
-    from fedsafe.tasks.scenarios import load_scenario
     from fedsafe.training.audit import TrainingSetup, membership_audit
 
-    scenario = load_scenario(args.scenario)
-    sites = {s.name: s for s in scenario.sites}
-    name = args.site or max(sites, key=lambda n: len(sites[n].x_train))
-    if name not in sites:
-        raise UserError(f"--site {name!r} is not one of {', '.join(sites)}")
-    site = sites[name]
+    name, data_path = split_site_flag(args.site) if args.site else (None, "")
+    loaded = offline_task(
+        scenario=args.scenario, task_path=args.task, site_flags=[args.site] if data_path else [],
+        schema=args.schema, seed=args.seed, num_sites=args.sites,
+    )  # fmt: skip
+    site = loaded.sites[0] if data_path else loaded.site(name)  # a file: the site it loads
+    defaults = loaded.defaults(site)
+    chosen: dict[str, Any] = dict(AUDIT_DEFAULTS)
+    if defaults is not None:
+        chosen = {"batch_size": defaults.batch_size, "lr": defaults.lr,
+                  "max_grad_norm": defaults.max_grad_norm}  # fmt: skip
+    given = {k for k in chosen if getattr(args, k) is not None}
+    chosen.update({k: getattr(args, k) for k in given})
+    if defaults is not None:
+        override = f" (flags override {', '.join(sorted(given))})" if given else ""
+        print(
+            f"fedsafe: {loaded.label}: batch {chosen['batch_size']}, lr {chosen['lr']:g}, clip "
+            f"{chosen['max_grad_norm']:g} (the task's defaults){override}",
+            flush=True,
+        )
     try:
         setup = TrainingSetup(
-            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-            noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm,
+            epochs=args.epochs, batch_size=chosen["batch_size"], lr=chosen["lr"],
+            noise_multiplier=args.noise_multiplier, max_grad_norm=chosen["max_grad_norm"],
             delta=args.delta, seed=args.seed,
         )  # fmt: skip
     except ValueError as exc:
         raise UserError(f"fedsafe privacy audit: {exc}") from None
     result = membership_audit(
-        lambda: build_model(scenario.model, site.num_features, args.seed),
+        loaded.model_factory,
         torch.from_numpy(site.x_train), torch.from_numpy(site.y_train),
         torch.from_numpy(site.x_test), torch.from_numpy(site.y_test),
-        setup, say=print,
+        setup, loss=loaded.loss, say=print,
     )  # fmt: skip
-    record = {"scenario": args.scenario, "site": name, **result.to_dict()}
+    record = {**loaded.record, "site": site.name, **result.to_dict()}
     print(
-        f"site {name}: attack AUC {result.auc_dp:.3f} against the DP model (epsilon "
+        f"site {site.name}: attack AUC {result.auc_dp:.3f} against the DP model (epsilon "
         f"{result.epsilon:.3g}, delta {result.delta:g}) and {result.auc_no_dp:.3f} against the "
         f"same model without DP ({result.n_members} members, {result.n_nonmembers} held out; "
         "0.5 = no membership signal)"
