@@ -170,13 +170,14 @@ def _deployed_run(tmp_path: Path, name: str, answer=None) -> tuple[RunFolder, Fa
     folder = RunFolder(tmp_path / name)
     cfg = RunConfig.from_mapping(run_config)
     nodes: dict[int, str] = {}
-    width, _, _ = _input_width(grid, 4, folder, cfg, nodes)  # type: ignore[arg-type]
+    prompt = PromptGrid(grid)  # type: ignore[arg-type]
+    width, _, _ = _input_width(prompt, 4, folder, cfg, nodes)
     hook = LedgerReceipts(folder, store_path(cfg.ledger_dir, cfg.out_dir))
     hook.name_nodes(nodes)
     base = FedAvg(min_available_nodes=4, min_train_nodes=4, min_evaluate_nodes=4)
     strategy = FedsafeStrategy(base, folder, hooks=[hook])
     strategy.hooks.append(CheckpointHook(folder, base, new_run_id(), strategy.pending_record))
-    prompt = PromptGrid(grid, observers=[strategy.note_exchange])  # type: ignore[arg-type]
+    prompt.observers.append(strategy.note_exchange)
     strategy.start(prompt, ArrayRecord(build_model("logreg", width, 42).state_dict()), 1)
     return folder, grid
 
