@@ -41,7 +41,7 @@ from fedsafe.server.reply_checks import ReplyRejected, metrics_of, reply_error, 
 from fedsafe.server.run_folder import RunFolder, new_run_dir
 from fedsafe.server.run_outcome import read_outcome
 from fedsafe.server.site_dp import SiteLevelDPStrategy
-from fedsafe.server.site_identity import set_event_sink
+from fedsafe.server.site_identity import registry_path, set_event_sink
 from fedsafe.server.site_policies import (
     BUDGETS_FILE,
     DeclaredSite,
@@ -212,8 +212,9 @@ def coordinate(grid: Grid, context: Context, task: Task | None = None) -> None:
         inner = SiteLevelDPStrategy(
             base, cfg.site_dp_noise_multiplier, cfg.site_dp_clip, cfg.target_delta, folder.path
         )
-    # One receipt store per coordinator, across runs (issue 13): beside the ledgers or out-dir.
-    receipts = LedgerReceipts(folder, store_path(cfg.ledger_dir, cfg.out_dir))
+    # One receipt store per coordinator, across runs (issue 13): beside the ledgers (simulation)
+    # or the admission record (deployment), else in out-dir.
+    receipts = LedgerReceipts(folder, store_path(cfg.ledger_dir, cfg.out_dir, registry_path()))
     receipts.name_nodes(nodes)
     strategy = FedsafeStrategy(
         inner,

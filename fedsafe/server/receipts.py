@@ -7,14 +7,14 @@ training message to that site (a site whose ledger does not extend it refuses to
 :mod:`fedsafe.client.mods.receipts`), and drops a reply whose receipt goes back (lower lifetime
 epsilon or fewer entries) or is malformed.
 
-Receipts outlive a run. The coordinator-wide store (:data:`STORE_FILE`, one per coordinator:
-beside the ledgers, ``<ledger-dir>/coordinator-receipts.json``, when the run config names a
-ledger folder, as a simulation does; else ``<out-dir>/coordinator-receipts.json``) is read at
-run start and rewritten atomically after each accepted reply, keyed by the site's admitted name
-(:mod:`fedsafe.server.site_identity`; a simulated site's own name). So a site whose ledger and
-secrets folder were restored from an old copy between runs is refused in the next run. The run
-folder keeps its own copy (``receipts.json``: the sites of this run, for the report); a resumed
-run reads both and keeps, per site, the receipt further along.
+Receipts outlive a run. The coordinator-wide store (:data:`STORE_FILE`, one per coordinator,
+:func:`store_path`: beside the ledgers when the run config names a ledger folder, as a
+simulation does; else beside the admission record in the coordinator's Flower home; else in
+``out-dir``) is read at run start and rewritten atomically after each accepted reply, keyed
+by the site's admitted name (:mod:`fedsafe.server.site_identity`; a simulated site's own
+name). So a site whose ledger and secrets folder were restored from an old copy between runs is
+refused in the next run. The run folder keeps its own copy (``receipts.json``: the sites of this
+run, for the report); a resumed run reads both and keeps, per site, the receipt further along.
 
 The coordinator is not trusted for the guarantee: it can forget or withhold a receipt, which
 only removes this check. A receipt never lowers what a site spends.
@@ -48,19 +48,27 @@ STORE_FILE = "coordinator-receipts.json"
 RECEIPT_RECORD = "receipt"
 
 
-def store_path(ledger_dir: str, out_dir: str) -> Path:
-    """Where the coordinator-wide receipt store lives for a run config's folders.
+def store_path(ledger_dir: str, out_dir: str, admitted: Path | None = None) -> Path:
+    """Where the coordinator-wide receipt store lives.
 
     Parameters
     ----------
     ledger_dir
         The run config's ``ledger-dir`` ("" when none): a simulation's store sits beside its
-        ledgers, so removing the ledgers removes their receipts too.
+        ledgers (keyed by simulated site name), so removing the ledgers removes their receipts.
     out_dir
-        The run config's ``out-dir`` (parent of the run folders): the store of a deployed
-        coordinator.
+        The run config's ``out-dir`` (parent of the run folders): the store when there is
+        neither a ledger folder nor an admission record.
+    admitted
+        The coordinator's admission record (``admitted.json``,
+        :func:`fedsafe.server.site_identity.registry_path`): a deployed coordinator's store sits
+        beside it, in its Flower home, keyed by the names it admits.
     """
-    return Path(ledger_dir or out_dir) / STORE_FILE
+    if ledger_dir:
+        return Path(ledger_dir) / STORE_FILE
+    if admitted is not None:
+        return Path(admitted).parent / STORE_FILE
+    return Path(out_dir) / STORE_FILE
 
 
 def read_receipts(path: Path) -> dict[str, LedgerReceipt]:

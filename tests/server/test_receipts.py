@@ -279,8 +279,10 @@ def test_a_new_account_from_a_backup_extends_the_stored_receipt(tmp_path: Path) 
     assert all(after[s].count == before[s].count + 1 for s in before)
 
 
-def test_the_store_sits_beside_the_ledgers_else_in_the_out_dir() -> None:
-    assert store_path("/l", "runs") == Path("/l") / STORE_FILE
+def test_the_store_sits_beside_the_ledgers_else_the_admission_record_else_in_out_dir() -> None:
+    admitted = Path("/coord/flwr-home/admitted.json")
+    assert store_path("/l", "runs", admitted) == Path("/l") / STORE_FILE
+    assert store_path("", "runs", admitted) == Path("/coord/flwr-home") / STORE_FILE
     assert store_path("", "runs") == Path("runs") / STORE_FILE
 
 
