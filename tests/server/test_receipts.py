@@ -294,3 +294,21 @@ def test_an_unreadable_store_is_one_line_naming_the_file(tmp_path: Path, text: s
         LedgerReceipts(RunFolder(tmp_path / "run"), store)
     assert "\n" not in str(info.value)
     assert store.read_text() == text  # nothing already written is lost
+
+
+def test_a_resumed_run_keeps_per_site_the_receipt_further_along(tmp_path: Path) -> None:
+    """The store and the run folder's copy both count: neither can take a site back."""
+    store = tmp_path / "ledgers" / STORE_FILE
+    store.parent.mkdir()
+    ahead, behind = LedgerReceipt(3, HEAD, 0.9), LedgerReceipt(2, HEAD, 0.6)
+    store.write_text(json.dumps({"site-1": ahead.to_metrics(), "site-2": behind.to_metrics()}))
+    folder = RunFolder(tmp_path / "run")
+    folder.write_json(RECEIPTS_FILE, {"site-1": behind.to_metrics(), "site-2": ahead.to_metrics()})
+    hook = LedgerReceipts(folder, store)
+    assert hook.receipts == {"site-1": ahead, "site-2": ahead}
+    hook.name_nodes({11: "site-1"})
+    content = RecordDict()
+    hook.outgoing(1, 11, content)
+    assert LedgerReceipt.from_metrics(dict(content["receipt"])) == ahead
+    hook.outgoing(1, 12, content := RecordDict())  # a node no query named: nothing sent
+    assert "receipt" not in content
