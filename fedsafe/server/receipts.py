@@ -168,12 +168,31 @@ class LedgerReceipts(SiteHooks):
         self.receipts[reply.site] = receipt
         self._in_run.add(reply.site)
         if self.store is not None:
-            self.store.parent.mkdir(parents=True, exist_ok=True)
-            text = _dumps({n: r for n, r in self.receipts.items()})
-            replace_atomically(self.store, lambda fh: fh.write(text.encode("utf-8")))
+            self._save_store()
         self.folder.write_json(
             RECEIPTS_FILE, {n: self.receipts[n].to_metrics() for n in sorted(self._in_run)}
         )
+
+    def _save_store(self) -> None:
+        """Merge into the store as it is on disk now (another run may have written it).
+
+        Per site the receipt further along is kept, so a run that started earlier never takes
+        a site's receipt back. A store that became unreadable is left as it is (logged); the
+        run folder's copy still holds this run's receipts.
+        """
+        assert self.store is not None
+        try:
+            on_disk = read_receipts(self.store)
+        except UserError as exc:
+            log.error("fedsafe: the receipt store is not updated: %s", exc)
+            self.folder.log_event("receipt-store-unreadable", reason=str(exc))
+            return
+        merged = dict(self.receipts)
+        for name, receipt in on_disk.items():
+            merged[name] = _further(receipt, merged[name]) if name in merged else receipt
+        self.store.parent.mkdir(parents=True, exist_ok=True)
+        text = _dumps(merged)
+        replace_atomically(self.store, lambda fh: fh.write(text.encode("utf-8")))
 
     @staticmethod
     def _receipt_of(reply: SiteReply) -> LedgerReceipt | None:

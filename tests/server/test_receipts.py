@@ -312,3 +312,32 @@ def test_a_resumed_run_keeps_per_site_the_receipt_further_along(tmp_path: Path) 
     assert LedgerReceipt.from_metrics(dict(content["receipt"])) == ahead
     hook.outgoing(1, 12, content := RecordDict())  # a node no query named: nothing sent
     assert "receipt" not in content
+
+
+def test_two_runs_writing_one_store_never_take_a_receipt_back(tmp_path: Path) -> None:
+    """Each write merges with the store on disk: a run started earlier keeps the other's."""
+    from fedsafe.server.reply_checks import SiteReply
+
+    store = tmp_path / STORE_FILE
+    early = LedgerReceipts(RunFolder(tmp_path / "run-a"), store)
+    late = LedgerReceipts(RunFolder(tmp_path / "run-b"), store)
+
+    def reply(site: str, receipt: LedgerReceipt) -> SiteReply:
+        return SiteReply(1, site, {}, None, receipt.to_metrics())
+
+    late.accepted(1, reply("site-1", LedgerReceipt(5, HEAD, 1.5)))
+    early.accepted(1, reply("site-1", LedgerReceipt(4, HEAD, 1.2)))
+    early.accepted(1, reply("site-2", LedgerReceipt(1, HEAD, 0.3)))
+    assert read_receipts(store) == {
+        "site-1": LedgerReceipt(5, HEAD, 1.5),
+        "site-2": LedgerReceipt(1, HEAD, 0.3),
+    }
+    # A store damaged mid-run is left as it is; the run folder keeps this run's receipts.
+    store.write_text("{broken")
+    early.accepted(2, reply("site-2", LedgerReceipt(2, HEAD, 0.5)))
+    assert store.read_text() == "{broken"
+    assert (
+        json.loads((tmp_path / "run-a" / RECEIPTS_FILE).read_text())["site-2"]["receipt-count"] == 2
+    )
+    events = (tmp_path / "run-a" / "events.jsonl").read_text()
+    assert "receipt-store-unreadable" in events
