@@ -213,8 +213,9 @@ def coordinate(grid: Grid, context: Context, task: Task | None = None) -> None:
             base, cfg.site_dp_noise_multiplier, cfg.site_dp_clip, cfg.target_delta, folder.path
         )
     # One receipt store per coordinator, across runs (issue 13): beside the ledgers (simulation)
-    # or the admission record (deployment), else in out-dir.
-    receipts = LedgerReceipts(folder, store_path(cfg.ledger_dir, cfg.out_dir, registry_path()))
+    # or the admission record (deployment), else beside the run folders (out-dir).
+    store = store_path(cfg.ledger_dir, folder.path.parent, registry_path())
+    receipts = LedgerReceipts(folder, store)
     receipts.name_nodes(nodes)
     strategy = FedsafeStrategy(
         inner,

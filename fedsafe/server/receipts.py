@@ -9,12 +9,13 @@ epsilon or fewer entries) or is malformed.
 
 Receipts outlive a run. The coordinator-wide store (:data:`STORE_FILE`, one per coordinator,
 :func:`store_path`: beside the ledgers when the run config names a ledger folder, as a
-simulation does; else beside the admission record in the coordinator's Flower home; else in
-``out-dir``) is read at run start and rewritten atomically after each accepted reply, keyed
-by the site's admitted name (:mod:`fedsafe.server.site_identity`; a simulated site's own
-name). So a site whose ledger and secrets folder were restored from an old copy between runs is
-refused in the next run. The run folder keeps its own copy (``receipts.json``: the sites of this
-run, for the report); a resumed run reads both and keeps, per site, the receipt further along.
+simulation does; else beside the admission record in the coordinator's Flower home; else
+beside the run folders, in ``out-dir``) is read at run start and rewritten atomically after
+each accepted reply, keyed by the site's admitted name (:mod:`fedsafe.server.site_identity`; a
+simulated site's own name). So a site whose ledger and secrets folder were restored from an old
+copy between runs is refused in the next run. The run folder keeps its own copy
+(``receipts.json``: the sites of this run, for the report); a resumed run reads both and keeps,
+per site, the receipt further along.
 
 The coordinator is not trusted for the guarantee: it can forget or withhold a receipt, which
 only removes this check. A receipt never lowers what a site spends.
@@ -48,7 +49,7 @@ STORE_FILE = "coordinator-receipts.json"
 RECEIPT_RECORD = "receipt"
 
 
-def store_path(ledger_dir: str, out_dir: str, admitted: Path | None = None) -> Path:
+def store_path(ledger_dir: str, out_dir: str | Path, admitted: Path | None = None) -> Path:
     """Where the coordinator-wide receipt store lives.
 
     Parameters
@@ -57,8 +58,8 @@ def store_path(ledger_dir: str, out_dir: str, admitted: Path | None = None) -> P
         The run config's ``ledger-dir`` ("" when none): a simulation's store sits beside its
         ledgers (keyed by simulated site name), so removing the ledgers removes their receipts.
     out_dir
-        The run config's ``out-dir`` (parent of the run folders): the store when there is
-        neither a ledger folder nor an admission record.
+        The folder of the run folders (``out-dir``; the ServerApp passes its run folder's
+        parent): the store when there is neither a ledger folder nor an admission record.
     admitted
         The coordinator's admission record (``admitted.json``,
         :func:`fedsafe.server.site_identity.registry_path`): a deployed coordinator's store sits

@@ -341,3 +341,35 @@ def test_two_runs_writing_one_store_never_take_a_receipt_back(tmp_path: Path) ->
     )
     events = (tmp_path / "run-a" / "events.jsonl").read_text()
     assert "receipt-store-unreadable" in events
+
+
+def test_the_server_app_keeps_receipts_beside_the_ledgers_across_runs(
+    tmp_path: Path, ledger_secrets: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fedsafe's ServerApp (in process) twice over the real ClientApp's simulated sites: the
+    store sits beside the ledgers, and sites that lost ledger and secrets refuse run 2."""
+    from flwr.app import Context
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedsafe.server.app import main as server_main
+
+    for name, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)  # what a ServerApp process has
+    ledgers = tmp_path / "ledgers"
+
+    def run(name: str) -> RunFolder:
+        config = {**_heart_config(ledgers), "run-dir": str(tmp_path / name), "min-sites": 4}
+        sites = ClientAppSites(config, {n: n - 1 for n in NODES})
+        server_main(FakeGrid(NODES, sites), Context(7, 0, {}, RecordDict(), config))  # type: ignore[arg-type]
+        return RunFolder(tmp_path / name)
+
+    run("run-1")
+    stored = read_receipts(ledgers / STORE_FILE)
+    assert len(stored) == 4 and all(r.count == 1 for r in stored.values())
+    assert not (tmp_path / STORE_FILE).exists()  # beside the ledgers, not the run folders
+    for item in (*ledgers.iterdir(), *ledger_secrets.iterdir()):  # both lost
+        if item.name != STORE_FILE:
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    sites = run("run-2").rounds()[0]["sites"]
+    assert len(sites) == 4 and all(s["refused-setting"] == "ledger-receipt" for s in sites.values())
+    assert read_receipts(ledgers / STORE_FILE) == stored
