@@ -36,12 +36,12 @@ from fedsafe.server.checkpoint import (
     restore_strategy_state,
 )
 from fedsafe.server.grid import PhaseDeadlines, PromptGrid
-from fedsafe.server.receipts import LedgerReceipts
+from fedsafe.server.receipts import LedgerReceipts, store_path
 from fedsafe.server.reply_checks import ReplyRejected, metrics_of, reply_error, site_name
 from fedsafe.server.run_folder import RunFolder, new_run_dir
 from fedsafe.server.run_outcome import read_outcome
 from fedsafe.server.site_dp import SiteLevelDPStrategy
-from fedsafe.server.site_identity import set_event_sink
+from fedsafe.server.site_identity import registry_path, set_event_sink
 from fedsafe.server.site_policies import (
     BUDGETS_FILE,
     DeclaredSite,
@@ -80,8 +80,16 @@ MAX_INPUT_WIDTH = 1_000_000
 
 
 def _input_width(
-    grid: Grid, num_sites: int, folder: RunFolder, cfg: RunConfig
+    grid: Grid,
+    num_sites: int,
+    folder: RunFolder,
+    cfg: RunConfig,
+    nodes: dict[int, str] | None = None,
 ) -> tuple[int, list[str], dict[str, DeclaredSite]]:
+    """The sites' common input width, feature names and declared policies.
+
+    ``nodes``, when given, is filled with node id -> admitted name of each accepted reply.
+    """
     widths: dict[str, int] = {}
     features: dict[str, str] = {}
     declared: dict[str, DeclaredSite] = {}
@@ -115,6 +123,8 @@ def _input_width(
         widths[name] = int(width)
         features[name] = feature_names
         declared[name] = site_declared
+        if nodes is not None:
+            nodes[node] = name
     if not widths:
         raise RuntimeError("no site could load its data; see events.jsonl in the run folder")
     if len(set(features.values())) != 1:
@@ -178,7 +188,8 @@ def coordinate(grid: Grid, context: Context, task: Task | None = None) -> None:
     )
     deadlines = PhaseDeadlines(train_s=cfg.train_deadline_s, evaluate_s=cfg.evaluate_deadline_s)
     prompt = PromptGrid(grid, deadlines)
-    width, feature_names, declared = _input_width(prompt, num_sites, folder, cfg)
+    nodes: dict[int, str] = {}
+    width, feature_names, declared = _input_width(prompt, num_sites, folder, cfg, nodes)
     if budgets := declared_budgets(declared):  # the report shows each site's own budget
         folder.write_json(BUDGETS_FILE, budgets)
     model_name = task.name if task is not None else run_model_name(cfg)
@@ -201,11 +212,16 @@ def coordinate(grid: Grid, context: Context, task: Task | None = None) -> None:
         inner = SiteLevelDPStrategy(
             base, cfg.site_dp_noise_multiplier, cfg.site_dp_clip, cfg.target_delta, folder.path
         )
+    # One receipt store per coordinator, across runs (issue 13): beside the ledgers (simulation)
+    # or the admission record (deployment), else beside the run folders (out-dir).
+    store = store_path(cfg.ledger_dir, folder.path.parent, registry_path())
+    receipts = LedgerReceipts(folder, store)
+    receipts.name_nodes(nodes)
     strategy = FedsafeStrategy(
         inner,
         folder,
         downlink=downlink,
-        hooks=[checks, LedgerReceipts(folder)],
+        hooks=[checks, receipts],
         round_offset=resumed.round if resumed is not None else 0,
         site_wait_s=cfg.site_wait_s,
         message_ttl_s={"train": deadlines.train_s, "evaluate": deadlines.evaluate_s},
