@@ -546,6 +546,16 @@ class SitePrivacyLedger:
             by_id = read_anchor(
                 self._secrets, self._path, file=self._secrets.id_anchor_path(self._ledger_id)
             )
+            if anchor is None and by_id is None and entries:
+                # Every record moves both anchors: a keyed ledger with releases and neither
+                # anchor means the anchors were lost (an older copy could then pass as whole).
+                raise LedgerTamperedError(
+                    f"privacy ledger {self._path} holds {len(entries)} entries but the site's "
+                    f"ledger-secrets folder {self._secrets.directory} holds no anchor of it (the "
+                    "anchors were deleted, or the ledger comes from elsewhere); restore the "
+                    "ledger-secrets folder from its backup, or open a new account that carries "
+                    "its releases: `fedsafe privacy new-account --ledger PATH --who ... --why ...`"
+                )
             if by_id is not None and _behind(entries, by_id):
                 raise LedgerTamperedError(
                     f"privacy ledger {self._path} is behind a copy of the same ledger at "
@@ -930,6 +940,17 @@ def migrate_unkeyed_ledger(
         Path(str(path) + suffix).unlink(missing_ok=True)
     os.replace(path, kept)
     os.replace(tmp, path)
+    with anchor_lock(keys):  # the migrated ledger is anchored here, explicitly (who and why)
+        write_anchor(
+            keys,
+            LedgerAnchor(
+                ledger_id=ledger_id,
+                ledger_path=str(path),
+                count=len(entries),
+                head=prev,
+                lifetime_epsilon=_lifetime(entries),
+            ),
+        )
     with SitePrivacyLedger.open(path, create=False, secrets_=keys) as ledger:
         ledger.verify()
     return kept

@@ -397,3 +397,24 @@ def test_a_budget_record_only_tightens_by_itself(ledger_secrets: Path) -> None:
     path.write_text(json.dumps({**raw, "epsilon": 30.0}))
     with pytest.raises(UserError, match="budget record .* was edited"):
         checked_budget(keys, "hospital-a", 3.0, 1e-5)
+
+
+def test_lost_anchors_then_an_older_copy_restored_is_refused(
+    ledger_secrets: Path, tmp_path: Path
+) -> None:
+    """attack13's residual 2: the anchors folder deleted, then an older ledger copy restored."""
+    path, backup = tmp_path / "site.sqlite", tmp_path / "backup.sqlite"
+    _fill(path, 1)
+    _copy(path, backup)
+    _fill(path, 2, start=2)
+    shutil.rmtree(ledger_secrets / "anchors")
+    _restore(backup, path)
+    with pytest.raises(LedgerTamperedError, match="holds no anchor of it.*new-account"):
+        SitePrivacyLedger.open(path)
+    # The explicit way out composes every release at hand and records who and why.
+    from fedsafe.privacy.new_account import open_new_account
+
+    opening, _ = open_new_account(path, by="dpo", why="anchors lost; restored backup")
+    assert opening.carried == 1
+    with SitePrivacyLedger.open(path) as ledger:
+        assert len(ledger.entries()) == 1
