@@ -67,13 +67,14 @@ def _signal_tree(proc: FlowerProcess, sig: signal.Signals) -> None:
             pass
 
 
-def _undelivered_train(state_db: Path) -> list[int]:
-    """Flower run ids of the train messages waiting at the SuperLink, not yet pulled."""
+def _undelivered_train(state_db: Path) -> list[tuple[int, int]]:
+    """(Flower run id, node id) of each train message waiting at the SuperLink, not pulled."""
     with sqlite3.connect(f"file:{state_db}?mode=ro", uri=True) as db:
         rows = db.execute(
-            "SELECT run_id FROM message_ins WHERE message_type = 'train' AND delivered_at = ''"
+            "SELECT run_id, dst_node_id FROM message_ins"
+            " WHERE message_type = 'train' AND delivered_at = ''"
         )
-        return [int(r) % (1 << 64) for (r,) in rows]
+        return [(int(r) % (1 << 64), int(n) % (1 << 64)) for r, n in rows]
 
 
 def _pulls(access_log: Path) -> int:
@@ -133,7 +134,8 @@ def test_a_site_returning_after_the_stop_does_not_train_the_stopped_run(
         events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
         assert events[-1]["kind"] == "run-stopped", events
         flower_id = int(events[-1]["flower_run_id"])
-        assert train == [flower_id]  # round 1's message was waiting for the frozen site
+        ((train_run, node),) = train  # round 1's message was waiting for the frozen site
+        assert train_run == flower_id
         # Flower 1.42's SuperLink drops a stopped run's messages and objects (stop_run ->
         # cleanup_run): nothing is left for the returning site to pull.
         assert _undelivered_train(coord / "state.db") == []
@@ -141,6 +143,11 @@ def test_a_site_returning_after_the_stop_does_not_train_the_stopped_run(
         # The site crashes and is started again, and polls the coordinator for a while.
         _signal_tree(site, signal.SIGKILL)
         site.wait(30)
+        # Flower refuses to activate a node whose heartbeat lease has not lapsed yet.
+        end = time.monotonic() + 120
+        while any(s.status == "online" for s in list_sites(coord / "flwr-home")):
+            assert time.monotonic() < end, "the killed site's lease never lapsed"
+            time.sleep(1)
         access = coord / "proxy" / "access.log"
         polls = _pulls(access)
         again = procs.add(_restart_site(tmp_path, name, public, pki_dir, csv, schema))
@@ -151,9 +158,13 @@ def test_a_site_returning_after_the_stop_does_not_train_the_stopped_run(
             time.sleep(0.5)
 
         work = tmp_path / "sites" / name
+        # The returning site is the message's addressee: the same Flower node as before.
+        assert f"SuperNode ID: {node}" in (work / "logs" / "supernode.log").read_text()
         logs = "\n".join(p.read_text(errors="replace") for p in work.rglob("*.log"))
         assert "Receiving: train" not in logs
-        assert _ledger_entries(ledger) == 0  # nothing released, before or after the stop
+        assert (
+            ledger.is_file() and _ledger_entries(ledger) == 0
+        )  # nothing released, before or after the stop
         after = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
         assert after == events  # no reply, no event after run-stopped
         assert not (run_dir / "rounds.jsonl").is_file() or not (
