@@ -1,11 +1,13 @@
 """A timed-out run writes no ledger entry after its stop (issue 13), with real processes.
 
-A heart site joins a TLS SuperLink behind the Fleet proxy, then freezes (SIGSTOP) while its
-heartbeat lease still says "online": ``fedsafe run --timeout`` samples it and round 1's train
-message waits for it at the SuperLink. Nobody replies, the run times out and is stopped. The
-site is then killed and started again (the site that returns of the issue): it pulls the queued
-message of the stopped run and must not train. The message's TTL is the phase deadline (one
-hour by default), so here it is the run's status, not the TTL, that keeps the site from training.
+A heart site joins a TLS SuperLink behind the Fleet proxy, answers the run's query, then
+freezes (SIGSTOP) while its heartbeat lease still says "online": round 1's train message waits
+for it at the SuperLink. Nobody replies, ``fedsafe run --timeout`` gives up and stops the run.
+The site is then killed and, once its lease lapsed, started again as the same Flower node (the
+returning site of the issue). The message's TTL is the phase deadline (one hour by default),
+so the TTL does not protect it here: the stop does (Flower 1.42 drops a stopped run's messages).
+The site polls the coordinator several times and must not train: no train message reaches it,
+its ledger holds no entry, and the run folder has no event after ``run-stopped``.
 """
 
 from __future__ import annotations
