@@ -6,9 +6,12 @@ coordinator's connection in its Flower home, as every other operator command doe
 ``logs/flwr-run.log`` (``flwr run`` prints "Successfully started run N") and in
 ``config.json`` (``run-id``, written by the ServerApp when it starts).
 
-A stopped run's ServerApp ends; Flower keeps the run's undelivered messages until their TTL,
-which fedsafe's strategy sets to the phase deadline, so a site that comes back after the
-deadline finds no message of the stopped run to train on.
+A stopped run's ServerApp ends, and Flower 1.42's SuperLink drops the run's undelivered
+messages and objects when it stops the run (``LinkState.stop_run`` cleans the run up); a
+SuperNode also ignores a message whose run is no longer running. A site that comes back after
+the stop finds no message of the stopped run to train on
+(``tests/transport/test_stopped_run.py``). Without a stop, no message waits longer than its TTL,
+which fedsafe's strategy sets to the phase deadline.
 """
 
 from __future__ import annotations
