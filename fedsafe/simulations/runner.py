@@ -1,15 +1,18 @@
 """Run a fedsafe scenario on Flower's simulation engine, the way Flower 1.42 supports it.
 
-``run_simulation`` starts its own ``flower-superlink --simulation`` on a free 127.0.0.1 port,
-submits the app with ``flwr run`` (one virtual SuperNode per site, on Ray), follows the run
-folder to show progress, and stops every process it started when the run ends, fails or is
-interrupted. ``FLWR_HOME`` points into a temporary folder, so nothing is written to ``~/.flwr``.
+``run_simulation`` uses a ``flower-superlink --simulation`` on a free 127.0.0.1 port (its own,
+or a :class:`SimulationSuperLink` the caller started earlier so that its start-up overlaps the
+caller's checks), submits the app with ``flwr run`` (one virtual SuperNode per site, on Ray),
+follows the run folder to show progress, and stops every process it started when the run
+ends, fails or is interrupted. ``FLWR_HOME`` points into a temporary folder, so nothing is
+written to ``~/.flwr``.
 
 Start-up (issue 17). The run is submitted only once the SuperLink's Control API answers a real
 request (:func:`wait_control_api`), not when its ``/health`` route first answers, so ``flwr
 run`` cannot meet "Connection to the SuperLink is unavailable" while the server still starts.
 The processes that run ClientApps start with glibc settings that keep freed memory
-(:data:`~fedsafe.training.malloc_tuning.KEEP_FREED_MEMORY_ENV`).
+(:data:`~fedsafe.training.malloc_tuning.KEEP_FREED_MEMORY_ENV`) and send no usage reports
+(``FLWR_TELEMETRY_ENABLED=0``). ``bench/startup.py`` measures the time to the first round.
 """
 
 from __future__ import annotations
