@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedsafe.cli.options import parse_budget
 from fedsafe.cli.task_options import TASK_HELP
 from fedsafe.config import DEFAULT_RUN_CONFIG, GRAD_SAMPLE_MODES, STRATEGIES, RunConfig
 from fedsafe.errors import UserError
 from fedsafe.server.run_outcome import RunOutcome, read_outcome
+
+if TYPE_CHECKING:
+    from fedsafe.simulations.runner import SimulationSuperLink
 
 SIM_EPILOG = """examples:
   fedsafe simulate --scenario heart --epsilon 1 --delta 1e-4
@@ -406,13 +409,24 @@ def own_sites(cfg: RunConfig) -> tuple[str, tuple[Any, ...]]:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    """Run the simulation, show progress, print the final table."""
+    """Run the simulation, show progress, print the final table.
+
+    The simulation SuperLink starts first, so its start-up overlaps the checks below (issue
+    17); it is stopped however the command ends.
+    """
+    from fedsafe.simulations.runner import SimulationSuperLink
+
+    cfg = config_from_args(args)
+    with SimulationSuperLink() as superlink:
+        return _run_simulate(args, cfg, superlink)
+
+
+def _run_simulate(args: argparse.Namespace, cfg: RunConfig, superlink: SimulationSuperLink) -> int:
     from fedsafe.client.policy import public_size_of
     from fedsafe.simulations.runner import SimulationFailed, run_simulation
     from fedsafe.simulations.tables import final_table, progress_line
     from fedsafe.tasks.scenarios import HEADLINE_OF, default_num_sites, load_scenario
 
-    cfg = config_from_args(args)
     if args.resume is not None:
         from fedsafe.cli.resume import resume_values
 
@@ -479,6 +493,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             num_sites,
             on_round=lambda r: print(progress_line(r, cfg.num_server_rounds, metric), flush=True),
             num_gpus_per_site=gpu_share(cfg.device, args.gpus_per_site),
+            superlink=superlink,
         )
     except SimulationFailed as exc:
         from pathlib import Path

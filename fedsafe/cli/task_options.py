@@ -12,11 +12,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedsafe.config import RunConfig
-from fedsafe.data.site_data import SiteData
-from fedsafe.tasks.task import SiteRef, Task, checked_task_model, load_task
+
+if TYPE_CHECKING:
+    from fedsafe.data.site_data import SiteData
+    from fedsafe.tasks.task import Task
+
+# fedsafe.tasks.task and fedsafe.data.site_data import torch (seconds): they are imported where
+# used, so building the CLI's parser (which reads TASK_HELP) does not pay for them (issue 17).
 
 TASK_HELP = (
     "your own task, package.module:attr naming a fedsafe.Task (the module must import from "
@@ -43,6 +48,8 @@ def import_task(path: str) -> Task:
     here = os.getcwd()
     if here not in sys.path:
         sys.path.insert(0, here)
+    from fedsafe.tasks.task import load_task
+
     return load_task(path)
 
 
@@ -50,7 +57,9 @@ def simulated_task_sites(
     cfg: RunConfig, task: Task, site_paths: tuple[tuple[str, str], ...]
 ) -> tuple[SiteData, ...]:
     """Every simulated site's data, loaded here before Flower starts (each problem up front)."""
+    from fedsafe.data.site_data import SiteData
     from fedsafe.errors import UserError
+    from fedsafe.tasks.task import SiteRef
 
     options = {
         k: v
@@ -123,7 +132,9 @@ def site_task_records(path: str, name: str, data: Any, schema: Any) -> int:
     UserError
         If the task does not import, or its ``load`` fails or returns no SiteData.
     """
+    from fedsafe.data.site_data import SiteData
     from fedsafe.errors import UserError
+    from fedsafe.tasks.task import SiteRef
 
     task = import_task(path)
     try:
@@ -144,6 +155,8 @@ def check_task_model(task: Task, num_features: int, seed: int) -> None:
 
     A model DP-SGD cannot train is refused here (exit code 2) rather than at every site.
     """
+    from fedsafe.tasks.task import checked_task_model
+
     checked = checked_task_model(task, num_features, seed)
     if checked.note:
         print(f"fedsafe: {checked.note}", flush=True)

@@ -22,11 +22,15 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import dp_accounting
+from typing import TYPE_CHECKING, Any
 
 from fedsafe.strict_json import strict_dumps
+
+if TYPE_CHECKING:
+    import dp_accounting
+
+# dp_accounting (with scipy) is imported where used: the ServerApp imports this module, and a
+# run without site-level DP should not pay seconds of imports before round 1 (issue 17).
 
 #: The file of a run folder that records the coordinator's site-level releases.
 SITE_DP_FILE = "site_dp.json"
@@ -72,6 +76,8 @@ class SiteLevelDP:
 
         Multiplier ``sigma / 2``: one replaced site moves the sum by up to ``2 C``.
         """
+        import dp_accounting
+
         return dp_accounting.SelfComposedDpEvent(
             dp_accounting.GaussianDpEvent(self.noise_multiplier / 2), self.rounds
         )
@@ -80,7 +86,9 @@ class SiteLevelDP:
         """Epsilon at :attr:`delta` of every round released (0 before the first)."""
         if self.rounds == 0:
             return 0.0
-        accountant = dp_accounting.pld.PLDAccountant()
+        from dp_accounting.pld import PLDAccountant
+
+        accountant = PLDAccountant()
         accountant.compose(self.event())
         return float(accountant.get_epsilon(self.delta))
 

@@ -1,15 +1,18 @@
 """Run a fedsafe scenario on Flower's simulation engine, the way Flower 1.42 supports it.
 
-``run_simulation`` starts its own ``flower-superlink --simulation`` on a free 127.0.0.1 port,
-submits the app with ``flwr run`` (one virtual SuperNode per site, on Ray), follows the run
-folder to show progress, and stops every process it started when the run ends, fails or is
-interrupted. ``FLWR_HOME`` points into a temporary folder, so nothing is written to ``~/.flwr``.
+``run_simulation`` uses a ``flower-superlink --simulation`` on a free 127.0.0.1 port (its own,
+or a :class:`SimulationSuperLink` the caller started earlier so that its start-up overlaps the
+caller's checks), submits the app with ``flwr run`` (one virtual SuperNode per site, on Ray),
+follows the run folder to show progress, and stops every process it started when the run
+ends, fails or is interrupted. ``FLWR_HOME`` points into a temporary folder, so nothing is
+written to ``~/.flwr``.
 
 Start-up (issue 17). The run is submitted only once the SuperLink's Control API answers a real
 request (:func:`wait_control_api`), not when its ``/health`` route first answers, so ``flwr
 run`` cannot meet "Connection to the SuperLink is unavailable" while the server still starts.
 The processes that run ClientApps start with glibc settings that keep freed memory
-(:data:`~fedsafe.training.malloc_tuning.KEEP_FREED_MEMORY_ENV`).
+(:data:`~fedsafe.training.malloc_tuning.KEEP_FREED_MEMORY_ENV`) and send no usage reports
+(``FLWR_TELEMETRY_ENABLED=0``). ``bench/startup.py`` measures the time to the first round.
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ def simulation_env(home: Path) -> dict[str, str]:
         {
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "RAY_DEDUP_LOGS": "0",
+            # No usage reports to flower.ai from the engine's processes (and no thread waiting
+            # on a network that a site's machine may not have).
+            "FLWR_TELEMETRY_ENABLED": "0",
             **KEEP_FREED_MEMORY_ENV,
         },
     )
@@ -108,6 +114,77 @@ def wait_control_api(base_url: str, timeout_s: float, proc: FlowerProcess | None
     return False
 
 
+class SimulationSuperLink:
+    """A ``flower-superlink --simulation`` on a free loopback port, started when created.
+
+    The CLI creates it first thing (issue 17), so the SuperLink's own start-up (seconds of
+    imports) overlaps the command's checks (data, preflight accounting) instead of following
+    them; :func:`run_simulation` then submits to it. It lives in a private temporary folder
+    (``FLWR_HOME``, state database, log); :meth:`close` stops every process that still carries
+    that ``FLWR_HOME`` and copies the log into the run folder's ``logs/``. A SuperLink serves
+    one run. Usable as a context manager; :meth:`close` may be called more than once.
+    """
+
+    def __init__(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="fedsafe-sim-")
+        tmp = Path(self._tmp.name)
+        self.home = tmp / "flwr-home"
+        self.home.mkdir()
+        self.port = free_port()
+        (self.home / "config.toml").write_text(_connection_toml(self.port))
+        self.log_path = tmp / "superlink.log"
+        self._closed = False
+        self.process: FlowerProcess = spawn(
+            "simulation superlink",
+            [
+                flower_bin("flower-superlink"),
+                "--insecure",
+                "--simulation",
+                "--isolation", "subprocess",
+                "--host", LOOPBACK,
+                "--port", str(self.port),
+                "--database", str(tmp / "state.db"),
+                "--disable-runtime-dependency-installation",
+            ],
+            log_path=self.log_path,
+            env=simulation_env(self.home),
+        )  # fmt: skip
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:<port>``."""
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def wait_ready(self, timeout_s: float = 60) -> bool:
+        """True once ``/health`` and then the Control API answer; False on timeout or exit."""
+        return wait_http_ok(f"{self.base_url}/health", timeout_s, self.process) and (
+            wait_control_api(self.base_url, timeout_s, self.process)
+        )
+
+    def close(self, logs: Path | None = None) -> None:
+        """Stop the SuperLink and all it started; copy its log to ``logs/superlink.log``."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.process.stop()
+            # Anything that detached itself still carries this run's private FLWR_HOME.
+            stop_by_env("FLWR_HOME", str(self.home.resolve()))
+            if logs is not None:
+                logs.mkdir(parents=True, exist_ok=True)
+                with open(logs / "superlink.log", "ab") as out:
+                    out.write(self.log_path.read_bytes())
+                (logs / "flwr_home.txt").write_text(str(self.home.resolve()))
+        finally:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> SimulationSuperLink:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
 def run_simulation(
     config: RunConfig,
     num_sites: int,
@@ -115,8 +192,12 @@ def run_simulation(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     num_gpus_per_site: float = 0.0,
     timeout_s: float = 3600,
+    superlink: SimulationSuperLink | None = None,
 ) -> SimulationResult:
     """Run ``config`` with ``num_sites`` virtual SuperNodes and return its run folder.
+
+    ``superlink``: one started earlier (its start-up overlapped the caller's work); it is
+    closed when this returns, as is the one started here without it.
 
     Raises
     ------
@@ -132,57 +213,27 @@ def run_simulation(
         values["ledger-dir"] = str(Path(values["ledger-dir"]).resolve())
     logs = run_dir / "logs"
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="fedsafe-sim-") as tmp_name:
-        tmp = Path(tmp_name)
-        home = tmp / "flwr-home"
-        home.mkdir()
-        port = free_port()
-        (home / "config.toml").write_text(_connection_toml(port))
-        env = simulation_env(home)
-        superlink: FlowerProcess | None = None
+    link = superlink if superlink is not None else SimulationSuperLink()
+    try:
+        if not link.wait_ready(60):
+            raise SimulationFailed(f"the simulation SuperLink did not start; see {logs}")
+        federation = (
+            f"num-supernodes={num_sites} client-resources-num-cpus=1 "
+            f"client-resources-num-gpus={float(num_gpus_per_site)}"
+        )
         try:
-            superlink = spawn(
-                "simulation superlink",
-                [
-                    flower_bin("flower-superlink"),
-                    "--insecure",
-                    "--simulation",
-                    "--isolation", "subprocess",
-                    "--host", LOOPBACK,
-                    "--port", str(port),
-                    "--database", str(tmp / "state.db"),
-                    "--disable-runtime-dependency-installation",
-                ],
-                log_path=logs / "superlink.log",
-                env=env,
-            )  # fmt: skip
-            base = f"http://{LOOPBACK}:{port}"
-            if not (
-                wait_http_ok(f"{base}/health", 60, superlink)
-                and wait_control_api(base, 60, superlink)
-            ):
-                raise SimulationFailed(f"the simulation SuperLink did not start; see {logs}")
-            federation = (
-                f"num-supernodes={num_sites} client-resources-num-cpus=1 "
-                f"client-resources-num-gpus={float(num_gpus_per_site)}"
+            followed = submit_and_follow(
+                CONNECTION,
+                link.home,
+                values,
+                run_dir,
+                federation_config=federation,
+                on_round=on_round,
+                timeout_s=timeout_s,
             )
-            try:
-                followed = submit_and_follow(
-                    CONNECTION,
-                    home,
-                    values,
-                    run_dir,
-                    federation_config=federation,
-                    on_round=on_round,
-                    timeout_s=timeout_s,
-                )
-            except RunFailed as exc:
-                raise SimulationFailed(str(exc)) from None
-        finally:
-            if superlink is not None:
-                superlink.stop()
-            # Anything that detached itself still carries this run's private FLWR_HOME.
-            stop_by_env("FLWR_HOME", str(home.resolve()))
-            (logs / "flwr_home.txt").write_text(str(home.resolve()))
+        except RunFailed as exc:
+            raise SimulationFailed(str(exc)) from None
+    finally:
+        link.close(logs)
     first = None if followed.first_round_at is None else followed.first_round_at - started
     return SimulationResult(run_dir, followed.rounds, followed.seconds, first)

@@ -150,3 +150,17 @@ def test_a_tiny_simulated_site_is_warned_about_in_one_line(capsys) -> None:
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "site clinic has fewer than 50 training records" in out
     assert "12" not in out  # the exact count is not printed
+
+
+def test_building_the_cli_parser_does_not_import_torch() -> None:
+    # Every `fedsafe simulate` builds the parser before it starts the SuperLink (issue 17).
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from fedsafe.cli.main import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

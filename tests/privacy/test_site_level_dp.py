@@ -68,3 +68,18 @@ def test_epsilon_covers_the_shift_one_site_makes_in_the_noised_mean():
     effective = std / shift  # the multiplier of the mechanism the neighbours see
     exact = dp_accounting.get_epsilon_gaussian(effective / math.sqrt(rounds), 1e-5)
     assert SiteLevelDP(sigma, clip, rounds, 1e-5).epsilon() >= exact - 1e-9
+
+
+def test_importing_site_level_dp_does_not_import_dp_accounting() -> None:
+    # The ServerApp imports this module; dp_accounting costs seconds before round 1 (issue 17).
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, fedsafe.privacy.site_level_dp as m; "
+        "print('dp_accounting' in sys.modules); "
+        "m.SiteLevelDP  # the module is usable without it"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from fedsafe.simulations.runner import simulation_env, wait_control_api
+from fedsafe.simulations.runner import SimulationSuperLink, simulation_env, wait_control_api
 from fedsafe.transport.processes import LOOPBACK, flower_bin, free_port, spawn, wait_http_ok
 
 
@@ -19,6 +19,11 @@ def test_engine_env_keeps_freed_memory(tmp_path):
     env = simulation_env(tmp_path)
     assert env["MALLOC_MMAP_MAX_"] == "0" and env["MALLOC_TRIM_THRESHOLD_"] == "2147483647"
     assert env["FLWR_HOME"] == str(tmp_path.resolve())
+
+
+def test_engine_env_sends_no_usage_reports(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")
+    assert simulation_env(tmp_path)["FLWR_TELEMETRY_ENABLED"] == "0"
 
 
 @pytest.mark.slow
@@ -40,3 +45,20 @@ def test_a_real_superlink_answers_the_control_probe(tmp_path):
         assert wait_control_api(base, 60, link)
     finally:
         link.stop()
+
+
+@pytest.mark.slow
+def test_a_started_simulation_superlink_is_stopped_and_leaves_its_log(tmp_path):
+    link = SimulationSuperLink()
+    home = link.home
+    try:
+        assert link.wait_ready(60)
+        assert link.process.running()
+    finally:
+        link.close(tmp_path / "logs")
+    assert not link.process.running()
+    assert not home.exists()  # its private FLWR_HOME and state database are gone
+    assert "Uvicorn running on" in (tmp_path / "logs" / "superlink.log").read_text()
+    assert (tmp_path / "logs" / "flwr_home.txt").read_text() == str(home.resolve())
+    link.close(tmp_path / "logs")  # a second close does nothing
+    assert (tmp_path / "logs" / "superlink.log").read_text().count("Uvicorn running on") == 1
