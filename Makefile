@@ -36,7 +36,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: $(STAMP) nginx lint typecheck
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --durations=25
 
 # Headless Chromium for the report screenshot test (skipped with a reason when absent).
 browser:
