@@ -90,13 +90,15 @@ _CAUSES: tuple[tuple[str, str], ...] = (
     ),
     (
         "failed to activate supernode",
-        "the coordinator refused this site's key: it is not "
-        "admitted (run `fedsafe coordinator admit SITE.pub` there) or was removed",
+        "the coordinator refused this site's key: it is not admitted (run `fedsafe coordinator "
+        "admit SITE.pub` there) or was removed, or this site was restarted within its last "
+        "heartbeat lease (about a minute): wait a minute and start it again",
     ),
     (
         "exit code: 305",
-        "the coordinator refused this site's key: it is not admitted (run "
-        "`fedsafe coordinator admit SITE.pub` there) or was removed",
+        "the coordinator refused this site's key: it is not admitted (run `fedsafe coordinator "
+        "admit SITE.pub` there) or was removed, or this site was restarted within its last "
+        "heartbeat lease (about a minute): wait a minute and start it again",
     ),
     (
         "certificate verify failed",
