@@ -44,12 +44,15 @@ from fedsafe.privacy.ledger import (
     _row_to_entry,
 )
 from fedsafe.privacy.ledger_anchor import (
+    AccountBinding,
     LedgerAnchor,
     LedgerSecrets,
     anchor_lock,
     canonical_json,
     read_anchor,
+    read_binding,
     write_anchor,
+    write_binding,
 )
 
 #: Meta key of the new account's opening record.
@@ -221,6 +224,9 @@ def open_new_account(
         floors["old-ledger"] = old_here.lifetime
     if receipt_epsilon is not None:
         floors["receipt"] = float(receipt_epsilon)
+    copies = _copies_floor(keys, path, anchor, old_here, carried)
+    if copies is not None:
+        floors["copy"] = copies
     entries = carried.entries if carried is not None else ()
     opening = carried.lifetime if carried is not None else 0.0
     short = {k: v for k, v in floors.items() if v > opening * (1 + 1e-12)}
@@ -241,10 +247,53 @@ def open_new_account(
         tuple(sorted(floors.items())),
     )  # fmt: skip
     kept = _keep_aside(path) if path.exists() else None
-    _write_new(path, keys, entries, record)
+    new_id = _write_new(path, keys, entries, record)
+    replaced = {a.ledger_id for a in (old_here, anchor) if a is not None and a.ledger_id}
+    _rebind(keys, replaced, new_id, path)
     with SitePrivacyLedger.open(path, create=False, secrets_=keys) as ledger:
         ledger.verify()
     return record, kept
+
+
+def _copies_floor(
+    keys: LedgerSecrets,
+    path: Path,
+    anchor: LedgerAnchor | None,
+    *ledgers: _OldAccount | None,
+) -> float | None:
+    """The furthest lifetime epsilon any copy of the replaced or carried ledgers reached.
+
+    A ledger copied elsewhere keeps its id, and the copy that went on moved that id's anchor
+    (:meth:`LedgerSecrets.id_anchor_path`) beyond this path's: without it as a floor, a new
+    account at the path that fell behind carried the shorter copy and forgot the other's
+    releases (attack13b).
+    """
+    ids = {a.ledger_id for a in ledgers if a is not None and a.ledger_id}
+    if anchor is not None:
+        ids.add(anchor.ledger_id)
+    figures = [
+        found.lifetime_epsilon
+        for ledger_id in sorted(ids)
+        if (found := read_anchor(keys, path, file=keys.id_anchor_path(ledger_id))) is not None
+    ]
+    return max(figures, default=None)
+
+
+def _rebind(keys: LedgerSecrets, replaced: set[str], new_id: str, path: Path) -> None:
+    """Move every site account bound to a replaced ledger to the new one at ``path``.
+
+    Without this a deployed site's binding named the closed ledger, whose id anchor holds
+    entries, and the site refused its own new account (attack13b).
+    """
+    with anchor_lock(keys):
+        for file in sorted((keys.directory / "anchors").glob("site-*.json")):
+            try:
+                site = str(json.loads(file.read_text())["site"])
+            except (ValueError, KeyError, TypeError):
+                continue  # read_binding names a malformed binding when the site opens
+            bound = read_binding(keys, site)
+            if bound is not None and bound.ledger_id in replaced:
+                write_binding(keys, AccountBinding(site, new_id, str(path)))
 
 
 def _keep_aside(path: Path) -> Path:
@@ -263,8 +312,11 @@ def _keep_aside(path: Path) -> Path:
 
 def _write_new(
     path: Path, keys: LedgerSecrets, entries: tuple[LedgerEntry, ...], record: AccountOpening
-) -> None:
-    """Write the new ledger (carried entries re-chained, the opening row) and its anchor."""
+) -> str:
+    """Write the new ledger (carried entries re-chained, the opening row) and its anchor.
+
+    Returns the new ledger's id.
+    """
     tmp = path.with_name(path.name + ".opening")
     tmp.unlink(missing_ok=True)
     ledger_id = secrets.token_hex(16)
@@ -310,6 +362,7 @@ def _write_new(
                 lifetime_epsilon=record.opening_epsilon,
             ),  # fmt: skip
         )
+    return ledger_id
 
 
 def read_account_opening(

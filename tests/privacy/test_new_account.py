@@ -89,3 +89,41 @@ def test_the_command_records_who_and_why_and_refuses_a_blank_in_one_line(tmp_pat
     assert code == 0 and "opened by dpo@site-a: 1 releases carried over" in out
     assert main(["privacy", "show", str(path)]) == 0
     assert "by dpo@site-a (new disk): 1 releases carried" in capsys.readouterr().out
+
+
+def test_a_new_account_never_opens_below_a_copy_that_went_further(tmp_path) -> None:
+    # attack13b: the ledger copied to a second folder, the site pointed at the copy, which
+    # spent on; back at the first path the copy-anchor refuses the ledger, so the admin opens
+    # a new account there. The copy's releases must not be forgotten.
+    path = _ledger(tmp_path, 2)
+    copy = tmp_path / "elsewhere" / "site-a.sqlite"
+    copy.parent.mkdir()
+    shutil.copy(path, copy)
+    with SitePrivacyLedger.open(copy) as ledger:
+        for rnd in (3, 4, 5):
+            ledger.record("r" * 32, rnd, EVENT, 1.0, DELTA, "site-records", "prv")
+        further = ledger.lifetime_epsilon()
+    with pytest.raises(LedgerTamperedError, match="behind a copy"):
+        SitePrivacyLedger.open(path)
+    before = path.read_bytes()
+    with pytest.raises(UserError, match=r"releases are missing.*copy"):
+        open_new_account(path, by="dpo", why="the site refused its ledger")
+    assert path.read_bytes() == before and not list(path.parent.glob("*.closed-*"))
+    opening, _ = open_new_account(path, by="dpo", why="carry the copy", source=copy)
+    assert opening.carried == 5 and opening.opening_epsilon == pytest.approx(further)
+    assert dict(opening.known_floors)["copy"] == pytest.approx(further)
+
+
+def test_a_deployed_sites_account_follows_its_new_account(tmp_path) -> None:
+    # attack13b: the account binding named the replaced ledger's id, whose anchor holds
+    # entries, so the site's own new account was refused as "not site a's account".
+    path = tmp_path / "ledgers" / "site-a.sqlite"
+    with SitePrivacyLedger.open(path, account="site-a") as ledger:
+        ledger.record("r" * 32, 1, EVENT, 1.0, DELTA, "site-records", "prv")
+        spent = ledger.lifetime_epsilon()
+    open_new_account(path, by="dpo", why="moved disks")
+    with SitePrivacyLedger.open(path, account="site-a") as ledger:
+        assert ledger.lifetime_epsilon() == pytest.approx(spent)
+    # Still one account: another ledger for the site is refused.
+    with pytest.raises(UserError, match="not site site-a's account"):
+        SitePrivacyLedger.open(tmp_path / "other.sqlite", account="site-a")
