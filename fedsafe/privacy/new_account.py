@@ -217,6 +217,8 @@ def open_new_account(
         if carried is None:
             raise UserError(f"new-account: --from {source} does not exist; give a ledger copy")
     anchor = read_anchor(keys, path)
+    if source is not None and carried is not None:
+        _check_same_account(keys, path, anchor, old_here, carried, source)
     floors: dict[str, float] = {}
     if anchor is not None:
         floors["anchor"] = anchor.lifetime_epsilon
@@ -253,6 +255,35 @@ def open_new_account(
     with SitePrivacyLedger.open(path, create=False, secrets_=keys) as ledger:
         ledger.verify()
     return record, kept
+
+
+def _check_same_account(
+    keys: LedgerSecrets,
+    path: Path,
+    anchor: LedgerAnchor | None,
+    old_here: _OldAccount | None,
+    carried: _OldAccount,
+    source: str | Path,
+) -> None:
+    """Refuse to carry another account's ledger into this path's (attack13b).
+
+    Two sites sharing one ledger-secrets folder write ledgers under the same key: ``--from``
+    naming the other site's file (or its backup) passed every check as long as it had spent
+    more, and the new account then held the other site's releases in place of this one's.
+    The carried ledger must be a copy of a ledger this path held: the anchor's, the file's
+    own, or the one the file's account was opened from.
+    """
+    known = {a.ledger_id for a in (anchor, old_here) if a is not None and a.ledger_id}
+    if old_here is not None:
+        opened = read_account_opening(path, keys)
+        if opened is not None and opened.previous_ledger_id:
+            known.add(opened.previous_ledger_id)
+    if known and carried.ledger_id not in known:
+        raise UserError(
+            f"new-account: --from {source} is another ledger (id {carried.ledger_id[:12]}) than "
+            f"the one this path held (id {', '.join(sorted(i[:12] for i in known))}); its "
+            "releases are not this site's. Give a copy or backup of this site's own ledger"
+        )
 
 
 def _copies_floor(

@@ -127,3 +127,23 @@ def test_a_deployed_sites_account_follows_its_new_account(tmp_path) -> None:
     # Still one account: another ledger for the site is refused.
     with pytest.raises(UserError, match="not site site-a's account"):
         SitePrivacyLedger.open(tmp_path / "other.sqlite", account="site-a")
+
+
+def test_another_sites_ledger_is_not_carried_into_this_sites_account(tmp_path) -> None:
+    # attack13b: two sites sharing one secrets folder (one key). Site b's ledger spent more,
+    # so --from it passed every floor, and site a's new account held site b's releases.
+    path = _ledger(tmp_path, 2)
+    other = tmp_path / "b" / "site-b.sqlite"
+    with SitePrivacyLedger.open(other) as ledger:
+        for rnd in (1, 2, 3):
+            ledger.record("b" * 32, rnd, EVENT, 1.0, DELTA, "site-records", "prv")
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="another ledger"):
+        open_new_account(path, by="dpo", why="restore", source=other)
+    assert path.read_bytes() == before and not list(path.parent.glob("*.closed-*"))
+    # A backup of its own ledger, even after an earlier new account, is carried.
+    backup = tmp_path / "backup.sqlite"
+    shutil.copy(path, backup)
+    open_new_account(path, by="dpo", why="moved disks")
+    opening, _ = open_new_account(path, by="dpo", why="restore", source=backup)
+    assert opening.carried == 2
