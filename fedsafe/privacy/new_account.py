@@ -47,12 +47,15 @@ from fedsafe.privacy.ledger_anchor import (
     AccountBinding,
     LedgerAnchor,
     LedgerSecrets,
+    account_budget_key,
     anchor_lock,
     canonical_json,
     read_anchor,
     read_binding,
+    read_budget,
     write_anchor,
     write_binding,
+    write_budget,
 )
 
 #: Meta key of the new account's opening record.
@@ -325,6 +328,15 @@ def _rebind(keys: LedgerSecrets, replaced: set[str], new_id: str, path: Path) ->
             bound = read_binding(keys, site)
             if bound is not None and bound.ledger_id in replaced:
                 write_binding(keys, AccountBinding(site, new_id, str(path)))
+        # The account's budget record follows it too (the tightest of the replaced ones).
+        budgets = [
+            found
+            for ledger_id in sorted(replaced)
+            if (found := read_budget(keys, account_budget_key(ledger_id))) is not None
+        ]
+        if budgets:
+            tightest = min(budgets, key=lambda b: (b.epsilon, b.delta))
+            write_budget(keys, replace(tightest, site=account_budget_key(new_id)))
 
 
 def _keep_aside(path: Path) -> Path:

@@ -147,3 +147,20 @@ def test_another_sites_ledger_is_not_carried_into_this_sites_account(tmp_path) -
     open_new_account(path, by="dpo", why="moved disks")
     opening, _ = open_new_account(path, by="dpo", why="restore", source=backup)
     assert opening.carried == 2
+
+
+def test_the_accounts_budget_record_follows_its_new_account(tmp_path) -> None:
+    from fedsafe.privacy.ledger_anchor import LedgerSecrets, account_budget_key, checked_budget
+
+    path = tmp_path / "ledgers" / "site-a.sqlite"
+    with SitePrivacyLedger.open(path, account="site-a") as ledger:
+        ledger.record("r" * 32, 1, EVENT, 1.0, DELTA, "site-records", "prv")
+        old_id = ledger.ledger_id
+    keys = LedgerSecrets.load()
+    assert checked_budget(keys, "site-a", 1.0, DELTA, key=account_budget_key(old_id)) is None
+    open_new_account(path, by="dpo", why="moved disks")
+    with SitePrivacyLedger.open(path, account="site-a") as ledger:
+        new_id = ledger.ledger_id
+    assert new_id != old_id
+    # A larger budget under any name is still no raise for the account's new ledger.
+    assert checked_budget(keys, "renamed", 3.0, DELTA, key=account_budget_key(new_id))
