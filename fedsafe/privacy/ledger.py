@@ -275,6 +275,7 @@ class SitePrivacyLedger:
         self._rows: list[tuple[Any, ...]] = []
         self._entries: list[LedgerEntry] = []
         self._hashed_on_open = 0
+        self._file_id = _file_identity(path)
 
     @property
     def path(self) -> Path:
@@ -673,6 +674,13 @@ class SitePrivacyLedger:
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
+            if _file_identity(self._path) != self._file_id:
+                # attack13b: `privacy new-account` moved the file aside while this process
+                # held it; a commit now went to the closed file's unlinked WAL, recorded nowhere.
+                raise LedgerTamperedError(
+                    f"privacy ledger {self._path} was replaced while this process held it open "
+                    "(a new account?); nothing was recorded or released: ask again"
+                )
             prior = self._sync()
             events = [e.event for e in prior]  # one account: every data version composes
             eps_after = epsilon([*events, event], delta, accountant)
@@ -781,6 +789,15 @@ def _behind(entries: Sequence[LedgerEntry], anchor: LedgerAnchor) -> str:
 def _meta(conn: sqlite3.Connection, key: str) -> str | None:
     row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return None if row is None else str(row[0])
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path`` now, or None when there is none."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def _site_keys(path: Path, create: bool) -> LedgerSecrets:

@@ -251,7 +251,8 @@ def open_new_account(
         previous.entries[-1].entry_hash if previous and previous.entries else GENESIS_HASH,
         tuple(sorted(floors.items())),
     )  # fmt: skip
-    kept = _keep_aside(path) if path.exists() else None
+    here = len(old_here.entries) if old_here is not None else 0
+    kept = _keep_aside(path, here) if path.exists() else None
     new_id = _write_new(path, keys, entries, record)
     replaced = {a.ledger_id for a in (old_here, anchor) if a is not None and a.ledger_id}
     _rebind(keys, replaced, new_id, path)
@@ -339,17 +340,41 @@ def _rebind(keys: LedgerSecrets, replaced: set[str], new_id: str, path: Path) ->
             write_budget(keys, replace(tightest, site=account_budget_key(new_id)))
 
 
-def _keep_aside(path: Path) -> Path:
+def _keep_aside(path: Path, carried: int) -> Path:
+    """Rename the old file aside, under its write lock, once its WAL is in the file.
+
+    attack13b: a site process holding the ledger open committed into the WAL this unlinked,
+    recorded nowhere. Now the rename happens under the file's write lock with an empty WAL,
+    the site's later commit is refused (the path is another file, ``SitePrivacyLedger.record``),
+    and a release committed after the old entries were read (``carried`` of them) restores the
+    file and refuses the new account.
+    """
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     kept = path.with_name(f"{path.stem}.closed-{stamp}{path.suffix}")
-    conn = sqlite3.connect(path, isolation_level=None)
+    wal = Path(str(path) + "-wal")
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
     try:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the WAL's entries into the file
+        for _ in range(50):
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the WAL's entries into the file
+            conn.execute("BEGIN IMMEDIATE")  # no writer from here until the rename is done
+            if not wal.exists() or wal.stat().st_size == 0:
+                break
+            conn.execute("ROLLBACK")  # a commit landed in between: checkpoint it too
+        else:
+            raise UserError(f"new-account: {path} is being written; stop the site and retry")
+        now = conn.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+        if now != carried:
+            conn.execute("ROLLBACK")
+            raise UserError(
+                f"new-account: the site recorded a release in {path} meanwhile; stop the site "
+                "and run new-account again"
+            )
+        for suffix in ("-wal", "-shm"):
+            Path(str(path) + suffix).unlink(missing_ok=True)
+        os.replace(path, kept)
+        conn.execute("ROLLBACK")
     finally:
         conn.close()
-    for suffix in ("-wal", "-shm"):
-        Path(str(path) + suffix).unlink(missing_ok=True)
-    os.replace(path, kept)
     return kept
 
 

@@ -164,3 +164,19 @@ def test_the_accounts_budget_record_follows_its_new_account(tmp_path) -> None:
     assert new_id != old_id
     # A larger budget under any name is still no raise for the account's new ledger.
     assert checked_budget(keys, "renamed", 3.0, DELTA, key=account_budget_key(new_id))
+
+
+def test_a_release_committed_by_a_site_holding_the_old_ledger_is_not_lost(tmp_path) -> None:
+    # attack13b: a site process held the ledger open (mid-round) while the admin ran
+    # new-account; its commit then went into the WAL new-account had unlinked: "committed",
+    # the release would leave, and no file held the entry.
+    path = _ledger(tmp_path, 1)
+    held = SitePrivacyLedger.open(path)
+    try:
+        open_new_account(path, by="dpo", why="tidy up")
+        with pytest.raises(LedgerTamperedError, match="replaced while this process held it"):
+            held.record("r" * 32, 2, EVENT, 1.0, DELTA, "site-records", "prv")
+    finally:
+        held.close()
+    with SitePrivacyLedger.open(path) as ledger:
+        assert [e.round for e in ledger.entries()] == [1]
