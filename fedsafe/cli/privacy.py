@@ -242,17 +242,22 @@ def run_new_account(args: argparse.Namespace) -> int:
 def run_budget_raise(args: argparse.Namespace) -> int:
     """Record a site's new lifetime budget from its policy file (:func:`raise_budget`)."""
     from fedsafe.client.policy import load_policy
-    from fedsafe.privacy.ledger_anchor import LedgerSecrets, raise_budget
+    from fedsafe.privacy.ledger_anchor import (
+        LedgerSecrets,
+        account_budget_key,
+        raise_budget,
+        read_binding,
+    )
 
     policy = load_policy(args.policy)
-    old = raise_budget(
-        LedgerSecrets.load(create=False),
-        args.site,
-        policy.budget_epsilon,
-        policy.delta,
-        by=args.by,
-        reason=args.reason,
-    )
+    keys = LedgerSecrets.load(create=False)
+    wanted = (policy.budget_epsilon, policy.delta)
+    old = raise_budget(keys, args.site, *wanted, by=args.by, reason=args.reason)
+    bound = read_binding(keys, args.site)  # attack13b: the account's record follows
+    if bound is not None:
+        raise_budget(
+            keys, account_budget_key(bound.ledger_id), *wanted, by=args.by, reason=args.reason
+        )
     before = "none recorded" if old is None else f"epsilon {old.epsilon:g} at delta {old.delta:g}"
     print(
         f"Site {args.site}: lifetime budget epsilon {policy.budget_epsilon:g} at delta "

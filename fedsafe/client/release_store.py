@@ -29,8 +29,10 @@ A repeated (run id, round) is answered from what is on disk:
   same refusal, so the two can never both spend.
 
 Messages without a fedsafe run id (an older coordinator) and sites without a ledger pass
-through unchanged. Stored files are Flower's own record serialization (protobuf), read back
-without running code; the folder is created 0700. docs/threat-model.md gives the argument.
+through unchanged; a message with one whose ``server-round`` is not an integer >= 1 (``1.0``,
+``True``, ``0``) gets the same typed refusal, since it would bypass the store. Stored files
+are Flower's own record serialization (protobuf), read back without running code; the folder
+is created 0700. docs/threat-model.md gives the argument.
 """
 
 from __future__ import annotations
@@ -199,17 +201,28 @@ def current_release_slot() -> ReleaseSlot | None:
     return _SLOT.get()
 
 
+#: A train message whose fedsafe run id is kept but whose round is no positive integer.
+BAD_ROUND = -1
+
+
 def _key(msg: Message) -> tuple[str, int] | None:
-    """(fedsafe run id, round) of a train message that carries both, else None."""
+    """(fedsafe run id, round) of a train message that carries a fedsafe run id, else None.
+
+    The round is :data:`BAD_ROUND` when ``server-round`` is not an integer >= 1 (a float, a
+    bool, 0): the ledger would record ``int()`` of it, so ``1.0`` after ``1`` would otherwise
+    pass around the store and train round 1 of the run a second time (attack13b).
+    """
     if msg.metadata.message_type != MessageType.TRAIN or msg.has_error():
         return None
     config = msg.content.config_records.get("config")
     if config is None:
         return None
     run_id, rnd = fedsafe_run_id(config), config.get("server-round")
-    if run_id is None or not isinstance(rnd, int):
+    if run_id is None:
         return None
-    return (run_id, rnd) if rnd >= 1 else None
+    if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 1:
+        return run_id, BAD_ROUND
+    return run_id, rnd
 
 
 def _is_release(reply: Message) -> bool:
@@ -286,6 +299,9 @@ def replay_released_rounds(msg: Message, context: Context, call_next: ClientAppC
     if key is None or site is None or not site.ledger_path:
         return call_next(msg, context)
     run_id, rnd = key
+    if rnd == BAD_ROUND:
+        reason = "server-round must be an integer >= 1 in a run with a fedsafe run id"
+        return _refusal(msg, site.name, reason)
     store = ReleaseStore.beside(site.releases_beside)  # this site's own, in a shared account
     started_before = store.started(run_id, rnd)
     with store.claim(run_id, rnd) as claimed:

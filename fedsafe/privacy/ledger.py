@@ -275,6 +275,7 @@ class SitePrivacyLedger:
         self._rows: list[tuple[Any, ...]] = []
         self._entries: list[LedgerEntry] = []
         self._hashed_on_open = 0
+        self._file_id = _file_identity(path)
 
     @property
     def path(self) -> Path:
@@ -332,7 +333,7 @@ class SitePrivacyLedger:
             holding ``account``'s spending.
         """
         path = Path(path).expanduser().resolve()
-        keys = secrets_ if secrets_ is not None else LedgerSecrets.load()
+        keys = secrets_ if secrets_ is not None else _site_keys(path, create)
         keys.check_outside(path)
         if not path.exists():
             if account is not None:
@@ -684,6 +685,13 @@ class SitePrivacyLedger:
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
+            if _file_identity(self._path) != self._file_id:
+                # attack13b: `privacy new-account` moved the file aside while this process
+                # held it; a commit now went to the closed file's unlinked WAL, recorded nowhere.
+                raise LedgerTamperedError(
+                    f"privacy ledger {self._path} was replaced while this process held it open "
+                    "(a new account?); nothing was recorded or released: ask again"
+                )
             prior = self._sync()
             events = [e.event for e in prior]  # one account: every data version composes
             eps_after = epsilon([*events, event], delta, accountant)
@@ -792,6 +800,46 @@ def _behind(entries: Sequence[LedgerEntry], anchor: LedgerAnchor) -> str:
 def _meta(conn: sqlite3.Connection, key: str) -> str | None:
     row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return None if row is None else str(row[0])
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path`` now, or None when there is none."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+def _site_keys(path: Path, create: bool) -> LedgerSecrets:
+    """The site's key; made only when a ledger may be created (or a format-1 one migrated).
+
+    attack13b: ``privacy show`` and ``privacy plan --ledger`` (``create=False``) made a new key
+    in a missing secrets folder, the one the admin was about to restore from its backup.
+    """
+    if create:
+        return LedgerSecrets.load()
+    try:
+        return LedgerSecrets.load(create=False)
+    except UserError:
+        if not path.exists():
+            raise UserError(f"privacy ledger {path} does not exist; check the path") from None
+        if _unkeyed_format(path):
+            return LedgerSecrets.load()  # the format-1 refusal names `ledger-migrate`
+        raise
+
+
+def _unkeyed_format(path: Path) -> bool:
+    try:
+        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    except sqlite3.DatabaseError:
+        return False
+    try:
+        return _meta(conn, "schema_version") == str(UNKEYED_VERSION)
+    except sqlite3.DatabaseError:
+        return False
+    finally:
+        conn.close()
 
 
 def _init_meta(conn: sqlite3.Connection, path: Path, keys: LedgerSecrets) -> str:

@@ -437,8 +437,23 @@ def write_budget(secrets_: LedgerSecrets, record: BudgetRecord) -> None:
     replace_atomically(path, lambda fh: fh.write(text.encode()))
 
 
-def checked_budget(secrets_: LedgerSecrets, site: str, epsilon: float, delta: float) -> str | None:
+def account_budget_key(ledger_id: str) -> str:
+    """The budget record's key of the account held by ledger ``ledger_id``.
+
+    Kept beside the record of the site's name: a site started under another name opens the
+    same ledger (its account binding follows the ledger), so a record by name alone let a
+    renamed site take a larger policy budget without a recorded raise (attack13b).
+    """
+    return f"ledger-id|{ledger_id}"
+
+
+def checked_budget(
+    secrets_: LedgerSecrets, site: str, epsilon: float, delta: float, *, key: str | None = None
+) -> str | None:
     """Check a policy's budget against ``site``'s record; tighten the record; say why not.
+
+    ``key`` names the record (default ``site``, e.g. :func:`account_budget_key`); the refusal
+    always names the site.
 
     Returns
     -------
@@ -449,8 +464,9 @@ def checked_budget(secrets_: LedgerSecrets, site: str, epsilon: float, delta: fl
     """
     from datetime import UTC, datetime
 
+    key = site if key is None else key
     with anchor_lock(secrets_):
-        record = read_budget(secrets_, site)
+        record = read_budget(secrets_, key)
         if record is not None and not record.allows(epsilon, delta):
             return (
                 f"the site's policy asks for a lifetime budget of epsilon {epsilon:g} at delta "
@@ -460,7 +476,7 @@ def checked_budget(secrets_: LedgerSecrets, site: str, epsilon: float, delta: fl
             )
         if record is None or (record.epsilon, record.delta) != (epsilon, delta):
             at = datetime.now(UTC).isoformat(timespec="seconds")
-            write_budget(secrets_, BudgetRecord(site, epsilon, delta, "", "", at))
+            write_budget(secrets_, BudgetRecord(key, epsilon, delta, "", "", at))
         return None
 
 

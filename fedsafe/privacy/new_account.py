@@ -44,12 +44,18 @@ from fedsafe.privacy.ledger import (
     _row_to_entry,
 )
 from fedsafe.privacy.ledger_anchor import (
+    AccountBinding,
     LedgerAnchor,
     LedgerSecrets,
+    account_budget_key,
     anchor_lock,
     canonical_json,
     read_anchor,
+    read_binding,
+    read_budget,
     write_anchor,
+    write_binding,
+    write_budget,
 )
 
 #: Meta key of the new account's opening record.
@@ -214,6 +220,8 @@ def open_new_account(
         if carried is None:
             raise UserError(f"new-account: --from {source} does not exist; give a ledger copy")
     anchor = read_anchor(keys, path)
+    if source is not None and carried is not None:
+        _check_same_account(keys, path, anchor, old_here, carried, source)
     floors: dict[str, float] = {}
     if anchor is not None:
         floors["anchor"] = anchor.lifetime_epsilon
@@ -221,6 +229,9 @@ def open_new_account(
         floors["old-ledger"] = old_here.lifetime
     if receipt_epsilon is not None:
         floors["receipt"] = float(receipt_epsilon)
+    copies = _copies_floor(keys, path, anchor, old_here, carried)
+    if copies is not None:
+        floors["copy"] = copies
     entries = carried.entries if carried is not None else ()
     opening = carried.lifetime if carried is not None else 0.0
     short = {k: v for k, v in floors.items() if v > opening * (1 + 1e-12)}
@@ -240,31 +251,140 @@ def open_new_account(
         previous.entries[-1].entry_hash if previous and previous.entries else GENESIS_HASH,
         tuple(sorted(floors.items())),
     )  # fmt: skip
-    kept = _keep_aside(path) if path.exists() else None
-    _write_new(path, keys, entries, record)
+    here = len(old_here.entries) if old_here is not None else 0
+    kept = _keep_aside(path, here) if path.exists() else None
+    new_id = _write_new(path, keys, entries, record)
+    replaced = {a.ledger_id for a in (old_here, anchor) if a is not None and a.ledger_id}
+    _rebind(keys, replaced, new_id, path)
     with SitePrivacyLedger.open(path, create=False, secrets_=keys) as ledger:
         ledger.verify()
     return record, kept
 
 
-def _keep_aside(path: Path) -> Path:
+def _check_same_account(
+    keys: LedgerSecrets,
+    path: Path,
+    anchor: LedgerAnchor | None,
+    old_here: _OldAccount | None,
+    carried: _OldAccount,
+    source: str | Path,
+) -> None:
+    """Refuse to carry another account's ledger into this path's (attack13b).
+
+    Two sites sharing one ledger-secrets folder write ledgers under the same key: ``--from``
+    naming the other site's file (or its backup) passed every check as long as it had spent
+    more, and the new account then held the other site's releases in place of this one's.
+    The carried ledger must be a copy of a ledger this path held: the anchor's, the file's
+    own, or the one the file's account was opened from.
+    """
+    known = {a.ledger_id for a in (anchor, old_here) if a is not None and a.ledger_id}
+    if old_here is not None:
+        opened = read_account_opening(path, keys)
+        if opened is not None and opened.previous_ledger_id:
+            known.add(opened.previous_ledger_id)
+    if known and carried.ledger_id not in known:
+        raise UserError(
+            f"new-account: --from {source} is another ledger (id {carried.ledger_id[:12]}) than "
+            f"the one this path held (id {', '.join(sorted(i[:12] for i in known))}); its "
+            "releases are not this site's. Give a copy or backup of this site's own ledger"
+        )
+
+
+def _copies_floor(
+    keys: LedgerSecrets,
+    path: Path,
+    anchor: LedgerAnchor | None,
+    *ledgers: _OldAccount | None,
+) -> float | None:
+    """The furthest lifetime epsilon any copy of the replaced or carried ledgers reached.
+
+    A ledger copied elsewhere keeps its id, and the copy that went on moved that id's anchor
+    (:meth:`LedgerSecrets.id_anchor_path`) beyond this path's: without it as a floor, a new
+    account at the path that fell behind carried the shorter copy and forgot the other's
+    releases (attack13b).
+    """
+    ids = {a.ledger_id for a in ledgers if a is not None and a.ledger_id}
+    if anchor is not None:
+        ids.add(anchor.ledger_id)
+    figures = [
+        found.lifetime_epsilon
+        for ledger_id in sorted(ids)
+        if (found := read_anchor(keys, path, file=keys.id_anchor_path(ledger_id))) is not None
+    ]
+    return max(figures, default=None)
+
+
+def _rebind(keys: LedgerSecrets, replaced: set[str], new_id: str, path: Path) -> None:
+    """Move every site account bound to a replaced ledger to the new one at ``path``.
+
+    Without this a deployed site's binding named the closed ledger, whose id anchor holds
+    entries, and the site refused its own new account (attack13b).
+    """
+    with anchor_lock(keys):
+        for file in sorted((keys.directory / "anchors").glob("site-*.json")):
+            try:
+                site = str(json.loads(file.read_text())["site"])
+            except (ValueError, KeyError, TypeError):
+                continue  # read_binding names a malformed binding when the site opens
+            bound = read_binding(keys, site)
+            if bound is not None and bound.ledger_id in replaced:
+                write_binding(keys, AccountBinding(site, new_id, str(path)))
+        # The account's budget record follows it too (the tightest of the replaced ones).
+        budgets = [
+            found
+            for ledger_id in sorted(replaced)
+            if (found := read_budget(keys, account_budget_key(ledger_id))) is not None
+        ]
+        if budgets:
+            tightest = min(budgets, key=lambda b: (b.epsilon, b.delta))
+            write_budget(keys, replace(tightest, site=account_budget_key(new_id)))
+
+
+def _keep_aside(path: Path, carried: int) -> Path:
+    """Rename the old file aside, under its write lock, once its WAL is in the file.
+
+    attack13b: a site process holding the ledger open committed into the WAL this unlinked,
+    recorded nowhere. Now the rename happens under the file's write lock with an empty WAL,
+    the site's later commit is refused (the path is another file, ``SitePrivacyLedger.record``),
+    and a release committed after the old entries were read (``carried`` of them) restores the
+    file and refuses the new account.
+    """
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     kept = path.with_name(f"{path.stem}.closed-{stamp}{path.suffix}")
-    conn = sqlite3.connect(path, isolation_level=None)
+    wal = Path(str(path) + "-wal")
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
     try:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the WAL's entries into the file
+        for _ in range(50):
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the WAL's entries into the file
+            conn.execute("BEGIN IMMEDIATE")  # no writer from here until the rename is done
+            if not wal.exists() or wal.stat().st_size == 0:
+                break
+            conn.execute("ROLLBACK")  # a commit landed in between: checkpoint it too
+        else:
+            raise UserError(f"new-account: {path} is being written; stop the site and retry")
+        now = conn.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+        if now != carried:
+            conn.execute("ROLLBACK")
+            raise UserError(
+                f"new-account: the site recorded a release in {path} meanwhile; stop the site "
+                "and run new-account again"
+            )
+        for suffix in ("-wal", "-shm"):
+            Path(str(path) + suffix).unlink(missing_ok=True)
+        os.replace(path, kept)
+        conn.execute("ROLLBACK")
     finally:
         conn.close()
-    for suffix in ("-wal", "-shm"):
-        Path(str(path) + suffix).unlink(missing_ok=True)
-    os.replace(path, kept)
     return kept
 
 
 def _write_new(
     path: Path, keys: LedgerSecrets, entries: tuple[LedgerEntry, ...], record: AccountOpening
-) -> None:
-    """Write the new ledger (carried entries re-chained, the opening row) and its anchor."""
+) -> str:
+    """Write the new ledger (carried entries re-chained, the opening row) and its anchor.
+
+    Returns the new ledger's id.
+    """
     tmp = path.with_name(path.name + ".opening")
     tmp.unlink(missing_ok=True)
     ledger_id = secrets.token_hex(16)
@@ -310,6 +430,7 @@ def _write_new(
                 lifetime_epsilon=record.opening_epsilon,
             ),  # fmt: skip
         )
+    return ledger_id
 
 
 def read_account_opening(

@@ -188,3 +188,21 @@ def test_a_message_without_fedsafes_run_id_passes_through(site: Site) -> None:
     assert site.ledger_bytes() != before  # an older coordinator: nothing stored, nothing replayed
     assert _ledger_rounds(site) == [("11", 1), ("12", 1)]  # keyed by Flower's run id then
     assert not (site.ledger.parent / (site.ledger.name + ".releases")).exists()
+
+
+@pytest.mark.parametrize("again", [1.0, True, 0])
+def test_a_round_number_that_is_no_positive_integer_does_not_bypass_the_store(
+    site: Site, again: object
+) -> None:
+    # attack13b: `server-round = 1.0` (or True) after round 1 passed around the store (not an
+    # int) while the budget mod recorded int(1.0) = 1: a second, different release of round 1.
+    first = _train(site, 1)
+    assert "arrays" in first.content
+    spent = site.ledger_bytes()
+    msg = _message(MessageType.TRAIN, site.width(), server_round=1)
+    msg.content["config"]["server-round"] = again
+    msg.content["config"][FEDSAFE_RUN_ID] = RUN_ID
+    reply = app(msg, _context(site.node_config, RUN))
+    assert "arrays" not in reply.content
+    assert reply.content["site"]["refused-setting"] == "server-round"
+    assert site.ledger_bytes() == spent and _ledger_rounds(site) == [(RUN_ID, 1)]

@@ -100,3 +100,19 @@ def test_ledger_migrate_refuses_then_migrates(
     assert main(["privacy", "show", str(path)]) == 0
     assert main(argv) == 2  # already keyed: nothing to migrate, one line
     assert "not a format-1 ledger" in capsys.readouterr().err
+
+
+def test_show_with_the_secrets_folder_missing_creates_no_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # attack13b: `privacy show` (and `plan --ledger`) opened the ledger with the default
+    # secrets loader, which writes a new site key into a missing folder: the folder the admin
+    # is about to restore from its backup then held a foreign key.
+    path = tmp_path / "site" / "l.sqlite"
+    with SitePrivacyLedger.open(path) as ledger:
+        ledger.record("r" * 32, 1, PoissonGaussianEvent(0.02, 1.0, 10), 1.0, 1e-5, "d", "rdp")
+    lost = tmp_path / "secrets" / "lost"
+    monkeypatch.setenv("FEDSAFE_LEDGER_SECRETS", str(lost))
+    assert main(["privacy", "show", str(path)]) == 2
+    assert "ledger.key" in capsys.readouterr().err
+    assert not lost.exists()

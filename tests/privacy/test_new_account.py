@@ -89,3 +89,94 @@ def test_the_command_records_who_and_why_and_refuses_a_blank_in_one_line(tmp_pat
     assert code == 0 and "opened by dpo@site-a: 1 releases carried over" in out
     assert main(["privacy", "show", str(path)]) == 0
     assert "by dpo@site-a (new disk): 1 releases carried" in capsys.readouterr().out
+
+
+def test_a_new_account_never_opens_below_a_copy_that_went_further(tmp_path) -> None:
+    # attack13b: the ledger copied to a second folder, the site pointed at the copy, which
+    # spent on; back at the first path the copy-anchor refuses the ledger, so the admin opens
+    # a new account there. The copy's releases must not be forgotten.
+    path = _ledger(tmp_path, 2)
+    copy = tmp_path / "elsewhere" / "site-a.sqlite"
+    copy.parent.mkdir()
+    shutil.copy(path, copy)
+    with SitePrivacyLedger.open(copy) as ledger:
+        for rnd in (3, 4, 5):
+            ledger.record("r" * 32, rnd, EVENT, 1.0, DELTA, "site-records", "prv")
+        further = ledger.lifetime_epsilon()
+    with pytest.raises(LedgerTamperedError, match="behind a copy"):
+        SitePrivacyLedger.open(path)
+    before = path.read_bytes()
+    with pytest.raises(UserError, match=r"releases are missing.*copy"):
+        open_new_account(path, by="dpo", why="the site refused its ledger")
+    assert path.read_bytes() == before and not list(path.parent.glob("*.closed-*"))
+    opening, _ = open_new_account(path, by="dpo", why="carry the copy", source=copy)
+    assert opening.carried == 5 and opening.opening_epsilon == pytest.approx(further)
+    assert dict(opening.known_floors)["copy"] == pytest.approx(further)
+
+
+def test_a_deployed_sites_account_follows_its_new_account(tmp_path) -> None:
+    # attack13b: the account binding named the replaced ledger's id, whose anchor holds
+    # entries, so the site's own new account was refused as "not site a's account".
+    path = tmp_path / "ledgers" / "site-a.sqlite"
+    with SitePrivacyLedger.open(path, account="site-a") as ledger:
+        ledger.record("r" * 32, 1, EVENT, 1.0, DELTA, "site-records", "prv")
+        spent = ledger.lifetime_epsilon()
+    open_new_account(path, by="dpo", why="moved disks")
+    with SitePrivacyLedger.open(path, account="site-a") as ledger:
+        assert ledger.lifetime_epsilon() == pytest.approx(spent)
+    # Still one account: another ledger for the site is refused.
+    with pytest.raises(UserError, match="not site site-a's account"):
+        SitePrivacyLedger.open(tmp_path / "other.sqlite", account="site-a")
+
+
+def test_another_sites_ledger_is_not_carried_into_this_sites_account(tmp_path) -> None:
+    # attack13b: two sites sharing one secrets folder (one key). Site b's ledger spent more,
+    # so --from it passed every floor, and site a's new account held site b's releases.
+    path = _ledger(tmp_path, 2)
+    other = tmp_path / "b" / "site-b.sqlite"
+    with SitePrivacyLedger.open(other) as ledger:
+        for rnd in (1, 2, 3):
+            ledger.record("b" * 32, rnd, EVENT, 1.0, DELTA, "site-records", "prv")
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="another ledger"):
+        open_new_account(path, by="dpo", why="restore", source=other)
+    assert path.read_bytes() == before and not list(path.parent.glob("*.closed-*"))
+    # A backup of its own ledger, even after an earlier new account, is carried.
+    backup = tmp_path / "backup.sqlite"
+    shutil.copy(path, backup)
+    open_new_account(path, by="dpo", why="moved disks")
+    opening, _ = open_new_account(path, by="dpo", why="restore", source=backup)
+    assert opening.carried == 2
+
+
+def test_the_accounts_budget_record_follows_its_new_account(tmp_path) -> None:
+    from fedsafe.privacy.ledger_anchor import LedgerSecrets, account_budget_key, checked_budget
+
+    path = tmp_path / "ledgers" / "site-a.sqlite"
+    with SitePrivacyLedger.open(path, account="site-a") as ledger:
+        ledger.record("r" * 32, 1, EVENT, 1.0, DELTA, "site-records", "prv")
+        old_id = ledger.ledger_id
+    keys = LedgerSecrets.load()
+    assert checked_budget(keys, "site-a", 1.0, DELTA, key=account_budget_key(old_id)) is None
+    open_new_account(path, by="dpo", why="moved disks")
+    with SitePrivacyLedger.open(path, account="site-a") as ledger:
+        new_id = ledger.ledger_id
+    assert new_id != old_id
+    # A larger budget under any name is still no raise for the account's new ledger.
+    assert checked_budget(keys, "renamed", 3.0, DELTA, key=account_budget_key(new_id))
+
+
+def test_a_release_committed_by_a_site_holding_the_old_ledger_is_not_lost(tmp_path) -> None:
+    # attack13b: a site process held the ledger open (mid-round) while the admin ran
+    # new-account; its commit then went into the WAL new-account had unlinked: "committed",
+    # the release would leave, and no file held the entry.
+    path = _ledger(tmp_path, 1)
+    held = SitePrivacyLedger.open(path)
+    try:
+        open_new_account(path, by="dpo", why="tidy up")
+        with pytest.raises(LedgerTamperedError, match="replaced while this process held it"):
+            held.record("r" * 32, 2, EVENT, 1.0, DELTA, "site-records", "prv")
+    finally:
+        held.close()
+    with SitePrivacyLedger.open(path) as ledger:
+        assert [e.round for e in ledger.entries()] == [1]

@@ -40,7 +40,7 @@ from fedsafe.errors import BudgetExhaustedError
 from fedsafe.privacy.accounting import epsilon
 from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.ledger import SitePrivacyLedger
-from fedsafe.privacy.ledger_anchor import LedgerSecrets, checked_budget
+from fedsafe.privacy.ledger_anchor import LedgerSecrets, account_budget_key, checked_budget
 from fedsafe.training.dp_training import TrainPlan, poisson_sample_rate
 
 
@@ -127,9 +127,10 @@ def _within_budget(
     q = poisson_sample_rate(site.public_size, cfg.batch_size)
     if dp and site.policy is not None and ledger is not None:
         # attack13: `site init --force` rewrote a budget of 1 as the default 3, silently.
-        raised = checked_budget(
-            LedgerSecrets.load(), site.name, site.policy.budget_epsilon, site.policy.delta
-        )
+        keys, wanted = LedgerSecrets.load(), (site.policy.budget_epsilon, site.policy.delta)
+        raised = checked_budget(keys, site.name, *wanted) or checked_budget(
+            keys, site.name, *wanted, key=account_budget_key(ledger.ledger_id)
+        )  # attack13b: by the account too, so a start under another name is no raise
         if raised is not None:
             return refusal_reply(msg, site, PolicyRefusal("budget-epsilon", raised))
     if dp:

@@ -155,3 +155,33 @@ def test_a_policy_rewritten_with_a_larger_budget_is_refused_until_the_raise_is_r
 
 
 _POLICY = {"public_size": 90, "min_records": 20, "max_rounds": 5, "max_local_steps": 20}
+
+
+def test_a_larger_budget_under_another_site_name_is_refused_too(site: Site) -> None:
+    # attack13b: the budget record was kept per site *name*. `site init --force` (default
+    # budget 3 over the admin's 1) and a start under another --name (a renamed key file)
+    # found no record for the new name, while the account binding let the new name open the
+    # same ledger: the account went on spending to 3.
+    from fedsafe.client.policy import SitePolicy
+
+    site.policy_path.write_text(
+        SitePolicy.for_records(160, **{**_POLICY, "budget_epsilon": 1.0}).to_toml()
+    )
+    grants: list[RoundGrant] = []
+    app = _granting_app(grants)
+    app(train_message(site.width()), new_context(site))
+    assert len(grants) == 1
+    site.policy_path.write_text(SitePolicy.for_records(160, **_POLICY).to_toml())  # budget 3
+    site.node_config["site-name"] = "hospital-a-renamed"
+    before = site.ledger_bytes()
+    reply = app(train_message(site.width(), 2), new_context(site))
+    record = reply.content.config_records["site"]
+    assert record["refused-setting"] == "budget-epsilon"
+    assert len(grants) == 1 and site.ledger_bytes() == before
+    from fedsafe.cli.main import main
+
+    args = ["privacy", "budget-raise", "--site", "hospital-a-renamed"]
+    args += ["--policy", str(site.policy_path), "--by", "dpo", "--reason", "DPIA 2027"]
+    assert main(args) == 0  # the raise, recorded, covers the account the name is bound to
+    app(train_message(site.width(), 2), new_context(site))
+    assert len(grants) == 2
