@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -586,6 +587,8 @@ def load_ledger_file(
         f"One account: {len(entries)} releases in {runs} runs on {versions} data version(s), "
         "all composed into one lifetime epsilon."
     ]
+    if (opening := _account_opening(path)) is not None:
+        notes.append(opening)
     accountants = sorted({e.accountant for e in entries})
     clips = sorted({e.clip_norm for e in entries})
     return ReportData(
@@ -603,6 +606,30 @@ def load_ledger_file(
         audit=(),
         generated_at=generated,
         notes=tuple(notes),
+    )
+
+
+def _account_opening(path: Path) -> str | None:
+    """The ledger's authenticated new-account record as a sentence, or None.
+
+    Read with the site key if the secrets folder holds one (never created here); a record that
+    fails its MAC is said to, so a signed report never hides an edited opening.
+    """
+    from fedsafe.privacy.ledger_anchor import LedgerSecrets
+    from fedsafe.privacy.new_account import read_account_opening
+
+    try:
+        record = read_account_opening(path, LedgerSecrets.load(create=False))
+    except UserError as exc:
+        return f"Account opening record not verified: {exc}"
+    except sqlite3.DatabaseError:
+        return None
+    if record is None:
+        return None
+    return (
+        f"New account opened {record.at} by {record.by} ({record.why}): {record.carried} "
+        f"releases carried over from ledger {record.previous_ledger_id[:8] or '-'}, opening "
+        f"lifetime epsilon {record.opening_epsilon:.4g}."
     )
 
 

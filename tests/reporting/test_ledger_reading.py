@@ -88,3 +88,18 @@ def test_policy_flag_on_a_run_folder_is_refused(
     _record(missing, range(1, 2))
     assert main(["report", str(missing), "--policy", str(tmp_path / "nope.toml")]) == 2
     assert "--policy" in capsys.readouterr().err
+
+
+def test_the_ledger_report_shows_who_opened_a_new_account_and_why(
+    tmp_path: Path, ledger_secrets: Path
+) -> None:
+    from fedsafe.privacy.new_account import open_new_account
+    from fedsafe.reporting.report_data import load_ledger_file
+
+    path = tmp_path / "site" / "ledger.sqlite"
+    _record(path, range(1, 3))
+    assert not any("New account" in n for n in load_ledger_file(path).notes)
+    open_new_account(path, by="dpo@site-a", why="disk replaced")
+    notes = " ".join(load_ledger_file(path, site="site-a").notes)
+    assert "New account opened" in notes and "by dpo@site-a (disk replaced)" in notes
+    assert "2 releases carried over" in notes
