@@ -886,6 +886,18 @@ def _init_meta(conn: sqlite3.Connection, path: Path, keys: LedgerSecrets) -> str
     return ledger_id
 
 
+def anchor_rewritten_ledger(
+    keys: LedgerSecrets, path: Path, ledger_id: str, count: int, head: str, lifetime: float
+) -> None:
+    """Anchor a ledger an explicit command just wrote at ``path`` (migration, new account).
+
+    Only such commands, which record who and why, may point a path's anchor at a new ledger.
+    """
+    with anchor_lock(keys):
+        anchor = LedgerAnchor(ledger_id, str(path), count, head, lifetime)
+        write_anchor(keys, anchor)
+
+
 def migrate_unkeyed_ledger(
     path: str | Path, *, by: str, reason: str, secrets_: LedgerSecrets | None = None
 ) -> Path:
@@ -988,17 +1000,7 @@ def migrate_unkeyed_ledger(
         Path(str(path) + suffix).unlink(missing_ok=True)
     os.replace(path, kept)
     os.replace(tmp, path)
-    with anchor_lock(keys):  # the migrated ledger is anchored here, explicitly (who and why)
-        write_anchor(
-            keys,
-            LedgerAnchor(
-                ledger_id=ledger_id,
-                ledger_path=str(path),
-                count=len(entries),
-                head=prev,
-                lifetime_epsilon=_lifetime(entries),
-            ),
-        )
+    anchor_rewritten_ledger(keys, path, ledger_id, len(entries), prev, _lifetime(entries))
     with SitePrivacyLedger.open(path, create=False, secrets_=keys) as ledger:
         ledger.verify()
     return kept

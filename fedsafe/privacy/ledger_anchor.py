@@ -247,10 +247,7 @@ def read_binding(secrets_: LedgerSecrets, site: str) -> AccountBinding | None:
 
 def write_binding(secrets_: LedgerSecrets, binding: AccountBinding) -> None:
     """Write the MACed account binding atomically."""
-    content = binding.content()
-    body = {**content, "mac": secrets_.mac(canonical_json(content))}
-    text = json.dumps(body, sort_keys=True, indent=1, allow_nan=False)
-    replace_atomically(secrets_.account_path(binding.site), lambda fh: fh.write(text.encode()))
+    write_maced(secrets_, secrets_.account_path(binding.site), binding.content())
 
 
 def _create_key_once(key_path: Path) -> None:
@@ -329,6 +326,13 @@ def read_anchor(
     return anchor
 
 
+def write_maced(secrets_: LedgerSecrets, path: Path, content: dict[str, Any]) -> None:
+    """Write ``content`` with its MAC under the site key as JSON, atomically (fsynced rename)."""
+    body = {**content, "mac": secrets_.mac(canonical_json(content))}
+    text = json.dumps(body, sort_keys=True, indent=1, allow_nan=False)
+    replace_atomically(path, lambda fh: fh.write(text.encode()))
+
+
 def write_anchor(
     secrets_: LedgerSecrets, anchor: LedgerAnchor, *, file: Path | None = None
 ) -> None:
@@ -337,10 +341,7 @@ def write_anchor(
     ``file`` writes another anchor file of the site (default: the one of the anchor's path).
     """
     path = file if file is not None else secrets_.anchor_path(Path(anchor.ledger_path))
-    content = anchor.content()
-    body = {**content, "mac": secrets_.mac(canonical_json(content))}
-    text = json.dumps(body, sort_keys=True, indent=1, allow_nan=False)
-    replace_atomically(path, lambda fh: fh.write(text.encode()))
+    write_maced(secrets_, path, anchor.content())
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,11 +431,7 @@ def read_budget(secrets_: LedgerSecrets, site: str) -> BudgetRecord | None:
 
 def write_budget(secrets_: LedgerSecrets, record: BudgetRecord) -> None:
     """Write the MACed budget record atomically."""
-    content = record.content()
-    body = {**content, "mac": secrets_.mac(canonical_json(content))}
-    text = json.dumps(body, sort_keys=True, indent=1, allow_nan=False)
-    path = budget_record_path(secrets_, record.site)
-    replace_atomically(path, lambda fh: fh.write(text.encode()))
+    write_maced(secrets_, budget_record_path(secrets_, record.site), record.content())
 
 
 def account_budget_key(ledger_id: str) -> str:

@@ -42,6 +42,7 @@ from fedsafe.privacy.ledger import (
     SitePrivacyLedger,
     _meta,
     _row_to_entry,
+    anchor_rewritten_ledger,
 )
 from fedsafe.privacy.ledger_anchor import (
     AccountBinding,
@@ -53,7 +54,6 @@ from fedsafe.privacy.ledger_anchor import (
     read_anchor,
     read_binding,
     read_budget,
-    write_anchor,
     write_binding,
     write_budget,
 )
@@ -419,17 +419,8 @@ def _write_new(
     finally:
         conn.close()
     os.replace(tmp, path)
-    with anchor_lock(keys):  # the path's anchor now names the new ledger (explicitly, here)
-        write_anchor(
-            keys,
-            LedgerAnchor(
-                ledger_id=ledger_id,
-                ledger_path=str(path),
-                count=len(entries),
-                head=prev,
-                lifetime_epsilon=record.opening_epsilon,
-            ),  # fmt: skip
-        )
+    # The path's anchor now names the new ledger (explicitly, here).
+    anchor_rewritten_ledger(keys, path, ledger_id, len(entries), prev, record.opening_epsilon)
     return ledger_id
 
 
