@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from copy import deepcopy
 from dataclasses import dataclass
 
 from torch import nn
@@ -66,6 +67,25 @@ def batch_statistics_layers(model: nn.Module) -> list[str]:
         for n, m in model.named_modules()
         if isinstance(m, _BatchNorm)
     ]
+
+
+def _one_group_for_features(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose ``BatchNorm1d`` layers are ``GroupNorm(1, C)``.
+
+    Opacus replaces ``BatchNorm1d(C)`` by ``GroupNorm(min(32, C), C)``: on a (records, C) input
+    that is one feature per group, which normalises every feature of a record to 0 (the layer
+    then outputs its bias alone) and fails outright on a batch of one record, which Poisson
+    sampling draws. One group normalises each record over all its features (per record, like
+    LayerNorm), so the layer keeps its information. Other layers are left to Opacus.
+    """
+    copy = deepcopy(model)
+    for name, module in list(copy.named_modules()):
+        if not name or type(module) is not nn.BatchNorm1d or not module.affine:
+            continue  # the root, other layers, and what Opacus refuses (affine=False)
+        parent_name, _, child = name.rpartition(".")
+        parent = copy.get_submodule(parent_name) if parent_name else copy
+        setattr(parent, child, nn.GroupNorm(1, module.num_features, eps=module.eps))
+    return copy
 
 
 def _refusal(name: str, errors: list[Exception], mixing: list[str], after_fix: bool) -> UserError:
@@ -119,7 +139,7 @@ def check_model_for_dp(
         return CheckedModel(model)
     if not fix:
         raise _refusal(name, errors, mixing, after_fix=False)
-    fixed = ModuleValidator.fix(model)
+    fixed = ModuleValidator.fix(_one_group_for_features(model))
     remaining = ModuleValidator.validate(fixed.train(), strict=False)
     still_mixing = batch_statistics_layers(fixed)
     if remaining or still_mixing:

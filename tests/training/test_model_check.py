@@ -72,3 +72,21 @@ def test_a_checked_factory_fixes_every_model_and_says_so_once():
     # The coordinator and every site build the same fixed layers and parameter names.
     assert list(first.state_dict()) == list(second.state_dict())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in first.modules())
+
+
+def test_batchnorm1d_on_features_becomes_one_group_that_keeps_information():
+    """Opacus's GroupNorm(8, 8) on (records, 8) zeroes every feature and fails on one record.
+
+    Poisson sampling draws batches of one record; CI met the failure (``Expected more than 1
+    value per channel``) in an audit of a task with BatchNorm1d.
+    """
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    checked = check_model_for_dp(model, name="task tab")
+    norms = [m for m in checked.model.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(norms) == 1 and norms[0].num_groups == 1 and norms[0].num_channels == 8
+    assert "BatchNorm1d -> GroupNorm" in checked.note
+    checked.model.train()
+    one = checked.model[:2](torch.randn(1, 4))  # a batch of one record trains
+    assert one.shape == (1, 8) and one.std() > 0.1  # features not all normalised to the bias
+    x = torch.randn(5, 4)
+    assert torch.allclose(checked.model(x[:1]), checked.model(x)[:1], atol=1e-6)
