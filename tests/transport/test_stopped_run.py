@@ -57,7 +57,10 @@ def _restart_site(root: Path, name: str, public: str, pki_dir: Path, csv: Path, 
         "--policy", str(work / "policy.toml"), "--device", "cpu", "--name", name,
         "--workdir", str(work), "--clientappio-port", str(free_port()),
     ]  # fmt: skip
-    env = flower_env(work / "flwr-home", {"PYTHONPATH": str(REPO)})
+    secrets = str(root / "ledger-secrets" / name)  # the same as start_site_cli's: one machine
+    env = flower_env(
+        work / "flwr-home", {"PYTHONPATH": str(REPO), "FEDSAFE_LEDGER_SECRETS": secrets}
+    )
     return spawn(f"site {name} again", command, log_path=work / "site-cli-2.log", env=env, cwd=work)
 
 
