@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,14 @@ def ledger_secrets(
 def heart_csv() -> Path:
     """The shipped heart-disease CSV."""
     return REPO / "fedsafe" / "data" / "files" / "heart_disease_uci.csv"
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models: one thread is faster than many on a shared machine (no timing asserted)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

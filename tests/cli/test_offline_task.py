@@ -19,6 +19,8 @@ from torch import nn
 from fedsafe.cli.main import main
 from fedsafe.cli.offline_task import offline_task
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 #: A task in a module of its own, outside the package: two synthetic sites (by partition) or
 #: a site's own file (``x1,x2,x3,y`` rows) when the site names one; a BatchNorm model.
 TASK_MODULE = """
@@ -73,15 +75,6 @@ def _csv(offset: int) -> str:
         f"{30 + (i + offset) % 40},{yes_no[i % 3 > 0]},{yes_no[(i + offset) % 2]}\n"
         for i in range(80)
     )
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models: one thread is faster than many on a shared machine (no timing asserted)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import partial
 
 import numpy as np
@@ -15,14 +14,7 @@ from fedsafe.models import build_model
 from fedsafe.simulations.baselines import flamby_plan, local_baselines, pooled_baseline
 from fedsafe.training import evaluate, train_non_private
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models: one thread is faster than many on a shared machine (no timing asserted)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sites(classes: int) -> tuple[SiteData, ...]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -35,15 +33,7 @@ def test_auc_matches_pairwise_definition() -> None:
     assert loss_threshold_auc(members, others) == pytest.approx(_pairwise_auc(members, others))
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_dp_model_leaks_less_than_the_same_model_without_dp(one_thread: None) -> None:
+def test_dp_model_leaks_less_than_the_same_model_without_dp(one_torch_thread: None) -> None:
     gen = torch.Generator().manual_seed(0)
     n, d = 100, 20
     # Random labels: the model can only memorise, so membership is all there is to learn.
@@ -65,7 +55,9 @@ def test_dp_model_leaks_less_than_the_same_model_without_dp(one_thread: None) ->
     assert result.to_dict()["n_members"] == n
 
 
-def test_a_batchnorm_model_is_audited_as_its_groupnorm_fix_in_both_arms(one_thread: None) -> None:
+def test_a_batchnorm_model_is_audited_as_its_groupnorm_fix_in_both_arms(
+    one_torch_thread: None,
+) -> None:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(48, 6, generator=gen)
     y = (x[:, 0] > 0).float()
