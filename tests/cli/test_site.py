@@ -34,12 +34,13 @@ def site(tmp_path: Path) -> tuple[Path, Path]:
     schema.write_text(SCHEMA)
     # The site's secret split key decides the training size; a round one (e.g. 210) would equal
     # its public size, so add records until it is not (the key file persists beside the data).
-    extra_row = 310
-    while public_size_of(n := len(load_site_data("x", data, schema).x_train)) == n:
+    # Equal records land on the same side, so each added record is new (ages 70-99 are unused).
+    for extra in range(60):
+        if public_size_of(n := len(load_site_data("x", data, schema).x_train)) < n:
+            return data, schema
         with data.open("a") as f:
-            f.write(f"{extra_row},50,yes,no\n")
-        extra_row += 1
-    return data, schema
+            f.write(f"{310 + extra},{70 + extra % 30},{'yes' if extra < 30 else 'no'},yes\n")
+    raise AssertionError("60 new records never changed a round training size")
 
 
 def test_init_writes_defaults_from_the_data_and_says_what_it_chose(
