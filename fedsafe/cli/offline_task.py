@@ -20,13 +20,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
 from fedsafe.data.site_data import SiteData
 from fedsafe.errors import UserError
-from fedsafe.tasks.task import LossFn, SiteRef, Task, TaskDefaults
+from fedsafe.tasks.task import LossFn, SiteRef, Task, TaskDefaults, load_task_site
 
 #: ``--scenario`` when neither it, ``--task`` nor ``--schema`` is given.
 DEFAULT_SCENARIO = "heart"
@@ -195,7 +194,7 @@ def offline_task(
         if files
         else [SiteRef(i, count, schema_path=schema_path, options=options) for i in range(count)]
     )
-    sites = tuple(_load(task, ref, flag) for ref in refs)
+    sites = tuple(load_task_site(task, ref, flag) for ref in refs)
     factory = task_model_factory(task, sites[0].num_features, seed, say)
     return OfflineTask(label, record, sites, factory, task.headline, task.loss, task)
 
@@ -216,24 +215,6 @@ def task_model_factory(
     if checked.note:
         say(f"fedsafe: {checked.note}")
     return lambda: checked_task_model(task, num_features, seed).model
-
-
-def _load(task: Task, ref: SiteRef, flag: str) -> SiteData:
-    which = f"site {ref.name} ({ref.data_path})" if ref.data_path else f"site {ref.index}"
-    try:
-        data: Any = task.load(ref)
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the user's load(): say which site and why
-        raise UserError(
-            f"{flag}: load() failed for {which} ({type(exc).__name__}: {exc})"
-        ) from None
-    if not isinstance(data, SiteData):
-        raise UserError(
-            f"{flag}: load() returned a {type(data).__name__} for {which}, not a fedsafe.SiteData "
-            "(see fedsafe.tasks.task.site_data_from_tensors)"
-        )
-    return data
 
 
 def _scenario(name: str, seed: int, num_sites: int | None) -> OfflineTask:

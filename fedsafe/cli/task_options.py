@@ -57,9 +57,7 @@ def simulated_task_sites(
     cfg: RunConfig, task: Task, site_paths: tuple[tuple[str, str], ...]
 ) -> tuple[SiteData, ...]:
     """Every simulated site's data, loaded here before Flower starts (each problem up front)."""
-    from fedsafe.data.site_data import SiteData
-    from fedsafe.errors import UserError
-    from fedsafe.tasks.task import SiteRef
+    from fedsafe.tasks.task import SiteRef, load_task_site
 
     options = {
         k: v
@@ -70,19 +68,8 @@ def simulated_task_sites(
     sites = []
     for i in range(count):
         name, path = site_paths[i] if site_paths else ("", "")
-        try:
-            data = task.load(SiteRef(i, count, name, path, cfg.schema_path, options))
-        except UserError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the user's load(): say which site and why
-            raise UserError(
-                f"--task {cfg.task}: load() failed for site {i} ({type(exc).__name__}: {exc})"
-            ) from None
-        if not isinstance(data, SiteData):
-            raise UserError(
-                f"--task {cfg.task}: load() returned a {type(data).__name__}, not a "
-                "fedsafe.SiteData (see fedsafe.tasks.task.site_data_from_tensors)"
-            )
+        ref = SiteRef(i, count, name, path, cfg.schema_path, options)
+        data = load_task_site(task, ref, f"--task {cfg.task}")
         sites.append(data)
     return tuple(sites)
 

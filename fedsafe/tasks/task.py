@@ -394,3 +394,22 @@ def site_data_from_tensors(
     width = int(np.prod(x_train.shape[1:]))
     names = feature_names or tuple(f"x{i}" for i in range(width))
     return SiteData(name, x_train, y_train, x_test, y_test, names)
+
+
+def load_task_site(task: Task, ref: SiteRef, flag: str) -> SiteData:
+    """``task.load(ref)``, its failure or wrong type one :class:`UserError` line naming ``flag``."""
+    which = f"site {ref.name} ({ref.data_path})" if ref.data_path else f"site {ref.index}"
+    try:
+        data: Any = task.load(ref)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's load(): say which site and why
+        raise UserError(
+            f"{flag}: load() failed for {which} ({type(exc).__name__}: {exc})"
+        ) from None
+    if not isinstance(data, SiteData):
+        raise UserError(
+            f"{flag}: load() returned a {type(data).__name__} for {which}, not a fedsafe.SiteData "
+            "(see fedsafe.tasks.task.site_data_from_tensors)"
+        )
+    return data
