@@ -933,6 +933,13 @@ def migrate_unkeyed_ledger(
         old.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         old.close()
+    if read_anchor(keys, path) is not None:
+        # A format-1 ledger predates anchors: an anchor here belongs to a keyed ledger that
+        # was at this path, and migrating would point it at the unkeyed file instead.
+        raise LedgerTamperedError(
+            f"privacy ledger {path} is a format-1 file at a path whose anchor names a keyed "
+            f"ledger; it is not migrated. {FIX}"
+        )
     prev, entries = GENESIS_HASH, []
     for seq, row in enumerate(rows, start=1):
         entry = _row_to_entry(path, row)

@@ -418,3 +418,15 @@ def test_lost_anchors_then_an_older_copy_restored_is_refused(
     assert opening.carried == 1
     with SitePrivacyLedger.open(path) as ledger:
         assert len(ledger.entries()) == 1
+
+
+def test_a_format_1_file_put_in_place_of_a_keyed_ledger_is_not_migrated(tmp_path: Path) -> None:
+    """Late review: migration used to re-anchor the path at a forged unkeyed file (lifetime 0)."""
+    path = tmp_path / "site.sqlite"
+    _fill(path, 3)
+    path.rename(tmp_path / "aside.sqlite")
+    for suffix in ("-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    _unkeyed_ledger(path, 0)
+    with pytest.raises(LedgerTamperedError, match="is not migrated"):
+        migrate_unkeyed_ledger(path, by="admin", reason="upgrade")
