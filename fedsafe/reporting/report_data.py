@@ -613,7 +613,9 @@ def _account_opening(path: Path) -> str | None:
     """The ledger's authenticated new-account record as a sentence, or None.
 
     Read with the site key if the secrets folder holds one (never created here); a record that
-    fails its MAC is said to, so a signed report never hides an edited opening.
+    fails its MAC is said to. Limits: the record's MAC does not bind it to this ledger's id and
+    the meta table is outside the hash chain, so a record copied from another of the site's
+    ledgers reads as valid and a deleted one is simply absent (see docs/attacks/issue13.md).
     """
     from fedsafe.privacy.ledger_anchor import LedgerSecrets
     from fedsafe.privacy.new_account import read_account_opening
@@ -629,7 +631,8 @@ def _account_opening(path: Path) -> str | None:
     return (
         f"New account opened {record.at} by {record.by} ({record.why}): {record.carried} "
         f"releases carried over from ledger {record.previous_ledger_id[:8] or '-'}, opening "
-        f"lifetime epsilon {record.opening_epsilon:.4g}."
+        f"lifetime epsilon {record.opening_epsilon:.4g} (the record is MACed by the site key but "
+        "not bound to this ledger's id)."
     )
 
 

@@ -78,6 +78,8 @@ def _one_group_for_features(model: nn.Module) -> nn.Module:
     sampling draws. One group normalises each record over all its features (per record, like
     LayerNorm), so the layer keeps its information. Other layers are left to Opacus.
     """
+    if type(model) is nn.BatchNorm1d and model.affine:  # the whole model is one such layer
+        return nn.GroupNorm(1, model.num_features, eps=model.eps)
     copy = deepcopy(model)
     for name, module in list(copy.named_modules()):
         if not name or type(module) is not nn.BatchNorm1d or not module.affine:
