@@ -335,7 +335,8 @@ class SitePrivacyLedger:
         path = Path(path).expanduser().resolve()
         keys = secrets_ if secrets_ is not None else _site_keys(path, create)
         keys.check_outside(path)
-        if not path.exists():
+        existed = path.exists()
+        if not existed:
             if account is not None:
                 _check_account(keys, account, path, "")
             anchor = read_anchor(keys, path)
@@ -368,7 +369,7 @@ class SitePrivacyLedger:
         ledger = cls(path, conn, keys, ledger_id)
         try:
             ledger._load(reuse=True)
-            ledger._check_anchor()
+            ledger._check_anchor(existed)
             if account is not None:
                 _check_account(keys, account, path, ledger_id)
         except BaseException:
@@ -521,7 +522,7 @@ class SitePrivacyLedger:
             lifetime_epsilon=_lifetime(entries),
         )
 
-    def _check_anchor(self) -> None:
+    def _check_anchor(self, existed: bool = True) -> None:
         """Refuse a ledger that does not extend its anchors; move the anchors forward.
 
         Two anchors: the one of this path (the file deleted, truncated, replaced or restored in
@@ -547,9 +548,10 @@ class SitePrivacyLedger:
             by_id = read_anchor(
                 self._secrets, self._path, file=self._secrets.id_anchor_path(self._ledger_id)
             )
-            if anchor is None and by_id is None and entries:
-                # Every record moves both anchors: a keyed ledger with releases and neither
-                # anchor means the anchors were lost (an older copy could then pass as whole).
+            if anchor is None and by_id is None and (entries or existed):
+                # Opening anchors a ledger, and every record moves both anchors: a keyed ledger
+                # that was there before and has neither anchor means the anchors were lost (an
+                # older copy, even an empty one, could then pass as whole).
                 raise LedgerTamperedError(
                     f"privacy ledger {self._path} holds {len(entries)} entries but the site's "
                     f"ledger-secrets folder {self._secrets.directory} holds no anchor of it (the "

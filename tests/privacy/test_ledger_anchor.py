@@ -430,3 +430,18 @@ def test_a_format_1_file_put_in_place_of_a_keyed_ledger_is_not_migrated(tmp_path
     _unkeyed_ledger(path, 0)
     with pytest.raises(LedgerTamperedError, match="is not migrated"):
         migrate_unkeyed_ledger(path, by="admin", reason="upgrade")
+
+
+def test_lost_anchors_then_an_empty_copy_restored_is_refused(
+    ledger_secrets: Path, tmp_path: Path
+) -> None:
+    """Late review: the refusal above once held only for a copy with entries."""
+    path, backup = tmp_path / "site.sqlite", tmp_path / "backup.sqlite"
+    with SitePrivacyLedger.open(path):
+        pass
+    _copy(path, backup)
+    _fill(path, 3)
+    shutil.rmtree(ledger_secrets / "anchors")
+    _restore(backup, path)
+    with pytest.raises(LedgerTamperedError, match="holds no anchor of it"):
+        SitePrivacyLedger.open(path)
