@@ -107,7 +107,7 @@ def check_strategy_name(name: str) -> None:
         )
 
 
-GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "functorch")
+GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "functorch", "bookkeeping")
 """Per-record clipping modes (:mod:`fedsafe.training.grad_sample_mode`): cost only, not privacy."""
 
 

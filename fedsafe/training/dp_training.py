@@ -35,7 +35,11 @@ from fedsafe.training.malloc_tuning import keep_freed_memory
 from fedsafe.training.model_check import check_model_for_dp
 
 if TYPE_CHECKING:
-    from fedsafe.training.secure_dp_sgd import SecureNoiseDPOptimizer, SecureNoiseGhostDPOptimizer
+    from fedsafe.training.secure_dp_sgd import (
+        SecureNoiseBookkeepingDPOptimizer,
+        SecureNoiseDPOptimizer,
+        SecureNoiseGhostDPOptimizer,
+    )
 
 EVAL_CHUNK = 256
 """Records per forward pass in :func:`evaluate_model`: bounded activations, no page storm."""
@@ -75,8 +79,8 @@ class TrainPlan:
         passes the rate of the site's *public* size, so the exact size never shapes the update.
     grad_sample_mode
         How per-record norms are computed (:mod:`fedsafe.training.grad_sample_mode`): ``auto``,
-        ``hooks``, ``ghost`` or ``functorch``. It changes the cost only: the clipped update
-        and the privacy event are the same.
+        ``hooks``, ``ghost``, ``functorch`` or ``bookkeeping``. It changes the cost only: the
+        clipped update and the privacy event are the same.
     optimizer
         ``sgd`` (fedsafe's sites) or ``adam`` (Kingma and Ba, ICLR 2015; FLamby's baselines).
         Under DP either one steps on the clipped, noised gradient (post-processing).
@@ -170,7 +174,12 @@ def make_private(
     key: bytes | None = None,
     sample_rate: float | None = None,
     grad_sample_mode: str = "hooks",
-) -> tuple[nn.Module, SecureNoiseDPOptimizer | SecureNoiseGhostDPOptimizer, DataLoader, float]:
+) -> tuple[
+    nn.Module,
+    SecureNoiseDPOptimizer | SecureNoiseGhostDPOptimizer | SecureNoiseBookkeepingDPOptimizer,
+    DataLoader,
+    float,
+]:
     """DP-SGD parts: per-sample gradients, clip-and-noise optimizer, Poisson loader.
 
     Built from Opacus's parts (``GradSampleModule``, ``DPOptimizer``) without its
@@ -201,7 +210,10 @@ def make_private(
         ``hooks`` (Opacus's ``GradSampleModule``), ``functorch`` (the same, every layer through
         ``torch.func``) or ``ghost`` (``GradSampleModuleFastGradientClipping`` with
         :class:`~fedsafe.training.secure_dp_sgd.SecureNoiseGhostDPOptimizer`: train it with
-        :func:`private_backward`); ``auto`` resolves with
+        :func:`private_backward`), ``bookkeeping``
+        (:class:`~fedsafe.training.bookkeeping.BookkeepingModule` with
+        :class:`~fedsafe.training.secure_dp_sgd.SecureNoiseBookkeepingDPOptimizer`, also through
+        :func:`private_backward`; ``nn.Linear``-only models); ``auto`` resolves with
         :func:`~fedsafe.training.grad_sample_mode.choose_grad_sample_mode`. Sampling, noise,
         expected batch size and the returned rate are the same in every mode.
 
@@ -210,6 +222,12 @@ def make_private(
     tuple
         The wrapped module, the optimizer, the Poisson loader and the rate it samples with
         (``1 / len(loader)``): account with it, not with ``batch_size / n``.
+
+    Raises
+    ------
+    UserError
+        If ``bookkeeping`` is asked for a model with a trainable layer that is not
+        ``nn.Linear``.
     """
     # Opacus loads in seconds; only training needs it, not every ClientApp process.
     from opacus import GradSampleModule
@@ -217,7 +235,9 @@ def make_private(
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
     from opacus.validators import ModuleValidator
 
+    from fedsafe.training.bookkeeping import BookkeepingModule, check_bookkeeping_model
     from fedsafe.training.secure_dp_sgd import (
+        SecureNoiseBookkeepingDPOptimizer,
         SecureNoiseDPOptimizer,
         SecureNoiseGhostDPOptimizer,
         SecurePoissonSampler,
@@ -225,6 +245,8 @@ def make_private(
 
     mode = resolve_grad_sample_mode(grad_sample_mode, model, int(loader.batch_size or 1))
     ModuleValidator.validate(model, strict=True)
+    if mode == "bookkeeping":
+        check_bookkeeping_model(model)
     round_key = fresh_key() if key is None else key
     dataset = loader.dataset
     n = len(dataset)  # type: ignore[arg-type]
@@ -255,7 +277,13 @@ def make_private(
         num_workers=loader.num_workers,
         pin_memory=loader.pin_memory,
     )
-    optimizer_class = SecureNoiseGhostDPOptimizer if mode == "ghost" else SecureNoiseDPOptimizer
+    optimizer_class: type[
+        SecureNoiseDPOptimizer | SecureNoiseGhostDPOptimizer | SecureNoiseBookkeepingDPOptimizer
+    ] = SecureNoiseDPOptimizer
+    if mode == "ghost":
+        optimizer_class = SecureNoiseGhostDPOptimizer
+    elif mode == "bookkeeping":
+        optimizer_class = SecureNoiseBookkeepingDPOptimizer
     dp_optimizer = optimizer_class(
         optimizer,
         noise_multiplier=noise_multiplier,
@@ -264,8 +292,10 @@ def make_private(
         noise_rng=ChaCha20Random(round_key, NOISE_STREAM),
     )
     # Hooks last: a refused argument above leaves the caller's model untouched.
-    dp_model: GradSampleModule | GradSampleModuleFastGradientClipping
-    if mode == "ghost":
+    dp_model: GradSampleModule | GradSampleModuleFastGradientClipping | BookkeepingModule
+    if mode == "bookkeeping":
+        dp_model = BookkeepingModule(model, max_grad_norm)
+    elif mode == "ghost":
         dp_model = GradSampleModuleFastGradientClipping(
             model, batch_first=True, loss_reduction="mean", max_grad_norm=max_grad_norm
         )
@@ -290,8 +320,11 @@ def private_backward(
     (:class:`~fedsafe.training.secure_dp_sgd.SecureNoiseGhostDPOptimizer`) this is Opacus's
     two-pass ghost clipping: the mean loss's backward fills each record's gradient norm,
     then the per-record losses reweighted by ``min(1, C / norm)`` are summed and
-    back-propagated with the hooks off, so ``p.grad`` is the clipped sum. Otherwise one
-    backward of the mean loss fills Opacus's per-record gradients.
+    back-propagated with the hooks off, so ``p.grad`` is the clipped sum. With the
+    book-keeping wrapper (:class:`~fedsafe.training.bookkeeping.BookkeepingModule`) one
+    backward pass to the layers' outputs and one weighted product per layer leave the
+    clipped sum in ``p.grad``. Otherwise one backward of the mean loss fills Opacus's
+    per-record gradients.
 
     ``loss`` is the per-record loss (default :func:`output_loss`).
 
@@ -300,8 +333,17 @@ def private_backward(
     torch.Tensor
         The batch's mean loss, detached.
     """
+    from fedsafe.training.bookkeeping import BookkeepingModule
     from fedsafe.training.secure_dp_sgd import SecureNoiseGhostDPOptimizer
 
+    if isinstance(train_model, BookkeepingModule):
+        if len(x) == 0:
+            # An empty Poisson batch: the clipped sum is zero (the noise is still added).
+            train_model.clipped_backward(torch.zeros(0))
+            return torch.zeros(())
+        per_record = _per_record_loss(train_model, x, y, loss)
+        train_model.clipped_backward(per_record)
+        return per_record.mean().detach()
     with warnings.catch_warnings():
         # Opacus's per-sample hooks on inputs that need no gradient: expected here.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")

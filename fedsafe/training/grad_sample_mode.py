@@ -1,6 +1,6 @@
-"""How a site computes per-record gradient norms for DP-SGD: hooks, ghost or functorch.
+"""How a site computes per-record gradient norms for DP-SGD: hooks, ghost, functorch, bookkeeping.
 
-All three modes clip every record's gradient to the same norm and give the same clipped sum
+All four modes clip every record's gradient to the same norm and give the same clipped sum
 (up to float rounding), so the noise, the sampling and the privacy event do not depend on the
 mode; only the cost does (measured in ``bench/speed.py``, BENCHMARKS.md "DP step speed"):
 
@@ -12,6 +12,11 @@ mode; only the cost does (measured in ``bench/speed.py``, BENCHMARKS.md "DP step
   losses. Other layers fall back to per-record gradients, paid on top of the second pass.
 - ``functorch``: ``torch.func.vmap`` over ``grad`` for every layer (Opacus
   ``force_functorch``).
+- ``bookkeeping``: book-keeping clipping (Bu, Wang, Zha and Karypis, ICML 2023;
+  :mod:`fedsafe.training.bookkeeping`): ghost norms and the clipped sum from ONE backward pass
+  (activations and output gradients kept, one weighted product per layer). Only for models
+  whose trainable layers are all ``nn.Linear`` on ``(batch, features)`` inputs; refused
+  otherwise. A record whose norm is not finite contributes zero, as in ``hooks``.
 
 ``auto`` applies the measured rule of :func:`choose_grad_sample_mode`.
 """
@@ -26,6 +31,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = [
+    "FAST_MIN_GRADIENT_VALUES",
     "GHOST_MIN_GRADIENT_VALUES",
     "GRAD_SAMPLE_MODES",
     "check_grad_sample_mode",
@@ -56,12 +62,15 @@ def _ghost_norm_layers() -> tuple[type[nn.Module], ...]:
     return tuple(GradSampleModuleFastGradientClipping.NORM_SAMPLERS)
 
 
-GHOST_MIN_GRADIENT_VALUES = 1_000_000
-"""``batch x parameters`` from which ghost clipping pays for its second backward pass."""
+FAST_MIN_GRADIENT_VALUES = 1_000_000
+"""``batch x parameters`` from which ``auto`` leaves hooks for bookkeeping or ghost."""
+
+GHOST_MIN_GRADIENT_VALUES = FAST_MIN_GRADIENT_VALUES
+"""The same threshold under its first name (ghost clipping's second backward pass)."""
 
 
 def choose_grad_sample_mode(model: nn.Module, batch_size: int) -> str:
-    """The mode ``auto`` picks: ghost for large Linear/Embedding-only models, else hooks.
+    """The mode ``auto`` picks: bookkeeping or ghost for large Linear-only models, else hooks.
 
     Rule measured with ``bench/speed.py`` (CPU, one thread; BENCHMARKS.md "DP step speed"):
     ghost clipping is many times faster than hooks when every trainable layer is ``Linear`` or
@@ -70,7 +79,10 @@ def choose_grad_sample_mode(model: nn.Module, batch_size: int) -> str:
     batch 4) its second backward pass costs more than the per-record gradients it avoids; and
     as soon as a convolution or a normalisation layer must still build per-record gradients,
     it is slower than hooks. Ghost therefore needs both: only ghost-normed layers, and
-    ``batch_size x parameters >= GHOST_MIN_GRADIENT_VALUES`` (4 MB of float32 gradients).
+    ``batch_size x parameters >= FAST_MIN_GRADIENT_VALUES`` (4 MB of float32 gradients).
+    Where both hold and every trainable layer is ``nn.Linear``, book-keeping (one backward
+    pass) is picked instead of ghost: it beats ghost there (BENCHMARKS.md "Book-keeping
+    clipping"); models with an ``Embedding`` keep ghost.
 
     Parameters
     ----------
@@ -82,8 +94,10 @@ def choose_grad_sample_mode(model: nn.Module, batch_size: int) -> str:
     Returns
     -------
     str
-        ``"ghost"`` or ``"hooks"``.
+        ``"bookkeeping"``, ``"ghost"`` or ``"hooks"``.
     """
+    from fedsafe.training.bookkeeping import bookkeeping_refusal
+
     ghost_layers = _ghost_norm_layers()
     trainable = [
         m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))
@@ -92,9 +106,9 @@ def choose_grad_sample_mode(model: nn.Module, batch_size: int) -> str:
     if (
         trainable
         and all(type(m) in ghost_layers for m in trainable)
-        and values >= GHOST_MIN_GRADIENT_VALUES
+        and values >= FAST_MIN_GRADIENT_VALUES
     ):
-        return "ghost"
+        return "bookkeeping" if bookkeeping_refusal(model) is None else "ghost"
     return "hooks"
 
 

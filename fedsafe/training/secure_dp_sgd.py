@@ -328,3 +328,26 @@ def snap_noised_sums_(
         offset += size
     rng.add_standard_normal_(buffer, std)
     return buffer.div_(grid).round_()
+
+
+class SecureNoiseBookkeepingDPOptimizer(_SecureNoise, DPOptimizerFastGradientClipping):
+    """The optimizer of the ``bookkeeping`` mode: ``p.grad`` already holds the clipped sum.
+
+    :class:`~fedsafe.training.bookkeeping.BookkeepingModule` writes each parameter's clipped
+    sum of per-record gradients (Bu et al., ICML 2023: one backward pass) into ``p.grad``;
+    this optimizer, like :class:`SecureNoiseGhostDPOptimizer`, only adds the secret noise
+    snapped to the grid (:meth:`SecureNoiseDPOptimizer.add_noise`, never Opacus's) and divides
+    by ``expected_batch_size``. A separate class so that
+    :func:`~fedsafe.training.dp_training.private_backward` runs the matching backward pass.
+
+    Parameters
+    ----------
+    optimizer
+        The wrapped optimizer (SGD in fedsafe).
+    noise_multiplier, max_grad_norm
+        Noise standard deviation over the clipping norm, > 0; clipping norm, > 0.
+    expected_batch_size
+        The public expected batch size, the denominator of the mean over a Poisson batch.
+    noise_rng
+        The secret generator; its stream must serve nothing else.
+    """

@@ -43,13 +43,17 @@ def _wide_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(90, 512), nn.ReLU(), nn.Linear(512, 512), nn.Linear(512, 10))
 
 
-def test_auto_picks_ghost_for_large_linear_only_models_and_hooks_otherwise() -> None:
-    assert choose_grad_sample_mode(_wide_mlp(), 256) == "ghost"
+def test_auto_picks_bookkeeping_for_large_linear_only_models_and_hooks_otherwise() -> None:
+    assert choose_grad_sample_mode(_wide_mlp(), 256) == "bookkeeping"
     assert choose_grad_sample_mode(_wide_mlp(), 1) == "hooks"  # too few gradient values
+    # Where ghost was picked but book-keeping cannot train (an Embedding), ghost stays.
+    embedded = nn.Sequential(nn.Embedding(1000, 512), nn.Flatten(), nn.Linear(1024, 512))
+    assert choose_grad_sample_mode(embedded, 256) == "ghost"
     assert choose_grad_sample_mode(build_model("logreg", 13, 0), 4) == "hooks"
     assert choose_grad_sample_mode(MnistCNN(), 100_000) == "hooks"  # convolutions
     assert resolve_grad_sample_mode("functorch", _wide_mlp(), 256) == "functorch"
-    assert resolve_grad_sample_mode("auto", _wide_mlp(), 256) == "ghost"
+    assert resolve_grad_sample_mode("auto", _wide_mlp(), 256) == "bookkeeping"
+    assert resolve_grad_sample_mode("ghost", _wide_mlp(), 256) == "ghost"
 
 
 def test_unknown_mode_is_refused_naming_the_choices() -> None:
@@ -57,7 +61,7 @@ def test_unknown_mode_is_refused_naming_the_choices() -> None:
         check_grad_sample_mode("book-keeping")
     with pytest.raises(ValueError, match="grad-sample-mode"):
         TrainPlan(1, 4, 0.1, grad_sample_mode="fast")
-    assert GRAD_SAMPLE_MODES == ("auto", "hooks", "ghost", "functorch")
+    assert GRAD_SAMPLE_MODES == ("auto", "hooks", "ghost", "functorch", "bookkeeping")
 
 
 @pytest.mark.parametrize("build", [_mlp, MnistCNN], ids=["mlp", "groupnorm-cnn"])
@@ -73,7 +77,8 @@ def test_every_mode_gives_the_same_clipped_update_and_event(build) -> None:
     # the clipped sums to compare. A small clipping norm makes every record's clip bite.
     plan = dict(local_steps=4, batch_size=16, lr=1.0, dp=True, noise_multiplier=1e-9)
     updates, events = {}, {}
-    for mode in ("hooks", "ghost", "functorch"):
+    modes = ("hooks", "ghost", "functorch") + (("bookkeeping",) if build is _mlp else ())
+    for mode in modes:
         model = build()
         model.load_state_dict(start.state_dict())
         p = TrainPlan(**plan, max_grad_norm=0.05, grad_sample_mode=mode)
@@ -85,6 +90,6 @@ def test_every_mode_gives_the_same_clipped_update_and_event(build) -> None:
     ref = updates["hooks"]
     assert ref.norm() > 0
     assert ref.norm() < 0.5 * (_flat(unclipped) - _flat(start)).norm()  # the clipping bit
-    for mode in ("ghost", "functorch"):
+    for mode in modes[1:]:
         assert torch.allclose(updates[mode], ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
         assert events[mode] == events["hooks"]

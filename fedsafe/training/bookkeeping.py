@@ -1,0 +1,229 @@
+"""Book-keeping per-record clipping: one backward pass for models made of ``nn.Linear`` layers.
+
+Book-keeping (Bu, Wang, Zha and Karypis, "Differentially Private Optimization on Large Model
+at Small Cost", ICML 2023) gets the clipped sum of per-record gradients of a linear layer
+without building per-record gradients and without a second backward pass:
+
+1. the forward pass keeps each trainable ``Linear`` layer's input activations ``a`` (shape
+   ``(batch, in)``) and its output;
+2. ONE backward pass of the summed per-record losses computes only the gradients ``g`` of the
+   layers' outputs (shape ``(batch, out)``, ``torch.autograd.grad``): no unclipped weight
+   gradient is built;
+3. each record's gradient norm comes from ``a`` and ``g`` (ghost norms, Opacus's norm sampler
+   for ``Linear``: the weight gradient of record ``i`` is ``g_i a_i^T``, of norm
+   ``|g_i| |a_i|``; the bias gradient is ``g_i``), summed in squares over every layer;
+4. the clip factor is Opacus's, ``c_i = min(1, C / (norm_i + 1e-6))``, and the clipped sums are
+   one weighted product per layer: ``grad_W = (c * g)^T a`` and ``grad_b = sum_i c_i g_i``.
+
+The result is the clipped sum Opacus's hooks build from per-record gradients (equal up to
+float rounding), so the noise, the sampling and the privacy event do not change. A record
+whose norm is not finite (a NaN or an infinity in its activations or output gradients, or a
+norm that overflows) contributes zero, as :func:`~fedsafe.training.secure_dp_sgd.
+zero_non_finite_records` does for hooks: its rows of ``a`` and ``g`` are zeroed, not
+multiplied by zero (``0 * inf`` is NaN).
+
+Supported only when every module with a trainable parameter is exactly ``nn.Linear``, applied
+once per forward pass to 2-D inputs ``(batch, features)``: the per-record gradient of a layer
+applied to a sequence, or twice in one pass, is not one outer product. Anything else is
+refused with :class:`~fedsafe.errors.UserError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from fedsafe.errors import UserError
+
+__all__ = ["CLIP_EPSILON", "BookkeepingModule", "bookkeeping_refusal", "check_bookkeeping_model"]
+
+CLIP_EPSILON = 1e-6
+"""Opacus's guard in the clip factor ``C / (norm + 1e-6)`` (``DPOptimizer``)."""
+
+_FIX = "use --grad-sample-mode auto, hooks, ghost or functorch"
+
+NormSampler = Callable[[nn.Module, list[torch.Tensor], torch.Tensor], dict[Any, torch.Tensor]]
+
+
+def bookkeeping_refusal(model: nn.Module) -> str | None:
+    """Why ``model`` cannot train in the ``bookkeeping`` mode, or None when it can.
+
+    Parameters
+    ----------
+    model
+        The unwrapped model.
+
+    Returns
+    -------
+    str or None
+        A sentence naming the first module with trainable parameters that is not exactly
+        ``nn.Linear``, or saying that nothing is trainable; None if every trainable module
+        is an ``nn.Linear``. (2-D inputs and single use are checked during the forward pass.)
+    """
+    trainable = 0
+    for name, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        trainable += 1
+        if type(module) is not nn.Linear:
+            where = f"module {name!r}" if name else "the model"
+            return f"{where} is a {type(module).__name__} with trainable parameters"
+    return None if trainable else "the model has no trainable parameters"
+
+
+def check_bookkeeping_model(model: nn.Module) -> None:
+    """Raise :class:`~fedsafe.errors.UserError` unless ``model`` suits ``bookkeeping``.
+
+    Raises
+    ------
+    UserError
+        Naming the module that is not ``nn.Linear`` and the modes to use instead.
+    """
+    refusal = bookkeeping_refusal(model)
+    if refusal is not None:
+        raise UserError(
+            f"grad-sample-mode 'bookkeeping' needs a model whose trainable layers are all "
+            f"nn.Linear: {refusal}; {_FIX}"
+        )
+
+
+def _linear_norm_sampler() -> NormSampler:
+    # Opacus's ghost norm sampler for Linear (registered on import of opacus.grad_sample).
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    sampler: NormSampler = GradSampleModuleFastGradientClipping.NORM_SAMPLERS[nn.Linear]
+    return sampler
+
+
+class BookkeepingModule(nn.Module):
+    """A model wrapped for book-keeping clipping: forward as usual, then :meth:`clipped_backward`.
+
+    Parameters
+    ----------
+    module
+        The model; every module with a trainable parameter must be ``nn.Linear``.
+    max_grad_norm
+        The clipping norm ``C`` > 0.
+
+    Raises
+    ------
+    UserError
+        If the model has a trainable module that is not ``nn.Linear``
+        (:func:`check_bookkeeping_model`), or, during a forward pass with gradients, if a
+        layer gets an input that is not 2-D or runs twice.
+    ValueError
+        If ``max_grad_norm`` is not > 0.
+    """
+
+    def __init__(self, module: nn.Module, max_grad_norm: float) -> None:
+        super().__init__()
+        check_bookkeeping_model(module)
+        if not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        self._module = module
+        self.max_grad_norm = float(max_grad_norm)
+        self._norm_sampler = _linear_norm_sampler()
+        self._layers: list[nn.Linear] = [
+            m
+            for m in module.modules()
+            if type(m) is nn.Linear and any(p.requires_grad for p in m.parameters(recurse=False))
+        ]
+        self._tape: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._handles: list[RemovableHandle] = [
+            layer.register_forward_hook(self._keep) for layer in self._layers
+        ]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's forward; with gradients on, each layer's input and output kept."""
+        self._tape.clear()
+        return self._module(*args, **kwargs)
+
+    def _keep(self, layer: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        if not torch.is_grad_enabled():
+            return
+        activations = inputs[0]
+        if activations.dim() != 2:
+            raise UserError(
+                "grad-sample-mode 'bookkeeping' needs every nn.Linear applied to (batch, "
+                f"features) inputs, got an input of shape {tuple(activations.shape)}; {_FIX}"
+            )
+        assert isinstance(layer, nn.Linear)
+        if layer in self._tape:
+            raise UserError(
+                "grad-sample-mode 'bookkeeping' needs every nn.Linear applied once per "
+                f"forward pass, one ran twice; {_FIX}"
+            )
+        self._tape[layer] = (activations.detach(), output)
+
+    def clipped_backward(self, per_record_loss: torch.Tensor) -> None:
+        """Set each trainable parameter's ``grad`` to the sum of clipped per-record gradients.
+
+        Parameters
+        ----------
+        per_record_loss
+            Shape ``(batch,)``: the losses of the last forward pass's records, one per row of
+            every kept input.
+
+        Raises
+        ------
+        ValueError
+            If no forward pass with gradients preceded, or a layer's batch differs from the
+            loss's.
+        """
+        batch = per_record_loss.numel()
+        if batch == 0:
+            self._tape.clear()
+            for p in self.parameters():
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
+            return
+        layers = [layer for layer in self._layers if layer in self._tape]
+        if not layers:
+            raise ValueError("clipped_backward needs a forward pass with gradients first")
+        kept = [self._tape[layer] for layer in layers]
+        self._tape.clear()
+        if any(a.shape[0] != batch for a, _ in kept):
+            raise ValueError(f"every layer's batch must match the {batch} per-record losses")
+        # One backward pass to the layers' outputs only: no weight gradient is computed.
+        output_grads = torch.autograd.grad(
+            per_record_loss.sum(),
+            [out for _, out in kept],
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        per_param: list[torch.Tensor] = []
+        for layer, (a, _), g in zip(layers, kept, output_grads, strict=True):
+            norms = self._norm_sampler(layer, [a], g)
+            per_param.extend(norms.values())
+        norms = torch.stack(per_param, dim=1).norm(2, dim=1)
+        finite = norms.isfinite()
+        factor = (self.max_grad_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
+        all_finite = bool(finite.all())
+        if not all_finite:
+            factor = torch.where(finite, factor, torch.zeros((), dtype=factor.dtype))
+        for layer, (a, _), g in zip(layers, kept, output_grads, strict=True):
+            weighted = g * factor.to(g.dtype).unsqueeze(1)
+            if not all_finite:
+                keep = finite.unsqueeze(1)
+                weighted = torch.where(keep, weighted, torch.zeros((), dtype=g.dtype))
+                a = torch.where(keep, a, torch.zeros((), dtype=a.dtype))
+            if layer.weight.requires_grad:
+                layer.weight.grad = (weighted.t() @ a.to(weighted.dtype)).to(layer.weight.dtype)
+            if layer.bias is not None and layer.bias.requires_grad:
+                layer.bias.grad = weighted.sum(0).to(layer.bias.dtype)
+        for layer in self._layers:
+            if layer not in layers:  # a layer the forward pass did not reach
+                for p in layer.parameters(recurse=False):
+                    if p.requires_grad:
+                        p.grad = torch.zeros_like(p)
+
+    def _close(self) -> None:
+        """Remove the forward hooks (the name Opacus's wrappers use, called after a round)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._tape.clear()

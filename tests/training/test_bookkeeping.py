@@ -1,0 +1,217 @@
+"""Book-keeping clipping: Opacus's clipped sum from one backward pass, on real Opacus parts."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedsafe.errors import UserError
+from fedsafe.models.mnist_cnn import MnistCNN
+from fedsafe.privacy.secure_random import NOISE_STREAM, ChaCha20Random, noise_grid
+from fedsafe.training.bookkeeping import (
+    BookkeepingModule,
+    bookkeeping_refusal,
+    check_bookkeeping_model,
+)
+from fedsafe.training.dp_training import TrainPlan, make_private, private_backward, train_round
+from fedsafe.training.secure_dp_sgd import (
+    SecureNoiseBookkeepingDPOptimizer,
+    SecureNoiseDPOptimizer,
+    SecurePoissonSampler,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
+KEY = bytes.fromhex("b0" * 32)
+C = 1.5
+
+
+def _mlp(seed: int = 5) -> nn.Module:
+    torch.manual_seed(seed)  # test weights, not privacy randomness
+    return nn.Sequential(
+        nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)
+    )
+
+
+def _batch(n: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)  # test data, not privacy randomness
+    # Scales from 0.01 to 10: some records' gradients far below C, others far above.
+    scale = torch.logspace(-2, 1, n).unsqueeze(1)
+    return torch.randn(n, 6, generator=gen) * scale, torch.randint(0, 3, (n,), generator=gen)
+
+
+def _loader(x: torch.Tensor, y: torch.Tensor) -> DataLoader:
+    return DataLoader(TensorDataset(x, y), batch_size=len(x))
+
+
+def _clipped_sums(mode: str, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """The clipped sum of the batch (no noise), from the mode's own optimizer path."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dp_model, dp_opt, _, _ = make_private(
+        model, opt, _loader(x, y), 1.0, C, KEY, grad_sample_mode=mode
+    )
+    dp_opt.zero_grad(set_to_none=True)
+    private_backward(dp_model, dp_opt, x, y)
+    if mode == "hooks":
+        dp_opt.clip_and_accumulate()  # zeroes non-finite records, then Opacus's clipping
+    else:
+        dp_opt.accumulate()  # p.grad already holds the clipped sum
+    sums = [p.summed_grad.detach().clone() for p in dp_opt.params]
+    dp_model._close()
+    return sums
+
+
+def _per_record_norms(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    model = _mlp()
+    norms = []
+    for xi, yi in zip(x, y, strict=True):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(xi[None]), yi[None]).backward()
+        norms.append(torch.cat([p.grad.flatten() for p in model.parameters()]).norm())
+    return torch.stack(norms)
+
+
+def _assert_close(got: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
+    flat_got = torch.cat([g.flatten() for g in got])
+    flat_ref = torch.cat([r.flatten() for r in ref])
+    assert flat_ref.norm() > 0
+    assert torch.allclose(flat_got, flat_ref, rtol=1e-5, atol=1e-5 * float(flat_ref.abs().max()))
+
+
+def test_same_clipped_sum_as_hooks_with_records_above_and_below_the_norm() -> None:
+    x, y = _batch()
+    norms = _per_record_norms(x, y)
+    assert (norms < 0.8 * C).sum() >= 3 and (norms > 1.5 * C).sum() >= 3  # the premise
+    _assert_close(_clipped_sums("bookkeeping", x, y), _clipped_sums("hooks", x, y))
+
+
+def test_a_non_finite_record_contributes_zero_as_with_hooks() -> None:
+    x, y = _batch()
+    for bad in (float("inf"), float("nan")):
+        poisoned = x.clone()
+        poisoned[7, 2] = bad
+        got = _clipped_sums("bookkeeping", poisoned, y)
+        assert all(torch.isfinite(g).all() for g in got)
+        _assert_close(got, _clipped_sums("hooks", poisoned, y))
+        # The same as the batch without that record.
+        keep = torch.arange(len(x)) != 7
+        _assert_close(got, _clipped_sums("bookkeeping", x[keep], y[keep]))
+
+
+def test_empty_batch_gives_a_zero_sum_and_then_the_noise_alone() -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _batch()
+    sigma = 3.0
+    dp_model, dp_opt, loader, _ = make_private(
+        model, opt, _loader(x, y), sigma, C, KEY, grad_sample_mode="bookkeeping"
+    )
+    assert type(dp_opt) is SecureNoiseBookkeepingDPOptimizer
+    assert type(dp_opt).add_noise is SecureNoiseDPOptimizer.add_noise  # the secret noise
+    assert isinstance(loader.batch_sampler, SecurePoissonSampler)
+    dp_opt.zero_grad(set_to_none=True)
+    private_backward(dp_model, dp_opt, torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in dp_opt.params)
+    dp_opt.accumulate()
+    dp_opt.add_noise()
+    flat = torch.cat([p.grad.detach().flatten() for p in dp_opt.params]).double()
+    g = noise_grid(sigma * C)
+    assert torch.equal(flat / g, torch.round(flat / g))
+    expected = ChaCha20Random(KEY, NOISE_STREAM).standard_normal(flat.numel()) * sigma * C
+    assert np.allclose(flat.numpy(), expected, atol=g)
+    # A full batch after the empty one still trains.
+    dp_opt.zero_grad(set_to_none=True)
+    private_backward(dp_model, dp_opt, x, y)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in dp_opt.params)
+    dp_model._close()
+
+
+def test_same_update_and_privacy_event_as_hooks_in_a_training_round() -> None:
+    gen = np.random.default_rng(2)  # test data, not privacy randomness
+    x = (gen.normal(size=(96, 6)) * 3).astype(np.float32)
+    y = gen.integers(0, 3, 96).astype(np.float32)
+    start = _mlp()
+    plan = dict(local_steps=4, batch_size=16, lr=1.0, dp=True, noise_multiplier=1e-9)
+    updates, events = {}, {}
+    for mode in ("hooks", "bookkeeping"):
+        model = _mlp()
+        p = TrainPlan(**plan, max_grad_norm=0.05, grad_sample_mode=mode)
+        events[mode] = train_round(model, x, y, p, torch.device("cpu"), key=KEY)
+        updates[mode] = torch.cat(
+            [
+                (a - b).detach().flatten()
+                for a, b in zip(model.parameters(), start.parameters(), strict=True)
+            ]
+        )
+    assert events["bookkeeping"] == events["hooks"] and events["hooks"] is not None
+    _assert_close([updates["bookkeeping"]], [updates["hooks"]])
+
+
+def test_frozen_parameters_keep_no_gradient_and_the_rest_match_hooks() -> None:
+    x, y = _batch()
+
+    def sums(mode: str) -> list[torch.Tensor]:
+        model = _mlp()
+        model[0].bias.requires_grad_(False)
+        model[2].requires_grad_(False)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        dp_model, dp_opt, _, _ = make_private(
+            model, opt, _loader(x, y), 1.0, C, KEY, grad_sample_mode=mode
+        )
+        private_backward(dp_model, dp_opt, x, y)
+        if mode == "hooks":
+            dp_opt.clip_and_accumulate()
+        else:
+            dp_opt.accumulate()
+        assert model[0].bias.grad is None and model[2].weight.grad is None
+        dp_model._close()
+        return [p.summed_grad for p in dp_opt.params]
+
+    _assert_close(sums("bookkeeping"), sums("hooks"))
+
+
+def test_refused_for_a_conv_model_naming_the_layer_and_the_fix() -> None:
+    assert bookkeeping_refusal(_mlp()) is None
+    assert "Conv2d" in str(bookkeeping_refusal(MnistCNN()))
+    with pytest.raises(UserError, match=r"'bookkeeping'.*Conv2d.*--grad-sample-mode auto"):
+        check_bookkeeping_model(MnistCNN())
+    x = np.zeros((8, 1, 28, 28), np.float32)
+    y = np.zeros(8, np.float32)
+    plan = TrainPlan(1, 4, 0.1, grad_sample_mode="bookkeeping")
+    model = MnistCNN()
+    with pytest.raises(UserError, match="Conv2d"):
+        train_round(model, x, y, plan, torch.device("cpu"))
+    assert not model._forward_hooks  # nothing was attached to the refused model
+    with pytest.raises(UserError, match="Embedding"):
+        check_bookkeeping_model(nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 2)))
+
+
+def test_refused_during_the_forward_pass_for_sequences_and_reused_layers() -> None:
+    wrapped = BookkeepingModule(nn.Linear(4, 2), C)
+    with pytest.raises(UserError, match="batch, features"):
+        wrapped(torch.zeros(3, 5, 4))
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(self.layer(x))
+
+    with pytest.raises(UserError, match="once per forward pass"):
+        BookkeepingModule(Twice(), C)(torch.zeros(3, 4))
+    with torch.no_grad():  # evaluation keeps nothing and refuses nothing
+        assert wrapped(torch.zeros(3, 5, 4)).shape == (3, 5, 2)
+
+
+def test_close_removes_the_hooks() -> None:
+    model = _mlp()
+    wrapped = BookkeepingModule(model, C)
+    assert all(len(m._forward_hooks) == 1 for m in model if isinstance(m, nn.Linear))
+    wrapped._close()
+    assert all(not m._forward_hooks for m in model)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        BookkeepingModule(model, 0.0)
