@@ -9,9 +9,11 @@ without building per-record gradients and without a second backward pass:
 2. ONE backward pass of the summed per-record losses computes only the gradients ``g`` of the
    layers' outputs (shape ``(batch, out)``, ``torch.autograd.grad``): no unclipped weight
    gradient is built;
-3. each record's gradient norm comes from ``a`` and ``g`` (ghost norms, Opacus's norm sampler
-   for ``Linear``: the weight gradient of record ``i`` is ``g_i a_i^T``, of norm
-   ``|g_i| |a_i|``; the bias gradient is ``g_i``), summed in squares over every layer;
+3. each record's gradient norm comes from ``a`` and ``g`` (ghost norms: the weight gradient of
+   record ``i`` is ``g_i a_i^T``, of norm ``|g_i| |a_i|``; the bias gradient is ``g_i``),
+   summed in squares over every layer (:func:`linear_record_norms`: the formula of Opacus's
+   ghost norm sampler for ``Linear``, computed with vector norms instead of its einsum, which
+   runs as a batched matrix product and cost about 4 ms of a 30 ms step of the 4x512 MLP);
 4. the clip factor is Opacus's, ``c_i = min(1, C / (norm_i + 1e-6))``, and the clipped sums are
    one weighted product per layer: ``grad_W = (c * g)^T a`` and ``grad_b = sum_i c_i g_i``.
 
@@ -30,7 +32,6 @@ refused with :class:`~fedsafe.errors.UserError`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,14 +40,18 @@ from torch.utils.hooks import RemovableHandle
 
 from fedsafe.errors import UserError
 
-__all__ = ["CLIP_EPSILON", "BookkeepingModule", "bookkeeping_refusal", "check_bookkeeping_model"]
+__all__ = [
+    "CLIP_EPSILON",
+    "BookkeepingModule",
+    "bookkeeping_refusal",
+    "check_bookkeeping_model",
+    "linear_record_norms",
+]
 
 CLIP_EPSILON = 1e-6
 """Opacus's guard in the clip factor ``C / (norm + 1e-6)`` (``DPOptimizer``)."""
 
 _FIX = "use --grad-sample-mode auto, hooks, ghost or functorch"
-
-NormSampler = Callable[[nn.Module, list[torch.Tensor], torch.Tensor], dict[Any, torch.Tensor]]
 
 
 def bookkeeping_refusal(model: nn.Module) -> str | None:
@@ -91,12 +96,37 @@ def check_bookkeeping_model(model: nn.Module) -> None:
         )
 
 
-def _linear_norm_sampler() -> NormSampler:
-    # Opacus's ghost norm sampler for Linear (registered on import of opacus.grad_sample).
-    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+def linear_record_norms(
+    layer: nn.Linear, activations: torch.Tensor, output_grads: torch.Tensor
+) -> list[torch.Tensor]:
+    """Each record's gradient norm for each trainable parameter of ``layer``.
 
-    sampler: NormSampler = GradSampleModuleFastGradientClipping.NORM_SAMPLERS[nn.Linear]
-    return sampler
+    Parameters
+    ----------
+    layer
+        The layer; only its parameters with ``requires_grad`` count, weight first.
+    activations
+        Its inputs ``a``, shape ``(batch, in_features)``.
+    output_grads
+        The gradients ``g`` of the summed per-record losses with respect to its outputs,
+        shape ``(batch, out_features)``: row ``i`` is record ``i``'s own.
+
+    Returns
+    -------
+    list of torch.Tensor
+        Shape ``(batch,)`` each, in ``g``'s dtype: ``|g_i| |a_i|`` for the weight (the
+        Frobenius norm of ``g_i a_i^T``) and ``|g_i|`` for the bias, as Opacus's
+        ``compute_linear_norm_sample`` gives for 2-D inputs (NaN or infinite where a record's
+        values are).
+    """
+    g_norms = torch.linalg.vector_norm(output_grads, dim=1)
+    norms = []
+    if layer.weight.requires_grad:
+        a_norms = torch.linalg.vector_norm(activations.to(output_grads.dtype), dim=1)
+        norms.append(g_norms * a_norms)
+    if layer.bias is not None and layer.bias.requires_grad:
+        norms.append(g_norms)
+    return norms
 
 
 class BookkeepingModule(nn.Module):
@@ -126,7 +156,6 @@ class BookkeepingModule(nn.Module):
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         self._module = module
         self.max_grad_norm = float(max_grad_norm)
-        self._norm_sampler = _linear_norm_sampler()
         self._layers: list[nn.Linear] = [
             m
             for m in module.modules()
@@ -197,8 +226,7 @@ class BookkeepingModule(nn.Module):
         )
         per_param: list[torch.Tensor] = []
         for layer, (a, _), g in zip(layers, kept, output_grads, strict=True):
-            norms = self._norm_sampler(layer, [a], g)
-            per_param.extend(norms.values())
+            per_param.extend(linear_record_norms(layer, a, g))
         norms = torch.stack(per_param, dim=1).norm(2, dim=1)
         finite = norms.isfinite()
         factor = (self.max_grad_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)

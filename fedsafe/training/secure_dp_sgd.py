@@ -351,3 +351,17 @@ class SecureNoiseBookkeepingDPOptimizer(_SecureNoise, DPOptimizerFastGradientCli
     noise_rng
         The secret generator; its stream must serve nothing else.
     """
+
+    def accumulate(self) -> None:
+        """Keep each ``p.grad`` (the clipped sum) as ``p.summed_grad``, without Opacus's copy.
+
+        ``p.grad`` is a fresh tensor written by the book-keeping backward pass at every step,
+        and :meth:`add_noise` replaces ``p.grad`` with a new tensor, so no copy is needed. A
+        second backward pass before the step (gradient accumulation, which fedsafe does not
+        use) adds to the kept sum as Opacus does.
+        """
+        for p in self.params:
+            if p.summed_grad is None:
+                p.summed_grad = p.grad.detach()
+            else:
+                p.summed_grad.add_(p.grad.detach())

@@ -13,6 +13,7 @@ from fedsafe.training.bookkeeping import (
     BookkeepingModule,
     bookkeeping_refusal,
     check_bookkeeping_model,
+    linear_record_norms,
 )
 from fedsafe.training.dp_training import TrainPlan, make_private, private_backward, train_round
 from fedsafe.training.secure_dp_sgd import (
@@ -215,3 +216,22 @@ def test_close_removes_the_hooks() -> None:
     assert all(not m._forward_hooks for m in model)
     with pytest.raises(ValueError, match="max_grad_norm"):
         BookkeepingModule(model, 0.0)
+
+
+def test_record_norms_are_those_of_opacus_norm_sampler_and_of_real_per_record_gradients() -> None:
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    sampler = GradSampleModuleFastGradientClipping.NORM_SAMPLERS[nn.Linear]
+    gen = torch.Generator().manual_seed(4)  # test data, not privacy randomness
+    layer = nn.Linear(5, 3)
+    a = torch.randn(7, 5, generator=gen)
+    g = torch.randn(7, 3, generator=gen)
+    ours = linear_record_norms(layer, a, g)
+    theirs = list(sampler(layer, [a], g).values())
+    assert len(ours) == len(theirs) == 2
+    for x, y in zip(ours, theirs, strict=True):
+        assert torch.allclose(x, y, rtol=1e-6)
+    per_record = torch.einsum("ni,nj->nij", g, a).flatten(1).norm(dim=1)
+    assert torch.allclose(ours[0], per_record, rtol=1e-6)
+    layer.bias.requires_grad_(False)
+    assert len(linear_record_norms(layer, a, g)) == 1
