@@ -14,7 +14,7 @@ settings, one torch thread, CPU time ``time.process_time``) alternates, step by 
 Medians over the repeats of every process, pooled, with the range (min-max) of the per-repeat
 DP/non-DP ratios. ``--profile`` adds, for the ``bookkeeping`` step of the Linear-only models,
 the CPU time of its phases (forward, backward to the outputs, norms and weighted sums, noise
-and the optimizer update).
+with its grid snapping, division by the batch size and the SGD update).
 
     .venv/bin/python bench/speed_decomposition.py --repeats 9 \\
         --json bench/results/speed_bookkeeping.json
@@ -100,7 +100,8 @@ def _step_fn(name: str, arm: str) -> Callable[[], None]:
 def _profile(name: str, repeats: int) -> dict[str, list[float]]:
     """CPU seconds of the phases of the book-keeping step, ``repeats`` times each."""
     dp_model, dp_opt, x, y = _private_parts(name, "bookkeeping")
-    out: dict[str, list[float]] = {k: [] for k in ("forward", "backward", "clip", "noise+step")}
+    phases = ("forward", "backward", "clip", "noise", "scale+update")
+    out: dict[str, list[float]] = {k: [] for k in phases}
     for i in range(repeats + 2):  # two warm-up steps
         dp_opt.zero_grad(set_to_none=True)
         t0 = time.process_time()
@@ -112,13 +113,18 @@ def _profile(name: str, repeats: int) -> dict[str, list[float]]:
         t2 = time.process_time()
         dp_model.clipped_backward(per_record)  # the same backward again, then the clipping
         t3 = time.process_time()
-        dp_opt.step()
+        dp_opt.accumulate()  # what dp_opt.step() runs, phase by phase
+        dp_opt.add_noise()
         t4 = time.process_time()
+        dp_opt.scale_grad()
+        dp_opt.original_optimizer.step()
+        t5 = time.process_time()
         if i >= 2:
             out["forward"].append(t1 - t0)
             out["backward"].append(t2 - t1)
             out["clip"].append((t3 - t2) - (t2 - t1))
-            out["noise+step"].append(t4 - t3)
+            out["noise"].append(t4 - t3)
+            out["scale+update"].append(t5 - t4)
     return out
 
 

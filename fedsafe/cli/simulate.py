@@ -111,8 +111,9 @@ def register(sub: Any) -> None:
         "--grad-sample-mode",
         choices=GRAD_SAMPLE_MODES,
         default="auto",
-        help="per-record clipping: auto (ghost for large Linear-only models, else hooks), hooks, "
-        "ghost or functorch; the same clipped update and privacy, a different speed",
+        help="per-record clipping: auto (bookkeeping for large Linear-only models, else hooks), "
+        "hooks, ghost, functorch or bookkeeping; the same clipped update and privacy, a "
+        "different speed",
     )
     p.add_argument(
         "--gpus-per-site",

@@ -66,17 +66,24 @@ def bookkeeping_refusal(model: nn.Module) -> str | None:
     -------
     str or None
         A sentence naming the first module with trainable parameters that is not exactly
-        ``nn.Linear``, or saying that nothing is trainable; None if every trainable module
-        is an ``nn.Linear``. (2-D inputs and single use are checked during the forward pass.)
+        ``nn.Linear`` or that shares a parameter with another (tied weights, or one layer
+        registered twice), or saying that nothing is trainable; None if every trainable
+        module is an ``nn.Linear`` of its own. (2-D inputs and single use per forward pass
+        are checked during the forward pass.)
     """
     trainable = 0
-    for name, module in model.named_modules():
-        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+    seen: set[int] = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own:
             continue
         trainable += 1
+        where = f"module {name!r}" if name else "the model"
         if type(module) is not nn.Linear:
-            where = f"module {name!r}" if name else "the model"
             return f"{where} is a {type(module).__name__} with trainable parameters"
+        if any(id(p) in seen for p in own):
+            return f"{where} shares a parameter with another layer (tied or reused)"
+        seen.update(id(p) for p in own)
     return None if trainable else "the model has no trainable parameters"
 
 

@@ -185,6 +185,11 @@ def test_refused_for_a_conv_model_naming_the_layer_and_the_fix() -> None:
     with pytest.raises(UserError, match="Conv2d"):
         train_round(model, x, y, plan, torch.device("cpu"))
     assert not model._forward_hooks  # nothing was attached to the refused model
+    tied = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    tied[2].weight = tied[0].weight
+    assert "shares a parameter" in str(bookkeeping_refusal(tied))
+    layer = nn.Linear(4, 4)
+    assert "shares a parameter" in str(bookkeeping_refusal(nn.Sequential(layer, layer)))
     with pytest.raises(UserError, match="Embedding"):
         check_bookkeeping_model(nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 2)))
 
