@@ -49,7 +49,7 @@ def _one_59_year_old(site: Site, keep: bool) -> None:
     site.data.write_text("\n".join([lines[0], *rows]) + "\n")
 
 
-@pytest.mark.parametrize("mode", ["auto", "ghost", "hooks"])
+@pytest.mark.parametrize("mode", ["auto", "ghost", "hooks", "bookkeeping"])
 @pytest.mark.parametrize("keep", [True, False], ids=["with the record", "without it"])
 def test_a_global_model_with_an_infinite_weight_reveals_no_membership_bit(
     tmp_path: Path, keep: bool, mode: str
