@@ -241,15 +241,21 @@ class BookkeepingModule(nn.Module):
         if not all_finite:
             factor = torch.where(finite, factor, torch.zeros((), dtype=factor.dtype))
         for layer, (a, _), g in zip(layers, kept, output_grads, strict=True):
-            weighted = g * factor.to(g.dtype).unsqueeze(1)
+            c = factor.to(g.dtype)
+            a = a.to(g.dtype)
             if not all_finite:
                 keep = finite.unsqueeze(1)
-                weighted = torch.where(keep, weighted, torch.zeros((), dtype=g.dtype))
+                g = torch.where(keep, g, torch.zeros((), dtype=g.dtype))
                 a = torch.where(keep, a, torch.zeros((), dtype=a.dtype))
             if layer.weight.requires_grad:
-                layer.weight.grad = (weighted.t() @ a.to(weighted.dtype)).to(layer.weight.dtype)
+                # (c * g)^T a = g^T (c * a): scale the narrower of the two.
+                if a.shape[1] < g.shape[1]:
+                    grad_w = g.t() @ (a * c.unsqueeze(1))
+                else:
+                    grad_w = (g * c.unsqueeze(1)).t() @ a
+                layer.weight.grad = grad_w.to(layer.weight.dtype)
             if layer.bias is not None and layer.bias.requires_grad:
-                layer.bias.grad = weighted.sum(0).to(layer.bias.dtype)
+                layer.bias.grad = (g.t() @ c).to(layer.bias.dtype)  # sum_i c_i g_i
         for layer in self._layers:
             if layer not in layers:  # a layer the forward pass did not reach
                 for p in layer.parameters(recurse=False):

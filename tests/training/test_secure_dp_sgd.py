@@ -293,3 +293,22 @@ def test_a_model_above_the_small_draw_takes_the_block_path_with_the_same_noise()
     expected = ChaCha20Random(KEY, NOISE_STREAM).standard_normal(total) * sigma
     assert np.abs(flat.numpy() - expected).max() < 40  # clipped sum of <= ~30 records, C = 1
     dp_model._close()
+
+
+def test_released_gradient_is_exactly_the_snapped_integer_times_the_grid_cast() -> None:
+    # The cast-then-multiply of add_noise gives the bits of (k * grid) in float64, cast.
+    model = nn.Sequential(nn.Linear(6, 1200), nn.ReLU(), nn.Linear(1200, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for sigma in (1e-9, 3.0, 7e4):
+        dp_model, dp_opt, loader, _ = make_private(model, opt, _loader(), sigma, 1.0, KEY)
+        xb, yb = next(b for b in loader if len(b[0]) > 0)
+        nn.functional.cross_entropy(dp_model(xb), yb).backward()
+        dp_opt.clip_and_accumulate()
+        dp_opt.add_noise()
+        k = dp_opt._noised_buffer
+        assert k is not None and k.numel() > SMALL_DRAW
+        expected = (k * noise_grid(sigma)).to(torch.float32)
+        got = torch.cat([p.grad.flatten() for p in dp_opt.params])
+        assert torch.equal(got, expected)
+        dp_opt.zero_grad(set_to_none=True)
+        dp_model._close()
