@@ -328,6 +328,28 @@ def preflight(cfg: RunConfig, public_sizes: list[int], site_budget: str | None) 
                 raise UserError(f"{name} {reason}")
 
 
+def check_bookkeeping_run(cfg: RunConfig, task: Any, num_features: int) -> None:
+    """Refuse ``--grad-sample-mode bookkeeping`` for a model it cannot train (exit code 2).
+
+    Raises
+    ------
+    UserError
+        Naming the flag, the first layer that is not ``nn.Linear`` and the other modes.
+    """
+    from fedsafe.training.bookkeeping import check_bookkeeping_model
+
+    if task is not None:
+        from fedsafe.tasks.task import checked_task_model
+
+        model = checked_task_model(task, num_features, cfg.seed).model
+    else:
+        from fedsafe.models import build_model
+        from fedsafe.tasks.scenarios import run_model_name
+
+        model = build_model(run_model_name(cfg), num_features, cfg.seed)
+    check_bookkeeping_model(model)
+
+
 def failed_sites(run_dir: Any, rounds: list[dict[str, Any]]) -> list[str]:
     """Sites that failed or refused in the run (events.jsonl and the round records)."""
     from pathlib import Path
@@ -470,6 +492,8 @@ def _run_simulate(args: argparse.Namespace, cfg: RunConfig, superlink: Simulatio
 
         warn_tiny_sites(sites)
     preflight(cfg, [public_size_of(len(s.x_train)) for s in sites], args.site_budget)
+    if cfg.dp and cfg.grad_sample_mode == "bookkeeping":  # refused here, not at every site
+        check_bookkeeping_run(cfg, task if cfg.task else None, sites[0].num_features)
     privacy = (
         "no DP (NOT PRIVATE)"
         if not cfg.dp

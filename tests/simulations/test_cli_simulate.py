@@ -104,3 +104,13 @@ def test_grad_sample_mode_flag_reaches_the_run_config(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--grad-sample-mode" in err and "Traceback" not in err
+
+
+def test_bookkeeping_for_a_conv_model_is_refused_before_starting(tmp_path, capsys):
+    out = tmp_path / "runs"
+    argv = ["simulate", "--scenario", "mnist", "--out", str(out)]
+    assert main([*argv, "--grad-sample-mode", "bookkeeping"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'bookkeeping'" in err and "Conv2d" in err
+    assert "--grad-sample-mode auto" in err and "Traceback" not in err
+    assert not out.exists()
