@@ -109,7 +109,7 @@ def _profile(name: str, repeats: int) -> dict[str, list[float]]:
         t1 = time.process_time()
         # The backward pass to the outputs alone, as in clipped_backward.
         kept = list(dp_model._tape.values())
-        torch.autograd.grad(per_record.sum(), [o for _, o in kept], retain_graph=True)
+        torch.autograd.grad(per_record.sum(), [o for _, o, _ in kept], retain_graph=True)
         t2 = time.process_time()
         dp_model.clipped_backward(per_record)  # the same backward again, then the clipping
         t3 = time.process_time()

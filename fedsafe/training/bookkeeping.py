@@ -168,7 +168,8 @@ class BookkeepingModule(nn.Module):
             for m in module.modules()
             if type(m) is nn.Linear and any(p.requires_grad for p in m.parameters(recurse=False))
         ]
-        self._tape: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Per layer: its input, its output and the output's version (in-place edits show).
+        self._tape: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._handles: list[RemovableHandle] = [
             layer.register_forward_hook(self._keep) for layer in self._layers
         ]
@@ -193,7 +194,7 @@ class BookkeepingModule(nn.Module):
                 "grad-sample-mode 'bookkeeping' needs every nn.Linear applied once per "
                 f"forward pass, one ran twice; {_FIX}"
             )
-        self._tape[layer] = (activations.detach(), output)
+        self._tape[layer] = (activations.detach(), output, output._version)
 
     def clipped_backward(self, per_record_loss: torch.Tensor) -> None:
         """Set each trainable parameter's ``grad`` to the sum of clipped per-record gradients.
@@ -206,6 +207,8 @@ class BookkeepingModule(nn.Module):
 
         Raises
         ------
+        UserError
+            If an in-place operation changed a layer's output after the layer ran.
         ValueError
             If no forward pass with gradients preceded, or a layer's batch differs from the
             loss's.
@@ -220,8 +223,15 @@ class BookkeepingModule(nn.Module):
         layers = [layer for layer in self._layers if layer in self._tape]
         if not layers:
             raise ValueError("clipped_backward needs a forward pass with gradients first")
-        kept = [self._tape[layer] for layer in layers]
+        tape = [self._tape[layer] for layer in layers]
         self._tape.clear()
+        if any(out._version != version for _, out, version in tape):
+            # The gradient would be the one of the edited tensor, not of the layer's output.
+            raise UserError(
+                "grad-sample-mode 'bookkeeping' needs every nn.Linear's output left unchanged "
+                f"(an in-place operation such as ReLU(inplace=True) changed one); {_FIX}"
+            )
+        kept = [(a, out) for a, out, _ in tape]
         if any(a.shape[0] != batch for a, _ in kept):
             raise ValueError(f"every layer's batch must match the {batch} per-record losses")
         # One backward pass to the layers' outputs only: no weight gradient is computed.

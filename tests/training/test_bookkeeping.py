@@ -209,6 +209,10 @@ def test_refused_during_the_forward_pass_for_sequences_and_reused_layers() -> No
 
     with pytest.raises(UserError, match="once per forward pass"):
         BookkeepingModule(Twice(), C)(torch.zeros(3, 4))
+    inplace = BookkeepingModule(nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True)), C)
+    out = inplace(torch.ones(3, 4))
+    with pytest.raises(UserError, match="in-place"):  # else: the gradient of the ReLU's output
+        inplace.clipped_backward(out.sum(1))
     with torch.no_grad():  # evaluation keeps nothing and refuses nothing
         assert wrapped(torch.zeros(3, 5, 4)).shape == (3, 5, 2)
 
