@@ -70,7 +70,7 @@ GHOST_MIN_GRADIENT_VALUES = FAST_MIN_GRADIENT_VALUES
 
 
 def choose_grad_sample_mode(model: nn.Module, batch_size: int) -> str:
-    """The mode ``auto`` picks: bookkeeping or ghost for large Linear-only models, else hooks.
+    """The mode ``auto`` picks: bookkeeping (ghost with an Embedding) for large models, or hooks.
 
     Rule measured with ``bench/speed.py`` (CPU, one thread; BENCHMARKS.md "DP step speed"):
     ghost clipping is many times faster than hooks when every trainable layer is ``Linear`` or
@@ -82,7 +82,9 @@ def choose_grad_sample_mode(model: nn.Module, batch_size: int) -> str:
     ``batch_size x parameters >= FAST_MIN_GRADIENT_VALUES`` (4 MB of float32 gradients).
     Where both hold and every trainable layer is ``nn.Linear``, book-keeping (one backward
     pass) is picked instead of ghost: it beats ghost there (BENCHMARKS.md "Book-keeping
-    clipping"); models with an ``Embedding`` keep ghost.
+    clipping"); models with an ``Embedding`` keep ghost. Input shapes are not known here: a
+    Linear-only model applied to sequences ``(batch, time, features)``, which ghost trains,
+    is refused by book-keeping at its first step; such a model needs ``ghost`` or ``hooks``.
 
     Parameters
     ----------
