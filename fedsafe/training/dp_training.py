@@ -165,6 +165,16 @@ def _per_record_loss(
     return (loss or output_loss)(model(x), y).reshape(-1)
 
 
+def _records_not_vectors(loader: DataLoader[Any]) -> bool:
+    """Whether the loader's first record is not a feature vector (e.g. a sequence)."""
+    dataset = loader.dataset
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        return False
+    first = dataset[0]
+    x = first[0] if isinstance(first, tuple | list) else first
+    return isinstance(x, torch.Tensor) and x.dim() != 1
+
+
 def make_private(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -214,7 +224,8 @@ def make_private(
         (:class:`~fedsafe.training.bookkeeping.BookkeepingModule` with
         :class:`~fedsafe.training.secure_dp_sgd.SecureNoiseBookkeepingDPOptimizer`, also through
         :func:`private_backward`; ``nn.Linear``-only models); ``auto`` resolves with
-        :func:`~fedsafe.training.grad_sample_mode.choose_grad_sample_mode`. Sampling, noise,
+        :func:`~fedsafe.training.grad_sample_mode.choose_grad_sample_mode` (its bookkeeping
+        becomes ghost when the loader's records are not vectors, e.g. sequences). Sampling, noise,
         expected batch size and the returned rate are the same in every mode.
 
     Returns
@@ -244,6 +255,10 @@ def make_private(
     )
 
     mode = resolve_grad_sample_mode(grad_sample_mode, model, int(loader.batch_size or 1))
+    if grad_sample_mode == "auto" and mode == "bookkeeping" and _records_not_vectors(loader):
+        # Book-keeping takes (batch, features) inputs only; a Linear-only model applied to
+        # sequences keeps ghost clipping, which ``auto`` picked for it before.
+        mode = "ghost"
     ModuleValidator.validate(model, strict=True)
     if mode == "bookkeeping":
         check_bookkeeping_model(model)

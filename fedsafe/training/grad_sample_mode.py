@@ -82,9 +82,10 @@ def choose_grad_sample_mode(model: nn.Module, batch_size: int) -> str:
     ``batch_size x parameters >= FAST_MIN_GRADIENT_VALUES`` (4 MB of float32 gradients).
     Where both hold and every trainable layer is ``nn.Linear``, book-keeping (one backward
     pass) is picked instead of ghost: it beats ghost there (BENCHMARKS.md "Book-keeping
-    clipping"); models with an ``Embedding`` keep ghost. Input shapes are not known here: a
-    Linear-only model applied to sequences ``(batch, time, features)``, which ghost trains,
-    is refused by book-keeping at its first step; such a model needs ``ghost`` or ``hooks``.
+    clipping"); models with an ``Embedding`` keep ghost. Input shapes are not known here:
+    :func:`~fedsafe.training.dp_training.make_private` turns ``auto``'s bookkeeping into ghost
+    when the loader's records are not vectors (a Linear-only model applied to sequences
+    ``(batch, time, features)``, which book-keeping refuses).
 
     Parameters
     ----------

@@ -244,3 +244,24 @@ def test_record_norms_are_those_of_opacus_norm_sampler_and_of_real_per_record_gr
     assert torch.allclose(ours[0], per_record, rtol=1e-6)
     layer.bias.requires_grad_(False)
     assert len(linear_record_norms(layer, a, g)) == 1
+
+
+def test_auto_keeps_ghost_for_a_linear_only_model_applied_to_sequences() -> None:
+    torch.manual_seed(3)  # test weights, not privacy randomness
+    big = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.Linear(512, 4))
+    vectors = torch.randn(256, 64)
+    sequences = torch.randn(256, 5, 64)
+    y = torch.zeros(256, dtype=torch.long)
+    modes = {}
+    for name, x in (("vectors", vectors), ("sequences", sequences)):
+        opt = torch.optim.SGD(big.parameters(), lr=0.1)
+        loader = DataLoader(TensorDataset(x, y), batch_size=256)
+        dp_model, dp_opt, _, _ = make_private(
+            big, opt, loader, 1.0, C, KEY, grad_sample_mode="auto"
+        )
+        modes[name] = type(dp_opt).__name__
+        dp_model._close()
+    assert modes == {
+        "vectors": "SecureNoiseBookkeepingDPOptimizer",
+        "sequences": "SecureNoiseGhostDPOptimizer",
+    }
