@@ -8,8 +8,8 @@ sites straight to the SuperLink:
   and 0.5 s reply polls, the launcher polling every 1 s and starting a new ClientApp process per
   task (which imports Flower, torch, Opacus and fedsafe);
 - ``fast``: as ``fedsafe site start`` runs it now: the SuperNode's polls shortened
-  (:mod:`fedsafe.transport.supernode_polls`, 0.25 s / 0.05 s), the launcher polling every
-  0.1 s, each task a fork of a zygote that imported the third-party libraries once;
+  (:mod:`fedsafe.transport.supernode_polls`, 0.5 s / 0.05 s), the launcher polling every
+  0.2 s, each task a fork of a zygote that imported the third-party libraries once;
 - ``simulation``: the same run on the simulation engine (``fedsafe.simulations.runner``).
 
 Round time is the ServerApp's own per-round wall time (``rounds.jsonl``), first round dropped.

@@ -59,11 +59,18 @@ APPROVED_NAME = "approved-apps.jsonl"
 LAUNCHES_NAME = "app-launches.jsonl"
 REFUSED_EXIT = 3
 FAILED_EXIT = 4
+#: What fedsafe's ClientApp imports from the site's environment (a profiled heart train task in
+#: a fresh process spent 24 of its 30 s importing; ``torch._dynamo`` alone 15 s, pulled in by
+#: the first ``torch.optim`` optimizer). Never the app's own package.
 PRELOAD = (
     "numpy",
     "torch",
+    "torch._dynamo",
+    "torch.optim",
     "opacus",
     "dp_accounting",
+    "pandas",
+    "sklearn.metrics",
     "flwr.app",
     "flwr.clientapp",
     "flwr.supernode.runtime.run_clientapp",

@@ -37,7 +37,7 @@ from fedsafe.transport.app_approval import approvals_path, launches_path
 from fedsafe.transport.processes import LOOPBACK, FlowerProcess, flower_env, spawn
 
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
-POLL_SECONDS = 0.1
+POLL_SECONDS = 0.2
 FLOWER_POLL_SECONDS = 1.0
 
 

@@ -63,7 +63,7 @@ def test_settings_run_flowers_supernode_through_the_wrapper_with_the_same_flags(
     )
     short = SuperNodeSettings(
         superlink="127.0.0.1:9092", clientappio_port=9094, isolation="process",
-        short_polls=(0.25, 0.05),
+        short_polls=(0.5, 0.05),
     )  # fmt: skip
     flower = plain.command(None)
     wrapped = short.command(None)
@@ -71,7 +71,7 @@ def test_settings_run_flowers_supernode_through_the_wrapper_with_the_same_flags(
     assert wrapped[:3] == [sys.executable, "-m", "fedsafe.transport.supernode_polls"]
     cut = wrapped.index("--")
     assert wrapped[cut + 1 :] == flower[1:]
-    assert wrapped[3:cut] == ["--idle-seconds", "0.25", "--reply-seconds", "0.05"]
+    assert wrapped[3:cut] == ["--idle-seconds", "0.5", "--reply-seconds", "0.05"]
 
 
 def test_the_wrapper_starts_flowers_supernode_cli() -> None:
@@ -83,5 +83,5 @@ def test_the_wrapper_starts_flowers_supernode_cli() -> None:
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    assert "SuperNode polls shortened (idle 0.25 s, reply 0.05 s; flwr 1.42)" in out.stdout
+    assert "SuperNode polls shortened (idle 0.5 s, reply 0.05 s; flwr 1.42)" in out.stdout
     assert "--superlink" in out.stdout and "--isolation" in out.stdout
