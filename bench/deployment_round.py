@@ -158,11 +158,16 @@ def deployment_run(root: Path, args: argparse.Namespace, arm: str) -> dict[str, 
             )  # fmt: skip
             site_pids += [node.pid, launcher.pid]
             launchers.append(launcher)
-        time.sleep(5.0)  # the zygotes' imports, before the idle window
+        if not spec["fresh"]:  # the zygotes' imports are start-up, not idle polling
+            for launcher in launchers:
+                launcher.wait_for_log("zygote ready", 600)
         zygotes = [c for lp in launchers for c in children(lp.pid)]
         idle = idle_cpu(
-            {"sites": site_pids + zygotes, "superlink": [superlink.pid]}, args.idle_seconds
+            {"sites": site_pids, "zygotes": zygotes, "superlink": [superlink.pid]},
+            args.idle_seconds,
         )
+        if args.idle_only:
+            return {"idle_cpu_s_per_min": idle}
         result = submit_run(home, run_config(args), out_dir=root / "runs", timeout_s=1800)
     rounds = result.rounds
     logs = {
@@ -204,6 +209,31 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def idle_only(args: argparse.Namespace) -> int:
+    """Idle CPU seconds per minute of each deployment arm's processes, arms alternating."""
+    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+    arms = [a for a in args.arms.split(",") if a in ARMS]
+    runs: dict[str, list[dict[str, float]]] = {arm: [] for arm in arms}
+    with tempfile.TemporaryDirectory(prefix="fedsafe-bench-deploy-idle-") as tmp:
+        for rep in range(args.repeats):
+            for arm in arms if rep % 2 == 0 else list(reversed(arms)):
+                result = deployment_run(Path(tmp) / f"{arm}-{rep}", args, arm)
+                runs[arm].append(result["idle_cpu_s_per_min"])
+                print(f"{arm} idle {rep}: {json.dumps(result)}", flush=True)
+    report = {
+        "config": vars(args),
+        "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+        "idle_cpu_s_per_min": {
+            arm: {k: summary([r[k] for r in v]) for k in v[0]} for arm, v in runs.items()
+        },
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "deployment_round_idle.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
@@ -212,8 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="runs per arm, alternating")
     parser.add_argument("--arms", default="flower,fast,simulation")
     parser.add_argument("--idle-seconds", type=float, default=15.0)
+    parser.add_argument(
+        "--idle-only",
+        action="store_true",
+        help="only the idle CPU of the deployment arms' processes (no run submitted)",
+    )
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
+    if args.idle_only:
+        return idle_only(args)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     os.environ["FLWR_LOG_LEVEL"] = "DEBUG"  # every arm alike: the timeline reads these lines
     os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
@@ -258,14 +295,13 @@ def main(argv: list[str] | None = None) -> int:
         for arm in arms
         if arm != "simulation"
     }  # fmt: skip
-    report["idle_cpu_s_per_min"] = {
-        arm: {
-            k: statistics.median(r["idle_cpu_s_per_min"][k] for r in runs[arm])
-            for k in ("sites", "superlink")
-        }
-        for arm in arms
-        if arm != "simulation"
-    }
+    report["idle_cpu_s_per_min"] = {}
+    for arm in arms:
+        if arm != "simulation":
+            idle = [r["idle_cpu_s_per_min"] for r in runs[arm]]
+            report["idle_cpu_s_per_min"][arm] = {
+                k: statistics.median(i[k] for i in idle) for k in idle[0]
+            }
     report["runs"] = runs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
