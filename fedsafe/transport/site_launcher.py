@@ -81,12 +81,20 @@ class Zygote:
                   flush=True)  # fmt: skip
         self._proc = subprocess.Popen(self._command, stdin=subprocess.PIPE)
 
-    def launch(self, token: str) -> None:
-        """Hand ``token`` to the zygote, which forks the task's process."""
+    def launch(self, token: str) -> bool:
+        """Hand ``token`` to the zygote, which forks the task's process.
+
+        Returns False when the zygote died as the token was written (the caller then starts
+        a fresh process for it); the next call starts a new zygote.
+        """
         self.start()
         assert self._proc is not None and self._proc.stdin is not None
-        self._proc.stdin.write(token.encode() + b"\n")
-        self._proc.stdin.flush()
+        try:
+            self._proc.stdin.write(token.encode() + b"\n")
+            self._proc.stdin.flush()
+        except OSError:
+            return False
+        return True
 
     def close(self) -> None:
         """Close the zygote's input (it exits at EOF; running tasks finish on their own)."""
@@ -150,10 +158,8 @@ def serve(  # noqa: PLR0913
                 AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
             )
             if answer.HasField("task") and answer.token:
-                if zygote is None:
+                if zygote is None or not zygote.launch(answer.token):
                     running.append(launch_task(answer.token, command))
-                else:
-                    zygote.launch(answer.token)
                 continue  # another task may already wait
             running = [p for p in running if p.poll() is None]
             time.sleep(poll_seconds)

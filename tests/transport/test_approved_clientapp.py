@@ -159,3 +159,35 @@ def test_the_zygote_process_starts_preloaded_and_exits_when_its_launcher_goes(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_launcher_replaces_a_zygote_that_died(tmp_path: Path) -> None:
+    """A stand-in zygote (a real process that records the tokens it reads) is killed between
+    two tasks; the next token starts a new one instead of failing the launcher."""
+    import signal
+
+    from fedsafe.transport.site_launcher import Zygote
+
+    got = tmp_path / "tokens"
+    script = (
+        "import os, sys\n"
+        f"out = open({str(got)!r}, 'a')\n"
+        "for line in sys.stdin:\n"
+        "    out.write(f'{os.getpid()} {line}'); out.flush()\n"
+    )
+    zygote = Zygote([sys.executable, "-c", script])
+    try:
+        assert zygote.launch("first")
+        first = zygote._proc
+        assert first is not None
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+        assert zygote.launch("second")
+        second = zygote._proc
+        assert second is not None and second.pid != first.pid
+    finally:
+        zygote.close()
+        for proc in (first, second):
+            proc.wait(timeout=30)
+    lines = got.read_text().splitlines()
+    assert lines[-1] == f"{second.pid} second"
