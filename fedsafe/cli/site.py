@@ -57,6 +57,7 @@ from fedsafe.transport.processes import (
     start_supernode,
 )
 from fedsafe.transport.site_launcher import start_launcher, write_launcher_secret
+from fedsafe.transport.supernode_polls import DEFAULT_IDLE_SECONDS, DEFAULT_REPLY_SECONDS
 from fedsafe.transport.supervision import SuperNodeSupervisor, gave_up
 
 DEFAULT_CLIENTAPPIO_PORT = 9094
@@ -184,6 +185,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
         max_retries=args.max_retries,
         isolation="process",
         superexec_secret_file=secret_file,
+        # Flower 1.42's fixed 3 s idle / 0.5 s reply polls, shortened (issue 17, deploy17)
+        short_polls=(DEFAULT_IDLE_SECONDS, DEFAULT_REPLY_SECONDS),
     )
     log_path = workdir / "logs" / "supernode.log"
     flwr_home = workdir / "flwr-home"

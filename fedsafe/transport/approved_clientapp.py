@@ -20,6 +20,23 @@ process pulls the task's message, context, run and FAB from the SuperNode's Runt
 
 A ClientApp that raises is answered with its exception's type name only; the exception's
 text, which may quote records, stays in the site log.
+
+Before the app is loaded, every module already imported under one of the app's top-level
+names (``fedsafe``: this file reads the approved list with ``fedsafe.strict_json``) is
+forgotten, so the app's modules are imported from the approved folder, never from a package
+imported earlier (Flower's ``load_app`` reuses whatever ``sys.modules`` holds).
+
+**Zygote** (``--zygote``, what the launcher runs): one long-lived process imports the site's
+heavy third-party libraries once (:data:`PRELOAD`: torch, numpy, Opacus, dp-accounting,
+Flower; never the app's own package) and then forks one child per task token read from its
+standard input; the child runs :func:`run_task` exactly as a fresh process would (same
+approval check, fresh install folder, same reply rules) and exits. The zygote holds no
+secret state: it imports no fedsafe module, so no secure generator
+(``fedsafe.privacy.secure_random``, keyed from :func:`os.urandom` when a round starts) exists
+before a fork, and each child keys its own after it; CPython reseeds ``random`` in every
+child, and the child reseeds numpy's and torch's global generators from :func:`os.urandom`
+(no privacy noise comes from those; done so siblings never share a stream). Tokens are
+read from the pipe byte by byte, so a child's memory holds its own token and no later one.
 """
 
 from __future__ import annotations
@@ -30,6 +47,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -41,6 +59,24 @@ APPROVED_NAME = "approved-apps.jsonl"
 LAUNCHES_NAME = "app-launches.jsonl"
 REFUSED_EXIT = 3
 FAILED_EXIT = 4
+#: What fedsafe's ClientApp imports from the site's environment (a profiled heart train task in
+#: a fresh process spent 24 of its 30 s importing; ``torch._dynamo`` alone 15 s, pulled in by
+#: the first ``torch.optim`` optimizer). Never the app's own package.
+PRELOAD = (
+    "numpy",
+    "torch",
+    "torch._dynamo",
+    "torch.optim",
+    "opacus",
+    "dp_accounting",
+    "pandas",
+    "sklearn.metrics",
+    "flwr.app",
+    "flwr.clientapp",
+    "flwr.supernode.runtime.run_clientapp",
+    "flwr.cli.install",
+)
+MAX_TOKEN_BYTES = 4096
 
 
 def sha256_hex(data: bytes) -> str:
@@ -95,6 +131,25 @@ def install_approved(content: bytes, parent: Path | None = None) -> Path:
         raise
 
 
+def app_top_level_names(app_dir: Path) -> set[str]:
+    """Top-level module and package names an installed app folder provides."""
+    names = {p.stem for p in Path(app_dir).glob("*.py")}
+    names |= {p.name for p in Path(app_dir).iterdir() if (p / "__init__.py").is_file()}
+    return names
+
+
+def forget_modules(names: set[str]) -> list[str]:
+    """Drop ``names`` and their submodules from ``sys.modules``; return what was dropped.
+
+    The next import of any of them then reads the files on ``sys.path`` (the approved folder
+    comes first) instead of reusing a module imported before the app was checked.
+    """
+    dropped = [m for m in sys.modules if m.split(".", 1)[0] in names]
+    for name in dropped:
+        del sys.modules[name]
+    return dropped
+
+
 def now() -> str:
     """UTC time in ISO 8601, seconds."""
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -102,6 +157,15 @@ def now() -> str:
 
 def _say(text: str) -> None:
     print(f"fedsafe-launcher: {text}", flush=True)
+
+
+def mark_start() -> None:
+    """Log ``task process started`` stamped as Flower's log lines are (read by the timeline).
+
+    Written before Flower is imported, so a fresh process's Flower import counts as app load.
+    """
+    stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S,%f")[:-3]
+    print(f"INFO {stamp}: fedsafe-launcher: task process started", flush=True)
 
 
 def run_task(token: str, address: str, approved: Path, launches: Path) -> int:  # noqa: PLR0915
@@ -165,6 +229,7 @@ def run_task(token: str, address: str, approved: Path, launches: Path) -> int:  
         append_jsonl(launches, {**record, "decision": "ran"})
         _say(f"running approved app sha256:{digest[:16]}... for run {run.run_id}")
         installed = install_approved(fab.content)
+        forget_modules(app_top_level_names(installed))
         load = get_load_client_app_fn(default_app_ref="", app_path=str(installed), multi_app=True)
         try:
             client_app = load(run.fab_id, run.fab_version, digest)
@@ -193,18 +258,106 @@ def run_task(token: str, address: str, approved: Path, launches: Path) -> int:  
             shutil.rmtree(installed.parent.parent, ignore_errors=True)
 
 
+def preload(modules: tuple[str, ...] = PRELOAD) -> list[str]:
+    """Import the site's third-party libraries once (never the app); return those found."""
+    import importlib
+
+    loaded = []
+    for name in modules:
+        if name.split(".", 1)[0] == "fedsafe":
+            raise ValueError("the zygote must not import the app's own package")
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            continue
+        loaded.append(name)
+    return loaded
+
+
+def read_token(fd: int = 0) -> str | None:
+    """One line from ``fd`` read a byte at a time (nothing after it is buffered); None at EOF."""
+    line = bytearray()
+    while len(line) <= MAX_TOKEN_BYTES:
+        byte = os.read(fd, 1)
+        if not byte:
+            return None
+        if byte == b"\n":
+            return line.decode(errors="replace").strip()
+        line += byte
+    raise ValueError("task token line too long")
+
+
+def reseed_global_generators() -> None:
+    """Give numpy's and torch's global generators a fresh seed from :func:`os.urandom`.
+
+    Not a privacy measure (fedsafe's noise and sampling never use them): so that forked
+    siblings never share the zygote's generator states.
+    """
+    if "numpy" in sys.modules:
+        import numpy as np
+
+        np.random.seed(int.from_bytes(os.urandom(4), "little"))
+    if "torch" in sys.modules:
+        import torch
+
+        torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+
+
+def run_forked_child(token: str, args: argparse.Namespace) -> None:
+    """In a fresh fork: become a task process, run the task and exit (never returns)."""
+    code = FAILED_EXIT
+    try:
+        mark_start()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        reseed_global_generators()
+        if args.parent_pid is not None:
+            from flwr.supercore.app_utils import start_parent_process_monitor
+
+            start_parent_process_monitor(args.parent_pid)
+        code = run_task(token, args.runtime_api_address, args.approved, args.launches)
+    except BaseException as exc:  # a child must never return into the zygote's loop
+        _say(f"task process failed: {type(exc).__name__}: {exc}")
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def serve_zygote(args: argparse.Namespace) -> int:
+    """Preload, then fork one task process per token line on standard input until EOF."""
+    loaded = preload()
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    _say(f"zygote ready (pid {os.getpid()}, preloaded {', '.join(loaded)})")
+    while (token := read_token()) is not None:
+        if not token:
+            continue
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if os.fork() == 0:
+            run_forked_child(token, args)
+        del token
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: the token is the first line of standard input."""
+    """Entry point: the token is the first line of standard input (``--zygote``: each line)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime-api-address", required=True)
     parser.add_argument("--approved", required=True, type=Path)
     parser.add_argument("--launches", required=True, type=Path)
     parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--zygote", action="store_true")
     args = parser.parse_args(argv)
+    if args.zygote:
+        return serve_zygote(args)
     token = sys.stdin.readline().strip()
     if not token:
         _say("no task token on standard input")
         return 2
+    mark_start()
     if args.parent_pid is not None:
         from flwr.supercore.app_utils import start_parent_process_monitor
 

@@ -563,6 +563,10 @@ class SuperNodeSettings:
     superexec_secret_file
         With ``process`` isolation: file of the secret that ``AcquireTask`` calls on the
         SuperNode's Runtime API must be signed with (fedsafe's launcher holds it too).
+    short_polls
+        Run Flower's SuperNode through :mod:`fedsafe.transport.supernode_polls` with this
+        ``(idle, reply)`` poll in seconds instead of Flower's fixed 3 s and 0.5 s (flwr
+        1.42.x; ``None``: ``flower-supernode`` as shipped).
     """
 
     superlink: str
@@ -575,10 +579,24 @@ class SuperNodeSettings:
     max_wait_time: float | None = None
     isolation: str = "subprocess"
     superexec_secret_file: Path | None = None
+    short_polls: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.short_polls is not None:
+            from fedsafe.transport.supernode_polls import ShortPolls
+
+            ShortPolls(*self.short_polls)  # validates the two durations
 
     def command(self, node_config_file: Path | None) -> list[str]:
         """Return the ``flower-supernode`` command line."""
-        cmd = [flower_bin("flower-supernode"), "--superlink", self.superlink]
+        cmd = [flower_bin("flower-supernode")]
+        if self.short_polls is not None:
+            idle, reply = self.short_polls
+            cmd = [
+                sys.executable, "-m", "fedsafe.transport.supernode_polls",
+                "--idle-seconds", repr(idle), "--reply-seconds", repr(reply), "--",
+            ]  # fmt: skip
+        cmd += ["--superlink", self.superlink]
         if self.insecure:
             cmd.append("--insecure")
         if self.root_certificates is not None:

@@ -37,6 +37,8 @@ _STAMP = re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR)\s+(\d{4}-\d\d-\d\d \d\d:\d\d
 _RECEIVING = re.compile(r"Receiving: (\w+) message")
 _SENDING = re.compile(r"Sending: (\w+) message")
 _HANDLER = re.compile(r"fedsafe: (\w+) handler (start|end)")
+#: What a task process of fedsafe's launcher logs first (``approved_clientapp.mark_start``).
+_LAUNCHED = "fedsafe-launcher: task process started"
 
 #: Steps of one message at a site, in order; each is the time since the step before.
 STEPS = (
@@ -102,7 +104,9 @@ def site_episodes(log_text: str) -> list[Episode]:
         if not episodes:
             continue
         current = episodes[-1]
-        if "Start `flwr-clientapp` process" in line and current.process_start is None:
+        if current.process_start is None and (
+            "Start `flwr-clientapp` process" in line or _LAUNCHED in line
+        ):
             current.process_start = stamp
         elif match := _HANDLER.search(line):
             if match.group(2) == "start" and current.handler_start is None:
@@ -177,11 +181,30 @@ def phase_breakdown(
     return PhaseBreakdown(kind, rnd, done_at - sent_at, steps, site)
 
 
-def read_site_logs(paths: dict[str, Path]) -> dict[str, list[Episode]]:
-    """:func:`site_episodes` of each site's SuperNode log, by site name."""
-    return {
-        site: site_episodes(Path(path).read_text(errors="replace")) for site, path in paths.items()
-    }
+def merged_log(texts: list[str]) -> str:
+    """The stamped lines of several logs in time order (a site's SuperNode and launcher logs).
+
+    With fedsafe's launcher the ClientApp's lines are in the launcher's log, not the
+    SuperNode's; merged, they read as one site's log. Lines without a stamp are dropped.
+    """
+    lines: list[tuple[float, int, str]] = []
+    for text in texts:
+        for raw in text.splitlines():
+            line = _ANSI.sub("", raw)
+            stamp = _stamp(line)
+            if stamp is not None:
+                lines.append((stamp, len(lines), line))
+    return "\n".join(line for _, _, line in sorted(lines))
+
+
+def read_site_logs(paths: dict[str, Path | list[Path]]) -> dict[str, list[Episode]]:
+    """:func:`site_episodes` of each site's SuperNode log (or logs, merged), by site name."""
+    out = {}
+    for site, path in paths.items():
+        files = path if isinstance(path, list) else [path]
+        texts = [Path(f).read_text(errors="replace") for f in files if Path(f).is_file()]
+        out[site] = site_episodes(texts[0] if len(texts) == 1 else merged_log(texts))
+    return out
 
 
 _ACCESS = re.compile(

@@ -20,6 +20,8 @@ from fedsafe.transport.processes import (
 
 STRAY = re.compile(
     r"flower-superlink|flower-supernode|flwr-clientapp|flwr-serverapp|flower-superexec"
+    # fedsafe's SuperNode wrapper, its launcher, and the launcher's zygote and task processes
+    r"|fedsafe\.transport\.supernode_polls|fedsafe\.transport\.site_launcher|approved_clientapp"
 )
 
 

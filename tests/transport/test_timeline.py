@@ -63,3 +63,30 @@ def test_incomplete_phase_gives_none():
     episodes = {"site": site_episodes(LOG)}
     assert phase_breakdown("evaluate", 1, _t("11:24:10.0"), _t("11:24:30.0"), episodes) is None
     assert phase_breakdown("train", 1, _t("11:25:00.0"), _t("11:26:00.0"), episodes) is None
+
+
+def test_launcher_logs_merge_into_the_supernodes_timeline(tmp_path):
+    """With fedsafe's launcher the ClientApp's lines are in ``launcher.log``; merged by stamp."""
+    from fedsafe.transport.timeline import read_site_logs
+
+    supernode = "\n".join(
+        line
+        for line in LOG.splitlines()
+        if "Receiving" in line or "Sending" in line or "Sent successfully" in line
+    )
+    launcher = (
+        "fedsafe-launcher: zygote ready (pid 1, preloaded torch)\n"
+        "INFO 2026-11-22 11:23:53,900: fedsafe-launcher: task process started\n"
+        "DEBUG 2026-11-22 11:23:54,500:     fedsafe: train handler start\n"
+        "DEBUG 2026-11-22 11:24:08,000:     fedsafe: train handler end\n"
+    )
+    (tmp_path / "supernode.log").write_text(supernode)
+    (tmp_path / "launcher.log").write_text(launcher)
+    episodes = read_site_logs({"site": [tmp_path / "supernode.log", tmp_path / "launcher.log"]})
+    train = episodes["site"][0]
+    assert train.complete
+    assert train.process_start == pytest.approx(_t("11:23:53.900"))
+    assert train.handler_start == pytest.approx(_t("11:23:54.500"))
+    assert train.sending == pytest.approx(_t("11:24:08.789"))
+    # The SuperNode's log alone has no ClientApp lines: the episode cannot be split.
+    assert not read_site_logs({"site": tmp_path / "supernode.log"})["site"][0].complete

@@ -1,0 +1,130 @@
+"""A site's SuperNode with shorter idle and reply polls (flwr 1.42.x only; otherwise unchanged).
+
+Flower 1.42's SuperNode main loop (``flwr.supernode.start_client_internal``) sleeps a
+hard-coded 3 s whenever its pull from the SuperLink returns no message, and 0.5 s between
+checks for the ClientApp's reply and its objects. On a partner site that is, per message, on
+average 1.5 s before the message is even seen and 0.25 s after the reply is ready (BENCHMARKS.md
+"Transport: ... deployment against simulation": 2.6 s of a 22 s train phase).
+
+``python -m fedsafe.transport.supernode_polls --idle-seconds S --reply-seconds R -- ARGS``
+runs Flower's own ``flower-supernode`` entry point in this process with ``ARGS``, after
+replacing the ``time`` module *seen by that one Flower module* with :class:`ShortPolls`,
+which turns ``sleep(3)`` into ``sleep(S)`` and ``sleep(0.5)`` into ``sleep(R)`` and passes
+every other call through. Nothing else changes: the same TLS, node authentication, node
+config, isolation and Runtime API. The adjustment is pinned: it is applied only when
+:func:`pinned_flower` finds flwr 1.42.x and both sleeps in that module's source; else the
+SuperNode runs with Flower's own sleeps and its log says so.
+
+Cost: the idle SuperNode sends one (signed, TLS) ``PullMessages`` request to the SuperLink per
+``S`` instead of per 3 s; the reply poll reads the SuperNode's own in-memory state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+import time
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+PINNED_MINOR = "1.42."
+FLOWER_IDLE_SECONDS = 3.0
+FLOWER_REPLY_SECONDS = 0.5
+DEFAULT_IDLE_SECONDS = 0.5
+DEFAULT_REPLY_SECONDS = 0.05
+_PATCHED_SOURCE = ("time.sleep(3)", "time.sleep(0.5)")
+
+
+@dataclass(frozen=True, slots=True)
+class ShortPolls:
+    """A stand-in for the ``time`` module that shortens Flower's two fixed poll sleeps.
+
+    Parameters
+    ----------
+    idle_seconds
+        Replaces the 3 s sleep after an empty pull from the SuperLink (seconds, > 0).
+    reply_seconds
+        Replaces the 0.5 s sleep between checks for a ClientApp reply (seconds, > 0).
+
+    Raises
+    ------
+    ValueError
+        If a duration is not positive or is longer than Flower's own.
+    """
+
+    idle_seconds: float = DEFAULT_IDLE_SECONDS
+    reply_seconds: float = DEFAULT_REPLY_SECONDS
+
+    def __post_init__(self) -> None:
+        if not 0 < self.idle_seconds <= FLOWER_IDLE_SECONDS:
+            raise ValueError(f"idle_seconds must be in (0, 3], got {self.idle_seconds}")
+        if not 0 < self.reply_seconds <= FLOWER_REPLY_SECONDS:
+            raise ValueError(f"reply_seconds must be in (0, 0.5], got {self.reply_seconds}")
+
+    def duration(self, seconds: float) -> float:
+        """How long :meth:`sleep` sleeps when Flower asks for ``seconds``."""
+        if seconds == FLOWER_IDLE_SECONDS:
+            return self.idle_seconds
+        if seconds == FLOWER_REPLY_SECONDS:
+            return self.reply_seconds
+        return seconds
+
+    def sleep(self, seconds: float) -> None:
+        """``time.sleep`` with Flower's two fixed poll intervals shortened."""
+        time.sleep(self.duration(seconds))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def pinned_flower() -> ModuleType | None:
+    """Flower's SuperNode loop module if this is the version the adjustment was checked on."""
+    import flwr
+    from flwr.supernode import start_client_internal
+
+    if not str(flwr.__version__).startswith(PINNED_MINOR):
+        return None
+    source = inspect.getsource(start_client_internal)
+    if not all(text in source for text in _PATCHED_SOURCE):
+        return None
+    return start_client_internal
+
+
+def apply(polls: ShortPolls) -> bool:
+    """Install ``polls`` as the ``time`` of Flower's SuperNode loop; False if not pinned."""
+    module = pinned_flower()
+    if module is None:
+        return False
+    module.time = polls  # type: ignore[attr-defined]
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: ``--idle-seconds S --reply-seconds R -- <flower-supernode arguments>``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    ours, flower_args = argv[:cut], argv[cut + 1 :]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--idle-seconds", type=float, default=DEFAULT_IDLE_SECONDS)
+    parser.add_argument("--reply-seconds", type=float, default=DEFAULT_REPLY_SECONDS)
+    args = parser.parse_args(ours)
+    polls = ShortPolls(args.idle_seconds, args.reply_seconds)
+    if apply(polls):
+        print(
+            f"fedsafe: SuperNode polls shortened (idle {polls.idle_seconds} s, reply "
+            f"{polls.reply_seconds} s; flwr 1.42)",
+            flush=True,
+        )
+    else:
+        print("fedsafe: SuperNode polls unchanged (not flwr 1.42.x)", flush=True)
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    sys.argv = ["flower-supernode", *flower_args]
+    flower_supernode()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
