@@ -16,7 +16,8 @@ config, isolation and Runtime API. The adjustment is pinned: it is applied only 
 SuperNode runs with Flower's own sleeps and its log says so.
 
 Cost: the idle SuperNode sends one (signed, TLS) ``PullMessages`` request to the SuperLink per
-``S`` instead of per 3 s; the reply poll reads the SuperNode's own in-memory state.
+``S`` instead of per 3 s for up to ``--backoff-after-seconds`` (120 s) after its last message,
+then per 3 s again until the next one; the reply poll reads the SuperNode's own in-memory state.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import argparse
 import inspect
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -34,6 +35,7 @@ FLOWER_IDLE_SECONDS = 3.0
 FLOWER_REPLY_SECONDS = 0.5
 DEFAULT_IDLE_SECONDS = 0.5
 DEFAULT_REPLY_SECONDS = 0.05
+DEFAULT_BACKOFF_AFTER_SECONDS = 120.0
 _PATCHED_SOURCE = ("time.sleep(3)", "time.sleep(0.5)")
 
 
@@ -47,6 +49,9 @@ class ShortPolls:
         Replaces the 3 s sleep after an empty pull from the SuperLink (seconds, > 0).
     reply_seconds
         Replaces the 0.5 s sleep between checks for a ClientApp reply (seconds, > 0).
+    backoff_after_seconds
+        After this long without a message to answer (seconds, >= 0), idle polls are Flower's
+        3 s again, so an idle site between runs costs the coordinator what it did before.
 
     Raises
     ------
@@ -56,18 +61,35 @@ class ShortPolls:
 
     idle_seconds: float = DEFAULT_IDLE_SECONDS
     reply_seconds: float = DEFAULT_REPLY_SECONDS
+    backoff_after_seconds: float = DEFAULT_BACKOFF_AFTER_SECONDS
+    _idle_since: list[float] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.idle_seconds <= FLOWER_IDLE_SECONDS:
             raise ValueError(f"idle_seconds must be in (0, 3], got {self.idle_seconds}")
         if not 0 < self.reply_seconds <= FLOWER_REPLY_SECONDS:
             raise ValueError(f"reply_seconds must be in (0, 0.5], got {self.reply_seconds}")
+        if not self.backoff_after_seconds >= 0:
+            raise ValueError(
+                f"backoff_after_seconds must be >= 0, got {self.backoff_after_seconds}"
+            )
 
-    def duration(self, seconds: float) -> float:
-        """How long :meth:`sleep` sleeps when Flower asks for ``seconds``."""
+    def duration(self, seconds: float, now: float | None = None) -> float:
+        """How long :meth:`sleep` sleeps when Flower asks for ``seconds``.
+
+        An idle sleep is short until the SuperNode has been idle (no reply polled) for
+        ``backoff_after_seconds``; then it is Flower's own 3 s again, until the next message.
+        ``now`` is ``time.monotonic()`` in seconds (given in tests).
+        """
+        now = time.monotonic() if now is None else now
         if seconds == FLOWER_IDLE_SECONDS:
+            if not self._idle_since:
+                self._idle_since.append(now)
+            if now - self._idle_since[0] >= self.backoff_after_seconds:
+                return FLOWER_IDLE_SECONDS
             return self.idle_seconds
         if seconds == FLOWER_REPLY_SECONDS:
+            self._idle_since.clear()  # a message is being answered: the site is busy
             return self.reply_seconds
         return seconds
 
@@ -109,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--idle-seconds", type=float, default=DEFAULT_IDLE_SECONDS)
     parser.add_argument("--reply-seconds", type=float, default=DEFAULT_REPLY_SECONDS)
+    parser.add_argument(
+        "--backoff-after-seconds", type=float, default=DEFAULT_BACKOFF_AFTER_SECONDS
+    )
     args = parser.parse_args(ours)
-    polls = ShortPolls(args.idle_seconds, args.reply_seconds)
+    polls = ShortPolls(args.idle_seconds, args.reply_seconds, args.backoff_after_seconds)
     if apply(polls):
         print(
             f"fedsafe: SuperNode polls shortened (idle {polls.idle_seconds} s, reply "

@@ -22,6 +22,18 @@ def test_only_flowers_two_fixed_polls_are_shortened() -> None:
     assert polls.monotonic is time.monotonic  # the rest of `time` passes through
 
 
+def test_idle_polls_back_off_to_flowers_own_after_a_quiet_spell_until_the_next_message() -> None:
+    polls = ShortPolls(idle_seconds=0.25, reply_seconds=0.05, backoff_after_seconds=60)
+    assert polls.duration(3, now=1000.0) == 0.25  # idle starts here
+    assert polls.duration(3, now=1059.0) == 0.25
+    assert polls.duration(3, now=1060.0) == 3.0  # quiet for 60 s: Flower's poll again
+    assert polls.duration(3, now=1500.0) == 3.0
+    assert polls.duration(0.5, now=1501.0) == 0.05  # a message is being answered
+    assert polls.duration(3, now=1502.0) == 0.25  # short again after it
+    with pytest.raises(ValueError, match="backoff_after_seconds"):
+        ShortPolls(0.25, 0.05, backoff_after_seconds=-1)
+
+
 @pytest.mark.parametrize("idle, reply", [(0, 0.05), (-1, 0.05), (4, 0.05), (0.25, 0), (0.25, 1)])
 def test_polls_outside_flowers_own_range_are_refused(idle: float, reply: float) -> None:
     with pytest.raises(ValueError, match="seconds must be in"):
