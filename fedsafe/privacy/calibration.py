@@ -19,10 +19,10 @@ target, delta, steps, accountant and prior starts from the nearest calibrated ne
 of the RDP bracket: its noise scaled by ``(q / q') ** k`` (``k`` fitted on the neighbours,
 0.25 until two are known), with its measured slope of ``log epsilon`` against ``log sigma`` for
 Newton steps: one to three exact evaluations instead of about five RDP and five exact ones. The
-start is only a guess; the search is aimed at ``[(1 - 1.5 rel) target, (1 - rel) target]``
+start is only a guess; the search is aimed at ``[(1 - 1.2 rel) target, (1 - rel) target]``
 (``rel = rel_tolerance``), measured by the exact accountant, so the noise is never smaller than
 the unhinted search's (whose epsilon is at least ``(1 - rel) target``) and its epsilon at most
-``1.5 rel`` below the target.
+``1.2 rel`` below the target (the unhinted search: ``rel``).
 """
 
 from __future__ import annotations
@@ -126,14 +126,14 @@ def _calibrate(
     hint_key = (target, delta, steps, prior, accountant, rel_tolerance, max_noise)
     start = _neighbour_start(hint_key, sample_rate)
     if start is not None:
-        # Aimed at the band's conservative end, [1 - 1.5 rel, 1 - rel] times the target: its
+        # Aimed at the band's conservative end, [1 - 1.2 rel, 1 - rel] times the target: its
         # epsilon is at most the unhinted search's floor, so its noise is at least that
         # search's, whatever the latter would have returned.
         try:
             sigma, slope = _search(
                 at(accountant),
                 target * (1.0 - rel_tolerance),
-                rel_tolerance / 2,
+                rel_tolerance / 5,
                 start[0],
                 max_noise,
                 start[1],
