@@ -38,7 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def one_run(source: Path, out: Path, profile: Path | None) -> dict[str, Any]:
     """One ``fedsafe simulate`` run with the package at ``source``: round times and epsilons."""
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(source)}
+    # RAY_ADDRESS=local: a new Ray instance per run; without it, ray.init() joins the latest
+    # Ray instance on the machine (another simulation's) when several run at once.
+    env = {**os.environ, "PYTHONPATH": str(source), "RAY_ADDRESS": "local"}
     env.pop("FEDSAFE_PROFILE_DIR", None)
     if profile is not None:
         env["FEDSAFE_PROFILE_DIR"] = str(profile)
@@ -108,28 +110,38 @@ def main() -> None:
     parser.add_argument("--main-src", type=Path, required=True, help="a checkout of main")
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--work", type=Path, default=None, help="run folders (kept)")
     args = parser.parse_args()
     arms = {"main": args.main_src.resolve(), "branch": ROOT}
     runs: dict[str, list[dict[str, Any]]] = {"main": [], "branch": []}
-    with tempfile.TemporaryDirectory(prefix="fedsafe-round1-") as tmp_name:
-        tmp = Path(tmp_name)
-        for i in range(args.pairs):
-            order = ("main", "branch") if i % 2 == 0 else ("branch", "main")
-            for arm in order:
-                profile = tmp / f"profile-{arm}-{i}" if arm == "branch" else None
+    tmp = args.work or Path(tempfile.mkdtemp(prefix="fedsafe-round1-"))
+    for i in range(args.pairs):
+        order = ("main", "branch") if i % 2 == 0 else ("branch", "main")
+        for arm in order:
+            profile = tmp / f"profile-{arm}-{i}" if arm == "branch" else None
+            try:
                 got = one_run(arms[arm], tmp / f"{arm}-{i}", profile)
-                if profile is not None and profile.exists():
-                    got["profile"] = profile_summary(profile)
-                runs[arm].append(got)
-                load = os.getloadavg()[0]
-                print(
-                    f"{arm} #{i + 1}: rounds {[round(s, 2) for s in got['round_s']]} s, "
-                    f"ratio {got['round1_over_later']:.2f}, wall {got['wall_s']:.0f} s, "
-                    f"load {load:.1f}",
-                    flush=True,
-                )
+            except RuntimeError as exc:  # a failed run is reported, the others still count
+                print(f"{arm} #{i + 1}: failed: {str(exc)[-500:]}", flush=True)
+                continue
+            if profile is not None and profile.exists():
+                got["profile"] = profile_summary(profile)
+            got["load_after"] = os.getloadavg()[0]
+            runs[arm].append(got)
+            print(
+                f"{arm} #{i + 1}: rounds {[round(s, 2) for s in got['round_s']]} s, "
+                f"ratio {got['round1_over_later']:.2f}, wall {got['wall_s']:.0f} s, "
+                f"load {got['load_after']:.1f}",
+                flush=True,
+            )
+            _write_summary(args, runs)
+
+
+def _write_summary(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> None:
     summary: dict[str, Any] = {"pairs": args.pairs, "runs": runs}
     for arm, got in runs.items():
+        if not got:
+            continue
         ratios = [r["round1_over_later"] for r in got]
         summary[arm] = {
             "round1_s": statistics.median(r["round_s"][0] for r in got),
@@ -137,7 +149,7 @@ def main() -> None:
             "ratio_median": statistics.median(ratios),
             "ratio_range": [min(ratios), max(ratios)],
         }
-    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2), flush=True)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
