@@ -17,6 +17,7 @@ the variable the profile costs one dictionary lookup per handler.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import threading
@@ -32,6 +33,8 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 PROFILE_DIR_ENV = "FEDSAFE_PROFILE_DIR"
 
 _local = threading.local()
+# A child of Flower's logger: the site's own log, never a reply.
+log = logging.getLogger("flwr.fedsafe.client")
 _handlers_seen = [0]
 
 
@@ -98,9 +101,17 @@ def _round_of(msg: Message) -> int | str:
 
 
 def _write(folder: Path, line: dict[str, object]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f"site-profile-{os.getpid()}.jsonl", "a", encoding="utf-8") as out:
-        out.write(json.dumps(line, sort_keys=True) + "\n")
+    """Append the line; a profile that cannot be written is dropped, never the reply.
+
+    It runs outside the site's error mod, so an exception here would reach the coordinator
+    as an undeclared error text: the folder's problem is logged at the site only.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"site-profile-{os.getpid()}.jsonl", "a", encoding="utf-8") as out:
+            out.write(json.dumps(line, sort_keys=True) + "\n")
+    except OSError as exc:
+        log.warning("fedsafe: site profile not written to %s (%s)", folder, exc.strerror)
 
 
 def _begin() -> tuple[int, float, bool]:

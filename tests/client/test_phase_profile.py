@@ -94,3 +94,14 @@ def test_a_failing_handler_is_profiled_and_the_mods_survive_pickling(
 def test_no_mods_is_refused() -> None:
     with pytest.raises(ValueError, match="at least one mod"):
         profiled([])
+
+
+def test_an_unwritable_profile_folder_does_not_change_the_reply(
+    site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the folder should be")
+    monkeypatch.setenv(PROFILE_DIR_ENV, str(blocker / "profile"))
+    reply = app(_message(MessageType.TRAIN, site.width()), new_context(site))
+    assert not reply.has_error(), reply.error
+    assert reply.content.metric_records["metrics"]["num-examples"] == 90
