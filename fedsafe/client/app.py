@@ -28,6 +28,7 @@ from flwr.clientapp import ClientApp
 from fedsafe.client.mods import site_mods
 from fedsafe.client.mods.contract import current_site_call
 from fedsafe.client.mods.site_policy import read_run_config
+from fedsafe.client.phase_profile import profiled
 from fedsafe.client.site import SiteSetup, evaluation_metrics, initial_model, resolve_site
 from fedsafe.client.site_replies import site_record
 from fedsafe.client.train_step import training_step
@@ -38,7 +39,9 @@ from fedsafe.config import RunConfig
 # the round protocol's evaluation, noise and budget, the ledger commit, compression after DP
 # (fedsafe.client.mods says why this order). A new site mod goes in site_mods(), at its place,
 # so a ClientApp built outside fedsafe gets it too.
-app = ClientApp(mods=site_mods())
+# With FEDSAFE_PROFILE_DIR set, each handler's phases are timed into a site-local file
+# (fedsafe.client.phase_profile); otherwise the wrappers only pass messages on.
+app = ClientApp(mods=profiled(site_mods()))
 
 
 def site_policy_json(site: SiteSetup) -> str:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Context
 
+from fedsafe.client.phase_profile import phase
 from fedsafe.privacy.accounting import epsilon
 from fedsafe.privacy.budget import PrivacyBudget, check_round, plan_noise, record_round
 from fedsafe.privacy.calibration import calibrate_noise_multiplier
@@ -117,6 +118,13 @@ def choose_noise(
     """
     if choice.given > 0:
         return choice.given
+    with phase("calibration"):
+        return _calibrated_noise(choice, budget, prior)
+
+
+def _calibrated_noise(
+    choice: NoiseChoice, budget: PrivacyBudget | None, prior: list[PoissonGaussianEvent]
+) -> float:
     for_run = calibrate_noise_multiplier(
         choice.target_epsilon,
         choice.delta,

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from flwr.app import Context
 
+from fedsafe.client.phase_profile import phase
 from fedsafe.client.policy import PolicyError, SitePolicy, load_policy, public_size_of
 from fedsafe.config import RunConfig
 from fedsafe.data.site_data import SiteData
@@ -254,6 +255,11 @@ def resolve_site(context: Context, cfg: RunConfig) -> SiteSetup:
     PolicyError
         If the node config names data but no policy, or the policy file is invalid.
     """
+    with phase("site-data"):
+        return _resolve_site(context, cfg)
+
+
+def _resolve_site(context: Context, cfg: RunConfig) -> SiteSetup:
     nc = context.node_config
     if "policy-path" in nc:
         policy = load_policy(str(nc["policy-path"]))

@@ -165,18 +165,14 @@ def epsilon_full_composition(
 def _compose(mechanisms: Sequence[PoissonGaussianEvent], delta: float, name: str) -> float:
     if name == "pld":
         return _pld_epsilon(mechanisms, delta)
+    from fedsafe.privacy.rdp_memo import prv_epsilon, rdp_epsilon
+
+    # Opacus's accountants, with each mechanism's Rényi divergences computed once per process
+    # (fedsafe.privacy.rdp_memo): the same values, bit for bit.
     history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in mechanisms]
     if name == "prv":
-        from opacus.accountants import PRVAccountant
-
-        acc = PRVAccountant()
-        acc.history = history
-        return float(acc.get_epsilon(delta=delta))
-    from opacus.accountants import RDPAccountant
-
-    racc = RDPAccountant()
-    racc.history = history
-    return float(racc.get_epsilon(delta=delta))
+        return prv_epsilon(history, delta)
+    return rdp_epsilon(history, delta)
 
 
 def _pld_epsilon(events: Sequence[PoissonGaussianEvent], delta: float) -> float:

@@ -597,8 +597,6 @@ def outputs_result(
     loss: PerRecordLoss | None = None,
 ) -> EvalResult:
     """:func:`evaluate_model`'s figures from the model's outputs on the records of ``y``."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
     yt = torch.as_tensor(y).to(outputs.device)
     with torch.no_grad():
         mean_loss = float((loss or output_loss)(outputs, yt).mean())
@@ -609,6 +607,9 @@ def outputs_result(
     labels = yt.cpu().numpy().astype(np.float32)
     acc = float(((prob >= 0.5).astype(np.float32) == labels).mean())
     both = len(np.unique(labels)) == 2
+    # Only binary tasks need scikit-learn: importing it costs a worker seconds (issue 17).
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
     return EvalResult(
         loss=mean_loss,
         accuracy=acc,

@@ -120,3 +120,37 @@ def test_target_below_the_rdp_floor_is_still_calibrated_by_the_exact_accountant(
     sigma = calibrate_noise_multiplier(0.05, 1e-5, 0.001, 10, accountant="pld")
     achieved = epsilon([PoissonGaussianEvent(0.001, sigma, 10)], 1e-5, "pld")
     assert 0.995 * 0.05 <= achieved <= 0.05
+
+
+def test_neighbouring_plans_start_from_each_other_and_never_take_less_noise() -> None:
+    """Sites differing only in their sample rate: the hinted search's noise is measured at or
+    below the target and is at least what the unhinted search (main's path) returns."""
+    from fedsafe.privacy import calibration
+
+    rates = [0.0125, 0.0286, 0.0076]
+    unhinted = {}
+    for q in rates:
+        clear_cache()
+        unhinted[q] = calibrate_noise_multiplier(1.0, 1e-4, q, 6)
+    clear_cache()
+    evaluations: list[float] = []
+    real = calibration.epsilon
+
+    def counted(events, delta, accountant="prv"):  # type: ignore[no-untyped-def]
+        evaluations.append(events[-1].noise_multiplier)
+        return real(events, delta, accountant)
+
+    calibration.epsilon = counted  # type: ignore[assignment]
+    try:
+        hinted = {q: calibrate_noise_multiplier(1.0, 1e-4, q, 6) for q in rates}
+    finally:
+        calibration.epsilon = real  # type: ignore[assignment]
+    assert hinted[rates[0]] == unhinted[rates[0]]  # the first plan has no neighbour
+    for q in rates[1:]:
+        achieved = epsilon([PoissonGaussianEvent(q, hinted[q], 6)], 1e-4, "prv")
+        assert 0.994 <= achieved <= 0.995
+        assert hinted[q] >= unhinted[q]
+        # and above the exact threshold: a little less noise already exceeds the floor band
+        assert epsilon([PoissonGaussianEvent(q, unhinted[q] * 0.99, 6)], 1e-4, "prv") > 0.995
+    # the neighbours need far fewer measurements than the first plan's RDP bracket + search
+    assert len(evaluations) <= 8 + 2 * 4

@@ -192,3 +192,20 @@ def test_evaluation_runs_in_bounded_chunks_with_the_same_result():
         whole = nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(y))
     assert result.loss == pytest.approx(float(whole), rel=1e-6)
     assert result.num_examples == len(y)
+
+
+def test_multi_class_evaluation_does_not_import_scikit_learn():
+    """Only binary tasks need ROC/PR AUC: an MNIST worker must not pay sklearn's import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, torch\n"
+        "from fedsafe.training.dp_training import evaluate_model\n"
+        "x = np.zeros((8, 4), np.float32); y = np.arange(8) % 3\n"
+        "r = evaluate_model(torch.nn.Linear(4, 3), x, y, torch.device('cpu'))\n"
+        "assert r.roc_auc is None\n"
+        "print('sklearn' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
