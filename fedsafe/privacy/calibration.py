@@ -19,10 +19,12 @@ target, delta, steps, accountant and prior starts from the nearest calibrated ne
 of the RDP bracket: its noise scaled by ``(q / q') ** k`` (``k`` fitted on the neighbours,
 0.25 until two are known), with its measured slope of ``log epsilon`` against ``log sigma`` for
 Newton steps: one to three exact evaluations instead of about five RDP and five exact ones. The
-start is only a guess; the search is aimed at ``[(1 - 1.2 rel) target, (1 - rel) target]``
-(``rel = rel_tolerance``), measured by the exact accountant, so the noise is never smaller than
-the unhinted search's (whose epsilon is at least ``(1 - rel) target``) and its epsilon at most
-``1.2 rel`` below the target (the unhinted search: ``rel``).
+start is only a guess; the search is aimed at about ``[(1 - 0.75 rel) target, (1 - 0.25 rel)
+target]`` (``rel = rel_tolerance``), the middle of the unhinted search's band ``[(1 - rel)
+target, target]``, and measured by the exact accountant: its epsilon is at most the target and
+within ``0.75 rel`` of what the unhinted search would return for the same plan (so a run's
+epsilons agree with the unhinted path's within 0.5%; the noise may be a little larger or
+smaller than that path's, both measured at or below the target).
 """
 
 from __future__ import annotations
@@ -126,14 +128,14 @@ def _calibrate(
     hint_key = (target, delta, steps, prior, accountant, rel_tolerance, max_noise)
     start = _neighbour_start(hint_key, sample_rate)
     if start is not None:
-        # Aimed at the band's conservative end, [1 - 1.2 rel, 1 - rel] times the target: its
-        # epsilon is at most the unhinted search's floor, so its noise is at least that
-        # search's, whatever the latter would have returned.
+        # Aimed at the middle of the unhinted search's band, [1 - 0.75 rel, 1 - 0.25 rel]
+        # (about) times the target, measured by the exact accountant: its epsilon is within
+        # 0.75 rel of whatever the unhinted search would have returned, and at most the target.
         try:
             sigma, slope = _search(
                 at(accountant),
-                target * (1.0 - rel_tolerance),
-                rel_tolerance / 5,
+                target * (1.0 - rel_tolerance / 4),
+                rel_tolerance / 2,
                 start[0],
                 max_noise,
                 start[1],
