@@ -27,6 +27,7 @@ which verifies the old chain, re-MACs every entry and records who migrated it an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -36,7 +37,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -441,8 +442,28 @@ class SitePrivacyLedger:
                 f"rewritten; {FIX}"
             )
 
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        """Read the entries and the head in one read transaction (one state of the file).
+
+        A commit by another process between two autocommit reads would otherwise look like a
+        deleted or edited entry. Inside a transaction already open (a write), that one is used.
+        """
+        if self._conn.in_transaction:
+            yield
+            return
+        self._conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._conn.execute("COMMIT")
+
     def _load(self, *, reuse: bool) -> None:
         """Read every row and verify the chain, reusing this process's verified prefix."""
+        with self._snapshot():
+            self._load_unlocked(reuse=reuse)
+
+    def _load_unlocked(self, *, reuse: bool) -> None:
         rows = self._conn.execute(f"SELECT {_COLUMNS} FROM entries ORDER BY seq").fetchall()
         key = _file_key(self._path)
         known = _VERIFIED.get(key) if reuse else None
@@ -463,6 +484,10 @@ class SitePrivacyLedger:
         Checks that the verified prefix is still in place (its length and last hash); an edit
         inside it is left to the next :meth:`open`.
         """
+        with self._snapshot():
+            return self._sync_unlocked()
+
+    def _sync_unlocked(self) -> list[LedgerEntry]:
         done = len(self._entries)
         last_hash = self._entries[-1].entry_hash if self._entries else GENESIS_HASH
         count, at_last = self._conn.execute(
