@@ -338,7 +338,9 @@ MEMORY_SAMPLE_S = 2.0
 def _process_kind(cmdline: list[str]) -> str:
     """Which part of a simulation a process is, from its command line."""
     line = " ".join(cmdline)
-    if line.startswith("ray::") or "default_worker.py" in line:
+    if line.startswith("ray::") and "Agent" in line.split()[0]:  # DashboardAgent, ...
+        return "ray_system"
+    if line.startswith("ray::") or "default_worker.py" in line:  # ClientAppActor, IDLE
         return "ray_worker"
     if "flwr-simulation" in line or "flwr-serverapp" in line or "flwr_simulation" in line:
         return "serverapp"
