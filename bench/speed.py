@@ -492,7 +492,9 @@ def _run_simulation_arm(
             [python, "-c", _SIMULATION, scenario, str(sites), str(rounds), json.dumps(extra),
              str(out)],
             stdout=subprocess.PIPE, stderr=log, text=True, cwd=cwd,
-            env=dict(os.environ) | env_extra,
+            # this run's own key and anchors (this branch; today's code has none), so no run
+            # meets another's anchors of a ledger path reused after a stopped bench
+            env=dict(os.environ) | env_extra | {"FEDSAFE_LEDGER_SECRETS": str(out / "secrets")},
         )  # fmt: skip
         sampler = MemorySampler(proc.pid)
         stdout, _ = proc.communicate()
