@@ -794,13 +794,15 @@ def main() -> None:
         return
     extra_rows = [row for path in args.rows for row in json.loads(path.read_text())]
     if args.from_json:
-        rows, commits, sims = [], {}, {}
+        old_rows: list[dict[str, Any]] = []
+        old_commits: dict[str, dict[str, float]] = {}
+        old_sims: dict[str, Any] = {}
         for path in args.from_json:
             old = json.loads(path.read_text())
-            rows += old.get("steps") or []
-            commits |= old.get("commits") or {}
-            sims |= old.get("simulations") or {}
-        table = markdown(rows, commits or None, sims or None, extra_rows)
+            old_rows += old.get("steps") or []
+            old_commits |= old.get("commits") or {}
+            old_sims |= old.get("simulations") or {}
+        table = markdown(old_rows, old_commits or None, old_sims or None, extra_rows)
         print(table)
         if args.markdown:
             args.markdown.write_text(table)
