@@ -482,6 +482,40 @@ def ledger_check(ledger_dir: Path) -> dict[str, Any]:
     return {"sites": sites, "accounts": accounts}
 
 
+def handler_seconds(run_dir: Path, sites: int) -> dict[str, Any] | None:
+    """Seconds of each site's train handler, from the run's ``logs/flwr-run.log``.
+
+    The ClientApp logs ``train handler start``/``end`` at DEBUG with the wall clock (to the
+    second) and the Ray actor's pid; per pid, each end is paired with the start before it.
+    The first ``sites`` handlers to end are round 1's, the rest later rounds'.
+    """
+    import re
+
+    log = Path(run_dir) / "logs" / "flwr-run.log"
+    if not log.exists():
+        return None
+    mark = re.compile(r"pid=(\d+).*?(\d\d):(\d\d):(\d\d):DEBUG:fedsafe: train handler (start|end)")
+    open_at: dict[str, int] = {}
+    ends: list[tuple[int, float]] = []
+    for line in log.read_text(errors="replace").splitlines():
+        m = mark.search(line)
+        if m is None:
+            continue
+        pid, (h, mi, sec), kind = m.group(1), map(int, m.group(2, 3, 4)), m.group(5)
+        t = 3600 * h + 60 * mi + sec
+        if kind == "start":
+            open_at[pid] = t
+        elif pid in open_at:
+            ends.append((t, float((t - open_at.pop(pid)) % 86400)))
+    ends.sort()
+    first, later = [d for _, d in ends[:sites]], [d for _, d in ends[sites:]]
+    return {
+        "round1": _summary(first) if first else None,
+        "later": _summary(later) if later else None,
+        "count": len(ends),
+    }
+
+
 def _run_simulation_arm(
     python: str, env_extra: dict[str, str], label: str, out: Path
 ) -> dict[str, Any]:
@@ -503,6 +537,7 @@ def _run_simulation_arm(
         raise RuntimeError(f"{label}: simulation failed ({proc.returncode}); see {out}")
     got = json.loads(stdout.strip().splitlines()[-1])
     got["memory_mib"] = memory
+    got["train_handler_s"] = handler_seconds(Path(got["run_dir"]), sites)
     try:
         got["ledgers"] = ledger_check(Path(got["ledger_dir"]))
     except Exception as exc:  # keep the timings of a run whose ledgers cannot be read
@@ -572,7 +607,10 @@ def _sim_summary(runs: list[dict[str, Any]], sites: int) -> dict[str, Any]:
         if "run-epsilon" in v
     ]
     lifetime = [e for r in runs for e in r.get("max_epsilon", [])[-1:] if e is not None]
+    handlers = [r["train_handler_s"] for r in runs if r.get("train_handler_s")]
     return {
+        "train_handler_round1_s": handlers[0]["round1"] if len(handlers) == 1 else None,
+        "train_handler_later_s": handlers[0]["later"] if len(handlers) == 1 else None,
         "first_round_s": _summary(firsts),
         "round1_s": _summary(round1) if round1 else None,
         "round_s": _summary(later) if later else None,
@@ -647,6 +685,8 @@ def _simulation_rows(label: str, arms: dict[str, Any]) -> list[str]:
         row("round 1 at the coordinator", "round1_s", " s", 2),
         row("later rounds at the coordinator", "round_s", " s", 2),
         row("**client updates per second (rounds after 1)**", "updates_per_s", "", 2),
+        row("one site's train handler, round 1 (one run)", "train_handler_round1_s", " s", 1),
+        row("one site's train handler, later rounds (one run)", "train_handler_later_s", " s", 1),
     ]
     if today is not None and runs.get("today"):
         pairs = [
@@ -802,6 +842,15 @@ def main() -> None:
             old_rows += old.get("steps") or []
             old_commits |= old.get("commits") or {}
             old_sims |= old.get("simulations") or {}
+        for label, arms in old_sims.items():  # handler times of runs saved before they existed
+            for runs in arms.get("runs", {}).values():
+                for run in runs:
+                    if run.get("train_handler_s") is None:
+                        run["train_handler_s"] = handler_seconds(
+                            Path(run["run_dir"]), SIMULATIONS[label][1]
+                        )
+            for arm, runs in arms.get("runs", {}).items():
+                arms[arm] = _sim_summary(runs, SIMULATIONS[label][1])
         table = markdown(old_rows, old_commits or None, old_sims or None, extra_rows)
         print(table)
         if args.markdown:
