@@ -554,6 +554,7 @@ def startup(
     out_root: Path | None = None,
     now_only: tuple[str, ...] = (),
     save: Callable[[dict[str, Any]], None] | None = None,
+    arms_of: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """Time to the first round, round times, updates per second, memory and epsilons.
 
@@ -562,18 +563,22 @@ def startup(
     venv). One simulation at a time; the arms alternate, in reverse order every other repeat
     (A B, B A, ...) so that neither arm always runs on the later, differently loaded machine.
     ``now_only``: labels run by this checkout only (when a pair does not fit). ``save`` is
-    called with the results so far after every simulation.
+    called with the results so far after every simulation. ``arms_of``: the arms (and their
+    order) of some labels, e.g. ``{"mnist-50": ["today"]}`` to complete an earlier run.
     """
     arms: dict[str, tuple[str, dict[str, str]]] = {"now": (sys.executable, {})}
     if main_src is not None:
         arms["main"] = (sys.executable, {"PYTHONPATH": str(main_src)})
     if today_python:
         arms["today"] = (today_python, {})
+    arms_of = arms_of or {}
     root = out_root or Path(tempfile.mkdtemp(prefix="fedsafe-speed-runs-"))
     results: dict[str, Any] = {}
     for label in names:
         sites = SIMULATIONS[label][1]
         label_arms = ["now"] if label in now_only else list(arms)
+        if label in arms_of:
+            label_arms = [a for a in arms_of[label] if a in arms]
         got_all: dict[str, list[dict[str, Any]]] = {a: [] for a in label_arms}
         for rep in range(repeats):
             order = label_arms if rep % 2 == 0 else label_arms[::-1]
@@ -810,6 +815,12 @@ def main() -> None:
         "--now-only", default="", help="simulations run by this checkout only, e.g. mnist-100"
     )
     parser.add_argument(
+        "--arms-of",
+        action="append",
+        default=[],
+        help="LABEL=ARM+ARM: which arms run a simulation, in order (e.g. mnist-50=today)",
+    )
+    parser.add_argument(
         "--rounds", default="", help="rounds per simulation, e.g. mnist-100=2 (default 3)"
     )
     parser.add_argument(
@@ -895,6 +906,7 @@ def main() -> None:
             args.runs_dir,
             tuple(x for x in args.now_only.split(",") if x),
             save,
+            {k: v.split("+") for k, v in (item.split("=") for item in args.arms_of)},
         )
     )
     save(sims)
