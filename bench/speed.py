@@ -528,7 +528,10 @@ def _run_simulation_arm(
             stdout=subprocess.PIPE, stderr=log, text=True, cwd=cwd,
             # this run's own key and anchors (this branch; today's code has none), so no run
             # meets another's anchors of a ledger path reused after a stopped bench
-            env=dict(os.environ) | env_extra | {"FEDSAFE_LEDGER_SECRETS": str(out / "secrets")},
+            # RAY_ADDRESS=local: a Ray cluster of its own, never one another user left running
+            env=dict(os.environ)
+            | env_extra
+            | {"FEDSAFE_LEDGER_SECRETS": str(out / "secrets"), "RAY_ADDRESS": "local"},
         )  # fmt: skip
         sampler = MemorySampler(proc.pid)
         stdout, _ = proc.communicate()
