@@ -700,7 +700,7 @@ def _simulation_rows(label: str, arms: dict[str, Any]) -> list[str]:
         pairs = [
             (a, b)
             for a, b in zip(
-                (_run_updates_per_s(r, sites) for r in runs["now"]),
+                (_run_updates_per_s(r, sites) for r in runs.get("now", [])),
                 (_run_updates_per_s(r, sites) for r in runs["today"]),
                 strict=False,
             )
