@@ -17,9 +17,13 @@ side:
 2. The ledger commit of a warm site at 10, 100 and 1,000 earlier entries (the workers of
    ``bench/accounting_speed.py``).
 3. Simulations through ``fedsafe.simulations.runner.run_simulation`` (``SIMULATIONS``: heart
-   with 4 sites, MNIST with 10 and 50 sites and 2 local steps): time from the call to the first
-   round's record, round 1 and later rounds at the coordinator (the record's ``seconds``), and
-   client updates per second in the later rounds.
+   with 4 sites, MNIST with 10, 50 and 100 sites and 2 local steps): time from the call to the
+   first round's record, round 1 and later rounds at the coordinator (the record's
+   ``seconds``), client updates per second in the later rounds, each site's train handler
+   seconds (:func:`handler_seconds`), peak PSS of the Ray workers and the ServerApp
+   (:class:`MemorySampler`) and every site's epsilons recomputed from its ledger, with PLD
+   (:func:`ledger_check`). ``--today-python`` runs them with the issue's baseline checkout too
+   (c518806 in its own venv), arms alternating.
 
 With ``--main-src`` (a checkout of main, e.g. ``git worktree add --detach /tmp/fedsafe-main
 main``), main's code runs the same step workers and simulations with this venv
