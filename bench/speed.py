@@ -17,9 +17,13 @@ side:
 2. The ledger commit of a warm site at 10, 100 and 1,000 earlier entries (the workers of
    ``bench/accounting_speed.py``).
 3. Simulations through ``fedsafe.simulations.runner.run_simulation`` (``SIMULATIONS``: heart
-   with 4 sites, MNIST with 10 and 50 sites and 2 local steps): time from the call to the first
-   round's record, round 1 and later rounds at the coordinator (the record's ``seconds``), and
-   client updates per second in the later rounds.
+   with 4 sites, MNIST with 10, 50 and 100 sites and 2 local steps): time from the call to the
+   first round's record, round 1 and later rounds at the coordinator (the record's
+   ``seconds``), client updates per second in the later rounds, each site's train handler
+   seconds (:func:`handler_seconds`), peak PSS of the Ray workers and the ServerApp
+   (:class:`MemorySampler`) and every site's epsilons recomputed from its ledger, with PLD
+   (:func:`ledger_check`). ``--today-python`` runs them with the issue's baseline checkout too
+   (c518806 in its own venv), arms alternating.
 
 With ``--main-src`` (a checkout of main, e.g. ``git worktree add --detach /tmp/fedsafe-main
 main``), main's code runs the same step workers and simulations with this venv
@@ -297,64 +301,307 @@ def commit_table(lengths: tuple[int, ...]) -> dict[str, dict[str, float]]:
 
 
 # Run in a fresh interpreter of either checkout (cwd outside both, so ``fedsafe`` is the one
-# installed in that interpreter's venv): seconds to the first round, and between rounds.
+# installed in that interpreter's venv): seconds to the first round, between rounds, and the
+# privacy figures each round's record reports. The run folder and its ledgers stay in argv[5].
 _SIMULATION = """
-import json, sys, tempfile, time
+import json, sys, time
 from fedsafe.config import RunConfig
 from fedsafe.simulations.runner import run_simulation
-scenario, sites, rounds, extra = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-with tempfile.TemporaryDirectory(prefix="fedsafe-speed-") as tmp:
-    cfg = RunConfig.from_mapping({"scenario": scenario, "num-server-rounds": rounds,
-                                  "out-dir": tmp, "ledger-dir": tmp + "/ledgers",
-                                  **json.loads(extra)})
-    marks, seconds = [], []
-    def on_round(record):
-        marks.append(time.monotonic())
-        seconds.append(record.get("seconds"))
-    started = time.monotonic()
-    run_simulation(cfg, sites, on_round=on_round)
-print(json.dumps({"first": marks[0] - started, "seconds": seconds,
-                  "gaps": [b - a for a, b in zip(marks, marks[1:])]}))
+scenario, sites, rounds, extra, out = (
+    sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+cfg = RunConfig.from_mapping({"scenario": scenario, "num-server-rounds": rounds,
+                              "out-dir": out, "ledger-dir": out + "/ledgers",
+                              **json.loads(extra)})
+marks, records = [], []
+def on_round(record):
+    marks.append(time.monotonic())
+    records.append(record)
+started = time.monotonic()
+result = run_simulation(cfg, sites, on_round=on_round)
+last = {name: {k: s[k] for k in ("epsilon", "run-epsilon") if k in s}
+        for name, s in (records[-1].get("sites") or {}).items()} if records else {}
+print(json.dumps({"first": marks[0] - started, "seconds": [r.get("seconds") for r in records],
+                  "gaps": [b - a for a, b in zip(marks, marks[1:])],
+                  "max_epsilon": [r.get("max_epsilon") for r in records],
+                  "last_round_sites": last, "run_dir": str(result.run_dir),
+                  "ledger_dir": out + "/ledgers"}))
 """
 
 #: (label, scenario, sites, rounds, extra run config): the simulations timed.
 SIMULATIONS = {
     "heart-4": ("heart", 4, 3, {}),
     "mnist-10": ("mnist", 10, 3, {"mnist-sites": 10, "local-steps": 2}),
-    "mnist-50": ("mnist", 50, 2, {"mnist-sites": 50, "local-steps": 2}),
+    "mnist-50": ("mnist", 50, 3, {"mnist-sites": 50, "local-steps": 2}),
+    "mnist-100": ("mnist", 100, 3, {"mnist-sites": 100, "local-steps": 2}),
 }
+
+#: Seconds between two samples of the simulation's process tree (PSS reads every smaps).
+MEMORY_SAMPLE_S = 2.0
+
+
+def _process_kind(cmdline: list[str]) -> str:
+    """Which part of a simulation a process is, from its command line."""
+    line = " ".join(cmdline)
+    if line.startswith("ray::") and "Agent" in line.split()[0]:  # DashboardAgent, ...
+        return "ray_system"
+    if line.startswith("ray::") or "default_worker.py" in line:  # ClientAppActor, IDLE
+        return "ray_worker"
+    if "flwr-simulation" in line or "flwr-serverapp" in line or "flwr_simulation" in line:
+        return "serverapp"
+    if "flower-superlink" in line or "flwr-superexec" in line or "flower-superexec" in line:
+        return "superlink"
+    if any(k in line for k in ("raylet", "gcs_server", "dashboard", "log_monitor", "ray/")):
+        return "ray_system"
+    return "other"
+
+
+def _descendants(root: int) -> list[int]:
+    """``root`` and every process below it (``/proc/PID/stat``'s parent field)."""
+    parent: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, ppid in parent.items() if ppid in frontier]
+        found += frontier
+    return found
+
+
+class MemorySampler:
+    """Peak memory of a process tree, sampled every :data:`MEMORY_SAMPLE_S` in a thread.
+
+    Each sample sums, per kind of process (:func:`_process_kind`), the proportional set size
+    (PSS, ``/proc/PID/smaps_rollup``; shared pages split among their users, so
+    sums over processes do not count torch's libraries once per worker) and the RSS. The peaks
+    are of the sums at one instant, not sums of per-process peaks.
+    """
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid = pid
+        self.peak: dict[str, float] = {}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        sums: dict[str, float] = {}
+        for pid in _descendants(self.pid):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            except OSError:  # the process ended between the listing and the read
+                continue
+            kind = _process_kind([c.decode(errors="replace") for c in cmdline if c])
+            fields = {}
+            for line in rollup.splitlines()[1:]:
+                key, _, rest = line.partition(":")
+                if key in ("Rss", "Pss"):
+                    fields[key] = int(rest.split()[0]) / 1024  # kB -> MiB
+            for key in ("Pss", "Rss"):
+                name = f"{kind}_{key.lower()}"
+                sums[name] = sums.get(name, 0.0) + fields.get(key, 0.0)
+            sums[f"{kind}_count"] = sums.get(f"{kind}_count", 0.0) + 1
+        if not sums:
+            return
+        sums["total_pss"] = sum(v for k, v in sums.items() if k.endswith("_pss"))
+        sums["workers_and_serverapp_pss"] = sums.get("ray_worker_pss", 0.0) + sums.get(
+            "serverapp_pss", 0.0
+        )
+        for key, value in sums.items():
+            self.peak[key] = max(self.peak.get(key, 0.0), value)
+        self.samples += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(MEMORY_SAMPLE_S):
+            self._sample()
+
+    def stop(self) -> dict[str, float]:
+        """Stop sampling; the peaks in MiB (``*_count``: most processes of a kind seen)."""
+        self._stop.set()
+        self._thread.join()
+        return {**self.peak, "samples": float(self.samples)}
+
+
+def ledger_check(ledger_dir: Path) -> dict[str, Any]:
+    """Recompute every site's epsilons from the events its ledger recorded, with PLD.
+
+    Reads each ``*.sqlite`` ledger in ``ledger_dir`` read-only (the ``entries`` table, the
+    same in today's code and this branch). Per site (data fingerprint; an MNIST account of
+    this branch holds every simulated site of the source) and run: the run's events composed
+    by this checkout's accountant (``prv``, as reported) and by dp-accounting's PLD; per
+    ledger file: the last recorded lifetime epsilon and the PLD of all its events.
+    """
+    import sqlite3
+
+    from fedsafe.privacy.accounting import epsilon
+    from fedsafe.privacy.events import PoissonGaussianEvent
+
+    sites: list[dict[str, Any]] = []
+    accounts: list[dict[str, Any]] = []
+    for path in sorted(Path(ledger_dir).glob("*.sqlite")):
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = con.execute(
+                "SELECT run_id, event, delta, epsilon_after, accountant, dataset_fingerprint"
+                " FROM entries ORDER BY seq"
+            ).fetchall()
+        finally:
+            con.close()
+        if not rows:
+            continue
+        delta = float(rows[0][2])
+        acct = str(rows[0][4])
+        events = [PoissonGaussianEvent.from_dict(json.loads(r[1])) for r in rows]
+        accounts.append(
+            {
+                "file": path.name,
+                "entries": len(rows),
+                "lifetime_epsilon_recorded": float(rows[-1][3]),
+                "lifetime_pld": epsilon(events, delta, "pld"),
+            }
+        )
+        groups: dict[tuple[str, str], list[PoissonGaussianEvent]] = {}
+        for row, event in zip(rows, events, strict=True):
+            groups.setdefault((str(row[5]), str(row[0])), []).append(event)
+        for (_, run), evs in groups.items():
+            sites.append(
+                {
+                    "run": run,
+                    "entries": len(evs),
+                    "run_epsilon_accountant": epsilon(evs, delta, acct),
+                    "run_epsilon_pld": epsilon(evs, delta, "pld"),
+                    "delta": delta,
+                    "accountant": acct,
+                }
+            )
+    return {"sites": sites, "accounts": accounts}
+
+
+def handler_seconds(run_dir: Path, sites: int) -> dict[str, Any] | None:
+    """Seconds of each site's train handler, from the run's ``logs/flwr-run.log``.
+
+    The ClientApp logs ``train handler start``/``end`` at DEBUG with the wall clock (to the
+    second) and the Ray actor's pid; per pid, each end is paired with the start before it.
+    The first ``sites`` handlers to end are round 1's, the rest later rounds'.
+    """
+    import re
+
+    log = Path(run_dir) / "logs" / "flwr-run.log"
+    if not log.exists():
+        return None
+    mark = re.compile(r"pid=(\d+).*?(\d\d):(\d\d):(\d\d):DEBUG:fedsafe: train handler (start|end)")
+    open_at: dict[str, int] = {}
+    ends: list[tuple[int, float]] = []
+    for line in log.read_text(errors="replace").splitlines():
+        m = mark.search(line)
+        if m is None:
+            continue
+        pid, (h, mi, sec), kind = m.group(1), map(int, m.group(2, 3, 4)), m.group(5)
+        t = 3600 * h + 60 * mi + sec
+        if kind == "start":
+            open_at[pid] = t
+        elif pid in open_at:
+            ends.append((t, float((t - open_at.pop(pid)) % 86400)))
+    ends.sort()
+    first, later = [d for _, d in ends[:sites]], [d for _, d in ends[sites:]]
+    return {
+        "round1": _summary(first) if first else None,
+        "later": _summary(later) if later else None,
+        "count": len(ends),
+    }
+
+
+def _run_simulation_arm(
+    python: str, env_extra: dict[str, str], label: str, out: Path
+) -> dict[str, Any]:
+    scenario, sites, rounds, extra = SIMULATIONS[label]
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "stdout.log").open("w") as log, tempfile.TemporaryDirectory() as cwd:
+        proc = subprocess.Popen(
+            [python, "-c", _SIMULATION, scenario, str(sites), str(rounds), json.dumps(extra),
+             str(out)],
+            stdout=subprocess.PIPE, stderr=log, text=True, cwd=cwd,
+            # this run's own key and anchors (this branch; today's code has none), so no run
+            # meets another's anchors of a ledger path reused after a stopped bench
+            # RAY_ADDRESS=local: a Ray cluster of its own, never one another user left running
+            env=dict(os.environ)
+            | env_extra
+            | {"FEDSAFE_LEDGER_SECRETS": str(out / "secrets"), "RAY_ADDRESS": "local"},
+        )  # fmt: skip
+        sampler = MemorySampler(proc.pid)
+        stdout, _ = proc.communicate()
+        memory = sampler.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{label}: simulation failed ({proc.returncode}); see {out}")
+    got = json.loads(stdout.strip().splitlines()[-1])
+    got["memory_mib"] = memory
+    got["train_handler_s"] = handler_seconds(Path(got["run_dir"]), sites)
+    try:
+        got["ledgers"] = ledger_check(Path(got["ledger_dir"]))
+    except Exception as exc:  # keep the timings of a run whose ledgers cannot be read
+        got["ledgers"] = {"error": repr(exc)}
+    got["load_after"] = os.getloadavg()
+    return got
 
 
 def startup(
-    names: list[str], today_python: str | None, main_src: Path | None, repeats: int
+    names: list[str],
+    today_python: str | None,
+    main_src: Path | None,
+    repeats: int,
+    out_root: Path | None = None,
+    now_only: tuple[str, ...] = (),
+    save: Callable[[dict[str, Any]], None] | None = None,
+    arms_of: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
-    """Time to the first round, round times and client updates per second, per simulation.
+    """Time to the first round, round times, updates per second, memory and epsilons.
 
     Arms: ``now`` (this checkout), ``main`` (``main_src`` on ``PYTHONPATH``, same venv) and
-    ``today`` (another interpreter); they alternate, one simulation at a time.
+    ``today`` (another checkout's interpreter, e.g. the issue's baseline commit in its own
+    venv). One simulation at a time; the arms alternate, in reverse order every other repeat
+    (A B, B A, ...) so that neither arm always runs on the later, differently loaded machine.
+    ``now_only``: labels run by this checkout only (when a pair does not fit). ``save`` is
+    called with the results so far after every simulation. ``arms_of``: the arms (and their
+    order) of some labels, e.g. ``{"mnist-50": ["today"]}`` to complete an earlier run.
     """
     arms: dict[str, tuple[str, dict[str, str]]] = {"now": (sys.executable, {})}
     if main_src is not None:
         arms["main"] = (sys.executable, {"PYTHONPATH": str(main_src)})
     if today_python:
         arms["today"] = (today_python, {})
+    arms_of = arms_of or {}
+    root = out_root or Path(tempfile.mkdtemp(prefix="fedsafe-speed-runs-"))
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="fedsafe-speed-cwd-") as cwd:
-        for label in names:
-            scenario, sites, rounds, extra = SIMULATIONS[label]
-            got_all: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
-            for _ in range(repeats):
-                for arm, (python, env_extra) in arms.items():
-                    done = subprocess.run(
-                        [python, "-c", _SIMULATION, scenario, str(sites), str(rounds),
-                         json.dumps(extra)],
-                        capture_output=True, text=True, check=True, cwd=cwd,
-                        env=dict(os.environ) | env_extra,
-                    )  # fmt: skip
-                    got = json.loads(done.stdout.strip().splitlines()[-1])
-                    got_all[arm].append(got)
-                    print(label, arm, json.dumps(got), flush=True)
-            results[label] = {arm: _sim_summary(runs, sites) for arm, runs in got_all.items()}
+    for label in names:
+        sites = SIMULATIONS[label][1]
+        label_arms = ["now"] if label in now_only else list(arms)
+        if label in arms_of:
+            label_arms = [a for a in arms_of[label] if a in arms]
+        got_all: dict[str, list[dict[str, Any]]] = {a: [] for a in label_arms}
+        for rep in range(repeats):
+            order = label_arms if rep % 2 == 0 else label_arms[::-1]
+            for arm in order:
+                python, env_extra = arms[arm]
+                load = os.getloadavg()
+                got = _run_simulation_arm(python, env_extra, label, root / f"{label}-{arm}-{rep}")
+                got["load_before"] = load
+                got_all[arm].append(got)
+                print(label, arm, json.dumps(got), flush=True)
+                results[label] = {a: _sim_summary(rs, sites) for a, rs in got_all.items() if rs}
+                results[label]["runs"] = got_all
+                if save is not None:  # partial results survive a stopped run
+                    save(results)
+        results[label] = {arm: _sim_summary(runs, sites) for arm, runs in got_all.items()}
+        results[label]["runs"] = got_all
     return results
 
 
@@ -362,27 +609,155 @@ def _sim_summary(runs: list[dict[str, Any]], sites: int) -> dict[str, Any]:
     firsts = [r["first"] for r in runs]
     later = [s for r in runs for s in r["seconds"][1:] if s]
     round1 = [r["seconds"][0] for r in runs if r["seconds"] and r["seconds"][0]]
+    mem = [r.get("memory_mib", {}) for r in runs]
+    ledgers = [r.get("ledgers", {}) for r in runs]
+    site_rows = [s for lg in ledgers for s in lg.get("sites", [])]
+    reported = [
+        float(v["run-epsilon"])
+        for r in runs
+        for v in r.get("last_round_sites", {}).values()
+        if "run-epsilon" in v
+    ]
+    lifetime = [e for r in runs for e in r.get("max_epsilon", [])[-1:] if e is not None]
+    handlers = [r["train_handler_s"] for r in runs if r.get("train_handler_s")]
     return {
+        "train_handler_round1_s": handlers[0]["round1"] if len(handlers) == 1 else None,
+        "train_handler_later_s": handlers[0]["later"] if len(handlers) == 1 else None,
         "first_round_s": _summary(firsts),
         "round1_s": _summary(round1) if round1 else None,
         "round_s": _summary(later) if later else None,
         "updates_per_s": _summary([sites / s for s in later]) if later else None,
+        "peak_pss_per_site_mib": _summary(
+            [
+                m["workers_and_serverapp_pss"] / sites
+                for m in mem
+                if "workers_and_serverapp_pss" in m
+            ]
+        )
+        if any("workers_and_serverapp_pss" in m for m in mem)
+        else None,
+        "peak_total_pss_mib": _summary([m["total_pss"] for m in mem if "total_pss" in m])
+        if any("total_pss" in m for m in mem)
+        else None,
+        "max_run_epsilon_reported": max(reported) if reported else None,
+        "max_run_epsilon_recomputed": max(
+            (s["run_epsilon_accountant"] for s in site_rows), default=None
+        ),
+        "max_run_epsilon_pld": max((s["run_epsilon_pld"] for s in site_rows), default=None),
+        "min_run_margin_over_pld": min(
+            (s["run_epsilon_accountant"] - s["run_epsilon_pld"] for s in site_rows), default=None
+        ),
+        "max_lifetime_epsilon_reported": max(lifetime) if lifetime else None,
+        "max_lifetime_pld": max(
+            (a["lifetime_pld"] for lg in ledgers for a in lg.get("accounts", [])), default=None
+        ),
     }
+
+
+#: Rows of issue 17's table measured by other benches; ``--rows FILE`` fills them.
+OTHER_ROWS = (
+    ("deployment round / simulated round, heart", "bench/round_time.py or bench/transport.py"),
+    ("heart-4: time to first round, paired", "bench/startup.py"),
+    ("mnist-10: round 1 / round 2", "round 1 work at the sites"),
+    ("DP/non-DP step, book-keeping clipping", "bench/speed_decomposition.py"),
+)
+
+
+def _r(s: dict[str, float] | None, unit: str = "x", digits: int = 2) -> str:
+    if s is None:
+        return "-"
+    f = f"{{:.{digits}f}}"
+    return f"{f.format(s['median'])}{unit} ({f.format(s['min'])}-{f.format(s['max'])})"
+
+
+def _run_updates_per_s(run: dict[str, Any], sites: int) -> float | None:
+    """Median client updates per second of one simulation's rounds after round 1."""
+    later = [s for s in run["seconds"][1:] if s]
+    return statistics.median(sites / s for s in later) if later else None
+
+
+def _simulation_rows(label: str, arms: dict[str, Any]) -> list[str]:
+    """Rows of one simulation: now beside main and today, paired ratios, memory, epsilons."""
+    sites = SIMULATIONS[label][1]
+    now, main, today = arms.get("now"), arms.get("main"), arms.get("today")
+    runs = arms.get("runs", {})
+    pick = lambda a, k, unit, d: "-" if a is None else _r(a.get(k), unit, d)  # noqa: E731
+
+    def row(name: str, key: str, unit: str, digits: int) -> str:
+        return (
+            f"| {label}: {name} | {pick(now, key, unit, digits)} | "
+            f"{pick(main, key, unit, digits)} | {pick(today, key, unit, digits)} |"
+        )
+
+    n_runs = {a: len(runs.get(a, [])) for a in ("now", "main", "today")}
+    out = [
+        f"| {label}: runs per arm (now / main / today) | {n_runs['now']} | {n_runs['main']} | "
+        f"{n_runs['today']} |",
+        row("time to first round", "first_round_s", " s", 1),
+        row("round 1 at the coordinator", "round1_s", " s", 2),
+        row("later rounds at the coordinator", "round_s", " s", 2),
+        row("**client updates per second (rounds after 1)**", "updates_per_s", "", 2),
+        row("one site's train handler, round 1 (one run)", "train_handler_round1_s", " s", 1),
+        row("one site's train handler, later rounds (one run)", "train_handler_later_s", " s", 1),
+    ]
+    if today is not None and runs.get("today"):
+        pairs = [
+            (a, b)
+            for a, b in zip(
+                (_run_updates_per_s(r, sites) for r in runs.get("now", [])),
+                (_run_updates_per_s(r, sites) for r in runs["today"]),
+                strict=False,
+            )
+            if a and b
+        ]
+        if pairs:
+            ratio = _summary([a / b for a, b in pairs])
+            out.append(
+                f"| {label}: **updates per second, this branch / today, paired** | "
+                f"{_r(ratio)} | - | 1 |"
+            )
+    out.append(
+        row("peak PSS per site (Ray workers + ServerApp) MiB", "peak_pss_per_site_mib", "", 0)
+    )
+    out.append(row("peak PSS of the whole simulation MiB", "peak_total_pss_mib", "", 0))
+
+    def eps(a: dict[str, Any] | None, keys: tuple[str, ...]) -> str:
+        if a is None:
+            return "-"
+        vals = [a.get(k) for k in keys]
+        return " / ".join("-" if v is None else f"{v:.5f}" for v in vals)
+
+    keys = ("max_run_epsilon_reported", "max_run_epsilon_recomputed", "max_run_epsilon_pld")
+    out.append(
+        f"| {label}: max run epsilon per site, reported / recomputed from the ledger / PLD | "
+        f"{eps(now, keys)} | {eps(main, keys)} | {eps(today, keys)} |"
+    )
+    margin = ("min_run_margin_over_pld",)
+    out.append(
+        f"| {label}: smallest (accountant - PLD) run epsilon over sites | {eps(now, margin)} | "
+        f"{eps(main, margin)} | {eps(today, margin)} |"
+    )
+    life = ("max_lifetime_epsilon_reported", "max_lifetime_pld")
+    out.append(
+        f"| {label}: max lifetime epsilon of an account, reported / PLD | {eps(now, life)} | "
+        f"{eps(main, life)} | {eps(today, life)} |"
+    )
+    return out
 
 
 def markdown(
     rows: list[dict[str, Any]],
     commits: dict[str, dict[str, float]] | None,
     sims: dict[str, Any] | None,
+    extra_rows: list[dict[str, Any]] | None = None,
 ) -> str:
-    """The BENCHMARKS.md table: one row per measured quantity, this branch beside main."""
+    """The BENCHMARKS.md table: one row per measured quantity, this branch beside main.
 
-    def r(s: dict[str, float] | None, unit: str = "x", digits: int = 2) -> str:
-        if s is None:
-            return "-"
-        f = f"{{:.{digits}f}}"
-        return f"{f.format(s['median'])}{unit} ({f.format(s['min'])}-{f.format(s['max'])})"
-
+    ``extra_rows``: rows measured by other benches (``{"quantity", "now", "main", "today"}``,
+    strings), e.g. the deployment/simulated round ratio; :data:`OTHER_ROWS` not among them are
+    listed as not measured in this run.
+    """
+    r = _r
     lines = [
         "| quantity | this branch | main | today's baseline (issue 17) |",
         "|---|---|---|---|",
@@ -403,21 +778,16 @@ def markdown(
         ms = {k: 1000 * v for k, v in c.items()}
         lines.append(f"| ledger commit at {n} entries (warm site) | {r(ms, ' ms', 1)} | - | - |")
     for label, arms in (sims or {}).items():
-        now, main = arms["now"], arms.get("main")
-        pick = lambda a, k: None if a is None else a.get(k)  # noqa: E731
+        lines.extend(_simulation_rows(label, arms))
+    for row in extra_rows or []:
         lines.append(
-            f"| {label}: time to first round | {r(now['first_round_s'], ' s', 1)} | "
-            f"{r(pick(main, 'first_round_s'), ' s', 1)} | - |"
+            f"| {row['quantity']} | {row.get('now', '-')} | {row.get('main', '-')} | "
+            f"{row.get('today', '-')} |"
         )
-        lines.append(
-            f"| {label}: round 1 / later rounds at the coordinator | "
-            f"{r(now['round1_s'], ' s', 2)} / {r(now['round_s'], ' s', 2)} | "
-            f"{r(pick(main, 'round1_s'), ' s', 2)} / {r(pick(main, 'round_s'), ' s', 2)} | - |"
-        )
-        lines.append(
-            f"| {label}: client updates per second (later rounds) | "
-            f"{r(now['updates_per_s'], '', 1)} | {r(pick(main, 'updates_per_s'), '', 1)} | - |"
-        )
+    given = " ".join(str(row["quantity"]) for row in extra_rows or [])
+    for quantity, owner in OTHER_ROWS:
+        if quantity.split(":")[0] not in given:
+            lines.append(f"| {quantity} | not in this run ({owner}) | - | - |")
     return "\n".join(lines) + "\n"
 
 
@@ -445,16 +815,93 @@ def main() -> None:
         help="a checkout of main (git worktree add --detach DIR main), run with this venv",
     )
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument(
+        "--runs-dir", type=Path, default=None, help="keep the simulations' run folders here"
+    )
+    parser.add_argument(
+        "--now-only", default="", help="simulations run by this checkout only, e.g. mnist-100"
+    )
+    parser.add_argument(
+        "--arms-of",
+        action="append",
+        default=[],
+        help="LABEL=ARM+ARM: which arms run a simulation, in order (e.g. mnist-50=today)",
+    )
+    parser.add_argument(
+        "--rounds", default="", help="rounds per simulation, e.g. mnist-100=2 (default 3)"
+    )
+    parser.add_argument(
+        "--rows",
+        type=Path,
+        action="append",
+        default=[],
+        help="JSON list of rows from other benches: {quantity, now, main, today}",
+    )
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        action="append",
+        default=[],
+        help="rebuild the table from earlier results of this script (nothing is run)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.arms.split(","), args.repeats)))
         return
+    extra_rows = [row for path in args.rows for row in json.loads(path.read_text())]
+    if args.from_json:
+        old_rows: list[dict[str, Any]] = []
+        old_commits: dict[str, dict[str, float]] = {}
+        old_sims: dict[str, Any] = {}
+        for path in args.from_json:
+            old = json.loads(path.read_text())
+            old_rows += old.get("steps") or []
+            old_commits |= old.get("commits") or {}
+            old_sims |= old.get("simulations") or {}
+        for label, arms in old_sims.items():  # handler times of runs saved before they existed
+            for runs in arms.get("runs", {}).values():
+                for run in runs:
+                    if run.get("train_handler_s") is None:
+                        run["train_handler_s"] = handler_seconds(
+                            Path(run["run_dir"]), SIMULATIONS[label][1]
+                        )
+            for arm, runs in arms.get("runs", {}).items():
+                arms[arm] = _sim_summary(runs, SIMULATIONS[label][1])
+        table = markdown(old_rows, old_commits or None, old_sims or None, extra_rows)
+        print(table)
+        if args.markdown:
+            args.markdown.write_text(table)
+        return
+    for item in (x for x in args.rounds.split(",") if x):
+        label, n = item.split("=")
+        scenario, sites, _, extra = SIMULATIONS[label]
+        SIMULATIONS[label] = (scenario, sites, int(n), extra)
+    meta = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "repeats": args.repeats,
+        "numpy": np.__version__,
+        "load_average_start": os.getloadavg(),
+        "argv": sys.argv[1:],
+    }
     models = tuple(m for m in args.models.split(",") if m)
     rows = step_table(models, args.repeats, args.main_src)
     lengths = tuple(int(n) for n in args.ledger_lengths.split(",") if n)
     commits = commit_table(lengths) if lengths else None
+
+    def save(sims: dict[str, Any] | None) -> None:
+        if args.json:
+            meta["load_average"] = os.getloadavg()
+            args.json.write_text(
+                json.dumps(
+                    {"meta": meta, "steps": rows, "commits": commits, "simulations": sims},
+                    indent=1,
+                )
+            )
+
     sims = (
         None
         if args.skip_simulation
@@ -463,24 +910,15 @@ def main() -> None:
             args.today_python,
             args.main_src,
             args.sim_repeats,
+            args.runs_dir,
+            tuple(x for x in args.now_only.split(",") if x),
+            save,
+            {k: v.split("+") for k, v in (item.split("=") for item in args.arms_of)},
         )
     )
-    table = markdown(rows, commits, sims)
+    save(sims)
+    table = markdown(rows, commits, sims, extra_rows)
     print(table)
-    meta = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpus": os.cpu_count(),
-        "repeats": args.repeats,
-        "numpy": np.__version__,
-        "load_average": os.getloadavg(),
-    }
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {"meta": meta, "steps": rows, "commits": commits, "simulations": sims}, indent=1
-            )
-        )
     if args.markdown:
         args.markdown.write_text(table)
 

@@ -350,24 +350,36 @@ class SitePrivacyLedger:
             if not create:
                 raise UserError(f"privacy ledger {path} does not exist; check the path")
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            conn = sqlite3.connect(
-                path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript(_SCHEMA)
-            ledger_id = _init_meta(conn, path, keys)
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise UserError(
-                f"privacy ledger {path} cannot be opened as a SQLite ledger ({exc}); "
-                "give the path of a fedsafe ledger file"
-            ) from exc
-        except BaseException:
-            conn.close()
-            raise
-        ledger = cls(path, conn, keys, ledger_id)
+        # A new ledger is created and anchored under the anchor lock, and whether it existed
+        # is decided again under that lock: another process opening the same new file (two
+        # simulated sites of one account in two workers) then never finds it before its
+        # anchor and takes it for a ledger whose anchors were lost.
+        with contextlib.nullcontext() if existed else anchor_lock(keys):
+            existed = existed or path.exists()
+            try:
+                conn = sqlite3.connect(
+                    path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+                )
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.executescript(_SCHEMA)
+                ledger_id = _init_meta(conn, path, keys)
+            except sqlite3.DatabaseError as exc:
+                conn.close()
+                raise UserError(
+                    f"privacy ledger {path} cannot be opened as a SQLite ledger ({exc}); "
+                    "give the path of a fedsafe ledger file"
+                ) from exc
+            except BaseException:
+                conn.close()
+                raise
+            ledger = cls(path, conn, keys, ledger_id)
+            if not existed:
+                try:
+                    ledger._advance_locked([])
+                except BaseException:
+                    conn.close()
+                    raise
         try:
             ledger._load(reuse=True)
             ledger._check_anchor(existed)

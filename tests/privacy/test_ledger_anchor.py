@@ -445,3 +445,58 @@ def test_lost_anchors_then_an_empty_copy_restored_is_refused(
     _restore(backup, path)
     with pytest.raises(LedgerTamperedError, match="holds no anchor of it"):
         SitePrivacyLedger.open(path)
+
+
+def test_a_new_ledger_opened_by_two_at_once_is_not_taken_for_lost_anchors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by bench/speed.py (issue 17): the MNIST account shared by simulated sites in two
+    Ray workers. The second opener found the file the first had just created, before its
+    anchor, and refused it as a ledger whose anchors were lost (one site failed round 1).
+
+    The creator here is held for up to 2 s right after creating the file; the second opener
+    runs in that window and must wait for the anchor, then open the same ledger.
+    """
+    import threading
+
+    import fedsafe.privacy.ledger as ledger_module
+
+    path = tmp_path / "mnist-source.sqlite"
+    created, second_done = threading.Event(), threading.Event()
+    real_init_meta = ledger_module._init_meta
+    first = threading.Lock()
+
+    def init_meta_then_hold(conn: sqlite3.Connection, p: Path, keys: LedgerSecrets) -> str:
+        out = real_init_meta(conn, p, keys)
+        if first.acquire(blocking=False):  # only the creator is held
+            created.set()
+            second_done.wait(timeout=2.0)
+        return out
+
+    monkeypatch.setattr(ledger_module, "_init_meta", init_meta_then_hold)
+    ids: dict[str, str] = {}
+    errors: list[BaseException] = []
+
+    def open_as(name: str, wait: threading.Event | None) -> None:
+        if wait is not None:
+            assert wait.wait(timeout=10)
+        try:
+            with SitePrivacyLedger.open(path) as ledger:
+                ids[name] = ledger.anchor().ledger_id
+        except BaseException as exc:  # the assertion below names it
+            errors.append(exc)
+        finally:
+            if wait is not None:
+                second_done.set()
+
+    creator = threading.Thread(target=open_as, args=("creator", None))
+    second = threading.Thread(target=open_as, args=("second", created))
+    creator.start()
+    second.start()
+    creator.join(timeout=30)
+    second.join(timeout=30)
+    assert not errors, errors
+    assert ids["creator"] == ids["second"]
+    _fill(path, 1)  # and it records as one ledger
+    with SitePrivacyLedger.open(path) as ledger:
+        assert len(ledger.entries()) == 1
