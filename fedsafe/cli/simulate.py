@@ -470,13 +470,13 @@ def run_simulate(args: argparse.Namespace) -> int:
     """Run the simulation, show progress, print the final table.
 
     The simulation SuperLink starts first, so its start-up overlaps the checks below (issue
-    17); it is stopped however the command ends.
+    17), even the run config's (validating it imports the codecs, and so Flower: seconds); it
+    is stopped however the command ends, a refused flag included.
     """
     from fedsafe.simulations.runner import SimulationSuperLink
 
-    cfg = config_from_args(args)
     with SimulationSuperLink() as superlink:
-        return _run_simulate(args, cfg, superlink)
+        return _run_simulate(args, config_from_args(args), superlink)
 
 
 def _run_simulate(args: argparse.Namespace, cfg: RunConfig, superlink: SimulationSuperLink) -> int:
