@@ -12,7 +12,9 @@ request (:func:`wait_control_api`), not when its ``/health`` route first answers
 run`` cannot meet "Connection to the SuperLink is unavailable" while the server still starts.
 The processes that run ClientApps start with glibc settings that keep freed memory
 (:data:`~fedsafe.training.malloc_tuning.KEEP_FREED_MEMORY_ENV`) and send no usage reports
-(``FLWR_TELEMETRY_ENABLED=0``). ``bench/startup.py`` measures the time to the first round.
+(``FLWR_TELEMETRY_ENABLED=0``), and Ray's raylet prestarts no Python workers
+(:data:`RAY_NO_PRESTART_ENV`: Flower's actors carry a runtime environment and never use them).
+``bench/startup.py`` measures the time to the first round.
 """
 
 from __future__ import annotations
