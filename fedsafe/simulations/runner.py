@@ -143,24 +143,6 @@ class SimulationSuperLink:
         (self.home / "config.toml").write_text(_connection_toml(self.port))
         self.log_path = tmp / "superlink.log"
         self._closed = False
-        # Ray's head (GCS, raylet, agents: seconds of imports) starts now, beside the command's
-        # checks and the SuperLink's start, instead of inside the simulation process after the
-        # ServerApp's imports (issue 17); the simulation's ``ray.init`` joins it (RAY_ADDRESS).
-        self.ray_port = free_port()
-        self.ray_log_path = tmp / "ray-head.log"
-        self.ray_process: FlowerProcess = spawn(
-            "ray head",
-            [
-                flower_bin("ray"), "start", "--head", "--block", "--disable-usage-stats",
-                "--include-dashboard", "false",
-                "--port", str(self.ray_port),
-                "--ray-client-server-port", str(free_port()),
-                "--dashboard-port", str(free_port()),
-                "--dashboard-agent-listen-port", str(free_port()),
-            ],
-            log_path=self.ray_log_path,
-            env=simulation_env(self.home),
-        )  # fmt: skip
         self.process: FlowerProcess = spawn(
             "simulation superlink",
             [
@@ -174,7 +156,7 @@ class SimulationSuperLink:
                 "--disable-runtime-dependency-installation",
             ],
             log_path=self.log_path,
-            env={**simulation_env(self.home), "RAY_ADDRESS": f"{LOOPBACK}:{self.ray_port}"},
+            env=simulation_env(self.home),
         )  # fmt: skip
 
     @property
@@ -183,14 +165,9 @@ class SimulationSuperLink:
         return f"http://{LOOPBACK}:{self.port}"
 
     def wait_ready(self, timeout_s: float = 60) -> bool:
-        """True once ``/health`` and the Control API answer and Ray's head still runs.
-
-        Ray's head is not waited for: the simulation's ``ray.init`` waits for it to answer.
-        """
-        return (
-            wait_http_ok(f"{self.base_url}/health", timeout_s, self.process)
-            and wait_control_api(self.base_url, timeout_s, self.process)
-            and self.ray_process.running()
+        """True once ``/health`` and then the Control API answer; False on timeout or exit."""
+        return wait_http_ok(f"{self.base_url}/health", timeout_s, self.process) and (
+            wait_control_api(self.base_url, timeout_s, self.process)
         )
 
     def close(self, logs: Path | None = None) -> None:
@@ -200,15 +177,12 @@ class SimulationSuperLink:
         self._closed = True
         try:
             self.process.stop()
-            self.ray_process.stop()
             # Anything that detached itself still carries this run's private FLWR_HOME.
             stop_by_env("FLWR_HOME", str(self.home.resolve()))
             if logs is not None:
                 logs.mkdir(parents=True, exist_ok=True)
                 with open(logs / "superlink.log", "ab") as out:
                     out.write(self.log_path.read_bytes())
-                if self.ray_log_path.exists():
-                    (logs / "ray-head.log").write_bytes(self.ray_log_path.read_bytes())
                 (logs / "flwr_home.txt").write_text(str(self.home.resolve()))
         finally:
             self._tmp.cleanup()
