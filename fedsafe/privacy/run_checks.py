@@ -5,8 +5,9 @@ probability delta; Dwork and Roth 2014, section 2.3) and makes the PRV accountan
 negative epsilons; a delta below ``1e-12`` is outside what the accountants evaluate reliably;
 and a target epsilon no noise multiplier reaches makes every site fail inside its first round.
 :func:`unevaluable_setting` finds each case from public values only (the run config and each
-site's public size), so ``fedsafe simulate`` can refuse before it starts a process and the
-ServerApp before round 1.
+site's public size), so ``fedsafe simulate`` can refuse before it submits the run (the checks
+of :func:`setting_out_of_range`; the accountant's, which import Opacus, beside the run's
+start-up) and the ServerApp before round 1.
 """
 
 from __future__ import annotations
