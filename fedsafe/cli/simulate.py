@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -295,21 +296,26 @@ PREFLIGHT_FLAGS = {
 }
 
 
-def preflight(cfg: RunConfig, public_sizes: list[int], site_budget: str | None) -> None:
-    """Refuse, before any process starts, a setting the accountant cannot evaluate.
+def preflight(
+    cfg: RunConfig, public_sizes: list[int], site_budget: str | None, *, accountant: bool = True
+) -> None:
+    """Refuse a setting the accountant cannot evaluate, naming its flag.
 
     Checks every site's public size (delta below ``1/n``, epsilon reachable, a delta the
-    accountant evaluates), with the run's delta and the site budget's.
+    accountant evaluates), with the run's delta and the site budget's. ``accountant=False``
+    runs only the checks that need no accountant
+    (:func:`~fedsafe.privacy.run_checks.setting_out_of_range`: no torch, no Opacus).
 
     Raises
     ------
     UserError
         Naming the flag, the reason and the fix (exit code 2).
     """
-    from fedsafe.privacy.run_checks import PlannedRun, unevaluable_setting
+    from fedsafe.privacy.run_checks import PlannedRun, setting_out_of_range, unevaluable_setting
 
     if not cfg.dp:
         return
+    check = unevaluable_setting if accountant else setting_out_of_range
     deltas = [("--delta", cfg.target_delta)]
     if cfg.budget_epsilon > 0:
         deltas.append(("--site-budget", cfg.budget_delta))
@@ -319,7 +325,7 @@ def preflight(cfg: RunConfig, public_sizes: list[int], site_budget: str | None) 
                 cfg.target_epsilon, delta, cfg.noise_multiplier, n, cfg.batch_size,
                 cfg.num_server_rounds * cfg.local_steps, cfg.accountant,
             )  # fmt: skip
-            bad = unevaluable_setting(planned)
+            bad = check(planned)
             if bad is not None:
                 key, reason = bad
                 name = flag if key == "delta" else PREFLIGHT_FLAGS[key]
@@ -348,6 +354,40 @@ def check_bookkeeping_run(cfg: RunConfig, task: Any, num_features: int) -> None:
 
         model = build_model(run_model_name(cfg), num_features, cfg.seed)
     check_bookkeeping_model(model)
+
+
+class AccountantPreflight:
+    """The accountant's part of :func:`preflight`, in a thread beside the run's start-up.
+
+    Its first epsilon imports torch and Opacus (seconds of CPU before ``flwr run`` could
+    start; issue 17). Started after the checks that need no accountant passed, so the run is
+    submitted at once; the coordinator runs the same check on the same values before round 1
+    (:func:`fedsafe.server.site_policies.check_declared_sites`) and refuses the run before any
+    site trains, so a refusal found here only names the flag (:meth:`refusal`, exit code 2).
+    Only for the run's ``--delta``: a ``--site-budget``'s delta, which the coordinator does not
+    check, is checked by :func:`preflight` before anything starts.
+    """
+
+    def __init__(self, cfg: RunConfig, public_sizes: list[int], site_budget: str | None):
+        self._error: UserError | None = None
+        self._thread = threading.Thread(
+            target=self._check,
+            args=(cfg, list(public_sizes), site_budget),
+            name="fedsafe-preflight",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _check(self, cfg: RunConfig, public_sizes: list[int], site_budget: str | None) -> None:
+        try:
+            preflight(cfg, public_sizes, site_budget)
+        except UserError as exc:
+            self._error = exc
+
+    def refusal(self, timeout_s: float | None = None) -> UserError | None:
+        """The check's :class:`UserError` (None: passed, or not done within ``timeout_s``)."""
+        self._thread.join(timeout_s)
+        return self._error
 
 
 def failed_sites(run_dir: Any, rounds: list[dict[str, Any]]) -> list[str]:
@@ -399,7 +439,7 @@ def gpu_share(device: str, requested: float | None) -> float:
         if requested < 0:
             raise UserError(f"--gpus-per-site must be >= 0, got {requested}")
         return requested
-    if device == "cpu":
+    if device == "cpu" or (device == "auto" and not gpu_driver_present()):
         return 0.0
     import torch
 
@@ -408,6 +448,24 @@ def gpu_share(device: str, requested: float | None) -> float:
     if device == "cuda":
         raise UserError("--device cuda: no CUDA device is visible here; use --device auto or cpu")
     return 0.0
+
+
+#: Paths one of which exists on Linux when a GPU driver torch can use is loaded (NVIDIA's
+#: CUDA driver, AMD's ROCm, WSL's GPU bridge).
+GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+
+
+def gpu_driver_present() -> bool:
+    """False only on Linux without any :data:`GPU_DRIVER_PATHS` (no GPU torch could see).
+
+    Lets ``--device auto`` skip importing torch (seconds) on a machine without a GPU driver;
+    elsewhere torch is asked.
+    """
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(Path(p).exists() for p in GPU_DRIVER_PATHS)
 
 
 def own_sites(cfg: RunConfig) -> tuple[str, tuple[Any, ...]]:
@@ -435,13 +493,13 @@ def run_simulate(args: argparse.Namespace) -> int:
     """Run the simulation, show progress, print the final table.
 
     The simulation SuperLink starts first, so its start-up overlaps the checks below (issue
-    17); it is stopped however the command ends.
+    17), even the run config's (validating it imports the codecs, and so Flower: seconds); it
+    is stopped however the command ends, a refused flag included.
     """
     from fedsafe.simulations.runner import SimulationSuperLink
 
-    cfg = config_from_args(args)
     with SimulationSuperLink() as superlink:
-        return _run_simulate(args, cfg, superlink)
+        return _run_simulate(args, config_from_args(args), superlink)
 
 
 def _run_simulate(args: argparse.Namespace, cfg: RunConfig, superlink: SimulationSuperLink) -> int:
@@ -491,7 +549,13 @@ def _run_simulate(args: argparse.Namespace, cfg: RunConfig, superlink: Simulatio
         from fedsafe.cli.task_options import warn_tiny_sites
 
         warn_tiny_sites(sites)
-    preflight(cfg, [public_size_of(len(s.x_train)) for s in sites], args.site_budget)
+    sizes = [public_size_of(len(s.x_train)) for s in sites]
+    preflight(cfg, sizes, args.site_budget, accountant=False)
+    background: AccountantPreflight | None = None
+    if cfg.budget_epsilon > 0:
+        preflight(cfg, sizes, args.site_budget)  # the coordinator does not check its delta
+    else:
+        background = AccountantPreflight(cfg, sizes, args.site_budget)
     if cfg.dp and cfg.grad_sample_mode == "bookkeeping":  # refused here, not at every site
         check_bookkeeping_run(cfg, task if cfg.task else None, sites[0].num_features)
     privacy = (
@@ -523,6 +587,8 @@ def _run_simulate(args: argparse.Namespace, cfg: RunConfig, superlink: Simulatio
     except SimulationFailed as exc:
         from pathlib import Path
 
+        if background is not None and (refused_flag := background.refusal()) is not None:
+            raise refused_flag from None  # the coordinator refused it before round 1 too
         runs = sorted(Path(cfg.out_dir).glob("*/events.jsonl"), key=lambda p: p.stat().st_mtime)
         refused = refusal_before_round_one(runs[-1].parent) if runs else None
         why = f"the run was refused before round 1: {refused}" if refused else str(exc)

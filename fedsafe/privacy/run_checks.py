@@ -5,8 +5,9 @@ probability delta; Dwork and Roth 2014, section 2.3) and makes the PRV accountan
 negative epsilons; a delta below ``1e-12`` is outside what the accountants evaluate reliably;
 and a target epsilon no noise multiplier reaches makes every site fail inside its first round.
 :func:`unevaluable_setting` finds each case from public values only (the run config and each
-site's public size), so ``fedsafe simulate`` can refuse before it starts a process and the
-ServerApp before round 1.
+site's public size), so ``fedsafe simulate`` can refuse before it submits the run (the checks
+of :func:`setting_out_of_range`; the accountant's, which import Opacus, beside the run's
+start-up) and the ServerApp before round 1.
 """
 
 from __future__ import annotations
@@ -69,25 +70,12 @@ def unevaluable_setting(run: PlannedRun) -> tuple[str, str] | None:
     """``(flag or key, reason with the fix)`` if the accountant cannot evaluate ``run``.
 
     Returns None when the run's epsilon can be computed (and, with calibrated noise, reached).
+    The checks of :func:`setting_out_of_range` come first.
     """
-    n = run.public_size
-    if not run.delta >= MIN_DELTA:
-        return "delta", (
-            f"{run.delta:g} is below {MIN_DELTA:g}, which the accountant cannot evaluate "
-            "reliably; use e.g. 1e-5"
-        )
-    if run.delta >= 1.0 / n:
-        fix = 10.0 ** math.floor(math.log10(1.0 / (10.0 * n)))
-        return "delta", (
-            f"{run.delta:g} is at least 1/n for a site of about {n} records, which gives no "
-            f"guarantee; use at most {fix:g} (1/(10 n))"
-        )
+    out_of_range = setting_out_of_range(run)
+    if out_of_range is not None:
+        return out_of_range
     if run.noise_multiplier == 0:
-        if not run.target_epsilon >= MIN_EPSILON:
-            return "epsilon", (
-                f"{run.target_epsilon:g} is below {MIN_EPSILON:g}: no useful noise multiplier "
-                "reaches it; raise the target epsilon"
-            )
         # One evaluation at the calibration's largest noise: if that misses the target, no
         # calibrated noise reaches it (epsilon falls as the noise grows).
         try:
@@ -116,6 +104,34 @@ def unevaluable_setting(run: PlannedRun) -> tuple[str, str] | None:
         return "noise-multiplier", (
             f"the accountant returns epsilon {eps} for this run; use more noise or fewer steps"
         )
+    return None
+
+
+def setting_out_of_range(run: PlannedRun) -> tuple[str, str] | None:
+    """The checks of :func:`unevaluable_setting` that need no accountant (same results).
+
+    A delta below :data:`MIN_DELTA` or at least ``1/n``, or a calibrated run's target epsilon
+    below :data:`MIN_EPSILON`; None otherwise. It imports nothing (``fedsafe simulate`` runs
+    it before any process starts, and the accountant's check beside the run's start-up).
+    """
+    n = run.public_size
+    if not run.delta >= MIN_DELTA:
+        return "delta", (
+            f"{run.delta:g} is below {MIN_DELTA:g}, which the accountant cannot evaluate "
+            "reliably; use e.g. 1e-5"
+        )
+    if run.delta >= 1.0 / n:
+        fix = 10.0 ** math.floor(math.log10(1.0 / (10.0 * n)))
+        return "delta", (
+            f"{run.delta:g} is at least 1/n for a site of about {n} records, which gives no "
+            f"guarantee; use at most {fix:g} (1/(10 n))"
+        )
+    if run.noise_multiplier == 0:
+        if not run.target_epsilon >= MIN_EPSILON:
+            return "epsilon", (
+                f"{run.target_epsilon:g} is below {MIN_EPSILON:g}: no useful noise multiplier "
+                "reaches it; raise the target epsilon"
+            )
     return None
 
 

@@ -51,6 +51,7 @@ from fedsafe.server.site_policies import (
 )
 from fedsafe.server.strategy import FedsafeStrategy, RunProgress, log
 from fedsafe.server.update_checks import UpdateChecks
+from fedsafe.server.warm_up import modules_before_round_one, start_warm_up
 from fedsafe.strategies.factory import build_strategy
 from fedsafe.tasks.registry import run_task
 from fedsafe.tasks.scenarios import default_num_sites, run_model_name
@@ -168,6 +169,8 @@ def coordinate(grid: Grid, context: Context, task: Task | None = None) -> None:
         config's ``task`` path, else its scenario's or schema's model.
     """
     cfg = RunConfig.from_mapping(context.run_config)
+    # The accountant's imports overlap the query round instead of following it (issue 17).
+    start_warm_up(modules_before_round_one(cfg))
     folder = RunFolder(cfg.run_dir or new_run_dir(cfg.out_dir))
     resumed = _resumed(cfg, folder, context)
     # fedsafe's run id, not Flower's: the same in every resumed part of the run; the sites

@@ -12,7 +12,9 @@ request (:func:`wait_control_api`), not when its ``/health`` route first answers
 run`` cannot meet "Connection to the SuperLink is unavailable" while the server still starts.
 The processes that run ClientApps start with glibc settings that keep freed memory
 (:data:`~fedsafe.training.malloc_tuning.KEEP_FREED_MEMORY_ENV`) and send no usage reports
-(``FLWR_TELEMETRY_ENABLED=0``). ``bench/startup.py`` measures the time to the first round.
+(``FLWR_TELEMETRY_ENABLED=0``), and Ray's raylet prestarts no Python workers
+(:data:`RAY_NO_PRESTART_ENV`: Flower's actors carry a runtime environment and never use them).
+``bench/startup.py`` measures the time to the first round.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ from fedsafe.transport.processes import (
 )
 
 CONNECTION = "fedsafe-sim"
+#: Ray settings (``RAY_<config>`` overrides of the raylet's system config) that stop it from
+#: prestarting Python workers nobody uses (issue 17, ``bench/startup.py``).
+RAY_NO_PRESTART_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_enable_worker_prestart": "0"}
 # Flower's SuperExec task poll (FLWR_SUPEREXEC_TASK_POLL_INTERVAL, default 1 s) is left alone:
 # at 0.05 s, later rounds of the 4-site heart simulation took 2.4-3.7 s against 0.2-1.6 s for
 # today's code on the shared 2-core machine (bench/speed.py, BENCHMARKS.md "DP step speed and
@@ -78,6 +83,10 @@ def simulation_env(home: Path) -> dict[str, str]:
             # No usage reports to flower.ai from the engine's processes (and no thread waiting
             # on a network that a site's machine may not have).
             "FLWR_TELEMETRY_ENABLED": "0",
+            # Ray's raylet starts one idle Python worker per CPU for the first driver; Flower's
+            # actors never use them (they carry a runtime environment, so Ray starts fresh
+            # workers for them), and on a small machine their start-up delays the actors'.
+            **RAY_NO_PRESTART_ENV,
             **KEEP_FREED_MEMORY_ENV,
         },
     )

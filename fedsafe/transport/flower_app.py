@@ -12,6 +12,7 @@ app finds them in the installed package (:mod:`fedsafe.data.locate`).
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -94,6 +95,19 @@ def write_app_folder(dest: Path, task_path: str = "") -> Path:
         copy_task_module(task_path, dest)
     (dest / "pyproject.toml").write_text(app_pyproject())
     return dest
+
+
+def completed_rounds(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``rounds.jsonl`` being written whose lines are complete.
+
+    The ServerApp appends to the file while it is followed; a line without its newline yet
+    is left for the next read instead of failing to parse.
+    """
+    if not path.exists():
+        return []
+    text = path.read_text()
+    complete = text[: text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
 class RunFailed(RuntimeError):
@@ -183,7 +197,7 @@ def submit_and_follow(
             deadline = time.monotonic() + timeout_s
             seen = 0
             while True:
-                rounds = read_rounds(run_dir / "rounds.jsonl")
+                rounds = completed_rounds(run_dir / "rounds.jsonl")
                 for record in rounds[seen:]:
                     marks.append(time.monotonic())
                     if on_round is not None:

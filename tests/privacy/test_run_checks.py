@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedsafe.privacy.run_checks import PlannedRun, unevaluable_setting
+from fedsafe.privacy.run_checks import PlannedRun, setting_out_of_range, unevaluable_setting
 
 
 def _run(**change) -> PlannedRun:
@@ -40,3 +40,17 @@ def test_an_unreachable_target_above_the_floor_is_found() -> None:
     # 10,000 steps at rate 1: even the calibration's largest noise misses epsilon 0.01.
     bad = unevaluable_setting(_run(target_epsilon=0.01, public_size=4, steps=10_000))
     assert bad is not None and bad[0] == "epsilon"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"target_epsilon": 0.001}, {"delta": 1e-15}, {"delta": 1 / 190}, {"delta": 0.5}, {}],
+)
+def test_the_checks_without_an_accountant_give_the_same_answer(change: dict) -> None:
+    assert setting_out_of_range(_run(**change)) == unevaluable_setting(_run(**change))
+
+
+def test_only_the_accountant_finds_an_unreachable_target_above_the_floor() -> None:
+    unreachable = _run(target_epsilon=0.01, public_size=4, steps=10_000)
+    assert setting_out_of_range(unreachable) is None
+    assert unevaluable_setting(unreachable) is not None

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from fedsafe.cli.main import main
-from fedsafe.cli.simulate import gpu_share
+from fedsafe.cli.simulate import AccountantPreflight, gpu_driver_present, gpu_share, preflight
+from fedsafe.config import RunConfig
 from fedsafe.errors import UserError
 
 
@@ -15,6 +16,34 @@ def test_gpu_share_follows_the_device_choice():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="--device cuda"):
             gpu_share("cuda", None)
+
+
+def test_without_a_gpu_driver_torch_sees_no_gpu():
+    if not gpu_driver_present():
+        assert not torch.cuda.is_available()
+    if torch.cuda.is_available():
+        assert gpu_driver_present()
+
+
+def _unreachable() -> RunConfig:
+    # Rate 1 (batch above the public size), 1,000 steps, delta 1e-10: even the calibration's
+    # largest noise gives epsilon about 0.027 (Opacus PRV), above the target 0.02.
+    return RunConfig.from_mapping(
+        {"target-epsilon": 0.02, "target-delta": 1e-10, "batch-size": 100_000,
+         "num-server-rounds": 10, "local-steps": 100}
+    )  # fmt: skip
+
+
+def test_the_accountant_check_beside_the_start_up_names_the_flag():
+    cfg = _unreachable()
+    preflight(cfg, [190, 300], None, accountant=False)  # no accountant: nothing to refuse
+    refusal = AccountantPreflight(cfg, [190, 300], None).refusal(300)
+    assert refusal is not None and str(refusal).startswith("--epsilon ")
+    assert "cannot be reached" in str(refusal)
+    with pytest.raises(UserError, match="--epsilon"):
+        preflight(cfg, [190, 300], None)
+    sound = RunConfig.from_mapping({"target-epsilon": 1.0, "target-delta": 1e-4})
+    assert AccountantPreflight(sound, [190, 300], None).refusal(300) is None
 
 
 def test_bad_compression_and_budget_flags_are_one_line_errors(capsys):

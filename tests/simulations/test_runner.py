@@ -21,6 +21,12 @@ def test_engine_env_keeps_freed_memory(tmp_path):
     assert env["FLWR_HOME"] == str(tmp_path.resolve())
 
 
+def test_engine_env_stops_ray_prestarting_unused_workers(tmp_path):
+    env = simulation_env(tmp_path)
+    assert env["RAY_prestart_worker_first_driver"] == "0"
+    assert env["RAY_enable_worker_prestart"] == "0"
+
+
 def test_engine_env_sends_no_usage_reports(tmp_path, monkeypatch):
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")
     assert simulation_env(tmp_path)["FLWR_TELEMETRY_ENABLED"] == "0"
