@@ -87,6 +87,10 @@ def simulation_env(home: Path) -> dict[str, str]:
             # actors never use them (they carry a runtime environment, so Ray starts fresh
             # workers for them), and on a small machine their start-up delays the actors'.
             **RAY_NO_PRESTART_ENV,
+            # The simulation starts its own Ray instance: without this, Ray joins the newest
+            # cluster on the machine (another user's simulation, or one whose head died and
+            # left /tmp/ray/ray_current_cluster behind), and two simulations break each other.
+            "RAY_ADDRESS": "local",
             **KEEP_FREED_MEMORY_ENV,
         },
     )

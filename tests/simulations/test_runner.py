@@ -27,6 +27,11 @@ def test_engine_env_stops_ray_prestarting_unused_workers(tmp_path):
     assert env["RAY_enable_worker_prestart"] == "0"
 
 
+def test_engine_env_starts_its_own_ray_instance(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # someone else's cluster
+    assert simulation_env(tmp_path)["RAY_ADDRESS"] == "local"
+
+
 def test_engine_env_sends_no_usage_reports(tmp_path, monkeypatch):
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")
     assert simulation_env(tmp_path)["FLWR_TELEMETRY_ENABLED"] == "0"
