@@ -12,8 +12,10 @@ replacing the ``time`` module *seen by that one Flower module* with :class:`Shor
 which turns ``sleep(3)`` into ``sleep(S)`` and ``sleep(0.5)`` into ``sleep(R)`` and passes
 every other call through. Nothing else changes: the same TLS, node authentication, node
 config, isolation and Runtime API. The adjustment is pinned: it is applied only when
-:func:`pinned_flower` finds flwr 1.42.x and both sleeps in that module's source; else the
-SuperNode runs with Flower's own sleeps and its log says so.
+:func:`pinned_flower` finds flwr 1.42.x whose loop module uses ``time`` for exactly those three
+sleeps and nothing else (:func:`time_uses`: a patch release that sleeps 3 s elsewhere, say
+between reconnections, or reads a clock from ``time``, is left alone); else the SuperNode runs
+with Flower's own sleeps and its log says so.
 
 Cost: the idle SuperNode sends one (signed, TLS) ``PullMessages`` request to the SuperLink per
 ``S`` instead of per 3 s for up to ``--backoff-after-seconds`` (120 s) after its last message,
@@ -23,6 +25,7 @@ then per 3 s again until the next one; the reply poll reads the SuperNode's own 
 from __future__ import annotations
 
 import argparse
+import ast
 import inspect
 import sys
 import time
@@ -36,7 +39,9 @@ FLOWER_REPLY_SECONDS = 0.5
 DEFAULT_IDLE_SECONDS = 0.5
 DEFAULT_REPLY_SECONDS = 0.05
 DEFAULT_BACKOFF_AFTER_SECONDS = 120.0
-_PATCHED_SOURCE = ("time.sleep(3)", "time.sleep(0.5)")
+#: Every use of ``time`` in flwr 1.42.0's SuperNode loop module: the idle sleep after an empty
+#: pull and the two reply polls (:func:`time_uses`, sorted).
+PINNED_TIME_USES = ("time.sleep(0.5)", "time.sleep(0.5)", "time.sleep(3)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,15 +106,36 @@ class ShortPolls:
         return getattr(time, name)
 
 
+def time_uses(source: str) -> list[str]:
+    """Every use of the name ``time``'s attributes in ``source``, as code, sorted.
+
+    A call is written whole (``time.sleep(3)``), any other use as the attribute
+    (``time.monotonic``), so a changed argument or a new clock read shows.
+    """
+    tree = ast.parse(source)
+    calls = {id(n.func): n for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    uses = [
+        ast.unparse(calls.get(id(node), node))
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "time"
+    ]
+    return sorted(uses)
+
+
 def pinned_flower() -> ModuleType | None:
-    """Flower's SuperNode loop module if this is the version the adjustment was checked on."""
+    """Flower's SuperNode loop module if this is the version the adjustment was checked on.
+
+    flwr 1.42.x whose loop module uses ``time`` exactly as :data:`PINNED_TIME_USES` says;
+    None otherwise.
+    """
     import flwr
     from flwr.supernode import start_client_internal
 
     if not str(flwr.__version__).startswith(PINNED_MINOR):
         return None
-    source = inspect.getsource(start_client_internal)
-    if not all(text in source for text in _PATCHED_SOURCE):
+    if tuple(time_uses(inspect.getsource(start_client_internal))) != PINNED_TIME_USES:
         return None
     return start_client_internal
 

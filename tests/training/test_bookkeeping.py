@@ -265,3 +265,43 @@ def test_auto_keeps_ghost_for_a_linear_only_model_applied_to_sequences() -> None
         "vectors": "SecureNoiseBookkeepingDPOptimizer",
         "sequences": "SecureNoiseGhostDPOptimizer",
     }
+
+
+def _weights_sum(state: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The bookkeeping clipped sum (no noise) of ``x`` under the global weights ``state``."""
+    model = _mlp()
+    model.load_state_dict(state)
+    wrapped = BookkeepingModule(model, C)
+    per_record = nn.functional.cross_entropy(wrapped(x), y, reduction="none")
+    wrapped.clipped_backward(per_record)
+    wrapped._close()
+    return torch.cat([p.grad.flatten().double() for p in model.parameters()])
+
+
+def test_global_weights_a_coordinator_picks_never_let_one_record_exceed_the_clipping_norm() -> None:
+    """Attack (issue 17, docs/attacks/issue17.md): the coordinator picks the global model's
+    weights (huge, overflowing, infinite or NaN) to make one record's contribution exceed C,
+    or turn the clipped sum NaN. Each record's contribution (the sum with it minus the sum
+    without it) stays within C and the sum finite; a record that overflows contributes zero,
+    as if absent."""
+    x, y = _batch(10)
+    x[3] *= 1e6  # one outlier record, the one an attacker would single out
+    base = _mlp().state_dict()
+    attacks: dict[str, dict[str, torch.Tensor]] = {}
+    for scale in (1e8, 1e19, 1e25):  # 1e25: every record's norm overflows
+        attacks[f"x{scale:g}"] = {**base, "2.weight": base["2.weight"] * scale}
+    for bad in (float("inf"), float("nan")):
+        weight = base["0.weight"].clone()
+        weight[0, 0] = bad
+        attacks[str(bad)] = {**base, "0.weight": weight}
+    attacks["huge bias"] = {**base, "4.bias": torch.tensor([3e38, -3e38, 0.0])}
+    clipped_any = False
+    for name, state in attacks.items():
+        full = _weights_sum(state, x, y)
+        assert full.isfinite().all(), name
+        for i in range(len(x)):
+            keep = torch.arange(len(x)) != i
+            contribution = float((full - _weights_sum(state, x[keep], y[keep])).norm())
+            assert contribution <= C * (1 + 1e-5), (name, i, contribution)
+            clipped_any |= contribution > 0.99 * C
+    assert clipped_any  # the premise: some records were clipped, not all zeroed

@@ -5,11 +5,17 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import pytest
 
 from fedsafe.transport.processes import SuperNodeSettings
-from fedsafe.transport.supernode_polls import ShortPolls, pinned_flower
+from fedsafe.transport.supernode_polls import (
+    PINNED_TIME_USES,
+    ShortPolls,
+    pinned_flower,
+    time_uses,
+)
 
 
 def test_only_flowers_two_fixed_polls_are_shortened() -> None:
@@ -48,6 +54,30 @@ def test_the_installed_flower_is_the_pinned_one_and_has_both_sleeps() -> None:
     module = pinned_flower()
     assert flwr.__version__.startswith("1.42.")
     assert module is not None and module.__name__ == "flwr.supernode.start_client_internal"
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        # A patch release that also sleeps 3 s between reconnections: it would be shortened.
+        lambda src: src + "\n\ndef _reconnect():\n    time.sleep(3)\n",
+        # Or reads a clock from the module's time (an expiry, a heartbeat).
+        lambda src: src + "\n\ndef _deadline():\n    return time.monotonic() + 30\n",
+        # Or polls replies at another interval.
+        lambda src: src.replace("time.sleep(0.5)", "time.sleep(0.25)", 1),
+    ],
+)
+def test_a_loop_module_that_uses_time_otherwise_is_not_pinned(edit: Callable[[str], str]) -> None:
+    """Attack (issue 17, docs/attacks/issue17.md): the pin used to check only that both sleeps
+    appear somewhere in the source of a 1.42.x loop module, so a patch release with another
+    ``time.sleep(3)`` would have had that one shortened too."""
+    import inspect
+
+    from flwr.supernode import start_client_internal
+
+    source = inspect.getsource(start_client_internal)
+    assert tuple(time_uses(source)) == PINNED_TIME_USES
+    assert tuple(time_uses(edit(source))) != PINNED_TIME_USES
 
 
 def test_apply_replaces_time_only_in_flowers_supernode_loop() -> None:
