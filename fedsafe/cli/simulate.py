@@ -594,6 +594,10 @@ def _run_simulate(args: argparse.Namespace, cfg: RunConfig, superlink: Simulatio
         why = f"the run was refused before round 1: {refused}" if refused else str(exc)
         print(f"fedsafe: error: {why}")
         return 1
+    if background is not None and (refused_flag := background.refusal()) is not None:
+        # The coordinator's check before round 1 is the same; should they ever differ, a run
+        # the CLI refuses still never ends as a success.
+        raise refused_flag
     if not result.rounds:
         print(f"fedsafe: no round finished; see {result.run_dir}")
         return 1

@@ -229,7 +229,9 @@ def _search(
     stride = 1.0
     for _ in range(_MAX_EVALUATIONS):
         eps = eps_at(sigma)
-        point = [sigma, math.log(sigma), math.log(max(eps, 1e-300)) - aim]
+        if not math.isfinite(eps):
+            eps = math.inf  # NaN or inf: never taken for "within the target"
+        point = [sigma, math.log(sigma), math.log(max(min(eps, 1e300), 1e-300)) - aim]
         points.append(point[:])
         if eps > target:
             if sigma >= max_noise:

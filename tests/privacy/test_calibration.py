@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,14 @@ def test_neighbouring_plans_start_from_each_other_and_land_within_the_unhinted_b
         assert abs(achieved - reference) <= 0.005 * reference
     # the neighbours need far fewer measurements than the first plan's RDP bracket + search
     assert len(evaluations) <= 8 + 2 * 4
+
+
+def test_a_nan_epsilon_is_never_taken_for_within_the_target() -> None:
+    """An accountant answering NaN (or inf) for some noise: the search treats it as over."""
+    from fedsafe.privacy.calibration import _search
+
+    def eps_at(sigma: float) -> float:
+        return math.nan if sigma < 2.0 else 1.0 / sigma
+
+    sigma, _ = _search(eps_at, 0.4, 0.005, 1.0, 1e4)
+    assert math.isfinite(eps_at(sigma)) and 0.4 * 0.995 <= eps_at(sigma) <= 0.4
