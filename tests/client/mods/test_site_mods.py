@@ -21,7 +21,8 @@ from tests.client.mods.conftest import Site, app_with, new_context, train_messag
 
 def test_fedsafe_app_is_built_with_the_site_mods_in_order() -> None:
     mods = site_mods()
-    assert app._mods == mods
+    # The app wraps each mod for the optional phase profile (client/phase_profile.py), in order.
+    assert [wrapper.mod for wrapper in app._mods] == mods
     assert mods[0] is errors_as_codes
     # The commit wraps the compression: the reply stored with the commit is the one that leaves.
     positions = [mods.index(m) for m in (site_policy, privacy_budget, ledger_commit, encode_update)]
