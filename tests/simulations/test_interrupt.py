@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fedsafe.transport.processes import pids_with_env
+from tests.simulations.interrupt_helpers import default_sigint, signal_state
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +22,7 @@ def test_sigint_after_the_first_round_stops_everything(tmp_path):
         [sys.executable, "-m", "fedsafe", "simulate", "--rounds", "50", "--local-steps", "5",
          "--epsilon", "1", "--out", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=default_sigint,
     )  # fmt: skip
     assert proc.stdout is not None
     lines = []
@@ -30,9 +31,10 @@ def test_sigint_after_the_first_round_stops_everything(tmp_path):
         lines.append(line)
         if line.startswith("round   2/50") or time.monotonic() > deadline:
             break
+    state = f"test: {signal_state()}; CLI: {signal_state(proc.pid)}; poll: {proc.poll()}"
     proc.send_signal(signal.SIGINT)
     rest, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, "".join(lines) + rest
+    assert proc.returncode == 130, state + "\n" + "".join(lines) + rest
     assert "interrupted" in rest
     run_dir = next(p for p in tmp_path.iterdir() if p.name != "ledgers")
     rounds = (run_dir / "rounds.jsonl").read_text().splitlines()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fedsafe.server.checkpoint import read_checkpoint
+from tests.simulations.interrupt_helpers import default_sigint
 
 pytestmark = pytest.mark.slow
 
@@ -23,6 +24,11 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 def json_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# Heart's rounds take about 0.3 s since issue 17: enough rounds that the stop, sent once round
+# 2 is checkpointed, lands well before the last one.
+ROUNDS = 12
 
 
 def _after_round_two(out: Path, proc: subprocess.Popen[str]) -> Path | None:
@@ -42,13 +48,14 @@ def _after_round_two(out: Path, proc: subprocess.Popen[str]) -> Path | None:
     return None
 
 
-def test_a_run_stopped_after_round_two_resumes_to_round_four_without_spending_twice(tmp_path):
+def test_a_run_stopped_after_round_two_resumes_to_the_last_round_without_spending_twice(tmp_path):
     ledgers = tmp_path / "ledgers"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedsafe", "simulate", "--scenario", "heart", "--rounds", "4",
-         "--local-steps", "2", "--epsilon", "1", "--out", str(tmp_path),
+        [sys.executable, "-m", "fedsafe", "simulate", "--scenario", "heart",
+         "--rounds", str(ROUNDS), "--local-steps", "2", "--epsilon", "1", "--out", str(tmp_path),
          "--ledger-dir", str(ledgers)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+        preexec_fn=default_sigint,
     )  # fmt: skip
     try:
         run_dir = _after_round_two(tmp_path, proc)
@@ -56,7 +63,7 @@ def test_a_run_stopped_after_round_two_resumes_to_round_four_without_spending_tw
         proc.send_signal(signal.SIGINT)
         first, _ = proc.communicate(timeout=120)
     assert run_dir is not None, first
-    assert len((run_dir / "rounds.jsonl").read_text().splitlines()) < 4, first
+    assert len((run_dir / "rounds.jsonl").read_text().splitlines()) < ROUNDS, first
 
     resumed = subprocess.run(
         [sys.executable, "-m", "fedsafe", "simulate", "--resume", str(run_dir)],
@@ -66,8 +73,8 @@ def test_a_run_stopped_after_round_two_resumes_to_round_four_without_spending_tw
     assert resumed.returncode == 0, out
 
     numbers = [json.loads(line)["round"] for line in (run_dir / "rounds.jsonl").open()]
-    assert numbers == [1, 2, 3, 4], out
-    assert json.loads((run_dir / "model.json").read_text())["rounds-completed"] == 4
+    assert numbers == list(range(1, ROUNDS + 1)), out
+    assert json.loads((run_dir / "model.json").read_text())["rounds-completed"] == ROUNDS
     # Every record once, each round's evaluation that of its own model.
     for record in json_lines(run_dir / "rounds.jsonl"):
         assert record["evaluation"]["model"] == f"after round {record['round']}", record
