@@ -274,17 +274,39 @@ def preload(modules: tuple[str, ...] = PRELOAD) -> list[str]:
     return loaded
 
 
-def read_token(fd: int = 0) -> str | None:
-    """One line from ``fd`` read a byte at a time (nothing after it is buffered); None at EOF."""
-    line = bytearray()
-    while len(line) <= MAX_TOKEN_BYTES:
+def read_token_into(buffer: bytearray, fd: int = 0) -> int | None:
+    """Read one line from ``fd`` into ``buffer``, a byte at a time; its length, None at EOF.
+
+    Nothing after the line is buffered, and the line is written only into ``buffer`` (no
+    growing copies), so the zygote can wipe the one place a token was held once it has forked
+    the task that needs it: a sibling forked later finds no earlier token in its memory.
+
+    Raises
+    ------
+    ValueError
+        If the line does not fit in ``buffer``.
+    """
+    length = 0
+    while length < len(buffer):
         byte = os.read(fd, 1)
         if not byte:
             return None
         if byte == b"\n":
-            return line.decode(errors="replace").strip()
-        line += byte
+            return length
+        buffer[length] = byte[0]
+        length += 1
     raise ValueError("task token line too long")
+
+
+def read_token(fd: int = 0) -> str | None:
+    """One line from ``fd`` read a byte at a time (nothing after it is buffered); None at EOF."""
+    buffer = bytearray(MAX_TOKEN_BYTES + 1)
+    length = read_token_into(buffer, fd)
+    return None if length is None else buffer[:length].decode(errors="replace").strip()
+
+
+def _blank(buffer: bytearray, length: int) -> bool:
+    return all(byte in b" \t\r" for byte in memoryview(buffer)[:length])
 
 
 def reseed_global_generators() -> None:
@@ -331,14 +353,16 @@ def serve_zygote(args: argparse.Namespace) -> int:
     loaded = preload()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     _say(f"zygote ready (pid {os.getpid()}, preloaded {', '.join(loaded)})")
-    while (token := read_token()) is not None:
-        if not token:
+    buffer = bytearray(MAX_TOKEN_BYTES + 1)
+    while (length := read_token_into(buffer)) is not None:
+        if _blank(buffer, length):
             continue
         sys.stdout.flush()
         sys.stderr.flush()
         if os.fork() == 0:
-            run_forked_child(token, args)
-        del token
+            # Only the child decodes the token; the zygote never holds it outside `buffer`.
+            run_forked_child(buffer[:length].decode(errors="replace").strip(), args)
+        buffer[:length] = bytes(length)  # wiped before the next sibling is forked
     return 0
 
 

@@ -12,7 +12,7 @@ import pytest
 from flwr.cli.build import build_fab_from_disk
 
 from fedsafe.transport import approved_clientapp
-from fedsafe.transport.approved_clientapp import preload, read_token
+from fedsafe.transport.approved_clientapp import preload, read_token, read_token_into
 from fedsafe.transport.flower_app import write_app_folder
 from fedsafe.transport.site_launcher import child_command
 
@@ -121,6 +121,21 @@ def test_forked_task_processes_draw_different_randomness() -> None:
     # The control: forks that skip the reseed inherit the zygote's numpy and torch streams.
     assert plain_one[1] == plain_two[1] and plain_one[2] == plain_two[2]
     assert plain_one[0] != plain_two[0]
+
+
+def test_a_token_is_read_into_one_buffer_that_the_zygote_can_wipe() -> None:
+    r, w = os.pipe()
+    try:
+        os.write(w, b"abcdef\nxy\n" + b"z" * 9 + b"\n")
+        buffer = bytearray(8)
+        assert read_token_into(buffer, r) == 6 and bytes(buffer[:6]) == b"abcdef"
+        buffer[:6] = bytes(6)  # what serve_zygote does after each fork
+        assert read_token_into(buffer, r) == 2 and bytes(buffer) == b"xy" + bytes(6)
+        with pytest.raises(ValueError, match="too long"):
+            read_token_into(buffer, r)
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def test_a_token_is_read_alone_later_ones_stay_in_the_pipe() -> None:
