@@ -60,6 +60,9 @@ from fedsafe.transport.site_launcher import (
 from fedsafe.transport.supernode_polls import DEFAULT_IDLE_SECONDS, DEFAULT_REPLY_SECONDS
 from fedsafe.transport.timeline import STEPS, median_steps, phase_breakdown, read_site_logs
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from transport import run_config, simulation_run  # noqa: E402  (bench/transport.py)
+
 LOOPBACK = "127.0.0.1"
 ARMS: dict[str, dict[str, Any]] = {
     "flower": {"short_polls": None, "fresh": True, "poll": FLOWER_POLL_SECONDS},
@@ -69,21 +72,6 @@ ARMS: dict[str, dict[str, Any]] = {
         "poll": POLL_SECONDS,
     },
 }
-
-
-def run_config(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "scenario": "heart",
-        "num-server-rounds": args.rounds,
-        "local-steps": args.local_steps,
-        "batch-size": 16,
-        "dp": True,
-        "target-epsilon": 4.0,
-        "target-delta": 1e-4,
-        "accountant": "rdp",
-        "device": "cpu",
-        "min-sites": args.sites,
-    }
 
 
 def cpu_seconds(pid: int) -> float:
@@ -188,20 +176,6 @@ def deployment_run(root: Path, args: argparse.Namespace, arm: str) -> dict[str, 
         "train_steps_s": median_steps(phases),
         "train_phases_parsed": len(phases),
         "idle_cpu_s_per_min": idle,
-    }
-
-
-def simulation_run(root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from fedsafe.config import RunConfig
-    from fedsafe.simulations.runner import run_simulation
-
-    values = {**run_config(args), "out-dir": str(root / "runs")}
-    result = run_simulation(RunConfig.from_mapping(values), args.sites, timeout_s=1800)
-    return {
-        "round_seconds": [float(r["seconds"]) for r in result.rounds],
-        "epsilons": [
-            {s: v.get("epsilon") for s, v in r.get("sites", {}).items()} for r in result.rounds
-        ],
     }
 
 

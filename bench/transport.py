@@ -352,6 +352,9 @@ def simulation_run(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "round_seconds": [float(r["seconds"]) for r in result.rounds],
         "total_seconds": result.seconds,
+        "epsilons": [
+            {s: v.get("epsilon") for s, v in r.get("sites", {}).items()} for r in result.rounds
+        ],
     }
 
 
