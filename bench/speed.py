@@ -356,21 +356,10 @@ def _process_kind(cmdline: list[str]) -> str:
 
 
 def _descendants(root: int) -> list[int]:
-    """``root`` and every process below it (``/proc/PID/stat``'s parent field)."""
-    parent: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = [root], [root]
-    while frontier:
-        frontier = [pid for pid, ppid in parent.items() if ppid in frontier]
-        found += frontier
-    return found
+    """``root`` and every live process below it."""
+    from fedsafe.transport.processes import descendants
+
+    return [root, *descendants(root)]
 
 
 class MemorySampler:
