@@ -166,3 +166,48 @@ def test_a_nan_epsilon_is_never_taken_for_within_the_target() -> None:
 
     sigma, _ = _search(eps_at, 0.4, 0.005, 1.0, 1e4)
     assert math.isfinite(eps_at(sigma)) and 0.4 * 0.995 <= eps_at(sigma) <= 0.4
+
+
+def test_a_downward_bracketing_step_lowers_the_noise_by_a_bounded_factor() -> None:
+    """Epsilon falling as sigma^-6 from far above: the 1 / sigma model would step 60x down."""
+    from fedsafe.privacy.calibration import MAX_DOWN_STEP, _search
+
+    measured: list[float] = []
+
+    def eps_at(sigma: float) -> float:
+        measured.append(sigma)
+        return (0.38 / sigma) ** 6
+
+    sigma, _ = _search(eps_at, 1.0, 0.005, 0.69, 1e4)
+    assert 0.995 <= eps_at(sigma) <= 1.0
+    assert measured[1] == pytest.approx(0.69 / MAX_DOWN_STEP)
+    assert min(measured) >= 0.38 / MAX_DOWN_STEP
+
+
+def test_the_first_calibration_of_a_small_sample_rate_never_measures_a_far_too_small_noise() -> (
+    None
+):
+    """MNIST's 10-site plan (batch 4, about 6,000 records, 6 steps, epsilon 1): the RDP bracket
+    ends far above the answer, and a PRV evaluation far below it costs seconds (epsilon 702 at
+    sigma 0.018). Every noise the exact accountant measures stays within a factor 2 of the
+    answer, and the answer is in the unhinted band."""
+    from fedsafe.privacy import calibration
+
+    clear_cache()
+    measured: list[float] = []
+    real = calibration.epsilon
+
+    def recorded(events, delta, accountant="prv"):  # type: ignore[no-untyped-def]
+        if accountant == "prv":
+            measured.append(events[-1].noise_multiplier)
+        return real(events, delta, accountant)
+
+    calibration.epsilon = recorded  # type: ignore[assignment]
+    try:
+        sigma = calibrate_noise_multiplier(1.0, 1e-4, 1 / 1500, 6)
+    finally:
+        calibration.epsilon = real  # type: ignore[assignment]
+        clear_cache()
+    achieved = epsilon([PoissonGaussianEvent(1 / 1500, sigma, 6)], 1e-4, "prv")
+    assert 0.995 <= achieved <= 1.0
+    assert min(measured) >= sigma / 2
