@@ -33,6 +33,7 @@ from fedsafe.client.site import SiteSetup, evaluation_metrics, initial_model, re
 from fedsafe.client.site_replies import site_record
 from fedsafe.client.train_step import training_step
 from fedsafe.client.update_encoding import received_state
+from fedsafe.client.warm_up import warm_up_site
 from fedsafe.config import RunConfig
 
 # The site's concerns, outermost first: errors as codes, the release check, the site's policy,
@@ -76,6 +77,9 @@ def query(msg: Message, context: Context) -> Message:
             ),
         }
     )
+    # A simulated site's once-per-worker imports and its noise calibration, before round 1
+    # (fedsafe.client.warm_up): after the reply is built, which it does not change.
+    warm_up_site(context, cfg, site)
     return Message(content, reply_to=msg)
 
 

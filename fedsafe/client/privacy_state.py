@@ -17,6 +17,7 @@ budget, so the remaining budget lasts the planned rounds (the larger noise of th
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -104,12 +105,17 @@ class NoiseChoice:
 
 
 def choose_noise(
-    choice: NoiseChoice, budget: PrivacyBudget | None, prior: list[PoissonGaussianEvent]
+    choice: NoiseChoice,
+    budget: PrivacyBudget | None,
+    prior: list[PoissonGaussianEvent],
+    remembered: float | None = None,
 ) -> float:
     """The given noise; else the larger of the run target's and the lifetime budget's noise.
 
     Both bounds then hold: the run spends at most its target epsilon, and the site's lifetime
-    spending stays within its budget over the planned rounds.
+    spending stays within its budget over the planned rounds. ``remembered``: the run target's
+    noise this site already calibrated for exactly ``choice`` (:func:`remembered_run_noise`),
+    used instead of calibrating again.
 
     Raises
     ------
@@ -119,19 +125,72 @@ def choose_noise(
     if choice.given > 0:
         return choice.given
     with phase("calibration"):
-        return _calibrated_noise(choice, budget, prior)
+        return _calibrated_noise(choice, budget, prior, remembered)
 
 
-def _calibrated_noise(
-    choice: NoiseChoice, budget: PrivacyBudget | None, prior: list[PoissonGaussianEvent]
-) -> float:
-    for_run = calibrate_noise_multiplier(
+def run_target_noise(choice: NoiseChoice) -> float:
+    """The smallest noise whose planned run (rounds x local steps) spends <= the run's target.
+
+    Raises
+    ------
+    ValueError
+        If no noise up to the calibration's maximum reaches the target.
+    """
+    return calibrate_noise_multiplier(
         choice.target_epsilon,
         choice.delta,
         choice.sample_rate,
         choice.steps_per_round * choice.rounds,
         accountant=choice.accountant,
     )
+
+
+#: Context-state key of the run noise a simulated site calibrated before round 1.
+CALIBRATION_KEY = "fedsafe-run-noise"
+
+
+def _choice_key(choice: NoiseChoice) -> str:
+    return json.dumps(
+        [
+            choice.given, choice.target_epsilon, choice.delta, choice.sample_rate,
+            choice.steps_per_round, choice.rounds, choice.accountant,
+        ]
+    )  # fmt: skip
+
+
+def remember_run_noise(context: Context, choice: NoiseChoice, noise_multiplier: float) -> None:
+    """Keep ``noise_multiplier`` (:func:`run_target_noise` of ``choice``) in the context state.
+
+    Raises
+    ------
+    ValueError
+        If ``noise_multiplier`` is not finite and > 0.
+    """
+    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+        raise ValueError(f"noise multiplier must be finite and > 0, got {noise_multiplier}")
+    context.state.config_records[CALIBRATION_KEY] = ConfigRecord(
+        {"choice": _choice_key(choice), "noise-multiplier": float(noise_multiplier)}
+    )
+
+
+def remembered_run_noise(context: Context, choice: NoiseChoice) -> float | None:
+    """The run noise kept for exactly ``choice`` (every field equal), else None."""
+    record = context.state.config_records.get(CALIBRATION_KEY)
+    if record is None or record.get("choice") != _choice_key(choice):
+        return None
+    value = record.get("noise-multiplier")
+    if not isinstance(value, float) or not (math.isfinite(value) and value > 0):
+        return None
+    return value
+
+
+def _calibrated_noise(
+    choice: NoiseChoice,
+    budget: PrivacyBudget | None,
+    prior: list[PoissonGaussianEvent],
+    remembered: float | None,
+) -> float:
+    for_run = remembered if remembered is not None else run_target_noise(choice)
     if budget is None:
         return for_run
     plan = plan_noise(

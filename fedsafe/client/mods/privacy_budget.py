@@ -144,14 +144,16 @@ def _within_budget(
             ledger, site.fingerprint, site.budget, cfg.target_delta, cfg.accountant, events
         )
         try:
+            choice = run_noise_choice(cfg, site, account.delta)
+            # A simulated site's noise calibrated for exactly this plan in the query before
+            # round 1 (fedsafe.client.warm_up), kept in its own context state.
+            remembered = privacy_state.remembered_run_noise(context, choice)
             sigma = noise or choose_noise(
-                NoiseChoice(
-                    cfg.noise_multiplier, cfg.target_epsilon, account.delta, q,
-                    cfg.local_steps, cfg.num_server_rounds, cfg.accountant,
-                ),
+                choice,
                 account.budget,
                 account.prior_to_run(),
-            )  # fmt: skip
+                remembered if site.simulated else None,
+            )
             if site.policy is not None:
                 # More noise than the run asked is always allowed; less than the policy never.
                 sigma = max(sigma, site.policy.min_noise_multiplier)
@@ -181,6 +183,19 @@ def _within_budget(
         reply = call_next(msg, context)
     declare_size_and_mark(reply, grant)
     return reply
+
+
+def run_noise_choice(cfg: RunConfig, site: SiteSetup, delta: float) -> NoiseChoice:
+    """The inputs of ``site``'s noise decision for the run ``cfg`` at ``delta`` (its account's).
+
+    The site's own: the run's noise or target, the Poisson rate of the site's public size, the
+    planned rounds and local steps; the policy's floor is applied after the choice.
+    """
+    return NoiseChoice(
+        cfg.noise_multiplier, cfg.target_epsilon, delta,
+        poisson_sample_rate(site.public_size, cfg.batch_size),
+        cfg.local_steps, cfg.num_server_rounds, cfg.accountant,
+    )  # fmt: skip
 
 
 def grad_sample_mode(cfg: RunConfig, site: SiteSetup) -> str:
