@@ -205,6 +205,7 @@ def coordinate(grid: Grid, context: Context, task: Task | None = None) -> None:
     check_downlink(downlink)
     mu = cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0
     checks = UpdateChecks(cfg, declared, proximal_mu=mu, log_event=folder.log_event)
+    checks.prepare()  # each site's update bound calibrates its noise: before round 1, not in it
     base = build_strategy(cfg, num_sites)
     initial = ArrayRecord(model.state_dict())
     if resumed is not None:

@@ -253,6 +253,27 @@ class UpdateChecks(SiteHooks):
             )
         return self.bounds[site.name]
 
+    def prepare(self) -> int:
+        """Compute every declared site's bound now, before round 1 (issue 17).
+
+        Each bound calibrates the site's noise (seconds for the first plan of a process);
+        computed at the first reply instead, it ran inside round 1. A site whose calibration
+        fails is left to :meth:`check`, which meets the same error where it always did.
+
+        Returns
+        -------
+        int
+            How many bounds are ready (0 when the norm is not checked).
+        """
+        if not self.norm_checked:
+            return 0
+        for site in self.declared.values():
+            try:
+                self.bound_of(site)
+            except ValueError:
+                continue
+        return len(self.bounds)
+
     def check(self, rnd: int, reply: SiteReply, global_arrays: ArrayRecord) -> None:
         """Raise :class:`ReplyRejected` naming the first bound ``reply`` breaks."""
         undeclared = set(reply.metrics) - DECLARED_TRAIN_KEYS

@@ -338,3 +338,25 @@ def test_a_replayed_release_is_aggregated_not_dropped(tmp_path):
         assert replayed.arrays[key].numpy().tobytes() == honest.arrays[key].numpy().tobytes()
     events = path / "events.jsonl"
     assert not events.exists() or "reply-dropped" not in events.read_text()
+
+
+def test_prepare_computes_every_declared_sites_bound_before_round_one():
+    """The bounds (a noise calibration each with a target epsilon) exist before any reply, are
+    the ones a reply is checked against, and a plan whose calibration fails is left to check."""
+    cfg = RunConfig.from_mapping({**CFG.to_mapping(), "noise-multiplier": 0.0,
+                                  "target-epsilon": 1.0, "target-delta": 1e-4})  # fmt: skip
+    hook = UpdateChecks(cfg, DECLARED)
+    assert hook.bounds == {}
+    assert hook.prepare() == len(DECLARED)
+    ready = dict(hook.bounds)
+    assert all(ready[name] is hook.bound_of(site) for name, site in DECLARED.items())
+    assert ready["site-1"].noise_multiplier > ready["site-4"].noise_multiplier > 0
+    unreachable = RunConfig.from_mapping(
+        {**cfg.to_mapping(), "accountant": "rdp", "target-epsilon": 0.02, "target-delta": 1e-10}
+    )
+    refused = UpdateChecks(unreachable, {"tiny": DeclaredSite("tiny", 4, None)})
+    assert refused.prepare() == 0
+    with pytest.raises(ValueError, match="no noise multiplier"):
+        refused.bound_of(DeclaredSite("tiny", 4, None))
+    off = UpdateChecks(RunConfig.from_mapping({**cfg.to_mapping(), "dp": False}), DECLARED)
+    assert off.prepare() == 0 and off.bounds == {}
