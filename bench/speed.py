@@ -320,7 +320,9 @@ started = time.monotonic()
 result = run_simulation(cfg, sites, on_round=on_round)
 last = {name: {k: s[k] for k in ("epsilon", "run-epsilon") if k in s}
         for name, s in (records[-1].get("sites") or {}).items()} if records else {}
+total = time.monotonic() - started
 print(json.dumps({"first": marks[0] - started, "seconds": [r.get("seconds") for r in records],
+                  "total": total,
                   "gaps": [b - a for a, b in zip(marks, marks[1:])],
                   "max_epsilon": [r.get("max_epsilon") for r in records],
                   "last_round_sites": last, "run_dir": str(result.run_dir),
@@ -334,6 +336,9 @@ SIMULATIONS = {
     "mnist-50": ("mnist", 50, 3, {"mnist-sites": 50, "local-steps": 2}),
     "mnist-100": ("mnist", 100, 3, {"mnist-sites": 100, "local-steps": 2}),
 }
+
+#: Whether each simulation's sites write a phase profile into its run folder (--site-profile).
+SITE_PROFILE = False
 
 #: Seconds between two samples of the simulation's process tree (PSS reads every smaps).
 MEMORY_SAMPLE_S = 2.0
@@ -514,6 +519,9 @@ def _run_simulation_arm(
 ) -> dict[str, Any]:
     scenario, sites, rounds, extra = SIMULATIONS[label]
     out.mkdir(parents=True, exist_ok=True)
+    # --site-profile: each run's sites write their phases (fedsafe.client.phase_profile) into
+    # the run's own folder, so the arms' profiles never mix (bench/round1_phases.py sums them)
+    profile = {"FEDSAFE_PROFILE_DIR": str(out / "site-profile")} if SITE_PROFILE else {}
     with (out / "stdout.log").open("w") as log, tempfile.TemporaryDirectory() as cwd:
         proc = subprocess.Popen(
             [python, "-c", _SIMULATION, scenario, str(sites), str(rounds), json.dumps(extra),
@@ -524,7 +532,8 @@ def _run_simulation_arm(
             # RAY_ADDRESS=local: a Ray cluster of its own, never one another user left running
             env=dict(os.environ)
             | env_extra
-            | {"FEDSAFE_LEDGER_SECRETS": str(out / "secrets"), "RAY_ADDRESS": "local"},
+            | {"FEDSAFE_LEDGER_SECRETS": str(out / "secrets"), "RAY_ADDRESS": "local"}
+            | profile,
         )  # fmt: skip
         sampler = MemorySampler(proc.pid)
         stdout, _ = proc.communicate()
@@ -833,9 +842,16 @@ def main() -> None:
         default=[],
         help="rebuild the table from earlier results of this script (nothing is run)",
     )
+    parser.add_argument(
+        "--site-profile",
+        action="store_true",
+        help="sites write their phase profile into each run's folder (needs --runs-dir)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args()
+    global SITE_PROFILE
+    SITE_PROFILE = args.site_profile
     if args.worker:
         print(json.dumps(worker(args.worker, args.arms.split(","), args.repeats)))
         return
