@@ -8,7 +8,9 @@ split, accounts for the steps actually taken with the sampling actually used, an
 the privatized model, its cumulative epsilon and its public size. ``evaluate`` messages are
 answered with metrics on the site's held-out test split (no count). ``query`` answers the input
 width and the site's policy (not its data), so the coordinator can build the model, check that
-all sites share one schema, and refuse before round 1 a run every site would refuse.
+all sites share one schema, and refuse before round 1 a run every site would refuse; after
+building that reply, a simulated site does the work its first train message would otherwise
+pay in round 1 (imports, its noise calibration: :mod:`fedsafe.client.warm_up`).
 
 The site's concerns are Flower mods in a documented order (:mod:`fedsafe.client.mods`):
 errors as codes (outermost), the release check of every reply, the site's policy, the round
