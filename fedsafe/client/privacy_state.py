@@ -124,6 +124,8 @@ def choose_noise(
     """
     if choice.given > 0:
         return choice.given
+    if remembered is not None and budget is None:
+        return remembered  # calibrated before round 1: no calibration phase in the profile
     with phase("calibration"):
         return _calibrated_noise(choice, budget, prior, remembered)
 

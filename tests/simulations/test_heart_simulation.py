@@ -31,7 +31,9 @@ def run(tmp_path_factory):
     import io
 
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    profile = out / "site-profile"  # the sites' phases (fedsafe.client.phase_profile)
+    with contextlib.redirect_stdout(buf), pytest.MonkeyPatch.context() as env:
+        env.setenv("FEDSAFE_PROFILE_DIR", str(profile))
         code = main(
             ["simulate", "--scenario", "heart", "--rounds", str(ROUNDS), "--local-steps", "20",
              "--epsilon", "3", "--delta", str(DELTA), "--out", str(out), "--seed", "42"]
@@ -40,7 +42,7 @@ def run(tmp_path_factory):
     assert code == 0, text
     run_dir = Path(re.search(r"run folder: (\S+)", text).group(1))
     rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
-    return {"text": text, "dir": run_dir, "rounds": rounds}
+    return {"text": text, "dir": run_dir, "rounds": rounds, "profile": profile}
 
 
 def _events(rounds, site):
@@ -103,3 +105,18 @@ def test_table_and_no_stray_processes(run):
     # Every process of the run carried its private FLWR_HOME; none may be left.
     home = (run["dir"] / "logs" / "flwr_home.txt").read_text()
     assert pids_with_env("FLWR_HOME", home) == []
+
+
+def test_each_site_calibrates_in_the_query_and_round_one_does_not_again(run):
+    """fedsafe.client.warm_up: the noise is calibrated before round 1 and kept in the site's
+    context state, whichever Ray worker runs its train message."""
+    lines = [
+        json.loads(line)
+        for file in run["profile"].glob("site-profile-*.jsonl")
+        for line in file.read_text().splitlines()
+    ]
+    queries = [x for x in lines if x["kind"] == "query"]
+    round1 = [x for x in lines if x["kind"] == "train" and x["round"] == 1]
+    assert len(queries) == len(round1) == len(load_heart_sites())
+    assert all("calibration" in x["phases"] and "warm-up" in x["phases"] for x in queries)
+    assert not any("calibration" in x["phases"] for x in round1)
