@@ -152,3 +152,15 @@ def test_no_warm_up_without_dp_and_a_refused_plan_is_left_to_the_train_message(
     import sys
 
     assert all(name in sys.modules for name in TRAINING_MODULES)
+
+
+def test_with_a_lifetime_budget_the_kept_noise_is_only_the_run_targets_part() -> None:
+    from fedsafe.privacy.budget import PrivacyBudget
+
+    choice = privacy_state.NoiseChoice(0.0, 1.0, 1e-5, 0.01, 2, 2, "prv")
+    kept = privacy_state.run_target_noise(choice)
+    budget = PrivacyBudget(0.5, 1e-5)  # below the run's target: the budget needs more noise
+    with_budget = privacy_state.choose_noise(choice, budget, [], kept)
+    assert with_budget == privacy_state.choose_noise(choice, budget, [])
+    assert with_budget > kept
+    assert privacy_state.choose_noise(choice, None, [], kept) == kept
