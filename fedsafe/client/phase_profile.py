@@ -4,10 +4,10 @@ With ``FEDSAFE_PROFILE_DIR`` set in the site's environment, every handler of fed
 appends one JSON line to ``<dir>/site-profile-<pid>.jsonl``: the message kind, the site's
 partition (simulated) or name, the round, the handler's wall time, and the *exclusive* seconds
 of each site mod and of the handler itself (a mod's time without the mods inside it), plus any
-named :func:`phase` inside them (``calibration``, ``data-load``), which is then subtracted from
-the mod around it. Process facts are recorded with each line: CPU seconds the process had used
-before the handler (imports and earlier work), whether Opacus was already imported, and the
-handler's index in the process (0 = the first message this worker saw).
+named :func:`phase` inside them (``calibration``, ``site-data``, ``warm-up``), which is then
+subtracted from the mod around it. Process facts are recorded with each line: CPU seconds the
+process had used before the handler (imports and earlier work), whether Opacus was already
+imported, and the handler's index in the process (0 = the first message this worker saw).
 
 Nothing of it leaves the site: the file is written on the site's own disk, holds timings and
 the site's own name only (no record values, no counts), and is never part of a reply. Without
