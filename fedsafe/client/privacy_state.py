@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, Context
 
 from fedsafe.client.phase_profile import phase
-from fedsafe.privacy.accounting import epsilon
+from fedsafe.privacy.accounting import account_epsilon, epsilon
 from fedsafe.privacy.budget import PrivacyBudget, check_round, plan_noise, record_round
 from fedsafe.privacy.calibration import calibrate_noise_multiplier
 from fedsafe.privacy.events import PoissonGaussianEvent
@@ -201,7 +201,7 @@ class SiteAccount:
 
     def spent_now(self) -> float:
         """Epsilon spent so far on this data set."""
-        return epsilon(self.lifetime_events(), self.delta, self.accountant)
+        return account_epsilon(self.lifetime_events(), self.delta, self.accountant)[0]
 
     def spent_in_run(self) -> float:
         """Epsilon spent by this run's earlier rounds alone."""
