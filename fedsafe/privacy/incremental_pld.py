@@ -48,7 +48,7 @@ _kept: OrderedDict[Composition, Any] = OrderedDict()
 _lock = threading.Lock()
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=256)
 def _mechanism(sample_rate: float, noise_multiplier: float, steps: int) -> Any:
     """The pessimistic distribution of ``steps`` self-compositions of one mechanism."""
     from dp_accounting.pld import privacy_loss_distribution as pld
