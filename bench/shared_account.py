@@ -112,12 +112,13 @@ def main() -> None:
     parser.add_argument("--sites", type=int, nargs="+", default=[10, 50])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--arms", nargs="+", default=["prv", "incremental"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows = []
     for sites in args.sites:
         for _ in range(args.repeats):
-            for arm in ("prv", "incremental"):
+            for arm in args.arms:
                 row = run_arm(arm, sites, args.rounds)
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "commit_s_later"}))
