@@ -342,6 +342,7 @@ SITE_PROFILE = False
 
 #: Seconds between two samples of the simulation's process tree (PSS reads every smaps).
 MEMORY_SAMPLE_S = 2.0
+HELD_SAMPLES = 8
 
 
 def _process_kind(cmdline: list[str]) -> str:
@@ -373,7 +374,10 @@ class MemorySampler:
     Each sample sums, per kind of process (:func:`_process_kind`), the proportional set size
     (PSS, ``/proc/PID/smaps_rollup``; shared pages split among their users, so
     sums over processes do not count torch's libraries once per worker) and the RSS. The peaks
-    are of the sums at one instant, not sums of per-process peaks.
+    are of the sums at one instant, not sums of per-process peaks. ``held_*``: the median, over
+    the last :data:`HELD_SAMPLES` samples in which the ServerApp and a Ray worker were alive,
+    of the workers' + ServerApp's PSS: what the run still holds at its end, after round 1's
+    one-off peaks (issue 17, mem17).
     """
 
     def __init__(self, pid: int) -> None:
@@ -382,6 +386,7 @@ class MemorySampler:
         self.pid = pid
         self.peak: dict[str, float] = {}
         self.samples = 0
+        self.held: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -413,6 +418,8 @@ class MemorySampler:
         for key, value in sums.items():
             self.peak[key] = max(self.peak.get(key, 0.0), value)
         self.samples += 1
+        if sums.get("serverapp_count") and sums.get("ray_worker_count"):
+            self.held = [*self.held[1 - HELD_SAMPLES :], sums["workers_and_serverapp_pss"]]
 
     def _run(self) -> None:
         while not self._stop.wait(MEMORY_SAMPLE_S):
@@ -422,7 +429,8 @@ class MemorySampler:
         """Stop sampling; the peaks in MiB (``*_count``: most processes of a kind seen)."""
         self._stop.set()
         self._thread.join()
-        return {**self.peak, "samples": float(self.samples)}
+        held = {"held_workers_and_serverapp_pss": float(np.median(self.held))} if self.held else {}
+        return {**self.peak, **held, "samples": float(self.samples)}
 
 
 def ledger_check(ledger_dir: Path) -> dict[str, Any]:
@@ -634,6 +642,15 @@ def _sim_summary(runs: list[dict[str, Any]], sites: int) -> dict[str, Any]:
         )
         if any("workers_and_serverapp_pss" in m for m in mem)
         else None,
+        "held_pss_per_site_mib": _summary(
+            [
+                m["held_workers_and_serverapp_pss"] / sites
+                for m in mem
+                if "held_workers_and_serverapp_pss" in m
+            ]
+        )
+        if any("held_workers_and_serverapp_pss" in m for m in mem)
+        else None,
         "peak_total_pss_mib": _summary([m["total_pss"] for m in mem if "total_pss" in m])
         if any("total_pss" in m for m in mem)
         else None,
@@ -718,6 +735,14 @@ def _simulation_rows(label: str, arms: dict[str, Any]) -> list[str]:
         row("peak PSS per site (Ray workers + ServerApp) MiB", "peak_pss_per_site_mib", "", 0)
     )
     out.append(row("peak PSS of the whole simulation MiB", "peak_total_pss_mib", "", 0))
+    out.append(
+        row(
+            "PSS per site held at the end (Ray workers + ServerApp) MiB",
+            "held_pss_per_site_mib",
+            "",
+            0,
+        )
+    )
 
     def eps(a: dict[str, Any] | None, keys: tuple[str, ...]) -> str:
         if a is None:

@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "errors": 0,
     "config": 0,
     "durable_files": 0,
+    "freed_memory": 0,  # glibc malloc_trim after one-off peaks (issue 17): no fedsafe imports
     "strict_json": 0,  # JSON writing without bare NaN/Infinity, used by every run file
     "protocol": 0,  # message keys shared by client and server: constants only
     "privacy": 1,

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, Context
 
 from fedsafe.client.phase_profile import phase
-from fedsafe.privacy.accounting import epsilon
+from fedsafe.privacy.accounting import account_epsilon, epsilon
 from fedsafe.privacy.budget import PrivacyBudget, check_round, plan_noise, record_round
 from fedsafe.privacy.calibration import calibrate_noise_multiplier
 from fedsafe.privacy.events import PoissonGaussianEvent
-from fedsafe.privacy.ledger import SitePrivacyLedger
+from fedsafe.privacy.ledger import LedgerEntry, SitePrivacyLedger
 from fedsafe.protocol import FEDSAFE_RUN_ID
 
 STATE_KEY = "fedsafe-privacy"
@@ -262,7 +262,7 @@ class SiteAccount:
 
     def spent_now(self) -> float:
         """Epsilon spent so far on this data set."""
-        return epsilon(self.lifetime_events(), self.delta, self.accountant)
+        return account_epsilon(self.lifetime_events(), self.delta, self.accountant)[0]
 
     def spent_in_run(self) -> float:
         """Epsilon spent by this run's earlier rounds alone."""
@@ -274,18 +274,26 @@ class SiteAccount:
         """Commit the release (ledger first, durably), then return the epsilon to report."""
         run = [*self.run_events, event]
         if self.ledger is not None:
-            if self.budget is not None:
-                entry = record_round(
-                    self.ledger, self.fingerprint, self.budget, event,
-                    run_id=run_id, round=server_round, clip_norm=clip_norm,
-                    accountant=self.accountant,
-                )  # fmt: skip
-            else:
-                entry = self.ledger.record(
-                    run_id, server_round, event, clip_norm, self.delta, self.fingerprint,
-                    self.accountant,
-                )  # fmt: skip
+            with phase("ledger-record"):
+                entry = self._record(event, run_id, server_round, clip_norm)
             lifetime = entry.epsilon_after
         else:
             lifetime = epsilon(run, self.delta, self.accountant)
-        return Spending(lifetime, epsilon(run, self.delta, self.accountant))
+        with phase("run-epsilon"):
+            return Spending(lifetime, epsilon(run, self.delta, self.accountant))
+
+    def _record(
+        self, event: PoissonGaussianEvent, run_id: str, server_round: int, clip_norm: float
+    ) -> LedgerEntry:
+        ledger = self.ledger
+        if ledger is None:
+            raise ValueError("no ledger to record in")
+        if self.budget is not None:
+            return record_round(
+                ledger, self.fingerprint, self.budget, event,
+                run_id=run_id, round=server_round, clip_norm=clip_norm,
+                accountant=self.accountant,
+            )  # fmt: skip
+        return ledger.record(
+            run_id, server_round, event, clip_norm, self.delta, self.fingerprint, self.accountant
+        )

@@ -254,10 +254,16 @@ def ledger_entry(
 
 
 def _completed(
-    staged: RecordDict, entry: LedgerEntry, ledger_path: str | Path, shared: bool = False
+    staged: RecordDict,
+    entry: LedgerEntry,
+    ledger_path: str | Path,
+    accountant: str,
+    shared: bool = False,
 ) -> RecordDict:
     """A staged reply with the spending figures its commit gave (from the ledger).
 
+    ``accountant`` is the run's (the commit composed the run epsilon with it; the entry's
+    own accountant is the account's, PLD for an account of many mechanisms).
     ``shared``: the ledger is an account of several simulated sites; only this site's entries
     (its data fingerprint) make its run epsilon, as in
     :func:`fedsafe.client.privacy_state.ledger_run`.
@@ -273,7 +279,7 @@ def _completed(
     metrics = staged.metric_records.get("metrics", MetricRecord())
     figures = {
         "epsilon": entry.epsilon_after,
-        "run-epsilon": epsilon(run, entry.delta, entry.accountant),
+        "run-epsilon": epsilon(run, entry.delta, accountant),
     }
     staged["metrics"] = MetricRecord({**dict(metrics), **figures})
     return staged
@@ -295,7 +301,8 @@ def _refusal(msg: Message, site_name: str, reason: str) -> Message:
 def replay_released_rounds(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Answer a repeated round from the disk; have every new release stored before it leaves."""
     key = _key(msg)
-    site = resolve_site(context, RunConfig.from_mapping(context.run_config)) if key else None
+    cfg = RunConfig.from_mapping(context.run_config) if key else None
+    site = resolve_site(context, cfg) if cfg is not None else None
     if key is None or site is None or not site.ledger_path:
         return call_next(msg, context)
     run_id, rnd = key
@@ -319,7 +326,10 @@ def replay_released_rounds(msg: Message, context: Context, call_next: ClientAppC
         if entry is not None and staged is not None:
             # Stopped after the commit, before the release was kept: complete it and send it.
             log.warning("fedsafe: round %d of this run was committed before: its reply sent", rnd)
-            release = _completed(staged, entry, site.ledger_path, site.shared_account)
+            assert cfg is not None  # with site
+            release = _completed(
+                staged, entry, site.ledger_path, cfg.accountant, site.shared_account
+            )
             store.keep(run_id, rnd, release)
             return _replayed(msg, release)
         if entry is not None:

@@ -18,6 +18,13 @@ process: a round's budget check, its ledger commit and the run's epsilon, which 
 composition, share one accountant call. The memo holds exact values only (it is keyed by
 everything the value depends on), so a cached epsilon is never below the full composition;
 :func:`epsilon_full_composition` is the uncached path, kept for tests and benchmarks.
+
+PLD is composed incrementally: each process keeps the distributions of its latest compositions
+and convolves only the new events onto the largest one contained
+(:mod:`fedsafe.privacy.incremental_pld`). An account with many distinct mechanisms (several
+sites sharing one source, many runs) is composed with PLD rather than PRV
+(:func:`account_accountant`), so a commit costs one convolution per new mechanism instead of a
+PRV composition of all of them.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ AccountantName = Literal["prv", "rdp", "pld"]
 ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp", "pld")
 #: Distinct ``(composition, delta, accountant)`` results kept per process.
 MEMO_SIZE = 4096
+#: Distinct mechanisms beyond which an account composed with PRV is composed with PLD instead
+#: (:func:`account_accountant`).
+PRV_MECHANISM_LIMIT = 8
 
 
 def check_accountant(name: str) -> AccountantName:
@@ -130,12 +140,71 @@ def epsilon_of(composition: Composition, delta: float, accountant: str = "prv") 
 
 @functools.lru_cache(maxsize=MEMO_SIZE)
 def _memo_epsilon(composition: Composition, delta: float, name: AccountantName) -> float:
+    if name == "pld":
+        from fedsafe.privacy.incremental_pld import pld_epsilon
+
+        # Composed onto the largest kept composition it contains (an account's prefix).
+        return pld_epsilon(composition, delta)
     return _compose(composition.mechanisms, delta, name)
+
+
+def account_accountant(composition: Composition, accountant: str) -> AccountantName:
+    """The accountant that composes an account holding ``composition``.
+
+    The site's own, except that PRV gives way to dp_accounting's PLD beyond
+    :data:`PRV_MECHANISM_LIMIT` distinct mechanisms: PRV recomposes every mechanism at every
+    call (about 0.2 s for 10 mechanisms, 1.5 s for 50), while PLD is composed incrementally
+    onto the account's kept prefix (:mod:`fedsafe.privacy.incremental_pld`). Both are upper
+    bounds on the true epsilon; PLD's is the floor fedsafe never reports below. The caller
+    records the accountant returned with the value.
+
+    Parameters
+    ----------
+    composition
+        Every event of the account, including the one about to be spent.
+    accountant
+        The site's accountant.
+
+    Returns
+    -------
+    str
+        ``accountant``, or ``"pld"`` when it is ``"prv"`` and ``composition`` has more than
+        :data:`PRV_MECHANISM_LIMIT` distinct mechanisms.
+
+    Raises
+    ------
+    ValueError
+        If ``accountant`` is unknown.
+    """
+    name = check_accountant(accountant)
+    if name == "prv" and len(composition.mechanisms) > PRV_MECHANISM_LIMIT:
+        return "pld"
+    return name
+
+
+def account_epsilon(
+    events: Iterable[PoissonGaussianEvent], delta: float, accountant: str = "prv"
+) -> tuple[float, AccountantName]:
+    """Epsilon of an account's ``events`` and the accountant that composed it.
+
+    :func:`epsilon` with the accountant :func:`account_accountant` chooses.
+
+    Returns
+    -------
+    tuple[float, str]
+        ``(epsilon, accountant)``.
+    """
+    composition = Composition.of(events)
+    name = account_accountant(composition, accountant)
+    return epsilon_of(composition, delta, name), name
 
 
 def clear_memo() -> None:
     """Forget every memoised epsilon (benchmarks measure the first call with this)."""
+    from fedsafe.privacy import incremental_pld
+
     _memo_epsilon.cache_clear()
+    incremental_pld.clear()
 
 
 def epsilon_full_composition(

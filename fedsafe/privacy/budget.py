@@ -17,7 +17,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fedsafe.errors import BudgetExhaustedError
-from fedsafe.privacy.accounting import check_accountant, epsilon
+from fedsafe.privacy.accounting import (
+    Composition,
+    account_accountant,
+    check_accountant,
+    epsilon,
+)
 from fedsafe.privacy.calibration import calibrate_noise_multiplier
 from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.ledger import LedgerEntry, SitePrivacyLedger
@@ -134,7 +139,9 @@ def check_round(
     event
         The round about to be trained.
     accountant
-        Accountant composing the ledger's events and ``event`` at ``budget.delta``.
+        Accountant composing the ledger's events and ``event`` at ``budget.delta`` (PLD
+        beyond :data:`~fedsafe.privacy.accounting.PRV_MECHANISM_LIMIT` distinct mechanisms,
+        as the commit will).
 
     Returns
     -------
@@ -144,6 +151,8 @@ def check_round(
     """
     check_accountant(accountant)
     events = ledger.events(fingerprint)
+    # The accountant the commit will use (account_accountant), for both values.
+    accountant = account_accountant(Composition.of([*events, event]), accountant)
     eps_now = epsilon(events, budget.delta, accountant)
     eps_after = epsilon([*events, event], budget.delta, accountant)
     allowed = eps_after <= budget.epsilon_max
@@ -212,7 +221,10 @@ def plan_noise(
     rounds
         Planned rounds.
     accountant
-        Accountant for calibration and for the expected epsilons.
+        Accountant for calibration and for the expected epsilons: the site's, or PLD when the
+        spent events and the planned round hold more than
+        :data:`~fedsafe.privacy.accounting.PRV_MECHANISM_LIMIT` distinct mechanisms (as the
+        commits will; the plan's ``accountant`` says which).
 
     Returns
     -------
@@ -231,6 +243,12 @@ def plan_noise(
     if int(steps_per_round) != steps_per_round or steps_per_round < 1:
         raise ValueError(f"steps_per_round must be an integer >= 1, got {steps_per_round}")
     prior = list(spent_events)
+    # Many distinct mechanisms already spent: PLD, composed onto the kept prior, as the commits
+    # will (account_accountant); the plan names the accountant it used.
+    accountant = account_accountant(
+        Composition.of([*prior, PoissonGaussianEvent(sample_rate, 1.0, steps_per_round)]),
+        accountant,
+    )
     eps_spent = epsilon(prior, budget.delta, accountant)
     # A sliver of budget would be "spent" on noise so large the rounds teach nothing.
     if eps_spent >= budget.epsilon_max * (1.0 - MIN_REMAINING_FRACTION):

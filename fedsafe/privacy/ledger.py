@@ -45,7 +45,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from fedsafe.errors import BudgetExhaustedError, UserError
-from fedsafe.privacy.accounting import check_accountant, epsilon
+from fedsafe.privacy.accounting import account_epsilon, check_accountant
 from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.ledger_anchor import (
     AccountBinding,
@@ -668,9 +668,10 @@ class SitePrivacyLedger:
         """Epsilon of every event of the account at ``delta``, composed by ``accountant``.
 
         Events are composed, never summed: across runs and data versions, the accountant sees
-        every event (see :meth:`events`).
+        every event (see :meth:`events`). An account of many distinct mechanisms is composed
+        with PLD (:func:`~fedsafe.privacy.accounting.account_accountant`), as its commits are.
         """
-        return epsilon(self.events(dataset_fingerprint), delta, accountant)
+        return account_epsilon(self.events(dataset_fingerprint), delta, accountant)[0]
 
     # -- writing ---------------------------------------------------------------------------
     def record(
@@ -703,7 +704,10 @@ class SitePrivacyLedger:
         dataset_fingerprint
             The data set spent on.
         accountant
-            Accountant composing every event of the account plus ``event``.
+            The site's accountant, composing every event of the account plus ``event``; beyond
+            :data:`~fedsafe.privacy.accounting.PRV_MECHANISM_LIMIT` distinct mechanisms PRV
+            gives way to incremental PLD (:func:`~fedsafe.privacy.accounting.account_accountant`)
+            and the entry records ``"pld"``.
         epsilon_max
             If given, refuse (and write nothing) when ``epsilon_after`` would exceed it: the
             last line of defence when two runs share a data set.
@@ -733,7 +737,9 @@ class SitePrivacyLedger:
                 )
             prior = self._sync()
             events = [e.event for e in prior]  # one account: every data version composes
-            eps_after = epsilon([*events, event], delta, accountant)
+            # Composed by the site's accountant, or by incremental PLD once the account holds
+            # many distinct mechanisms (account_accountant); the entry names which.
+            eps_after, used = account_epsilon([*events, event], delta, accountant)
             if epsilon_max is not None and eps_after > epsilon_max:
                 raise BudgetExhaustedError(
                     f"privacy ledger {self._path}: round {round} of run {run_id} would reach "
@@ -750,7 +756,7 @@ class SitePrivacyLedger:
                 clip_norm=float(clip_norm),
                 delta=float(delta),
                 epsilon_after=float(eps_after),
-                accountant=accountant,
+                accountant=used,
                 dataset_fingerprint=dataset_fingerprint,
                 created_at=created_at,
                 prev_hash=prev_hash,

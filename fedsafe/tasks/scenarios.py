@@ -66,6 +66,7 @@ def mnist_sites(num_sites: int, alpha: float) -> tuple[SiteData, ...]:
 
     from fedsafe.data.mnist import load_mnist
     from fedsafe.data.partition import dirichlet_label_partition, iid_partition
+    from fedsafe.freed_memory import return_freed_memory
 
     data = load_mnist()
     rng = np.random.default_rng(PARTITION_SEED)
@@ -88,6 +89,10 @@ def mnist_sites(num_sites: int, alpha: float) -> tuple[SiteData, ...]:
                 ("pixels",),
             )
         )
+    # Each site holds copies of its rows; the whole normalized training set is garbage now.
+    # Processes that keep freed memory (simulated sites' workers) would keep it resident.
+    del data
+    return_freed_memory()
     return tuple(sites)
 
 

@@ -7,7 +7,10 @@ with ``munmap`` on ``free``: every step then pays one page fault per 4 KiB page 
 issue measured 287,750 per step, 480 ms of a 621 ms step). With ``mmap`` off and trimming off
 (``mallopt``, glibc only), freed blocks stay in the heap and the next step reuses the same,
 already-mapped pages. The cost: the process keeps its peak heap until it exits, which a
-ClientApp process (one message) or a bench does anyway.
+ClientApp process (one message) or a bench does anyway; a long-lived simulation worker would
+keep one-off peaks for every later round, so fedsafe hands those back where they happen
+(:func:`fedsafe.freed_memory.return_freed_memory` after a large PRV evaluation and after
+MNIST's load; issue 17).
 
 Two ways in: :data:`KEEP_FREED_MEMORY_ENV` in the environment of a process started for
 ClientApps (glibc reads it before the first allocation: the full effect, about 36,000 faults per

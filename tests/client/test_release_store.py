@@ -206,3 +206,26 @@ def test_a_round_number_that_is_no_positive_integer_does_not_bypass_the_store(
     assert "arrays" not in reply.content
     assert reply.content["site"]["refused-setting"] == "server-round"
     assert site.ledger_bytes() == spent and _ledger_rounds(site) == [(RUN_ID, 1)]
+
+
+def test_a_completed_reply_of_a_shared_account_keeps_the_runs_accountant(tmp_path: Path) -> None:
+    """The account composes with PLD beyond the limit; the run epsilon stays the run's PRV."""
+    from flwr.app import MetricRecord, RecordDict
+
+    from fedsafe.client.release_store import _completed
+    from fedsafe.privacy.accounting import PRV_MECHANISM_LIMIT, epsilon
+    from fedsafe.privacy.events import PoissonGaussianEvent
+    from fedsafe.privacy.fingerprint import fingerprint_bytes
+
+    path = tmp_path / "shared.sqlite"
+    mine = PoissonGaussianEvent(0.02, 1.1, 2)
+    with SitePrivacyLedger.open(path) as ledger:
+        for i in range(PRV_MECHANISM_LIMIT):
+            other = PoissonGaussianEvent(0.01 + 0.001 * i, 1.0 + 0.02 * i, 2)
+            ledger.record(RUN_ID, 1, other, 1.0, 1e-5, fingerprint_bytes(b"site", bytes([i])))
+        entry = ledger.record(RUN_ID, 1, mine, 1.0, 1e-5, fingerprint_bytes(b"me"))
+    assert entry.accountant == "pld"
+    staged = RecordDict({"metrics": MetricRecord({"num-examples": 7})})
+    metrics = _completed(staged, entry, path, "prv", shared=True)["metrics"]
+    assert metrics["epsilon"] == entry.epsilon_after
+    assert metrics["run-epsilon"] == epsilon([mine], 1e-5, "prv")

@@ -189,3 +189,29 @@ def test_a_round_composes_once_and_a_planned_run_not_at_all(tmp_path: Path) -> N
             assert last.epsilon_after == pytest.approx(plan.epsilon_after_round[rnd - 2])
         assert _memo_epsilon.cache_info().misses == misses
         assert last.epsilon_after <= budget.epsilon_max
+
+
+def test_a_plan_and_a_check_against_many_spent_mechanisms_use_pld_as_the_commit_will(
+    tmp_path: Path,
+) -> None:
+    from fedsafe.privacy.accounting import PRV_MECHANISM_LIMIT, epsilon_full_composition
+
+    prior = [
+        PoissonGaussianEvent(0.01 + 0.001 * i, 1.2 + 0.02 * i, 2)
+        for i in range(PRV_MECHANISM_LIMIT)
+    ]
+    budget = PrivacyBudget(epsilon_max=3.0, delta=1e-5)
+    plan = plan_noise(budget, prior, 0.05, 2, 3, "prv")
+    assert plan.accountant == "pld"  # the limit's mechanisms plus the planned one
+    last = [*prior, PoissonGaussianEvent(0.05, plan.noise_multiplier, 6)]
+    assert plan.epsilon_after_round[-1] <= budget.epsilon_max
+    assert plan.epsilon_after_round[-1] >= epsilon_full_composition(last, 1e-5, "pld")
+    assert plan.epsilon_after_round[-1] >= 0.99 * budget.epsilon_max
+    with SitePrivacyLedger.open(tmp_path / "l.sqlite") as ledger:
+        for e in prior:
+            ledger.record("r", 1, e, 1.0, 1e-5, FP)
+        decision = check_round(ledger, FP, budget, plan.event(), "prv")
+        entry = record_round(ledger, FP, budget, plan.event(), run_id="r", round=2, clip_norm=1.0)
+    assert decision.allowed
+    assert entry.accountant == "pld"
+    assert decision.epsilon_after == pytest.approx(entry.epsilon_after, rel=1e-12)

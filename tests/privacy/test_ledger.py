@@ -297,3 +297,30 @@ def test_foreign_append_that_breaks_the_chain_is_refused(tmp_path: Path) -> None
         conn.close()
         with pytest.raises(LedgerTamperedError, match=r"entry seq 3 does not chain"):
             ledger.events(FP)
+
+
+def test_an_account_of_many_mechanisms_is_composed_with_pld_and_never_below_it(
+    tmp_path: Path,
+) -> None:
+    """Sites sharing one source: beyond the limit the commit composes incremental PLD."""
+    from fedsafe.privacy.accounting import PRV_MECHANISM_LIMIT, epsilon_full_composition
+
+    sites = [
+        PoissonGaussianEvent(0.01 + 0.001 * i, 1.0 + 0.02 * i, 2)
+        for i in range(PRV_MECHANISM_LIMIT + 2)
+    ]
+    with SitePrivacyLedger.open(tmp_path / "shared.sqlite") as ledger:
+        written = [ledger.record("run-1", 1, e, 1.0, 1e-5, FP) for e in sites]
+        written += [ledger.record("run-1", 2, e, 1.0, 1e-5, FP) for e in sites[:3]]
+        cap = written[-1].epsilon_after
+        with pytest.raises(BudgetExhaustedError):
+            ledger.record("run-1", 2, sites[3], 1.0, 1e-5, FP, epsilon_max=cap)
+        assert len(ledger.entries()) == len(written)
+    names = [e.accountant for e in written]
+    assert names == ["prv"] * PRV_MECHANISM_LIMIT + ["pld"] * (len(written) - PRV_MECHANISM_LIMIT)
+    for k, entry in enumerate(written, start=1):
+        events = [e.event for e in written[:k]]
+        assert entry.epsilon_after >= epsilon_full_composition(events, 1e-5, "pld")
+    # PLD is tighter than PRV's upper end, but the account's lifetime (the largest value
+    # recorded) never goes down.
+    assert written[-1].epsilon_after > max(e.epsilon_after for e in written[:PRV_MECHANISM_LIMIT])

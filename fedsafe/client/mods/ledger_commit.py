@@ -34,6 +34,7 @@ from fedsafe.client.mods.contract import (
 )
 from fedsafe.client.mods.message_kinds import is_train
 from fedsafe.client.mods.privacy_budget import declare_size_and_mark
+from fedsafe.client.phase_profile import phase
 from fedsafe.client.release_store import current_release_slot
 from fedsafe.client.site_replies import exhausted_reply
 from fedsafe.errors import BudgetExhaustedError
@@ -84,7 +85,8 @@ def ledger_commit(msg: Message, context: Context, call_next: ClientAppCallable) 
             }
         )
         if release is not None:
-            release.stage(reply.content)  # on disk before the commit: a resumed run can send it
+            with phase("release-store"):
+                release.stage(reply.content)  # on disk before the commit: a resumed run sends it
     try:
         spent = account.commit(event, run_id, grant.server_round, cfg.max_grad_norm)
     except BudgetExhaustedError as exc:  # another run spent the rest meanwhile
@@ -96,7 +98,8 @@ def ledger_commit(msg: Message, context: Context, call_next: ClientAppCallable) 
         return reply
     _metrics(reply).update({"epsilon": spent.lifetime, "run-epsilon": spent.run})
     if release is not None:
-        release.keep(reply.content)
+        with phase("release-store"):
+            release.keep(reply.content)
     return reply
 
 
