@@ -33,6 +33,9 @@ GROUPS = {
     "handler:train": "DP steps (train handler)",
     "mod:evaluate_first": "evaluation of the received model",
     "mod:ledger_commit": "ledger commit",
+    "ledger-record": "ledger commit",
+    "run-epsilon": "ledger commit",
+    "pld": "privacy loss distribution of the site's mechanism (query)",
 }
 
 

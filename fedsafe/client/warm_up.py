@@ -18,7 +18,11 @@ after its reply is built, which
   Flower's simulation engine hands to whichever worker runs the site's next message. The train
   message uses it only for exactly the same plan; the noise stays the site's own decision,
   computed by the site's code from the run config it trains under, and nothing the coordinator
-  sends can set it.
+  sends can set it;
+- at a site whose ledger account several simulated sites share (MNIST's), builds the privacy
+  loss distribution of its own round's mechanism
+  (:func:`fedsafe.privacy.incremental_pld.distribution`), which the account's PLD commits in
+  round 1 would otherwise build (a pure function of the sample rate, noise and steps).
 
 Nothing of it leaves the site: the query reply is built before and is the same; a failure here
 is logged at the site and dropped (the train message meets it again and answers as always).
@@ -37,6 +41,9 @@ from fedsafe.client.phase_profile import phase
 from fedsafe.client.privacy_state import remember_run_noise, run_target_noise
 from fedsafe.client.site import SiteSetup
 from fedsafe.config import RunConfig
+from fedsafe.privacy.accounting import Composition
+from fedsafe.privacy.events import PoissonGaussianEvent
+from fedsafe.privacy.incremental_pld import distribution
 
 #: Modules a site's first DP train message imports (``fedsafe.training.dp_training``,
 #: ``fedsafe.privacy.rdp_memo``; ``torch._dynamo`` by ``torch.optim``'s first step): about 2.7 s
@@ -94,4 +101,13 @@ def _warm_up(context: Context, cfg: RunConfig, site: SiteSetup) -> float | None:
     with phase("calibration"):
         sigma = run_target_noise(choice)
     remember_run_noise(context, choice, sigma)
+    if site.shared_account and cfg.accountant == "prv" and site.ledger_path:
+        # An account many sites share is composed with PLD beyond a few mechanisms
+        # (fedsafe.privacy.accounting.account_accountant); each process builds each mechanism's
+        # distribution once (0.1-0.2 s each), in round 1 under the ledger's write lock. This
+        # site's own one is built here, in the query, by the same function.
+        with phase("pld"):
+            distribution(
+                Composition.of([PoissonGaussianEvent(choice.sample_rate, sigma, cfg.local_steps)])
+            )
     return sigma
