@@ -164,3 +164,31 @@ def test_with_a_lifetime_budget_the_kept_noise_is_only_the_run_targets_part() ->
     assert with_budget == privacy_state.choose_noise(choice, budget, [])
     assert with_budget > kept
     assert privacy_state.choose_noise(choice, None, [], kept) == kept
+
+
+def test_a_site_of_a_shared_account_builds_its_mechanisms_distribution_in_the_query(
+    tmp_path: Path,
+) -> None:
+    """MNIST's sites share one account, composed with PLD beyond 8 mechanisms: the query builds
+    the site's own mechanism's distribution; a heart site (its own account) builds none."""
+    from fedsafe.privacy import incremental_pld
+
+    incremental_pld.clear()
+    heart = _context(SIMULATED, {**RUN, "ledger-dir": str(tmp_path / "heart")})
+    app(_message(MessageType.QUERY), heart)
+    assert incremental_pld._mechanism.cache_info().currsize == 0
+    mnist_run = {
+        "scenario": "mnist", "mnist-sites": 10, "local-steps": 2, "num-server-rounds": 3,
+        "batch-size": 4, "ledger-dir": str(tmp_path / "mnist"),
+    }  # fmt: skip
+    mnist = _context({"partition-id": 3, "num-partitions": 10}, mnist_run)
+    reply = app(_message(MessageType.QUERY), mnist)
+    assert not reply.has_error(), reply.error
+    choice = _choice(mnist)
+    sigma = privacy_state.remembered_run_noise(mnist, choice)
+    assert sigma is not None
+    info = incremental_pld._mechanism.cache_info()
+    assert info.currsize == 1
+    incremental_pld._mechanism(choice.sample_rate, sigma, 2)  # the round's mechanism: kept
+    assert incremental_pld._mechanism.cache_info().hits == info.hits + 1
+    incremental_pld.clear()
