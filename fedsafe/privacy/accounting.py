@@ -251,7 +251,9 @@ def _compose(mechanisms: Sequence[PoissonGaussianEvent], delta: float, name: str
     # (fedsafe.privacy.rdp_memo): the same values, bit for bit.
     history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in mechanisms]
     if name == "prv":
-        return prv_epsilon(history, delta)
+        # Opacus's upper end goes below 0 at a large delta (-0.078 at 0.1 for 100 steps of
+        # (0.01, 1.0)): an epsilon is >= 0 (the ledger refuses less; PLD gives 0 there).
+        return max(0.0, prv_epsilon(history, delta))
     return rdp_epsilon(history, delta)
 
 
