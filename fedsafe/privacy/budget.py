@@ -151,8 +151,10 @@ def check_round(
     """
     check_accountant(accountant)
     entries = ledger.entries()
-    events = [e.event for e in entries]  # one account (SitePrivacyLedger.events)
+    # One account: the fingerprint names the data version, it does not filter
+    # (SitePrivacyLedger.events).
     del fingerprint
+    events = [e.event for e in entries]
     # The accountant the commit will use (account_accountant), for both values, and never
     # below what the account recorded at this delta (PRV values before a switch to PLD).
     accountant = account_accountant(Composition.of([*events, event]), accountant)
