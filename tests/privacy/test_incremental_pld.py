@@ -40,7 +40,8 @@ def test_every_prefix_of_a_growing_account_is_at_least_the_one_shot_composition(
             fast = incremental_pld.pld_epsilon(composition, delta)
             slow = _one_shot(composition, delta)
             assert fast >= slow
-            assert fast <= slow * (1 + 3 * incremental_pld.ORDER_MARGIN)
+            # The margin and the slack (about 2e-7 relative at delta 1e-7, attack 17b).
+            assert fast <= slow * (1 + 1e-6)
 
 
 def test_only_the_new_events_are_composed_onto_the_kept_prefix() -> None:
