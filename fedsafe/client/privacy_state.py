@@ -28,7 +28,7 @@ from fedsafe.privacy.accounting import account_epsilon, epsilon
 from fedsafe.privacy.budget import PrivacyBudget, check_round, plan_noise, record_round
 from fedsafe.privacy.calibration import calibrate_noise_multiplier
 from fedsafe.privacy.events import PoissonGaussianEvent
-from fedsafe.privacy.ledger import LedgerEntry, SitePrivacyLedger
+from fedsafe.privacy.ledger import LedgerEntry, SitePrivacyLedger, recorded_epsilon
 from fedsafe.protocol import FEDSAFE_RUN_ID
 
 STATE_KEY = "fedsafe-privacy"
@@ -261,8 +261,12 @@ class SiteAccount:
         return None if decision.allowed else decision.reason
 
     def spent_now(self) -> float:
-        """Epsilon spent so far on this data set."""
-        return account_epsilon(self.lifetime_events(), self.delta, self.accountant)[0]
+        """Epsilon spent so far on this data set, never below what the ledger recorded."""
+        eps = account_epsilon(self.lifetime_events(), self.delta, self.accountant)[0]
+        if self.ledger is None:
+            return eps
+        # PRV values recorded before the account moved to PLD may be above its composition.
+        return max(eps, recorded_epsilon(self.ledger.entries(), self.delta))
 
     def spent_in_run(self) -> float:
         """Epsilon spent by this run's earlier rounds alone."""

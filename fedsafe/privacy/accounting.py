@@ -120,11 +120,17 @@ def epsilon(events: Sequence[PoissonGaussianEvent], delta: float, accountant: st
         Epsilon; 0.0 for no events. Equal to :func:`epsilon_full_composition` (the same
         accountant on the same mechanisms), computed once per process per composition.
     """
-    return epsilon_of(Composition.of(events), delta, accountant)
+    return epsilon_of(Composition.of(events), delta, accountant, len(events))
 
 
-def epsilon_of(composition: Composition, delta: float, accountant: str = "prv") -> float:
+def epsilon_of(
+    composition: Composition, delta: float, accountant: str = "prv", events: int = 0
+) -> float:
     """Epsilon of a :class:`Composition` at ``delta``, memoised per process.
+
+    ``events``: how many events the composition merges; PLD reads its epsilon at a delta
+    lowered by that many events' truncation mass (``incremental_pld.pld_epsilon``), so that it
+    is not below the events composed one by one. Other accountants ignore it.
 
     Raises
     ------
@@ -135,16 +141,20 @@ def epsilon_of(composition: Composition, delta: float, accountant: str = "prv") 
     _check_delta(delta)
     if not composition:
         return 0.0
-    return _memo_epsilon(composition, float(delta), name)
+    # The number of events matters to PLD only (its truncation slack): other keys stay shared.
+    count = max(int(events), len(composition.mechanisms)) if name == "pld" else 0
+    return _memo_epsilon(composition, float(delta), name, count)
 
 
 @functools.lru_cache(maxsize=MEMO_SIZE)
-def _memo_epsilon(composition: Composition, delta: float, name: AccountantName) -> float:
+def _memo_epsilon(
+    composition: Composition, delta: float, name: AccountantName, events: int = 0
+) -> float:
     if name == "pld":
         from fedsafe.privacy.incremental_pld import pld_epsilon
 
         # Composed onto the largest kept composition it contains (an account's prefix).
-        return pld_epsilon(composition, delta)
+        return pld_epsilon(composition, delta, events)
     return _compose(composition.mechanisms, delta, name)
 
 
@@ -194,9 +204,10 @@ def account_epsilon(
     tuple[float, str]
         ``(epsilon, accountant)``.
     """
-    composition = Composition.of(events)
+    spent = list(events)
+    composition = Composition.of(spent)
     name = account_accountant(composition, accountant)
-    return epsilon_of(composition, delta, name), name
+    return epsilon_of(composition, delta, name, len(spent)), name
 
 
 def clear_memo() -> None:
@@ -240,7 +251,9 @@ def _compose(mechanisms: Sequence[PoissonGaussianEvent], delta: float, name: str
     # (fedsafe.privacy.rdp_memo): the same values, bit for bit.
     history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in mechanisms]
     if name == "prv":
-        return prv_epsilon(history, delta)
+        # Opacus's upper end goes below 0 at a large delta (-0.078 at 0.1 for 100 steps of
+        # (0.01, 1.0)): an epsilon is >= 0 (the ledger refuses less; PLD gives 0 there).
+        return max(0.0, prv_epsilon(history, delta))
     return rdp_epsilon(history, delta)
 
 

@@ -25,7 +25,7 @@ from fedsafe.privacy.accounting import (
 )
 from fedsafe.privacy.calibration import calibrate_noise_multiplier
 from fedsafe.privacy.events import PoissonGaussianEvent
-from fedsafe.privacy.ledger import LedgerEntry, SitePrivacyLedger
+from fedsafe.privacy.ledger import LedgerEntry, SitePrivacyLedger, recorded_epsilon
 
 BUDGET_EXHAUSTED = "budget exhausted"
 #: A plan is refused when less than this fraction of the budget remains.
@@ -150,11 +150,17 @@ def check_round(
         client then does not train and replies :data:`BUDGET_EXHAUSTED`.
     """
     check_accountant(accountant)
-    events = ledger.events(fingerprint)
-    # The accountant the commit will use (account_accountant), for both values.
+    entries = ledger.entries()
+    # One account: the fingerprint names the data version, it does not filter
+    # (SitePrivacyLedger.events).
+    del fingerprint
+    events = [e.event for e in entries]
+    # The accountant the commit will use (account_accountant), for both values, and never
+    # below what the account recorded at this delta (PRV values before a switch to PLD).
     accountant = account_accountant(Composition.of([*events, event]), accountant)
-    eps_now = epsilon(events, budget.delta, accountant)
-    eps_after = epsilon([*events, event], budget.delta, accountant)
+    recorded = recorded_epsilon(entries, budget.delta)
+    eps_now = max(epsilon(events, budget.delta, accountant), recorded)
+    eps_after = max(epsilon([*events, event], budget.delta, accountant), recorded)
     allowed = eps_after <= budget.epsilon_max
     state = "within budget" if allowed else BUDGET_EXHAUSTED
     reason = (

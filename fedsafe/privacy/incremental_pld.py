@@ -23,6 +23,16 @@ estimates is pessimistic, so each value is an upper bound on the true epsilon wh
 of composition. Different orders round differently in the last digits (about 1e-10 relative
 measured); the value returned is raised by :data:`ORDER_MARGIN` (relative) so that it is never
 below the one-shot composition of the same events (tested against it).
+
+Truncation: dp_accounting adds 1e-15 to the infinite loss at every ``self_compose`` and up to
+1e-15 of truncated tails at every ``compose``, so the one-shot composition of an account's
+events *one by one* (``epsilon_full_composition(events, delta, "pld")``, one self-composition
+per event) carries up to about ``2e-15`` more mass per event than the same mechanisms merged.
+At small delta that mass moves epsilon: 400 one-step events at delta 1e-10 compose to an
+epsilon 2.8e-4 (relative) above their merged composition (docs/attacks/issue17b.md). So the
+epsilon is read at ``delta - TRUNCATION_SLACK * (events + 1) - ROUNDOFF_SLACK``, which covers
+the reference's extra mass for the number of events the account holds and the FFT round-off
+that differs between orders (about 1e-13 of mass measured).
 """
 
 from __future__ import annotations
@@ -43,6 +53,14 @@ KEPT = 16
 #: Relative amount added to every epsilon so that no order of composition reports less than the
 #: one-shot composition (measured differences: about 1e-10 relative).
 ORDER_MARGIN = 1e-8
+#: Probability mass per event by which the delta an epsilon is read at is lowered: twice what
+#: dp_accounting's one-shot composition can add per event (1e-15 at ``self_compose``, at most
+#: 1e-15 of tails at ``compose``), so that it is never below the events composed one by one.
+TRUNCATION_SLACK = 4e-15
+#: Probability mass by which that delta is lowered once more: FFT round-off, which differs
+#: between orders of composition (``self_compose(1200)`` against three ``self_compose(400)``
+#: composed: up to 1.2e-13 measured, docs/attacks/issue17b.md).
+ROUNDOFF_SLACK = 5e-13
 
 _kept: OrderedDict[Composition, Any] = OrderedDict()
 _lock = threading.Lock()
@@ -124,7 +142,7 @@ def distribution(composition: Composition) -> Any:
     return pld
 
 
-def pld_epsilon(composition: Composition, delta: float) -> float:
+def pld_epsilon(composition: Composition, delta: float, events: int = 0) -> float:
     """Epsilon of ``composition`` at ``delta`` by dp_accounting's PLD, composed incrementally.
 
     Parameters
@@ -133,15 +151,25 @@ def pld_epsilon(composition: Composition, delta: float) -> float:
         Non-empty composition of Poisson-subsampled Gaussian mechanisms.
     delta
         Target delta in (0, 1).
+    events
+        Number of events the composition merges (at least its number of mechanisms is
+        assumed): the epsilon is read at
+        ``delta - TRUNCATION_SLACK * (events + 1) - ROUNDOFF_SLACK``, so that it is not below
+        those events composed one by one, in any order.
 
     Returns
     -------
     float
-        The distribution's epsilon raised by :data:`ORDER_MARGIN` (relative): never below the
-        one-shot ``PLDAccountant`` composition of the same mechanisms, and above it by at most
-        about ``2 * ORDER_MARGIN`` relative. ``inf`` if the distribution has no finite epsilon.
+        The distribution's epsilon at that delta raised by :data:`ORDER_MARGIN` (relative):
+        never below the one-shot ``PLDAccountant`` composition of the same events, merged or
+        one by one. ``inf`` if the distribution has no finite epsilon, or if the slack is not
+        below ``delta`` (refused by any budget: at the policy's least delta, 1e-12, beyond
+        about 120 events; at 1e-11, about 2 400; at 1e-10, about 25 000).
     """
-    eps = float(distribution(composition).get_epsilon_for_delta(delta))
+    slack = TRUNCATION_SLACK * (max(events, len(composition.mechanisms)) + 1) + ROUNDOFF_SLACK
+    if slack >= delta:
+        return math.inf
+    eps = float(distribution(composition).get_epsilon_for_delta(delta - slack))
     if not math.isfinite(eps):
         return eps
     return max(0.0, eps) * (1.0 + ORDER_MARGIN)

@@ -740,6 +740,9 @@ class SitePrivacyLedger:
             # Composed by the site's accountant, or by incremental PLD once the account holds
             # many distinct mechanisms (account_accountant); the entry names which.
             eps_after, used = account_epsilon([*events, event], delta, accountant)
+            # Never below what the account already recorded at this delta: PLD (beyond the
+            # limit) is about 0.5% below the PRV values recorded before it (attack 17b).
+            eps_after = max(eps_after, recorded_epsilon(prior, delta))
             if epsilon_max is not None and eps_after > epsilon_max:
                 raise BudgetExhaustedError(
                     f"privacy ledger {self._path}: round {round} of run {run_id} would reach "
@@ -795,6 +798,16 @@ class SitePrivacyLedger:
         _remember(_file_key(self._path), self._rows, self._entries)
         self._advance_anchor(self._entries)
         return entry
+
+
+def recorded_epsilon(entries: Sequence[LedgerEntry], delta: float) -> float:
+    """The largest ``epsilon_after`` recorded at ``delta`` (0 if none).
+
+    A commit and a budget check never state less: when an account crosses
+    :data:`~fedsafe.privacy.accounting.PRV_MECHANISM_LIMIT` its composition moves from PRV to
+    the tighter PLD, which may be below the PRV values already recorded (docs/attacks/issue17b.md).
+    """
+    return max((e.epsilon_after for e in entries if e.delta == delta), default=0.0)
 
 
 def _lifetime(entries: Sequence[LedgerEntry]) -> float:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsafe.errors import UserError
-from fedsafe.privacy.ledger import LedgerEntry, ledger_path_for, simulated_account
+from fedsafe.privacy.ledger import LedgerEntry, ledger_path_for, recorded_epsilon, simulated_account
 from fedsafe.reporting.ledger_reading import ANCHOR_STATES, LedgerReading, read_ledger
 from fedsafe.server.receipts import RECEIPTS_FILE
 from fedsafe.server.site_policies import BUDGETS_FILE
@@ -288,6 +288,18 @@ def composed_lifetime(entries: tuple[LedgerEntry, ...], delta: float | None) -> 
     return epsilon([e.event for e in entries], delta or entries[-1].delta, entries[-1].accountant)
 
 
+def lifetime_now(entries: tuple[LedgerEntry, ...], delta: float | None) -> float:
+    """:func:`composed_lifetime`, never below an ``epsilon_after`` recorded at that delta.
+
+    An account that crossed 8 distinct mechanisms is composed with PLD, which may be below the
+    PRV values recorded before (docs/attacks/issue17b.md): "now" never reads as a rollback.
+    """
+    now = composed_lifetime(entries, delta)
+    if not entries:
+        return now
+    return max(now, recorded_epsilon(entries, delta or entries[-1].delta))
+
+
 def _run_ledgers(folder: Path, config: Mapping[str, Any], names: set[str]) -> dict[str, Path]:
     """Ledger files of the run's sites: ``ledgers/*.sqlite`` and the run's ``ledger-dir``."""
     found: dict[str, Path] = {}
@@ -453,7 +465,7 @@ def load_run_folder(folder: Path) -> ReportData:
         if site in receipts:
             candidates.append((receipts[site], receipts_time))
         at_run, at_run_time = max(candidates, key=lambda c: c[0]) if candidates else (None, None)
-        now = composed_lifetime(reading.entries, delta) if reading else None
+        now = lifetime_now(reading.entries, delta) if reading else None
         if reading and reading.entries and eps_run is None:
             eps_run = composed_lifetime(mine, delta) if mine else None
         remaining, spent = _spending(budget, now if now is not None else at_run)
@@ -560,7 +572,7 @@ def load_ledger_file(
         )
         for k, e in enumerate(entries, start=1)
     )
-    now = composed_lifetime(entries, delta)
+    now = lifetime_now(entries, delta)
     remaining, spent = _spending(budget, now)
     summary = SiteSummary(
         site=name,

@@ -113,3 +113,10 @@ def test_same_composition_is_composed_once_per_process() -> None:
     assert epsilon(run, 1e-4, "prv") < first
     assert epsilon(run, 1e-5, "rdp") > first
     assert _memo_epsilon.cache_info().misses == misses + 2
+
+
+def test_prv_at_a_large_delta_is_not_negative() -> None:
+    """Opacus's PRV upper end was -0.078 here (attack 17b); an epsilon is >= 0 like PLD's."""
+    events = [PoissonGaussianEvent(0.01, 1.0, 100)]
+    assert epsilon_full_composition(events, 0.1, "prv") == 0.0
+    assert epsilon_full_composition(events, 0.1, "pld") == 0.0

@@ -215,3 +215,29 @@ def test_a_plan_and_a_check_against_many_spent_mechanisms_use_pld_as_the_commit_
     assert decision.allowed
     assert entry.accountant == "pld"
     assert decision.epsilon_after == pytest.approx(entry.epsilon_after, rel=1e-12)
+
+
+def test_crossing_to_pld_never_records_or_checks_below_the_prv_values_recorded(
+    tmp_path: Path,
+) -> None:
+    """Attack 17b: the ninth distinct mechanism moved the account to PLD, 0.5% below PRV."""
+    from fedsafe.privacy.accounting import PRV_MECHANISM_LIMIT
+    from fedsafe.privacy.budget import check_round
+
+    fp = fingerprint_bytes(b"records", b"schema")
+    runs = [PoissonGaussianEvent(0.02, 1.0 + 0.05 * i, 50) for i in range(PRV_MECHANISM_LIMIT)]
+    tiny = PoissonGaussianEvent(0.02, 5.0, 1)
+    with SitePrivacyLedger.open(tmp_path / "l.sqlite") as ledger:
+        written = [ledger.record(f"run-{i}", 1, e, 1.0, 1e-5, fp) for i, e in enumerate(runs)]
+        ninth = ledger.record("run-9", 1, tiny, 1.0, 1e-5, fp)
+        composed = epsilon([*runs, tiny], 1e-5, "pld")
+        assert ninth.accountant == "pld"
+        assert composed < written[-1].epsilon_after  # what the ninth entry recorded before
+        assert ninth.epsilon_after == written[-1].epsilon_after  # the lifetime never goes down
+        # A budget between the PLD composition and the recorded lifetime admits nothing more.
+        cap = (composed + written[-1].epsilon_after) / 2
+        decision = check_round(ledger, fp, PrivacyBudget(cap, 1e-5), tiny, "prv")
+        assert not decision.allowed
+        assert decision.epsilon_now == written[-1].epsilon_after
+        with pytest.raises(BudgetExhaustedError):
+            ledger.record("run-10", 1, tiny, 1.0, 1e-5, fp, epsilon_max=cap)
