@@ -43,6 +43,9 @@ MEMO_SIZE = 4096
 #: Distinct mechanisms beyond which an account composed with PRV is composed with PLD instead
 #: (:func:`account_accountant`).
 PRV_MECHANISM_LIMIT = 8
+#: Deltas below which an account keeps PRV whatever its number of mechanisms
+#: (:func:`account_accountant`).
+PLD_MIN_DELTA = 1e-10
 
 
 def check_accountant(name: str) -> AccountantName:
@@ -158,7 +161,9 @@ def _memo_epsilon(
     return _compose(composition.mechanisms, delta, name)
 
 
-def account_accountant(composition: Composition, accountant: str) -> AccountantName:
+def account_accountant(
+    composition: Composition, accountant: str, delta: float | None = None
+) -> AccountantName:
     """The accountant that composes an account holding ``composition``.
 
     The site's own, except that PRV gives way to dp_accounting's PLD beyond
@@ -174,12 +179,18 @@ def account_accountant(composition: Composition, accountant: str) -> AccountantN
         Every event of the account, including the one about to be spent.
     accountant
         The site's accountant.
+    delta
+        The delta the account is stated at. Below :data:`PLD_MIN_DELTA` PRV is kept: the
+        incremental PLD reads its epsilon at delta lowered by a slack per event
+        (:mod:`fedsafe.privacy.incremental_pld`), which at such deltas would cost several
+        percent of epsilon or make it infinite for a long ledger.
 
     Returns
     -------
     str
-        ``accountant``, or ``"pld"`` when it is ``"prv"`` and ``composition`` has more than
-        :data:`PRV_MECHANISM_LIMIT` distinct mechanisms.
+        ``accountant``, or ``"pld"`` when it is ``"prv"``, ``composition`` has more than
+        :data:`PRV_MECHANISM_LIMIT` distinct mechanisms and ``delta`` is not below
+        :data:`PLD_MIN_DELTA`.
 
     Raises
     ------
@@ -187,9 +198,9 @@ def account_accountant(composition: Composition, accountant: str) -> AccountantN
         If ``accountant`` is unknown.
     """
     name = check_accountant(accountant)
-    if name == "prv" and len(composition.mechanisms) > PRV_MECHANISM_LIMIT:
-        return "pld"
-    return name
+    if name != "prv" or len(composition.mechanisms) <= PRV_MECHANISM_LIMIT:
+        return name
+    return name if delta is not None and delta < PLD_MIN_DELTA else "pld"
 
 
 def account_epsilon(
@@ -206,7 +217,7 @@ def account_epsilon(
     """
     spent = list(events)
     composition = Composition.of(spent)
-    name = account_accountant(composition, accountant)
+    name = account_accountant(composition, accountant, delta)
     return epsilon_of(composition, delta, name, len(spent)), name
 
 

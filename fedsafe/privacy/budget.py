@@ -157,7 +157,7 @@ def check_round(
     events = [e.event for e in entries]
     # The accountant the commit will use (account_accountant), for both values, and never
     # below what the account recorded at this delta (PRV values before a switch to PLD).
-    accountant = account_accountant(Composition.of([*events, event]), accountant)
+    accountant = account_accountant(Composition.of([*events, event]), accountant, budget.delta)
     recorded = recorded_epsilon(entries, budget.delta)
     eps_now = max(epsilon(events, budget.delta, accountant), recorded)
     eps_after = max(epsilon([*events, event], budget.delta, accountant), recorded)
@@ -254,6 +254,7 @@ def plan_noise(
     accountant = account_accountant(
         Composition.of([*prior, PoissonGaussianEvent(sample_rate, 1.0, steps_per_round)]),
         accountant,
+        budget.delta,
     )
     eps_spent = epsilon(prior, budget.delta, accountant)
     # A sliver of budget would be "spent" on noise so large the rounds teach nothing.

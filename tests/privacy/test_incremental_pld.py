@@ -102,3 +102,16 @@ def test_a_slack_as_large_as_delta_gives_no_finite_epsilon() -> None:
     tiny = 10 * incremental_pld.TRUNCATION_SLACK
     assert incremental_pld.pld_epsilon(c, tiny, events=10) == float("inf")
     assert incremental_pld.pld_epsilon(c, 1e-5, events=10) < float("inf")
+
+
+def test_an_account_stated_at_a_tiny_delta_keeps_prv() -> None:
+    """Below PLD_MIN_DELTA the per-event slack would cost percents or make epsilon infinite."""
+    from fedsafe.privacy.accounting import PLD_MIN_DELTA
+
+    many = Composition.of(
+        PoissonGaussianEvent(0.01, 1.0 + 0.01 * i, 1) for i in range(PRV_MECHANISM_LIMIT + 1)
+    )
+    assert account_accountant(many, "prv", PLD_MIN_DELTA / 10) == "prv"
+    assert account_accountant(many, "prv", PLD_MIN_DELTA) == "pld"
+    eps, name = account_epsilon(many.mechanisms, 1e-12, "prv")
+    assert name == "prv" and eps == epsilon(many.mechanisms, 1e-12, "prv")
