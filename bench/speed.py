@@ -234,6 +234,12 @@ def _run_worker(
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _per_site(mem: list[dict[str, float]], key: str, sites: int) -> dict[str, float] | None:
+    """``_summary`` of ``key`` divided by the number of sites, over the runs that have it."""
+    values = [m[key] / sites for m in mem if key in m]
+    return _summary(values) if values else None
+
+
 def _summary(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
@@ -633,24 +639,8 @@ def _sim_summary(runs: list[dict[str, Any]], sites: int) -> dict[str, Any]:
         "round1_s": _summary(round1) if round1 else None,
         "round_s": _summary(later) if later else None,
         "updates_per_s": _summary([sites / s for s in later]) if later else None,
-        "peak_pss_per_site_mib": _summary(
-            [
-                m["workers_and_serverapp_pss"] / sites
-                for m in mem
-                if "workers_and_serverapp_pss" in m
-            ]
-        )
-        if any("workers_and_serverapp_pss" in m for m in mem)
-        else None,
-        "held_pss_per_site_mib": _summary(
-            [
-                m["held_workers_and_serverapp_pss"] / sites
-                for m in mem
-                if "held_workers_and_serverapp_pss" in m
-            ]
-        )
-        if any("held_workers_and_serverapp_pss" in m for m in mem)
-        else None,
+        "peak_pss_per_site_mib": _per_site(mem, "workers_and_serverapp_pss", sites),
+        "held_pss_per_site_mib": _per_site(mem, "held_workers_and_serverapp_pss", sites),
         "peak_total_pss_mib": _summary([m["total_pss"] for m in mem if "total_pss" in m])
         if any("total_pss" in m for m in mem)
         else None,

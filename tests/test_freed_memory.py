@@ -1,14 +1,11 @@
 """Freed heap handed back: a process that keeps freed memory releases a one-off peak."""
 
-import json
-import os
-import subprocess
 import sys
 
 import pytest
 
 from fedsafe.freed_memory import return_freed_memory
-from fedsafe.training.malloc_tuning import KEEP_FREED_MEMORY_ENV
+from tests.kept_memory_child import run_with_kept_freed_memory
 
 # Under the simulated sites' glibc settings (no mmap, no trimming), 256 MiB of touched and freed
 # arrays stay resident until return_freed_memory() runs; the child prints RSS at each point.
@@ -32,14 +29,7 @@ def test_answers_on_any_platform() -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim only")
 def test_a_kept_peak_leaves_the_process_once_returned() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", _CHILD],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, **KEEP_FREED_MEMORY_ENV},
-    )
-    mib = json.loads(out.stdout)
+    mib = run_with_kept_freed_memory(_CHILD)
     assert mib["freed"] - mib["start"] > 200  # the settings kept the freed 256 MiB
     assert mib["released"] is True
     assert mib["after"] - mib["start"] < 40

@@ -6,14 +6,11 @@ keeps freed memory (the simulated sites' workers) keeps every temporary. ``prv_e
 releases both after such an evaluation and returns Opacus's value unchanged.
 """
 
-import json
-import os
-import subprocess
 import sys
 
 import pytest
 
-from fedsafe.training.malloc_tuning import KEEP_FREED_MEMORY_ENV
+from tests.kept_memory_child import run_with_kept_freed_memory
 
 # sigma 0.04 at q 1/1150 over 6 steps: 2.6 million grid points (above LARGE_DOMAIN). The child
 # warms the imports on a small evaluation, then measures RSS around fedsafe's evaluation and
@@ -40,14 +37,7 @@ print(json.dumps({"ours": middle - start, "opacus": rss() - middle, "equal": our
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim only")
 def test_a_large_evaluation_leaves_nothing_resident_and_the_same_epsilon() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", _CHILD],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, **KEEP_FREED_MEMORY_ENV},
-    )
-    retained = json.loads(out.stdout)
+    retained = run_with_kept_freed_memory(_CHILD)
     assert retained["equal"] is True  # bit for bit
     assert retained["opacus"] > 60  # MiB: the FFT plan and the kept temporaries
     assert retained["ours"] < 25
