@@ -30,7 +30,11 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from fedsafe.config import MAX_MAX_GRAD_NORM, MIN_MAX_GRAD_NORM
 from fedsafe.privacy.events import PoissonGaussianEvent
 from fedsafe.privacy.secure_random import NOISE_STREAM, SAMPLING_STREAM, ChaCha20Random, fresh_key
-from fedsafe.training.grad_sample_mode import check_grad_sample_mode, resolve_grad_sample_mode
+from fedsafe.training.grad_sample_mode import (
+    check_grad_sample_mode,
+    mode_for_sequences,
+    resolve_grad_sample_mode,
+)
 from fedsafe.training.malloc_tuning import keep_freed_memory
 from fedsafe.training.model_check import check_model_for_dp
 
@@ -257,8 +261,8 @@ def make_private(
     mode = resolve_grad_sample_mode(grad_sample_mode, model, int(loader.batch_size or 1))
     if grad_sample_mode == "auto" and mode == "bookkeeping" and _records_not_vectors(loader):
         # Book-keeping takes (batch, features) inputs only; a Linear-only model applied to
-        # sequences keeps ghost clipping, which ``auto`` picked for it before.
-        mode = "ghost"
+        # sequences gets ghost clipping when large, else hooks.
+        mode = mode_for_sequences(model, int(loader.batch_size or 1))
     ModuleValidator.validate(model, strict=True)
     if mode == "bookkeeping":
         check_bookkeeping_model(model)

@@ -36,6 +36,7 @@ __all__ = [
     "GRAD_SAMPLE_MODES",
     "check_grad_sample_mode",
     "choose_grad_sample_mode",
+    "mode_for_sequences",
     "resolve_grad_sample_mode",
 ]
 
@@ -70,7 +71,7 @@ GHOST_MIN_GRADIENT_VALUES = FAST_MIN_GRADIENT_VALUES
 
 
 def choose_grad_sample_mode(model: nn.Module, batch_size: int) -> str:
-    """The mode ``auto`` picks: bookkeeping (ghost with an Embedding) for large models, or hooks.
+    """The mode ``auto`` picks: bookkeeping for Linear-only models, ghost or hooks otherwise.
 
     Rule measured with ``bench/speed.py`` (CPU, one thread; BENCHMARKS.md "DP step speed"):
     ghost clipping is many times faster than hooks when every trainable layer is ``Linear`` or
@@ -80,12 +81,14 @@ def choose_grad_sample_mode(model: nn.Module, batch_size: int) -> str:
     as soon as a convolution or a normalisation layer must still build per-record gradients,
     it is slower than hooks. Ghost therefore needs both: only ghost-normed layers, and
     ``batch_size x parameters >= FAST_MIN_GRADIENT_VALUES`` (4 MB of float32 gradients).
-    Where both hold and every trainable layer is ``nn.Linear``, book-keeping (one backward
-    pass) is picked instead of ghost: it beats ghost there (BENCHMARKS.md "Book-keeping
-    clipping"); models with an ``Embedding`` keep ghost. Input shapes are not known here:
-    :func:`~fedsafe.training.dp_training.make_private` turns ``auto``'s bookkeeping into ghost
-    when the loader's records are not vectors (a Linear-only model applied to sequences
-    ``(batch, time, features)``, which book-keeping refuses).
+    Where every trainable layer is ``nn.Linear`` (and book-keeping does not refuse the model),
+    book-keeping (one backward pass) is picked at any size: it beats ghost on the 4x512 MLP
+    and hooks on heart's logistic model and lending's MLP (about 2x; BENCHMARKS.md
+    "Book-keeping clipping"); models with an ``Embedding`` keep ghost when large. Input shapes
+    are not known here: :func:`~fedsafe.training.dp_training.make_private` turns ``auto``'s
+    bookkeeping into :func:`mode_for_sequences` when the loader's records are not vectors (a
+    Linear-only model applied to sequences ``(batch, time, features)``, which book-keeping
+    refuses).
 
     Parameters
     ----------
@@ -105,14 +108,31 @@ def choose_grad_sample_mode(model: nn.Module, batch_size: int) -> str:
     trainable = [
         m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))
     ]
+    if not trainable or not all(type(m) in ghost_layers for m in trainable):
+        return "hooks"
+    if bookkeeping_refusal(model) is None:
+        return "bookkeeping"  # at any size: one backward pass beats hooks even at batch 4
+    return "ghost" if _large(model, batch_size) else "hooks"
+
+
+def _large(model: nn.Module, batch_size: int) -> bool:
     values = batch_size * sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if (
-        trainable
-        and all(type(m) in ghost_layers for m in trainable)
-        and values >= FAST_MIN_GRADIENT_VALUES
-    ):
-        return "bookkeeping" if bookkeeping_refusal(model) is None else "ghost"
-    return "hooks"
+    return values >= FAST_MIN_GRADIENT_VALUES
+
+
+def mode_for_sequences(model: nn.Module, batch_size: int) -> str:
+    """What ``auto``'s bookkeeping becomes when the records are not vectors.
+
+    Book-keeping takes ``(batch, features)`` inputs only. A Linear-only model applied to
+    sequences gets ghost clipping when its per-record gradients would be large, else hooks
+    (ghost's second backward pass costs more than small per-record gradients).
+
+    Returns
+    -------
+    str
+        ``"ghost"`` or ``"hooks"``.
+    """
+    return "ghost" if _large(model, batch_size) else "hooks"
 
 
 def resolve_grad_sample_mode(requested: str, model: nn.Module, batch_size: int) -> str:

@@ -305,3 +305,22 @@ def test_global_weights_a_coordinator_picks_never_let_one_record_exceed_the_clip
             assert contribution <= C * (1 + 1e-5), (name, i, contribution)
             clipped_any |= contribution > 0.99 * C
     assert clipped_any  # the premise: some records were clipped, not all zeroed
+
+
+def test_auto_trains_a_small_linear_model_with_bookkeeping_and_on_sequences_with_hooks() -> None:
+    torch.manual_seed(4)  # test weights, not privacy randomness
+    small = nn.Sequential(nn.Linear(13, 1))
+    y = torch.zeros(16)
+    modes = {}
+    for name, x in (("vectors", torch.randn(16, 13)), ("sequences", torch.randn(16, 3, 13))):
+        opt = torch.optim.SGD(small.parameters(), lr=0.1)
+        loader = DataLoader(TensorDataset(x, y), batch_size=4)
+        dp_model, dp_opt, _, _ = make_private(
+            small, opt, loader, 1.0, C, KEY, grad_sample_mode="auto"
+        )
+        modes[name] = type(dp_opt).__name__
+        dp_model._close()
+    assert modes == {
+        "vectors": "SecureNoiseBookkeepingDPOptimizer",
+        "sequences": "SecureNoiseDPOptimizer",
+    }
