@@ -348,17 +348,7 @@ class SecureNoiseBookkeepingDPOptimizer(_SecureNoise, DPOptimizerFastGradientCli
     snapped to the grid (:meth:`SecureNoiseDPOptimizer.add_noise`, never Opacus's) and divides
     by ``expected_batch_size``. A separate class so that
     :func:`~fedsafe.training.dp_training.private_backward` runs the matching backward pass.
-
-    Parameters
-    ----------
-    optimizer
-        The wrapped optimizer (SGD in fedsafe).
-    noise_multiplier, max_grad_norm
-        Noise standard deviation over the clipping norm, > 0; clipping norm, > 0.
-    expected_batch_size
-        The public expected batch size, the denominator of the mean over a Poisson batch.
-    noise_rng
-        The secret generator; its stream must serve nothing else.
+    Its parameters are those of :class:`SecureNoiseGhostDPOptimizer`.
     """
 
     def accumulate(self) -> None:

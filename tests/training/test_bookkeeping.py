@@ -246,21 +246,27 @@ def test_record_norms_are_those_of_opacus_norm_sampler_and_of_real_per_record_gr
     assert len(linear_record_norms(layer, a, g)) == 1
 
 
-def test_auto_keeps_ghost_for_a_linear_only_model_applied_to_sequences() -> None:
-    torch.manual_seed(3)  # test weights, not privacy randomness
-    big = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.Linear(512, 4))
-    vectors = torch.randn(256, 64)
-    sequences = torch.randn(256, 5, 64)
-    y = torch.zeros(256, dtype=torch.long)
+def _auto_optimizers(
+    model: nn.Module, inputs: dict[str, torch.Tensor], y: torch.Tensor, batch_size: int
+) -> dict[str, str]:
+    """The optimizer ``make_private`` builds under ``auto`` for each named input set."""
     modes = {}
-    for name, x in (("vectors", vectors), ("sequences", sequences)):
-        opt = torch.optim.SGD(big.parameters(), lr=0.1)
-        loader = DataLoader(TensorDataset(x, y), batch_size=256)
+    for name, x in inputs.items():
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
         dp_model, dp_opt, _, _ = make_private(
-            big, opt, loader, 1.0, C, KEY, grad_sample_mode="auto"
+            model, opt, loader, 1.0, C, KEY, grad_sample_mode="auto"
         )
         modes[name] = type(dp_opt).__name__
         dp_model._close()
+    return modes
+
+
+def test_auto_keeps_ghost_for_a_linear_only_model_applied_to_sequences() -> None:
+    torch.manual_seed(3)  # test weights, not privacy randomness
+    big = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.Linear(512, 4))
+    inputs = {"vectors": torch.randn(256, 64), "sequences": torch.randn(256, 5, 64)}
+    modes = _auto_optimizers(big, inputs, torch.zeros(256, dtype=torch.long), 256)
     assert modes == {
         "vectors": "SecureNoiseBookkeepingDPOptimizer",
         "sequences": "SecureNoiseGhostDPOptimizer",
@@ -310,16 +316,8 @@ def test_global_weights_a_coordinator_picks_never_let_one_record_exceed_the_clip
 def test_auto_trains_a_small_linear_model_with_bookkeeping_and_on_sequences_with_hooks() -> None:
     torch.manual_seed(4)  # test weights, not privacy randomness
     small = nn.Sequential(nn.Linear(13, 1))
-    y = torch.zeros(16)
-    modes = {}
-    for name, x in (("vectors", torch.randn(16, 13)), ("sequences", torch.randn(16, 3, 13))):
-        opt = torch.optim.SGD(small.parameters(), lr=0.1)
-        loader = DataLoader(TensorDataset(x, y), batch_size=4)
-        dp_model, dp_opt, _, _ = make_private(
-            small, opt, loader, 1.0, C, KEY, grad_sample_mode="auto"
-        )
-        modes[name] = type(dp_opt).__name__
-        dp_model._close()
+    inputs = {"vectors": torch.randn(16, 13), "sequences": torch.randn(16, 3, 13)}
+    modes = _auto_optimizers(small, inputs, torch.zeros(16), 4)
     assert modes == {
         "vectors": "SecureNoiseBookkeepingDPOptimizer",
         "sequences": "SecureNoiseDPOptimizer",
