@@ -196,22 +196,33 @@ def _main_noise() -> tuple[Any, Any]:
     return modules[0].ChaCha20Random(), modules[1]._SecureNoise.add_noise
 
 
-def worker(name: str, arms: list[str], repeats: int) -> dict[str, Any]:
-    """Time ``arms`` on ``name`` in this process, alternating step by step."""
+def time_steps(
+    steps: dict[str, Callable[[], object]], count: int, repeats: int
+) -> dict[str, list[float]]:
+    """CPU seconds per step of each arm: two warm-up steps each, then the arms alternating.
+
+    Each repeat times ``count`` steps of one arm with ``time.process_time`` (one torch thread,
+    warnings off, set here); the result holds one mean per repeat and arm.
+    """
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    steps = {arm: _step_fn(name, arm) for arm in arms}
     for fn in steps.values():  # warm-up: first-step allocations and lazy imports
         fn()
         fn()
-    times: dict[str, list[float]] = {arm: [] for arm in arms}
-    count = STEPS_PER_REPEAT[name]
+    times: dict[str, list[float]] = {arm: [] for arm in steps}
     for _ in range(repeats):
-        for arm in arms:
+        for arm, fn in steps.items():
             start = time.process_time()
             for _ in range(count):
-                steps[arm]()
+                fn()
             times[arm].append((time.process_time() - start) / count)
+    return times
+
+
+def worker(name: str, arms: list[str], repeats: int) -> dict[str, Any]:
+    """Time ``arms`` on ``name`` in this process, alternating step by step."""
+    steps = {arm: _step_fn(name, arm) for arm in arms}
+    times = time_steps(steps, STEPS_PER_REPEAT[name], repeats)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"times": times, "peak_rss_mb": peak_mb}
 

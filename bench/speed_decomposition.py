@@ -29,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -130,20 +129,8 @@ def _profile(name: str, repeats: int) -> dict[str, list[float]]:
 
 def worker(name: str, arms: list[str], repeats: int, profile: bool) -> dict[str, Any]:
     """Time ``arms`` on ``name`` in this process, alternating step by step."""
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
     steps = {arm: _step_fn(name, arm) for arm in arms}
-    for fn in steps.values():  # warm-up: first-step allocations and lazy imports
-        fn()
-        fn()
-    times: dict[str, list[float]] = {arm: [] for arm in arms}
-    count = speed.STEPS_PER_REPEAT[name]
-    for _ in range(repeats):
-        for arm in arms:
-            start = time.process_time()
-            for _ in range(count):
-                steps[arm]()
-            times[arm].append((time.process_time() - start) / count)
+    times = speed.time_steps(steps, speed.STEPS_PER_REPEAT[name], repeats)
     result: dict[str, Any] = {"times": times}
     if profile and "bookkeeping" in arms:
         result["profile"] = _profile(name, repeats)
