@@ -79,15 +79,12 @@ def _mechanism(sample_rate: float, noise_multiplier: float, steps: int) -> Any:
     return one.self_compose(steps) if steps > 1 else one
 
 
-def _contains(big: Composition, small: Composition) -> bool:
-    steps = {(m.sample_rate, m.noise_multiplier): m.steps for m in big.mechanisms}
-    return all(
-        steps.get((m.sample_rate, m.noise_multiplier), 0) >= m.steps for m in small.mechanisms
-    )
+def _steps(composition: Composition) -> dict[tuple[float, float], int]:
+    return {(m.sample_rate, m.noise_multiplier): m.steps for m in composition.mechanisms}
 
 
 def _missing(big: Composition, small: Composition) -> list[tuple[float, float, int]]:
-    have = {(m.sample_rate, m.noise_multiplier): m.steps for m in small.mechanisms}
+    have = _steps(small)
     out = []
     for m in big.mechanisms:
         extra = m.steps - have.get((m.sample_rate, m.noise_multiplier), 0)
@@ -98,11 +95,14 @@ def _missing(big: Composition, small: Composition) -> list[tuple[float, float, i
 
 def _start(composition: Composition) -> tuple[Composition | None, Any]:
     """The largest kept composition contained in ``composition`` and its distribution."""
+    have = _steps(composition)  # once, not once per kept composition
     best: Composition | None = None
     for kept in _kept:
-        if kept.steps <= composition.steps and _contains(composition, kept):
-            if best is None or kept.steps > best.steps:
-                best = kept
+        contained = kept.steps <= composition.steps and all(
+            have.get((m.sample_rate, m.noise_multiplier), 0) >= m.steps for m in kept.mechanisms
+        )
+        if contained and (best is None or kept.steps > best.steps):
+            best = kept
     if best is None:
         return None, None
     _kept.move_to_end(best)
