@@ -301,9 +301,11 @@ def _refusal(msg: Message, site_name: str, reason: str) -> Message:
 def replay_released_rounds(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Answer a repeated round from the disk; have every new release stored before it leaves."""
     key = _key(msg)
-    cfg = RunConfig.from_mapping(context.run_config) if key else None
-    site = resolve_site(context, cfg) if cfg is not None else None
-    if key is None or site is None or not site.ledger_path:
+    if key is None:
+        return call_next(msg, context)
+    cfg = RunConfig.from_mapping(context.run_config)
+    site = resolve_site(context, cfg)
+    if site is None or not site.ledger_path:
         return call_next(msg, context)
     run_id, rnd = key
     if rnd == BAD_ROUND:
@@ -326,7 +328,6 @@ def replay_released_rounds(msg: Message, context: Context, call_next: ClientAppC
         if entry is not None and staged is not None:
             # Stopped after the commit, before the release was kept: complete it and send it.
             log.warning("fedsafe: round %d of this run was committed before: its reply sent", rnd)
-            assert cfg is not None  # with site
             release = _completed(
                 staged, entry, site.ledger_path, cfg.accountant, site.shared_account
             )
