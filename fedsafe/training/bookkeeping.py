@@ -121,15 +121,20 @@ def linear_record_norms(
     Returns
     -------
     list of torch.Tensor
-        Shape ``(batch,)`` each, in ``g``'s dtype: ``|g_i| |a_i|`` for the weight (the
+        Shape ``(batch,)`` each, in float64 (a float32 sum of squares would underflow or
+        overflow where the exact norm does not): ``|g_i| |a_i|`` for the weight (the
         Frobenius norm of ``g_i a_i^T``) and ``|g_i|`` for the bias, as Opacus's
         ``compute_linear_norm_sample`` gives for 2-D inputs (NaN or infinite where a record's
         values are).
     """
-    g_norms = torch.linalg.vector_norm(output_grads, dim=1)
+    # In float64 whatever the model's dtype: a float32 sum of squares underflows to 0 for
+    # entries below ~2.6e-23, so a coordinator's weights could make |g| compute as 0 while
+    # |a| ~1e19 is finite, and the record would pass unclipped (docs/attacks/issue17c.md).
+    # Squares of float32 (or float16) values neither underflow nor overflow in float64.
+    g_norms = torch.linalg.vector_norm(output_grads, dim=1, dtype=torch.float64)
     norms = []
     if layer.weight.requires_grad:
-        a_norms = torch.linalg.vector_norm(activations.to(output_grads.dtype), dim=1)
+        a_norms = torch.linalg.vector_norm(activations, dim=1, dtype=torch.float64)
         norms.append(g_norms * a_norms)
     if layer.bias is not None and layer.bias.requires_grad:
         norms.append(g_norms)

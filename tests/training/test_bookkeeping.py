@@ -239,9 +239,10 @@ def test_record_norms_are_those_of_opacus_norm_sampler_and_of_real_per_record_gr
     theirs = list(sampler(layer, [a], g).values())
     assert len(ours) == len(theirs) == 2
     for x, y in zip(ours, theirs, strict=True):
-        assert torch.allclose(x, y, rtol=1e-6)
+        assert x.dtype == torch.float64  # squares in float64: no underflow (issue 17c)
+        assert torch.allclose(x.float(), y, rtol=1e-6)
     per_record = torch.einsum("ni,nj->nij", g, a).flatten(1).norm(dim=1)
-    assert torch.allclose(ours[0], per_record, rtol=1e-6)
+    assert torch.allclose(ours[0].float(), per_record, rtol=1e-6)
     layer.bias.requires_grad_(False)
     assert len(linear_record_norms(layer, a, g)) == 1
 
@@ -322,3 +323,37 @@ def test_auto_trains_a_small_linear_model_with_bookkeeping_and_on_sequences_with
         "vectors": "SecureNoiseBookkeepingDPOptimizer",
         "sequences": "SecureNoiseDPOptimizer",
     }
+
+
+def test_weights_that_underflow_the_output_gradients_square_never_let_a_record_exceed_c() -> None:
+    """Attack (issue 17c, docs/attacks/issue17c.md): the coordinator makes a layer's output
+    gradient g tiny (entries ~2e-23, whose float32 squares underflow: |g| computed as 0) and
+    its input a huge (|a| ~1.7e19, still finite), so the record's computed norm was 0 and its
+    true contribution g a^T (~4.6e-4) passed unclipped, 464 x C at the smallest C the config
+    allows. Norms in float64 clip it to C."""
+    small_c = 1e-6
+    torch.manual_seed(0)  # test data, not privacy randomness
+    x = torch.randn(8, 6)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    state = _mlp().state_dict()
+    state["2.weight"] = torch.zeros_like(state["2.weight"])
+    state["2.bias"] = torch.full_like(state["2.bias"], 3e18)
+    state["4.weight"] = torch.zeros_like(state["4.weight"])
+    state["4.bias"] = torch.tensor([52.3, 0.0, 0.0])
+
+    def clipped_sum(keep: torch.Tensor) -> torch.Tensor:
+        model = _mlp()
+        model.load_state_dict(state)
+        wrapped = BookkeepingModule(model, small_c)
+        loss = nn.functional.cross_entropy(wrapped(x[keep]), y[keep], reduction="none")
+        wrapped.clipped_backward(loss)
+        wrapped._close()
+        return torch.cat([p.grad.flatten().double() for p in model.parameters()])
+
+    every = torch.ones(len(x), dtype=torch.bool)
+    full = clipped_sum(every)
+    assert full.isfinite().all()
+    for i in range(len(x)):
+        contribution = float((full - clipped_sum(torch.arange(len(x)) != i)).norm())
+        assert contribution <= small_c * (1 + 1e-5), (i, int(y[i]), contribution)
+        assert contribution > 0.99 * small_c  # the premise: every record was clipped, none lost
