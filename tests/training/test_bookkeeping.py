@@ -357,3 +357,38 @@ def test_weights_that_underflow_the_output_gradients_square_never_let_a_record_e
         contribution = float((full - clipped_sum(torch.arange(len(x)) != i)).norm())
         assert contribution <= small_c * (1 + 1e-5), (i, int(y[i]), contribution)
         assert contribution > 0.99 * small_c  # the premise: every record was clipped, none lost
+
+
+class _ReusesALayer(nn.Module):
+    """A Linear-only model that applies one layer twice per forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)  # test weights, not privacy randomness
+        self.hidden = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(torch.tanh(self.hidden(x)))))
+
+
+def test_auto_does_not_pick_bookkeeping_for_a_model_that_reuses_a_layer() -> None:
+    """Issue 17c: since auto picks book-keeping at any size, a small Linear-only model that
+    applies a layer twice (which book-keeping refuses only during the forward pass) failed
+    at its first step under ``auto`` (before: hooks). A forward probe on zeros sends it to the
+    mode a sequence model gets; the gradients and the records are not touched by the probe."""
+    model = _ReusesALayer()
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,)).float()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dp_model, dp_opt, _, _ = make_private(
+        model, opt, _loader(x, y), 1.0, C, KEY, grad_sample_mode="auto"
+    )
+    assert type(dp_opt) is SecureNoiseDPOptimizer  # hooks: small
+    assert all(p.grad is None for p in model.parameters())  # the probe ran no backward pass
+    private_backward(dp_model, dp_opt, x, y)  # trains
+    assert all(p.grad_sample is not None for p in model.parameters())
+    dp_model._close()
+    with pytest.raises(UserError, match="applied once per forward pass"):
+        make_private(
+            _ReusesALayer(), opt, _loader(x, y), 1.0, C, KEY, grad_sample_mode="bookkeeping"
+        )[0](x)
