@@ -19,8 +19,9 @@ without building per-record gradients and without a second backward pass:
 
 The result is the clipped sum Opacus's hooks build from per-record gradients (equal up to
 float rounding), so the noise, the sampling and the privacy event do not change. A record
-whose norm is not finite (a NaN or an infinity in its activations or output gradients, or a
-norm that overflows) contributes zero, as :func:`~fedsafe.training.secure_dp_sgd.
+whose norm is not finite (a NaN or an infinity in its activations or output gradients; norms
+are computed in float64, so a float32 model's finite values never overflow or underflow
+there) contributes zero, as :func:`~fedsafe.training.secure_dp_sgd.
 zero_non_finite_records` does for hooks: its rows of ``a`` and ``g`` are zeroed, not
 multiplied by zero (``0 * inf`` is NaN).
 
@@ -141,6 +142,11 @@ def linear_record_norms(
     return norms
 
 
+def _flushed(values: torch.Tensor, tiny: float) -> torch.Tensor:
+    """``values``, a fresh tensor, with every entry below ``tiny`` in magnitude set to zero."""
+    return values.masked_fill_(values.abs() < tiny, 0.0)
+
+
 class BookkeepingModule(nn.Module):
     """A model wrapped for book-keeping clipping: forward as usual, then :meth:`clipped_backward`.
 
@@ -256,7 +262,14 @@ class BookkeepingModule(nn.Module):
         if not all_finite:
             factor = torch.where(finite, factor, torch.zeros((), dtype=factor.dtype))
         for layer, (a, _), g in zip(layers, kept, output_grads, strict=True):
-            c = factor.to(g.dtype)
+            # Below the dtype's smallest normal a product rounds by up to 2x (one unit in the
+            # last place of a subnormal), and a huge a_i would carry that past C (1.25 x C
+            # measured; docs/attacks/issue17c.md). So a clip factor that small (a norm above
+            # C / tiny) makes its record contribute zero, as an overflowing one does with
+            # hooks, and scaled entries that small are flushed to zero: both only shrink a
+            # record's rank-one contribution, whose norm stays <= c_i |g_i| |a_i| <= C.
+            tiny = torch.finfo(g.dtype).tiny
+            c = _flushed(factor.to(g.dtype), tiny)
             a = a.to(g.dtype)
             if not all_finite:
                 keep = finite.unsqueeze(1)
@@ -265,9 +278,9 @@ class BookkeepingModule(nn.Module):
             if layer.weight.requires_grad:
                 # (c * g)^T a = g^T (c * a): scale the narrower of the two.
                 if a.shape[1] < g.shape[1]:
-                    grad_w = g.t() @ (a * c.unsqueeze(1))
+                    grad_w = g.t() @ _flushed(a * c.unsqueeze(1), tiny)
                 else:
-                    grad_w = (g * c.unsqueeze(1)).t() @ a
+                    grad_w = _flushed(g * c.unsqueeze(1), tiny).t() @ a
                 layer.weight.grad = grad_w.to(layer.weight.dtype)
             if layer.bias is not None and layer.bias.requires_grad:
                 layer.bias.grad = (g.t() @ c).to(layer.bias.dtype)  # sum_i c_i g_i

@@ -263,7 +263,9 @@ def make_private(
         :class:`~fedsafe.training.secure_dp_sgd.SecureNoiseBookkeepingDPOptimizer`, also through
         :func:`private_backward`; ``nn.Linear``-only models); ``auto`` resolves with
         :func:`~fedsafe.training.grad_sample_mode.choose_grad_sample_mode` (its bookkeeping
-        becomes ghost when the loader's records are not vectors, e.g. sequences). Sampling, noise,
+        becomes :func:`~fedsafe.training.grad_sample_mode.mode_for_sequences` when the
+        loader's records are not vectors, e.g. sequences, or when the model's forward pass,
+        probed on zeros, applies a layer twice). Sampling, noise,
         expected batch size and the returned rate are the same in every mode.
 
     Returns

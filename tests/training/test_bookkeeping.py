@@ -392,3 +392,22 @@ def test_auto_does_not_pick_bookkeeping_for_a_model_that_reuses_a_layer() -> Non
         make_private(
             _ReusesALayer(), opt, _loader(x, y), 1.0, C, KEY, grad_sample_mode="bookkeeping"
         )[0](x)
+
+
+def test_a_subnormal_output_gradient_rounded_by_the_clip_factor_never_exceeds_c() -> None:
+    """Attack (issue 17c): output gradients of 3 units in the last place of float32's
+    subnormals (4.2e-45) times a clip factor of 0.51 round up to 2 units (1.53 -> 2), and
+    inputs of 1e37 carried that rounding into the weight gradient: 1.25 x C. Scaled entries
+    below float32's smallest normal are flushed to zero (the record then contributes less)."""
+    layer = nn.Linear(512, 512, bias=False)
+    with torch.no_grad():
+        layer.weight.zero_()
+    a = torch.full((1, 512), 1e37)
+    k = torch.full((1, 512), 3 * 1.401298464324817e-45)
+    assert float(k[0, 0]) > 0  # the premise: a subnormal, not zero
+    norm = float(linear_record_norms(layer, a, k)[0][0])
+    c = 0.51 * (norm + 1e-6)  # a clip factor of 0.51
+    wrapped = BookkeepingModule(nn.Sequential(layer), c)
+    wrapped.clipped_backward((wrapped(a) * k).sum(dim=1))
+    wrapped._close()
+    assert float(layer.weight.grad.double().norm()) <= c * (1 + 1e-6)
