@@ -16,6 +16,9 @@ without building per-record gradients and without a second backward pass:
    runs as a batched matrix product and cost about 4 ms of a 30 ms step of the 4x512 MLP);
 4. the clip factor is Opacus's, ``c_i = min(1, C / (norm_i + 1e-6))``, and the clipped sums are
    one weighted product per layer: ``grad_W = (c * g)^T a`` and ``grad_b = sum_i c_i g_i``.
+   Norms and factors are float64; a factor or a scaled entry ``c_i g_ij`` (or ``c_i a_ik``)
+   below the dtype's smallest normal is flushed to zero, because a subnormal rounds by up to
+   2x and a huge ``a_i`` would carry that past ``C`` (docs/attacks/issue17c.md).
 
 The result is the clipped sum Opacus's hooks build from per-record gradients (equal up to
 float rounding), so the noise, the sampling and the privacy event do not change. A record
