@@ -185,9 +185,10 @@ def _bookkeeping_refuses_forward(model: nn.Module, loader: DataLoader[Any]) -> b
     The forward-pass refusals :func:`~fedsafe.training.bookkeeping.bookkeeping_refusal` cannot
     see without running the model: a layer applied twice, or to inputs that are not 2-D. Two
     records of zeros shaped like the dataset's first go through the wrapper's forward pass
-    (no backward: no gradient is touched); no record's value is read and the global RNG is
-    left as it was. A probe that fails otherwise is inconclusive: False (book-keeping's own
-    refusal, e.g. of an output edited in place, then names the fix at the first step).
+    (no backward: no gradient is touched); no record's value is read, and the global RNG and
+    the model's buffers are left as they were. A probe that fails otherwise is inconclusive:
+    False (book-keeping's own refusal, e.g. of an output edited in place, then names the fix
+    at the first step).
     """
     from fedsafe.errors import UserError
     from fedsafe.training.bookkeeping import BookkeepingModule
@@ -200,6 +201,8 @@ def _bookkeeping_refuses_forward(model: nn.Module, loader: DataLoader[Any]) -> b
     params = list(model.parameters())
     if not isinstance(x, torch.Tensor) or not params:
         return False
+    # Buffers (a BatchNorm's running statistics) are put back: the probe changes nothing.
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     wrapped = BookkeepingModule(model, 1.0)
     try:
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
@@ -210,6 +213,9 @@ def _bookkeeping_refuses_forward(model: nn.Module, loader: DataLoader[Any]) -> b
         return False
     finally:
         wrapped._close()
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
     return False
 
 
@@ -295,6 +301,7 @@ def make_private(
     )
 
     mode = resolve_grad_sample_mode(grad_sample_mode, model, int(loader.batch_size or 1))
+    ModuleValidator.validate(model, strict=True)
     if grad_sample_mode == "auto" and mode == "bookkeeping" and _records_not_vectors(loader):
         # Book-keeping takes (batch, features) inputs only; a Linear-only model applied to
         # sequences gets ghost clipping when large, else hooks.
@@ -307,7 +314,6 @@ def make_private(
         # A layer run twice or an output edited in place (ReLU(inplace=True)): book-keeping
         # would refuse at the first step, so ``auto`` does not pick it (docs/attacks/issue17c.md).
         mode = mode_for_sequences(model, int(loader.batch_size or 1))
-    ModuleValidator.validate(model, strict=True)
     if mode == "bookkeeping":
         check_bookkeeping_model(model)
     round_key = fresh_key() if key is None else key

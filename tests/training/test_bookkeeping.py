@@ -385,6 +385,11 @@ def test_auto_does_not_pick_bookkeeping_for_a_model_that_reuses_a_layer() -> Non
     )
     assert type(dp_opt) is SecureNoiseDPOptimizer  # hooks: small
     assert all(p.grad is None for p in model.parameters())  # the probe ran no backward pass
+    with_buffers = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 1))
+    make_private(with_buffers, opt, _loader(x + 5, y), 1.0, C, KEY, grad_sample_mode="auto")[
+        0
+    ]._close()
+    assert int(with_buffers[1].num_batches_tracked) == 0  # nor moved a running statistic
     private_backward(dp_model, dp_opt, x, y)  # trains
     assert all(p.grad_sample is not None for p in model.parameters())
     dp_model._close()
