@@ -16,11 +16,15 @@ without building per-record gradients and without a second backward pass:
    runs as a batched matrix product and cost about 4 ms of a 30 ms step of the 4x512 MLP);
 4. the clip factor is Opacus's, ``c_i = min(1, C / (norm_i + 1e-6))``, and the clipped sums are
    one weighted product per layer: ``grad_W = (c * g)^T a`` and ``grad_b = sum_i c_i g_i``.
+   Norms and factors are float64; a factor or a scaled entry ``c_i g_ij`` (or ``c_i a_ik``)
+   below the dtype's smallest normal is flushed to zero, because a subnormal rounds by up to
+   2x and a huge ``a_i`` would carry that past ``C`` (docs/attacks/issue17c.md).
 
 The result is the clipped sum Opacus's hooks build from per-record gradients (equal up to
 float rounding), so the noise, the sampling and the privacy event do not change. A record
-whose norm is not finite (a NaN or an infinity in its activations or output gradients, or a
-norm that overflows) contributes zero, as :func:`~fedsafe.training.secure_dp_sgd.
+whose norm is not finite (a NaN or an infinity in its activations or output gradients; norms
+are computed in float64, so a float32 model's finite values never overflow or underflow
+there) contributes zero, as :func:`~fedsafe.training.secure_dp_sgd.
 zero_non_finite_records` does for hooks: its rows of ``a`` and ``g`` are zeroed, not
 multiplied by zero (``0 * inf`` is NaN).
 
@@ -121,19 +125,29 @@ def linear_record_norms(
     Returns
     -------
     list of torch.Tensor
-        Shape ``(batch,)`` each, in ``g``'s dtype: ``|g_i| |a_i|`` for the weight (the
+        Shape ``(batch,)`` each, in float64 (a float32 sum of squares would underflow or
+        overflow where the exact norm does not): ``|g_i| |a_i|`` for the weight (the
         Frobenius norm of ``g_i a_i^T``) and ``|g_i|`` for the bias, as Opacus's
         ``compute_linear_norm_sample`` gives for 2-D inputs (NaN or infinite where a record's
         values are).
     """
-    g_norms = torch.linalg.vector_norm(output_grads, dim=1)
+    # In float64 whatever the model's dtype: a float32 sum of squares underflows to 0 for
+    # entries below ~2.6e-23, so a coordinator's weights could make |g| compute as 0 while
+    # |a| ~1e19 is finite, and the record would pass unclipped (docs/attacks/issue17c.md).
+    # Squares of float32 (or float16) values neither underflow nor overflow in float64.
+    g_norms = torch.linalg.vector_norm(output_grads, dim=1, dtype=torch.float64)
     norms = []
     if layer.weight.requires_grad:
-        a_norms = torch.linalg.vector_norm(activations.to(output_grads.dtype), dim=1)
+        a_norms = torch.linalg.vector_norm(activations, dim=1, dtype=torch.float64)
         norms.append(g_norms * a_norms)
     if layer.bias is not None and layer.bias.requires_grad:
         norms.append(g_norms)
     return norms
+
+
+def _flushed(values: torch.Tensor, tiny: float) -> torch.Tensor:
+    """``values``, a fresh tensor, with every entry below ``tiny`` in magnitude set to zero."""
+    return values.masked_fill_(values.abs() < tiny, 0.0)
 
 
 class BookkeepingModule(nn.Module):
@@ -251,7 +265,14 @@ class BookkeepingModule(nn.Module):
         if not all_finite:
             factor = torch.where(finite, factor, torch.zeros((), dtype=factor.dtype))
         for layer, (a, _), g in zip(layers, kept, output_grads, strict=True):
-            c = factor.to(g.dtype)
+            # Below the dtype's smallest normal a product rounds by up to 2x (one unit in the
+            # last place of a subnormal), and a huge a_i would carry that past C (1.25 x C
+            # measured; docs/attacks/issue17c.md). So a clip factor that small (a norm above
+            # C / tiny) makes its record contribute zero, as an overflowing one does with
+            # hooks, and scaled entries that small are flushed to zero: both only shrink a
+            # record's rank-one contribution, whose norm stays <= c_i |g_i| |a_i| <= C.
+            tiny = torch.finfo(g.dtype).tiny
+            c = _flushed(factor.to(g.dtype), tiny)
             a = a.to(g.dtype)
             if not all_finite:
                 keep = finite.unsqueeze(1)
@@ -260,9 +281,9 @@ class BookkeepingModule(nn.Module):
             if layer.weight.requires_grad:
                 # (c * g)^T a = g^T (c * a): scale the narrower of the two.
                 if a.shape[1] < g.shape[1]:
-                    grad_w = g.t() @ (a * c.unsqueeze(1))
+                    grad_w = g.t() @ _flushed(a * c.unsqueeze(1), tiny)
                 else:
-                    grad_w = (g * c.unsqueeze(1)).t() @ a
+                    grad_w = _flushed(g * c.unsqueeze(1), tiny).t() @ a
                 layer.weight.grad = grad_w.to(layer.weight.dtype)
             if layer.bias is not None and layer.bias.requires_grad:
                 layer.bias.grad = (g.t() @ c).to(layer.bias.dtype)  # sum_i c_i g_i

@@ -179,6 +179,46 @@ def _records_not_vectors(loader: DataLoader[Any]) -> bool:
     return isinstance(x, torch.Tensor) and x.dim() != 1
 
 
+def _bookkeeping_refuses_forward(model: nn.Module, loader: DataLoader[Any]) -> bool:
+    """Whether book-keeping refuses ``model``'s forward pass, probed on zeros, not on records.
+
+    The forward-pass refusals :func:`~fedsafe.training.bookkeeping.bookkeeping_refusal` cannot
+    see without running the model: a layer applied twice, or to inputs that are not 2-D. Two
+    records of zeros shaped like the dataset's first go through the wrapper's forward pass
+    (no backward: no gradient is touched); no record's value is read, and the global RNG and
+    the model's buffers are left as they were. A probe that fails otherwise is inconclusive:
+    False (book-keeping's own refusal, e.g. of an output edited in place, then names the fix
+    at the first step).
+    """
+    from fedsafe.errors import UserError
+    from fedsafe.training.bookkeeping import BookkeepingModule
+
+    dataset = loader.dataset
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        return False
+    first = dataset[0]
+    x = first[0] if isinstance(first, tuple | list) else first
+    params = list(model.parameters())
+    if not isinstance(x, torch.Tensor) or not params:
+        return False
+    # Buffers (a BatchNorm's running statistics) are put back: the probe changes nothing.
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    wrapped = BookkeepingModule(model, 1.0)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            wrapped(torch.zeros((2, *x.shape), dtype=x.dtype, device=params[0].device))
+    except UserError:
+        return True
+    except Exception:  # noqa: BLE001  # inconclusive, see above
+        return False
+    finally:
+        wrapped._close()
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+    return False
+
+
 def make_private(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -229,7 +269,9 @@ def make_private(
         :class:`~fedsafe.training.secure_dp_sgd.SecureNoiseBookkeepingDPOptimizer`, also through
         :func:`private_backward`; ``nn.Linear``-only models); ``auto`` resolves with
         :func:`~fedsafe.training.grad_sample_mode.choose_grad_sample_mode` (its bookkeeping
-        becomes ghost when the loader's records are not vectors, e.g. sequences). Sampling, noise,
+        becomes :func:`~fedsafe.training.grad_sample_mode.mode_for_sequences` when the
+        loader's records are not vectors, e.g. sequences, or when the model's forward pass,
+        probed on zeros, applies a layer twice). Sampling, noise,
         expected batch size and the returned rate are the same in every mode.
 
     Returns
@@ -259,11 +301,19 @@ def make_private(
     )
 
     mode = resolve_grad_sample_mode(grad_sample_mode, model, int(loader.batch_size or 1))
+    ModuleValidator.validate(model, strict=True)
     if grad_sample_mode == "auto" and mode == "bookkeeping" and _records_not_vectors(loader):
         # Book-keeping takes (batch, features) inputs only; a Linear-only model applied to
         # sequences gets ghost clipping when large, else hooks.
         mode = mode_for_sequences(model, int(loader.batch_size or 1))
-    ModuleValidator.validate(model, strict=True)
+    elif (
+        grad_sample_mode == "auto"
+        and mode == "bookkeeping"
+        and _bookkeeping_refuses_forward(model, loader)
+    ):
+        # A layer run twice or an output edited in place (ReLU(inplace=True)): book-keeping
+        # would refuse at the first step, so ``auto`` does not pick it (docs/attacks/issue17c.md).
+        mode = mode_for_sequences(model, int(loader.batch_size or 1))
     if mode == "bookkeeping":
         check_bookkeeping_model(model)
     round_key = fresh_key() if key is None else key

@@ -239,9 +239,10 @@ def test_record_norms_are_those_of_opacus_norm_sampler_and_of_real_per_record_gr
     theirs = list(sampler(layer, [a], g).values())
     assert len(ours) == len(theirs) == 2
     for x, y in zip(ours, theirs, strict=True):
-        assert torch.allclose(x, y, rtol=1e-6)
+        assert x.dtype == torch.float64  # squares in float64: no underflow (issue 17c)
+        assert torch.allclose(x.float(), y, rtol=1e-6)
     per_record = torch.einsum("ni,nj->nij", g, a).flatten(1).norm(dim=1)
-    assert torch.allclose(ours[0], per_record, rtol=1e-6)
+    assert torch.allclose(ours[0].float(), per_record, rtol=1e-6)
     layer.bias.requires_grad_(False)
     assert len(linear_record_norms(layer, a, g)) == 1
 
@@ -322,3 +323,96 @@ def test_auto_trains_a_small_linear_model_with_bookkeeping_and_on_sequences_with
         "vectors": "SecureNoiseBookkeepingDPOptimizer",
         "sequences": "SecureNoiseDPOptimizer",
     }
+
+
+def test_weights_that_underflow_the_output_gradients_square_never_let_a_record_exceed_c() -> None:
+    """Attack (issue 17c, docs/attacks/issue17c.md): the coordinator makes a layer's output
+    gradient g tiny (entries ~2e-23, whose float32 squares underflow: |g| computed as 0) and
+    its input a huge (|a| ~1.7e19, still finite), so the record's computed norm was 0 and its
+    true contribution g a^T (~4.6e-4) passed unclipped, 464 x C at the smallest C the config
+    allows. Norms in float64 clip it to C."""
+    small_c = 1e-6
+    torch.manual_seed(0)  # test data, not privacy randomness
+    x = torch.randn(8, 6)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    state = _mlp().state_dict()
+    state["2.weight"] = torch.zeros_like(state["2.weight"])
+    state["2.bias"] = torch.full_like(state["2.bias"], 3e18)
+    state["4.weight"] = torch.zeros_like(state["4.weight"])
+    state["4.bias"] = torch.tensor([52.3, 0.0, 0.0])
+
+    def clipped_sum(keep: torch.Tensor) -> torch.Tensor:
+        model = _mlp()
+        model.load_state_dict(state)
+        wrapped = BookkeepingModule(model, small_c)
+        loss = nn.functional.cross_entropy(wrapped(x[keep]), y[keep], reduction="none")
+        wrapped.clipped_backward(loss)
+        wrapped._close()
+        return torch.cat([p.grad.flatten().double() for p in model.parameters()])
+
+    every = torch.ones(len(x), dtype=torch.bool)
+    full = clipped_sum(every)
+    assert full.isfinite().all()
+    for i in range(len(x)):
+        contribution = float((full - clipped_sum(torch.arange(len(x)) != i)).norm())
+        assert contribution <= small_c * (1 + 1e-5), (i, int(y[i]), contribution)
+        assert contribution > 0.99 * small_c  # the premise: every record was clipped, none lost
+
+
+class _ReusesALayer(nn.Module):
+    """A Linear-only model that applies one layer twice per forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)  # test weights, not privacy randomness
+        self.hidden = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(torch.tanh(self.hidden(x)))))
+
+
+def test_auto_does_not_pick_bookkeeping_for_a_model_that_reuses_a_layer() -> None:
+    """Issue 17c: since auto picks book-keeping at any size, a small Linear-only model that
+    applies a layer twice (which book-keeping refuses only during the forward pass) failed
+    at its first step under ``auto`` (before: hooks). A forward probe on zeros sends it to the
+    mode a sequence model gets; the gradients and the records are not touched by the probe."""
+    model = _ReusesALayer()
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,)).float()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dp_model, dp_opt, _, _ = make_private(
+        model, opt, _loader(x, y), 1.0, C, KEY, grad_sample_mode="auto"
+    )
+    assert type(dp_opt) is SecureNoiseDPOptimizer  # hooks: small
+    assert all(p.grad is None for p in model.parameters())  # the probe ran no backward pass
+    with_buffers = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 1))
+    make_private(with_buffers, opt, _loader(x + 5, y), 1.0, C, KEY, grad_sample_mode="auto")[
+        0
+    ]._close()
+    assert int(with_buffers[1].num_batches_tracked) == 0  # nor moved a running statistic
+    private_backward(dp_model, dp_opt, x, y)  # trains
+    assert all(p.grad_sample is not None for p in model.parameters())
+    dp_model._close()
+    with pytest.raises(UserError, match="applied once per forward pass"):
+        make_private(
+            _ReusesALayer(), opt, _loader(x, y), 1.0, C, KEY, grad_sample_mode="bookkeeping"
+        )[0](x)
+
+
+def test_a_subnormal_output_gradient_rounded_by_the_clip_factor_never_exceeds_c() -> None:
+    """Attack (issue 17c): output gradients of 3 units in the last place of float32's
+    subnormals (4.2e-45) times a clip factor of 0.51 round up to 2 units (1.53 -> 2), and
+    inputs of 1e37 carried that rounding into the weight gradient: 1.25 x C. Scaled entries
+    below float32's smallest normal are flushed to zero (the record then contributes less)."""
+    layer = nn.Linear(512, 512, bias=False)
+    with torch.no_grad():
+        layer.weight.zero_()
+    a = torch.full((1, 512), 1e37)
+    k = torch.full((1, 512), 3 * 1.401298464324817e-45)
+    assert float(k[0, 0]) > 0  # the premise: a subnormal, not zero
+    norm = float(linear_record_norms(layer, a, k)[0][0])
+    c = 0.51 * (norm + 1e-6)  # a clip factor of 0.51
+    wrapped = BookkeepingModule(nn.Sequential(layer), c)
+    wrapped.clipped_backward((wrapped(a) * k).sum(dim=1))
+    wrapped._close()
+    assert float(layer.weight.grad.double().norm()) <= c * (1 + 1e-6)
