@@ -2,7 +2,7 @@
 # The CUDA federation of issue 17 on a GPU machine without network (bench/gpu_federation.py).
 # The machine's python3 has torch with CUDA; Flower, Ray, Opacus, dp-accounting and their
 # needs travel as one archive of a Python 3.12 site folder (.gpuenv/site312.tar.xz, made from
-# the same pinned wheels the Makefile installs; BENCHMARKS.md says how). Usage there:
+# the same pinned wheels the Makefile installs: bench/gpu/make_site_archive.sh). Usage there:
 #   bash bench/gpu/run_on_device.sh "$OUT"
 set -u -o pipefail
 out=${1:-/tmp/gpu-out}
