@@ -14,7 +14,7 @@ from fedsafe.cli.task_options import TASK_HELP
 from fedsafe.errors import BudgetExhaustedError, UserError
 from fedsafe.privacy.accounting import ACCOUNTANTS
 from fedsafe.privacy.budget import PrivacyBudget, plan_noise
-from fedsafe.privacy.ledger import SitePrivacyLedger
+from fedsafe.privacy.ledger import SitePrivacyLedger, recorded_epsilon
 
 PLAN_EPILOG = """examples:
   fedsafe privacy plan --epsilon 1 --delta 1e-4 --rounds 15 --steps 100 --batch-size 4 --n 199
@@ -426,10 +426,24 @@ def run_show(args: argparse.Namespace) -> int:
         accountant = args.accountant or last.accountant
         delta = args.delta or last.delta
         runs = len({e.run_id for e in entries})
+        composed = ledger.spent(None, delta, accountant)
+        recorded = recorded_epsilon(entries, delta)
+        # Without --accountant this is the site's lifetime as its budget check and its report
+        # state it: never below an epsilon already recorded (a PRV account moved to the
+        # tighter PLD may compose lower; docs/attacks/issue17b.md). With --accountant it is
+        # that accountant's composition, and a higher recorded value is named beside it.
+        lifetime = composed if args.accountant else max(composed, recorded)
+        note = ""
+        if recorded <= composed * (1 + 1e-12):  # the same composition, recomputed
+            pass
+        elif recorded > lifetime:
+            note = f"; {recorded:.4f} recorded, which the budget check uses"
+        elif recorded > composed:
+            note = f"; the largest recorded, {accountant} composes {composed:.4f} now"
         print(
-            f"lifetime epsilon {ledger.spent(None, delta, accountant):.4f} at delta {delta:g} "
-            f"({accountant}), {len(entries)} releases in {runs} runs (the site's one account: "
-            "every data version composed)"
+            f"lifetime epsilon {lifetime:.4f} at delta {delta:g} "
+            f"({accountant}{note}), {len(entries)} releases in {runs} runs (the site's one "
+            "account: every data version composed)"
         )
         print("data versions (labels of the entries; one account):")
         for fp in ledger.fingerprints():

@@ -116,3 +116,28 @@ def test_show_with_the_secrets_folder_missing_creates_no_key(
     assert main(["privacy", "show", str(path)]) == 2
     assert "ledger.key" in capsys.readouterr().err
     assert not lost.exists()
+
+
+def test_show_never_states_a_lifetime_below_an_epsilon_recorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An account moved from PRV to PLD composes lower than it recorded: show the recorded."""
+    from fedsafe.privacy.accounting import PRV_MECHANISM_LIMIT, epsilon
+
+    runs = [PoissonGaussianEvent(0.02, 1.0 + 0.05 * i, 50) for i in range(PRV_MECHANISM_LIMIT)]
+    tiny = PoissonGaussianEvent(0.02, 5.0, 1)
+    path = tmp_path / "l.sqlite"
+    with SitePrivacyLedger.open(path) as ledger:
+        written = [
+            ledger.record(f"run-{i}", 1, e, 1.0, 1e-5, "sha256:d") for i, e in enumerate(runs)
+        ]
+        ledger.record("run-9", 1, tiny, 1.0, 1e-5, "sha256:d")
+    composed = epsilon([*runs, tiny], 1e-5, "pld")
+    recorded = written[-1].epsilon_after
+    assert f"{composed:.4f}" != f"{recorded:.4f}"
+    assert main(["privacy", "show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"lifetime epsilon {recorded:.4f} at delta 1e-05 (pld; the largest recorded" in out
+    assert main(["privacy", "show", str(path), "--accountant", "pld"]) == 0
+    out = capsys.readouterr().out
+    assert f"lifetime epsilon {composed:.4f} at delta 1e-05 (pld; {recorded:.4f} recorded" in out
