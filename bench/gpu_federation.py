@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +38,8 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from speed import _model_and_batch  # noqa: E402
+from speed import BATCH, _model_and_batch, _step_fn  # noqa: E402
 
-from fedsafe.training.dp_training import _loss, make_private, private_backward  # noqa: E402
 from fedsafe.training.grad_sample_mode import choose_grad_sample_mode  # noqa: E402
 
 STEP_MODELS = ("mlp-4x512", "groupnorm-resnet")
@@ -52,43 +50,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _step(name: str, arm: str, device: str) -> tuple[Callable[[], None], str]:
-    model, x, y = _model_and_batch(name)
-    model, x, y = model.to(device), x.to(device), y.to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    if arm == "nodp":
-
-        def plain() -> None:
-            opt.zero_grad(set_to_none=True)
-            _loss(model, x, y).backward()
-            opt.step()
-
-        return plain, "-"
-    from torch.utils.data import DataLoader, TensorDataset
-
-    loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
-    mode = choose_grad_sample_mode(model, len(x))
-    dp_model, dp_opt, _, _ = make_private(
-        model, opt, loader, 1.0, 1.0, None, len(x) / 4096, grad_sample_mode=mode
-    )
-
-    def private() -> None:
-        dp_opt.zero_grad(set_to_none=True)
-        private_backward(dp_model, dp_opt, x, y)
-        dp_opt.step()
-
-    return private, mode
-
-
 def time_steps(devices: list[str], repeats: int, steps: int) -> list[dict[str, Any]]:
     """Wall seconds per step, arms alternating within each repeat; medians with the range."""
     rows = []
     for name in STEP_MODELS:
         for device in devices:
             arms = {}
-            modes = {}
             for arm in ("nodp", "dp"):
-                arms[arm], modes[arm] = _step(name, arm, device)
+                arms[arm] = _step_fn(name, "nodp" if arm == "nodp" else "auto", device)
                 for _ in range(2):  # warm-up: allocations, cuDNN/cuBLAS choices
                     arms[arm]()
             times: dict[str, list[float]] = {a: [] for a in arms}
@@ -104,7 +73,7 @@ def time_steps(devices: list[str], repeats: int, steps: int) -> list[dict[str, A
             row = {
                 "model": name,
                 "device": device,
-                "mode": modes["dp"],
+                "mode": choose_grad_sample_mode(_model_and_batch(name)[0], BATCH[name]),
                 "nodp_ms": 1e3 * statistics.median(times["nodp"]),
                 "dp_ms": 1e3 * statistics.median(times["dp"]),
                 "ratio": statistics.median(ratios),

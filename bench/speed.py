@@ -137,8 +137,9 @@ def _model_and_batch(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, x, torch.from_numpy(site.y_train[:batch])
 
 
-def _step_fn(name: str, arm: str) -> Callable[[], None]:
+def _step_fn(name: str, arm: str, device: str = "cpu") -> Callable[[], None]:
     model, x, y = _model_and_batch(name)
+    model, x, y = model.to(device), x.to(device), y.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     if arm == "nodp":
 
