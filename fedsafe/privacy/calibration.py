@@ -218,7 +218,8 @@ def _search(
 ) -> tuple[float, float | None]:
     """Noise with ``target * (1 - rel_tolerance) <= eps_at(noise) <= target``, conservative.
 
-    Invariant: ``eps_at(high) <= target`` was measured; ``eps_at(low) > target`` was measured.
+    Invariant: ``eps_at(high) <= target`` was measured; ``eps_at(low) > target`` was measured
+    (an evaluation that raises ``MemoryError`` counts as over the target).
     Only a measured ``high`` is returned, with the slope of ``log eps`` against ``log sigma``
     between the last two measurements (None after one). ``slope`` (negative, measured on a
     neighbouring plan) makes the steps that open the bracket Newton steps on it; without it,
@@ -237,7 +238,13 @@ def _search(
     last_side = 0
     stride = 1.0
     for _ in range(_MAX_EVALUATIONS):
-        eps = eps_at(sigma)
+        try:
+            eps = eps_at(sigma)
+        except MemoryError:
+            # PRV's grid grows as the noise shrinks: at a tiny noise (an absurd target such as
+            # epsilon 1000) it may not fit in memory. Unmeasured counts as over the target,
+            # so the search moves to more noise and only a measured noise is returned.
+            eps = math.inf
         if not math.isfinite(eps):
             eps = math.inf  # NaN or inf: never taken for "within the target"
         point = [sigma, math.log(sigma), math.log(max(min(eps, 1e300), 1e-300)) - aim]

@@ -84,7 +84,7 @@ def unevaluable_setting(run: PlannedRun) -> tuple[str, str] | None:
                 run.delta,
                 run.accountant,
             )
-        except (ValueError, ArithmeticError) as exc:
+        except (ValueError, ArithmeticError, MemoryError) as exc:
             return "epsilon", f"the accountant cannot evaluate this run ({exc})"
         if not least <= run.target_epsilon:
             return "epsilon", (
@@ -98,7 +98,7 @@ def unevaluable_setting(run: PlannedRun) -> tuple[str, str] | None:
             run.delta,
             run.accountant,
         )
-    except (ValueError, ArithmeticError) as exc:
+    except (ValueError, ArithmeticError, MemoryError) as exc:
         return "noise-multiplier", f"the accountant cannot evaluate this run ({exc})"
     if not (math.isfinite(eps) and eps >= 0):
         return "noise-multiplier", (

@@ -168,6 +168,19 @@ def test_a_nan_epsilon_is_never_taken_for_within_the_target() -> None:
     assert math.isfinite(eps_at(sigma)) and 0.4 * 0.995 <= eps_at(sigma) <= 0.4
 
 
+def test_an_accountant_out_of_memory_counts_as_over_the_target() -> None:
+    """PRV's grid at a tiny noise may not fit in memory: the search moves to more noise."""
+    from fedsafe.privacy.calibration import _search
+
+    def eps_at(sigma: float) -> float:
+        if sigma < 0.5:  # where an absurd target (epsilon 1000) would take PRV
+            raise MemoryError("Unable to allocate 725. MiB for an array")
+        return 50.0 / sigma
+
+    sigma, _ = _search(eps_at, 1000.0, 0.005, 0.01, 1e4)
+    assert sigma >= 0.5 and eps_at(sigma) <= 1000.0
+
+
 def test_a_downward_bracketing_step_lowers_the_noise_by_a_bounded_factor() -> None:
     """Epsilon falling as sigma^-6 from far above: the 1 / sigma model would step 60x down."""
     from fedsafe.privacy.calibration import MAX_DOWN_STEP, _search
