@@ -296,7 +296,8 @@ def test_a_model_above_the_small_draw_takes_the_block_path_with_the_same_noise()
 
 
 def test_released_gradient_is_exactly_the_snapped_integer_times_the_grid_cast() -> None:
-    # The cast-then-multiply of add_noise gives the bits of (k * grid) in float64, cast.
+    # add_noise's fused path (snapped_noised_grads) gives the bits of (k * grid) in float64,
+    # cast, with k from snap_noised_sums_ on the same clipped sums and the same stream.
     model = nn.Sequential(nn.Linear(6, 1200), nn.ReLU(), nn.Linear(1200, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for sigma in (1e-9, 3.0, 7e4):
@@ -305,9 +306,11 @@ def test_released_gradient_is_exactly_the_snapped_integer_times_the_grid_cast() 
         nn.functional.cross_entropy(dp_model(xb), yb).backward()
         dp_opt.clip_and_accumulate()
         dp_opt.add_noise()
-        k = dp_opt._noised_buffer
-        assert k is not None and k.numel() > SMALL_DRAW
-        expected = (k * noise_grid(sigma)).to(torch.float32)
+        sums = [p.summed_grad for p in dp_opt.params]
+        grid = noise_grid(sigma)
+        k = snap_noised_sums_(sums, ChaCha20Random(KEY, NOISE_STREAM), sigma, grid)
+        assert k.numel() > SMALL_DRAW and dp_opt._noised_buffer is None  # the fused path
+        expected = (k * grid).to(torch.float32)
         got = torch.cat([p.grad.flatten() for p in dp_opt.params])
         assert torch.equal(got, expected)
         dp_opt.zero_grad(set_to_none=True)
