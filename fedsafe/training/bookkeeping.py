@@ -40,6 +40,8 @@ refused with :class:`~fedsafe.errors.UserError`.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import torch
@@ -118,7 +120,7 @@ NORM_BLOCK = 32
 
 _U32 = 2.0**-24  # float32's unit roundoff
 _TINY32 = 2.0**-126  # float32's smallest normal
-_SMALL_SUM = 2.0**-60  # below it, a row's norm is recomputed in float64 (accuracy only)
+_SMALL_ROOT = 2.0**-30  # below it, a row's norm is recomputed in float64 (accuracy only)
 _RECORD_MARGIN = 2.0**-40 + 3 * _U32  # float64 roundings, then float32 casts (see below)
 
 
@@ -182,12 +184,14 @@ def row_norm_bounds(x: torch.Tensor) -> torch.Tensor:
     2**-126) / (1 - gamma_b)``. ``T_k**2`` is exact in float64 (48 bits), and ``Q``, the
     float64 sum of the ``K`` of them, is within ``gamma_K`` of float64 (``2**-53`` units).
     So the row's ``S = sum_k S_k <= (Q + 3n 2**-126)(1 + (b + 3) u)`` for ``b <= 64`` and
-    ``K <= 2**20``, and one more ``u`` of margin absorbs the float64 roundings of that
-    expression and of its square root: ``N = sqrt((Q + 3n 2**-126)(1 + (b + 4) u))``.
+    ``K <= 2**20``. With ``sqrt(p + q) <= sqrt(p) + sqrt(q)``, and one more ``u`` of margin
+    for the float64 roundings of ``R``, torch's float64 norm of the ``K`` block norms (about
+    ``sqrt(Q)``), and of the bound itself: ``N = (R + sqrt(3n 2**-126)) sqrt(1 + (b + 4)
+    u)``.
 
     Overflow needs no bound: a square or partial sum above float32's range makes ``T_k``
-    infinite, never finite and small (every term is >= 0). Rows whose ``Q`` is not finite,
-    or below ``2**-60`` (where the underflow term could loosen the bound beyond ``2**-40``
+    infinite, never finite and small (every term is >= 0). Rows whose ``R`` is not finite,
+    or below ``2**-30`` (where the underflow term could loosen the bound beyond ``2**-40``
     relative), are recomputed in float64 (:func:`_float64_row_norms`), which is exact up to
     ``(n + 2) 2**-53``: so an infinite row is infinite only when its float64 norm is, and a
     row of tiny entries keeps its exact norm. Other dtypes, and float32 rows whose width has
@@ -198,10 +202,13 @@ def row_norm_bounds(x: torch.Tensor) -> torch.Tensor:
     if width is None or rows == 0 or n == 0:
         return _float64_row_norms(x)
     blocks = torch.linalg.vector_norm(x.reshape(rows, n // width, width), dim=2)
-    squares = blocks.to(torch.float64).square_().sum(dim=1)
-    redo = ~(squares >= _SMALL_SUM) | ~squares.isfinite()  # NaN compares False: redone
-    bound = squares.add_(3 * n * _TINY32).mul_(1.0 + (width + 4) * _U32).sqrt_()
-    if bool(redo.any()):
+    root = torch.linalg.vector_norm(blocks, dim=1, dtype=torch.float64)  # sqrt(Q)
+    low, high = torch.aminmax(root)  # NaN if a row is NaN
+    redo = None
+    if not (float(low) >= _SMALL_ROOT and float(high) < math.inf):
+        redo = ~((root >= _SMALL_ROOT) & (root < math.inf))
+    bound = root.add_(math.sqrt(3 * n * _TINY32)).mul_(math.sqrt(1.0 + (width + 4) * _U32))
+    if redo is not None:
         bound[redo] = _float64_row_norms(x[redo])
     return bound
 
@@ -248,10 +255,10 @@ def _flushed(values: torch.Tensor) -> torch.Tensor:
     One pass (``hardshrink`` at the largest subnormal keeps exactly the entries ``|v| >=
     tiny``); NaN entries are kept.
     """
-    largest_subnormal = _largest_subnormal(values.dtype)
-    return nn.functional.hardshrink(values, largest_subnormal)
+    return nn.functional.hardshrink(values, _largest_subnormal(values.dtype))
 
 
+@functools.cache
 def _largest_subnormal(dtype: torch.dtype) -> float:
     tiny = torch.tensor(torch.finfo(dtype).tiny, dtype=dtype)
     return float(torch.nextafter(tiny, torch.zeros((), dtype=dtype)))
