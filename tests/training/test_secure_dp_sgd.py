@@ -26,6 +26,7 @@ from fedsafe.training.secure_dp_sgd import (
     SecureNoiseGhostDPOptimizer,
     SecurePoissonSampler,
     snap_noised_sums_,
+    snapped_noised_grads,
 )
 
 # Opacus per-sample hooks on inputs that need no gradient: harmless here.
@@ -315,3 +316,32 @@ def test_released_gradient_is_exactly_the_snapped_integer_times_the_grid_cast() 
         assert torch.equal(got, expected)
         dp_opt.zero_grad(set_to_none=True)
         dp_model._close()
+
+
+@pytest.mark.parametrize("std", [1e-306, 1.3, 7e4])  # 1e-306: a grid below 2**-1022
+def test_snapped_noised_grads_gives_the_bits_of_the_float64_buffer_path(std: float) -> None:
+    # Issue 17 (bk17d): add_noise adds, snaps and casts block by block while the draws are in
+    # the cache. Pieces cross tensor and block boundaries, an empty tensor and a float64 sum
+    # sit between float32 ones: the values must be those of snap_noised_sums_ then the cast.
+    gen = torch.Generator().manual_seed(5)  # the clipped sums: test data, not privacy noise
+    sums = [
+        torch.randn(PAIRS_PER_BLOCK + 11, generator=gen) * 3,
+        torch.zeros(0),
+        torch.randn(7, 9, generator=gen, dtype=torch.float64),
+        torch.randn(3 * PAIRS_PER_BLOCK // 2, generator=gen) * 1e3,
+    ]
+    if std < 1e-300:  # sums of the noise's size: float64, since float32 cannot hold them
+        sums = [s.double() * std for s in sums]
+    grid = noise_grid(std)
+    grads = snapped_noised_grads(sums, ChaCha20Random(KEY, NOISE_STREAM), std, grid)
+    k = snap_noised_sums_(sums, ChaCha20Random(KEY, NOISE_STREAM), std, grid)
+    offset = 0
+    for summed, grad in zip(sums, grads, strict=True):
+        size = summed.numel()
+        assert grad.dtype == summed.dtype and grad.shape == summed.shape
+        expected = (k[offset : offset + size] * grid).to(summed.dtype).view_as(summed)
+        assert torch.equal(grad, expected)
+        offset += size
+    assert not torch.equal(grads[0], sums[0])  # the premise: noise was added
+    with pytest.raises(ValueError, match="contiguous"):
+        snapped_noised_grads([sums[2].t()], ChaCha20Random(KEY), std, grid)
