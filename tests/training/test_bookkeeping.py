@@ -14,8 +14,8 @@ from fedsafe.models.mnist_cnn import MnistCNN
 from fedsafe.privacy.secure_random import NOISE_STREAM, ChaCha20Random, noise_grid
 from fedsafe.training.bookkeeping import (
     BookkeepingModule,
-    bookkeeping_refusal,
     _flushed,
+    bookkeeping_refusal,
     check_bookkeeping_model,
     linear_record_norms,
     row_norm_bounds,
