@@ -120,6 +120,7 @@ NORM_BLOCK = 32
 
 _U32 = 2.0**-24  # float32's unit roundoff
 _TINY32 = 2.0**-126  # float32's smallest normal
+_BLOCKED_FROM = 65_536  # entries; below, the float64 norm's single call is the cheaper
 _SMALL_ROOT = 2.0**-30  # below it, a row's norm is recomputed in float64 (accuracy only)
 _RECORD_MARGIN = 2.0**-40 + 3 * _U32  # float64 roundings, then float32 casts (see below)
 
@@ -194,12 +195,13 @@ def row_norm_bounds(x: torch.Tensor) -> torch.Tensor:
     or below ``2**-30`` (where the underflow term could loosen the bound beyond ``2**-40``
     relative), are recomputed in float64 (:func:`_float64_row_norms`), which is exact up to
     ``(n + 2) 2**-53``: so an infinite row is infinite only when its float64 norm is, and a
-    row of tiny entries keeps its exact norm. Other dtypes, and float32 rows whose width has
-    no divisor in ``[8, NORM_BLOCK]`` above ``NORM_BLOCK``, take the float64 path whole.
+    row of tiny entries keeps its exact norm. Other dtypes, float32 rows whose width has no
+    divisor in ``[8, NORM_BLOCK]`` above ``NORM_BLOCK``, and matrices of fewer than 65,536
+    entries (where the float64 path's single call costs less) take the float64 path whole.
     """
     rows, n = x.shape
     width = _block_width(n) if x.dtype == torch.float32 else None
-    if width is None or rows == 0 or n == 0:
+    if width is None or rows * n < _BLOCKED_FROM:  # small: one float64 call costs less
         return _float64_row_norms(x)
     blocks = torch.linalg.vector_norm(x.reshape(rows, n // width, width), dim=2)
     root = torch.linalg.vector_norm(blocks, dim=1, dtype=torch.float64)  # sqrt(Q)
