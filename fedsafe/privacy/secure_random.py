@@ -19,9 +19,11 @@ threshold ``T = floor(q * 2**64)``: the realised inclusion rate is exactly ``T /
 
 Gaussian noise. Box-Muller (Box and Muller 1958), vectorised in float64 (torch's SLEEF
 kernels for log, sine and cosine, within 1 ulp; numpy for draws of at most
-:data:`SMALL_DRAW` values), computed in cache-sized blocks in reused buffers, and for DP-SGD
-added straight into the float64 buffer of the clipped sums (:meth:`ChaCha20Random.
-add_standard_normal_`): at every step this is most of the cost of private noise. The
+:data:`SMALL_DRAW` values), computed in cache-sized blocks in reused buffers, and
+for DP-SGD added to the clipped sums block by block while each block is in the cache
+(:meth:`ChaCha20Random.polar_blocks`, used by ``fedsafe.training.secure_dp_sgd.
+snapped_noised_grads``; or :meth:`ChaCha20Random.add_standard_normal_` into a float64
+buffer): at every step this is most of the cost of private noise. The
 radius uses a 106-bit uniform ``u1`` in ``(0, 1]`` (smallest value ``2**-107``), the angle a
 53-bit uniform, so the sampler reaches
 12.18 standard deviations (the ideal Gaussian puts less than ``1e-32`` beyond that) and the
@@ -341,8 +343,10 @@ class ChaCha20Random:
         Yields ``(first, last, radius, cosines, sines)`` for the pairs ``first:last`` of the
         ``(n + 1) // 2``: value ``i`` of the draws is ``radius * cosines`` of pair ``i`` for
         ``i < (n + 1) // 2`` and ``radius * sines`` of pair ``i - (n + 1) // 2`` after it.
-        The tensors live in reused buffers, overwritten by the next block. Blocks keep every
-        pass of the arithmetic within the CPU's cache.
+        The tensors live in reused buffers, overwritten by the next block (consume each block
+        before asking for the next). Blocks keep every pass of the arithmetic within the
+        CPU's cache. Each block reads the next ``24 (last - first)`` keystream bytes, laid out
+        as :meth:`standard_normal` documents.
         """
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
