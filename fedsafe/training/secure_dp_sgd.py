@@ -115,10 +115,13 @@ class _SecureNoise:
     def add_noise(self) -> None:
         """Set each ``p.grad`` to its clipped sum plus secret noise, snapped to the grid.
 
-        One call draws the noise of every parameter (a single keystream read per step). The
-        clipped sums are gathered into one reused float64 buffer on their device, noised and
-        snapped there in place (:func:`snap_noised_sums_`); each ``p.grad`` is a new tensor of
-        the parameter's dtype.
+        One call draws the noise of every parameter (a single keystream read per step). On the
+        CPU (float32 or float64 sums), each block of draws is added to the matching pieces of
+        the clipped sums in float64 and snapped while it is in the cache
+        (:func:`snapped_noised_grads`); elsewhere the clipped sums are gathered into one
+        reused float64 buffer on their device, noised and snapped there in place
+        (:func:`snap_noised_sums_`). The same values either way (tested); each ``p.grad`` is a
+        new tensor of the parameter's dtype.
         """
         std = self.noise_multiplier * self.max_grad_norm
         grid = noise_grid(std)
