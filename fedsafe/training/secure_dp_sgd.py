@@ -369,11 +369,12 @@ def snapped_noised_grads(
     """Each clipped sum plus Gaussian noise of ``std``, snapped to ``grid``, as a new tensor.
 
     The values of :func:`snap_noised_sums_` followed by ``add_noise``'s cast (``k * grid`` in
-    the sum's dtype), bit for bit, without its float64 buffer of every value: each Box-Muller
-    block of :meth:`~fedsafe.privacy.secure_random.ChaCha20Random.polar_blocks` is added,
-    while it is in the CPU's cache, to the matching pieces of the sums copied into a small
-    float64 scratch (the same fused multiply-add), divided by the power-of-two grid, rounded
-    half to even, multiplied back (exact) and written into the new tensor. The keystream read
+    the sum's dtype), bit for bit, without its float64 buffer of every value: the range of
+    the sums each half of a Box-Muller block of :meth:`~fedsafe.privacy.secure_random.
+    ChaCha20Random.polar_blocks` covers is copied into a small float64 scratch, and the block
+    is added while it is in the CPU's cache (the same fused multiply-add over the same
+    range), divided by the power-of-two grid, rounded half to even, multiplied back (exact)
+    and written into the new tensors. The keystream read
     and the order of the draws are those of one :meth:`~fedsafe.privacy.secure_random.
     ChaCha20Random.add_standard_normal_` call of the sums' total size.
 
@@ -416,19 +417,21 @@ def snapped_noised_grads(
         # after it (the layout of standard_normal).
         halves = ((first, last, cosines), (rest + first, min(rest + last, total), sines))
         for start, stop, trig in halves:
-            for index, lo, hi, at in _pieces(ends, start, stop):
-                size = hi - lo
-                piece = scratch[:size]
-                piece.copy_(sources[index][lo:hi])
-                piece.addcmul_(radius[at : at + size], trig[at : at + size], value=std)
-                # k * grid: the product by a power of two is exact, and the cast to the
-                # sum's dtype rounds it as add_noise's cast of k then product does.
-                if inverse is None:
-                    piece.div_(grid)
-                else:
-                    piece.mul_(inverse)  # the same bits as the division, a third of its cost
-                piece.round_().mul_(grid)
-                targets[index][lo:hi].copy_(piece)
+            size = stop - start
+            span = scratch[:size]
+            pieces = list(_pieces(ends, start, stop))
+            for index, lo, hi, at in pieces:  # the sums' values of this range, in float64
+                span[at : at + hi - lo].copy_(sources[index][lo:hi])
+            span.addcmul_(radius[:size], trig[:size], value=std)
+            # k * grid: the product by a power of two is exact, and the cast to the sum's
+            # dtype rounds it as add_noise's cast of k then product does.
+            if inverse is None:
+                span.div_(grid)
+            else:
+                span.mul_(inverse)  # the same bits as the division, a third of its cost
+            span.round_().mul_(grid)
+            for index, lo, hi, at in pieces:
+                targets[index][lo:hi].copy_(span[at : at + hi - lo])
     return grads
 
 
