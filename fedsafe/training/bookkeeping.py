@@ -136,18 +136,52 @@ def _block_width(n: int) -> int | None:
 
 
 def _float64_row_norms(x: torch.Tensor) -> torch.Tensor:
-    """Upper bounds of the rows' norms from float64 squares (exact) and sums.
+    """Upper bounds of the rows' norms from float64 squares and sums.
 
     Squares of float32, float16 or bfloat16 values are exact in float64 and neither overflow
     nor underflow there; a sum of ``n`` of them is within ``(n - 1) 2**-53`` relative and the
     square root within ``2**-53``, so multiplying by ``1 + (n + 2) 2**-53`` gives an upper
-    bound. NaN or infinite where a row holds a NaN or an infinity. For float64 values (a
-    float64 model; none is shipped) squares below ``2**-1022`` underflow, as they did before
-    issue 17's third pass: not a bound for such rows.
+    bound. NaN or infinite where a row holds a NaN or an infinity.
+
+    Float64 values (a float64 model) are scaled first, as LAPACK's ``dnrm2`` does: squares
+    below ``2**-1022`` underflow and above ``2**1024`` overflow, so a coordinator's weights
+    could make a row of entries ~1e-160 compute as norm 0 (issue 17c's hole, in float64).
+    See :func:`_scaled_float64_row_norms`.
     """
+    if x.dtype == torch.float64:
+        return _scaled_float64_row_norms(x)
     n = x.shape[1]
     norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
     return norms * (1.0 + (n + 2) * 2.0**-53)
+
+
+def _scaled_float64_row_norms(x: torch.Tensor) -> torch.Tensor:
+    """Upper bounds of float64 rows' norms: ``m_i |x_i / m_i|`` with ``m_i = max_j |x_ij|``.
+
+    ``m_i`` is exact and ``y = x_i / m_i`` has entries in ``[-1, 1]``, one of them exactly
+    ``±1``, so the sum of squares ``S`` of the computed ``y`` is at least 1 and at most ``n``:
+    no overflow, and each square or partial sum that underflows (below ``2**-1022``) errs by
+    less than ``2**-1074`` absolutely (``2n`` such operations at most). Each division errs by
+    ``2**-53`` relatively, or by ``2**-1075`` absolutely where it underflows. Hence, with the
+    rounding of ``n`` additions, the square root and the bound's own three roundings (Higham
+    2002, section 3.1): ``|x_i| <= m_i (sqrt(S) (1 + (n + 6) 2**-53) + sqrt(3n 2**-1074)) +
+    2**-1074``, the last term for the product's rounding where it is subnormal; the additive
+    terms are below ``2**-500`` of ``m_i`` or subnormal. A row whose bound overflows (``m_i``
+    near ``2**1024``) is infinite, and one holding a NaN or an infinity is NaN or infinite:
+    such records contribute zero (the module's non-finite rule). A row of zeros gives the
+    smallest subnormal.
+    """
+    n = x.shape[1]
+    m = x.abs().amax(dim=1, keepdim=True)
+    y = x / torch.where(m > 0, m, torch.ones_like(m))
+    root = torch.linalg.vector_norm(y, dim=1)
+    bound = root.mul_(1.0 + (n + 6) * 2.0**-53).add_(math.sqrt(3 * n * 2.0**-1074))
+    # The product rounds by 2**-53 relatively, or by up to 2**-1075 absolutely where it is
+    # subnormal: one smallest subnormal more covers the latter (an exact addition there).
+    bound = bound.mul_(m.squeeze(1)).add_(2.0**-1074)
+    # A NaN in a row makes amax NaN and the bound NaN; an infinity makes it inf or NaN: both
+    # non-finite, as the record's norm must read.
+    return bound
 
 
 def row_norm_bounds(x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Book-keeping clipping: Opacus's clipped sum from one backward pass, on real Opacus parts."""
 
+import decimal
 import math
 from fractions import Fraction
 
@@ -536,3 +537,37 @@ def test_same_clipped_sum_as_hooks_where_the_norms_take_float32_blocks() -> None
     record_norms.sqrt_()
     assert (record_norms < 0.95 * C).sum() >= 3 and (record_norms > 1.5 * C).sum() >= 3
     _assert_close(clipped("bookkeeping"), hooks)
+
+
+def test_float64_row_norm_bounds_never_underflow_or_overflow() -> None:
+    """A float64 model (a user's task): a coordinator's weights could make a layer's output
+    gradients ~1e-170 (squares underflow to 0 in float64) beside inputs ~1e150, so a plain
+    float64 norm read |g| = 0 and the record's g a^T passed unclipped. Scaled rows bound it."""
+    gen = torch.Generator().manual_seed(7)  # test data, not privacy randomness
+    x = torch.randn(8, 512, generator=gen, dtype=torch.float64)
+    x[0] *= 1e-170  # every square underflows float64
+    x[1] *= 1e150  # squares near float64's largest
+    x[2] *= torch.logspace(-300, 300, 512, dtype=torch.float64)  # every scale in one row
+    x[3] = 5e-324  # subnormal entries (the bound's product is subnormal: rounded absolutely)
+    x[4] = 0.0
+    x[5, :] = 1.0
+    x[5, 0] = 1e-320
+    assert torch.linalg.vector_norm(x[0], dtype=torch.float64) == 0  # the premise
+    bounds = row_norm_bounds(x)
+    for i, (bound, square) in enumerate(zip(bounds.tolist(), _exact_square_norms(x), strict=True)):
+        assert Fraction(bound) ** 2 >= square, i
+        if square > 0:
+            with decimal.localcontext() as ctx:
+                ctx.prec = 40
+                root = (
+                    decimal.Decimal(square.numerator).sqrt()
+                    / decimal.Decimal(square.denominator).sqrt()
+                )
+            assert Fraction(bound) <= Fraction(root) * (1 + Fraction(600, 2**53)) + Fraction(
+                1, 2**1073
+            ), i
+        else:
+            assert bound <= 2.0**-1074
+    x[6, 3], x[7, 0] = float("inf"), float("nan")
+    bounds = row_norm_bounds(x)
+    assert not bounds[6].isfinite() and not bounds[7].isfinite() and bounds[:6].isfinite().all()
