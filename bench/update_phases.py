@@ -44,6 +44,52 @@ def round_seconds(run: Path) -> list[float]:
     ]
 
 
+def round_phases(run: Path) -> list[dict[str, list[float]]]:
+    """Each round's phases at the coordinator: ``{"train": [sent, done], ...}`` (epoch s)."""
+    files = sorted(run.glob("*/rounds.jsonl"))
+    if not files:
+        return []
+    return [
+        dict(json.loads(line).get("phases") or {})
+        for line in files[-1].read_text().splitlines()
+        if line
+    ]
+
+
+def message_path(run: Path, lines: list[dict[str, Any]], first_round: int) -> dict[str, Any]:
+    """Per train phase after round 1: the coordinator's phase against the workers' handlers.
+
+    ``to_first``: seconds from the push to the first handler's start; ``after_last``: from the
+    last handler's end to the phase's end (the reply's way back and the pulls); ``idle``: per
+    worker, the phase's seconds not spent in a handler (waiting for a message, Ray, the reply
+    path, or the other processes on the cores).
+    """
+    out = []
+    for number, phases in enumerate(round_phases(run), start=1):
+        span = phases.get("train")
+        if number < first_round or not span:
+            continue
+        mine = [x for x in lines if x["round"] == number and "started_at" in x]
+        if not mine:
+            continue
+        sent, done = span
+        starts = [x["started_at"] for x in mine]
+        ends = [x["started_at"] + x["wall_s"] for x in mine]
+        busy: dict[int, float] = defaultdict(float)
+        for x in mine:
+            busy[x["pid"]] += x["wall_s"]
+        out.append(
+            {
+                "round": number,
+                "phase_s": done - sent,
+                "to_first": min(starts) - sent,
+                "after_last": done - max(ends),
+                "idle": {pid: done - sent - b for pid, b in busy.items()},
+            }
+        )
+    return {"train_phases": out}
+
+
 def table(run: Path, first_round: int = 2) -> dict[str, Any]:
     """Per-phase seconds per update (train handlers of rounds >= ``first_round``)."""
     lines = [
@@ -69,6 +115,7 @@ def table(run: Path, first_round: int = 2) -> dict[str, Any]:
         },
         "worker_busy_s": dict(busy),
         "later_rounds_wall_s": later,
+        **message_path(run, lines, first_round),
     }
 
 
@@ -91,6 +138,13 @@ def main() -> None:
         for pid, b in got["worker_busy_s"].items():
             share = b / wall if wall else float("nan")
             print(f"worker {pid}: {b:.2f} s in handlers of {wall:.2f} s of rounds ({share:.0%})")
+        for p in got["train_phases"]:
+            idle = ", ".join(f"{v:.2f}" for v in p["idle"].values())
+            print(
+                f"round {p['round']} train phase {p['phase_s']:.2f} s: push to first handler "
+                f"{p['to_first']:.3f} s, last handler to phase end {p['after_last']:.3f} s, "
+                f"idle per worker {idle} s"
+            )
     if args.json is not None:
         args.json.write_text(json.dumps(out, indent=1) + "\n")
 
