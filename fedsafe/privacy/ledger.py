@@ -689,7 +689,10 @@ class SitePrivacyLedger:
         """Append one release and return only once it is committed to disk.
 
         The write lock is held from reading the prior events to the commit, so two processes
-        recording on the same ledger compose each other's events.
+        recording on the same ledger compose each other's events. The account's composition
+        is computed before the lock on the entries read then, and used under the lock only if
+        no entry was appended meanwhile; otherwise it is composed again under the lock (the
+        lock is held for the write, not for the accountant, issue 17).
 
         Parameters
         ----------
