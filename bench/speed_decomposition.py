@@ -9,7 +9,9 @@ settings, one torch thread, CPU time ``time.process_time``) alternates, step by 
 - ``<mode>-nonoise``: the same step with ``add_noise`` replaced by the clipped sum alone (not
   private: it bounds what any faster noise can give);
 - ``auto-mainnoise`` (with ``--main-src``): the ``auto`` step with main's ``add_noise`` and
-  main's ChaCha20 generator, loaded from that checkout.
+  main's ChaCha20 generator, loaded from that checkout;
+- ``bookkeeping-main`` (with ``--main-src``, ``nn.Linear``-only models): the book-keeping step
+  with main's ``clipped_backward`` (its norms, factors and flush) and main's noise.
 
 Medians over the repeats of every process, pooled, with the range (min-max) of the per-repeat
 DP/non-DP ratios. ``--profile`` adds, for the ``bookkeeping`` step of the Linear-only models,
@@ -23,12 +25,14 @@ with its grid snapping, division by the batch size and the SGD update).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,6 +64,8 @@ def _arms(name: str, main_src: Path | None) -> list[str]:
         arms += ["auto-nonoise"]
     if main_src is not None:
         arms.append("auto-mainnoise")
+        if bookkeeping_refusal(model) is None:
+            arms.append("bookkeeping-main")
     return arms
 
 
@@ -75,7 +81,31 @@ def _private_parts(name: str, mode: str) -> tuple[Any, Any, torch.Tensor, torch.
     return dp_model, dp_opt, x, y
 
 
+def _main_bookkeeping_step(name: str) -> Callable[[], None]:
+    """The book-keeping step with main's clipping (``clipped_backward``) and main's noise."""
+    dp_model, dp_opt, x, y = _private_parts(name, "bookkeeping")
+    src = Path(os.environ["FEDSAFE_MAIN_SRC"]) / "fedsafe" / "training" / "bookkeeping.py"
+    spec = importlib.util.spec_from_file_location("main_bookkeeping", src)
+    assert spec is not None and spec.loader is not None
+    main_bookkeeping = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(main_bookkeeping)
+    backward = main_bookkeeping.BookkeepingModule.clipped_backward
+    dp_model.clipped_backward = types.MethodType(backward, dp_model)
+    main_rng, main_add_noise = speed._main_noise()
+    dp_opt.noise_rng = main_rng
+    dp_opt.add_noise = types.MethodType(main_add_noise, dp_opt)
+
+    def private() -> None:
+        dp_opt.zero_grad(set_to_none=True)
+        private_backward(dp_model, dp_opt, x, y)
+        dp_opt.step()
+
+    return private
+
+
 def _step_fn(name: str, arm: str) -> Callable[[], None]:
+    if arm == "bookkeeping-main":
+        return _main_bookkeeping_step(name)
     if not arm.endswith("-nonoise") or arm == "auto-nonoise":
         return speed._step_fn(name, arm)  # nodp, auto, a mode, auto-nonoise, auto-mainnoise
     dp_model, dp_opt, x, y = _private_parts(name, arm.removesuffix("-nonoise"))

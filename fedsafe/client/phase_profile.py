@@ -2,7 +2,8 @@
 
 With ``FEDSAFE_PROFILE_DIR`` set in the site's environment, every handler of fedsafe's ClientApp
 appends one JSON line to ``<dir>/site-profile-<pid>.jsonl``: the message kind, the site's
-partition (simulated) or name, the round, the handler's wall time, and the *exclusive* seconds
+partition (simulated) or name, the round, the handler's wall time and start (epoch seconds,
+to line handlers up with the coordinator's phases), and the *exclusive* seconds
 of each site mod and of the handler itself (a mod's time without the mods inside it), plus any
 named :func:`phase` inside them (``calibration``, ``site-data``, ``warm-up``), which is then
 subtracted from the mod around it. Process facts are recorded with each line: CPU seconds the
@@ -144,7 +145,7 @@ class _Outermost:
         if folder is None or _stack() is not None:
             return self.mod(msg, context, call_next)
         index, cpu_before, opacus_before = _begin()
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         try:
             with phase(f"mod:{self.name}"):
                 return self.mod(msg, context, _TimedHandler(call_next) if self.last else call_next)
@@ -162,6 +163,7 @@ class _Outermost:
                     "process_cpu_before_s": round(cpu_before, 4),
                     "opacus_imported_before": opacus_before,
                     "wall_s": round(wall, 4),
+                    "started_at": round(started_at, 4),
                     "phases": {k: round(v, 4) for k, v in sorted(phases.items())},
                 },
             )

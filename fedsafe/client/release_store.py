@@ -52,6 +52,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: disable=E0611
 
+from fedsafe.client.handler_ledger import site_ledger
 from fedsafe.client.site import resolve_site
 from fedsafe.config import RunConfig
 from fedsafe.durable_files import replace_atomically
@@ -248,7 +249,7 @@ def ledger_entry(
     path = Path(ledger_path)
     if not path.exists():
         return None
-    with SitePrivacyLedger.open(path) as ledger:
+    with site_ledger(path) as ledger:
         entries = ledger.entries(fingerprint)
     return next((e for e in entries if e.run_id == run_id and e.round == rnd), None)
 

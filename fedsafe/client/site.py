@@ -16,6 +16,7 @@ Whether a site is simulated is decided by its own node config, never by the run 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import sys
 from dataclasses import dataclass
@@ -119,12 +120,24 @@ class SiteSetup:
 
 
 def initial_model(site: SiteSetup, seed: int) -> torch.nn.Module:
-    """The run's initial model for ``site``'s data (the same at every site and the coordinator)."""
+    """The run's initial model for ``site``'s data (the same at every site and the coordinator).
+
+    A new module each call. fedsafe's own models are built once per process and name, width
+    and seed, then copied (:func:`_model_template`): a train message builds one to evaluate the
+    received model and one to train it, and building seeds a generator each time. A task's
+    model is built by the task every time (its code may depend on more than these three).
+    """
     if site.task is not None:
         return build_task_model(site.task, site.data.num_features, seed)
+    return copy.deepcopy(_model_template(site.model, site.data.num_features, seed))
+
+
+@lru_cache(maxsize=8)
+def _model_template(name: str, num_features: int, seed: int) -> torch.nn.Module:
+    """The model ``name`` of fedsafe as built from ``seed`` (never handed out: copies are)."""
     from fedsafe.models import build_model
 
-    return build_model(site.model, site.data.num_features, seed)
+    return build_model(name, num_features, seed)
 
 
 def evaluation_metrics(site: SiteSetup, model: torch.nn.Module) -> dict[str, float]:

@@ -19,9 +19,11 @@ threshold ``T = floor(q * 2**64)``: the realised inclusion rate is exactly ``T /
 
 Gaussian noise. Box-Muller (Box and Muller 1958), vectorised in float64 (torch's SLEEF
 kernels for log, sine and cosine, within 1 ulp; numpy for draws of at most
-:data:`SMALL_DRAW` values), computed in cache-sized blocks in reused buffers, and for DP-SGD
-added straight into the float64 buffer of the clipped sums (:meth:`ChaCha20Random.
-add_standard_normal_`): at every step this is most of the cost of private noise. The
+:data:`SMALL_DRAW` values), computed in cache-sized blocks in reused buffers, and
+for DP-SGD added to the clipped sums block by block while each block is in the cache
+(:meth:`ChaCha20Random.polar_blocks`, used by ``fedsafe.training.secure_dp_sgd.
+snapped_noised_grads``; or :meth:`ChaCha20Random.add_standard_normal_` into a float64
+buffer): at every step this is most of the cost of private noise. The
 radius uses a 106-bit uniform ``u1`` in ``(0, 1]`` (smallest value ``2**-107``), the angle a
 53-bit uniform, so the sampler reaches
 12.18 standard deviations (the ideal Gaussian puts less than ``1e-32`` beyond that) and the
@@ -92,7 +94,6 @@ GRID_BITS = 10
 _NONCE_BYTES = 12
 _MAX_STREAM_BYTES = 64 * 2**32  # the 32-bit ChaCha20 block counter of RFC 8439
 _TWO_POW_M53 = 2.0**-53
-_LOW_53_BITS = 2**53 - 1
 
 
 def fresh_key() -> bytes:
@@ -181,7 +182,7 @@ class ChaCha20Random:
     most 256 GiB (the RFC 8439 block counter); reading past it raises ``RuntimeError``.
     """
 
-    __slots__ = ("_encryptor", "_floats", "_out", "_used", "_words", "stream")
+    __slots__ = ("_encryptor", "_out", "_used", "_words", "_zeros", "stream")
 
     def __init__(self, key: bytes | None = None, stream: int = 0) -> None:
         if key is None:
@@ -198,8 +199,8 @@ class ChaCha20Random:
         self._encryptor = Cipher(algorithms.ChaCha20(bytes(key), nonce), mode=None).encryptor()
         self._used = 0
         self._words: torch.Tensor | None = None
-        self._floats: torch.Tensor | None = None
         self._out: torch.Tensor | None = None
+        self._zeros = b""  # immutable zeros, the plaintext of _fill (grown on demand)
         self.stream = stream
 
     def __repr__(self) -> str:
@@ -296,7 +297,7 @@ class ChaCha20Random:
         if self._out is None or self._out.numel() < n:
             self._out = torch.empty(n, dtype=torch.float64)
         out = self._out[:n]
-        for first, last, radius, cosines, sines in self._polar_blocks(n):
+        for first, last, radius, cosines, sines in self.polar_blocks(n):
             torch.mul(radius, cosines, out=out[first:last])
             rest = (n + 1) // 2
             size = min(last, n - rest) - first
@@ -325,7 +326,7 @@ class ChaCha20Random:
             return target.add_(draws, alpha=scale)
         flat = target.view(-1)
         rest = (n + 1) // 2
-        for first, last, radius, cosines, sines in self._polar_blocks(n):
+        for first, last, radius, cosines, sines in self.polar_blocks(n):
             flat[first:last].addcmul_(radius, cosines, value=scale)
             size = min(last, n - rest) - first
             if size > 0:
@@ -334,7 +335,7 @@ class ChaCha20Random:
                 )
         return target
 
-    def _polar_blocks(
+    def polar_blocks(
         self, n: int
     ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Box-Muller for ``n`` Gaussians, by blocks of at most :data:`PAIRS_PER_BLOCK` pairs.
@@ -342,8 +343,10 @@ class ChaCha20Random:
         Yields ``(first, last, radius, cosines, sines)`` for the pairs ``first:last`` of the
         ``(n + 1) // 2``: value ``i`` of the draws is ``radius * cosines`` of pair ``i`` for
         ``i < (n + 1) // 2`` and ``radius * sines`` of pair ``i - (n + 1) // 2`` after it.
-        The tensors live in reused buffers, overwritten by the next block. Blocks keep every
-        pass of the arithmetic within the CPU's cache.
+        The tensors live in reused buffers, overwritten by the next block (consume each block
+        before asking for the next). Blocks keep every pass of the arithmetic within the
+        CPU's cache. Each block reads the next ``24 (last - first)`` keystream bytes, laid out
+        as :meth:`standard_normal` documents.
         """
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
@@ -354,16 +357,20 @@ class ChaCha20Random:
 
     def _polar(self, pairs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One block of Box-Muller: ``pairs`` radii, cosines and sines (3 * 8 * pairs bytes)."""
-        words, floats = self._scratch(3 * pairs)
+        words = self._scratch(3 * pairs)
         self._fill(words)
-        # Three 53-bit integers per pair (the top 53 bits of each 64-bit word: the arithmetic
-        # shift of the signed view, then a mask), exact in float64: two make the radius's
+        # Three 53-bit integers per pair (the top 53 bits of each 64-bit word: numpy's
+        # logical shift of the unsigned view), exact in float64: two make the radius's
         # uniform, one the angle's.
-        words.bitwise_right_shift_(11).bitwise_and_(_LOW_53_BITS)
-        floats.copy_(words)
+        unsigned = words.numpy().view(np.uint64)
+        np.right_shift(unsigned, np.uint64(11), out=unsigned)  # a logical shift: no mask
+        floats = words.view(torch.float64)
+        floats.copy_(words)  # in place, word by word (same size): exact, each is < 2**53
         high, low, angle = floats.view(3, pairs)
-        u1 = low.add_(0.5).mul_(_TWO_POW_M53)  # in (0, 1)
-        u1.add_(high).mul_(_TWO_POW_M53)  # in (0, 1], never 0: 106 bits of resolution near 0
+        # u1 = (high + (low + 0.5) 2**-53) 2**-53: the products by powers of two are exact,
+        # so adding the scaled low part in one call gives the same bits as scaling it first.
+        u1 = torch.add(high, low.add_(0.5), alpha=_TWO_POW_M53, out=low)
+        u1.mul_(_TWO_POW_M53)  # in (0, 1], never 0: 106 bits of resolution near 0
         radius = torch.log(u1, out=high).mul_(-2.0).sqrt_()
         angle.mul_(2.0 * math.pi * _TWO_POW_M53)  # in [0, 2 pi)
         # torch's vectorised float64 log, sin and cos (SLEEF, within 1 ulp), in place; the
@@ -371,13 +378,11 @@ class ChaCha20Random:
         cosines = torch.cos(angle, out=low)
         return radius, cosines, angle.sin_()
 
-    def _scratch(self, n_words: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reused ``int64`` and ``float64`` buffers of ``n_words`` values (grown on demand)."""
+    def _scratch(self, n_words: int) -> torch.Tensor:
+        """A reused ``int64`` buffer of ``n_words`` values (grown on demand)."""
         if self._words is None or self._words.numel() < n_words:
             self._words = torch.empty(n_words, dtype=torch.int64)
-        if self._floats is None or self._floats.numel() < n_words:
-            self._floats = torch.empty(n_words, dtype=torch.float64)
-        return self._words[:n_words], self._floats[:n_words]
+        return self._words[:n_words]
 
     def _fill(self, words: torch.Tensor) -> None:
         """Overwrite the contiguous CPU tensor ``words`` with the next keystream bytes."""
@@ -386,8 +391,10 @@ class ChaCha20Random:
             raise RuntimeError("ChaCha20 stream exhausted (256 GiB); use a new key")
         self._used += num_bytes
         raw = memoryview(words.numpy().view(np.uint8))  # type: ignore[arg-type]
-        words.zero_()
-        self._encryptor.update_into(raw, raw)  # keystream XOR zeros, in place
+        if len(self._zeros) < num_bytes:
+            self._zeros = bytes(num_bytes)
+        # The keystream XOR an immutable buffer of zeros, written into words: no zeroing pass.
+        self._encryptor.update_into(memoryview(self._zeros)[:num_bytes], raw)
 
     def snapped_gaussian(self, values: NDArray[np.float64], std: float) -> NDArray[np.float64]:
         """``values`` plus Gaussian noise of ``std``, rounded to :func:`noise_grid` ``(std)``.

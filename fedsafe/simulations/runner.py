@@ -14,6 +14,9 @@ The processes that run ClientApps start with glibc settings that keep freed memo
 (:data:`~fedsafe.training.malloc_tuning.KEEP_FREED_MEMORY_ENV`) and send no usage reports
 (``FLWR_TELEMETRY_ENABLED=0``), and Ray's raylet prestarts no Python workers
 (:data:`RAY_NO_PRESTART_ENV`: Flower's actors carry a runtime environment and never use them).
+The Ray instance itself starts beside the SuperLink, before anything is submitted, as a
+private :class:`~fedsafe.simulations.ray_head.RayHead` that the simulation's ``ray.init``
+joins (``RAY_ADDRESS``), instead of inside the simulation process after its imports.
 ``bench/startup.py`` measures the time to the first round.
 """
 
@@ -28,6 +31,7 @@ from typing import Any
 
 from fedsafe.config import RunConfig
 from fedsafe.server.run_folder import new_run_dir
+from fedsafe.simulations.ray_head import RayHead
 from fedsafe.training.malloc_tuning import KEEP_FREED_MEMORY_ENV
 from fedsafe.transport.flower_app import RunFailed, submit_and_follow
 from fedsafe.transport.processes import (
@@ -73,8 +77,12 @@ def _connection_toml(port: int) -> str:
     )
 
 
-def simulation_env(home: Path) -> dict[str, str]:
-    """Environment of the simulation SuperLink and everything it starts (Ray workers too)."""
+def simulation_env(home: Path, ray_address: str = "local") -> dict[str, str]:
+    """Environment of the simulation SuperLink and everything it starts (Ray workers too).
+
+    ``ray_address``: the Ray instance the simulation's ``ray.init`` uses: ``local`` starts
+    its own; ``127.0.0.1:<port>`` joins the run's private :class:`RayHead`.
+    """
     return flower_env(
         home,
         {
@@ -87,10 +95,11 @@ def simulation_env(home: Path) -> dict[str, str]:
             # actors never use them (they carry a runtime environment, so Ray starts fresh
             # workers for them), and on a small machine their start-up delays the actors'.
             **RAY_NO_PRESTART_ENV,
-            # The simulation starts its own Ray instance: without this, Ray joins the newest
-            # cluster on the machine (another user's simulation, or one whose head died and
-            # left /tmp/ray/ray_current_cluster behind), and two simulations break each other.
-            "RAY_ADDRESS": "local",
+            # The simulation's own Ray instance (started by it, or the run's private head):
+            # without this, Ray joins the newest cluster on the machine (another user's
+            # simulation, or one whose head died and left /tmp/ray/ray_current_cluster
+            # behind), and two simulations break each other.
+            "RAY_ADDRESS": ray_address,
             **KEEP_FREED_MEMORY_ENV,
         },
     )
@@ -136,9 +145,13 @@ class SimulationSuperLink:
     (``FLWR_HOME``, state database, log); :meth:`close` stops every process that still carries
     that ``FLWR_HOME`` and copies the log into the run folder's ``logs/``. A SuperLink serves
     one run. Usable as a context manager; :meth:`close` may be called more than once.
+
+    ``ray_head``: also start the run's private Ray instance now (:class:`RayHead`, issue 17),
+    which the simulation joins; False leaves Ray's start to the simulation process, as
+    before. Either way every process is stopped by :meth:`close`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ray_head: bool = True) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="fedsafe-sim-")
         tmp = Path(self._tmp.name)
         self.home = tmp / "flwr-home"
@@ -147,6 +160,10 @@ class SimulationSuperLink:
         (self.home / "config.toml").write_text(_connection_toml(self.port))
         self.log_path = tmp / "superlink.log"
         self._closed = False
+        self.ray_head: RayHead | None = None
+        if ray_head:
+            self.ray_head = RayHead(tmp / "ray", tmp / "ray-head.log", simulation_env(self.home))
+        ray_address = self.ray_head.address if self.ray_head is not None else "local"
         self.process: FlowerProcess = spawn(
             "simulation superlink",
             [
@@ -160,7 +177,7 @@ class SimulationSuperLink:
                 "--disable-runtime-dependency-installation",
             ],
             log_path=self.log_path,
-            env=simulation_env(self.home),
+            env=simulation_env(self.home, ray_address),
         )  # fmt: skip
 
     @property
@@ -169,9 +186,16 @@ class SimulationSuperLink:
         return f"http://{LOOPBACK}:{self.port}"
 
     def wait_ready(self, timeout_s: float = 60) -> bool:
-        """True once ``/health`` and then the Control API answer; False on timeout or exit."""
-        return wait_http_ok(f"{self.base_url}/health", timeout_s, self.process) and (
-            wait_control_api(self.base_url, timeout_s, self.process)
+        """True once ``/health``, the Control API and the Ray head (if any) answer.
+
+        False on timeout or if one of them exits. The run is submitted only after it, so
+        the simulation's ``ray.init`` never waits on a head that is not up (it would retry
+        for minutes).
+        """
+        return (
+            wait_http_ok(f"{self.base_url}/health", timeout_s, self.process)
+            and wait_control_api(self.base_url, timeout_s, self.process)
+            and (self.ray_head is None or self.ray_head.wait_ready(timeout_s))
         )
 
     def close(self, logs: Path | None = None) -> None:
@@ -181,12 +205,17 @@ class SimulationSuperLink:
         self._closed = True
         try:
             self.process.stop()
+            if self.ray_head is not None:
+                self.ray_head.stop()
             # Anything that detached itself still carries this run's private FLWR_HOME.
             stop_by_env("FLWR_HOME", str(self.home.resolve()))
             if logs is not None:
                 logs.mkdir(parents=True, exist_ok=True)
                 with open(logs / "superlink.log", "ab") as out:
                     out.write(self.log_path.read_bytes())
+                if self.ray_head is not None:
+                    with open(logs / "ray-head.log", "ab") as out:
+                        out.write(self.ray_head.process.log_path.read_bytes())
                 (logs / "flwr_home.txt").write_text(str(self.home.resolve()))
         finally:
             self._tmp.cleanup()
@@ -229,7 +258,9 @@ def run_simulation(
     link = superlink if superlink is not None else SimulationSuperLink()
     try:
         if not link.wait_ready(60):
-            raise SimulationFailed(f"the simulation SuperLink did not start; see {logs}")
+            raise SimulationFailed(
+                f"the simulation SuperLink or its Ray instance did not start; see {logs}"
+            )
         federation = (
             f"num-supernodes={num_sites} client-resources-num-cpus=1 "
             f"client-resources-num-gpus={float(num_gpus_per_site)}"

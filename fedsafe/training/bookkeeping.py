@@ -16,15 +16,19 @@ without building per-record gradients and without a second backward pass:
    runs as a batched matrix product and cost about 4 ms of a 30 ms step of the 4x512 MLP);
 4. the clip factor is Opacus's, ``c_i = min(1, C / (norm_i + 1e-6))``, and the clipped sums are
    one weighted product per layer: ``grad_W = (c * g)^T a`` and ``grad_b = sum_i c_i g_i``.
-   Norms and factors are float64; a factor or a scaled entry ``c_i g_ij`` (or ``c_i a_ik``)
-   below the dtype's smallest normal is flushed to zero, because a subnormal rounds by up to
-   2x and a huge ``a_i`` would carry that past ``C`` (docs/attacks/issue17c.md).
+   Norms are upper bounds, never below the exact ones (:func:`row_norm_bounds`: float32
+   blocks with their rounding and underflow bounded, float64 where those could mislead;
+   issue 17c found float32 sums of squares that underflowed), so a factor is never larger
+   than the exact one; factors are float64; a factor or a scaled entry ``c_i g_ij`` (or
+   ``c_i a_ik``) below the dtype's smallest normal is flushed to zero, because a subnormal
+   rounds by up to 2x and a huge ``a_i`` would carry that past ``C``
+   (docs/attacks/issue17c.md).
 
 The result is the clipped sum Opacus's hooks build from per-record gradients (equal up to
 float rounding), so the noise, the sampling and the privacy event do not change. A record
-whose norm is not finite (a NaN or an infinity in its activations or output gradients; norms
-are computed in float64, so a float32 model's finite values never overflow or underflow
-there) contributes zero, as :func:`~fedsafe.training.secure_dp_sgd.
+whose norm is not finite (a NaN or an infinity in its activations or output gradients; a
+float32 model's finite values never give a non-finite bound, :func:`row_norm_bounds`)
+contributes zero, as :func:`~fedsafe.training.secure_dp_sgd.
 zero_non_finite_records` does for hooks: its rows of ``a`` and ``g`` are zeroed, not
 multiplied by zero (``0 * inf`` is NaN).
 
@@ -36,6 +40,8 @@ refused with :class:`~fedsafe.errors.UserError`.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import torch
@@ -46,10 +52,12 @@ from fedsafe.errors import UserError
 
 __all__ = [
     "CLIP_EPSILON",
+    "NORM_BLOCK",
     "BookkeepingModule",
     "bookkeeping_refusal",
     "check_bookkeeping_model",
     "linear_record_norms",
+    "row_norm_bounds",
 ]
 
 CLIP_EPSILON = 1e-6
@@ -107,10 +115,110 @@ def check_bookkeeping_model(model: nn.Module) -> None:
         )
 
 
+NORM_BLOCK = 32
+"""Entries per float32 block in :func:`row_norm_bounds` (the inflation grows with it)."""
+
+_U32 = 2.0**-24  # float32's unit roundoff
+_TINY32 = 2.0**-126  # float32's smallest normal
+_BLOCKED_FROM = 65_536  # entries; below, the float64 norm's single call is the cheaper
+_SMALL_ROOT = 2.0**-30  # below it, a row's norm is recomputed in float64 (accuracy only)
+_RECORD_MARGIN = 2.0**-40 + 3 * _U32  # float64 roundings, then float32 casts (see below)
+
+
+def _block_width(n: int) -> int | None:
+    """The block of :func:`row_norm_bounds` for rows of ``n`` entries; None for float64."""
+    if n <= NORM_BLOCK:
+        return n
+    for b in range(NORM_BLOCK, 7, -1):  # the widest divisor in [8, 32]: a view, no copy
+        if n % b == 0:
+            return b
+    return None
+
+
+def _float64_row_norms(x: torch.Tensor) -> torch.Tensor:
+    """Upper bounds of the rows' norms from float64 squares (exact) and sums.
+
+    Squares of float32, float16 or bfloat16 values are exact in float64 and neither overflow
+    nor underflow there; a sum of ``n`` of them is within ``(n - 1) 2**-53`` relative and the
+    square root within ``2**-53``, so multiplying by ``1 + (n + 2) 2**-53`` gives an upper
+    bound. NaN or infinite where a row holds a NaN or an infinity.
+    """
+    n = x.shape[1]
+    norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
+    return norms * (1.0 + (n + 2) * 2.0**-53)
+
+
+def row_norm_bounds(x: torch.Tensor) -> torch.Tensor:
+    """An upper bound of each row's Euclidean norm, tight to about ``(NORM_BLOCK + 4) 2**-24``.
+
+    Parameters
+    ----------
+    x
+        Shape ``(batch, n)``, any floating dtype, on any device.
+
+    Returns
+    -------
+    torch.Tensor
+        Shape ``(batch,)``, float64: ``N_i >= |x_i|`` (the exact norm of the row's values),
+        and, up to terms of order ``2**-40``, ``N_i <= |x_i| (1 + (b + 4) 2**-24)`` for the
+        float32 rows bounded in blocks (``b`` the block width, at most :data:`NORM_BLOCK`),
+        ``N_i <= |x_i| (1 + (n + 4) 2**-53)`` for the rows computed in float64. NaN or
+        infinite for a row holding a NaN or an infinity, never for a finite row.
+
+    Notes
+    -----
+    Why not float64 throughout (issue 17c's fix): casting every entry costs about 5x the
+    float32 norm. Why not a plain float32 sum of squares: squares below ``2**-126`` underflow
+    and above ``2**128`` overflow, so a row of entries ~2e-23 computed as norm 0 (a record
+    passed unclipped at 464 x C; docs/attacks/issue17c.md), and the rounding of ``n``
+    float32 additions is up to ``n 2**-24`` relative.
+
+    The bound. A float32 row is cut into ``K`` blocks of ``b`` entries (a view, no copy);
+    torch computes each block's norm ``T_k`` in float32 (rounded multiplications and
+    additions, or fused multiply-adds, in any order, then a correctly rounded square root).
+    Without underflow, the computed sum of squares of ``b`` entries is within ``gamma_b =
+    b u / (1 - b u)`` of the exact ``S_k`` relatively (``u = 2**-24``; Higham, "Accuracy and
+    Stability of Numerical Algorithms", 2002, section 3.1), whatever the order. Each of the
+    ``2b`` operations that underflows (a square or a partial sum below ``2**-126``, gradual
+    or flushed to zero; a subnormal read as zero) errs by less than ``2**-126`` absolutely,
+    and the square root adds one more rounding, so ``S_k <= (T_k**2 / (1 - u)**2 + (2b + 1)
+    2**-126) / (1 - gamma_b)``. ``T_k**2`` is exact in float64 (48 bits), and ``Q``, the
+    float64 sum of the ``K`` of them, is within ``gamma_K`` of float64 (``2**-53`` units).
+    So the row's ``S = sum_k S_k <= (Q + 3n 2**-126)(1 + (b + 3) u)`` for ``b <= 64`` and
+    ``K <= 2**20``. With ``sqrt(p + q) <= sqrt(p) + sqrt(q)``, and one more ``u`` of margin
+    for the float64 roundings of ``R``, torch's float64 norm of the ``K`` block norms (about
+    ``sqrt(Q)``), and of the bound itself: ``N = (R + sqrt(3n 2**-126)) sqrt(1 + (b + 4)
+    u)``.
+
+    Overflow needs no bound: a square or partial sum above float32's range makes ``T_k``
+    infinite, never finite and small (every term is >= 0). Rows whose ``R`` is not finite,
+    or below ``2**-30`` (where the underflow term could loosen the bound beyond ``2**-40``
+    relative), are recomputed in float64 (:func:`_float64_row_norms`), which is exact up to
+    ``(n + 2) 2**-53``: so an infinite row is infinite only when its float64 norm is, and a
+    row of tiny entries keeps its exact norm. Other dtypes, float32 rows whose width has no
+    divisor in ``[8, NORM_BLOCK]`` above ``NORM_BLOCK``, and matrices of fewer than 65,536
+    entries (where the float64 path's single call costs less) take the float64 path whole.
+    """
+    rows, n = x.shape
+    width = _block_width(n) if x.dtype == torch.float32 else None
+    if width is None or rows * n < _BLOCKED_FROM:  # small: one float64 call costs less
+        return _float64_row_norms(x)
+    blocks = torch.linalg.vector_norm(x.reshape(rows, n // width, width), dim=2)
+    root = torch.linalg.vector_norm(blocks, dim=1, dtype=torch.float64)  # sqrt(Q)
+    low, high = torch.aminmax(root)  # NaN if a row is NaN
+    redo = None
+    if not (float(low) >= _SMALL_ROOT and float(high) < math.inf):
+        redo = ~((root >= _SMALL_ROOT) & (root < math.inf))
+    bound = root.add_(math.sqrt(3 * n * _TINY32)).mul_(math.sqrt(1.0 + (width + 4) * _U32))
+    if redo is not None:
+        bound[redo] = _float64_row_norms(x[redo])
+    return bound
+
+
 def linear_record_norms(
     layer: nn.Linear, activations: torch.Tensor, output_grads: torch.Tensor
 ) -> list[torch.Tensor]:
-    """Each record's gradient norm for each trainable parameter of ``layer``.
+    """Upper bounds of each record's gradient norm for each trainable parameter of ``layer``.
 
     Parameters
     ----------
@@ -125,29 +233,37 @@ def linear_record_norms(
     Returns
     -------
     list of torch.Tensor
-        Shape ``(batch,)`` each, in float64 (a float32 sum of squares would underflow or
-        overflow where the exact norm does not): ``|g_i| |a_i|`` for the weight (the
-        Frobenius norm of ``g_i a_i^T``) and ``|g_i|`` for the bias, as Opacus's
-        ``compute_linear_norm_sample`` gives for 2-D inputs (NaN or infinite where a record's
-        values are).
+        Shape ``(batch,)`` each, in float64: upper bounds of ``|g_i| |a_i|`` for the weight
+        (the Frobenius norm of ``g_i a_i^T``) and of ``|g_i|`` for the bias, as Opacus's
+        ``compute_linear_norm_sample`` gives for 2-D inputs, never below the exact norms and
+        above them by at most about ``2e-6`` relatively (:func:`row_norm_bounds`; NaN or
+        infinite where a record's values are).
     """
-    # In float64 whatever the model's dtype: a float32 sum of squares underflows to 0 for
-    # entries below ~2.6e-23, so a coordinator's weights could make |g| compute as 0 while
-    # |a| ~1e19 is finite, and the record would pass unclipped (docs/attacks/issue17c.md).
-    # Squares of float32 (or float16) values neither underflow nor overflow in float64.
-    g_norms = torch.linalg.vector_norm(output_grads, dim=1, dtype=torch.float64)
+    # Never a float32 sum of squares alone: it underflows to 0 for entries below ~2.6e-23, so
+    # a coordinator's weights could make |g| compute as 0 while |a| ~1e19 is finite, and the
+    # record would pass unclipped (docs/attacks/issue17c.md). row_norm_bounds bounds it.
+    g_norms = row_norm_bounds(output_grads)
     norms = []
     if layer.weight.requires_grad:
-        a_norms = torch.linalg.vector_norm(activations, dim=1, dtype=torch.float64)
-        norms.append(g_norms * a_norms)
+        norms.append(g_norms * row_norm_bounds(activations))
     if layer.bias is not None and layer.bias.requires_grad:
         norms.append(g_norms)
     return norms
 
 
-def _flushed(values: torch.Tensor, tiny: float) -> torch.Tensor:
-    """``values``, a fresh tensor, with every entry below ``tiny`` in magnitude set to zero."""
-    return values.masked_fill_(values.abs() < tiny, 0.0)
+def _flushed(values: torch.Tensor) -> torch.Tensor:
+    """``values`` with every entry below the dtype's smallest normal in magnitude set to zero.
+
+    One pass (``hardshrink`` at the largest subnormal keeps exactly the entries ``|v| >=
+    tiny``); NaN entries are kept.
+    """
+    return nn.functional.hardshrink(values, _largest_subnormal(values.dtype))
+
+
+@functools.cache
+def _largest_subnormal(dtype: torch.dtype) -> float:
+    tiny = torch.tensor(torch.finfo(dtype).tiny, dtype=dtype)
+    return float(torch.nextafter(tiny, torch.zeros((), dtype=dtype)))
 
 
 class BookkeepingModule(nn.Module):
@@ -258,7 +374,11 @@ class BookkeepingModule(nn.Module):
         per_param: list[torch.Tensor] = []
         for layer, (a, _), g in zip(layers, kept, output_grads, strict=True):
             per_param.extend(linear_record_norms(layer, a, g))
-        norms = torch.stack(per_param, dim=1).norm(2, dim=1)
+        # Upper bounds per parameter, combined in float64; the margin covers the float64
+        # roundings of this combination and the two float32 roundings of each record's
+        # scaled entries below (the cast of c_i, the product c_i g_ij), so that the record's
+        # computed contribution stays within C (row_norm_bounds).
+        norms = torch.stack(per_param, dim=1).norm(2, dim=1).mul_(1.0 + _RECORD_MARGIN)
         finite = norms.isfinite()
         factor = (self.max_grad_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
         all_finite = bool(finite.all())
@@ -271,8 +391,7 @@ class BookkeepingModule(nn.Module):
             # C / tiny) makes its record contribute zero, as an overflowing one does with
             # hooks, and scaled entries that small are flushed to zero: both only shrink a
             # record's rank-one contribution, whose norm stays <= c_i |g_i| |a_i| <= C.
-            tiny = torch.finfo(g.dtype).tiny
-            c = _flushed(factor.to(g.dtype), tiny)
+            c = _flushed(factor.to(g.dtype))
             a = a.to(g.dtype)
             if not all_finite:
                 keep = finite.unsqueeze(1)
@@ -281,9 +400,9 @@ class BookkeepingModule(nn.Module):
             if layer.weight.requires_grad:
                 # (c * g)^T a = g^T (c * a): scale the narrower of the two.
                 if a.shape[1] < g.shape[1]:
-                    grad_w = g.t() @ _flushed(a * c.unsqueeze(1), tiny)
+                    grad_w = g.t() @ _flushed(a * c.unsqueeze(1))
                 else:
-                    grad_w = _flushed(g * c.unsqueeze(1), tiny).t() @ a
+                    grad_w = _flushed(g * c.unsqueeze(1)).t() @ a
                 layer.weight.grad = grad_w.to(layer.weight.dtype)
             if layer.bias is not None and layer.bias.requires_grad:
                 layer.bias.grad = (g.t() @ c).to(layer.bias.dtype)  # sum_i c_i g_i

@@ -12,7 +12,9 @@ takes seconds to load.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterator
+from itertools import accumulate
 from typing import Any
 
 import numpy as np
@@ -22,7 +24,12 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch.utils.data import Sampler
 
-from fedsafe.privacy.secure_random import SMALL_DRAW, ChaCha20Random, noise_grid
+from fedsafe.privacy.secure_random import (
+    PAIRS_PER_BLOCK,
+    SMALL_DRAW,
+    ChaCha20Random,
+    noise_grid,
+)
 
 
 class SecurePoissonSampler(Sampler[list[int]]):
@@ -108,10 +115,13 @@ class _SecureNoise:
     def add_noise(self) -> None:
         """Set each ``p.grad`` to its clipped sum plus secret noise, snapped to the grid.
 
-        One call draws the noise of every parameter (a single keystream read per step). The
-        clipped sums are gathered into one reused float64 buffer on their device, noised and
-        snapped there in place (:func:`snap_noised_sums_`); each ``p.grad`` is a new tensor of
-        the parameter's dtype.
+        One call draws the noise of every parameter (a single keystream read per step). On the
+        CPU (float32 or float64 sums), each block of draws is added to the matching pieces of
+        the clipped sums in float64 and snapped while it is in the cache
+        (:func:`snapped_noised_grads`); elsewhere the clipped sums are gathered into one
+        reused float64 buffer on their device, noised and snapped there in place
+        (:func:`snap_noised_sums_`). The same values either way (tested); each ``p.grad`` is a
+        new tensor of the parameter's dtype.
         """
         std = self.noise_multiplier * self.max_grad_norm
         grid = noise_grid(std)
@@ -126,6 +136,12 @@ class _SecureNoise:
             draws = self.noise_rng.standard_normal(total)
             draws *= std
             self._add_noise_per_parameter(sums, draws, grid)
+            return
+        if all(_fused_noise_applies(s) for s in sums):
+            grads = snapped_noised_grads(sums, self.noise_rng, std, grid)
+            for p, grad in zip(self.params, grads, strict=True):
+                p.grad = grad.view_as(p)
+                _mark_as_processed(p.summed_grad)
             return
         self._noised_buffer = snap_noised_sums_(
             sums, self.noise_rng, std, grid, self._noised_buffer
@@ -337,6 +353,103 @@ def snap_noised_sums_(
         offset += size
     rng.add_standard_normal_(buffer, std)
     return buffer.div_(grid).round_()
+
+
+def _fused_noise_applies(summed: torch.Tensor) -> bool:
+    return (
+        summed.device.type == "cpu"
+        and summed.dtype in (torch.float32, torch.float64)
+        and summed.is_contiguous()
+    )
+
+
+def snapped_noised_grads(
+    sums: list[torch.Tensor], rng: ChaCha20Random, std: float, grid: float
+) -> list[torch.Tensor]:
+    """Each clipped sum plus Gaussian noise of ``std``, snapped to ``grid``, as a new tensor.
+
+    The values of :func:`snap_noised_sums_` followed by ``add_noise``'s cast (``k * grid`` in
+    the sum's dtype), bit for bit, without its float64 buffer of every value: the range of
+    the sums each half of a Box-Muller block of :meth:`~fedsafe.privacy.secure_random.
+    ChaCha20Random.polar_blocks` covers is copied into a small float64 scratch, and the block
+    is added while it is in the CPU's cache (the same fused multiply-add over the same
+    range), divided by the power-of-two grid, rounded half to even, multiplied back (exact)
+    and written into the new tensors. The keystream read
+    and the order of the draws are those of one :meth:`~fedsafe.privacy.secure_random.
+    ChaCha20Random.add_standard_normal_` call of the sums' total size.
+
+    Parameters
+    ----------
+    sums
+        The clipped sums in order: contiguous float32 or float64 CPU tensors.
+    rng
+        The secret noise stream.
+    std
+        Noise standard deviation (``noise_multiplier * max_grad_norm``), > 0.
+    grid
+        The power-of-two grid (:func:`~fedsafe.privacy.secure_random.noise_grid` of ``std``).
+
+    Returns
+    -------
+    list of torch.Tensor
+        Shapes and dtypes of ``sums``: ``k * grid`` with ``k = round((s + std z) / grid)``
+        computed in float64.
+
+    Raises
+    ------
+    ValueError
+        If a sum is not a contiguous float32 or float64 CPU tensor.
+    """
+    if not all(_fused_noise_applies(s) for s in sums):
+        raise ValueError("snapped_noised_grads needs contiguous float32 or float64 CPU sums")
+    grads = [torch.empty_like(s) for s in sums]
+    sources = [s.view(-1) for s in sums]
+    targets = [g.view(-1) for g in grads]
+    ends = list(accumulate(s.numel() for s in sums))
+    total = ends[-1] if ends else 0
+    rest = (total + 1) // 2
+    scratch = torch.empty(min(PAIRS_PER_BLOCK, max(rest, 1)), dtype=torch.float64)
+    # Dividing by a power of two and multiplying by its inverse both round the same exact
+    # value once (IEEE 754), so they agree bit for bit whenever the inverse is a float64.
+    inverse = 1.0 / grid if grid >= 2.0**-1022 else None
+    for first, last, radius, cosines, sines in rng.polar_blocks(total):
+        # Draw i is radius * cosine of pair i for i < rest, radius * sine of pair i - rest
+        # after it (the layout of standard_normal).
+        halves = ((first, last, cosines), (rest + first, min(rest + last, total), sines))
+        for start, stop, trig in halves:
+            size = stop - start
+            span = scratch[:size]
+            pieces = list(_pieces(ends, start, stop))
+            for index, lo, hi, at in pieces:  # the sums' values of this range, in float64
+                span[at : at + hi - lo].copy_(sources[index][lo:hi])
+            span.addcmul_(radius[:size], trig[:size], value=std)
+            # k * grid: the product by a power of two is exact, and the cast to the sum's
+            # dtype rounds it as add_noise's cast of k then product does.
+            if inverse is None:
+                span.div_(grid)
+            else:
+                span.mul_(inverse)  # the same bits as the division, a third of its cost
+            span.round_().mul_(grid)
+            for index, lo, hi, at in pieces:
+                targets[index][lo:hi].copy_(span[at : at + hi - lo])
+    return grads
+
+
+def _pieces(ends: list[int], start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
+    """``(tensor, lo, hi, at)`` for each tensor the flat range ``start:stop`` overlaps.
+
+    ``lo:hi`` is the overlap in the tensor's own flat indices and ``at`` its offset from
+    ``start``; ``ends`` holds each tensor's end in the concatenation.
+    """
+    index = bisect_right(ends, start)
+    position = start
+    while position < stop:
+        begin = ends[index - 1] if index else 0
+        end = min(ends[index], stop)
+        if end > position:  # an empty tensor has no piece
+            yield index, position - begin, end - begin, position - start
+        position = end
+        index += 1
 
 
 class SecureNoiseBookkeepingDPOptimizer(_SecureNoise, DPOptimizerFastGradientClipping):

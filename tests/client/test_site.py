@@ -160,3 +160,30 @@ def test_simulated_task_sites_get_their_csv_paths(tmp_path, site) -> None:
     cfg = RunConfig.from_mapping({"task": "site_own_task:task", "schema-path": site["schema-path"]})
     sites = simulated_task_sites(cfg, task, paths)
     assert [s.name for s in sites] == ["a", "b"]
+
+
+def test_initial_model_is_a_new_copy_of_the_seeded_build_each_call() -> None:
+    """fedsafe's models are built once per process and copied: the same weights as a fresh
+    build, never the same module (training one leaves the next untouched)."""
+    import torch
+
+    from fedsafe.client.site import SiteSetup, initial_model
+    from fedsafe.models import build_model
+    from fedsafe.tasks.scenarios import load_scenario
+
+    data = load_scenario("heart").site(1)
+    site = SiteSetup(
+        data=data, model="mlp", device="cpu", ledger_path="", fingerprint="fp",
+        public_size=100, budget=None, policy=None,
+    )  # fmt: skip
+    fresh = build_model("mlp", data.num_features, 7).state_dict()
+    first = initial_model(site, 7)
+    with torch.no_grad():
+        for p in first.parameters():
+            p.add_(1.0)  # as training does, in place
+    second = initial_model(site, 7)
+    assert second is not first
+    for name, value in second.state_dict().items():
+        assert torch.equal(value, fresh[name]), name
+    other_seed = initial_model(site, 8).state_dict()
+    assert any(not torch.equal(v, fresh[k]) for k, v in other_seed.items())

@@ -324,3 +324,56 @@ def test_an_account_of_many_mechanisms_is_composed_with_pld_and_never_below_it(
     # PLD is tighter than PRV's upper end, but the account's lifetime (the largest value
     # recorded) never goes down.
     assert written[-1].epsilon_after > max(e.epsilon_after for e in written[:PRV_MECHANISM_LIMIT])
+
+
+def test_a_commit_composed_before_the_lock_includes_an_entry_appended_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The accountant runs before the write lock; an entry another process appended between
+    that composition and the lock is composed in (the entry's epsilon is the full one)."""
+    import fedsafe.privacy.ledger as ledger_module
+
+    path = tmp_path / "site.sqlite"
+    other_event = PoissonGaussianEvent(sample_rate=0.05, noise_multiplier=0.9, steps=20)
+    _fill(path, 1)
+    real = ledger_module.account_epsilon
+    calls: list[int] = []
+
+    def composing(events, delta, accountant):  # the real accountant; the first call lets
+        calls.append(len(events))  # another handle commit before the write lock is taken
+        if len(calls) == 1:
+            with SitePrivacyLedger.open(path) as other:
+                other.record("run-2", 1, other_event, 1.0, 1e-5, FP, accountant="rdp")
+        return real(events, delta, accountant)
+
+    with SitePrivacyLedger.open(path) as ledger:
+        monkeypatch.setattr(ledger_module, "account_epsilon", composing)
+        entry = ledger.record("run-1", 2, EVENT, 1.0, 1e-5, FP, accountant="rdp")
+    assert calls == [2, 2, 3]  # before the lock (2), the other handle (2), again under it (3)
+    assert entry.seq == 3
+    assert entry.epsilon_after == pytest.approx(
+        epsilon([EVENT, other_event, EVENT], 1e-5, "rdp"), rel=1e-12
+    )
+    assert entry.epsilon_after > epsilon([EVENT, EVENT], 1e-5, "rdp")
+
+
+def test_a_commit_with_no_entry_appended_meanwhile_composes_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedsafe.privacy.ledger as ledger_module
+
+    path = tmp_path / "site.sqlite"
+    _fill(path, 2)
+    real = ledger_module.account_epsilon
+    calls: list[int] = []
+    monkeypatch.setattr(
+        ledger_module,
+        "account_epsilon",
+        lambda events, delta, accountant: (
+            calls.append(len(events)) or real(events, delta, accountant)
+        ),
+    )
+    with SitePrivacyLedger.open(path) as ledger:
+        entry = ledger.record("run-1", 3, EVENT, 1.0, 1e-5, FP, accountant="rdp")
+    assert calls == [3]
+    assert entry.epsilon_after == pytest.approx(epsilon([EVENT] * 3, 1e-5, "rdp"), rel=1e-12)

@@ -20,6 +20,7 @@ from fedsafe.privacy.secure_random import (
     NOISE_STREAM,
     PAIRS_PER_BLOCK,
     SAMPLING_STREAM,
+    SMALL_DRAW,
     ChaCha20Random,
     bernoulli_threshold,
     fresh_key,
@@ -263,3 +264,41 @@ def test_snap_to_grid_rounds_half_to_even_exactly() -> None:
     assert np.array_equal(
         snap_to_grid(np.array([0.0625, 0.1875, -0.0624, 1.0]), g), [0.0, 0.25, -0.0, 1.0]
     )
+
+
+def _main_block_path(words: torch.Tensor, n: int) -> torch.Tensor:
+    """The block path as it was before issue 17's third pass (bk17d), op for op in torch:
+    the arithmetic shift and mask, a separate float64 buffer, four passes for the radius's
+    uniform. The faster path must give these bits, not merely close values."""
+    pairs, start = (n + 1) // 2, 0
+    cos_half, sin_half = [], []
+    for first in range(0, pairs, PAIRS_PER_BLOCK):
+        b = min(PAIRS_PER_BLOCK, pairs - first)
+        block = words[start : start + 3 * b].clone()
+        block.bitwise_right_shift_(11).bitwise_and_(2**53 - 1)
+        floats = block.to(torch.float64)
+        high, low, angle = floats.view(3, b)
+        u1 = low.add_(0.5).mul_(2.0**-53)
+        u1.add_(high).mul_(2.0**-53)
+        radius = torch.log(u1).mul_(-2.0).sqrt_()
+        angle.mul_(2.0 * math.pi * 2.0**-53)
+        cos_half.append(radius * torch.cos(angle))
+        sin_half.append(radius * torch.sin(angle))
+        start += 3 * b
+    return torch.cat(cos_half + sin_half)[:n]
+
+
+@pytest.mark.parametrize("n", [SMALL_DRAW + 1, 2 * PAIRS_PER_BLOCK + 5, 3 * PAIRS_PER_BLOCK])
+def test_block_path_gives_the_bits_of_the_previous_formulas(n: int) -> None:
+    # Issue 17 (bk17d): the keystream XORs an immutable zero buffer instead of a zeroed one,
+    # numpy's logical shift replaces the shift and mask, the words become floats in place,
+    # and the radius's uniform takes three passes: the draws must not change by one bit.
+    rng = ChaCha20Random(KEY, NOISE_STREAM)
+    first = rng.standard_normal_scratch(n).clone()
+    second = rng.standard_normal_scratch(n).clone()  # reused buffers, the stream continued
+    words = torch.from_numpy(
+        ChaCha20Random(KEY, NOISE_STREAM).uint64(6 * ((n + 1) // 2)).view(np.int64).copy()
+    )
+    half = 3 * ((n + 1) // 2)
+    assert torch.equal(first, _main_block_path(words[:half], n))
+    assert torch.equal(second, _main_block_path(words[half:], n))

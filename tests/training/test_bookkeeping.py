@@ -1,5 +1,8 @@
 """Book-keeping clipping: Opacus's clipped sum from one backward pass, on real Opacus parts."""
 
+import math
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -11,9 +14,11 @@ from fedsafe.models.mnist_cnn import MnistCNN
 from fedsafe.privacy.secure_random import NOISE_STREAM, ChaCha20Random, noise_grid
 from fedsafe.training.bookkeeping import (
     BookkeepingModule,
+    _flushed,
     bookkeeping_refusal,
     check_bookkeeping_model,
     linear_record_norms,
+    row_norm_bounds,
 )
 from fedsafe.training.dp_training import TrainPlan, make_private, private_backward, train_round
 from fedsafe.training.secure_dp_sgd import (
@@ -416,3 +421,84 @@ def test_a_subnormal_output_gradient_rounded_by_the_clip_factor_never_exceeds_c(
     wrapped.clipped_backward((wrapped(a) * k).sum(dim=1))
     wrapped._close()
     assert float(layer.weight.grad.double().norm()) <= c * (1 + 1e-6)
+
+
+def _exact_square_norms(x: torch.Tensor) -> list[Fraction]:
+    """Each row's sum of squares in exact rational arithmetic (the values as stored)."""
+    return [sum((Fraction(v) ** 2 for v in row.tolist()), Fraction(0)) for row in x.double()]
+
+
+def _adversarial_rows(n: int) -> torch.Tensor:
+    """Issue 17c's inputs and more: tiny entries whose float32 squares underflow beside huge
+    ones, subnormals, entries near float32's largest, mixed scales, zeros."""
+    gen = torch.Generator().manual_seed(n)  # test data, not privacy randomness
+    x = torch.randn(9, n, generator=gen)
+    x[1] = 2.3e-23  # every square underflows float32 (attack17c's output gradient)
+    x[2] *= 1.7e19  # squares overflow float32 (attack17c's input)
+    x[3] = 4.2e-45  # subnormal entries
+    x[4] = 3.0e38 * torch.rand(n, generator=gen)  # near float32's largest
+    x[5] *= torch.logspace(-40, 38, n)  # every scale in one row
+    x[6] = 0.0
+    x[6, n // 2] = 1e-30  # one tiny entry among zeros
+    x[7] = 1.0
+    x[7, 0] = 3e-39  # a subnormal beside normal entries
+    x[8] *= 1e-20
+    # Random rows after them, to the size from which float32 blocks are used (65,536).
+    return torch.cat([x, torch.randn(-(-65_536 // n), n, generator=gen)])
+
+
+@pytest.mark.parametrize("n", [10, 90, 509, 512])  # blocks of 10, 30, float64 (prime), 32
+def test_row_norm_bounds_are_never_below_the_exact_norm_and_tight(n: int) -> None:
+    """Issue 17 (bk17d): float32 block norms with their rounding and underflow bounded
+    replace the float64 norms; a bound below the exact norm would let a clip factor exceed
+    the exact one (a record above C). Checked against exact rational sums of squares."""
+    x = _adversarial_rows(n)
+    bounds = row_norm_bounds(x)[:40]
+    assert bounds.dtype == torch.float64
+    exact = _exact_square_norms(x[:40])
+    width = 32 if n % 32 == 0 else (30 if n == 90 else n)
+    slack = 1 + (width + 5) * 2.0**-24 if n != 509 else 1 + 2.0**-40
+    for i, (bound, square) in enumerate(zip(bounds.tolist(), exact, strict=True)):
+        assert Fraction(bound) ** 2 >= square, (n, i)
+        if square > 0:  # tight: within the proven inflation
+            assert Fraction(bound) ** 2 <= square * Fraction(slack) ** 2, (n, i)
+        else:
+            assert bound == 0.0 or bound <= math.sqrt(3 * n * 2.0**-126) * 1.01
+    # A row with an infinity or a NaN stays non-finite (the record is then zeroed).
+    x[0, 3], x[1, 0] = float("inf"), float("nan")
+    bounds = row_norm_bounds(x)
+    assert math.isinf(bounds[0]) and math.isnan(bounds[1]) and bounds[2:].isfinite().all()
+    # Below 65,536 entries the float64 path gives the same guarantee.
+    small = row_norm_bounds(x[2:9])
+    for bound, square in zip(small.tolist(), _exact_square_norms(x[2:9]), strict=True):
+        assert square <= Fraction(bound) ** 2 <= square * (1 + Fraction(n + 4, 2**52))
+
+
+def test_flush_zeroes_exactly_the_subnormal_entries() -> None:
+    for dtype in (torch.float32, torch.float64):
+        info = torch.finfo(dtype)
+        below = torch.nextafter(
+            torch.tensor(info.tiny, dtype=dtype), torch.tensor(0.0, dtype=dtype)
+        )
+        values = torch.tensor([info.tiny, -info.tiny, 1.0, 0.0, float("nan")], dtype=dtype)
+        values = torch.cat([values, below.view(1), -below.view(1)])
+        out = _flushed(values)
+        assert out[:4].tolist() == [info.tiny, -info.tiny, 1.0, 0.0]
+        assert math.isnan(out[4]) and out[5:].tolist() == [0.0, 0.0]
+
+
+def test_clip_factors_from_the_bounds_never_exceed_the_exact_ones() -> None:
+    """The clip factor min(1, C / (norm + 1e-6)) of every record of a batch mixing attack17c's
+    layers (tiny output gradients, huge inputs) is at most the one from exact norms."""
+    g = _adversarial_rows(512)
+    a = _adversarial_rows(90)[: len(g)]
+    a[:9] = a[:9].roll(-1, 0)  # row 1's tiny output gradients meet row 2's huge inputs
+    layer = nn.Linear(90, 512)
+    weight, bias = linear_record_norms(layer, a, g)
+    exact_g, exact_a = _exact_square_norms(g[:9]), _exact_square_norms(a[:9])
+    for i in range(9):
+        total = weight[i] ** 2 + bias[i] ** 2
+        if not math.isfinite(total):
+            continue
+        exact = exact_g[i] * exact_a[i] + exact_g[i]
+        assert Fraction(float(total)) >= exact * (1 - Fraction(1, 2**50)), i

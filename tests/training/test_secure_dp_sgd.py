@@ -26,6 +26,7 @@ from fedsafe.training.secure_dp_sgd import (
     SecureNoiseGhostDPOptimizer,
     SecurePoissonSampler,
     snap_noised_sums_,
+    snapped_noised_grads,
 )
 
 # Opacus per-sample hooks on inputs that need no gradient: harmless here.
@@ -296,7 +297,8 @@ def test_a_model_above_the_small_draw_takes_the_block_path_with_the_same_noise()
 
 
 def test_released_gradient_is_exactly_the_snapped_integer_times_the_grid_cast() -> None:
-    # The cast-then-multiply of add_noise gives the bits of (k * grid) in float64, cast.
+    # add_noise's fused path (snapped_noised_grads) gives the bits of (k * grid) in float64,
+    # cast, with k from snap_noised_sums_ on the same clipped sums and the same stream.
     model = nn.Sequential(nn.Linear(6, 1200), nn.ReLU(), nn.Linear(1200, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for sigma in (1e-9, 3.0, 7e4):
@@ -305,10 +307,41 @@ def test_released_gradient_is_exactly_the_snapped_integer_times_the_grid_cast() 
         nn.functional.cross_entropy(dp_model(xb), yb).backward()
         dp_opt.clip_and_accumulate()
         dp_opt.add_noise()
-        k = dp_opt._noised_buffer
-        assert k is not None and k.numel() > SMALL_DRAW
-        expected = (k * noise_grid(sigma)).to(torch.float32)
+        sums = [p.summed_grad for p in dp_opt.params]
+        grid = noise_grid(sigma)
+        k = snap_noised_sums_(sums, ChaCha20Random(KEY, NOISE_STREAM), sigma, grid)
+        assert k.numel() > SMALL_DRAW and dp_opt._noised_buffer is None  # the fused path
+        expected = (k * grid).to(torch.float32)
         got = torch.cat([p.grad.flatten() for p in dp_opt.params])
         assert torch.equal(got, expected)
         dp_opt.zero_grad(set_to_none=True)
         dp_model._close()
+
+
+@pytest.mark.parametrize("std", [1e-306, 1.3, 7e4])  # 1e-306: a grid below 2**-1022
+def test_snapped_noised_grads_gives_the_bits_of_the_float64_buffer_path(std: float) -> None:
+    # Issue 17 (bk17d): add_noise adds, snaps and casts block by block while the draws are in
+    # the cache. Pieces cross tensor and block boundaries, an empty tensor and a float64 sum
+    # sit between float32 ones: the values must be those of snap_noised_sums_ then the cast.
+    gen = torch.Generator().manual_seed(5)  # the clipped sums: test data, not privacy noise
+    sums = [
+        torch.randn(PAIRS_PER_BLOCK + 11, generator=gen) * 3,
+        torch.zeros(0),
+        torch.randn(7, 9, generator=gen, dtype=torch.float64),
+        torch.randn(3 * PAIRS_PER_BLOCK // 2, generator=gen) * 1e3,
+    ]
+    if std < 1e-300:  # sums of the noise's size: float64, since float32 cannot hold them
+        sums = [s.double() * std for s in sums]
+    grid = noise_grid(std)
+    grads = snapped_noised_grads(sums, ChaCha20Random(KEY, NOISE_STREAM), std, grid)
+    k = snap_noised_sums_(sums, ChaCha20Random(KEY, NOISE_STREAM), std, grid)
+    offset = 0
+    for summed, grad in zip(sums, grads, strict=True):
+        size = summed.numel()
+        assert grad.dtype == summed.dtype and grad.shape == summed.shape
+        expected = (k[offset : offset + size] * grid).to(summed.dtype).view_as(summed)
+        assert torch.equal(grad, expected)
+        offset += size
+    assert not torch.equal(grads[0], sums[0])  # the premise: noise was added
+    with pytest.raises(ValueError, match="contiguous"):
+        snapped_noised_grads([sums[2].t()], ChaCha20Random(KEY), std, grid)

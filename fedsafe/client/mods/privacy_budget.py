@@ -23,6 +23,7 @@ from flwr.app import Context, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedsafe.client import privacy_state
+from fedsafe.client.handler_ledger import site_ledger
 from fedsafe.client.mods.contract import (
     RoundBooks,
     RoundGrant,
@@ -106,7 +107,7 @@ def privacy_budget(msg: Message, context: Context, call_next: ClientAppCallable)
         ledger = None
         if trains_with_dp(call.cfg, call.site) and call.site.ledger_path:
             ledger = stack.enter_context(
-                SitePrivacyLedger.open(call.site.ledger_path, account=ledger_account(call.site))
+                site_ledger(call.site.ledger_path, account=ledger_account(call.site))
             )
         return _within_budget(msg, context, call_next, call, ledger)
 

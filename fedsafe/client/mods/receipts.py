@@ -17,12 +17,12 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from fedsafe.client.handler_ledger import ledger_scope, site_ledger
 from fedsafe.client.mods.contract import current_site_call
 from fedsafe.client.mods.message_kinds import is_train
 from fedsafe.client.mods.privacy_budget import ledger_account, trains_with_dp
 from fedsafe.client.policy import PolicyRefusal
 from fedsafe.client.site_replies import refusal_reply
-from fedsafe.privacy.ledger import SitePrivacyLedger
 from fedsafe.privacy.receipts import LedgerReceipt, refusal
 
 #: Name of the record carrying the coordinator's receipt in a training message.
@@ -40,9 +40,17 @@ def received_receipt(msg: Message) -> LedgerReceipt | None:
 
 
 def ledger_receipts(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Refuse a receipt the ledger does not extend; add the ledger's receipt to the reply."""
+    """Refuse a receipt the ledger does not extend; add the ledger's receipt to the reply.
+
+    The mods inside share the ledger it opens (:mod:`fedsafe.client.handler_ledger`).
+    """
     if not is_train(msg):
         return call_next(msg, context)
+    with ledger_scope():
+        return _with_receipts(msg, context, call_next)
+
+
+def _with_receipts(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     call = current_site_call()
     path = call.site.ledger_path or None if trains_with_dp(call.cfg, call.site) else None
     try:
@@ -56,7 +64,7 @@ def ledger_receipts(msg: Message, context: Context, call_next: ClientAppCallable
                 "the site has no ledger but the coordinator holds a receipt: the ledger was lost"
             )
         else:
-            with SitePrivacyLedger.open(path, account=ledger_account(call.site)) as ledger:
+            with site_ledger(path, account=ledger_account(call.site)) as ledger:
                 reason = refusal(ledger, receipt)
         if reason is not None:
             return refusal_reply(msg, call.site, PolicyRefusal(RECEIPT_SETTING, reason))
@@ -69,6 +77,6 @@ def ledger_receipts(msg: Message, context: Context, call_next: ClientAppCallable
     site = reply.content.config_records.get("site")
     if site is None:
         return reply
-    with SitePrivacyLedger.open(path, account=ledger_account(call.site)) as ledger:
+    with site_ledger(path, account=ledger_account(call.site)) as ledger:
         site.update(LedgerReceipt.of(ledger).to_metrics())
     return reply

@@ -1,0 +1,113 @@
+"""One client update's path through fedsafe's real ClientApp, without Ray (issue 17, updates17c).
+
+Calls :data:`fedsafe.client.app.app` as a SuperNode does, for ``--sites`` simulated MNIST sites
+of one run (their real data, the shared ``mnist-source`` ledger in a temporary folder, real
+ChaCha20 noise, the round protocol's evaluate-first, the coordinator's receipts), query then
+``--rounds`` train messages per site, in one process (what one Ray worker does for its sites).
+Prints the seconds per train handler of the rounds after round 1 (median, range) and, with
+``--cprofile``, the functions that take the time.
+
+Usage::
+
+    .venv/bin/python bench/update_path.py --sites 50 --rounds 3
+    .venv/bin/python bench/update_path.py --sites 50 --rounds 3 --cprofile 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _drive(sites: int, rounds: int, root: Path, profiler: cProfile.Profile | None) -> list[float]:
+    os.environ["FEDSAFE_LEDGER_SECRETS"] = str(root / "secrets")
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedsafe.client.app import app
+    from fedsafe.models import build_model
+    from fedsafe.protocol import EVALUATE_FIRST, FEDSAFE_RUN_ID
+    from fedsafe.server.checkpoint import new_run_id
+
+    for name, value in (("_run_id", 11), ("_node_id", 3), ("_task_id", 1)):
+        setattr(TaskIdentity, name, value)
+    run_config: dict[str, Any] = {
+        "scenario": "mnist",
+        "mnist-sites": sites,
+        "local-steps": 2,
+        "num-server-rounds": rounds,
+        "ledger-dir": str(root / "ledgers"),
+    }
+    contexts = [
+        Context(
+            run_id=11,
+            node_id=i + 1,
+            node_config={"partition-id": i, "num-partitions": sites},
+            state=RecordDict(),
+            run_config=run_config,
+        )
+        for i in range(sites)
+    ]
+    run_id = new_run_id()
+
+    def message(kind: str, server_round: int, node: int) -> Message:
+        config = {"server-round": server_round, FEDSAFE_RUN_ID: run_id, EVALUATE_FIRST: True}
+        content = RecordDict({"config": ConfigRecord(config)})
+        if kind != MessageType.QUERY:
+            content["arrays"] = ArrayRecord(build_model("mnist_cnn", 784, 42).state_dict())
+        msg = Message(content, dst_node_id=node, message_type=kind)
+        msg.metadata.__dict__["_message_id"] = msg.object_id
+        return msg
+
+    for i, ctx in enumerate(contexts):
+        reply = app(message(MessageType.QUERY, 0, i + 1), ctx)
+        assert not reply.has_error(), reply.error
+    later: list[float] = []
+    for rnd in range(1, rounds + 1):
+        if rnd == 2 and profiler is not None:
+            profiler.enable()  # the later rounds only
+        for i, ctx in enumerate(contexts):
+            started = time.perf_counter()
+            reply = app(message(MessageType.TRAIN, rnd, i + 1), ctx)
+            if rnd > 1:
+                later.append(time.perf_counter() - started)
+            assert not reply.has_error(), reply.error
+            assert "arrays" in reply.content.array_records, dict(reply.content.metric_records)
+    if profiler is not None:
+        profiler.disable()
+    return later
+
+
+def main() -> None:
+    """Drive the sites; print seconds per update of the later rounds (and the profile)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sites", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cprofile", type=int, default=0, help="print the top N functions")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        profiler = cProfile.Profile() if args.cprofile else None
+        later = _drive(args.sites, args.rounds, Path(tmp), profiler)
+    print(
+        f"{len(later)} updates after round 1: median {statistics.median(later) * 1e3:.1f} ms "
+        f"({min(later) * 1e3:.1f}-{max(later) * 1e3:.1f}); load {os.getloadavg()[0]:.1f}"
+    )
+    if profiler is not None:
+        pstats.Stats(profiler, stream=sys.stdout).sort_stats("cumulative").print_stats(
+            args.cprofile
+        )
+
+
+if __name__ == "__main__":
+    main()
