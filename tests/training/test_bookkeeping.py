@@ -502,3 +502,26 @@ def test_clip_factors_from_the_bounds_never_exceed_the_exact_ones() -> None:
             continue
         exact = exact_g[i] * exact_a[i] + exact_g[i]
         assert Fraction(float(total)) >= exact * (1 - Fraction(1, 2**50)), i
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_half_precision_model_never_lets_one_record_exceed_c(dtype: torch.dtype) -> None:
+    """Attack (issue 17d): the record margin covered float32's roundings of the clip factor's
+    cast and of the products (3 x 2**-24); in a float16 or bfloat16 model (a site's own task
+    model) each rounds by 2**-11 or 2**-8, and a record contributed up to 1.0046 x C (one
+    record per batch: its clipped gradient is its whole contribution)."""
+    worst = 0.0
+    for seed in range(12):
+        torch.manual_seed(seed)  # test weights and data, not privacy randomness
+        model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)).to(dtype)
+        with torch.no_grad():
+            for layer in (model[0], model[2]):
+                layer.weight.mul_(30)  # every record far above C
+        wrapped = BookkeepingModule(model, 1.0)
+        x, y = torch.randn(1, 64).to(dtype), torch.randint(0, 10, (1,))
+        loss = nn.functional.cross_entropy(wrapped(x).float(), y, reduction="none")
+        wrapped.clipped_backward(loss)
+        wrapped._close()
+        total = sum(float((p.grad.double() ** 2).sum()) for p in model.parameters())
+        worst = max(worst, math.sqrt(total))
+    assert 0.97 < worst <= 1.0  # near C (the records are far above it), never above
