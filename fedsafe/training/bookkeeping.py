@@ -155,7 +155,9 @@ def _float64_row_norms(x: torch.Tensor) -> torch.Tensor:
     Squares of float32, float16 or bfloat16 values are exact in float64 and neither overflow
     nor underflow there; a sum of ``n`` of them is within ``(n - 1) 2**-53`` relative and the
     square root within ``2**-53``, so multiplying by ``1 + (n + 2) 2**-53`` gives an upper
-    bound. NaN or infinite where a row holds a NaN or an infinity.
+    bound. NaN or infinite where a row holds a NaN or an infinity. For float64 values (a
+    float64 model; none is shipped) squares below ``2**-1022`` underflow, as they did before
+    issue 17's third pass: not a bound for such rows.
     """
     n = x.shape[1]
     norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
@@ -168,7 +170,8 @@ def row_norm_bounds(x: torch.Tensor) -> torch.Tensor:
     Parameters
     ----------
     x
-        Shape ``(batch, n)``, any floating dtype, on any device.
+        Shape ``(batch, n)``, any floating dtype, on any device (the bound holds for
+        float32, float16 and bfloat16 values; see :func:`_float64_row_norms` for float64).
 
     Returns
     -------

@@ -525,3 +525,37 @@ def test_a_half_precision_model_never_lets_one_record_exceed_c(dtype: torch.dtyp
         total = sum(float((p.grad.double() ** 2).sum()) for p in model.parameters())
         worst = max(worst, math.sqrt(total))
     assert 0.97 < worst <= 1.0  # near C (the records are far above it), never above
+
+
+def test_same_clipped_sum_as_hooks_where_the_norms_take_float32_blocks() -> None:
+    """Issue 17 (bk17d): layers of 512 units and a batch of 128 (65,536 entries per matrix)
+    take row_norm_bounds' float32 blocks; the clipped sum still equals hooks' within 1e-5,
+    with records far above and below C."""
+    gen = torch.Generator().manual_seed(2)  # test data, not privacy randomness
+    n = 128
+    x = torch.randn(n, 64, generator=gen) * torch.logspace(-3, 1, n).unsqueeze(1)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    record_norms = torch.zeros(n)
+
+    def clipped(mode: str) -> list[torch.Tensor]:
+        torch.manual_seed(6)  # test weights, not privacy randomness
+        model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        dp_model, dp_opt, _, _ = make_private(
+            model, opt, _loader(x, y), 1.0, C, KEY, grad_sample_mode=mode
+        )
+        private_backward(dp_model, dp_opt, x, y)
+        if mode == "hooks":
+            for p in dp_opt.params:
+                record_norms.add_(p.grad_sample.flatten(1).square().sum(dim=1))
+            dp_opt.clip_and_accumulate()
+        else:
+            dp_opt.accumulate()
+        sums = [p.summed_grad.detach().clone() for p in dp_opt.params]
+        dp_model._close()
+        return sums
+
+    hooks = clipped("hooks")
+    record_norms.sqrt_()
+    assert (record_norms < 0.95 * C).sum() >= 3 and (record_norms > 1.5 * C).sum() >= 3
+    _assert_close(clipped("bookkeeping"), hooks)
