@@ -33,7 +33,9 @@ resources (Ray counts the machine's CPUs as ``ray.init`` did).
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fedsafe.transport.processes import FlowerProcess, flower_bin, free_port, spawn
@@ -88,6 +90,9 @@ class RayHead:
             env=head_env,
             die_with_parent=True,
         )
+        self._stopping = threading.Event()
+        self.died = False
+        """Whether ``ray start`` exited before :meth:`stop` (set by :meth:`watch`)."""
 
     def wait_ready(self, timeout_s: float) -> bool:
         """True once ``ray start`` says the head runs; False on timeout or if it exits."""
@@ -104,6 +109,27 @@ class RayHead:
         """Where ``ray start`` records the address (inside :attr:`temp_dir`, never /tmp/ray)."""
         return self.temp_dir / "ray_current_cluster"
 
+    def watch(self, on_exit: Callable[[], None], poll_s: float = 0.2) -> threading.Thread:
+        """Call ``on_exit`` (once, from a daemon thread) if ``ray start`` exits before :meth:`stop`.
+
+        A simulation whose ``ray.init`` waits on a head that is gone retries for minutes;
+        the caller stops the run instead (:class:`~fedsafe.simulations.runner.SimulationSuperLink`
+        stops its SuperLink, so ``flwr run`` ends and the run fails with a message).
+        """
+
+        def _watch() -> None:
+            while not self._stopping.wait(poll_s):
+                if not self.process.running():
+                    if not self._stopping.is_set():
+                        self.died = True
+                        on_exit()
+                    return
+
+        thread = threading.Thread(target=_watch, name="fedsafe-ray-head-watch", daemon=True)
+        thread.start()
+        return thread
+
     def stop(self) -> None:
         """Stop ``ray start`` and every process of its group and tree."""
+        self._stopping.set()
         self.process.stop()

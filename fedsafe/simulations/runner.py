@@ -179,6 +179,9 @@ class SimulationSuperLink:
             log_path=self.log_path,
             env=simulation_env(self.home, ray_address),
         )  # fmt: skip
+        if self.ray_head is not None:
+            # A simulation whose Ray head is gone would wait on it for minutes: end the run.
+            self.ray_head.watch(self.process.stop)
 
     @property
     def base_url(self) -> str:
@@ -186,17 +189,22 @@ class SimulationSuperLink:
         return f"http://{LOOPBACK}:{self.port}"
 
     def wait_ready(self, timeout_s: float = 60) -> bool:
-        """True once ``/health``, the Control API and the Ray head (if any) answer.
+        """True once ``/health`` and then the Control API answer; False on timeout or exit.
 
-        False on timeout or if one of them exits. The run is submitted only after it, so
-        the simulation's ``ray.init`` never waits on a head that is not up (it would retry
-        for minutes).
+        The Ray head is not waited for: it keeps starting while the run is submitted and the
+        simulation process imports its apps, and the simulation's ``ray.init`` connects as
+        soon as it is up (if it exits instead, its watch stops the SuperLink and the run).
         """
         return (
             wait_http_ok(f"{self.base_url}/health", timeout_s, self.process)
             and wait_control_api(self.base_url, timeout_s, self.process)
-            and (self.ray_head is None or self.ray_head.wait_ready(timeout_s))
+            and (self.ray_head is None or self.ray_head.process.running())
         )
+
+    @property
+    def ray_head_died(self) -> bool:
+        """Whether the run's Ray head exited before :meth:`close`."""
+        return self.ray_head is not None and self.ray_head.died
 
     def close(self, logs: Path | None = None) -> None:
         """Stop the SuperLink and all it started; copy its log to ``logs/superlink.log``."""
@@ -276,6 +284,11 @@ def run_simulation(
                 timeout_s=timeout_s,
             )
         except RunFailed as exc:
+            if link.ray_head_died:
+                raise SimulationFailed(
+                    f"the simulation's Ray instance stopped before the run ended; see "
+                    f"{logs / 'ray-head.log'}"
+                ) from None
             raise SimulationFailed(str(exc)) from None
     finally:
         link.close(logs)
