@@ -24,8 +24,10 @@ Helpers off: no dashboard (``--include-dashboard=false``), no autoscaler monitor
 (``--no-monitor``: a single fixed node), no usage reports. The log monitor stays: it carries
 the sites' log lines to ``flwr-run.log``. Ray's client server cannot be switched off through
 ``ray start``; it gets a free loopback port instead of Ray's fixed 10001, so two simulations
-on one machine do not collide. As with Flower's own ``ray.init``, Ray's GCS and raylet listen
-on all interfaces (Ray resolves 127.0.0.1 to the machine's address); nothing here changes that.
+on one machine do not collide. Every Ray port listens on 127.0.0.1 only: the engine's
+environment (:data:`~fedsafe.simulations.runner.RAY_LOOPBACK_ONLY_ENV`) keeps Ray from
+resolving 127.0.0.1 to the machine's address, which put the GCS and raylet on all interfaces
+(as Flower's own ``ray.init`` did; attack 17d).
 
 Nothing privacy-related changes: the same actors run the same ClientApp with the same
 resources (Ray counts the machine's CPUs as ``ray.init`` did).

@@ -49,6 +49,14 @@ CONNECTION = "fedsafe-sim"
 #: Ray settings (``RAY_<config>`` overrides of the raylet's system config) that stop it from
 #: prestarting Python workers nobody uses (issue 17, ``bench/startup.py``).
 RAY_NO_PRESTART_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_enable_worker_prestart": "0"}
+#: Ray on the loopback interface only (attack 17d). On Linux Ray takes the machine's address for
+#: its node even when asked for 127.0.0.1 (``resolve_ip_for_localhost``), and its GCS, raylet,
+#: agents, client server and workers then listen on every interface, unauthenticated: anyone
+#: on the network could join the cluster and run code beside the sites' data. With clusters
+#: "disabled" (Ray's switch for Windows and macOS, read by ``get_node_ip_address``) the node is
+#: 127.0.0.1, and Ray's gRPC servers listen on it alone. A single-machine simulation needs no
+#: other node.
+RAY_LOOPBACK_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # Flower's SuperExec task poll (FLWR_SUPEREXEC_TASK_POLL_INTERVAL, default 1 s) is left alone:
 # at 0.05 s, later rounds of the 4-site heart simulation took 2.4-3.7 s against 0.2-1.6 s for
 # today's code on the shared 2-core machine (bench/speed.py, BENCHMARKS.md "DP step speed and
@@ -95,6 +103,7 @@ def simulation_env(home: Path, ray_address: str = "local") -> dict[str, str]:
             # actors never use them (they carry a runtime environment, so Ray starts fresh
             # workers for them), and on a small machine their start-up delays the actors'.
             **RAY_NO_PRESTART_ENV,
+            **RAY_LOOPBACK_ONLY_ENV,
             # The simulation's own Ray instance (started by it, or the run's private head):
             # without this, Ray joins the newest cluster on the machine (another user's
             # simulation, or one whose head died and left /tmp/ray/ray_current_cluster
