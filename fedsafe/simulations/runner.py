@@ -22,6 +22,8 @@ joins (``RAY_ADDRESS``), instead of inside the simulation process after its impo
 
 from __future__ import annotations
 
+import os
+import secrets
 import tempfile
 import time
 from collections.abc import Callable
@@ -57,6 +59,27 @@ RAY_NO_PRESTART_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_enable_work
 #: 127.0.0.1, and Ray's gRPC servers listen on it alone. A single-machine simulation needs no
 #: other node.
 RAY_LOOPBACK_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+#: The file, inside the run's private ``FLWR_HOME``, holding its Ray authentication token.
+RAY_TOKEN_FILE = "ray-auth-token"
+
+
+def ray_auth_env(home: Path) -> dict[str, str]:
+    """Ray's token authentication with the run's own secret token (attack 17d).
+
+    On the loopback interface any process of any user on the machine could still connect to
+    Ray's GCS and run code as the site (Ray has no authentication by default). With
+    ``RAY_AUTH_MODE=token`` every Ray connection must carry the token: 256 bits from the
+    operating system's CSPRNG, made once per ``home`` (the run's private ``FLWR_HOME``, in a
+    folder only its owner can enter) in a file of mode 0600, and passed to the engine's
+    processes in their environment (which only their owner can read).
+    """
+    path = Path(home) / RAY_TOKEN_FILE
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": path.read_text().strip()}
 # Flower's SuperExec task poll (FLWR_SUPEREXEC_TASK_POLL_INTERVAL, default 1 s) is left alone:
 # at 0.05 s, later rounds of the 4-site heart simulation took 2.4-3.7 s against 0.2-1.6 s for
 # today's code on the shared 2-core machine (bench/speed.py, BENCHMARKS.md "DP step speed and
@@ -104,6 +127,7 @@ def simulation_env(home: Path, ray_address: str = "local") -> dict[str, str]:
             # workers for them), and on a small machine their start-up delays the actors'.
             **RAY_NO_PRESTART_ENV,
             **RAY_LOOPBACK_ONLY_ENV,
+            **ray_auth_env(home),
             # The simulation's own Ray instance (started by it, or the run's private head):
             # without this, Ray joins the newest cluster on the machine (another user's
             # simulation, or one whose head died and left /tmp/ray/ray_current_cluster

@@ -85,6 +85,15 @@ def test_every_port_of_the_runs_ray_instance_is_on_loopback(tmp_path):
             assert driver.stdout is not None and driver.stdin is not None
             assert driver.stdout.readline().strip() == "joined"
             sockets = _listening(set(pids_with_env("FLWR_HOME", home)))
+            # Another process on the machine, without the run's token, cannot join it.
+            intruder_env = simulation_env(tmp_path / "intruder", head.address)  # its own token
+            intruder = subprocess.run(
+                [sys.executable, "-c", "import ray; ray.init(); print('JOINED')"],
+                env=intruder_env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             driver.stdin.write("\n")
             driver.stdin.flush()
             driver.wait(60)
@@ -97,3 +106,17 @@ def test_every_port_of_the_runs_ray_instance_is_on_loopback(tmp_path):
     assert len(sockets) >= 4  # the SuperLink, GCS, raylet, client server, workers
     assert [s for s in sockets if not _loopback(s[0])] == []
     assert pids_with_env("FLWR_HOME", home) == []
+    assert intruder.returncode != 0 and "JOINED" not in intruder.stdout
+    assert "Failed to connect to Ray cluster" in intruder.stderr
+
+
+def test_engine_env_authenticates_ray_with_the_runs_own_secret_token(tmp_path):
+    # Attack 17d: on loopback, any local user's process could still join Ray's GCS and run
+    # code as the site; with token authentication it must present the run's token.
+    env = simulation_env(tmp_path / "home")
+    token_file = tmp_path / "home" / "ray-auth-token"
+    assert env["RAY_AUTH_MODE"] == "token"
+    assert len(bytes.fromhex(env["RAY_AUTH_TOKEN"])) == 32  # 256 bits
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert simulation_env(tmp_path / "home", "127.0.0.1:1")["RAY_AUTH_TOKEN"] == env["RAY_AUTH_TOKEN"]
+    assert simulation_env(tmp_path / "other")["RAY_AUTH_TOKEN"] != env["RAY_AUTH_TOKEN"]
