@@ -80,6 +80,8 @@ def ray_auth_env(home: Path) -> dict[str, str]:
         with os.fdopen(fd, "w") as out:
             out.write(secrets.token_hex(32))
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": path.read_text().strip()}
+
+
 # Flower's SuperExec task poll (FLWR_SUPEREXEC_TASK_POLL_INTERVAL, default 1 s) is left alone:
 # at 0.05 s, later rounds of the 4-site heart simulation took 2.4-3.7 s against 0.2-1.6 s for
 # today's code on the shared 2-core machine (bench/speed.py, BENCHMARKS.md "DP step speed and
