@@ -4,7 +4,8 @@ Calls :data:`fedsafe.client.app.app` as a SuperNode does, for ``--sites`` simula
 of one run (their real data, the shared ``mnist-source`` ledger in a temporary folder, real
 ChaCha20 noise, the round protocol's evaluate-first, the coordinator's receipts), query then
 ``--rounds`` train messages per site, in one process (what one Ray worker does for its sites).
-Prints the seconds per train handler of the rounds after round 1 (median, range) and, with
+Prints the seconds per train handler of the rounds after round 1 (median, range; wall and the
+process's CPU time, which the machine's load moves less) and, with
 ``--cprofile``, the functions that take the time.
 
 Usage::
@@ -71,19 +72,22 @@ def _drive(sites: int, rounds: int, root: Path, profiler: cProfile.Profile | Non
         reply = app(message(MessageType.QUERY, 0, i + 1), ctx)
         assert not reply.has_error(), reply.error
     later: list[float] = []
+    cpu: list[float] = []
     for rnd in range(1, rounds + 1):
         if rnd == 2 and profiler is not None:
             profiler.enable()  # the later rounds only
         for i, ctx in enumerate(contexts):
-            started = time.perf_counter()
-            reply = app(message(MessageType.TRAIN, rnd, i + 1), ctx)
+            msg = message(MessageType.TRAIN, rnd, i + 1)
+            started, cpu_started = time.perf_counter(), time.process_time()
+            reply = app(msg, ctx)
             if rnd > 1:
                 later.append(time.perf_counter() - started)
+                cpu.append(time.process_time() - cpu_started)
             assert not reply.has_error(), reply.error
             assert "arrays" in reply.content.array_records, dict(reply.content.metric_records)
     if profiler is not None:
         profiler.disable()
-    return later
+    return later, cpu
 
 
 def main() -> None:
@@ -98,10 +102,12 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         profiler = cProfile.Profile() if args.cprofile else None
-        later = _drive(args.sites, args.rounds, Path(tmp), profiler)
+        later, cpu = _drive(args.sites, args.rounds, Path(tmp), profiler)
     print(
         f"{len(later)} updates after round 1: median {statistics.median(later) * 1e3:.1f} ms "
-        f"({min(later) * 1e3:.1f}-{max(later) * 1e3:.1f}); load {os.getloadavg()[0]:.1f}"
+        f"({min(later) * 1e3:.1f}-{max(later) * 1e3:.1f}) wall, "
+        f"{statistics.median(cpu) * 1e3:.1f} ms ({min(cpu) * 1e3:.1f}-{max(cpu) * 1e3:.1f}) "
+        f"CPU; load {os.getloadavg()[0]:.1f}"
     )
     if profiler is not None:
         pstats.Stats(profiler, stream=sys.stdout).sort_stats("cumulative").print_stats(

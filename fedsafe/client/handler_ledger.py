@@ -10,11 +10,12 @@ for. Inside :func:`ledger_scope` (the ``ledger_receipts`` mod opens it around a 
 message), :func:`site_ledger` opens a ledger the first time it is asked for and hands the same
 object to the later places; the scope closes it when the handler returns.
 
-What every open checks still happens, once per handler and before anything is evaluated,
-trained or spent: the keyed hash chain, the anchors (no rollback, no replaced file), the
-account binding. Every later read verifies the entries other processes appended since
-(:meth:`~fedsafe.privacy.ledger.SitePrivacyLedger.entries`) and the commit checks again that the
-file is the one opened and that the verified prefix is in place, under the write lock.
+What every open checks still happens, once per handler and before anything is trained or
+spent (before the evaluation too when the coordinator sent a receipt): the keyed hash chain,
+the anchors (no rollback, no replaced file), the account binding. Every later read verifies
+the entries other processes appended since
+(:meth:`~fedsafe.privacy.ledger.SitePrivacyLedger.entries`) and the commit checks again that
+the file is the one opened and that the verified prefix is in place, under the write lock.
 Ledgers are shared by (path, account) only: a deployed site's open with its account binding
 is never served by one opened without it.
 """
