@@ -31,7 +31,7 @@ from typing import Any
 
 from fedsafe.config import RunConfig
 from fedsafe.server.run_folder import new_run_dir
-from fedsafe.simulations.ray_head import RayHead
+from fedsafe.simulations.ray_head import RayHead, ray_auth_env
 from fedsafe.training.malloc_tuning import KEEP_FREED_MEMORY_ENV
 from fedsafe.transport.flower_app import RunFailed, submit_and_follow
 from fedsafe.transport.processes import (
@@ -161,8 +161,11 @@ class SimulationSuperLink:
         self.log_path = tmp / "superlink.log"
         self._closed = False
         self.ray_head: RayHead | None = None
+        auth: dict[str, str] = {}
         if ray_head:
-            self.ray_head = RayHead(tmp / "ray", tmp / "ray-head.log", simulation_env(self.home))
+            auth = ray_auth_env()  # the head and every process that joins it carry the token
+            head_env = {**simulation_env(self.home), **auth}
+            self.ray_head = RayHead(tmp / "ray", tmp / "ray-head.log", head_env)
         ray_address = self.ray_head.address if self.ray_head is not None else "local"
         self.process: FlowerProcess = spawn(
             "simulation superlink",
@@ -177,7 +180,7 @@ class SimulationSuperLink:
                 "--disable-runtime-dependency-installation",
             ],
             log_path=self.log_path,
-            env=simulation_env(self.home, ray_address),
+            env={**simulation_env(self.home, ray_address), **auth},
         )  # fmt: skip
         if self.ray_head is not None:
             # A simulation whose Ray head is gone would wait on it for minutes: end the run.
