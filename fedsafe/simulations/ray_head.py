@@ -20,6 +20,12 @@ Private to the run:
 - ``--block`` keeps ``ray start`` in the foreground with Ray's reaper: when it ends, by a
   signal or with its parent (``PR_SET_PDEATHSIG``), Ray's processes end with it.
 
+Closed to others: Ray 2.55's token authentication is on (``RAY_AUTH_MODE=token``) with a
+256-bit token drawn from the operating system's CSPRNG per run (:func:`ray_auth_env`), which
+only the run's own processes carry in their environment. Without the token anyone who
+reaches a port could join the cluster and run code in the workers that hold the sites' data;
+with it, Ray refuses them ("InvalidAuthToken"). The ports are on 127.0.0.1 only (below).
+
 Helpers off: no dashboard (``--include-dashboard=false``), no autoscaler monitor
 (``--no-monitor``: a single fixed node), no usage reports. The log monitor stays: it carries
 the sites' log lines to ``flwr-run.log``. Ray's client server cannot be switched off through
@@ -35,6 +41,7 @@ resources (Ray counts the machine's CPUs as ``ray.init`` did).
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +51,15 @@ from fedsafe.transport.processes import FlowerProcess, flower_bin, free_port, sp
 
 #: The line ``ray start`` logs once the head's processes run.
 READY_MARKER = "Ray runtime started"
+
+
+def ray_auth_env() -> dict[str, str]:
+    """Ray's token authentication with a fresh 256-bit token (``secrets``: the OS CSPRNG).
+
+    Every process of the run (the head, the SuperLink and all they start) gets it; Ray
+    refuses a connection without it.
+    """
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
 def ray_head_command(temp_dir: Path, gcs_port: int, client_port: int) -> list[str]:
@@ -70,8 +86,8 @@ class RayHead:
     log_path
         Where ``ray start`` writes its output.
     env
-        Its environment (the simulation engine's, with ``RAY_ADDRESS`` removed: this is the
-        instance the others join).
+        Its environment (the simulation engine's with :func:`ray_auth_env`; ``RAY_ADDRESS``
+        is removed: this is the instance the others join).
 
     Attributes
     ----------

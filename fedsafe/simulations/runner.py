@@ -22,8 +22,6 @@ joins (``RAY_ADDRESS``), instead of inside the simulation process after its impo
 
 from __future__ import annotations
 
-import os
-import secrets
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,7 +31,7 @@ from typing import Any
 
 from fedsafe.config import RunConfig
 from fedsafe.server.run_folder import new_run_dir
-from fedsafe.simulations.ray_head import RayHead
+from fedsafe.simulations.ray_head import RayHead, ray_auth_env
 from fedsafe.training.malloc_tuning import KEEP_FREED_MEMORY_ENV
 from fedsafe.transport.flower_app import RunFailed, submit_and_follow
 from fedsafe.transport.processes import (
@@ -53,33 +51,13 @@ CONNECTION = "fedsafe-sim"
 RAY_NO_PRESTART_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_enable_worker_prestart": "0"}
 #: Ray on the loopback interface only (attack 17d). On Linux Ray takes the machine's address for
 #: its node even when asked for 127.0.0.1 (``resolve_ip_for_localhost``), and its GCS, raylet,
-#: agents, client server and workers then listen on every interface, unauthenticated: anyone
-#: on the network could join the cluster and run code beside the sites' data. With clusters
+#: agents, client server and workers then listen on every interface: anyone on the network
+#: could try to join the cluster (Flower's own ``ray.init`` without a token, the run's head
+#: with its token, ``ray_head.ray_auth_env``, as the only barrier). With clusters
 #: "disabled" (Ray's switch for Windows and macOS, read by ``get_node_ip_address``) the node is
 #: 127.0.0.1, and Ray's gRPC servers listen on it alone. A single-machine simulation needs no
 #: other node.
 RAY_LOOPBACK_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-#: The file, inside the run's private ``FLWR_HOME``, holding its Ray authentication token.
-RAY_TOKEN_FILE = "ray-auth-token"
-
-
-def ray_auth_env(home: Path) -> dict[str, str]:
-    """Ray's token authentication with the run's own secret token (attack 17d).
-
-    On the loopback interface any process of any user on the machine could still connect to
-    Ray's GCS and run code as the site (Ray has no authentication by default). With
-    ``RAY_AUTH_MODE=token`` every Ray connection must carry the token: 256 bits from the
-    operating system's CSPRNG, made once per ``home`` (the run's private ``FLWR_HOME``, in a
-    folder only its owner can enter) in a file of mode 0600, and passed to the engine's
-    processes in their environment (which only their owner can read).
-    """
-    path = Path(home) / RAY_TOKEN_FILE
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(secrets.token_hex(32))
-    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": path.read_text().strip()}
 
 
 # Flower's SuperExec task poll (FLWR_SUPEREXEC_TASK_POLL_INTERVAL, default 1 s) is left alone:
@@ -129,7 +107,6 @@ def simulation_env(home: Path, ray_address: str = "local") -> dict[str, str]:
             # workers for them), and on a small machine their start-up delays the actors'.
             **RAY_NO_PRESTART_ENV,
             **RAY_LOOPBACK_ONLY_ENV,
-            **ray_auth_env(home),
             # The simulation's own Ray instance (started by it, or the run's private head):
             # without this, Ray joins the newest cluster on the machine (another user's
             # simulation, or one whose head died and left /tmp/ray/ray_current_cluster
@@ -196,8 +173,11 @@ class SimulationSuperLink:
         self.log_path = tmp / "superlink.log"
         self._closed = False
         self.ray_head: RayHead | None = None
+        auth: dict[str, str] = {}
         if ray_head:
-            self.ray_head = RayHead(tmp / "ray", tmp / "ray-head.log", simulation_env(self.home))
+            auth = ray_auth_env()  # the head and every process that joins it carry the token
+            head_env = {**simulation_env(self.home), **auth}
+            self.ray_head = RayHead(tmp / "ray", tmp / "ray-head.log", head_env)
         ray_address = self.ray_head.address if self.ray_head is not None else "local"
         self.process: FlowerProcess = spawn(
             "simulation superlink",
@@ -212,7 +192,7 @@ class SimulationSuperLink:
                 "--disable-runtime-dependency-installation",
             ],
             log_path=self.log_path,
-            env=simulation_env(self.home, ray_address),
+            env={**simulation_env(self.home, ray_address), **auth},
         )  # fmt: skip
         if self.ray_head is not None:
             # A simulation whose Ray head is gone would wait on it for minutes: end the run.

