@@ -1,5 +1,7 @@
 """Attack 17d: time from SimulationSuperLink() to a joined driver's first Ray task, with and without
-attack17d's Ray settings (loopback only, token authentication), arms alternating.
+attack17d's loopback-only setting, arms alternating. (Measured before the merge with
+startup17c, when the "before" arm also had no token; since the merge the head always has
+startup17c's token and this compares the loopback setting alone.)
 
 Run: ``.venv/bin/python docs/attacks/scripts/issue17d_ray_startup.py 5``
 """
@@ -22,6 +24,8 @@ for rep in range(int(sys.argv[1])):
         try:
             assert link.wait_ready(120) and link.ray_head.wait_ready(120)
             env = runner.simulation_env(link.home, link.ray_head.address)
+            head_env = open(f"/proc/{link.ray_head.process.pid}/environ", "rb").read().split(b"\0")
+            env.update(k.decode().split("=", 1) for k in [v for v in head_env if v.startswith(b"RAY_AUTH_")])
             subprocess.run([sys.executable, "-c", DRIVER], env=env, check=True, capture_output=True, timeout=180)
             times[arm].append(time.perf_counter() - t0)
         finally:
