@@ -14,6 +14,9 @@ The processes that run ClientApps start with glibc settings that keep freed memo
 (:data:`~fedsafe.training.malloc_tuning.KEEP_FREED_MEMORY_ENV`) and send no usage reports
 (``FLWR_TELEMETRY_ENABLED=0``), and Ray's raylet prestarts no Python workers
 (:data:`RAY_NO_PRESTART_ENV`: Flower's actors carry a runtime environment and never use them).
+The Ray instance itself starts beside the SuperLink, before anything is submitted, as a
+private :class:`~fedsafe.simulations.ray_head.RayHead` that the simulation's ``ray.init``
+joins (``RAY_ADDRESS``), instead of inside the simulation process after its imports.
 ``bench/startup.py`` measures the time to the first round.
 """
 
@@ -28,6 +31,7 @@ from typing import Any
 
 from fedsafe.config import RunConfig
 from fedsafe.server.run_folder import new_run_dir
+from fedsafe.simulations.ray_head import RayHead, ray_auth_env
 from fedsafe.training.malloc_tuning import KEEP_FREED_MEMORY_ENV
 from fedsafe.transport.flower_app import RunFailed, submit_and_follow
 from fedsafe.transport.processes import (
@@ -45,6 +49,17 @@ CONNECTION = "fedsafe-sim"
 #: Ray settings (``RAY_<config>`` overrides of the raylet's system config) that stop it from
 #: prestarting Python workers nobody uses (issue 17, ``bench/startup.py``).
 RAY_NO_PRESTART_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_enable_worker_prestart": "0"}
+#: Ray on the loopback interface only (attack 17d). On Linux Ray takes the machine's address for
+#: its node even when asked for 127.0.0.1 (``resolve_ip_for_localhost``), and its GCS, raylet,
+#: agents, client server and workers then listen on every interface: anyone on the network
+#: could try to join the cluster (Flower's own ``ray.init`` without a token, the run's head
+#: with its token, ``ray_head.ray_auth_env``, as the only barrier). With clusters
+#: "disabled" (Ray's switch for Windows and macOS, read by ``get_node_ip_address``) the node is
+#: 127.0.0.1, and Ray's gRPC servers listen on it alone. A single-machine simulation needs no
+#: other node.
+RAY_LOOPBACK_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
 # Flower's SuperExec task poll (FLWR_SUPEREXEC_TASK_POLL_INTERVAL, default 1 s) is left alone:
 # at 0.05 s, later rounds of the 4-site heart simulation took 2.4-3.7 s against 0.2-1.6 s for
 # today's code on the shared 2-core machine (bench/speed.py, BENCHMARKS.md "DP step speed and
@@ -73,8 +88,12 @@ def _connection_toml(port: int) -> str:
     )
 
 
-def simulation_env(home: Path) -> dict[str, str]:
-    """Environment of the simulation SuperLink and everything it starts (Ray workers too)."""
+def simulation_env(home: Path, ray_address: str = "local") -> dict[str, str]:
+    """Environment of the simulation SuperLink and everything it starts (Ray workers too).
+
+    ``ray_address``: the Ray instance the simulation's ``ray.init`` uses: ``local`` starts
+    its own; ``127.0.0.1:<port>`` joins the run's private :class:`RayHead`.
+    """
     return flower_env(
         home,
         {
@@ -87,10 +106,12 @@ def simulation_env(home: Path) -> dict[str, str]:
             # actors never use them (they carry a runtime environment, so Ray starts fresh
             # workers for them), and on a small machine their start-up delays the actors'.
             **RAY_NO_PRESTART_ENV,
-            # The simulation starts its own Ray instance: without this, Ray joins the newest
-            # cluster on the machine (another user's simulation, or one whose head died and
-            # left /tmp/ray/ray_current_cluster behind), and two simulations break each other.
-            "RAY_ADDRESS": "local",
+            **RAY_LOOPBACK_ONLY_ENV,
+            # The simulation's own Ray instance (started by it, or the run's private head):
+            # without this, Ray joins the newest cluster on the machine (another user's
+            # simulation, or one whose head died and left /tmp/ray/ray_current_cluster
+            # behind), and two simulations break each other.
+            "RAY_ADDRESS": ray_address,
             **KEEP_FREED_MEMORY_ENV,
         },
     )
@@ -136,9 +157,13 @@ class SimulationSuperLink:
     (``FLWR_HOME``, state database, log); :meth:`close` stops every process that still carries
     that ``FLWR_HOME`` and copies the log into the run folder's ``logs/``. A SuperLink serves
     one run. Usable as a context manager; :meth:`close` may be called more than once.
+
+    ``ray_head``: also start the run's private Ray instance now (:class:`RayHead`, issue 17),
+    which the simulation joins; False leaves Ray's start to the simulation process, as
+    before. Either way every process is stopped by :meth:`close`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ray_head: bool = True) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="fedsafe-sim-")
         tmp = Path(self._tmp.name)
         self.home = tmp / "flwr-home"
@@ -147,6 +172,13 @@ class SimulationSuperLink:
         (self.home / "config.toml").write_text(_connection_toml(self.port))
         self.log_path = tmp / "superlink.log"
         self._closed = False
+        self.ray_head: RayHead | None = None
+        auth: dict[str, str] = {}
+        if ray_head:
+            auth = ray_auth_env()  # the head and every process that joins it carry the token
+            head_env = {**simulation_env(self.home), **auth}
+            self.ray_head = RayHead(tmp / "ray", tmp / "ray-head.log", head_env)
+        ray_address = self.ray_head.address if self.ray_head is not None else "local"
         self.process: FlowerProcess = spawn(
             "simulation superlink",
             [
@@ -160,8 +192,11 @@ class SimulationSuperLink:
                 "--disable-runtime-dependency-installation",
             ],
             log_path=self.log_path,
-            env=simulation_env(self.home),
+            env={**simulation_env(self.home, ray_address), **auth},
         )  # fmt: skip
+        if self.ray_head is not None:
+            # A simulation whose Ray head is gone would wait on it for minutes: end the run.
+            self.ray_head.watch(self.process.stop)
 
     @property
     def base_url(self) -> str:
@@ -169,10 +204,22 @@ class SimulationSuperLink:
         return f"http://{LOOPBACK}:{self.port}"
 
     def wait_ready(self, timeout_s: float = 60) -> bool:
-        """True once ``/health`` and then the Control API answer; False on timeout or exit."""
-        return wait_http_ok(f"{self.base_url}/health", timeout_s, self.process) and (
-            wait_control_api(self.base_url, timeout_s, self.process)
+        """True once ``/health`` and then the Control API answer; False on timeout or exit.
+
+        The Ray head is not waited for: it keeps starting while the run is submitted and the
+        simulation process imports its apps, and the simulation's ``ray.init`` connects as
+        soon as it is up (if it exits instead, its watch stops the SuperLink and the run).
+        """
+        return (
+            wait_http_ok(f"{self.base_url}/health", timeout_s, self.process)
+            and wait_control_api(self.base_url, timeout_s, self.process)
+            and (self.ray_head is None or self.ray_head.process.running())
         )
+
+    @property
+    def ray_head_died(self) -> bool:
+        """Whether the run's Ray head exited before :meth:`close`."""
+        return self.ray_head is not None and self.ray_head.died
 
     def close(self, logs: Path | None = None) -> None:
         """Stop the SuperLink and all it started; copy its log to ``logs/superlink.log``."""
@@ -181,12 +228,17 @@ class SimulationSuperLink:
         self._closed = True
         try:
             self.process.stop()
+            if self.ray_head is not None:
+                self.ray_head.stop()
             # Anything that detached itself still carries this run's private FLWR_HOME.
             stop_by_env("FLWR_HOME", str(self.home.resolve()))
             if logs is not None:
                 logs.mkdir(parents=True, exist_ok=True)
                 with open(logs / "superlink.log", "ab") as out:
                     out.write(self.log_path.read_bytes())
+                if self.ray_head is not None:
+                    with open(logs / "ray-head.log", "ab") as out:
+                        out.write(self.ray_head.process.log_path.read_bytes())
                 (logs / "flwr_home.txt").write_text(str(self.home.resolve()))
         finally:
             self._tmp.cleanup()
@@ -229,7 +281,9 @@ def run_simulation(
     link = superlink if superlink is not None else SimulationSuperLink()
     try:
         if not link.wait_ready(60):
-            raise SimulationFailed(f"the simulation SuperLink did not start; see {logs}")
+            raise SimulationFailed(
+                f"the simulation SuperLink or its Ray instance did not start; see {logs}"
+            )
         federation = (
             f"num-supernodes={num_sites} client-resources-num-cpus=1 "
             f"client-resources-num-gpus={float(num_gpus_per_site)}"
@@ -245,6 +299,11 @@ def run_simulation(
                 timeout_s=timeout_s,
             )
         except RunFailed as exc:
+            if link.ray_head_died:
+                raise SimulationFailed(
+                    f"the simulation's Ray instance stopped before the run ended; see "
+                    f"{logs / 'ray-head.log'}"
+                ) from None
             raise SimulationFailed(str(exc)) from None
     finally:
         link.close(logs)

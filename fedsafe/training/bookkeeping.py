@@ -125,6 +125,20 @@ _SMALL_ROOT = 2.0**-30  # below it, a row's norm is recomputed in float64 (accur
 _RECORD_MARGIN = 2.0**-40 + 3 * _U32  # float64 roundings, then float32 casts (see below)
 
 
+def _record_margin(dtypes: set[torch.dtype]) -> float:
+    """The relative margin of a record's norm for gradients of ``dtypes`` (see below).
+
+    :data:`_RECORD_MARGIN` for float32 (or float64) models. In a float16 or bfloat16 model the
+    roundings it covers (the cast of ``c_i``, the products ``c_i g_ij`` and their products with
+    ``a_ik``, and the cast of ``a``) are each of ``2**-11`` or ``2**-8``: a record contributed
+    up to 1.0046 x C with float32's margin (docs/attacks/issue17d.md).
+    """
+    u = max(torch.finfo(d).eps / 2 for d in dtypes)
+    if u <= _U32:
+        return _RECORD_MARGIN
+    return 2.0**-40 + (1.0 + u) ** 4 - 1.0
+
+
 def _block_width(n: int) -> int | None:
     """The block of :func:`row_norm_bounds` for rows of ``n`` entries; None for float64."""
     if n <= NORM_BLOCK:
@@ -415,7 +429,8 @@ class BookkeepingModule(nn.Module):
         # roundings of this combination and the two float32 roundings of each record's
         # scaled entries below (the cast of c_i, the product c_i g_ij), so that the record's
         # computed contribution stays within C (row_norm_bounds).
-        norms = torch.stack(per_param, dim=1).norm(2, dim=1).mul_(1.0 + _RECORD_MARGIN)
+        margin = _record_margin({g.dtype for g in output_grads})
+        norms = torch.stack(per_param, dim=1).norm(2, dim=1).mul_(1.0 + margin)
         finite = norms.isfinite()
         factor = (self.max_grad_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
         all_finite = bool(finite.all())

@@ -143,3 +143,26 @@ def test_bookkeeping_for_a_conv_model_is_refused_before_starting(tmp_path, capsy
     assert err.count("\n") == 1 and "'bookkeeping'" in err and "Conv2d" in err
     assert "--grad-sample-mode auto" in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_refused_run_leaves_no_process_of_the_engine_behind(tmp_path):
+    """The SuperLink and the Ray head start first; a refusal while they start stops both."""
+    import os
+    import subprocess
+    import sys
+    import uuid
+
+    from fedsafe.transport.processes import pids_with_env
+
+    marker = uuid.uuid4().hex  # every process the command starts inherits it
+    done = subprocess.run(
+        [sys.executable, "-m", "fedsafe", "simulate", "--scenario", "heart",
+         "--delta", "0.05", "--out", str(tmp_path / "runs")],
+        env={**os.environ, "FEDSAFE_TEST_MARK": marker},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "--delta" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert pids_with_env("FEDSAFE_TEST_MARK", marker) == []

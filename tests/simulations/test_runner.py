@@ -1,11 +1,20 @@
 """Simulation start-up: the Control API readiness probe and the environment of the engine."""
 
 import time
+from pathlib import Path
 
 import pytest
 
+from fedsafe.simulations.ray_head import ray_auth_env, ray_head_command
 from fedsafe.simulations.runner import SimulationSuperLink, simulation_env, wait_control_api
-from fedsafe.transport.processes import LOOPBACK, flower_bin, free_port, spawn, wait_http_ok
+from fedsafe.transport.processes import (
+    LOOPBACK,
+    flower_bin,
+    free_port,
+    pids_with_env,
+    spawn,
+    wait_http_ok,
+)
 
 
 def test_nothing_listening_is_not_ready(tmp_path):
@@ -30,6 +39,29 @@ def test_engine_env_stops_ray_prestarting_unused_workers(tmp_path):
 def test_engine_env_starts_its_own_ray_instance(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # someone else's cluster
     assert simulation_env(tmp_path)["RAY_ADDRESS"] == "local"
+
+
+def test_engine_env_joins_the_runs_own_ray_head(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # someone else's cluster
+    assert simulation_env(tmp_path, "127.0.0.1:41234")["RAY_ADDRESS"] == "127.0.0.1:41234"
+
+
+def test_the_ray_head_is_private_and_runs_no_optional_helpers(tmp_path):
+    command = ray_head_command(tmp_path / "ray", 41234, 41235)
+    assert command[1:4] == ["start", "--head", "--block"]  # ends with its supervisor
+    # Its own temporary folder: Ray's address file is written there, not to /tmp/ray.
+    assert command[command.index("--temp-dir") + 1] == str(tmp_path / "ray")
+    assert command[command.index("--port") + 1] == "41234"
+    assert command[command.index("--ray-client-server-port") + 1] == "41235"  # not 10001
+    for flag in ("--include-dashboard=false", "--no-monitor", "--disable-usage-stats"):
+        assert flag in command
+
+
+def test_each_run_draws_its_own_ray_token():
+    first, second = ray_auth_env(), ray_auth_env()
+    assert first["RAY_AUTH_MODE"] == "token"
+    assert len(first["RAY_AUTH_TOKEN"]) == 64  # 256 bits, hex
+    assert first["RAY_AUTH_TOKEN"] != second["RAY_AUTH_TOKEN"]
 
 
 def test_engine_env_sends_no_usage_reports(tmp_path, monkeypatch):
@@ -62,13 +94,29 @@ def test_a_real_superlink_answers_the_control_probe(tmp_path):
 def test_a_started_simulation_superlink_is_stopped_and_leaves_its_log(tmp_path):
     link = SimulationSuperLink()
     home = link.home
+    head = link.ray_head
+    assert head is not None
     try:
         assert link.wait_ready(60)
         assert link.process.running()
+        # The Ray head the simulation joins: ready, recorded only in its private folder.
+        assert head.wait_ready(120)
+        assert head.address_file().read_text().endswith(f":{head.gcs_port}")
+        environ = Path(f"/proc/{link.process.pid}/environ").read_bytes().split(b"\0")
+        assert f"RAY_ADDRESS={head.address}".encode() in environ
+        # Ray's token authentication: the SuperLink (and all it starts) carries the head's token.
+        head_environ = Path(f"/proc/{head.process.pid}/environ").read_bytes().split(b"\0")
+        token = [e for e in head_environ if e.startswith(b"RAY_AUTH_TOKEN=")]
+        assert len(token) == 1 and len(token[0]) == len("RAY_AUTH_TOKEN=") + 64
+        assert token[0] in environ and b"RAY_AUTH_MODE=token" in environ
+        assert pids_with_env("FLWR_HOME", str(home.resolve()))  # the head's processes carry it
     finally:
         link.close(tmp_path / "logs")
     assert not link.process.running()
+    assert not head.process.running() and not head.died
+    assert pids_with_env("FLWR_HOME", str(home.resolve())) == []  # Ray's processes too
     assert not home.exists()  # its private FLWR_HOME and state database are gone
+    assert "Ray runtime started" in (tmp_path / "logs" / "ray-head.log").read_text()
     assert "Uvicorn running on" in (tmp_path / "logs" / "superlink.log").read_text()
     assert (tmp_path / "logs" / "flwr_home.txt").read_text() == str(home.resolve())
     link.close(tmp_path / "logs")  # a second close does nothing

@@ -505,6 +505,29 @@ def test_clip_factors_from_the_bounds_never_exceed_the_exact_ones() -> None:
         assert Fraction(float(total)) >= exact * (1 - Fraction(1, 2**50)), i
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_half_precision_model_never_lets_one_record_exceed_c(dtype: torch.dtype) -> None:
+    """Attack (issue 17d): the record margin covered float32's roundings of the clip factor's
+    cast and of the products (3 x 2**-24); in a float16 or bfloat16 model (a site's own task
+    model) each rounds by 2**-11 or 2**-8, and a record contributed up to 1.0046 x C (one
+    record per batch: its clipped gradient is its whole contribution)."""
+    worst = 0.0
+    for seed in range(12):
+        torch.manual_seed(seed)  # test weights and data, not privacy randomness
+        model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)).to(dtype)
+        with torch.no_grad():
+            for layer in (model[0], model[2]):
+                layer.weight.mul_(30)  # every record far above C
+        wrapped = BookkeepingModule(model, 1.0)
+        x, y = torch.randn(1, 64).to(dtype), torch.randint(0, 10, (1,))
+        loss = nn.functional.cross_entropy(wrapped(x).float(), y, reduction="none")
+        wrapped.clipped_backward(loss)
+        wrapped._close()
+        total = sum(float((p.grad.double() ** 2).sum()) for p in model.parameters())
+        worst = max(worst, math.sqrt(total))
+    assert 0.97 < worst <= 1.0  # near C (the records are far above it), never above
+
+
 def test_same_clipped_sum_as_hooks_where_the_norms_take_float32_blocks() -> None:
     """Issue 17 (bk17d): layers of 512 units and a batch of 128 (65,536 entries per matrix)
     take row_norm_bounds' float32 blocks; the clipped sum still equals hooks' within 1e-5,
