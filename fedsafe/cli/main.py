@@ -79,7 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"fedsafe: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        from fedsafe.cli.termination import TERMINATED_EXIT, Terminated
+
+        if isinstance(exc, Terminated):
+            print("fedsafe: terminated (SIGTERM)", file=sys.stderr)
+            return TERMINATED_EXIT
         print("fedsafe: interrupted", file=sys.stderr)
         return 130
 

@@ -494,11 +494,14 @@ def run_simulate(args: argparse.Namespace) -> int:
 
     The simulation SuperLink starts first, so its start-up overlaps the checks below (issue
     17), even the run config's (validating it imports the codecs, and so Flower: seconds); it
-    is stopped however the command ends, a refused flag included.
+    is stopped however the command ends, a refused flag included, and on SIGTERM
+    (:mod:`fedsafe.cli.termination`).
     """
+    from fedsafe.cli.termination import sigterm_as_interrupt
     from fedsafe.simulations.runner import SimulationSuperLink
 
-    with SimulationSuperLink() as superlink:
+    # SIGTERM stops the run as Ctrl-C does: finished rounds kept, every process stopped.
+    with sigterm_as_interrupt(), SimulationSuperLink() as superlink:
         return _run_simulate(args, config_from_args(args), superlink)
 
 
