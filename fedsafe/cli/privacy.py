@@ -434,12 +434,12 @@ def run_show(args: argparse.Namespace) -> int:
         # that accountant's composition, and a higher recorded value is named beside it.
         lifetime = composed if args.accountant else max(composed, recorded)
         note = ""
-        if recorded <= composed * (1 + 1e-12):  # the same composition, recomputed
-            pass
-        elif recorded > lifetime:
-            note = f"; {recorded:.4f} recorded, which the budget check uses"
-        elif recorded > composed:
-            note = f"; the largest recorded, {accountant} composes {composed:.4f} now"
+        if recorded > composed * (1 + 1e-12):  # not merely the same composition, recomputed
+            note = (
+                f"; {recorded:.4f} recorded, which the budget check uses"
+                if args.accountant
+                else f"; the largest recorded, {accountant} composes {composed:.4f} now"
+            )
         print(
             f"lifetime epsilon {lifetime:.4f} at delta {delta:g} "
             f"({accountant}{note}), {len(entries)} releases in {runs} runs (the site's one "
