@@ -173,6 +173,18 @@ class SimulationSuperLink:
         self.log_path = tmp / "superlink.log"
         self._closed = False
         self.ray_head: RayHead | None = None
+        try:
+            self._start(tmp, ray_head)
+        except BaseException:
+            # SIGTERM or Ctrl-C (or a failed spawn) here never reaches __exit__: stop the Ray
+            # head and anything carrying this run's FLWR_HOME now (attack 17e).
+            try:
+                self._stop_all()
+            finally:
+                self._tmp.cleanup()
+            raise
+
+    def _start(self, tmp: Path, ray_head: bool) -> None:
         auth: dict[str, str] = {}
         if ray_head:
             auth = ray_auth_env()  # the head and every process that joins it carry the token
@@ -227,11 +239,7 @@ class SimulationSuperLink:
             return
         self._closed = True
         try:
-            self.process.stop()
-            if self.ray_head is not None:
-                self.ray_head.stop()
-            # Anything that detached itself still carries this run's private FLWR_HOME.
-            stop_by_env("FLWR_HOME", str(self.home.resolve()))
+            self._stop_all()
             if logs is not None:
                 logs.mkdir(parents=True, exist_ok=True)
                 with open(logs / "superlink.log", "ab") as out:
@@ -242,6 +250,24 @@ class SimulationSuperLink:
                 (logs / "flwr_home.txt").write_text(str(self.home.resolve()))
         finally:
             self._tmp.cleanup()
+
+    def _stop_all(self) -> None:
+        """Stop the SuperLink, the Ray head and all carrying this run's FLWR_HOME.
+
+        Each step runs even if an earlier one is interrupted (SIGTERM raises in the main
+        thread, :mod:`fedsafe.cli.termination`, and may land while the run stops; attack 17e).
+        """
+        try:
+            process = getattr(self, "process", None)
+            if process is not None:
+                process.stop()
+        finally:
+            try:
+                if self.ray_head is not None:
+                    self.ray_head.stop()
+            finally:
+                # Anything that detached itself still carries this run's private FLWR_HOME.
+                stop_by_env("FLWR_HOME", str(self.home.resolve()))
 
     def __enter__(self) -> SimulationSuperLink:
         return self
