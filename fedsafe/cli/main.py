@@ -79,6 +79,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"fedsafe: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except MemoryError as exc:
+        # An accountant's grid (PRV at a tiny noise) or a batch too large for this machine:
+        # one line, as a refusal, not a traceback (attack 17e).
+        detail = f" ({exc})" if str(exc) else ""
+        print(
+            f"fedsafe: error: out of memory{detail}; try a smaller batch, fewer records or "
+            "another accountant (--accountant rdp or pld)",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt as exc:
         from fedsafe.cli.termination import TERMINATED_EXIT, Terminated
 
