@@ -8,6 +8,9 @@ ClientApp's context state, across the rounds of a run.
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context
@@ -27,13 +30,67 @@ FEEDBACK_KEY = "fedsafe-error-feedback"
 
 
 def received_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """The global model as the site received it: plain, or decoded from downlink compression."""
+    """The global model as the site received it: plain, or decoded from downlink compression.
+
+    A train message's model is read three times (evaluate-first, the training step, and
+    ``encode_update``'s reference), so the last record decoded in this thread is kept
+    (:class:`_LastDecoded`): the same record object, holding the very same array bytes, is
+    decoded once. A new dict is returned each call; its tensors are shared between the calls
+    and only read (``load_state_dict`` copies them, the encoder subtracts them).
+    """
+    last: _LastDecoded | None = getattr(_last, "decoded", None)
+    if last is not None and last.holds(record):
+        return dict(last.state)
+    state = _decode(record)
+    _last.decoded = _LastDecoded(record, _contents(record), state)
+    return dict(state)
+
+
+def _decode(record: ArrayRecord) -> dict[str, torch.Tensor]:
     if WIRE_KEY not in record:
-        return record.to_torch_state_dict()
+        return dict(record.to_torch_state_dict())
     return {
         k: torch.from_numpy(np.asarray(v, dtype=np.float32))
         for k, v in decode_update(record).items()
     }
+
+
+_Contents = tuple[tuple[str, str, tuple[int, ...], bytes], ...]
+
+
+def _contents(record: ArrayRecord) -> _Contents:
+    return tuple((name, a.dtype, tuple(a.shape), a.data) for name, a in record.items())
+
+
+@dataclass(frozen=True, slots=True)
+class _LastDecoded:
+    """The last record :func:`received_state` decoded in a thread, and what it decoded to.
+
+    ``contents`` keeps every array's name, dtype, shape and bytes object (immutable, kept alive
+    here), so a record edited in place since (an array replaced or its bytes reassigned) is
+    never taken for the one decoded.
+    """
+
+    record: ArrayRecord
+    contents: _Contents
+    state: dict[str, torch.Tensor]
+
+    def __post_init__(self) -> None:
+        if len(self.contents) != len(self.record):
+            raise ValueError("contents must describe every array of the record")
+
+    def holds(self, record: ArrayRecord) -> bool:
+        """Whether ``record`` is the decoded record, with the same arrays and bytes."""
+        if record is not self.record or len(record) != len(self.contents):
+            return False
+        return all(
+            name == kept[0] and a.dtype == kept[1] and tuple(a.shape) == kept[2]
+            and a.data is kept[3]
+            for (name, a), kept in zip(record.items(), self.contents, strict=True)
+        )  # fmt: skip
+
+
+_last = threading.local()
 
 
 def encode_model_update(

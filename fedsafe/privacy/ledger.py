@@ -56,6 +56,7 @@ from fedsafe.privacy.ledger_anchor import (
     read_anchor,
     read_binding,
     write_anchor,
+    write_anchors,
     write_binding,
 )
 
@@ -613,15 +614,18 @@ class SitePrivacyLedger:
     def _advance_locked(self, entries: Sequence[LedgerEntry]) -> None:
         # Only forward: a slower process must not move an anchor back behind a later record.
         now = self._anchor_of(entries)
+        due: list[tuple[LedgerAnchor, Path]] = []
         current = read_anchor(self._secrets, self._path)
         if current is None or (
             current.ledger_id == self._ledger_id and len(entries) > current.count
         ):
-            write_anchor(self._secrets, now)
+            due.append((now, self._secrets.anchor_path(Path(now.ledger_path))))
         id_file = self._secrets.id_anchor_path(self._ledger_id)
         by_id = read_anchor(self._secrets, self._path, file=id_file)
         if by_id is None or len(entries) > by_id.count:
-            write_anchor(self._secrets, now, file=id_file)
+            due.append((now, id_file))
+        # Both anchors in one go: the same files, one fsync of their folder (issue 17).
+        write_anchors(self._secrets, due)
 
     def head(self) -> tuple[int, str]:
         """Return the last sequence number and its hash (64 zeros when empty), to anchor."""

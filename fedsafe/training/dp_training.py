@@ -620,14 +620,16 @@ def model_outputs(model: nn.Module, x: Records, device: torch.device) -> torch.T
     """The model's outputs on ``x`` in evaluation mode, :data:`EVAL_CHUNK` records at a time.
 
     Larger chunks cost more in page faults for fresh activation buffers than they save in
-    per-call overhead.
+    per-call overhead. The forward passes run in ``torch.inference_mode`` (no autograd
+    bookkeeping; the same values); the chunks are joined outside it, so the returned tensor
+    is an ordinary one that callers may edit in place.
     """
     xt = torch.as_tensor(x)
     model.to(device).eval()
+    with torch.inference_mode():
+        chunks = [model(xt[i : i + EVAL_CHUNK].to(device)) for i in range(0, len(xt), EVAL_CHUNK)]
     with torch.no_grad():
-        return torch.cat(
-            [model(xt[i : i + EVAL_CHUNK].to(device)) for i in range(0, len(xt), EVAL_CHUNK)]
-        )
+        return torch.cat(chunks)
 
 
 def evaluate_model(
