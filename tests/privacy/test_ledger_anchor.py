@@ -78,6 +78,33 @@ def test_anchor_follows_every_record(tmp_path: Path) -> None:
         assert anchor.lifetime_epsilon == pytest.approx(ledger.entries()[-1].epsilon_after)
 
 
+def test_a_commit_advances_both_anchors_with_one_fsync_of_their_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "site.sqlite"
+    _fill(path, 1)
+    keys = LedgerSecrets.load()
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    with SitePrivacyLedger.open(path) as ledger:
+        monkeypatch.setattr(os, "fsync", counting_fsync)
+        ledger.record("run-1", 2, EVENT, 1.0, 1e-5, FP, accountant="rdp")
+        monkeypatch.undo()
+        by_path = read_anchor(keys, path)
+        by_id = read_anchor(keys, path, file=keys.id_anchor_path(ledger.ledger_id))
+        assert by_path == by_id == ledger.anchor()
+    assert by_path is not None and by_path.count == 2
+    folder = str(keys.directory / "anchors")
+    # Each anchor file fsynced before its rename, then their shared folder once (issue 17).
+    assert synced.count(folder) == 1
+    assert sum(1 for name in synced if name.startswith(folder + "/")) == 2
+
+
 def test_deleted_ledger_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "site.sqlite"
     _fill(path, 2)
