@@ -6,10 +6,12 @@ budget twice for one round and release two different models for it. So a site ke
 release, keyed by fedsafe's run id (the train config's ``fedsafe-run-id``, the same across a
 resume) and the round, next to its privacy ledger (``<ledger-path>.releases/``).
 
-Order of one round (each step durable before the next starts):
+Order of one round (each step from 2 on durable before the next starts):
 
 1. claim the round: an exclusive lock on its ``.pending`` marker (``flock``; the kernel drops
-   it when the process dies, so a crashed claim never blocks a later one);
+   it when the process dies, so a crashed claim never blocks a later one); the marker is made
+   durable by the staged reply's folder ``fsync``, before anything is spent
+   (:meth:`ReleaseStore.claim` says why that suffices);
 2. the ``ledger_commit`` mod inside commits the round's event to the ledger, keyed by the same
    run id and round (it spends);
 3. the finished reply is stored (``.release``, atomically), the marker removed;
@@ -107,7 +109,11 @@ class ReleaseStore:
         """Hold round ``rnd``'s marker locked while the block runs; yield False if taken.
 
         The lock is an exclusive ``flock`` on the ``.pending`` marker, released when the block
-        ends or the process dies. The marker is fsynced before the block runs.
+        ends or the process dies. The marker is not fsynced here: it guards no spending. A
+        round that spends stages its reply in the same folder first (:meth:`stage`, whose
+        folder ``fsync`` makes the marker durable too) before its ledger commit, so after a
+        power loss a lost marker can only belong to a round that spent nothing, which trains
+        again as it would with the marker (issue 17: two fsyncs fewer per update).
         """
         path = self._path(run_id, rnd, ".pending")
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -118,12 +124,6 @@ class ReleaseStore:
             except BlockingIOError:
                 yield False
                 return
-            os.fsync(fd)
-            dir_fd = os.open(self.folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
             yield True
         finally:
             os.close(fd)  # drops the lock
