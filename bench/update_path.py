@@ -5,25 +5,29 @@ of one run (their real data, the shared ``mnist-source`` ledger in a temporary f
 ChaCha20 noise, the round protocol's evaluate-first, the coordinator's receipts), query then
 ``--rounds`` train messages per site, in one process (what one Ray worker does for its sites).
 Prints the seconds per train handler of the rounds after round 1 (median, range; wall and the
-process's CPU time, which the machine's load moves less) and, with
-``--cprofile``, the functions that take the time.
+process's CPU time, which the machine's load moves less), with ``--phases`` the mean wall ms
+per update of each phase of the site's phase profile (:mod:`fedsafe.client.phase_profile`),
+and with ``--cprofile``, the functions that take the time.
 
 Usage::
 
     .venv/bin/python bench/update_path.py --sites 50 --rounds 3
     .venv/bin/python bench/update_path.py --sites 50 --rounds 3 --cprofile 30
+    .venv/bin/python bench/update_path.py --sites 50 --rounds 3 --phases
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import os
 import pstats
 import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -90,25 +94,45 @@ def _drive(sites: int, rounds: int, root: Path, profiler: cProfile.Profile | Non
     return later, cpu
 
 
+def phase_means(folder: Path) -> dict[str, float]:
+    """Mean wall ms per train handler of rounds >= 2 of each profiled phase (and ``wall``)."""
+    lines = []
+    for file in sorted(folder.glob("site-profile-*.jsonl")):
+        lines += [json.loads(line) for line in file.read_text().splitlines() if line]
+    later = [x for x in lines if x["kind"] == "train" and int(x.get("round") or 0) >= 2]
+    sums: dict[str, float] = defaultdict(float)
+    for line in later:
+        sums["wall"] += line["wall_s"]
+        for name, seconds in line["phases"].items():
+            sums[name] += seconds
+    return {k: v * 1e3 / max(len(later), 1) for k, v in sums.items()}
+
+
 def main() -> None:
     """Drive the sites; print seconds per update of the later rounds (and the profile)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sites", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cprofile", type=int, default=0, help="print the top N functions")
+    parser.add_argument("--phases", action="store_true", help="print mean ms per phase")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         profiler = cProfile.Profile() if args.cprofile else None
+        if args.phases:
+            os.environ["FEDSAFE_PROFILE_DIR"] = str(Path(tmp) / "profile")
         later, cpu = _drive(args.sites, args.rounds, Path(tmp), profiler)
+        phases = phase_means(Path(tmp) / "profile") if args.phases else {}
     print(
         f"{len(later)} updates after round 1: median {statistics.median(later) * 1e3:.1f} ms "
         f"({min(later) * 1e3:.1f}-{max(later) * 1e3:.1f}) wall, "
         f"{statistics.median(cpu) * 1e3:.1f} ms ({min(cpu) * 1e3:.1f}-{max(cpu) * 1e3:.1f}) "
         f"CPU; load {os.getloadavg()[0]:.1f}"
     )
+    for name, ms in sorted(phases.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<40} {ms:8.2f} ms per update (mean, wall)")
     if profiler is not None:
         pstats.Stats(profiler, stream=sys.stdout).sort_stats("cumulative").print_stats(
             args.cprofile
