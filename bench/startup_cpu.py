@@ -64,7 +64,7 @@ def kind_of(comm: str, argv: list[bytes]) -> str:
     """A short name for a process: Ray's retitled workers, else the program run."""
     first = argv[0].decode(errors="replace") if argv and argv[0] else comm
     if first.startswith("ray::"):
-        return first.split()[0]
+        return first.split()[0].split(".")[0]  # ray::ClientAppActor.run: the same actor
     words = [a.decode(errors="replace") for a in argv if a]
     for word in words[:3]:
         name = Path(word).name
