@@ -122,6 +122,8 @@ def one_run(source: Path, out: Path) -> dict[str, Any]:
             per_kind[kind] += cpu
         result[mark] = {k: round(v, 2) for k, v in sorted(per_kind.items())}
         result[mark]["TOTAL"] = round(sum(per_kind.values()), 2)
+    later = [max(w[1] for w in r["phases"].values()) - r["phases"]["train"][0] for r in records[1:]]
+    result["later_round_s"] = round(statistics.median(later), 3) if later else None
     result["max_epsilon"] = records[-1].get("max_epsilon")
     return result
 
