@@ -584,8 +584,9 @@ def _run_simulate(args: argparse.Namespace, cfg: RunConfig, superlink: Simulatio
 
         runs = sorted(Path(cfg.out_dir).glob("*/events.jsonl"), key=lambda p: p.stat().st_mtime)
         refused = refusal_before_round_one(runs[-1].parent) if runs else None
-        if refused and deferred is not None and (refused_flag := deferred.refusal()) is not None:
-            raise refused_flag from None  # the coordinator's refusal, named by its flag
+        if (refused or not runs) and deferred is not None:
+            if (refused_flag := deferred.refusal()) is not None:
+                raise refused_flag from None  # the coordinator's refusal, named by its flag
         why = f"the run was refused before round 1: {refused}" if refused else str(exc)
         print(f"fedsafe: error: {why}")
         return 1
