@@ -81,7 +81,11 @@ def one_run(source: Path, out: Path, rounds: int, local_steps: int) -> dict[str,
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=out)
     wall = time.time() - started
     if done.returncode != 0:
-        raise RuntimeError(f"{source}: simulate failed:\n{done.stdout[-2000:]}\n{done.stderr}")
+        heads = sorted(out.glob("*/logs/ray-head.log"))  # why a private Ray head stopped
+        head = heads[-1].read_text(errors="replace")[-3000:] if heads else ""
+        raise RuntimeError(
+            f"{source}: simulate failed:\n{done.stdout[-2000:]}\n{done.stderr}\n{head}"
+        )
     run_dir = next(p for p in out.iterdir() if (p / "rounds.jsonl").exists())
     records = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
     marks = {k: v - started for k, v in superlink_marks(run_dir / "logs" / "superlink.log").items()}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -357,37 +356,30 @@ def check_bookkeeping_run(cfg: RunConfig, task: Any, num_features: int) -> None:
 
 
 class AccountantPreflight:
-    """The accountant's part of :func:`preflight`, in a thread beside the run's start-up.
+    """The accountant's part of :func:`preflight`, run only to name the flag of a refused run.
 
-    Its first epsilon imports torch and Opacus (seconds of CPU before ``flwr run`` could
-    start; issue 17). Started after the checks that need no accountant passed, so the run is
-    submitted at once; the coordinator runs the same check on the same values before round 1
-    (:func:`fedsafe.server.site_policies.check_declared_sites`) and refuses the run before any
-    site trains, so a refusal found here only names the flag (:meth:`refusal`, exit code 2).
-    Only for the run's ``--delta``: a ``--site-budget``'s delta, which the coordinator does not
-    check, is checked by :func:`preflight` before anything starts.
+    Its first epsilon imports torch and Opacus: about 5 s of CPU in the command's process
+    (issue 17), on the same two cores as the run's start-up. The coordinator runs the same
+    check (:func:`~fedsafe.privacy.run_checks.unevaluable_setting`) on the same values (every
+    simulated site's public size, the run's delta and target, steps and accountant) before
+    round 1 (:func:`fedsafe.server.site_policies.check_declared_sites`) and refuses the run
+    before any site trains, so the command does not repeat it for a run the coordinator
+    accepts; :meth:`refusal` runs it once the coordinator has refused, so that the command
+    still ends with the one line naming the flag (exit code 2). Only for the run's
+    ``--delta``: a ``--site-budget``'s delta, which the coordinator does not check, is checked
+    by :func:`preflight` before anything starts.
     """
 
     def __init__(self, cfg: RunConfig, public_sizes: list[int], site_budget: str | None):
-        self._error: UserError | None = None
-        self._thread = threading.Thread(
-            target=self._check,
-            args=(cfg, list(public_sizes), site_budget),
-            name="fedsafe-preflight",
-            daemon=True,
-        )
-        self._thread.start()
+        self._args = (cfg, list(public_sizes), site_budget)
 
-    def _check(self, cfg: RunConfig, public_sizes: list[int], site_budget: str | None) -> None:
+    def refusal(self) -> UserError | None:
+        """The check's :class:`UserError`, or None when the accountant finds nothing wrong."""
         try:
-            preflight(cfg, public_sizes, site_budget)
+            preflight(*self._args)
         except UserError as exc:
-            self._error = exc
-
-    def refusal(self, timeout_s: float | None = None) -> UserError | None:
-        """The check's :class:`UserError` (None: passed, or not done within ``timeout_s``)."""
-        self._thread.join(timeout_s)
-        return self._error
+            return exc
+        return None
 
 
 def failed_sites(run_dir: Any, rounds: list[dict[str, Any]]) -> list[str]:
@@ -554,11 +546,11 @@ def _run_simulate(args: argparse.Namespace, cfg: RunConfig, superlink: Simulatio
         warn_tiny_sites(sites)
     sizes = [public_size_of(len(s.x_train)) for s in sites]
     preflight(cfg, sizes, args.site_budget, accountant=False)
-    background: AccountantPreflight | None = None
+    deferred: AccountantPreflight | None = None
     if cfg.budget_epsilon > 0:
         preflight(cfg, sizes, args.site_budget)  # the coordinator does not check its delta
     else:
-        background = AccountantPreflight(cfg, sizes, args.site_budget)
+        deferred = AccountantPreflight(cfg, sizes, args.site_budget)  # the coordinator's check
     if cfg.dp and cfg.grad_sample_mode == "bookkeeping":  # refused here, not at every site
         check_bookkeeping_run(cfg, task if cfg.task else None, sites[0].num_features)
     privacy = (
@@ -590,17 +582,14 @@ def _run_simulate(args: argparse.Namespace, cfg: RunConfig, superlink: Simulatio
     except SimulationFailed as exc:
         from pathlib import Path
 
-        if background is not None and (refused_flag := background.refusal()) is not None:
-            raise refused_flag from None  # the coordinator refused it before round 1 too
         runs = sorted(Path(cfg.out_dir).glob("*/events.jsonl"), key=lambda p: p.stat().st_mtime)
         refused = refusal_before_round_one(runs[-1].parent) if runs else None
+        if (refused or not runs) and deferred is not None:
+            if (refused_flag := deferred.refusal()) is not None:
+                raise refused_flag from None  # the coordinator's refusal, named by its flag
         why = f"the run was refused before round 1: {refused}" if refused else str(exc)
         print(f"fedsafe: error: {why}")
         return 1
-    if background is not None and (refused_flag := background.refusal()) is not None:
-        # The coordinator's check before round 1 is the same; should they ever differ, a run
-        # the CLI refuses still never ends as a success.
-        raise refused_flag
     if not result.rounds:
         print(f"fedsafe: no round finished; see {result.run_dir}")
         return 1

@@ -29,11 +29,12 @@ with it, Ray refuses them ("InvalidAuthToken"). The ports are on 127.0.0.1 only 
 Helpers off: no dashboard (``--include-dashboard=false``), no autoscaler monitor
 (``--no-monitor``: a single fixed node), no usage reports. The log monitor stays: it carries
 the sites' log lines to ``flwr-run.log``. Ray's client server cannot be switched off through
-``ray start``; it gets a free loopback port instead of Ray's fixed 10001, so two simulations
-on one machine do not collide. Every Ray port listens on 127.0.0.1 only: the engine's
-environment (:data:`~fedsafe.simulations.runner.RAY_LOOPBACK_ONLY_ENV`) keeps Ray from
-resolving 127.0.0.1 to the machine's address, which put the GCS and raylet on all interfaces
-(as Flower's own ``ray.init`` did; attack 17d).
+``ray start``'s flags; Ray's start hook does it (:mod:`~fedsafe.simulations.ray_start_hook`,
+named in the head's environment). Its flag still gives it a free loopback port instead of
+Ray's fixed 10001, should a Ray version ignore the hook. Every Ray port listens on 127.0.0.1
+only: the engine's environment (:data:`~fedsafe.simulations.runner.RAY_LOOPBACK_ONLY_ENV`)
+keeps Ray from resolving 127.0.0.1 to the machine's address, which put the GCS and raylet
+on all interfaces (as Flower's own ``ray.init`` did; attack 17d).
 
 Nothing privacy-related changes: the same actors run the same ClientApp with the same
 resources (Ray counts the machine's CPUs as ``ray.init`` did).
@@ -47,6 +48,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from fedsafe.simulations.ray_start_hook import HOOK_PATH
 from fedsafe.transport.processes import FlowerProcess, flower_bin, free_port, spawn
 
 #: The line ``ray start`` logs once the head's processes run.
@@ -75,6 +77,17 @@ def ray_head_command(temp_dir: Path, gcs_port: int, client_port: int) -> list[st
     ]  # fmt: skip
 
 
+def ray_head_env(env: dict[str, str]) -> dict[str, str]:
+    """The head's environment: ``env`` less ``RAY_ADDRESS``, plus Ray's start hook.
+
+    ``RAY_ADDRESS`` is removed (this is the instance the others join); ``RAY_START_HOOK``
+    names :mod:`~fedsafe.simulations.ray_start_hook` (no Ray client server).
+    """
+    head_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    head_env["RAY_START_HOOK"] = HOOK_PATH
+    return head_env
+
+
 class RayHead:
     """``ray start --head --block`` on free ports with a private temporary folder, started now.
 
@@ -100,7 +113,7 @@ class RayHead:
         self.temp_dir = temp_dir
         self.gcs_port = free_port()
         self.address = f"127.0.0.1:{self.gcs_port}"
-        head_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+        head_env = ray_head_env(env)
         self.process: FlowerProcess = spawn(
             "ray head",
             ray_head_command(temp_dir, self.gcs_port, free_port()),

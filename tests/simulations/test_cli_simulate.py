@@ -34,16 +34,49 @@ def _unreachable() -> RunConfig:
     )  # fmt: skip
 
 
-def test_the_accountant_check_beside_the_start_up_names_the_flag():
+def test_the_deferred_accountant_check_names_the_flag():
     cfg = _unreachable()
     preflight(cfg, [190, 300], None, accountant=False)  # no accountant: nothing to refuse
-    refusal = AccountantPreflight(cfg, [190, 300], None).refusal(300)
+    refusal = AccountantPreflight(cfg, [190, 300], None).refusal()
     assert refusal is not None and str(refusal).startswith("--epsilon ")
     assert "cannot be reached" in str(refusal)
     with pytest.raises(UserError, match="--epsilon"):
         preflight(cfg, [190, 300], None)
     sound = RunConfig.from_mapping({"target-epsilon": 1.0, "target-delta": 1e-4})
-    assert AccountantPreflight(sound, [190, 300], None).refusal(300) is None
+    assert AccountantPreflight(sound, [190, 300], None).refusal() is None
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"target-epsilon": 0.02, "target-delta": 1e-10, "batch-size": 100_000,
+         "num-server-rounds": 10, "local-steps": 100},
+        {"target-epsilon": 0.02, "target-delta": 1e-10, "batch-size": 100_000,
+         "num-server-rounds": 10, "local-steps": 100, "accountant": "rdp"},
+        {"target-epsilon": 1.0, "target-delta": 1e-4, "local-steps": 5, "num-server-rounds": 2},
+        {"noise-multiplier": 1.1, "target-delta": 1e-5},
+        {"target-delta": 0.01},
+        {"noise-multiplier": 1e-6, "target-delta": 1e-5, "local-steps": 1000,
+         "batch-size": 100_000},
+    ],
+)  # fmt: skip
+def test_the_command_refuses_exactly_the_runs_the_coordinator_refuses(values):
+    # The command leaves the accountant's check to the coordinator (issue 17): both must
+    # refuse the same runs, or a run the command would refuse could train.
+    from fedsafe.server.site_policies import DeclaredSite, RunRefused, check_declared_sites
+
+    cfg = RunConfig.from_mapping(values)
+    sizes = [42, 190, 300]
+    declared = {f"s{i}": DeclaredSite(f"s{i}", n, None) for i, n in enumerate(sizes)}
+    command = AccountantPreflight(cfg, sizes, None).refusal()
+    try:
+        check_declared_sites(cfg, declared)
+        coordinator = None
+    except RunRefused as exc:
+        coordinator = str(exc)
+    assert (command is None) == (coordinator is None), (command, coordinator)
+    if command is not None and coordinator is not None:
+        assert str(command).split(" ", 1)[1] in coordinator  # the same reason
 
 
 def test_bad_compression_and_budget_flags_are_one_line_errors(capsys):

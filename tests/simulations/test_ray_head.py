@@ -37,6 +37,13 @@ def _listening(pids: set[int]) -> list[tuple[str, int]]:
     return found
 
 
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def _loopback(address: str) -> bool:
     host = address.rsplit(":", 1)[0]
     return host == "127.0.0.1" or host in ("::1", "::ffff:127.0.0.1")
@@ -91,7 +98,9 @@ def test_every_port_of_the_runs_ray_instance_is_on_loopback(tmp_path):
         try:
             assert driver.stdout is not None and driver.stdin is not None
             assert driver.stdout.readline().strip() == "joined"
-            sockets = _listening(set(pids_with_env("FLWR_HOME", home)))
+            run_pids = set(pids_with_env("FLWR_HOME", home))
+            sockets = _listening(run_pids)
+            commands = [_command(pid) for pid in run_pids]
             # Another process on the machine, without the run's token, cannot join it.
             intruder_env = {**simulation_env(tmp_path / "intruder", head.address), **ray_auth_env()}
             intruder = subprocess.run(
@@ -110,7 +119,10 @@ def test_every_port_of_the_runs_ray_instance_is_on_loopback(tmp_path):
                 driver.wait()
     finally:
         link.close()
-    assert len(sockets) >= 4  # the SuperLink, GCS, raylet, client server, workers
+    assert len(sockets) >= 4  # the SuperLink, GCS, raylet, workers
+    # No Ray client server (fedsafe.simulations.ray_start_hook); the raylet is there.
+    assert [c for c in commands if "ray.util.client.server" in c] == []
+    assert any("raylet" in c for c in commands)
     assert [s for s in sockets if not _loopback(s[0])] == []
     assert pids_with_env("FLWR_HOME", home) == []
     assert intruder.returncode != 0 and "JOINED" not in intruder.stdout
