@@ -53,6 +53,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -94,7 +96,7 @@ def _sockets_on_port(port: int) -> set[str]:
     Sockets without an inode (``TIME_WAIT``: no process holds them; Ray's servers bind with
     ``SO_REUSEADDR``) are left out. Empty where ``/proc`` is missing.
     """
-    found = set()
+    found: set[str] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -109,7 +111,7 @@ def _sockets_on_port(port: int) -> set[str]:
 
 def _socket_inodes(pids: list[int]) -> set[str]:
     """Inodes of the sockets that ``pids`` hold open (``/proc/PID/fd``)."""
-    inodes = set()
+    inodes: set[str] = set()
     for pid in pids:
         try:
             targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
@@ -226,7 +228,7 @@ class RayHead:
                 return True
             if owner == "other":
                 self.taken_ports.append(self.gcs_port)
-                self.process.stop()
+                self._stop_try()
                 if len(self.taken_ports) >= self.tries:
                     ports = ", ".join(str(p) for p in self.taken_ports)
                     self.failure = (
@@ -300,4 +302,22 @@ class RayHead:
     def stop(self) -> None:
         """Stop ``ray start`` and every process of its group and tree."""
         self._stopping.set()
-        self.process.stop()
+        self._stop_try()
+
+    def _stop_try(self, grace_s: float = 5.0) -> None:
+        """One SIGTERM to a started ``ray start``, then whatever is left of its group and tree.
+
+        Once the head runs, ``ray start``'s SIGTERM handler stops the raylet, the GCS and
+        the agents in order (1-3 s). A second SIGTERM while that handler runs hangs it until
+        SIGKILL (Ray 2.55: the handler runs again inside itself), which is what signalling
+        the group and every process of the tree at once did (:meth:`FlowerProcess.stop`):
+        each stop took its full 10 s. A head still starting (interrupted, or on a taken
+        port) gets no grace: its handler does not end it within seconds either.
+        """
+        if self.process.running() and READY_MARKER in self.log_of_this_try():
+            try:
+                os.kill(self.process.pid, signal.SIGTERM)
+                self.process.popen.wait(grace_s)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        self.process.stop(timeout=1.0)  # SIGKILL after 1 s for anything still running

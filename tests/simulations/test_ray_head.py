@@ -1,6 +1,5 @@
 """The run's private Ray instance listens on the loopback interface only (attack 17d)."""
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,36 +9,7 @@ import pytest
 from fedsafe.simulations.ray_head import ray_auth_env
 from fedsafe.simulations.runner import SimulationSuperLink, simulation_env
 from fedsafe.transport.processes import pids_with_env
-
-
-def _listening(pids: set[int]) -> list[tuple[str, int]]:
-    """(address, pid) of every TCP socket in LISTEN state owned by one of ``pids`` (/proc)."""
-    inodes: dict[str, int] = {}
-    for pid in pids:
-        try:
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                target = str(fd.readlink()) if fd.is_symlink() else ""
-                if target.startswith("socket:["):
-                    inodes[target[8:-1]] = pid
-        except OSError:
-            continue
-    found = []
-    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
-        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
-                continue
-            raw, port = fields[1].split(":")
-            packed = bytes.fromhex(raw)
-            # /proc prints each 32-bit word in host (little-endian) order.
-            packed = b"".join(packed[i : i + 4][::-1] for i in range(0, len(packed), 4))
-            found.append((f"{socket.inet_ntop(family, packed)}:{int(port, 16)}", inodes[fields[9]]))
-    return found
-
-
-def _loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0]
-    return host == "127.0.0.1" or host in ("::1", "::ffff:127.0.0.1")
+from tests.simulations.process_helpers import listening, loopback
 
 
 def test_engine_env_keeps_ray_on_the_loopback_interface(tmp_path):
@@ -63,7 +33,7 @@ sys.stdin.readline()  # connected (and its worker alive) until the test has look
 
 
 @pytest.mark.slow
-def test_every_port_of_the_runs_ray_instance_is_on_loopback(tmp_path):
+def test_every_port_of_the_runs_ray_instance_is_onloopback(tmp_path):
     """Attack 17d: ``ss -ltnp`` showed the private head's GCS and raylet on ``*`` and its
     runtime-env agent and client server on the machine's address (Ray resolves 127.0.0.1 to
     it), as Flower's own ``ray.init`` did before. A driver joined through ``RAY_ADDRESS``
@@ -91,7 +61,7 @@ def test_every_port_of_the_runs_ray_instance_is_on_loopback(tmp_path):
         try:
             assert driver.stdout is not None and driver.stdin is not None
             assert driver.stdout.readline().strip() == "joined"
-            sockets = _listening(set(pids_with_env("FLWR_HOME", home)))
+            sockets = listening(set(pids_with_env("FLWR_HOME", home)))
             # Another process on the machine, without the run's token, cannot join it.
             intruder_env = {**simulation_env(tmp_path / "intruder", head.address), **ray_auth_env()}
             intruder = subprocess.run(
@@ -111,7 +81,7 @@ def test_every_port_of_the_runs_ray_instance_is_on_loopback(tmp_path):
     finally:
         link.close()
     assert len(sockets) >= 4  # the SuperLink, GCS, raylet, client server, workers
-    assert [s for s in sockets if not _loopback(s[0])] == []
+    assert [s for s in sockets if not loopback(s[0])] == []
     assert pids_with_env("FLWR_HOME", home) == []
     assert intruder.returncode != 0 and "JOINED" not in intruder.stdout
     assert "Failed to connect to Ray cluster" in intruder.stderr
