@@ -40,10 +40,11 @@ Its port, checked before anyone joins (attack 17d's port race). The GCS port is 
 later; another process may take it in between, and a simulation that joined
 ``RAY_ADDRESS`` would then send that process the run's token. :meth:`RayHead.wait_bound`
 reads the machine's socket table (``/proc/net/tcp``) until the port's listener is a process
-of the head's own tree; a socket of anyone else on the port first means the port is taken:
-that try is stopped and ``ray start`` starts again on new ports, at most :data:`PORT_TRIES`
-times, then :attr:`RayHead.failure` says which ports were taken. (Left alone, ``ray start``
-notices its GCS's failed bind only after about 40 s of retries.)
+of the head's own tree; a socket of anyone else on the port first, or the GCS's log saying
+it could not bind (a socket bound but not listening is not in the table), means the port is
+taken: that try is stopped and ``ray start`` starts again on new ports, at most
+:data:`PORT_TRIES` times, then :attr:`RayHead.failure` says which ports were taken. (Left
+alone, ``ray start`` notices its GCS's failed bind only after about 40 s of retries.)
 
 Nothing privacy-related changes: the same actors run the same ClientApp with the same
 resources (Ray counts the machine's CPUs as ``ray.init`` did).
@@ -64,6 +65,8 @@ from fedsafe.transport.processes import FlowerProcess, descendants, flower_bin, 
 
 #: The line ``ray start`` logs once the head's processes run.
 READY_MARKER = "Ray runtime started"
+#: What Ray's GCS logs (``session_*/logs/gcs_server*``) when its gRPC server cannot bind.
+GCS_BIND_FAILED = "Failed to start the grpc server"
 #: How many GCS ports a head tries (each on new free ports) before it gives up.
 PORT_TRIES = 3
 
@@ -114,10 +117,16 @@ def _socket_inodes(pids: list[int]) -> set[str]:
     inodes: set[str] = set()
     for pid in pids:
         try:
-            targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-        except OSError:  # the process ended, or an fd closed while being read
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:  # the process ended
             continue
-        inodes.update(t[8:-1] for t in targets if t.startswith("socket:["))
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:  # closed while being read
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
     return inodes
 
 
@@ -176,6 +185,7 @@ class RayHead:
         self.gcs_port = free_port()
         self.address = f"127.0.0.1:{self.gcs_port}"
         self._log_start = self._log_path.stat().st_size if self._log_path.exists() else 0
+        self._earlier_sessions = set(self.temp_dir.glob("session_2*"))
         self.process: FlowerProcess = spawn(
             "ray head",
             ray_head_command(self.temp_dir, self.gcs_port, free_port()),
@@ -184,11 +194,24 @@ class RayHead:
             die_with_parent=True,
         )
 
+    def _gcs_failed_to_bind(self) -> bool:
+        """Whether this try's GCS logged that its gRPC server could not bind its port."""
+        for session in set(self.temp_dir.glob("session_2*")) - self._earlier_sessions:
+            for log in (session / "logs").glob("gcs_server*"):
+                try:
+                    if GCS_BIND_FAILED.encode() in log.read_bytes():
+                        return True
+                except OSError:
+                    continue
+        return False
+
     def _port_owner(self) -> str:
         """``"head"``, ``"other"`` (a socket not of the head's tree) or ``"none"`` on the port."""
         on_port = _sockets_on_port(self.gcs_port)  # read before the tree: see below
         if not on_port:
-            return "none"
+            # A socket bound but not listening is not in the table; Ray's GCS then fails
+            # its bind and says so, while ``ray start`` waits about 40 s before it gives up.
+            return "other" if self._gcs_failed_to_bind() else "none"
         # A socket listed above belongs to a process that existed when it was read, so a
         # GCS listener of this head is found in the tree read now, never taken for another's.
         ours = _socket_inodes([self.process.pid, *descendants(self.process.pid)])

@@ -1,14 +1,18 @@
-"""The run's private Ray instance listens on the loopback interface only (attack 17d)."""
+"""The run's private Ray instance: loopback only (attack 17d), on a port that is its own."""
 
+import os
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from fedsafe.simulations.ray_head import ray_auth_env
+from fedsafe.simulations import ray_head
+from fedsafe.simulations.ray_head import RayHead, ray_auth_env
 from fedsafe.simulations.runner import SimulationSuperLink, simulation_env
-from fedsafe.transport.processes import pids_with_env
+from fedsafe.transport.processes import free_port, pids_with_env
 from tests.simulations.process_helpers import listening, loopback
 
 
@@ -17,6 +21,58 @@ def test_engine_env_keeps_ray_on_the_loopback_interface(tmp_path):
     # raylet, agents and workers listen on every interface (no authentication: anyone on
     # the network could join the cluster and run code beside the sites' data).
     assert simulation_env(tmp_path)["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+
+
+def test_the_socket_table_names_who_holds_a_port():
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        on_port = ray_head._sockets_on_port(port)
+        assert len(on_port) == 1
+        assert on_port <= ray_head._socket_inodes([os.getpid()])  # this process holds it
+    assert ray_head._sockets_on_port(port) == set()  # closed: nobody holds it
+
+
+@pytest.fixture
+def short_tmp():
+    """A short private folder: Ray's Unix socket paths under it must stay under 108 bytes."""
+    with tempfile.TemporaryDirectory(prefix="fs-rh-") as folder:
+        yield Path(folder)
+
+
+def test_a_head_whose_every_port_is_taken_stops_and_says_which(short_tmp, monkeypatch):
+    # Two real listening sockets hold the GCS ports the picker hands out (the client
+    # server's ports are free ones). Each try's `ray start` is stopped as soon as the socket
+    # table shows the clash, before it imports Ray. (A port only bound, not in the table:
+    # test_runner's started-SuperLink test.)
+    taken = [socket.socket(), socket.socket()]
+    for sock in taken:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+    ports = [sock.getsockname()[1] for sock in taken]
+    picks = iter([ports[0], free_port(), ports[1], free_port()])
+    monkeypatch.setattr(ray_head, "free_port", lambda: next(picks))
+    home = short_tmp / "home"
+    env = {**simulation_env(home), **ray_auth_env()}
+    head = RayHead(short_tmp / "ray", short_tmp / "head.log", env, tries=2)
+    try:
+        assert not head.wait_bound(60)
+    finally:
+        head.stop()
+        for sock in taken:
+            sock.close()
+    assert head.taken_ports == ports, (head.failure, (short_tmp / "head.log").read_text()[-3000:])
+    assert head.failure is not None and "\n" not in head.failure
+    assert f"({ports[0]}, {ports[1]}) was taken by another process" in head.failure
+    assert not head.process.running()
+    assert pids_with_env("FLWR_HOME", str(home.resolve())) == []
+    assert f"fedsafe: port {ports[0]} was taken" in (short_tmp / "head.log").read_text()
+
+
+def test_a_head_needs_at_least_one_try(tmp_path):
+    with pytest.raises(ValueError, match="tries"):
+        RayHead(tmp_path / "ray", tmp_path / "head.log", {}, tries=0)
 
 
 _DRIVER = """
