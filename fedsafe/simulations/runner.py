@@ -160,7 +160,8 @@ class SimulationSuperLink:
 
     ``ray_head``: also start the run's private Ray instance now (:class:`RayHead`, issue 17),
     which the simulation joins; False leaves Ray's start to the simulation process, as
-    before. Either way every process is stopped by :meth:`close`.
+    before (its ``ray.init`` then starts Ray with the same token authentication and on
+    loopback only). Either way every process is stopped by :meth:`close`.
     """
 
     def __init__(self, ray_head: bool = True) -> None:
@@ -185,10 +186,11 @@ class SimulationSuperLink:
             raise
 
     def _start(self, tmp: Path, ray_head: bool) -> None:
-        self._auth: dict[str, str] = {}
+        # The head and every process that joins it carry the token; without the head,
+        # Flower's own ``ray.init`` starts its instance with token authentication too.
+        self._auth = ray_auth_env()
         self._watching = False
         if ray_head:
-            self._auth = ray_auth_env()  # the head and every process that joins it carry it
             head_env = {**simulation_env(self.home), **self._auth}
             self.ray_head = RayHead(tmp / "ray", tmp / "ray-head.log", head_env)
         self._spawn_superlink(tmp)

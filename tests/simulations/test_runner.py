@@ -60,6 +60,19 @@ def test_each_run_draws_its_own_ray_token():
     assert first["RAY_AUTH_TOKEN"] != second["RAY_AUTH_TOKEN"]
 
 
+def test_without_the_private_head_flowers_own_ray_gets_a_token_too():
+    # Flower's own ray.init (RAY_ADDRESS=local) starts Ray from the SuperLink's environment:
+    # without a token there, any local process could join the cluster (checked by hand).
+    link = SimulationSuperLink(ray_head=False)
+    try:
+        environ = Path(f"/proc/{link.process.pid}/environ").read_bytes().split(b"\0")
+    finally:
+        link.close()
+    assert b"RAY_ADDRESS=local" in environ and b"RAY_AUTH_MODE=token" in environ
+    token = [e for e in environ if e.startswith(b"RAY_AUTH_TOKEN=")]
+    assert len(token) == 1 and len(token[0]) == len("RAY_AUTH_TOKEN=") + 64
+
+
 def test_engine_env_sends_no_usage_reports(tmp_path, monkeypatch):
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")
     assert simulation_env(tmp_path)["FLWR_TELEMETRY_ENABLED"] == "0"
