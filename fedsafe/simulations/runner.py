@@ -16,7 +16,9 @@ The processes that run ClientApps start with glibc settings that keep freed memo
 (:data:`RAY_NO_PRESTART_ENV`: Flower's actors carry a runtime environment and never use them).
 The Ray instance itself starts beside the SuperLink, before anything is submitted, as a
 private :class:`~fedsafe.simulations.ray_head.RayHead` that the simulation's ``ray.init``
-joins (``RAY_ADDRESS``), instead of inside the simulation process after its imports.
+joins (``RAY_ADDRESS``), instead of inside the simulation process after its imports; nothing
+is submitted before the head holds its port (another process that took it would otherwise
+receive the run's token; :meth:`SimulationSuperLink.wait_ready`).
 ``bench/startup.py`` measures the time to the first round.
 """
 
