@@ -65,9 +65,13 @@ def test_without_the_private_head_flowers_own_ray_gets_a_token_too():
     # without a token there, any local process could join the cluster (checked by hand).
     link = SimulationSuperLink(ray_head=False)
     try:
-        environ = Path(f"/proc/{link.process.pid}/environ").read_bytes().split(b"\0")
+        deadline = time.monotonic() + 10
+        while not (environ := Path(f"/proc/{link.process.pid}/environ").read_bytes()):
+            assert time.monotonic() < deadline and link.process.running()
+            time.sleep(0.01)  # it read as empty once in four runs right after the spawn
     finally:
         link.close()
+    environ = environ.split(b"\0")
     assert b"RAY_ADDRESS=local" in environ and b"RAY_AUTH_MODE=token" in environ
     token = [e for e in environ if e.startswith(b"RAY_AUTH_TOKEN=")]
     assert len(token) == 1 and len(token[0]) == len("RAY_AUTH_TOKEN=") + 64
