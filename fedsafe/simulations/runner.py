@@ -16,7 +16,9 @@ The processes that run ClientApps start with glibc settings that keep freed memo
 (:data:`RAY_NO_PRESTART_ENV`: Flower's actors carry a runtime environment and never use them).
 The Ray instance itself starts beside the SuperLink, before anything is submitted, as a
 private :class:`~fedsafe.simulations.ray_head.RayHead` that the simulation's ``ray.init``
-joins (``RAY_ADDRESS``), instead of inside the simulation process after its imports.
+joins (``RAY_ADDRESS``), instead of inside the simulation process after its imports; nothing
+is submitted before the head holds its port (another process that took it would otherwise
+receive the run's token; :meth:`SimulationSuperLink.wait_ready`).
 ``bench/startup.py`` measures the time to the first round.
 """
 
@@ -160,7 +162,8 @@ class SimulationSuperLink:
 
     ``ray_head``: also start the run's private Ray instance now (:class:`RayHead`, issue 17),
     which the simulation joins; False leaves Ray's start to the simulation process, as
-    before. Either way every process is stopped by :meth:`close`.
+    before (its ``ray.init`` then starts Ray with the same token authentication and on
+    loopback only). Either way every process is stopped by :meth:`close`.
     """
 
     def __init__(self, ray_head: bool = True) -> None:
@@ -185,12 +188,18 @@ class SimulationSuperLink:
             raise
 
     def _start(self, tmp: Path, ray_head: bool) -> None:
-        auth: dict[str, str] = {}
+        # The head and every process that joins it carry the token; without the head,
+        # Flower's own ``ray.init`` starts its instance with token authentication too.
+        self._auth = ray_auth_env()
+        self._watching = False
         if ray_head:
-            auth = ray_auth_env()  # the head and every process that joins it carry the token
-            head_env = {**simulation_env(self.home), **auth}
+            head_env = {**simulation_env(self.home), **self._auth}
             self.ray_head = RayHead(tmp / "ray", tmp / "ray-head.log", head_env)
-        ray_address = self.ray_head.address if self.ray_head is not None else "local"
+        self._spawn_superlink(tmp)
+
+    def _spawn_superlink(self, tmp: Path) -> None:
+        """Start ``flower-superlink`` joined to the Ray head's current address (``RAY_ADDRESS``)."""
+        self._ray_address = self.ray_head.address if self.ray_head is not None else "local"
         self.process: FlowerProcess = spawn(
             "simulation superlink",
             [
@@ -204,11 +213,8 @@ class SimulationSuperLink:
                 "--disable-runtime-dependency-installation",
             ],
             log_path=self.log_path,
-            env={**simulation_env(self.home, ray_address), **auth},
+            env={**simulation_env(self.home, self._ray_address), **self._auth},
         )  # fmt: skip
-        if self.ray_head is not None:
-            # A simulation whose Ray head is gone would wait on it for minutes: end the run.
-            self.ray_head.watch(self.process.stop)
 
     @property
     def base_url(self) -> str:
@@ -216,17 +222,39 @@ class SimulationSuperLink:
         return f"http://{LOOPBACK}:{self.port}"
 
     def wait_ready(self, timeout_s: float = 60) -> bool:
-        """True once ``/health`` and then the Control API answer; False on timeout or exit.
+        """True once ``/health`` and then the Control API answer, and the Ray head holds its port.
 
-        The Ray head is not waited for: it keeps starting while the run is submitted and the
-        simulation process imports its apps, and the simulation's ``ray.init`` connects as
-        soon as it is up (if it exits instead, its watch stops the SuperLink and the run).
+        The Ray head is not waited for beyond its GCS port: it keeps starting while the run
+        is submitted and the simulation process imports its apps, and the simulation's
+        ``ray.init`` connects as soon as it is up. Its port is checked first
+        (:meth:`RayHead.wait_bound`): if another process took it, the head moved to another
+        port and the SuperLink, whose processes would join the old one, starts again with
+        the new address; nothing has been submitted yet. From then on, if the head exits,
+        its watch stops the SuperLink and the run. False on timeout or exit (the head's
+        :attr:`~RayHead.failure` says why, where it failed).
         """
-        return (
-            wait_http_ok(f"{self.base_url}/health", timeout_s, self.process)
-            and wait_control_api(self.base_url, timeout_s, self.process)
-            and (self.ray_head is None or self.ray_head.process.running())
-        )
+        if not self._superlink_answers(timeout_s):
+            return False
+        head = self.ray_head
+        if head is None:
+            return True
+        if not head.wait_bound(timeout_s):
+            return False
+        if head.address != self._ray_address:
+            self.process.stop()
+            self._spawn_superlink(Path(self._tmp.name))
+            if not self._superlink_answers(timeout_s):
+                return False
+        if not self._watching:
+            self._watching = True
+            # A simulation whose Ray head is gone would wait on it for minutes: end the run.
+            head.watch(lambda: self.process.stop())
+        return head.process.running()
+
+    def _superlink_answers(self, timeout_s: float) -> bool:
+        return wait_http_ok(
+            f"{self.base_url}/health", timeout_s, self.process
+        ) and wait_control_api(self.base_url, timeout_s, self.process)
 
     @property
     def ray_head_died(self) -> bool:
@@ -307,8 +335,12 @@ def run_simulation(
     link = superlink if superlink is not None else SimulationSuperLink()
     try:
         if not link.wait_ready(60):
+            failure = link.ray_head.failure if link.ray_head is not None else None
             raise SimulationFailed(
-                f"the simulation SuperLink or its Ray instance did not start; see {logs}"
+                f"the simulation's Ray instance did not start: {failure}; see "
+                f"{logs / 'ray-head.log'}"
+                if failure
+                else f"the simulation SuperLink or its Ray instance did not start; see {logs}"
             )
         federation = (
             f"num-supernodes={num_sites} client-resources-num-cpus=1 "

@@ -1,40 +1,19 @@
-"""The run's private Ray instance listens on the loopback interface only (attack 17d)."""
+"""The run's private Ray instance: loopback only (attack 17d), on a port that is its own."""
 
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from fedsafe.simulations.ray_head import ray_auth_env
+from fedsafe.simulations import ray_head
+from fedsafe.simulations.ray_head import RayHead, ray_auth_env
 from fedsafe.simulations.runner import SimulationSuperLink, simulation_env
-from fedsafe.transport.processes import pids_with_env
-
-
-def _listening(pids: set[int]) -> list[tuple[str, int]]:
-    """(address, pid) of every TCP socket in LISTEN state owned by one of ``pids`` (/proc)."""
-    inodes: dict[str, int] = {}
-    for pid in pids:
-        try:
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                target = str(fd.readlink()) if fd.is_symlink() else ""
-                if target.startswith("socket:["):
-                    inodes[target[8:-1]] = pid
-        except OSError:
-            continue
-    found = []
-    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
-        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
-                continue
-            raw, port = fields[1].split(":")
-            packed = bytes.fromhex(raw)
-            # /proc prints each 32-bit word in host (little-endian) order.
-            packed = b"".join(packed[i : i + 4][::-1] for i in range(0, len(packed), 4))
-            found.append((f"{socket.inet_ntop(family, packed)}:{int(port, 16)}", inodes[fields[9]]))
-    return found
+from fedsafe.transport.processes import free_port, pids_with_env
+from tests.simulations.process_helpers import listening, loopback
 
 
 def _command(pid: int) -> str:
@@ -44,16 +23,63 @@ def _command(pid: int) -> str:
         return ""
 
 
-def _loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0]
-    return host == "127.0.0.1" or host in ("::1", "::ffff:127.0.0.1")
-
-
 def test_engine_env_keeps_ray_on_the_loopback_interface(tmp_path):
     # Attack 17d: without it Ray takes the machine's address for its node, and its GCS,
     # raylet, agents and workers listen on every interface (no authentication: anyone on
     # the network could join the cluster and run code beside the sites' data).
     assert simulation_env(tmp_path)["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+
+
+def test_the_socket_table_names_who_holds_a_port():
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        on_port = ray_head._sockets_on_port(port)
+        assert len(on_port) == 1
+        assert on_port <= ray_head._socket_inodes([os.getpid()])  # this process holds it
+    assert ray_head._sockets_on_port(port) == set()  # closed: nobody holds it
+
+
+@pytest.fixture
+def short_tmp():
+    """A short private folder: Ray's Unix socket paths under it must stay under 108 bytes."""
+    with tempfile.TemporaryDirectory(prefix="fs-rh-") as folder:
+        yield Path(folder)
+
+
+def test_a_head_whose_every_port_is_taken_stops_and_says_which(short_tmp, monkeypatch):
+    # Two real listening sockets hold the GCS ports the picker hands out (the client
+    # server's ports are free ones). Each try's `ray start` is stopped as soon as the socket
+    # table shows the clash, before it imports Ray. (A port only bound, not in the table:
+    # test_runner's started-SuperLink test.)
+    taken = [socket.socket(), socket.socket()]
+    for sock in taken:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+    ports = [sock.getsockname()[1] for sock in taken]
+    picks = iter([ports[0], free_port(), ports[1], free_port()])
+    monkeypatch.setattr(ray_head, "free_port", lambda: next(picks))
+    home = short_tmp / "home"
+    env = {**simulation_env(home), **ray_auth_env()}
+    head = RayHead(short_tmp / "ray", short_tmp / "head.log", env, tries=2)
+    try:
+        assert not head.wait_bound(60)
+    finally:
+        head.stop()
+        for sock in taken:
+            sock.close()
+    assert head.taken_ports == ports, (head.failure, (short_tmp / "head.log").read_text()[-3000:])
+    assert head.failure is not None and "\n" not in head.failure
+    assert f"({ports[0]}, {ports[1]}) was taken by another process" in head.failure
+    assert not head.process.running()
+    assert pids_with_env("FLWR_HOME", str(home.resolve())) == []
+    assert f"fedsafe: port {ports[0]} was taken" in (short_tmp / "head.log").read_text()
+
+
+def test_a_head_needs_at_least_one_try(tmp_path):
+    with pytest.raises(ValueError, match="tries"):
+        RayHead(tmp_path / "ray", tmp_path / "head.log", {}, tries=0)
 
 
 _DRIVER = """
@@ -70,7 +96,7 @@ sys.stdin.readline()  # connected (and its worker alive) until the test has look
 
 
 @pytest.mark.slow
-def test_every_port_of_the_runs_ray_instance_is_on_loopback(tmp_path):
+def test_every_port_of_the_runs_ray_instance_is_onloopback(tmp_path):
     """Attack 17d: ``ss -ltnp`` showed the private head's GCS and raylet on ``*`` and its
     runtime-env agent and client server on the machine's address (Ray resolves 127.0.0.1 to
     it), as Flower's own ``ray.init`` did before. A driver joined through ``RAY_ADDRESS``
@@ -99,7 +125,7 @@ def test_every_port_of_the_runs_ray_instance_is_on_loopback(tmp_path):
             assert driver.stdout is not None and driver.stdin is not None
             assert driver.stdout.readline().strip() == "joined"
             run_pids = set(pids_with_env("FLWR_HOME", home))
-            sockets = _listening(run_pids)
+            sockets = listening(run_pids)
             commands = [_command(pid) for pid in run_pids]
             # Another process on the machine, without the run's token, cannot join it.
             intruder_env = {**simulation_env(tmp_path / "intruder", head.address), **ray_auth_env()}
@@ -123,7 +149,7 @@ def test_every_port_of_the_runs_ray_instance_is_on_loopback(tmp_path):
     # No Ray client server (fedsafe.simulations.ray_start_hook); the raylet is there.
     assert [c for c in commands if "ray.util.client.server" in c] == []
     assert any("raylet" in c for c in commands)
-    assert [s for s in sockets if not _loopback(s[0])] == []
+    assert [s for s in sockets if not loopback(s[0])] == []
     assert pids_with_env("FLWR_HOME", home) == []
     assert intruder.returncode != 0 and "JOINED" not in intruder.stdout
     assert "Failed to connect to Ray cluster" in intruder.stderr
