@@ -209,3 +209,34 @@ def test_multi_class_evaluation_does_not_import_scikit_learn():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+_SCALES: dict[int, torch.Tensor] = {}
+
+
+def _cached_scale(width: int) -> torch.Tensor:
+    """A task's module-level cache, filled by whichever forward pass comes first."""
+    if width not in _SCALES:
+        _SCALES[width] = torch.linspace(0.5, 1.5, width)
+    return _SCALES[width]
+
+
+class _CachingTask(nn.Module):
+    """A task model whose forward fills a cache shared by every instance (attack17f)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * _cached_scale(1)
+
+
+def test_a_task_model_evaluated_first_still_trains_with_dp(data):
+    # A train message evaluates the received model before training a fresh one (evaluate-first):
+    # what a task's code caches during the evaluation must serve its DP-SGD round after it.
+    x, y = data
+    _SCALES.clear()
+    evaluate_model(_CachingTask(), x, y, CPU)
+    event = train_round(_CachingTask(), x, y, TrainPlan(3, 8, 0.1, True, 1.0, 1.0), CPU)
+    assert event is not None and event.steps == 3
