@@ -620,16 +620,26 @@ def model_outputs(model: nn.Module, x: Records, device: torch.device) -> torch.T
     """The model's outputs on ``x`` in evaluation mode, :data:`EVAL_CHUNK` records at a time.
 
     Larger chunks cost more in page faults for fresh activation buffers than they save in
-    per-call overhead. The forward passes run in ``torch.inference_mode`` (no autograd
-    bookkeeping; the same values); the chunks are joined outside it, so the returned tensor
-    is an ordinary one that callers may edit in place.
+    per-call overhead. The forward passes of a model built only of fedsafe's and torch's own
+    modules run in ``torch.inference_mode`` (no autograd bookkeeping; the same values); the
+    chunks are joined outside it, so the returned tensor is an ordinary one that callers may
+    edit in place. Any other model (a task's own code) runs under ``torch.no_grad``: a tensor
+    its forward caches while evaluated would otherwise be an inference tensor, which the
+    site's DP round after the evaluation (evaluate-first) cannot use (attack17f).
     """
     xt = torch.as_tensor(x)
     model.to(device).eval()
-    with torch.inference_mode():
+    with torch.inference_mode() if _known_modules(model) else torch.no_grad():
         chunks = [model(xt[i : i + EVAL_CHUNK].to(device)) for i in range(0, len(xt), EVAL_CHUNK)]
     with torch.no_grad():
         return torch.cat(chunks)
+
+
+def _known_modules(model: nn.Module) -> bool:
+    """Whether every module of ``model`` is torch's or fedsafe's own (none caches tensors)."""
+    return all(
+        type(m).__module__.startswith(("torch.nn.", "fedsafe.models")) for m in model.modules()
+    )
 
 
 def evaluate_model(
