@@ -357,6 +357,7 @@ class SitePrivacyLedger:
         # anchor and takes it for a ledger whose anchors were lost.
         with contextlib.nullcontext() if existed else anchor_lock(keys):
             existed = existed or path.exists()
+            new_id = None if existed else _anchored_new_id(keys, path)
             try:
                 conn = sqlite3.connect(
                     path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
@@ -364,7 +365,7 @@ class SitePrivacyLedger:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.executescript(_SCHEMA)
-                ledger_id = _init_meta(conn, path, keys)
+                ledger_id = _init_meta(conn, path, keys, new_id)
             except sqlite3.DatabaseError as exc:
                 conn.close()
                 raise UserError(
@@ -917,8 +918,30 @@ def _unkeyed_format(path: Path) -> bool:
         conn.close()
 
 
-def _init_meta(conn: sqlite3.Connection, path: Path, keys: LedgerSecrets) -> str:
-    """Write the format, id and key id of a new ledger; check them on an existing one."""
+def _anchored_new_id(keys: LedgerSecrets, path: Path) -> str:
+    """The id of the ledger about to be created at ``path``, anchored (count 0) before it is.
+
+    The path's anchor is written before the SQLite file exists, so a process that dies
+    between the two never leaves an unanchored ledger, which every later open would refuse as
+    tampered (attack17f). An anchor of no entries already there (left by such a death, or by
+    an empty ledger that was deleted) gives its id: the ledger is created again under it.
+    Called under the anchor lock, for a path with no file.
+    """
+    anchor = read_anchor(keys, path)
+    if anchor is not None and anchor.count == 0:
+        return anchor.ledger_id
+    ledger_id = secrets.token_hex(16)
+    write_anchor(keys, LedgerAnchor(ledger_id, str(path), 0, GENESIS_HASH, 0.0))
+    return ledger_id
+
+
+def _init_meta(
+    conn: sqlite3.Connection, path: Path, keys: LedgerSecrets, new_id: str | None = None
+) -> str:
+    """Write the format, id and key id of a new ledger; check them on an existing one.
+
+    ``new_id``: the id a new ledger gets (:func:`_anchored_new_id`); a random one if None.
+    """
     version = _meta(conn, "schema_version")
     has_entries = conn.execute("SELECT 1 FROM entries LIMIT 1").fetchone() is not None
     if version == str(UNKEYED_VERSION) and has_entries:
@@ -936,7 +959,7 @@ def _init_meta(conn: sqlite3.Connection, path: Path, keys: LedgerSecrets) -> str
             )
             conn.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('ledger_id', ?)",
-                (secrets.token_hex(16),),
+                (new_id or secrets.token_hex(16),),
             )
             conn.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('key_id', ?)", (keys.key_id,)

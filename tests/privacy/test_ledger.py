@@ -383,24 +383,34 @@ class _Died(BaseException):
     """The process dies here."""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="attack17f, not fixed: a process that dies while a new ledger's first anchors are "
-    "written leaves an empty ledger with no anchor, which every later open refuses as tampered",
-)
+@pytest.mark.parametrize("dies_at", ["write_anchors", "connect"])
 def test_a_process_dying_while_a_new_ledger_is_anchored_does_not_lock_the_site_out(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dies_at: str
 ) -> None:
+    # attack17f: kill -9 between the SQLite file's creation and its anchors ("write_anchors"),
+    # or between the path's first anchor and the file ("connect"): nothing was spent, and the
+    # next open must work, and still record and anchor.
     import fedsafe.privacy.ledger as ledger_module
 
+    anchored_new_id = ledger_module._anchored_new_id
+
     def dies(*args: object) -> None:
-        raise _Died  # kill -9 between the SQLite file's creation and its first anchors
+        if dies_at == "connect":
+            anchored_new_id(*args)  # type: ignore[arg-type]
+        raise _Died
 
     path = tmp_path / "ledger.sqlite"
     with monkeypatch.context() as patch:
-        patch.setattr(ledger_module, "write_anchors", dies)
+        name = "_anchored_new_id" if dies_at == "connect" else "write_anchors"
+        patch.setattr(ledger_module, name, dies)
         with pytest.raises(_Died):
             SitePrivacyLedger.open(path)
-    assert path.exists()  # the SQLite file is there, empty, and nothing was spent
+    assert path.exists() == (dies_at == "write_anchors")
     with SitePrivacyLedger.open(path) as ledger:
         assert ledger.entries() == []
+    entries = _fill(path, 2)
+    with SitePrivacyLedger.open(path) as ledger:
+        assert ledger.entries() == entries
+    path.unlink()  # the ledger with its releases deleted: still refused
+    with pytest.raises(LedgerTamperedError, match="missing"):
+        SitePrivacyLedger.open(path)

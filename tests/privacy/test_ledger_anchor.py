@@ -493,8 +493,10 @@ def test_a_new_ledger_opened_by_two_at_once_is_not_taken_for_lost_anchors(
     real_init_meta = ledger_module._init_meta
     first = threading.Lock()
 
-    def init_meta_then_hold(conn: sqlite3.Connection, p: Path, keys: LedgerSecrets) -> str:
-        out = real_init_meta(conn, p, keys)
+    def init_meta_then_hold(
+        conn: sqlite3.Connection, p: Path, keys: LedgerSecrets, *new_id: str | None
+    ) -> str:
+        out = real_init_meta(conn, p, keys, *new_id)
         if first.acquire(blocking=False):  # only the creator is held
             created.set()
             second_done.wait(timeout=2.0)
