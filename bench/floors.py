@@ -117,6 +117,8 @@ def process_kind(cmdline: str) -> str:
     table = (
         (" start --head", "ray start (head)"),
         ("ray::ClientAppActor", "ray ClientAppActor"),
+        ("ray::DashboardAgent", "ray dashboard agent"),
+        ("ray::RuntimeEnvAgent", "ray runtime-env agent"),
         ("ray::", "ray worker (other)"),
         ("flwr-simulation", "flwr-simulation (ServerApp)"),
         ("flower-superlink", "SuperLink"),
@@ -126,7 +128,7 @@ def process_kind(cmdline: str) -> str:
         ("raylet", "ray raylet"),
         ("log_monitor", "ray log monitor"),
         ("runtime_env", "ray runtime-env agent"),
-        ("dashboard", "ray dashboard agent"),
+        ("dashboard.py", "ray dashboard (head process)"),
         ("ray_client_server", "ray client server"),
         ("ray.util.client.server", "ray client server"),
         ("default_worker.py", "ray worker (other)"),
