@@ -10,10 +10,13 @@ The same messages as fedsafe's coordinator (``fedsafe/server/app.py`` and
    site; ``configure_evaluate`` sends nothing before the last round);
 3. after the last round, one ``evaluate`` message per site with the final arrays.
 
-Replies are pulled as fedsafe's ``PromptGrid`` pulls them (5 ms, doubling up to 100 ms while
-none came, at once again after a pull that brought some), not with Flower's 3 s sleep. The
-train replies are averaged, weighted by their ``num-examples`` (FedAvg). Imports: flwr and
-numpy only, so nothing of fedsafe, torch or Opacus is on this process's path.
+Before each train phase the live nodes are asked for three times and before the evaluate phase
+twice, as fedsafe's strategy asks (its wait for live sites, the inner strategy's sampling,
+the live set for budget-spent sites). Replies are pulled as fedsafe's ``PromptGrid`` pulls
+them (5 ms, doubling up to 100 ms while none came, at once again after a pull that brought
+some), not with Flower's 3 s sleep. The train replies are averaged, weighted by their
+``num-examples`` (FedAvg). Imports: flwr and numpy only, so nothing of fedsafe, torch or
+Opacus is on this process's path.
 
 Each phase is stamped (epoch seconds) as one JSON line in the run config's ``marks-file``;
 each round's ``seconds`` is measured as fedsafe's strategy measures it: from the start of the
@@ -35,6 +38,17 @@ app = ServerApp()
 
 #: The waits between pulls while no reply came (seconds): fedsafe's ``PollBackoff``.
 FIRST_WAIT_S, WAIT_FACTOR, MAX_WAIT_S = 0.005, 2.0, 0.1
+
+
+#: ``get_node_ids`` calls of fedsafe's coordinator before a train phase (its wait for live sites,
+#: the inner strategy's sampling, the live set for budget-spent sites) and an evaluate phase.
+TRAIN_NODE_QUERIES, EVALUATE_NODE_QUERIES = 3, 2
+
+
+def _live_checks(grid: Grid, count: int) -> None:
+    """Ask the SuperLink for the live nodes ``count`` times, as fedsafe's strategy does."""
+    for _ in range(count):
+        list(grid.get_node_ids())
 
 
 def _mark(path: Path, record: dict[str, Any]) -> None:
@@ -105,6 +119,7 @@ def main(grid: Grid, context: Context) -> None:
     arrays = initial_arrays(json.loads(str(cfg["arrays-spec"])))
     for rnd in range(1, rounds + 1):
         started = time.monotonic()
+        _live_checks(grid, TRAIN_NODE_QUERIES)
         record = record_of(arrays)
         train = [
             Message(
@@ -124,6 +139,7 @@ def main(grid: Grid, context: Context) -> None:
         arrays = fedavg([r for r in replies if not r.has_error()])
         errors = sum(r.has_error() for r in replies)
         if rnd == rounds:
+            _live_checks(grid, EVALUATE_NODE_QUERIES)
             record = record_of(arrays)
             final = [
                 Message(
