@@ -204,6 +204,18 @@ class CpuSampler:
             named.setdefault(self.kinds[pid], set()).add(line)
         return {kind: sorted(lines) for kind, lines in sorted(named.items())}
 
+    def between(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds per kind (and ``total``) spent between two epoch times (sampled)."""
+        kinds: dict[str, float] = {}
+        for pid, series in self.series.items():
+            before = [cpu for t, cpu in series if t <= start]
+            upto = [cpu for t, cpu in series if t <= end]
+            if upto:
+                spent = upto[-1] - (before[-1] if before else 0.0)
+                kinds[self.kinds[pid]] = kinds.get(self.kinds[pid], 0.0) + spent
+        kinds = {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
+        return {**kinds, "total": round(sum(kinds.values()), 2)}
+
     def at(self, when: float) -> dict[str, float]:
         """CPU seconds per kind (and ``total``, ``processes``) up to epoch ``when``."""
         kinds: dict[str, float] = {}
@@ -255,6 +267,12 @@ def floor_run(
     records = [json.loads(x) for x in (out / "marks.jsonl").read_text().splitlines()]
     rounds_ = [r for r in records if r["event"] == "round"]
     first_train = rounds_[0]["phases"]["train"][0]
+    later: dict[str, Any] = {}
+    if len(rounds_) > 1:  # the rounds whose updates per second are counted
+        start = rounds_[1]["phases"]["train"][0]
+        end = max(w[1] for w in rounds_[-1]["phases"].values())
+        later = sampler.between(start, end)
+        later["ms_per_update"] = round(1000 * later["total"] / (sites * (len(rounds_) - 1)), 1)
     return {
         "marks": _marks(out / "logs" / "superlink.log", started)
         | {
@@ -265,6 +283,7 @@ def floor_run(
         "errors": sum(r["errors"] for r in rounds_),
         "cpu_at_first_train": sampler.at(first_train),
         "cpu_at_end": sampler.at(time.time()),
+        "cpu_after_round_1": later,
         "processes": sampler.named(),
         "wall_s": round(wall, 3),
     }
@@ -330,7 +349,9 @@ def startup_bench(repeats: int, a: Path, root: Path, save: Any) -> dict[str, Any
     return runs
 
 
-def updates_bench(repeats: int, today_python: str | None, root: Path, save: Any) -> dict[str, Any]:
+def updates_bench(
+    repeats: int, today_python: str | None, root: Path, save: Any, only: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """50-site MNIST arms alternating: floor echo, floor fedsafe work, this checkout, today."""
     sys.path.insert(0, str(ROOT / "bench"))
     import speed
@@ -338,6 +359,7 @@ def updates_bench(repeats: int, today_python: str | None, root: Path, save: Any)
     spec = arrays_spec("mnist")
     config = json.dumps(MNIST50)
     arms = ["floor-echo", "floor-fedsafe", "fedsafe-main"] + (["today"] if today_python else [])
+    arms = [a for a in arms if a in only] if only else arms
     runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
     for rep in range(repeats):
         for arm in arms if rep % 2 == 0 else arms[::-1]:
@@ -415,6 +437,22 @@ def updates_markdown(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
         + " | ".join(spread([u for r in runs[a] for u in updates_per_s(r)]) for a in arms)
         + " |",
     ]
+    per_update = [
+        spread(
+            [
+                r["cpu_after_round_1"]["ms_per_update"]
+                for r in runs[a]
+                if r.get("cpu_after_round_1")
+            ],
+            0,
+        )
+        for a in arms
+    ]
+    lines.append(
+        "| CPU ms per update, all the run's processes (rounds 2-3) | "
+        + " | ".join(per_update)
+        + " |"
+    )
     if runs.get("today"):
         cells = []
         for arm in arms:
@@ -461,6 +499,9 @@ def main() -> None:
     one.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--startup-repeats", type=int, default=3)
     parser.add_argument("--updates-repeats", type=int, default=2)
+    parser.add_argument(
+        "--updates-arms", default="", help="only these 50-site arms (comma list; default all)"
+    )
     parser.add_argument("--a", type=Path, default=Path("/tmp/startup-main"), help="e66ec3c")
     parser.add_argument("--today-python", default=None, help="interpreter of c518806's venv")
     parser.add_argument("--runs-dir", type=Path, default=None)
@@ -487,7 +528,8 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     # The 50-site pairs first: they are the longest and the scarcer figures.
     if args.updates_repeats:
-        updates_bench(args.updates_repeats, args.today_python, root, save)
+        only = tuple(a for a in args.updates_arms.split(",") if a)
+        updates_bench(args.updates_repeats, args.today_python, root, save, only)
     if args.startup_repeats:
         startup_bench(args.startup_repeats, args.a, root, save)
     print(markdown(results))
