@@ -57,7 +57,13 @@ SAMPLE_S = 0.25
 #: The ClientApp import sets of the start-up floor: (a), (b), (c).
 STARTUP_FLOORS = ("numpy", "torch", "opacus")
 #: The run config of ``bench/speed.py``'s mnist-50 arm (what the floor's ``fedsafe`` work mirrors).
-MNIST50 = {"scenario": "mnist", "mnist-sites": 50, "local-steps": 2, "num-server-rounds": 3}
+MNIST50_SITES = 50
+MNIST50: dict[str, object] = {
+    "scenario": "mnist",
+    "mnist-sites": MNIST50_SITES,
+    "local-steps": 2,
+    "num-server-rounds": 3,
+}
 
 
 # -- the floor's launcher (a child process, timed from its start) ----------------------------
@@ -242,7 +248,7 @@ def arrays_spec(scenario: str) -> str:
     from fedsafe.models import build_model
     from fedsafe.tasks.scenarios import MODEL_OF, load_scenario
 
-    width = load_scenario(scenario, mnist_count=int(MNIST50["mnist-sites"])).num_features
+    width = load_scenario(scenario, mnist_count=MNIST50_SITES).num_features
     model = build_model(MODEL_OF[scenario], width, 42)
     return json.dumps([[k, list(v.shape)] for k, v in model.state_dict().items()])
 
