@@ -43,7 +43,8 @@ class FlowerRun:
     app
         The app, ``publisher/name==version``.
     elapsed
-        Time since the run started, ``HH:MM:SS`` as Flower reports it.
+        Time since the run started as Flower reports it (seconds, e.g. ``4.680552``, in
+        1.42's JSON).
     """
 
     run_id: int

@@ -13,28 +13,36 @@ from fedsafe.transport.flower_runs import (
     started_run_id,
 )
 
-# ``flwr ls --run-id N --format json`` of Flower 1.42 while a fedsafe run was going (the rows'
-# keys are those of flwr/cli/ls.py:_to_json; rich prints the JSON indented).
+# ``flwr ls fedsafe-sim --run-id N --format json`` of Flower 1.42, captured from a real fedsafe
+# simulation while it ran (tests/simulations/test_heart_simulation.py, issue 17).
 RUNNING = """
 {
   "success": true,
   "runs": [
     {
-      "run-id": "10754520890903025955",
-      "federation-id": "",
+      "run-id": "13444140012885770796",
+      "federation-id": "@none/default",
       "fab-id": "fedsafe/fedsafe",
       "fab-name": "fedsafe",
       "fab-version": "0.1.0",
-      "fab-hash": "910d6a89",
+      "fab-hash": "e5ba34d71fd79c1fb53f4aa194a51be753791873c6a45fb6b5a8fc81767dc743",
       "status": "running",
-      "status-details": "",
-      "elapsed": "00:00:41",
-      "pending-at": "2026-11-30 03:10:02Z",
-      "starting-at": "2026-11-30 03:10:03Z",
-      "running-at": "2026-11-30 03:10:05Z",
+      "status-details": "N/A",
+      "elapsed": 4.680552,
+      "pending-at": "2026-11-30 03:36:07Z",
+      "starting-at": "2026-11-30 03:36:08Z",
+      "running-at": "2026-11-30 03:36:09Z",
       "finished-at": "N/A",
-      "network-traffic": {"inbound-bytes": 1024, "outbound-bytes": 2048, "total-bytes": 3072},
-      "compute-time": {"serverapp-seconds": 1.5, "clientapp-seconds": 9.0, "total-seconds": 10.5}
+      "network-traffic": {
+        "inbound-bytes": 0,
+        "outbound-bytes": 0,
+        "total-bytes": 0
+      },
+      "compute-time": {
+        "serverapp-seconds": 4.680552,
+        "clientapp-seconds": 0.0,
+        "total-seconds": 4.680552
+      }
     }
   ]
 }
@@ -43,7 +51,7 @@ RUNNING = """
 
 def test_a_running_run_is_read_with_its_64_bit_id_and_is_not_finished():
     [run] = runs_in_answer(json.loads(RUNNING))
-    assert run == FlowerRun(10754520890903025955, "running", "fedsafe/fedsafe==0.1.0", "00:00:41")
+    assert run == FlowerRun(13444140012885770796, "running", "fedsafe/fedsafe==0.1.0", "4.680552")
     assert not run.finished
 
 
