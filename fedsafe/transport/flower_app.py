@@ -19,11 +19,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fedsafe
 from fedsafe.config import DEFAULT_RUN_CONFIG
 from fedsafe.server.run_folder import read_rounds
+
+if TYPE_CHECKING:
+    from fedsafe.transport.flower_runs import FlowerRun
+    from fedsafe.transport.processes import FlowerProcess
 
 PUBLISHER = "fedsafe"
 APP_NAME = "fedsafe"
@@ -155,6 +159,82 @@ def give_up(flwr_home: Path, run_dir: Path, timeout_s: float) -> str:
     )
 
 
+#: Seconds between two questions to the SuperLink about a run whose ``flwr run`` exited early
+#: (each ``flwr ls`` is a Python process, about half a CPU second).
+STATUS_POLL_S = 3.0
+#: Unanswered questions in a row after which the SuperLink is taken for gone.
+MAX_UNANSWERED = 4
+
+
+def lost_stream_verdict(run: FlowerRun | None, unanswered: int) -> str | None:
+    """Whether a run whose ``flwr run --stream`` exited is still worth following.
+
+    Parameters
+    ----------
+    run
+        The run as the SuperLink reports it, or None if it did not answer this time.
+    unanswered
+        Questions in a row the SuperLink has not answered, this one included.
+
+    Returns
+    -------
+    str or None
+        None to keep following the run folder (the run is pending, starting or running, or
+        the SuperLink missed fewer than :data:`MAX_UNANSWERED` questions); otherwise why the
+        run is over, in a few words for the user's error line.
+    """
+    if run is None:
+        if unanswered >= MAX_UNANSWERED:
+            return f"the SuperLink did not answer about the run {unanswered} times in a row"
+        return None
+    if run.finished:
+        return f"Flower run {run.run_id} is {run.status}"
+    return None
+
+
+@dataclass(slots=True)
+class LostStream:
+    """A run whose ``flwr run --stream`` exited before the run's summary was written.
+
+    Under load ``flwr run`` can lose its log stream ("Connection to the SuperLink is
+    unavailable") while the run goes on; the run is then followed through the SuperLink's
+    Control API (``flwr ls --run-id``) instead of being reported failed and stopped.
+    """
+
+    run_id: int | None
+    unanswered: int = 0
+
+    @classmethod
+    def begin(cls, runner: FlowerProcess, log_start: int = 0) -> LostStream:
+        """Note the exit in the runner's log; the run id is the one this ``flwr run`` printed.
+
+        ``log_start``: the log's size when this ``flwr run`` started (a resumed run's log
+        holds earlier submissions' ids).
+        """
+        from fedsafe.transport.flower_runs import started_run_id
+
+        with open(runner.log_path, "rb") as log_in:
+            log_in.seek(log_start)
+            run_id = started_run_id(log_in.read().decode("utf-8", errors="replace"))
+        if run_id is not None:
+            with open(runner.log_path, "a", encoding="utf-8") as log:
+                log.write(
+                    f"fedsafe: `flwr run` exited (code {runner.popen.returncode}) before the "
+                    f"run's summary; following Flower run {run_id} through `flwr ls`\n"
+                )
+        return cls(run_id)
+
+    def check(self, flwr_home: Path, connection: str) -> str | None:
+        """Ask the SuperLink once; None to keep following, else why the run is over."""
+        if self.run_id is None:
+            return "the SuperLink never accepted it"
+        from fedsafe.transport.flower_runs import flower_run_status
+
+        run = flower_run_status(flwr_home, connection, self.run_id)
+        self.unanswered = 0 if run is not None else self.unanswered + 1
+        return lost_stream_verdict(run, self.unanswered)
+
+
 def submit_and_follow(
     connection: str,
     flwr_home: Path,
@@ -173,9 +253,12 @@ def submit_and_follow(
     Raises
     ------
     RunFailed
-        If ``flwr run`` exits without the run's ``summary.json``, or ``timeout_s`` passes.
+        If the run ends without its ``summary.json``, or ``timeout_s`` passes. ``flwr run``
+        exiting early is not the end: if it printed the run's id, the run is followed until
+        the SuperLink reports it finished (:class:`LostStream`); without an id the submission
+        failed.
     """
-    from fedsafe.transport.processes import FlowerProcess, flower_bin, flower_env, spawn
+    from fedsafe.transport.processes import flower_bin, flower_env, spawn
 
     started = time.monotonic()
     marks: list[float] = []
@@ -193,9 +276,13 @@ def submit_and_follow(
             command += ["--federation-config", federation_config]
         env = flower_env(flwr_home, {"FLWR_DISABLE_UPDATE_CHECK": "1"})
         try:
-            runner = spawn("flwr run", command, log_path=run_dir / "logs" / "flwr-run.log", env=env)
+            log_path = run_dir / "logs" / "flwr-run.log"
+            log_start = log_path.stat().st_size if log_path.is_file() else 0
+            runner = spawn("flwr run", command, log_path=log_path, env=env)
             deadline = time.monotonic() + timeout_s
             seen = 0
+            watch: LostStream | None = None
+            next_check = 0.0
             while True:
                 rounds = completed_rounds(run_dir / "rounds.jsonl")
                 for record in rounds[seen:]:
@@ -205,14 +292,19 @@ def submit_and_follow(
                 seen = len(rounds)
                 if (run_dir / "summary.json").exists():
                     break
-                if not runner.running():
-                    time.sleep(1.0)
+                if not runner.running() and time.monotonic() >= next_check:
+                    time.sleep(1.0 if watch is None else 0.0)
                     if (run_dir / "summary.json").exists():
                         continue
-                    raise RunFailed(
-                        f"the run ended without results; see {runner.log_path}:\n"
-                        f"{runner.log_tail()}"
-                    )
+                    if watch is None:
+                        watch = LostStream.begin(runner, log_start)
+                    problem = watch.check(flwr_home, connection)
+                    if problem is not None:
+                        raise RunFailed(
+                            f"the run ended without results ({problem}); see {runner.log_path}:\n"
+                            f"{runner.log_tail()}"
+                        )
+                    next_check = time.monotonic() + STATUS_POLL_S
                 if time.monotonic() > deadline:
                     raise RunFailed(give_up(flwr_home, run_dir, timeout_s))
                 time.sleep(0.2)

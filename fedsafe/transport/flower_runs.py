@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedsafe.errors import UserError
 from fedsafe.transport.admission import flwr_json
@@ -41,7 +43,8 @@ class FlowerRun:
     app
         The app, ``publisher/name==version``.
     elapsed
-        Time since the run started, ``HH:MM:SS`` as Flower reports it.
+        Time since the run started as Flower reports it (seconds, e.g. ``4.680552``, in
+        1.42's JSON).
     """
 
     run_id: int
@@ -61,17 +64,11 @@ class FlowerRun:
         return self.status.startswith("finished")
 
 
-def list_flower_runs(flwr_home: Path) -> list[FlowerRun]:
-    """Every run the coordinator's SuperLink knows, oldest first.
-
-    Raises
-    ------
-    UserError
-        If the Flower home has no connection or the SuperLink cannot be reached.
-    """
-    answer = flwr_json(flwr_home, ["ls"])
+def runs_in_answer(answer: dict[str, Any]) -> list[FlowerRun]:
+    """The runs of a ``flwr ls --format json`` answer, oldest first; malformed rows skipped."""
     runs = []
-    for row in answer.get("runs", []):
+    rows = answer.get("runs", [])
+    for row in rows if isinstance(rows, list) else []:
         try:
             runs.append(
                 FlowerRun(
@@ -81,9 +78,39 @@ def list_flower_runs(flwr_home: Path) -> list[FlowerRun]:
                     str(row.get("elapsed", "")),
                 )
             )
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, AttributeError):
             continue
     return sorted(runs, key=lambda r: r.run_id)
+
+
+def list_flower_runs(flwr_home: Path) -> list[FlowerRun]:
+    """Every run the coordinator's SuperLink knows, oldest first.
+
+    Raises
+    ------
+    UserError
+        If the Flower home has no connection or the SuperLink cannot be reached.
+    """
+    return runs_in_answer(flwr_json(flwr_home, ["ls"]))
+
+
+def flower_run_status(flwr_home: Path, connection: str, run_id: int) -> FlowerRun | None:
+    """Run ``run_id`` as the SuperLink of ``connection`` reports it (``flwr ls --run-id``).
+
+    Returns
+    -------
+    FlowerRun or None
+        None if the SuperLink does not answer (unreachable, refused, or no such run within
+        30 s); each call is one ``flwr`` process (about half a CPU second), so callers poll
+        every few seconds.
+    """
+    try:
+        answer = flwr_json(
+            flwr_home, ["ls", connection, "--run-id", str(int(run_id))], timeout=30.0
+        )
+    except (UserError, subprocess.TimeoutExpired, OSError):
+        return None
+    return next((r for r in runs_in_answer(answer) if r.run_id == run_id), None)
 
 
 def stop_flower_run(flwr_home: Path, run_id: int) -> None:
@@ -97,13 +124,19 @@ def stop_flower_run(flwr_home: Path, run_id: int) -> None:
     flwr_json(flwr_home, ["stop", str(int(run_id))])
 
 
+def started_run_id(log_text: str) -> int | None:
+    """The run id a ``flwr run`` log reports ("Successfully started run N"), the last if many."""
+    found = _STARTED.findall(log_text)
+    return int(found[-1]) if found else None
+
+
 def flower_run_id(run_dir: Path) -> int | None:
     """The Flower run a run folder belongs to, or None before the SuperLink accepted it."""
     log = Path(run_dir) / "logs" / "flwr-run.log"
     if log.is_file():
-        found = _STARTED.search(log.read_text(errors="replace"))
-        if found:
-            return int(found.group(1))
+        run_id = started_run_id(log.read_text(errors="replace"))
+        if run_id is not None:
+            return run_id
     config = Path(run_dir) / "config.json"
     if config.is_file():
         try:

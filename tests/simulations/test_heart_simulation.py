@@ -6,7 +6,10 @@ One run is shared by every assertion in this module (it takes about a minute on 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import threading
 from pathlib import Path
 
 import dp_accounting
@@ -24,6 +27,37 @@ ROUNDS = 3
 DELTA = 1e-4
 
 
+def _drop_the_stream(done: threading.Event, killed: list[int]) -> None:
+    """SIGKILL this test's ``flwr run --stream`` once the ServerApp started (the run goes on).
+
+    Under load ``flwr run`` loses its stream while the run continues; fedsafe must follow the
+    run to its summary, not report it failed. Only a child of this process is killed.
+    """
+    pid, run_dir = None, None
+    while not done.is_set() and run_dir is None:
+        for entry in Path("/proc").iterdir():
+            try:
+                if not entry.name.isdigit():
+                    continue
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                argv = (entry / "cmdline").read_bytes().decode().split("\0")
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == os.getpid() and "--stream" in argv and "--run-config" in argv:
+                config = argv[argv.index("--run-config") + 1]
+                found = re.search(r'^run-dir = "(.+)"$', Path(config).read_text(), re.M)
+                pid, run_dir = int(entry.name), Path(found.group(1)) if found else None
+                break
+        done.wait(0.05)
+    while run_dir is not None and not done.is_set():
+        if (run_dir / "config.json").is_file():  # written when the ServerApp starts
+            if not (run_dir / "rounds.jsonl").exists():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            return
+        done.wait(0.05)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
@@ -31,6 +65,9 @@ def run(tmp_path_factory):
     import io
 
     buf = io.StringIO()
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=_drop_the_stream, args=(done, killed))
+    killer.start()
     profile = out / "site-profile"  # the sites' phases (fedsafe.client.phase_profile)
     with contextlib.redirect_stdout(buf), pytest.MonkeyPatch.context() as env:
         env.setenv("FEDSAFE_PROFILE_DIR", str(profile))
@@ -38,11 +75,15 @@ def run(tmp_path_factory):
             ["simulate", "--scenario", "heart", "--rounds", str(ROUNDS), "--local-steps", "20",
              "--epsilon", "3", "--delta", str(DELTA), "--out", str(out), "--seed", "42"]
         )  # fmt: skip
+    done.set()
+    killer.join()
     text = buf.getvalue()
     assert code == 0, text
     run_dir = Path(re.search(r"run folder: (\S+)", text).group(1))
     rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
-    return {"text": text, "dir": run_dir, "rounds": rounds, "profile": profile}
+    return {
+        "text": text, "dir": run_dir, "rounds": rounds, "profile": profile, "killed": killed,
+    }  # fmt: skip
 
 
 def _events(rounds, site):
@@ -54,6 +95,15 @@ def _events(rounds, site):
         )
         for r in rounds
     ]
+
+
+def test_a_dropped_flwr_run_stream_does_not_fail_the_run(run):
+    """``flwr run`` was killed before round 1; every round and the summary still came."""
+    assert run["killed"], "the test did not kill `flwr run` before round 1"
+    log = (run["dir"] / "logs" / "flwr-run.log").read_text()
+    assert "following Flower run" in log
+    assert [r["round"] for r in run["rounds"]] == list(range(1, ROUNDS + 1))
+    assert (run["dir"] / "summary.json").is_file()
 
 
 def test_every_round_is_written_with_every_site(run):

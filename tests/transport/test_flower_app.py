@@ -16,3 +16,48 @@ def test_a_round_line_still_being_written_is_left_for_the_next_read(tmp_path):
     assert completed_rounds(path) == [json.loads(first)]
     path.write_text(first + "\n" + second + "\n")
     assert [r["round"] for r in completed_rounds(path)] == [1, 2]
+
+
+def test_a_run_that_lost_its_stream_is_followed_until_the_superlink_says_it_ended():
+    from fedsafe.transport.flower_app import MAX_UNANSWERED, lost_stream_verdict
+    from fedsafe.transport.flower_runs import FlowerRun
+
+    for status in ("pending", "starting", "running"):
+        assert lost_stream_verdict(FlowerRun(9, status), 0) is None
+    for status in ("finished:completed", "finished:failed", "finished:stopped"):
+        assert lost_stream_verdict(FlowerRun(9, status), 0) == f"Flower run 9 is {status}"
+    # A SuperLink that misses a few questions (it is busy) is asked again; one that keeps
+    # silent is taken for gone.
+    assert lost_stream_verdict(None, MAX_UNANSWERED - 1) is None
+    assert "did not answer" in str(lost_stream_verdict(None, MAX_UNANSWERED))
+
+
+def test_the_run_id_of_a_lost_stream_is_the_one_this_flwr_run_printed(tmp_path):
+    import sys
+
+    from fedsafe.transport.flower_app import LostStream
+    from fedsafe.transport.processes import flower_env, spawn
+
+    log = tmp_path / "flwr-run.log"
+    log.write_text("Successfully started run 41\n")  # an earlier submission (a resumed run)
+    start = log.stat().st_size
+    printed = "print('Successfully started run 42'); raise SystemExit(1)"
+    runner = spawn(
+        "flwr run", [sys.executable, "-c", printed], log_path=log, env=flower_env(tmp_path)
+    )
+    runner.popen.wait(30)
+    watch = LostStream.begin(runner, start)
+    assert watch.run_id == 42
+    assert "following Flower run 42" in log.read_text().splitlines()[-1]
+    # No Flower connection in this home: the SuperLink does not answer, again and again.
+    assert watch.check(tmp_path, "fedsafe") is None
+    assert watch.unanswered == 1
+
+    silent = tmp_path / "silent.log"
+    runner = spawn("flwr run", [sys.executable, "-c", "raise SystemExit(1)"], log_path=silent,
+                   env=flower_env(tmp_path))  # fmt: skip
+    runner.popen.wait(30)
+    never = LostStream.begin(runner, 0)
+    assert never.run_id is None
+    assert never.check(tmp_path, "fedsafe") == "the SuperLink never accepted it"
+    assert silent.read_text() == ""
