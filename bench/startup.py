@@ -102,7 +102,9 @@ def one_run(source: Path, out: Path, rounds: int, local_steps: int) -> dict[str,
 
 
 def spread(values: list[float]) -> str:
-    """``median (min-max)`` of ``values``."""
+    """``median (min-max)`` of ``values``; ``-`` when there are none."""
+    if not values:
+        return "-"
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 

@@ -34,6 +34,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from startup import spread  # bench/ is the script's folder
+
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "FEDSAFE_STARTUP_CPU_MARK"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -126,13 +128,6 @@ def one_run(source: Path, out: Path) -> dict[str, Any]:
     result["later_round_s"] = round(statistics.median(later), 3) if later else None
     result["max_epsilon"] = records[-1].get("max_epsilon")
     return result
-
-
-def spread(values: list[float]) -> str:
-    """``median (min-max)``."""
-    if not values:
-        return "-"
-    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 def main() -> None:
