@@ -304,12 +304,7 @@ class RayHead:
 
     def log_of_this_try(self) -> str:
         """What the current try of ``ray start`` has logged (earlier tries' text left out)."""
-        try:
-            with open(self._log_path, "rb") as log:
-                log.seek(self._log_start)
-                return log.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return self.process.log_text(since=self._log_start)
 
     def address_file(self) -> Path:
         """Where ``ray start`` records the address (inside :attr:`temp_dir`, never /tmp/ray)."""

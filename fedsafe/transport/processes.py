@@ -277,12 +277,15 @@ class FlowerProcess:
         """Process id (also the process group id)."""
         return self.popen.pid
 
-    def log_text(self) -> str:
-        """Return the log written so far."""
+    def log_text(self, since: int = 0) -> str:
+        """Return the log written so far, from byte offset ``since`` on (universal newlines)."""
         try:
-            return self.log_path.read_text(errors="replace")
+            with open(self.log_path, "rb") as log:
+                log.seek(since)
+                text = log.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
+        return text.replace("\r\n", "\n").replace("\r", "\n")
 
     def log_tail(self, lines: int = 15) -> str:
         """Return the last ``lines`` lines of the log."""
