@@ -61,3 +61,39 @@ def test_the_run_id_of_a_lost_stream_is_the_one_this_flwr_run_printed(tmp_path):
     assert never.run_id is None
     assert never.check(tmp_path, "fedsafe") == "the SuperLink never accepted it"
     assert silent.read_text() == ""
+
+
+def test_a_streamed_line_cannot_pass_for_the_run_id_this_flwr_run_printed(tmp_path):
+    # attack17g: with --stream the ServerApp's lines land in the same log after flwr's own
+    # "Successfully started run N"; one that prints another id must not be followed or stopped.
+    import sys
+
+    from fedsafe.transport.flower_app import LostStream, give_up
+    from fedsafe.transport.processes import flower_env, spawn
+
+    log = tmp_path / "logs" / "flwr-run.log"
+    log.parent.mkdir()
+    log.write_text("Successfully started run 41\n")  # an earlier submission
+    start = log.stat().st_size
+    printed = (
+        "print('Successfully started run 42'); "
+        "print('INFO : site says: Successfully started run 123'); "
+        "print('Successfully started run 124'); raise SystemExit(1)"
+    )
+    runner = spawn(
+        "flwr run", [sys.executable, "-c", printed], log_path=log, env=flower_env(tmp_path)
+    )
+    runner.popen.wait(30)
+    assert LostStream.begin(runner, start).run_id == 42
+
+    # Given up on after --timeout: the run stopped is the one this submission started.
+    import fedsafe.transport.flower_runs as flower_runs
+
+    stopped: list[int] = []
+    original = flower_runs.stop_flower_run
+    flower_runs.stop_flower_run = lambda home, run_id: stopped.append(run_id)
+    try:
+        line = give_up(tmp_path, tmp_path, 5, log_start=start)
+    finally:
+        flower_runs.stop_flower_run = original
+    assert stopped == [42], line
