@@ -97,3 +97,32 @@ def test_a_streamed_line_cannot_pass_for_the_run_id_this_flwr_run_printed(tmp_pa
     finally:
         flower_runs.stop_flower_run = original
     assert stopped == [42], line
+
+
+def test_a_run_whose_summary_lands_while_the_superlink_is_asked_is_not_failed(
+    tmp_path, monkeypatch
+):
+    # attack17g: flwr ls takes a while; a run that writes summary.json and finishes during
+    # that question is a success, not "the run ended without results".
+    import sys
+
+    import fedsafe.transport.flower_runs as flower_runs
+    import fedsafe.transport.processes as processes
+    from fedsafe.transport.flower_app import submit_and_follow
+    from fedsafe.transport.flower_runs import FlowerRun
+
+    fake = tmp_path / "flwr"
+    fake.write_text(
+        f"#!{sys.executable}\nprint('Successfully started run 42')\nraise SystemExit(1)\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setattr(processes, "flower_bin", lambda name: str(fake))
+    run_dir = tmp_path / "run"
+
+    def finishes_meanwhile(home, connection, run_id):
+        (run_dir / "summary.json").write_text("{}")
+        return FlowerRun(run_id, "finished:completed")
+
+    monkeypatch.setattr(flower_runs, "flower_run_status", finishes_meanwhile)
+    followed = submit_and_follow("fedsafe", tmp_path, {}, run_dir, timeout_s=30)
+    assert followed.run_dir == run_dir
