@@ -298,6 +298,8 @@ def submit_and_follow(
                     if watch is None:
                         watch = LostStream.begin(runner, log_start)
                     problem = watch.check(flwr_home, connection)
+                    if problem is not None and (run_dir / "summary.json").exists():
+                        continue  # it finished while the SuperLink was asked (attack17g)
                     if problem is not None:
                         raise RunFailed(
                             f"the run ended without results ({problem}); see {runner.log_path}:\n"
