@@ -8,6 +8,7 @@ Flower CLI connection and the admitted-site names) and ``logs/``.
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 import tomllib
@@ -236,6 +237,9 @@ def _refuse_unevaluable(overrides: dict[str, Any]) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedsafe.transport.deployment_run import DeploymentRunFailed, submit_run
 
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        # A run that lost its stream is followed until --timeout (attack17g): it must pass.
+        raise UserError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
     paths = coordinator_paths(Path(args.dir))
     overrides = {"scenario": "custom", **parse_run_config(args.run_config or [])}
     if args.rounds is not None:

@@ -133,17 +133,18 @@ class FollowedRun:
     first_round_at: float | None = None
 
 
-def give_up(flwr_home: Path, run_dir: Path, timeout_s: float) -> str:
+def give_up(flwr_home: Path, run_dir: Path, timeout_s: float, log_start: int | None = None) -> str:
     """Stop the Flower run of ``run_dir`` after ``timeout_s`` and record it; return one line.
 
     A run given up on must not go on spending the sites' budgets with nobody watching (issue
     13): its ServerApp is stopped through the Control API, and ``events.jsonl`` says so
     (``run-stopped``, or ``run-stop-failed`` with the reason and the command to stop it).
+    ``log_start``: where this submission's ``flwr run`` log begins (see :func:`stop_run_of`).
     """
     from fedsafe.server.run_folder import RunFolder
     from fedsafe.transport.flower_runs import stop_run_of
 
-    run_id, problem = stop_run_of(flwr_home, run_dir)
+    run_id, problem = stop_run_of(flwr_home, run_dir, log_start)
     why = f"no result within --timeout {timeout_s:g}s"
     folder = RunFolder(run_dir)
     if problem is None:
@@ -211,11 +212,9 @@ class LostStream:
         ``log_start``: the log's size when this ``flwr run`` started (a resumed run's log
         holds earlier submissions' ids).
         """
-        from fedsafe.transport.flower_runs import started_run_id
+        from fedsafe.transport.flower_runs import submitted_run_id
 
-        with open(runner.log_path, "rb") as log_in:
-            log_in.seek(log_start)
-            run_id = started_run_id(log_in.read().decode("utf-8", errors="replace"))
+        run_id = submitted_run_id(runner.log_path, log_start)
         if run_id is not None:
             with open(runner.log_path, "a", encoding="utf-8") as log:
                 log.write(
@@ -299,6 +298,8 @@ def submit_and_follow(
                     if watch is None:
                         watch = LostStream.begin(runner, log_start)
                     problem = watch.check(flwr_home, connection)
+                    if problem is not None and (run_dir / "summary.json").exists():
+                        continue  # it finished while the SuperLink was asked (attack17g)
                     if problem is not None:
                         raise RunFailed(
                             f"the run ended without results ({problem}); see {runner.log_path}:\n"
@@ -306,7 +307,7 @@ def submit_and_follow(
                         )
                     next_check = time.monotonic() + STATUS_POLL_S
                 if time.monotonic() > deadline:
-                    raise RunFailed(give_up(flwr_home, run_dir, timeout_s))
+                    raise RunFailed(give_up(flwr_home, run_dir, timeout_s, log_start))
                 time.sleep(0.2)
         finally:
             if runner is not None:

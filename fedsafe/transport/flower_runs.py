@@ -130,6 +130,23 @@ def started_run_id(log_text: str) -> int | None:
     return int(found[-1]) if found else None
 
 
+def submitted_run_id(log_path: Path, log_start: int) -> int | None:
+    """The run id one ``flwr run`` printed, its log starting at byte ``log_start``.
+
+    The first "Successfully started run N" after ``log_start``: ``flwr run`` prints it
+    before streaming the ServerApp's lines into the same log, so a streamed line printing
+    another id (attack17g) is never taken for it, and nor is an earlier submission's.
+    """
+    try:
+        with open(log_path, "rb") as log_in:
+            log_in.seek(log_start)
+            text = log_in.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    found = _STARTED.search(text)
+    return int(found.group(1)) if found else None
+
+
 def flower_run_id(run_dir: Path) -> int | None:
     """The Flower run a run folder belongs to, or None before the SuperLink accepted it."""
     log = Path(run_dir) / "logs" / "flwr-run.log"
@@ -147,9 +164,18 @@ def flower_run_id(run_dir: Path) -> int | None:
     return None
 
 
-def stop_run_of(flwr_home: Path, run_dir: Path) -> tuple[int | None, str | None]:
-    """Stop the Flower run of ``run_dir``; return its id and why it could not be, if not."""
-    run_id = flower_run_id(run_dir)
+def stop_run_of(
+    flwr_home: Path, run_dir: Path, log_start: int | None = None
+) -> tuple[int | None, str | None]:
+    """Stop the Flower run of ``run_dir``; return its id and why it could not be, if not.
+
+    ``log_start``: the log's size when the submission being stopped started; its id is then
+    the one that ``flwr run`` printed (:func:`submitted_run_id`), not the log's last.
+    """
+    if log_start is None:
+        run_id = flower_run_id(run_dir)
+    else:
+        run_id = submitted_run_id(Path(run_dir) / "logs" / "flwr-run.log", log_start)
     if run_id is None:
         return None, "the SuperLink never accepted the run (no Flower run id in the run folder)"
     try:

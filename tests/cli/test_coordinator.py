@@ -22,3 +22,14 @@ def test_run_refuses_unevaluable_settings_before_submitting(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and key in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_a_run_timeout_that_never_passes_is_refused(tmp_path, capsys):
+    # attack17g: a run that lost its stream is followed until --timeout; nan and inf never
+    # pass, so a run the SuperLink keeps calling "running" would be followed forever.
+    from fedsafe.cli.main import main
+
+    for bad in ("nan", "inf", "0", "-5"):
+        code = main(["run", "--dir", str(tmp_path), "--timeout", bad])
+        assert code != 0
+        assert "--timeout" in capsys.readouterr().err
