@@ -25,6 +25,7 @@ from typing import Any
 
 from fedsafe.errors import UserError
 from fedsafe.transport.admission import flwr_json
+from fedsafe.transport.processes import read_log
 
 #: What ``flwr run`` prints once the SuperLink accepted the run.
 _STARTED = re.compile(r"Successfully started run (\d+)")
@@ -137,13 +138,7 @@ def submitted_run_id(log_path: Path, log_start: int) -> int | None:
     before streaming the ServerApp's lines into the same log, so a streamed line printing
     another id (attack17g) is never taken for it, and nor is an earlier submission's.
     """
-    try:
-        with open(log_path, "rb") as log_in:
-            log_in.seek(log_start)
-            text = log_in.read().decode("utf-8", errors="replace")
-    except OSError:
-        return None
-    found = _STARTED.search(text)
+    found = _STARTED.search(read_log(log_path, log_start))
     return int(found.group(1)) if found else None
 
 

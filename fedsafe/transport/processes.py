@@ -37,6 +37,20 @@ SUPERNODE_READY = "SuperNode ID:"
 NodeConfigValue = str | int | float | bool
 
 
+def read_log(path: Path, since: int = 0) -> str:
+    """The text of log ``path`` from byte offset ``since`` on ("" if it cannot be read).
+
+    Decoded as UTF-8 with bad bytes replaced, newlines universal (as ``Path.read_text``).
+    """
+    try:
+        with open(path, "rb") as log:
+            log.seek(since)
+            text = log.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 class FlowerProcessError(RuntimeError):
     """A Flower process exited or did not become ready; the message quotes its log."""
 
@@ -278,14 +292,8 @@ class FlowerProcess:
         return self.popen.pid
 
     def log_text(self, since: int = 0) -> str:
-        """Return the log written so far, from byte offset ``since`` on (universal newlines)."""
-        try:
-            with open(self.log_path, "rb") as log:
-                log.seek(since)
-                text = log.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return text.replace("\r\n", "\n").replace("\r", "\n")
+        """Return the log written so far, from byte offset ``since`` on (:func:`read_log`)."""
+        return read_log(self.log_path, since)
 
     def log_tail(self, lines: int = 15) -> str:
         """Return the last ``lines`` lines of the log."""
